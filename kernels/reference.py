@@ -1,0 +1,72 @@
+"""Plain PyTorch references for every CWIC inference kernel.
+
+These define the semantics the Triton (GPU) and C++ (CPU) kernels must reproduce; the kernels'
+tests compare against them. Layout conventions (inference, after `cwic_exp` folds the statistics):
+
+- `x`     (B, n)   activations, dtype of the weights (fp32, bf16 or fp16), B = tokens (1..16 decode)
+- `wt`    (n, m)   weight stored input-major: `wt = W.T.contiguous()`, one contiguous row of m outputs
+                   per input (so a (stripe, input) pair is one contiguous run of `stripe` values)
+- `mean`  (n,)     fp32, running mean x̄ of the inputs
+- `thr`   (k, n)   fp32, pre-scaled thresholds θ·σ, k = ceil(m / stripe) (last stripe may be partial)
+- `bias`  (m,)     fp32, folded bias W x̄ (+ the layer's own bias, e.g. Qwen2's q/k/v bias)
+
+    y[b, o] = bias[o] + Σ_i [ |x[b,i] − mean[i]| ≥ thr[o // stripe, i] ] · (x[b,i] − mean[i]) · wt[i, o]
+
+computed with fp32 accumulation and returned in x's dtype. θ = 0 gives thr = 0, every pair active,
+and y equals the dense layer `W x + b` (up to rounding).
+
+Gated FFN (METHOD.md §5), with `up_w` (d_ff, d) = W_up (row j = unit j's input weights) and
+`down_wt` (d_ff, d) = W_downᵀ (row j = unit j's output weights), both contiguous per unit:
+
+    g = gemv(x; gate)            a = act(g)            M = |a| ≥ unit_thr      (unit_thr fp32, (d_ff,))
+    y = down_wt.T @ ((up_w @ x) ⊙ a ⊙ M)
+
+so a unit that is off costs neither its row of W_up nor its row of W_downᵀ.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def granular_mask(x: torch.Tensor, mean: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+    """(B, k, n) bool: stripe r of input i is used for token b."""
+    xc = x.float() - mean.float()
+    return xc.abs().unsqueeze(1) >= thr.float().unsqueeze(0)
+
+
+def gemv_reference(x, wt, mean, thr, bias, stripe: int) -> torch.Tensor:
+    n, m = wt.shape
+    k = thr.shape[0]
+    assert k == -(-m // stripe), (k, m, stripe)
+    xc = x.float() - mean.float()
+    g = granular_mask(x, mean, thr).float()                      # (B, k, n)
+    pad = k * stripe - m
+    w = F.pad(wt.float(), (0, pad)).view(n, k, stripe)           # (n, k, s)
+    y = torch.einsum("bkn,nks->bks", g * xc.unsqueeze(1), w).reshape(x.shape[0], k * stripe)[:, :m]
+    return (y + bias.float()).to(x.dtype)
+
+
+def ffn_reference(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int,
+                  up_w, down_wt, unit_thr, act: str = "silu") -> torch.Tensor:
+    g = gemv_reference(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe).float()
+    a = ACTIVATIONS[act](g)
+    a = a * (a.abs() >= unit_thr.float())
+    h = (x.float() @ up_w.float().T) * a
+    return (h @ down_wt.float()).to(x.dtype)
+
+
+def gemv_active_params(x, mean, thr, out_features: int, stripe: int) -> torch.Tensor:
+    """(B,) weights actually read per token: Σ over active (stripe, input) pairs of the stripe's rows."""
+    k = thr.shape[0]
+    rows = torch.full((k,), float(stripe), device=x.device)
+    rows[-1] = out_features - stripe * (k - 1)
+    return (granular_mask(x, mean, thr).float() * rows[None, :, None]).sum((1, 2))

@@ -1,0 +1,243 @@
+"""Conversion of a Hugging Face causal LM to CWIC, and the class that saves and loads it.
+
+`to_cwic(model, **options)` converts in place: every q/k/v/o projection and the gate projection
+become `CwicLinear`, each MLP a `CwicGatedMLP`, the LM head a `CwicLinear` with its own stripe
+size. The parameters are shared, not copied, and θ = 0, so the model computes exactly what it did.
+No modelling file is copied: the model keeps its own class, extended by `CwicForCausalLM`
+(`model.__class__` becomes e.g. `CwicLlamaForCausalLM`, a subclass of `LlamaForCausalLM`).
+
+`save_pretrained` writes the weights in the standard layout plus `theta`, `phi` and the statistics,
+a `CwicConfig` (model_type "cwic") with an `auto_map`, and copies of this folder's files, so
+`AutoModelForCausalLM.from_pretrained(path)` works after `import cwic_exp` and, in a process that
+never imports it, with `trust_remote_code=True`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from .configuration_cwic import CwicConfig
+from .layers import CwicGatedMLP, CwicLinear, CwicRuntime
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CODE_FILES = ("configuration_cwic.py", "modeling_cwic.py", "layers.py", "functional.py")
+
+
+@dataclass
+class CwicOptions:
+    stripe_size: int | None = 512        # output rows per stripe; None: whole columns ("no stripes")
+    head_stripe_size: int | None = None  # LM head's stripe; None: same as stripe_size
+    alpha_eps: float = 0.1               # pseudo-derivative bandwidth ε = α_ε · batch std
+    beta_dist: float = 0.99              # EMA momentum of the running mean/std
+    ste: bool = True                     # x gets W^T dy as if unmasked (False: the "no STE" ablation)
+    sparsify_head: bool = True           # LM head as a striped CWIC layer (else dense and counted dense)
+    head_max_reduction: float | None = 100.0  # stop AP gradients to the head past this reduction
+
+    def __post_init__(self):
+        for name in ("stripe_size", "head_stripe_size"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise ValueError(f"{name} must be a positive integer or None (whole columns), got {v!r}")
+        if not self.alpha_eps > 0:
+            raise ValueError(f"alpha_eps must be > 0, got {self.alpha_eps}")
+        if not 0 <= self.beta_dist < 1:
+            raise ValueError(f"beta_dist must be in [0, 1), got {self.beta_dist}")
+        if self.head_max_reduction is not None and self.head_max_reduction < 1:
+            raise ValueError(f"head_max_reduction must be >= 1 or None, got {self.head_max_reduction}")
+
+    @classmethod
+    def from_kwargs(cls, **kw) -> "CwicOptions":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kw) - names)
+        if unknown:
+            raise TypeError(f"unknown CWIC option(s) {unknown}; valid: {sorted(names)}")
+        return cls(**kw)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+def _decoder_layers(model: nn.Module):
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(model).__name__}: expected a causal LM with `.{model.base_model_prefix}"
+                        f".layers` (Llama, Mistral, Qwen2, ...); cannot convert it to CWIC")
+    return layers
+
+
+def iter_cwic_modules(model: nn.Module):
+    for m in model.modules():
+        if isinstance(m, (CwicLinear, CwicGatedMLP)):
+            yield m
+
+
+def is_cwic(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "_cwic_runtime", None), CwicRuntime)
+
+
+def to_cwic(model: nn.Module, **options) -> nn.Module:
+    """Convert a Hugging Face causal LM to CWIC in place (θ = 0: outputs unchanged) and return it."""
+    if is_cwic(model):
+        raise ValueError("model is already a CWIC model")
+    opts = CwicOptions.from_kwargs(**options)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    act_name = getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", "silu")
+    common = dict(alpha_eps=opts.alpha_eps, beta_dist=opts.beta_dist, ste=opts.ste)
+    runtime = CwicRuntime()
+    for i, layer in enumerate(_decoder_layers(model)):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        if attn is None or not all(isinstance(getattr(attn, n, None), nn.Linear) for n in names):
+            raise TypeError(f"layer {i}: expected self_attn with q/k/v/o_proj nn.Linear, found "
+                            f"{type(attn).__name__}")
+        if mlp is None or not all(isinstance(getattr(mlp, n, None), nn.Linear)
+                                  for n in ("gate_proj", "up_proj", "down_proj")):
+            raise TypeError(f"layer {i}: expected a gated MLP with gate/up/down_proj nn.Linear, found "
+                            f"{type(mlp).__name__}")
+        for n in names:
+            setattr(attn, n, CwicLinear.from_linear(getattr(attn, n), stripe_size=opts.stripe_size,
+                                                    kind=n[0], layer_idx=i, **common))
+        gate = CwicLinear.from_linear(mlp.gate_proj, stripe_size=opts.stripe_size, kind="gate",
+                                      layer_idx=i, **common)
+        layer.mlp = CwicGatedMLP(gate, mlp.up_proj, mlp.down_proj, mlp.act_fn, act_name,
+                                 layer_idx=i, **common)
+    if opts.sparsify_head:
+        head_stripe = opts.head_stripe_size if opts.head_stripe_size is not None else opts.stripe_size
+        model.lm_head = CwicLinear.from_linear(model.lm_head, stripe_size=head_stripe, kind="head",
+                                               **common)
+    for m in iter_cwic_modules(model):
+        m.runtime = runtime
+    model._cwic_runtime = runtime
+    model.config.cwic = asdict(opts)
+    model.__class__ = _cwic_class(type(model))
+    return model
+
+
+def cwic_options(model: nn.Module) -> CwicOptions:
+    return CwicOptions(**model.config.cwic)
+
+
+@contextmanager
+def cwic_context(model: nn.Module, token_mask: torch.Tensor | None = None, update_stats: bool = False,
+                 track_ap: bool = False):
+    """Switches for the forward passes inside the block.
+
+    token_mask: (batch, seq) bool/int, 1 for real tokens: only they feed the statistics, ε and the
+    AP counts. update_stats: statistics mode (the running mean/std move). track_ap: every CWIC module
+    records its per-token active-parameter count in `.ap_tokens` (differentiable under grad).
+    """
+    rt = model._cwic_runtime
+    prev = (rt.update_stats, rt.track_ap, rt.token_mask)
+    rt.update_stats, rt.track_ap = bool(update_stats), bool(track_ap)
+    rt.token_mask = None if token_mask is None else token_mask.reshape(-1).bool()
+    rt.batch_id += 1
+    try:
+        yield rt
+    finally:
+        rt.update_stats, rt.track_ap, rt.token_mask = prev
+
+
+@torch.no_grad()
+def clamp_thresholds(model: nn.Module) -> None:
+    """θ ← max(0, θ) and φ ← max(0, φ): applied after every optimizer step."""
+    for m in iter_cwic_modules(model):
+        (m.theta if isinstance(m, CwicLinear) else m.phi).clamp_(min=0)
+
+
+# ----------------------------------------------------------------------------- save / load
+
+_CLASSES: dict[type, type] = {}
+
+
+def _cwic_class(base_cls: type) -> type:
+    if issubclass(base_cls, CwicForCausalLM):
+        return base_cls
+    if base_cls not in _CLASSES:
+        _CLASSES[base_cls] = type(f"Cwic{base_cls.__name__}", (CwicForCausalLM, base_cls),
+                                  {"config_class": base_cls.config_class, "__module__": __name__})
+    return _CLASSES[base_cls]
+
+
+def _load_state_files(path: str) -> dict:
+    from safetensors.torch import load_file
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return load_file(single)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for s in shards:
+            state.update(load_file(os.path.join(path, s)))
+        return state
+    raise FileNotFoundError(f"no model.safetensors(.index.json) in {path}")
+
+
+class CwicForCausalLM:
+    """Mixed into the converted model's own class; also the class `auto_map` points at.
+
+    `from_pretrained` rebuilds the dense architecture from `text_config`, converts it with the saved
+    options and loads the tensors; `save_pretrained` writes a loadable CWIC checkpoint.
+    """
+
+    config_class = CwicConfig
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModelForCausalLM"):
+        return None  # the auto_map written by save_pretrained already does this
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config: CwicConfig | None = None,
+                        dtype=None, torch_dtype=None, device_map=None, **kwargs):
+        from transformers import AutoModelForCausalLM
+        path = str(pretrained_model_name_or_path)
+        if not os.path.isdir(path):
+            from huggingface_hub import snapshot_download
+            path = snapshot_download(path)
+        if config is None:
+            config = CwicConfig.from_pretrained(path)
+        text = config.text_config
+        dtype = dtype if dtype is not None else torch_dtype
+        if dtype in (None, "auto"):
+            dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        model = AutoModelForCausalLM.from_config(text, dtype=dtype)
+        to_cwic(model, **config.cwic)
+        state = _load_state_files(path)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        loaded = {p.data_ptr() for k, p in model.state_dict().items() if k in state}
+        missing = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
+        if missing or unexpected:
+            raise RuntimeError(f"CWIC checkpoint {path} does not match its config: missing {missing[:8]}, "
+                               f"unexpected {unexpected[:8]}")
+        gen = os.path.join(path, "generation_config.json")
+        if os.path.exists(gen):
+            from transformers import GenerationConfig
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        if device_map is not None:
+            dev = device_map if not isinstance(device_map, dict) else next(iter(device_map.values()))
+            if dev == "auto":
+                dev = "cuda" if torch.cuda.is_available() else "cpu"
+            model.to(dev)
+        return model.eval()
+
+    def save_pretrained(self, save_directory, **kwargs):
+        kwargs.setdefault("safe_serialization", True)
+        super().save_pretrained(save_directory, **kwargs)
+        text = self.config.to_dict()
+        text.pop("cwic", None)
+        cfg = CwicConfig(text_config=text, cwic=dict(self.config.cwic))
+        cfg.architectures = ["CwicForCausalLM"]
+        cfg.auto_map = {"AutoConfig": "configuration_cwic.CwicConfig",
+                        "AutoModelForCausalLM": "modeling_cwic.CwicForCausalLM"}
+        cfg.save_pretrained(save_directory)
+        for name in _CODE_FILES:
+            shutil.copyfile(os.path.join(_HERE, name), os.path.join(save_directory, name))

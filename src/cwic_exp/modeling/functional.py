@@ -21,6 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _wide(t: Tensor) -> Tensor:
+    """At least fp32 (bf16/fp16 are upcast; fp64 stays fp64 so gradient checks can be exact)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def rectangle(z: Tensor, eps: Tensor) -> Tensor:
     """Pseudo-derivative of the Heaviside step: (1/ε)·K(z/ε), K the unit rectangle on [-½, ½]."""
     return (z.abs() <= 0.5 * eps).to(z.dtype) / eps
@@ -42,7 +47,7 @@ def _striped(weight: Tensor, k: int, stripe: int) -> Tensor:
 
 def granular_mask(xc: Tensor, thr: Tensor) -> Tensor:
     """(N, n), (k, n) -> (N, k, n) bool. Computed in fp32 whatever the activations' dtype."""
-    return xc.float().abs().unsqueeze(1) >= thr.float().unsqueeze(0)
+    return _wide(xc).abs().unsqueeze(1) >= _wide(thr).unsqueeze(0)
 
 
 def granular_matmul_forward(xc: Tensor, weight: Tensor, thr: Tensor, stripe: int,
@@ -86,9 +91,9 @@ class GranularMatmul(torch.autograd.Function):
             dw = torch.einsum("bks,bkn->ksn", dys, xm).reshape(k * stripe, -1)[:m].to(weight.dtype)
         if ctx.needs_input_grad[2]:
             # dL/dG[b,r,i] = xc[b,i] · P[b,r,i];  dG/dt = -rect(|xc| - t, ε)
-            xf = xc.float()
-            z = xf.abs().unsqueeze(1) - thr.float().unsqueeze(0)
-            dthr = -(p.float() * xf.unsqueeze(1) * rectangle(z, eps.float())).sum(0).to(thr.dtype)
+            xf = _wide(xc)
+            z = xf.abs().unsqueeze(1) - _wide(thr).unsqueeze(0)
+            dthr = -(_wide(p) * xf.unsqueeze(1) * rectangle(z, _wide(eps))).sum(0).to(thr.dtype)
         return dx, dw, dthr, None, None, None
 
 
@@ -97,7 +102,7 @@ class UnitMask(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor, thr: Tensor, eps: Tensor, ste: bool):
-        mask = a.float().abs() >= thr.float()
+        mask = _wide(a).abs() >= _wide(thr)
         ctx.save_for_backward(a, thr, eps, mask)
         ctx.ste = ste
         return a * mask.to(a.dtype)
@@ -109,9 +114,9 @@ class UnitMask(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             da = dh if ctx.ste else dh * mask.to(dh.dtype)
         if ctx.needs_input_grad[1]:
-            af = a.float()
-            z = af.abs() - thr.float()
-            dthr = -(dh.float() * af * rectangle(z, eps.float())).sum(0).to(thr.dtype)
+            af = _wide(a)
+            z = af.abs() - _wide(thr)
+            dthr = -(_wide(dh) * af * rectangle(z, _wide(eps))).sum(0).to(thr.dtype)
         return da, dthr, None, None
 
 
@@ -124,14 +129,14 @@ class ActiveCount(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xc: Tensor, thr: Tensor, eps: Tensor, rows: Tensor):
         ctx.save_for_backward(xc, thr, eps, rows)
-        return (granular_mask(xc, thr).float() * rows.view(1, -1, 1)).sum((1, 2))
+        return (granular_mask(xc, thr).to(rows.dtype) * rows.view(1, -1, 1)).sum((1, 2))
 
     @staticmethod
     def backward(ctx, dcount: Tensor):
         xc, thr, eps, rows = ctx.saved_tensors
-        xf = xc.float()
-        z = xf.abs().unsqueeze(1) - thr.float().unsqueeze(0)
-        g = dcount.float().view(-1, 1, 1) * rows.view(1, -1, 1) * rectangle(z, eps.float())
+        xf = _wide(xc)
+        z = xf.abs().unsqueeze(1) - _wide(thr).unsqueeze(0)
+        g = _wide(dcount).view(-1, 1, 1) * rows.view(1, -1, 1) * rectangle(z, _wide(eps))
         dxc = dthr = None
         if ctx.needs_input_grad[0]:
             dxc = (g.sum(1) * torch.sign(xf)).to(xc.dtype)   # d|xc|/dxc = sign(xc)
@@ -145,4 +150,4 @@ def active_count(xc: Tensor, thr: Tensor, rows: Tensor, eps: Tensor | None = Non
     if eps is not None and torch.is_grad_enabled() and (xc.requires_grad or thr.requires_grad):
         return ActiveCount.apply(xc, thr, eps, rows)
     with torch.no_grad():
-        return (granular_mask(xc, thr).float() * rows.view(1, -1, 1)).sum((1, 2))
+        return (granular_mask(xc, thr).to(rows.dtype) * rows.view(1, -1, 1)).sum((1, 2))

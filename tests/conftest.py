@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random Llama-family models built in code (no downloads)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+
+def tiny_config(family: str = "llama", **kw):
+    from transformers import LlamaConfig, Qwen2Config
+    base = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                tie_word_embeddings=True)
+    base.update(kw)
+    if family == "llama":
+        return LlamaConfig(**base)
+    if family == "qwen2":
+        return Qwen2Config(**base)
+    raise ValueError(family)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **kw):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **kw), dtype=torch.float32)
+    if family == "qwen2":  # make the q/k/v biases non-trivial
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    p.bias.normal_(0, 0.1)
+    return model.eval()
+
+
+def rand_batch(vocab=96, b=2, t=12, seed=1, pad_last=3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    if pad_last:
+        mask[-1, -pad_last:] = 0
+    return ids, mask
+
+
+@pytest.fixture
+def tiny():
+    return tiny_model
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("CWIC_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set CWIC_RUN_SLOW=1 or run `make test-slow`")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("-m"):
+            item.add_marker(skip)

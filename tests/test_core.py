@@ -1,0 +1,270 @@
+"""The CWIC maths (METHOD.md §1-5): θ = 0 is dense, masks and counts, gradient routing, statistics."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cwic_exp
+from cwic_exp import CwicLinear, active_parameters, cwic_context, to_cwic
+from cwic_exp.modeling.functional import ActiveCount, GranularMatmul, UnitMask, rectangle
+from conftest import rand_batch, tiny_model
+
+
+def _gather_stats(model, ids, mask, n=3):
+    with torch.no_grad():
+        for _ in range(n):
+            with cwic_context(model, token_mask=mask, update_stats=True):
+                model(input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("stripe", [None, 7, 512])
+def test_theta_zero_equals_dense(family, stripe):
+    dense = tiny_model(family)
+    ids, mask = rand_batch()
+    with torch.no_grad():
+        ref = dense(input_ids=ids, attention_mask=mask).logits
+    model = to_cwic(tiny_model(family), stripe_size=stripe)
+    _gather_stats(model, ids, mask)              # non-trivial x̄, σ: the W x̄ fold must still be exact
+    assert all(float(m._ema("stat_steps")) == 3 for m in cwic_exp.iter_cwic_modules(model))
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (out - ref)[real].abs().max() < 1e-5
+    # the training path (grad on) computes the same thing
+    out_train = model(input_ids=ids, attention_mask=mask).logits
+    assert (out_train - ref)[real].abs().max() < 1e-5
+    assert active_parameters(model, ids, mask)["apr"] == pytest.approx(1.0)
+
+
+def test_statistics_move_only_in_statistics_mode():
+    model = to_cwic(tiny_model())
+    ids, mask = rand_batch()
+    q = model.model.layers[0].self_attn.q_proj
+    model.train()
+    model(input_ids=ids, attention_mask=mask).logits.sum().backward()     # grad mode: no update
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)                           # no-grad: no update
+    assert float(q.stat_steps) == 0 and q.ema_mean.abs().sum() == 0
+    with cwic_context(model, token_mask=mask, update_stats=True):
+        model(input_ids=ids, attention_mask=mask)
+    assert float(q.stat_steps) == 1 and q.ema_std.abs().sum() > 0
+    # bias-corrected: after one step the running values are this batch's statistics
+    captured = {}
+    h = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda m, a: captured.setdefault("x", a[0].detach()))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    h.remove()
+    x = captured["x"].reshape(-1, q.in_features)[mask.reshape(-1).bool()]
+    mean, std = q.running_stats()
+    torch.testing.assert_close(mean, x.mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(std, x.std(0, unbiased=False), atol=1e-5, rtol=1e-5)
+
+
+def test_padding_does_not_enter_statistics():
+    ids, mask = rand_batch(pad_last=5)
+    a, b = to_cwic(tiny_model()), to_cwic(tiny_model())
+    ids2 = ids.clone()
+    ids2[-1, -5:] = (ids2[-1, -5:] + 7) % 96          # change only padded positions
+    for m, i in ((a, ids), (b, ids2)):
+        with torch.no_grad(), cwic_context(m, token_mask=mask, update_stats=True):
+            m(input_ids=i, attention_mask=mask)
+    for ma, mb in zip(cwic_exp.iter_cwic_modules(a), cwic_exp.iter_cwic_modules(b)):
+        for name, buf in ma.named_buffers():
+            torch.testing.assert_close(buf, dict(mb.named_buffers())[name])
+
+
+def _layer(n=10, m=13, stripe=5, seed=0, ste=True, bias=False):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(n, m, bias=bias)
+    layer = CwicLinear.from_linear(lin, stripe_size=stripe, ste=ste)
+    with torch.no_grad():
+        layer.theta.uniform_(0.0, 1.5)
+    return layer
+
+
+def test_mask_and_active_count_brute_force_partial_stripes():
+    layer = _layer()                       # m = 13, stripe 5: rows 5, 5, 3
+    assert layer.num_stripes == 3 and layer._rows.tolist() == [5, 5, 3]
+    x = torch.randn(6, 10)
+    with cwic_context(torch.nn.Module(), ) if False else torch.no_grad():
+        pass
+    layer.runtime.track_ap = True
+    with torch.no_grad():
+        y = layer(x)
+    mean, std = layer.running_stats()
+    thr = layer.theta * std
+    y_ref = torch.zeros(6, 13)
+    count_ref = torch.zeros(6)
+    for b in range(6):
+        for o in range(13):
+            r = o // 5
+            for i in range(10):
+                if abs(x[b, i] - mean[i]) >= thr[r, i]:
+                    y_ref[b, o] += (x[b, i] - mean[i]) * layer.weight[o, i]
+                    count_ref[b] += 1
+    y_ref += layer.weight @ mean
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.ap_tokens, count_ref)
+
+
+def _manual_grads(xc, w, thr, eps, dy, stripe, ste):
+    """Loop reference for METHOD.md §3: returns dx, dW, dthr."""
+    n_tok, n = xc.shape
+    m = w.shape[0]
+    k = thr.shape[0]
+    dx = torch.zeros_like(xc)
+    dw = torch.zeros_like(w)
+    dthr = torch.zeros_like(thr)
+    for b in range(n_tok):
+        for o in range(m):
+            r = o // stripe
+            for i in range(n):
+                on = float(abs(xc[b, i]) >= thr[r, i])
+                dx[b, i] += dy[b, o] * w[o, i] * (1.0 if ste else on)   # no term through |x|
+                dw[o, i] += dy[b, o] * on * xc[b, i]
+                z = abs(xc[b, i]) - thr[r, i]
+                rect = float(abs(z) <= eps[i] / 2) / eps[i]
+                dthr[r, i] += dy[b, o] * w[o, i] * xc[b, i] * (-rect)
+    return dx, dw, dthr
+
+
+@pytest.mark.parametrize("ste", [True, False])
+def test_granular_matmul_gradients_match_method(ste):
+    torch.manual_seed(3)
+    n, m, stripe = 6, 7, 3
+    xc = torch.randn(4, n, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(m, n, dtype=torch.float64, requires_grad=True)
+    thr = torch.rand(3, n, dtype=torch.float64).mul(1.2).requires_grad_()
+    eps = torch.full((n,), 0.8, dtype=torch.float64)   # wide: many pairs inside the rectangle
+    dy = torch.randn(4, m, dtype=torch.float64)
+    GranularMatmul.apply(xc, w, thr, eps, stripe, ste).backward(dy)
+    dx, dw, dthr = _manual_grads(xc.detach(), w.detach(), thr.detach(), eps, dy, stripe, ste)
+    torch.testing.assert_close(xc.grad, dx)
+    torch.testing.assert_close(w.grad, dw)
+    torch.testing.assert_close(thr.grad, dthr)
+    assert dthr.abs().sum() > 0
+    if ste:  # straight through: exactly W^T dy whatever the mask
+        torch.testing.assert_close(xc.grad, dy @ w.detach())
+    else:
+        assert not torch.allclose(xc.grad, dy @ w.detach())
+
+
+def test_unit_mask_gradients():
+    a = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    thr = torch.rand(8, dtype=torch.float64, requires_grad=True)
+    eps = torch.full((8,), 0.5, dtype=torch.float64)
+    dh = torch.randn(5, 8, dtype=torch.float64)
+    h = UnitMask.apply(a, thr, eps, True)
+    torch.testing.assert_close(h, a.detach() * (a.detach().abs() >= thr.detach()))
+    h.backward(dh)
+    torch.testing.assert_close(a.grad, dh)                    # STE, no gradient through |a|
+    z = a.detach().abs() - thr.detach()
+    torch.testing.assert_close(thr.grad, -(dh * a.detach() * rectangle(z, eps)).sum(0))
+
+
+def test_active_count_gradient_reaches_x_and_theta():
+    xc = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    thr = torch.rand(2, 6, dtype=torch.float64, requires_grad=True)
+    eps = torch.full((6,), 1.0, dtype=torch.float64)
+    rows = torch.tensor([4.0, 3.0], dtype=torch.float64)
+    ActiveCount.apply(xc, thr, eps, rows).sum().backward()
+    z = xc.detach().abs().unsqueeze(1) - thr.detach().unsqueeze(0)
+    rect = rectangle(z, eps) * rows.view(1, -1, 1)
+    torch.testing.assert_close(xc.grad, rect.sum(1) * xc.detach().sign())
+    torch.testing.assert_close(thr.grad, -rect.sum(0))
+    assert xc.grad.abs().sum() > 0 and thr.grad.abs().sum() > 0
+
+
+def test_ap_loss_trains_thresholds_up_and_layer_routes():
+    model = to_cwic(tiny_model(), stripe_size=16)
+    ids, mask = rand_batch()
+    _gather_stats(model, ids, mask, 1)
+    model.train()
+    with cwic_context(model, token_mask=mask, track_ap=True):
+        model(input_ids=ids, attention_mask=mask)
+    stats = cwic_exp.gather_active(model, mask)
+    assert float(stats.apr) == pytest.approx(1.0)
+    loss = cwic_exp.ap_loss(stats.apr, 2.0)
+    assert float(loss) == pytest.approx(1.0)
+    loss.backward()
+    q = model.model.layers[0].self_attn.q_proj
+    mlp = model.model.layers[0].mlp
+    # at θ = 0 every |x| sits at the threshold edge only where |x| < ε/2; gradients must exist and
+    # push θ up (AP loss gradient on θ is negative: raising θ lowers the count)
+    assert q.theta.grad is not None and (q.theta.grad <= 0).all() and q.theta.grad.sum() < 0
+    assert mlp.phi.grad is not None and (mlp.phi.grad <= 0).all()
+    assert cwic_exp.ap_loss(torch.tensor(3.0), 2.0) == 0
+
+
+def test_ffn_accounting_and_kinds():
+    model = to_cwic(tiny_model(), stripe_size=16)
+    ids, mask = rand_batch()
+    _gather_stats(model, ids, mask, 2)
+    with torch.no_grad():
+        for m in cwic_exp.iter_cwic_modules(model):
+            (m.theta if isinstance(m, CwicLinear) else m.phi).fill_(0.7)
+    out = active_parameters(model, ids, mask, per_token=True)
+    assert set(out["density"]) == {"q", "k", "v", "o", "gate", "up+down", "head"}
+    assert set(out["density_per_layer"]) == {0, 1}
+    assert 1.0 < out["apr"] and all(0 < d < 1 for d in out["density"].values())
+    assert out["per_token"].shape == ids.shape and (out["per_token"][~mask.bool()] == 0).all()
+    real = out["per_token"][mask.bool()]
+    assert real.float().mean().item() == pytest.approx(out["active"], rel=1e-5)
+    assert out["dense"] * out["tokens"] / real.sum().item() == pytest.approx(out["apr"], rel=1e-5)
+    # the FFN count by hand: gate stripes + 2 d per active unit
+    mlp = model.model.layers[1].mlp
+    cap = {}
+    h = mlp.register_forward_pre_hook(lambda m, a: cap.setdefault("x", a[0].detach()))
+    with torch.no_grad(), cwic_context(model, token_mask=mask, track_ap=True):
+        model(input_ids=ids, attention_mask=mask)
+    h.remove()
+    x = cap["x"].reshape(-1, 48)
+    g = mlp.gate_proj
+    mean, _ = g.running_stats()
+    xc = x - mean
+    thr = g.thresholds()
+    gate_count = ((xc.abs().unsqueeze(1) >= thr.unsqueeze(0)).float() * g._rows.view(1, -1, 1)).sum((1, 2))
+    with torch.no_grad():
+        a = mlp.act_fn(g(x))
+    units = (a.abs() >= mlp.unit_thresholds()).float().sum(1)
+    torch.testing.assert_close(g.ap_tokens, gate_count)
+    torch.testing.assert_close(mlp.ap_tokens, units * 2 * 48)
+
+
+def test_head_reduction_cap_stops_ap_gradient():
+    model = to_cwic(tiny_model(), stripe_size=16, head_max_reduction=2.0)
+    ids, mask = rand_batch()
+    _gather_stats(model, ids, mask, 1)
+    with torch.no_grad():
+        model.lm_head.theta.fill_(50.0)       # head reduction far beyond the cap
+    model.train()
+    with cwic_context(model, token_mask=mask, track_ap=True):
+        model(input_ids=ids, attention_mask=mask)
+    stats = cwic_exp.gather_active(model, mask)
+    stats.by_kind["head"].backward()
+    g = model.lm_head.theta.grad
+    assert g is None or g.abs().sum() == 0
+
+
+def test_options_are_validated():
+    with pytest.raises(TypeError, match="unknown CWIC option"):
+        to_cwic(tiny_model(), stripe=5)
+    with pytest.raises(ValueError, match="stripe_size"):
+        to_cwic(tiny_model(), stripe_size=0)
+    m = to_cwic(tiny_model())
+    with pytest.raises(ValueError, match="already"):
+        to_cwic(m)
+    lin = CwicLinear(4, 4, stripe_size=2)
+    lin.runtime.token_mask = torch.ones(3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="token mask"):
+        lin.train()(torch.randn(2, 4, requires_grad=True))
+
+
+def test_tied_weights_stay_shared():
+    model = to_cwic(tiny_model())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert type(model).__name__ == "CwicLlamaForCausalLM"
+    assert isinstance(model, cwic_exp.CwicForCausalLM)

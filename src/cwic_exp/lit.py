@@ -1,0 +1,198 @@
+"""The LightningModule: a CWIC student distilled from its frozen dense teacher (METHOD.md §4, §6, §7).
+
+One `training_step` is one optimizer step over `sequences_per_step` packed rows, split into
+micro-batches. The AP loss is a function of the APR of the whole step, L_AP(APR(A_tot)) with
+A_tot = Σ_j A_j, so its gradient is Σ_j L_AP'(A_tot)·∇A_j: with several micro-batches a no-grad
+pre-pass measures A_tot first, then each micro-batch backpropagates c·A_j with c = ∂L_AP/∂A_tot
+(exactly the step-level gradient, unlike per-micro-batch AP losses). With one micro-batch the
+loss is formed directly.
+
+Manual optimisation keeps this explicit; callbacks set the APR target, statistics mode and θ clamp.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+from torch import nn
+
+from .accounting import ActiveStats, ap_loss, gather_active
+from .data import model_inputs
+from .distill import hidden_mse, kl_parts
+from .modeling import CwicGatedMLP, CwicLinear, cwic_context, iter_cwic_modules
+
+
+def threshold_param_groups(student: nn.Module, lr: float, eta_theta: float) -> list[dict]:
+    """θ (and φ) groups with LR × η_θ × √n, n = the input width of the layer the threshold gates."""
+    by_n: dict[int, list] = {}
+    for m in iter_cwic_modules(student):
+        if isinstance(m, CwicLinear):
+            by_n.setdefault(m.in_features, []).append(m.theta)
+        elif isinstance(m, CwicGatedMLP):   # φ gates the FFN whose input width is hidden_size
+            by_n.setdefault(m.hidden_size, []).append(m.phi)
+    return [{"params": ps, "lr": lr * eta_theta * math.sqrt(n), "weight_decay": 0.0, "name": f"theta_n{n}"}
+            for n, ps in sorted(by_n.items())]
+
+
+class CwicDistillModule(L.LightningModule):
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: dict):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.cfg = cfg                     # plain dict: cwic, optim, trainer sections
+        self.automatic_optimization = False
+        self.strict_loading = False        # the teacher is not saved in checkpoints
+        self.apr_target = float(cfg["cwic"]["apr_start"])   # set each step by AprWarmup
+        self.update_stats = True           # set by StatisticsMode
+        self.last_metrics: dict = {}
+        self.tokens_seen = 0
+
+    # ------------------------------------------------------------------ plumbing
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()                # the teacher never leaves eval mode
+        return self
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith("teacher.")}
+        checkpoint["cwic_tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint):
+        self.tokens_seen = int(checkpoint.get("cwic_tokens_seen", 0))
+
+    def configure_optimizers(self):
+        o, c = self.cfg["optim"], self.cfg["cwic"]
+        thr = threshold_param_groups(self.student, o["lr"], c["eta_theta"])
+        thr_ids = {id(p) for g in thr for p in g["params"]}
+        decay, no_decay = [], []
+        for name, p in self.student.named_parameters():
+            if not p.requires_grad or id(p) in thr_ids:
+                continue
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+        groups = [{"params": decay, "weight_decay": o["weight_decay"], "name": "weights"},
+                  {"params": no_decay, "weight_decay": 0.0, "name": "norms_biases"}] + thr
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=o["lr"], betas=(o["beta1"], o["beta2"]))
+        warm, total = max(o["warmup_steps"], 0), max(o["schedule_steps"], 1)
+
+        def lr_lambda(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            prog = min((step - warm) / max(total - warm, 1), 1.0)
+            return 0.5 * (1 + math.cos(math.pi * prog))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ forward pieces
+    def _student(self, batch: dict, mask: torch.Tensor, update_stats: bool, hidden: bool = False):
+        dtype = next(self.student.parameters()).dtype
+        with cwic_context(self.student, token_mask=mask, update_stats=update_stats, track_ap=True):
+            out = self.student(**model_inputs(batch, dtype), output_hidden_states=hidden)
+            stats = gather_active(self.student, mask)
+        return out, stats
+
+    @torch.no_grad()
+    def _teacher(self, batch: dict, hidden: bool = False):
+        dtype = next(self.teacher.parameters()).dtype
+        return self.teacher(**model_inputs(batch, dtype), output_hidden_states=hidden)
+
+    @staticmethod
+    def _chunks(batch: dict, mb: int):
+        n = batch["input_ids"].shape[0]
+        for i in range(0, n, mb):
+            yield {k: v[i:i + mb] for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch, batch_idx):
+        t0 = time.perf_counter()
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        c = self.cfg["cwic"]
+        lam, mse_w = float(c["lambda_ap"]), float(c["mse_weight"])
+        target = self.apr_target
+        chunks = list(self._chunks(batch, int(self.cfg["trainer"]["micro_batch_size"])))
+        n_real = int((batch["segment_ids"] > 0).sum())
+        coef = None
+        if len(chunks) > 1 and lam > 0:
+            # pre-pass: the step's total active parameters, to differentiate L_AP(APR(A_tot))
+            with torch.no_grad():
+                tot = None
+                for ch in chunks:
+                    _, st = self._student(ch, ch["segment_ids"] > 0, update_stats=False)
+                    tot = st if tot is None else tot + st
+            a_tot = tot.active.detach().float().clone().requires_grad_(True)
+            l_ap = ap_loss(tot.dense * tot.tokens / a_tot, target)
+            (coef,) = torch.autograd.grad(l_ap, a_tot)
+        opt.zero_grad(set_to_none=True)
+        fkl_sum = rkl_sum = mse_sum = 0.0
+        step_stats: ActiveStats | None = None
+        for ch in chunks:
+            mask = ch["segment_ids"] > 0
+            t_out = self._teacher(ch, hidden=mse_w > 0)
+            s_out, st = self._student(ch, mask, update_stats=self.update_stats, hidden=mse_w > 0)
+            fkl, rkl, _ = kl_parts(s_out.logits, t_out.logits, mask)
+            loss = 0.5 * (fkl + rkl) / n_real
+            if mse_w > 0:
+                mse = hidden_mse(s_out.hidden_states[-1], t_out.hidden_states[-1], mask)
+                loss = loss + mse_w * mse / n_real
+                mse_sum += float(mse)
+            if lam > 0:
+                if coef is None:       # one micro-batch: the step's APR is this one's
+                    loss = loss + lam * ap_loss(st.apr, target)
+                else:
+                    loss = loss + lam * coef.to(st.active.device) * st.active
+            self.manual_backward(loss)
+            fkl_sum += float(fkl)
+            rkl_sum += float(rkl)
+            st = st.detach()
+            step_stats = st if step_stats is None else step_stats + st
+        clip = self.cfg["optim"].get("grad_clip")
+        if clip:
+            self.clip_gradients(opt, gradient_clip_val=float(clip), gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+        self.tokens_seen += n_real
+        # ----------------------------------------------------------------- logging
+        dt = time.perf_counter() - t0
+        apr = float(step_stats.apr)
+        kl = 0.5 * (fkl_sum + rkl_sum) / n_real
+        summ = step_stats.summary()
+        m = {"train/kl": kl, "train/fkl": fkl_sum / n_real, "train/rkl": rkl_sum / n_real,
+             "train/apr": apr, "train/apr_target": target,
+             "train/ap_loss": float(ap_loss(torch.tensor(apr), target)),
+             "train/tokens_per_s": n_real / dt, "train/tokens": float(self.tokens_seen),
+             "train/lr": sched.get_last_lr()[0]}
+        if mse_w > 0:
+            m["train/mse"] = mse_sum / n_real
+        m.update({f"density/{k}": v for k, v in summ["density"].items()})
+        self.log_dict(m, on_step=True, prog_bar=False)
+        self.log_dict({"apr": apr, "target": target, "kl": kl}, prog_bar=True, on_step=True, logger=False)
+        self.last_metrics = m
+        return None
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch, batch_idx):
+        mask = batch["segment_ids"] > 0
+        t_out = self._teacher(batch)
+        s_out, st = self._student(batch, mask, update_stats=False)
+        fkl, rkl, n = kl_parts(s_out.logits, t_out.logits, mask)
+        self._val.append((float(fkl), float(rkl), int(n), st.detach()))
+
+    def on_validation_epoch_start(self):
+        self._val = []
+
+    def on_validation_epoch_end(self):
+        if not self._val:
+            return
+        fkl = sum(v[0] for v in self._val)
+        rkl = sum(v[1] for v in self._val)
+        n = sum(v[2] for v in self._val)
+        tot = self._val[0][3]
+        for v in self._val[1:]:
+            tot = tot + v[3]
+        self.val_metrics = {"val/kl": 0.5 * (fkl + rkl) / max(n, 1), "val/fkl": fkl / max(n, 1),
+                            "val/apr": float(tot.apr), "val/tokens": float(n)}
+        self.log_dict(self.val_metrics, prog_bar=False)

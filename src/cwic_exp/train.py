@@ -1,0 +1,161 @@
+"""`python train.py [+experiment=...] [overrides]`: distil a CWIC student from its dense teacher.
+
+Run folder: `<out_dir>/<run_name>` (Hydra's output dir). Running the same command again resumes from
+`checkpoints/last.ckpt` with θ, statistics, optimizer, schedule and data position intact. At the end a
+summary, then one JSON line: apr, apr_target, kl, steps, tokens, checkpoint (the HF export), ...
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("cwic_exp.train")
+
+
+def _teacher_dtype(cfg, accelerator: str) -> torch.dtype:
+    name = cfg.model.teacher_dtype
+    if name == "auto":
+        return torch.bfloat16 if accelerator in ("gpu", "cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def _accelerator(cfg) -> str:
+    acc = cfg.trainer.accelerator
+    if acc in ("gpu", "cuda", "auto") and not torch.cuda.is_available():
+        if acc == "auto":
+            return "cpu"
+        raise SystemExit("config error: trainer=gpu but no CUDA device is visible; use trainer=cpu")
+    return "gpu" if acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available()) else acc
+
+
+def run(cfg, run_dir: str | Path | None = None) -> dict:
+    """Train as configured; returns the final summary (also printed as the last JSON line)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+    from omegaconf import OmegaConf
+
+    from .accounting import active_parameters  # noqa: F401  (public API sanity)
+    from .callbacks import (AprWarmup, AtomicCheckpointIO, MilestoneExport, StatisticsMode, ThetaClamp,
+                            apr_target_at)
+    from .config import validate
+    from .data import ChatDataModule
+    from .lit import CwicDistillModule
+    from .modeling import to_cwic
+    from .teacher import load_teacher
+
+    validate(cfg)                                  # one-line errors before anything heavy
+    t_start = time.time()
+    run_dir = Path(run_dir or Path(cfg.out_dir) / cfg.run_name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.threads:
+        torch.set_num_threads(int(cfg.trainer.threads))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    acc = _accelerator(cfg)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+
+    # ---------------------------------------------------------------- models
+    teacher, tok = load_teacher(cfg.model.name, dtype=torch.float32)
+    if cfg.model.attn_implementation:
+        teacher.config._attn_implementation = cfg.model.attn_implementation
+    student = copy.deepcopy(teacher)
+    c = cfg.cwic
+    to_cwic(student, stripe_size=c.stripe_size, head_stripe_size=c.head_stripe_size, alpha_eps=c.alpha_eps,
+            beta_dist=c.beta_dist, ste=c.ste, sparsify_head=c.sparsify_head,
+            head_max_reduction=c.head_max_reduction)
+    student.train().requires_grad_(True)
+    teacher.to(_teacher_dtype(cfg, acc))
+
+    # ---------------------------------------------------------------- data
+    d, t = cfg.data, cfg.trainer
+    dm = ChatDataModule(tok, source=d.source, seq_len=d.seq_len, max_len=d.max_len,
+                        max_conversations=d.max_conversations, val_fraction=d.val_fraction,
+                        val_rows=d.val_rows, rows_per_step=t.sequences_per_step, num_steps=t.max_steps,
+                        seed=cfg.seed, path=d.path, num_workers=d.num_workers, cache=d.cache)
+    dm.setup("fit")
+    log.info("data: %s", dm.describe())
+
+    module = CwicDistillModule(student, teacher, OmegaConf.to_container(cfg, resolve=True))
+    latest = Path(cfg.out_dir) / "LATEST"
+    exporter = MilestoneExport(run_dir, tok, c.apr_start, c.apr_final, c.apr_warmup_steps, latest,
+                               enabled=cfg.export_milestones)
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks = [AprWarmup(c.apr_start, c.apr_final, c.apr_warmup_steps), ThetaClamp(), StatisticsMode(),
+                 exporter,
+                 ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                                 every_n_train_steps=t.ckpt_every, enable_version_counter=False),
+                 TQDMProgressBar(refresh_rate=1)]
+    loggers = [CSVLogger(str(run_dir), name="logs", version="")] if cfg.logger.csv else []
+    if cfg.logger.wandb:
+        from lightning.pytorch.loggers import WandbLogger
+        offline = not os.environ.get("WANDB_API_KEY")
+        loggers.append(WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.run_name,
+                                   save_dir=str(run_dir), offline=offline, tags=list(cfg.logger.tags),
+                                   config=OmegaConf.to_container(cfg, resolve=True)))
+    trainer = L.Trainer(accelerator=acc, devices=t.devices, strategy=t.strategy, precision=t.precision,
+                        max_steps=t.max_steps, max_epochs=-1, log_every_n_steps=t.log_every,
+                        val_check_interval=t.val_every, check_val_every_n_epoch=None,
+                        num_sanity_val_steps=0, callbacks=callbacks, logger=loggers or False,
+                        plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
+                        enable_model_summary=False, default_root_dir=str(run_dir))
+    last = ckpt_dir / "last.ckpt"
+    ckpt_path = str(last) if cfg.resume and last.exists() else None
+    if ckpt_path:
+        print(f"resuming from {ckpt_path}", file=sys.stderr)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+
+    # ---------------------------------------------------------------- final measurement + export
+    steps = trainer.global_step
+    trainer.validate(module, datamodule=dm, verbose=False)
+    vm = getattr(module, "val_metrics", {})
+    target = apr_target_at(max(steps - 1, 0), c.apr_start, c.apr_final, c.apr_warmup_steps)
+    summary = {"apr": round(vm.get("val/apr", float("nan")), 4), "apr_target": round(target, 4),
+               "kl": round(vm.get("val/kl", float("nan")), 5),
+               "train_apr": round(module.last_metrics.get("train/apr", float("nan")), 4),
+               "train_kl": round(module.last_metrics.get("train/kl", float("nan")), 5),
+               "steps": steps, "tokens": int(module.tokens_seen), "wall_s": round(time.time() - t_start, 1),
+               "run_dir": str(run_dir)}
+    path = None
+    if trainer.global_rank == 0:
+        path = exporter.export_final(module, {**summary, "note": "APR counts q,k,v,o,gate,up+down,head; "
+                                                                  "not embeddings or attention scores"})
+    summary["checkpoint"] = str(path) if path else None
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+            wandb.finish(quiet=True)
+    if trainer.global_rank == 0:
+        print("\n" + "=" * 60)
+        print(f"CWIC distillation: {cfg.model.name} → {run_dir}")
+        print(f"  steps {steps}, tokens {summary['tokens']:,}, wall {summary['wall_s']} s")
+        print(f"  APR (validation) {summary['apr']}×  target {summary['apr_target']}×   "
+              f"(counts q,k,v,o,gate,up+down,head; not embeddings/attention scores)")
+        print(f"  KL to teacher ½(FKL+RKL) per token: {summary['kl']}")
+        print(f"  HF export: {summary['checkpoint']}")
+        print("=" * 60)
+        print(json.dumps(summary), flush=True)
+    return summary
+
+
+def main_from_hydra(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from .config import ConfigError
+    logging.getLogger("cwic_exp").setLevel(logging.INFO)
+    try:
+        out = HydraConfig.get().runtime.output_dir
+    except ValueError:
+        out = None
+    try:
+        run(cfg, out)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)

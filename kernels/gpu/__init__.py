@@ -1,0 +1,66 @@
+"""Triton (GPU) kernels of CWIC decoding.
+
+    gemv.py      granular sparse GEMV (split-K, in-kernel masks, fused epilogues) and the fused FFN
+    decode.py    RMSNorm, RoPE + KV-cache write, decode attention, dense act·up: the engine's glue
+    fallback.py  PyTorch twins of the extended launchers (CPU engine, test references)
+
+`register()` installs the Triton kernels as the CUDA implementations of the `cwic::gemv` and
+`cwic::ffn` custom ops (`cwic_kernels.ops`), so `torch.compile` and CUDA graphs capture them.
+`backend(device)` returns the functions the decode engine calls: Triton on CUDA (or anywhere with
+`triton=True`, e.g. the CPU under TRITON_INTERPRET=1), the PyTorch twins otherwise.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+_REGISTERED = False
+
+
+def register() -> bool:
+    """Register the Triton kernels for "cuda" under `cwic::gemv` and `cwic::ffn`; True when done."""
+    global _REGISTERED
+    if _REGISTERED:
+        return True
+    from .. import ops  # noqa: F401  (defines the ops)
+    from ..reference import ffn_reference, gemv_reference
+    from . import gemv as G
+
+    def _gemv_cuda(x, wt, mean, thr, bias, stripe):
+        if not G.supports_stripe(stripe, wt.shape[1]):
+            return gemv_reference(x, wt, mean, thr, bias, stripe)
+        return G.gemv_ex(x.contiguous(), wt.contiguous(), mean.float().contiguous(),
+                         thr.float().contiguous(), bias.float().contiguous(), stripe)
+
+    def _ffn_cuda(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt, unit_thr, act):
+        if not G.supports_stripe(stripe, gate_wt.shape[1]) or act not in G.ACT_IDS:
+            return ffn_reference(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt,
+                                 unit_thr, act)
+        return G.ffn(x.contiguous(), gate_wt.contiguous(), gate_mean.float().contiguous(),
+                     gate_thr.float().contiguous(), gate_bias.float().contiguous(), stripe,
+                     up_w.contiguous(), down_wt.contiguous(), unit_thr.float().contiguous(), act)
+
+    torch.library.register_kernel("cwic::gemv", "cuda", _gemv_cuda)
+    torch.library.register_kernel("cwic::ffn", "cuda", _ffn_cuda)
+    _REGISTERED = True
+    return True
+
+
+def backend(device: torch.device | str, triton: bool | None = None) -> SimpleNamespace:
+    """The engine's kernels for `device`: Triton when `triton` (default: device is CUDA), else PyTorch."""
+    device = torch.device(device)
+    use_triton = device.type == "cuda" if triton is None else triton
+    if use_triton:
+        from . import decode as D
+        from . import gemv as G
+        return SimpleNamespace(name="triton", gemv_ex=G.gemv_ex, ffn_up=G.ffn_up, ffn=G.ffn,
+                               rmsnorm=D.rmsnorm, rope_cache=D.rope_cache,
+                               decode_attention=D.decode_attention, act_mul=D.act_mul,
+                               supports_stripe=G.supports_stripe)
+    from . import fallback as R
+    from .gemv import supports_stripe
+    return SimpleNamespace(name="torch", gemv_ex=R.gemv_ex_ref, ffn_up=R.ffn_up_ref, ffn=R.ffn_ref,
+                           rmsnorm=R.rmsnorm_ref, rope_cache=R.rope_cache_ref,
+                           decode_attention=R.decode_attention_ref, act_mul=R.act_mul_ref,
+                           supports_stripe=lambda stripe, m: True)

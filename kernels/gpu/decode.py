@@ -1,0 +1,185 @@
+"""Small Triton kernels of the decode engine (shared by the dense and the CWIC model).
+
+Each has its PyTorch reference beside it (`*_ref`), used on the CPU and by the tests. Positions are read
+from a device tensor inside the kernels, so a decode step has no host synchronisation and can be
+captured once in a CUDA graph and replayed at every position.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .gemv import ACT_IDS, _act
+
+# ------------------------------------------------------------------------------------ RMSNorm
+
+
+@triton.jit
+def _rmsnorm_kernel(X, W, Y, D, eps, stride_x, stride_y, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + offs, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+
+
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    T, D = x.shape
+    y = torch.empty_like(x)
+    block = triton.next_power_of_2(D)
+    _rmsnorm_kernel[(T,)](x, w, y, D, eps, x.stride(0), y.stride(0), BLOCK=block,
+                          num_warps=4 if block <= 2048 else 8)
+    return y
+
+
+def rmsnorm_ref(x, w, eps):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+
+
+# ---------------------------------------------------------------- RoPE + KV-cache write
+
+
+@triton.jit
+def _rope_cache_kernel(QKV, Q, KC, VC, COS, SIN, POS, HQ, HKV, stride_qkv, stride_q, stride_c,
+                       HALF: tl.constexpr):
+    t = tl.program_id(0)
+    h = tl.program_id(1)                        # q heads, then k heads, then v heads
+    pos = tl.load(POS) + t
+    d = tl.arange(0, HALF)
+    src = QKV + t * stride_qkv + h * (2 * HALF)
+    x1 = tl.load(src + d).to(tl.float32)
+    x2 = tl.load(src + HALF + d).to(tl.float32)
+    if h < HQ + HKV:
+        c = tl.load(COS + pos * HALF + d)
+        s = tl.load(SIN + pos * HALF + d)
+        o1 = x1 * c - x2 * s
+        o2 = x2 * c + x1 * s
+        if h < HQ:
+            dst = Q + t * stride_q + h * (2 * HALF)
+        else:
+            dst = KC + pos * stride_c + (h - HQ) * (2 * HALF)
+    else:
+        o1 = x1
+        o2 = x2
+        dst = VC + pos * stride_c + (h - HQ - HKV) * (2 * HALF)
+    tl.store(dst + d, o1.to(KC.dtype.element_ty))
+    tl.store(dst + HALF + d, o2.to(KC.dtype.element_ty))
+
+
+def rope_cache(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               kc: torch.Tensor, vc: torch.Tensor, hq: int, hkv: int) -> torch.Tensor:
+    """qkv (T, (hq+2hkv)·hd) → rotated q (T, hq·hd); rotated k and v written to kc/vc (L, hkv, hd) at
+    positions pos[0] + t. cos/sin (max_len, hd/2) fp32 tables (HF's rotary embedding, scaling included)."""
+    T = qkv.shape[0]
+    hd = kc.shape[-1]
+    q = torch.empty((T, hq * hd), dtype=qkv.dtype, device=qkv.device)
+    _rope_cache_kernel[(T, hq + 2 * hkv)](qkv, q, kc, vc, cos, sin, pos, hq, hkv, qkv.stride(0),
+                                          q.stride(0), kc.stride(0), HALF=hd // 2, num_warps=1)
+    return q
+
+
+def rope_cache_ref(qkv, pos, cos, sin, kc, vc, hq, hkv):
+    T = qkv.shape[0]
+    hd = kc.shape[-1]
+    half = hd // 2
+    p = pos.reshape(-1)[:1].long() + torch.arange(T, device=qkv.device)
+    x = qkv.float().view(T, hq + 2 * hkv, hd)
+    c, s = cos[p][:, None, :], sin[p][:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    rot = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+    kc[p] = rot[:, hq:hq + hkv].to(kc.dtype)
+    vc[p] = x[:, hq + hkv:].to(vc.dtype)
+    return rot[:, :hq].reshape(T, hq * hd).to(qkv.dtype)
+
+
+# ------------------------------------------------------------------------ decode attention
+
+
+@triton.jit
+def _attn_kernel(Q, KC, VC, O, POS, sm_scale, stride_q, stride_c, stride_o,
+                 GROUP: tl.constexpr, HD: tl.constexpr, BLOCK_T: tl.constexpr):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // GROUP
+    last = tl.load(POS) + t                      # query t sees cache positions 0..last
+    d = tl.arange(0, HD)
+    q = tl.load(Q + t * stride_q + h * HD + d).to(tl.float32) * sm_scale
+    m_i = tl.max(tl.full((BLOCK_T,), float("-inf"), tl.float32), axis=0)
+    l_i = tl.sum(tl.zeros((BLOCK_T,), tl.float32), axis=0)
+    acc = tl.zeros((HD,), tl.float32)
+    for s0 in range(0, last + 1, BLOCK_T):
+        offs = s0 + tl.arange(0, BLOCK_T)
+        valid = offs <= last
+        kv_off = offs.to(tl.int64)[:, None] * stride_c + kvh * HD + d[None, :]
+        k = tl.load(KC + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
+        sc = tl.sum(k * q[None, :], axis=1)
+        sc = tl.where(valid, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+        p = tl.exp(sc - m_new)
+        alpha = tl.exp(m_i - m_new)
+        v = tl.load(VC + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m_i = m_new
+    tl.store(O + t * stride_o + h * HD + d, (acc / l_i).to(O.dtype.element_ty))
+
+
+def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor,
+                     hq: int, sm_scale: float, block_t: int = 128) -> torch.Tensor:
+    """Causal attention of T new queries (positions pos[0]+t) over the cache; GQA by head groups."""
+    T = q.shape[0]
+    hkv, hd = kc.shape[1], kc.shape[2]
+    o = torch.empty_like(q)
+    _attn_kernel[(T, hq)](q, kc, vc, o, pos, sm_scale, q.stride(0), kc.stride(0), o.stride(0),
+                          GROUP=hq // hkv, HD=hd, BLOCK_T=block_t, num_warps=4)
+    return o
+
+
+def decode_attention_ref(q, kc, vc, pos, hq, sm_scale, block_t=None):
+    T = q.shape[0]
+    hkv, hd = kc.shape[1], kc.shape[2]
+    p0 = pos.reshape(-1)[:1].long()
+    n = kc.shape[0]
+    qf = q.float().view(T, hq, hd)
+    k = kc.float().repeat_interleave(hq // hkv, dim=1)      # (L, hq, hd)
+    v = vc.float().repeat_interleave(hq // hkv, dim=1)
+    sc = torch.einsum("thd,lhd->thl", qf, k) * sm_scale
+    allowed = torch.arange(n, device=q.device)[None, :] <= (p0 + torch.arange(T, device=q.device))[:, None]
+    sc = sc.masked_fill(~allowed[:, None, :], float("-inf"))
+    o = torch.einsum("thl,lhd->thd", sc.softmax(-1), v)
+    return o.reshape(T, hq * hd).to(q.dtype)
+
+
+# ------------------------------------------------------------------ dense gated activation
+
+
+@triton.jit
+def _act_mul_kernel(GU, Y, F_, stride_gu, stride_y, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < F_
+    g = tl.load(GU + t * stride_gu + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(GU + t * stride_gu + F_ + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + t * stride_y + offs, (_act(g, ACT) * u).to(Y.dtype.element_ty), mask=mask)
+
+
+def act_mul(gu: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """gu (T, 2F) = [gate | up] → act(gate) · up (T, F): the dense FFN's middle, one launch."""
+    T, F2 = gu.shape
+    F_ = F2 // 2
+    y = torch.empty((T, F_), dtype=gu.dtype, device=gu.device)
+    block = 1024
+    _act_mul_kernel[(T, triton.cdiv(F_, block))](gu, y, F_, gu.stride(0), y.stride(0),
+                                                 ACT=ACT_IDS[act], BLOCK=block, num_warps=4)
+    return y
+
+
+def act_mul_ref(gu, act="silu"):
+    from cwic_kernels.reference import ACTIVATIONS
+    g, u = gu.float().chunk(2, dim=-1)
+    return (ACTIVATIONS[act](g) * u).to(gu.dtype)

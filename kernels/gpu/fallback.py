@@ -1,0 +1,62 @@
+"""PyTorch twins of the Triton launchers' extended signatures (epilogues, mask modes).
+
+The engine uses them on devices without Triton kernels (the CPU); the tests use them as references.
+They follow `cwic_kernels.reference` exactly: fp32 accumulation, one rounding at the end.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..reference import ACTIVATIONS, gemv_reference
+from .decode import act_mul_ref, decode_attention_ref, rmsnorm_ref, rope_cache_ref
+from .gemv import MASK_NONE, MASK_NONZERO, MASK_THRESHOLD
+
+__all__ = ["gemv_ex_ref", "ffn_up_ref", "ffn_ref", "rmsnorm_ref", "rope_cache_ref",
+           "decode_attention_ref", "act_mul_ref"]
+
+
+def gemv_ex_ref(x, wt, mean, thr, bias, stripe, *, residual=None, act=None, unit_thr=None,
+                mask_mode=MASK_THRESHOLD, out_dtype=None, out=None, config=None):
+    n, m = wt.shape
+    xf = x.float()
+    if mask_mode == MASK_THRESHOLD:
+        if mean.dim() == 2:     # per-stripe means (fused q/k/v): one reference call per stripe group
+            k = thr.shape[0]
+            ys = []
+            for r in range(k):
+                lo, hi = r * stripe, min(m, (r + 1) * stripe)
+                ys.append(gemv_reference(xf, wt[:, lo:hi].float(), mean[r], thr[r:r + 1],
+                                         torch.zeros(hi - lo, device=x.device), stripe).float())
+            y = torch.cat(ys, 1)
+        else:
+            y = gemv_reference(xf, wt.float(), mean, thr, torch.zeros(m, device=x.device), stripe).float()
+    elif mask_mode == MASK_NONZERO or mask_mode == MASK_NONE:
+        y = xf @ wt.float()
+    else:
+        raise ValueError(mask_mode)
+    if bias is not None:
+        y = y + bias.float()
+    if act is not None:
+        a = ACTIVATIONS[act](y)
+        y = a * (a.abs() >= unit_thr.float())
+    if residual is not None:
+        y = y + residual.float()
+    if out_dtype is None:
+        out_dtype = torch.float32 if act is not None else x.dtype
+    y = y.to(out_dtype)
+    if out is not None:
+        out.copy_(y)
+        return out
+    return y
+
+
+def ffn_up_ref(x, up_w, a, config=None):
+    return (x.float() @ up_w.float().T) * a.float()
+
+
+def ffn_ref(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt, unit_thr, act="silu",
+            residual=None):
+    a = gemv_ex_ref(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, act=act, unit_thr=unit_thr)
+    h = ffn_up_ref(x, up_w, a)
+    return gemv_ex_ref(h, down_wt, None, None, None, down_wt.shape[1], mask_mode=MASK_NONZERO,
+                       residual=residual, out_dtype=x.dtype)

@@ -1,0 +1,338 @@
+"""Triton granular sparse GEMV (METHOD.md §10) and the fused FFN built from it.
+
+Semantics: `cwic_kernels.reference` (gemv_reference, ffn_reference). Layout: weights input-major
+(`wt` (n, m) = Wᵀ), so a (stripe, input) pair is one contiguous run of `stripe` outputs and an
+inactive pair is a masked load that never reaches memory.
+
+One program owns BLOCK_M outputs (inside one stripe: BLOCK_M divides the stripe) and a chunk of the
+inputs (split-K). It computes the mask of each input from x, the running mean and the stripe's
+threshold, takes the union over the tokens of its batch block (so a pair is skipped only when every
+token skips it; masked tokens still get exactly their own product), loads only the active rows and
+accumulates in fp32. Split-K partials go to a workspace; the last program of an output block (a
+per-block arrival counter, reset by that program: no memset, CUDA-graph safe) sums them and runs the
+epilogue: + folded bias, optional activation and unit mask (the FFN gate), optional residual.
+
+Batches: BLOCK_B = 1 for one token (fp32 FMA reduction), 16 otherwise (tensor-core dot; x - x̄ is split
+into bf16 hi + lo parts so the product keeps fp32-level accuracy). Any batch size is correct: the
+grid has one batch block per 16 tokens and each block takes the union of its own tokens' masks.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+ACT_IDS = {None: -1, "silu": 0, "gelu": 1, "gelu_pytorch_tanh": 2, "gelu_tanh": 2, "relu": 3}
+MASK_THRESHOLD, MASK_NONZERO, MASK_NONE = 0, 1, 2
+
+
+@triton.jit
+def _act(y, ACT: tl.constexpr):
+    if ACT == 0:
+        y = y * tl.sigmoid(y)
+    elif ACT == 1:
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        y = y * tl.sigmoid(2.0 * inner)          # 0.5·(1 + tanh(u)) = sigmoid(2u)
+    elif ACT == 3:
+        y = tl.maximum(y, 0.0)
+    return y
+
+
+@triton.jit
+def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT,
+                B, N, M, STRIPE, CHUNK_N,
+                stride_xb, stride_mk, stride_rb, stride_yb,
+                BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                SPLIT: tl.constexpr, MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_RES: tl.constexpr, ACT: tl.constexpr, EVEN_M: tl.constexpr,
+                DOT_F32: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    col0 = pid_m * BLOCK_M
+    cols = col0 + tl.arange(0, BLOCK_M)
+    cmask = cols < M
+    r = col0 // STRIPE                                   # this block's stripe
+    bs = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    bmask = bs < B
+    n_lo = pid_k * CHUNK_N
+    n_hi = tl.minimum(n_lo + CHUNK_N, N)
+    acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        nmask = rows < n_hi
+        if BLOCK_B == 1:
+            x = tl.load(X + pid_b * stride_xb + rows, mask=nmask, other=0.0).to(tl.float32)
+            if MASK_MODE == 0:
+                mu = tl.load(MEAN + r * stride_mk + rows, mask=nmask, other=0.0)
+                t = tl.load(THR + r * N + rows, mask=nmask, other=0.0)
+                xc = x - mu
+                on = (tl.abs(xc) >= t) & nmask
+            elif MASK_MODE == 1:
+                xc = x
+                on = x != 0.0
+            else:
+                xc = x
+                on = nmask
+            xc = tl.where(on, xc, 0.0)
+            wmask = on[:, None]
+            if not EVEN_M:
+                wmask = wmask & cmask[None, :]
+            w = tl.load(WT + rows.to(tl.int64)[:, None] * M + cols[None, :], mask=wmask, other=0.0)
+            acc += tl.sum(xc[:, None] * w.to(tl.float32), axis=0)[None, :]
+        else:
+            xm = bmask[:, None] & nmask[None, :]
+            x = tl.load(X + bs[:, None] * stride_xb + rows[None, :], mask=xm, other=0.0).to(tl.float32)
+            if MASK_MODE == 0:
+                mu = tl.load(MEAN + r * stride_mk + rows, mask=nmask, other=0.0)
+                t = tl.load(THR + r * N + rows, mask=nmask, other=0.0)
+                xc = x - mu[None, :]
+                g = (tl.abs(xc) >= t[None, :]) & xm
+            elif MASK_MODE == 1:
+                xc = x
+                g = x != 0.0
+            else:
+                xc = x
+                g = xm
+            xc = tl.where(g, xc, 0.0)
+            on = tl.max(g.to(tl.int32), axis=0) > 0      # union over this block's tokens
+            wmask = on[:, None]
+            if not EVEN_M:
+                wmask = wmask & cmask[None, :]
+            w = tl.load(WT + rows.to(tl.int64)[:, None] * M + cols[None, :], mask=wmask, other=0.0)
+            if DOT_F32:   # fp32 weights, or the CPU interpreter (whose bf16 dot is unusable)
+                hi = xc.to(w.dtype).to(tl.float32)
+                lo = (xc - hi).to(w.dtype).to(tl.float32)
+                wf = w.to(tl.float32)
+                acc += tl.dot(hi, wf, input_precision="ieee")
+                acc += tl.dot(lo, wf, input_precision="ieee")
+            else:
+                hi = xc.to(w.dtype)
+                lo = (xc - hi.to(tl.float32)).to(w.dtype)
+                acc = tl.dot(hi, w, acc)
+                acc = tl.dot(lo, w, acc)
+
+    omask = bmask[:, None] & cmask[None, :]
+    if SPLIT == 1:
+        _gmm_epilogue(acc, BIAS, RES, UTHR, Y, bs, cols, cmask, omask, stride_rb, stride_yb,
+                      HAS_BIAS, HAS_RES, ACT)
+    else:
+        ws_off = (pid_k * B + bs[:, None]).to(tl.int64) * M + cols[None, :]
+        tl.store(WS + ws_off, acc, mask=omask)
+        tl.debug_barrier()                               # every thread's partial is written ...
+        cidx = pid_b * tl.num_programs(0) + pid_m
+        done = tl.atomic_add(CNT + cidx, 1, sem="acq_rel", scope="gpu")   # ... before we arrive
+        if done == SPLIT - 1:                            # last to arrive: reduce and finish
+            tot = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+            for s in range(0, SPLIT):
+                off = (s * B + bs[:, None]).to(tl.int64) * M + cols[None, :]
+                tot += tl.load(WS + off, mask=omask, other=0.0, cache_modifier=".cg")
+            _gmm_epilogue(tot, BIAS, RES, UTHR, Y, bs, cols, cmask, omask, stride_rb, stride_yb,
+                          HAS_BIAS, HAS_RES, ACT)
+            tl.atomic_xchg(CNT + cidx, 0)                # ready for the next launch
+
+
+@triton.jit
+def _gmm_epilogue(acc, BIAS, RES, UTHR, Y, bs, cols, cmask, omask, stride_rb, stride_yb,
+                  HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=cmask, other=0.0)[None, :]
+    if ACT >= 0:
+        a = _act(acc, ACT)
+        u = tl.load(UTHR + cols, mask=cmask, other=0.0)
+        acc = tl.where(tl.abs(a) >= u[None, :], a, 0.0)
+    if HAS_RES:
+        acc += tl.load(RES + bs[:, None] * stride_rb + cols[None, :], mask=omask, other=0.0).to(tl.float32)
+    tl.store(Y + bs[:, None] * stride_yb + cols[None, :], acc.to(Y.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _ffn_up_kernel(X, UP, A, H, B, D, F, stride_xb, stride_ab, stride_hb,
+                   BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DOT_F32: tl.constexpr):
+    """h[b, j] = (W_up[j] · x[b]) · a[b, j]; the row of W_up is read only if some token's a[., j] ≠ 0."""
+    pid_u = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    units = pid_u * BLOCK_U + tl.arange(0, BLOCK_U)
+    umask = units < F
+    urow = units.to(tl.int64) * D
+    if BLOCK_B == 1:
+        a = tl.load(A + pid_b * stride_ab + units, mask=umask, other=0.0)
+        on = a != 0.0
+        acc = tl.zeros((BLOCK_U,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            dmask = ds < D
+            w = tl.load(UP + urow[:, None] + ds[None, :], mask=on[:, None] & dmask[None, :], other=0.0)
+            x = tl.load(X + pid_b * stride_xb + ds, mask=dmask, other=0.0).to(tl.float32)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        tl.store(H + pid_b * stride_hb + units, acc * a, mask=umask)
+    else:
+        bs = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        bmask = bs < B
+        am = bmask[:, None] & umask[None, :]
+        a2 = tl.load(A + bs[:, None] * stride_ab + units[None, :], mask=am, other=0.0)
+        on = tl.max((a2 != 0.0).to(tl.int32), axis=0) > 0
+        acc2 = tl.zeros((BLOCK_B, BLOCK_U), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            dmask = ds < D
+            w = tl.load(UP + urow[:, None] + ds[None, :], mask=on[:, None] & dmask[None, :], other=0.0)
+            x = tl.load(X + bs[:, None] * stride_xb + ds[None, :], mask=bmask[:, None] & dmask[None, :],
+                        other=0.0)
+            if DOT_F32:
+                acc2 += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            else:
+                acc2 = tl.dot(x.to(w.dtype), tl.trans(w), acc2)
+        tl.store(H + bs[:, None] * stride_hb + units[None, :], acc2 * a2, mask=am)
+
+
+# --------------------------------------------------------------------------------- launchers
+
+_COUNTERS: dict = {}
+_NUM_SMS: dict = {}
+COUNTER_SLOTS = 1 << 16
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    key = (device.type, device.index)
+    if key not in _COUNTERS:  # zeroed once; every launch leaves it zeroed again
+        _COUNTERS[key] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
+
+
+def _num_sms(device: torch.device) -> int:
+    key = (device.type, device.index)
+    if key not in _NUM_SMS:
+        _NUM_SMS[key] = (torch.cuda.get_device_properties(device).multi_processor_count
+                         if device.type == "cuda" else 8)
+    return _NUM_SMS[key]
+
+
+def supports_stripe(stripe: int, m: int) -> bool:
+    """The fast path needs output blocks inside one stripe: stripe % 16 == 0, or one stripe (= m)."""
+    return stripe % 16 == 0 or stripe >= m
+
+
+def _block_m(stripe: int, m: int, cap: int) -> int:
+    if stripe >= m:                        # one stripe: any block works
+        return min(cap, triton.next_power_of_2(m))
+    bm = cap
+    while stripe % bm:
+        bm //= 2
+    return bm
+
+
+def gemv_config(B: int, n: int, m: int, stripe: int, device: torch.device, *,
+                block_m: int | None = None, block_n: int | None = None, waves: float = 4.0,
+                max_split: int = 64) -> dict:
+    """Tile sizes and split-K. Enough programs to fill the GPU `waves` times over (memory-bound)."""
+    bb = 1 if B == 1 else 16
+    bm = _block_m(stripe, m, block_m or 128)
+    bn = block_n or (64 if bb == 1 else 32)
+    grid_m = triton.cdiv(m, bm)
+    nb = triton.cdiv(B, bb)
+    target = int(waves * _num_sms(device))
+    split = max(1, min(triton.cdiv(target, grid_m * nb), triton.cdiv(n, bn), max_split))
+    chunk = triton.cdiv(triton.cdiv(n, split), bn) * bn
+    split = triton.cdiv(n, chunk)
+    return dict(BLOCK_B=bb, BLOCK_M=bm, BLOCK_N=bn, SPLIT=split, CHUNK_N=chunk, grid=(grid_m, split, nb))
+
+
+def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: torch.Tensor | None,
+            bias: torch.Tensor | None, stripe: int, *, residual: torch.Tensor | None = None,
+            act: str | None = None, unit_thr: torch.Tensor | None = None, mask_mode: int = MASK_THRESHOLD,
+            out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+            config: dict | None = None) -> torch.Tensor:
+    """y = epilogue(GMM(x; wt, mean, thr) + bias): the Triton kernel behind `cwic::gemv`.
+
+    x (B, n) any float dtype; wt (n, m); mean (n,) or per stripe (k, n) fp32; thr (k, n) fp32;
+    bias (m,) fp32 or None. mask_mode: MASK_THRESHOLD (granular), MASK_NONZERO (row i used iff some
+    x[b, i] ≠ 0: the FFN's down projection), MASK_NONE (dense). act: activation + unit mask
+    |act(y)| ≥ unit_thr (output fp32 unless out_dtype says otherwise). residual (B, m) is added last.
+    """
+    B, n = x.shape
+    n2, m = wt.shape
+    assert n == n2, (x.shape, wt.shape)
+    assert x.stride(1) == 1 and wt.is_contiguous()
+    if mask_mode == MASK_THRESHOLD:
+        assert thr is not None and mean is not None
+        k = thr.shape[0]
+        assert k == triton.cdiv(m, stripe) and thr.shape[1] == n and thr.is_contiguous(), (thr.shape, m, stripe)
+        assert mean.dtype == torch.float32 and thr.dtype == torch.float32
+        stride_mk = 0 if mean.dim() == 1 else mean.stride(0)
+        assert mean.stride(-1) == 1
+    else:
+        stripe, stride_mk = m, 0
+    assert supports_stripe(stripe, m), f"stripe {stripe} not a multiple of 16"
+    if out_dtype is None:
+        out_dtype = torch.float32 if act is not None else x.dtype
+    y = out if out is not None else torch.empty((B, m), dtype=out_dtype, device=x.device)
+    if B == 0:
+        return y
+    cfg = config or gemv_config(B, n, m, stripe, x.device)
+    grid = cfg["grid"]
+    split = cfg["SPLIT"]
+    if split > 1:
+        ws = torch.empty((split, B, m), dtype=torch.float32, device=x.device)
+        cnt = _counters(x.device)
+        assert grid[0] * grid[2] <= COUNTER_SLOTS
+    else:
+        ws = cnt = y
+    if residual is not None:
+        assert residual.shape == (B, m) and residual.stride(1) == 1
+    if act is not None:
+        assert unit_thr is not None and unit_thr.dtype == torch.float32
+    dummy = y
+    _gmm_kernel[grid](
+        x, wt, mean if mean is not None else dummy, thr if thr is not None else dummy,
+        bias if bias is not None else dummy, residual if residual is not None else dummy,
+        unit_thr if unit_thr is not None else dummy, y, ws, cnt,
+        B, n, m, stripe, cfg["CHUNK_N"],
+        x.stride(0), stride_mk, residual.stride(0) if residual is not None else 0, y.stride(0),
+        BLOCK_B=cfg["BLOCK_B"], BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], SPLIT=split,
+        MASK_MODE=mask_mode, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        ACT=ACT_IDS[act], EVEN_M=(m % cfg["BLOCK_M"] == 0),
+        DOT_F32=(INTERPRET or wt.dtype == torch.float32),
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+    return y
+
+
+def gemv(x, wt, mean, thr, bias, stripe: int) -> torch.Tensor:
+    """`cwic::gemv` (reference.gemv_reference semantics) on any leading batch."""
+    return gemv_ex(x, wt, mean, thr, bias, stripe)
+
+
+def ffn_up(x: torch.Tensor, up_w: torch.Tensor, a: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """h = (x @ up_wᵀ) ⊙ a in fp32, reading only the rows of units with a ≠ 0 for some token."""
+    B, d = x.shape
+    F_, d2 = up_w.shape
+    assert d == d2 and up_w.is_contiguous() and a.shape == (B, F_) and a.dtype == torch.float32
+    h = torch.empty((B, F_), dtype=torch.float32, device=x.device)
+    if B == 0:
+        return h
+    bb = 1 if B == 1 else 16
+    cfg = config or {}
+    bu = cfg.get("BLOCK_U", 8 if bb == 1 else 16)
+    bd = cfg.get("BLOCK_D", min(1024 if bb == 1 else 128, triton.next_power_of_2(d)))
+    grid = (triton.cdiv(F_, bu), triton.cdiv(B, bb))
+    _ffn_up_kernel[grid](x, up_w, a, h, B, d, F_, x.stride(0), a.stride(0), h.stride(0),
+                         BLOCK_B=bb, BLOCK_U=bu, BLOCK_D=bd,
+                         DOT_F32=(INTERPRET or up_w.dtype == torch.float32),
+                         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+    return h
+
+
+def ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int, up_w, down_wt, unit_thr,
+        act: str = "silu", residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`cwic::ffn`: gate GMM with act + unit mask in its epilogue → active rows of W_up → active rows of
+    W_downᵀ (+ residual). Three launches, no host synchronisation."""
+    a = gemv_ex(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, act=act, unit_thr=unit_thr)
+    h = ffn_up(x, up_w, a)
+    return gemv_ex(h, down_wt, None, None, None, down_wt.shape[1], mask_mode=MASK_NONZERO,
+                   residual=residual, out_dtype=x.dtype)

@@ -1,0 +1,313 @@
+"""Decode engine: static KV cache, one CUDA graph per decode step, same code for dense and CWIC models.
+
+    from cwic_exp.engine import DecodeEngine
+    eng = DecodeEngine(model, max_len=512)          # a Hugging Face Llama-family model, dense or CWIC
+    tokens = eng.generate(prompt_ids, max_new_tokens=128)     # greedy; (T + 128,) on the device
+
+`prepare_decode(model)` turns the model into flat decode weights: for every CWIC matrix the input-major
+bf16 weight (Wᵀ), the per-stripe thresholds θ·σ, the running mean and the folded bias W x̄ + b (q, k and
+v fused into one matrix when their widths are whole stripes); for every dense matrix the plain weight
+(q/k/v and gate/up fused). The engine then runs one decoder, in which only the matrix products differ:
+cuBLAS (`F.linear`/`addmm`) for dense matrices, the granular sparse GEMV (`cwic_kernels.gpu`) for CWIC
+ones. Norms, RoPE + cache writes and attention are the same Triton kernels for both, positions live in
+a device tensor, and a decode step (embedding → logits → argmax → next input) has no host
+synchronisation, so it is captured once and replayed. On the CPU the engine runs the same code with the
+PyTorch twins of the kernels (`triton=True` runs the Triton kernels there under TRITON_INTERPRET=1).
+
+Prefill runs the same kernels eagerly over all prompt tokens (the small-batch GEMV path: correct for
+any number of tokens, fast for a few); long prompts would rather use dense matmuls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modeling.layers import CwicGatedMLP, CwicLinear
+
+
+@dataclass
+class Linear:
+    """One (possibly fused) matrix, ready for decode. dense: w (m, n); cwic: wt (n, m) + mask data."""
+    kind: str                       # "dense" | "cwic"
+    out_features: int
+    w: torch.Tensor | None = None
+    wt: torch.Tensor | None = None
+    bias: torch.Tensor | None = None   # dense: weight dtype or None; cwic: fp32 folded W x̄ + b
+    mean: torch.Tensor | None = None   # cwic: (n,) or per stripe (k, n), fp32
+    thr: torch.Tensor | None = None    # cwic: (k, n) fp32, θ·σ
+    stripe: int = 0
+
+    def nbytes(self) -> int:
+        t = self.w if self.kind == "dense" else self.wt
+        return t.numel() * t.element_size()
+
+
+@dataclass
+class FFN:
+    kind: str                       # "dense" | "cwic"
+    act: str
+    gate_up: torch.Tensor | None = None    # dense (2F, d)
+    down: torch.Tensor | None = None       # dense (d, F)
+    gate: Linear | None = None             # cwic: striped GMM
+    up_w: torch.Tensor | None = None       # cwic: (F, d), row j = unit j's input weights
+    down_wt: torch.Tensor | None = None    # cwic: (F, d), row j = unit j's output weights
+    unit_thr: torch.Tensor | None = None   # cwic: (F,) fp32
+
+
+@dataclass
+class Layer:
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    qkv: list                       # one fused Linear, or [q, k, v]
+    o: Linear
+    ffn: FFN
+
+
+@dataclass
+class DecodeWeights:
+    embed: torch.Tensor
+    layers: list
+    norm: torch.Tensor
+    head: Linear
+    eps: float
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    scaling: float
+    rotary: nn.Module
+    vocab: int
+
+
+def _cwic_linear(mods: list, dtype) -> Linear:
+    """Fuse CwicLinear modules that share an input along the outputs (each a whole number of stripes)."""
+    with torch.no_grad():
+        stripe = mods[0].stripe_size
+        wts, means, thrs, biases = [], [], [], []
+        for m in mods:
+            mean = m.running_stats()[0].float()
+            thr = m.thresholds().float().detach()
+            wts.append(m.weight.detach().t().to(dtype))
+            thrs.append(thr)
+            means.append(mean.expand(thr.shape[0], -1))
+            biases.append(m.folded_bias().float())
+        same_mean = all(torch.equal(means[0][0], mm[0]) for mm in means)
+        mean = means[0][0].contiguous() if same_mean else torch.cat(means, 0).contiguous()
+        return Linear("cwic", sum(m.out_features for m in mods), wt=torch.cat(wts, 1).contiguous(),
+                      bias=torch.cat(biases).contiguous(), mean=mean, thr=torch.cat(thrs, 0).contiguous(),
+                      stripe=stripe)
+
+
+def _dense_linear(mods: list, dtype) -> Linear:
+    with torch.no_grad():
+        w = torch.cat([m.weight.detach().to(dtype) for m in mods], 0).contiguous() if len(mods) > 1 \
+            else mods[0].weight.detach().to(dtype).contiguous()
+        has_b = [m.bias is not None for m in mods]
+        b = None
+        if any(has_b):
+            b = torch.cat([m.bias.detach().to(dtype) if m.bias is not None
+                           else torch.zeros(m.out_features, dtype=dtype, device=w.device) for m in mods])
+        return Linear("dense", w.shape[0], w=w, bias=b)
+
+
+def _linear(mods: list, dtype) -> list:
+    """One fused Linear when possible, else one per module."""
+    if all(isinstance(m, CwicLinear) for m in mods):
+        s = mods[0].stripe_size
+        if len(mods) == 1 or all(m.stripe_size == s and m.out_features % s == 0 for m in mods):
+            return [_cwic_linear(mods, dtype)]
+        return [_cwic_linear([m], dtype) for m in mods]
+    if not any(isinstance(m, CwicLinear) for m in mods):
+        return [_dense_linear(mods, dtype)]
+    return [(_cwic_linear if isinstance(m, CwicLinear) else _dense_linear)([m], dtype) for m in mods]
+
+
+@torch.no_grad()
+def prepare_decode(model: nn.Module, dtype: torch.dtype | None = None) -> DecodeWeights:
+    """Flat decode weights of a Llama-family causal LM (dense, or converted by `cwic_exp.to_cwic`)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    dtype = dtype or model.get_input_embeddings().weight.dtype
+    base = model.model
+    layers = []
+    for layer in base.layers:
+        at, mlp = layer.self_attn, layer.mlp
+        qkv = _linear([at.q_proj, at.k_proj, at.v_proj], dtype)
+        o = _linear([at.o_proj], dtype)[0]
+        if isinstance(mlp, CwicGatedMLP):
+            ffn = FFN("cwic", mlp.act_name, gate=_cwic_linear([mlp.gate_proj], dtype),
+                      up_w=mlp.up_proj.weight.detach().to(dtype).contiguous(),
+                      down_wt=mlp.down_proj.weight.detach().t().to(dtype).contiguous(),
+                      unit_thr=mlp.unit_thresholds().float().detach().contiguous())
+            assert mlp.up_proj.bias is None and mlp.down_proj.bias is None, "FFN biases not supported"
+        else:
+            assert getattr(mlp.up_proj, "bias", None) is None
+            ffn = FFN("dense", getattr(cfg, "hidden_act", "silu"),
+                      gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], 0).to(dtype).contiguous(),
+                      down=mlp.down_proj.weight.detach().to(dtype).contiguous())
+        layers.append(Layer(layer.input_layernorm.weight.detach().to(dtype),
+                            layer.post_attention_layernorm.weight.detach().to(dtype), qkv, o, ffn))
+    head = _linear([model.lm_head], dtype)[0]
+    n_heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    return DecodeWeights(
+        embed=model.get_input_embeddings().weight.detach().to(dtype), layers=layers,
+        norm=base.norm.weight.detach().to(dtype), head=head,
+        eps=float(getattr(base.norm, "variance_epsilon", getattr(cfg, "rms_norm_eps", 1e-6))),
+        n_heads=n_heads, n_kv_heads=cfg.num_key_value_heads, head_dim=head_dim,
+        scaling=float(getattr(base.layers[0].self_attn, "scaling", head_dim ** -0.5)),
+        rotary=base.rotary_emb, vocab=cfg.vocab_size)
+
+
+def weight_bytes(w: DecodeWeights) -> dict:
+    """Bytes of every matrix a dense decode step reads (CWIC reads a fraction of its share)."""
+    n = {"attn": 0, "ffn": 0, "head": w.head.nbytes()}
+    for L in w.layers:
+        n["attn"] += sum(q.nbytes() for q in L.qkv) + L.o.nbytes()
+        f = L.ffn
+        if f.kind == "dense":
+            n["ffn"] += f.gate_up.numel() * f.gate_up.element_size() + f.down.numel() * f.down.element_size()
+        else:
+            n["ffn"] += f.gate.nbytes() + 2 * f.up_w.numel() * f.up_w.element_size()
+    n["total"] = sum(n.values())
+    return n
+
+
+class DecodeEngine:
+    """Greedy decoding with a static KV cache; a decode step is one CUDA-graph replay on CUDA."""
+
+    def __init__(self, model: nn.Module, max_len: int = 1024, dtype: torch.dtype | None = None,
+                 cuda_graph: bool = True, triton: bool | None = None):
+        from cwic_kernels.gpu import backend
+        self.device = next(model.parameters()).device
+        self.w = prepare_decode(model, dtype)
+        self.dtype = self.w.embed.dtype
+        self.K = backend(self.device, triton)
+        self.max_len = int(max_len)
+        w = self.w
+        L = len(w.layers)
+        self.kc = torch.zeros(L, self.max_len, w.n_kv_heads, w.head_dim, dtype=self.dtype, device=self.device)
+        self.vc = torch.zeros_like(self.kc)
+        with torch.no_grad():
+            pid = torch.arange(self.max_len, device=self.device)[None]
+            cos, sin = w.rotary(torch.zeros(1, dtype=torch.float32, device=self.device), pid)
+        half = w.head_dim // 2
+        self.cos = cos[0, :, :half].float().contiguous()
+        self.sin = sin[0, :, :half].float().contiguous()
+        self.pos = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.tok = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.tokens = torch.zeros(self.max_len + 1, dtype=torch.int64, device=self.device)
+        self.use_graph = cuda_graph and self.device.type == "cuda"
+        self.graph = None
+
+    # ------------------------------------------------------------------ the model
+    def _lin(self, lin: Linear, x, residual=None):
+        if lin.kind == "dense":
+            if residual is not None and lin.bias is None:
+                return torch.addmm(residual, x, lin.w.t())
+            y = F.linear(x, lin.w, lin.bias)
+            return y if residual is None else y + residual
+        gemv = self.K.gemv_ex if self.K.supports_stripe(lin.stripe, lin.out_features) else _ref_gemv_ex
+        return gemv(x, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, residual=residual)
+
+    def _ffn(self, f: FFN, x, residual):
+        if f.kind == "dense":
+            h = self.K.act_mul(F.linear(x, f.gate_up), f.act)
+            return torch.addmm(residual, h, f.down.t())
+        g = f.gate
+        if not self.K.supports_stripe(g.stripe, g.out_features):
+            from cwic_kernels.gpu.fallback import ffn_ref
+            return ffn_ref(x, g.wt, g.mean, g.thr, g.bias, g.stripe, f.up_w, f.down_wt, f.unit_thr,
+                           f.act, residual=residual)
+        return self.K.ffn(x, g.wt, g.mean, g.thr, g.bias, g.stripe, f.up_w, f.down_wt, f.unit_thr,
+                          f.act, residual=residual)
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, last_only: bool = True) -> torch.Tensor:
+        """Tokens ids (T,) at positions self.pos[0] + t: write the cache, return logits (1 or T, V)."""
+        w, K = self.w, self.K
+        h = F.embedding(ids, w.embed)                               # (T, d)
+        for li, L in enumerate(w.layers):
+            xn = K.rmsnorm(h, L.ln1, w.eps)
+            qkv = [self._lin(q, xn) for q in L.qkv]
+            qkv = qkv[0] if len(qkv) == 1 else torch.cat(qkv, 1)
+            q = K.rope_cache(qkv, self.pos, self.cos, self.sin, self.kc[li], self.vc[li],
+                             w.n_heads, w.n_kv_heads)
+            att = K.decode_attention(q, self.kc[li], self.vc[li], self.pos, w.n_heads, w.scaling)
+            h = self._lin(L.o, att, residual=h)
+            xn = K.rmsnorm(h, L.ln2, w.eps)
+            h = self._ffn(L.ffn, xn, h)
+        if last_only:
+            h = h[-1:]
+        return self._lin(w.head, K.rmsnorm(h, w.norm, w.eps))
+
+    def _step(self):
+        logits = self.forward(self.tok, last_only=True)
+        nxt = logits.argmax(-1)
+        self.tokens.index_copy_(0, self.pos + 1, nxt)
+        self.tok.copy_(nxt)
+        self.pos.add_(1)
+
+    # ------------------------------------------------------------------ generation
+    def capture(self, warmup: int = 2):
+        """Compile every kernel and capture one decode step (the cache contents are scratch here)."""
+        if not self.use_graph or self.graph is not None:
+            return
+        saved = (self.pos.clone(), self.tok.clone())
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(warmup):
+                self.pos.zero_()
+                self._step()
+        torch.cuda.current_stream().wait_stream(s)
+        self.pos.zero_()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self._step()
+        self.graph = g
+        self.pos.copy_(saved[0])
+        self.tok.copy_(saved[1])
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Run the prompt (T,), pick the first new token; returns the last position's logits."""
+        ids = ids.reshape(-1).to(self.device)
+        T = ids.numel()
+        assert 0 < T < self.max_len
+        self.pos.zero_()
+        logits = self.forward(ids, last_only=True)
+        nxt = logits.argmax(-1)
+        self.tokens[:T] = ids
+        self.tokens[T:T + 1] = nxt
+        self.tok.copy_(nxt)
+        self.pos.fill_(T)
+        return logits
+
+    @torch.no_grad()
+    def decode(self, n: int):
+        """n more greedy tokens after the current one (no host synchronisation)."""
+        if self.use_graph and self.graph is None:
+            self.capture()
+        for _ in range(n):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        ids = ids.reshape(-1)
+        T = ids.numel()
+        assert T + max_new_tokens <= self.max_len, "raise max_len"
+        if self.use_graph and self.graph is None:
+            self.capture()
+        self.prefill(ids)
+        self.decode(max_new_tokens - 1)
+        return self.tokens[:T + max_new_tokens].clone()
+
+
+def _ref_gemv_ex(*args, **kw):
+    from cwic_kernels.gpu.fallback import gemv_ex_ref
+    return gemv_ex_ref(*args, **kw)

@@ -1,0 +1,294 @@
+"""Triton kernels against their PyTorch references (CPU: TRITON_INTERPRET=1, small shapes; GPU: also
+real Llama-3.2 decode shapes), and the decode engine against Hugging Face's forward.
+
+Tolerance: the kernel's normalised error to an fp64 "gold" result (same masks) may be at most 3× the
+error of the reference computed in the same dtype, plus 1e-6 (the CPU interpreter rounds fp32→bf16 by
+truncation, which alone doubles the output rounding error).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported
+
+import pytest  # noqa: E402
+
+from cwic_kernels import reference as ref  # noqa: E402
+from cwic_kernels.gpu import fallback as fb  # noqa: E402
+
+triton = pytest.importorskip("triton")
+from cwic_kernels.gpu import decode as D  # noqa: E402
+from cwic_kernels.gpu import gemv as G  # noqa: E402
+
+pytestmark = pytest.mark.triton
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEV = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _gen(seed):
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def _inputs(B, n, m, stripe, dtype, density=0.4, seed=0, mean2d=False):
+    g = _gen(seed)
+    k = -(-m // stripe)
+    x = (torch.randn(B, n, generator=g) * (1 + torch.rand(n, generator=g))).to(dtype)   # heavy-ish
+    wt = (torch.randn(n, m, generator=g) / n ** 0.5).to(dtype)
+    mean = torch.randn(k if mean2d else 1, n, generator=g) * 0.2
+    mean = mean if mean2d else mean[0]
+    # thresholds so that about `density` of the (token, stripe, input) triples are on
+    thr = torch.rand(k, n, generator=g) * 2.6 * (1 - density)
+    bias = torch.randn(m, generator=g)
+    return [t.to(DEV) for t in (x, wt, mean, thr, bias)]
+
+
+def _gold(x, wt, mean, thr, bias, stripe):
+    """fp64 result with the fp32 masks the kernels use."""
+    n, m = wt.shape
+    mean2 = mean if mean.dim() == 2 else mean.expand(thr.shape[0], -1)
+    cols = torch.arange(m, device=wt.device) // stripe
+    xc32 = x.float()[:, None, :] - mean2.float()[None]                        # (B, k, n)
+    g = xc32.abs() >= thr.float()[None]
+    xc64 = (x.double()[:, None, :] - mean2.double()[None]) * g                # (B, k, n)
+    y = torch.einsum("bon,no->bo", xc64[:, cols, :], wt.double())
+    return y + bias.double()
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _check(out, gold, ref_out, what=""):
+    assert torch.isfinite(out).all(), what
+    e_ref = _rel(ref_out, gold)
+    e = _rel(out, gold)
+    assert e <= 3 * e_ref + 1e-6, f"{what}: kernel error {e:.3g} vs reference {e_ref:.3g}"
+
+
+# ------------------------------------------------------------------------------ granular GEMV
+
+GEMV_SHAPES = [  # B, n, m, stripe: partial last stripe, widths not multiples of the blocks, batches
+    (1, 96, 80, 16),
+    (1, 200, 96, 32),
+    (2, 130, 48, 16),
+    (7, 64, 144, 48),
+    (16, 100, 64, 64),
+    (19, 72, 40, 16),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,n,m,stripe", GEMV_SHAPES)
+def test_gemv_matches_reference(B, n, m, stripe, dtype):
+    x, wt, mean, thr, bias = _inputs(B, n, m, stripe, dtype, seed=B * 1000 + n)
+    out = torch.full((B, m), float("nan"), dtype=dtype, device=DEV)       # poison: every element written
+    y = G.gemv_ex(x, wt, mean, thr, bias, stripe, out=out)
+    _check(y, _gold(x, wt, mean, thr, bias, stripe), ref.gemv_reference(x, wt, mean, thr, bias, stripe),
+           f"B={B} n={n} m={m} s={stripe} {dtype}")
+
+
+@pytest.mark.parametrize("B", [1, 5])
+def test_gemv_dense_and_empty_extremes(B):
+    n, m, stripe = 80, 64, 32
+    x, wt, mean, thr, bias = _inputs(B, n, m, stripe, torch.float32, seed=3)
+    y0 = G.gemv_ex(x, wt, mean, torch.zeros_like(thr), bias, stripe)      # sparsity 0%: dense product
+    dense = (x - mean) @ wt + bias
+    torch.testing.assert_close(y0, dense, rtol=1e-5, atol=1e-5)
+    y1 = G.gemv_ex(x, wt, mean, torch.full_like(thr, float("inf")), bias, stripe)   # 100%: bias alone
+    assert torch.equal(y1, bias.expand(B, m))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gemv_batch_equals_per_token(dtype):
+    """The small-batch path (union of the tokens' masks) gives each token exactly its own product."""
+    B, n, m, stripe = 6, 96, 64, 32
+    x, wt, mean, thr, bias = _inputs(B, n, m, stripe, dtype, density=0.3, seed=7)
+    yb = G.gemv_ex(x, wt, mean, thr, bias, stripe).float()
+    ys = torch.cat([G.gemv_ex(x[i:i + 1], wt, mean, thr, bias, stripe) for i in range(B)]).float()
+    gold = _gold(x, wt, mean, thr, bias, stripe)
+    r = ref.gemv_reference(x, wt, mean, thr, bias, stripe)
+    _check(yb, gold, r, "batched")
+    _check(ys, gold, r, "per token")
+
+
+def test_gemv_epilogues_and_modes():
+    B, n, m, stripe = 3, 64, 96, 32
+    for Bx in (1, B):
+        x, wt, mean, thr, bias = _inputs(Bx, n, m, stripe, torch.float32, seed=11, mean2d=True)
+        res = torch.randn(Bx, m, device=DEV)
+        uthr = torch.rand(m, device=DEV) * 0.5
+        for kw in (dict(residual=res), dict(act="silu", unit_thr=uthr), dict(act="gelu_pytorch_tanh", unit_thr=uthr),
+                   dict(act="gelu", unit_thr=uthr), dict(act="relu", unit_thr=uthr)):
+            y = G.gemv_ex(x, wt, mean, thr, bias, stripe, **kw)
+            yr = fb.gemv_ex_ref(x, wt, mean, thr, bias, stripe, **kw)
+            torch.testing.assert_close(y, yr, rtol=2e-5, atol=2e-5, msg=str(kw))
+        h = torch.where(torch.rand(Bx, n, device=DEV) < 0.3, torch.randn(Bx, n, device=DEV), 0.0)
+        for mode in (G.MASK_NONZERO, G.MASK_NONE):
+            y = G.gemv_ex(h, wt, None, None, None, m, mask_mode=mode)
+            torch.testing.assert_close(y, h @ wt, rtol=2e-5, atol=2e-5)
+
+
+def test_gemv_repeated_launches_are_deterministic():
+    """The split-K arrival counters reset themselves: launch after launch gives the same bits."""
+    x, wt, mean, thr, bias = _inputs(1, 256, 64, 32, torch.float32, seed=5)
+    cfg = G.gemv_config(1, 256, 64, 32, x.device)
+    assert cfg["SPLIT"] > 1
+    ys = [G.gemv_ex(x, wt, mean, thr, bias, 32) for _ in range(3)]
+    assert all(torch.equal(ys[0], y) for y in ys[1:])
+    assert int(G._counters(x.device).abs().sum()) == 0
+
+
+# ------------------------------------------------------------------------------------ FFN
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B", [1, 4, 17])
+def test_ffn_matches_reference(B, dtype):
+    d, F_, stripe = 64, 96, 32
+    x, gwt, gmean, gthr, gbias = _inputs(B, d, F_, stripe, dtype, seed=B + 20)
+    g = _gen(B)
+    up_w = (torch.randn(F_, d, generator=g) / d ** 0.5).to(dtype).to(DEV)
+    down_wt = (torch.randn(F_, d, generator=g) / F_ ** 0.5).to(dtype).to(DEV)
+    uthr = (torch.rand(F_, generator=g) * 0.3).to(DEV)
+    args = (x, gwt, gmean, gthr, gbias, stripe, up_w, down_wt, uthr, "silu")
+    y = G.ffn(*args)
+    r = ref.ffn_reference(*args)
+    gold = ref.ffn_reference(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args])
+    _check(y, gold, r, f"ffn B={B} {dtype}")
+    # no active unit: only the residual remains
+    res = torch.randn(B, d, device=DEV).to(dtype)
+    y0 = G.ffn(*args[:8], torch.full_like(uthr, float("inf")), "silu", residual=res)
+    assert torch.equal(y0, res)
+
+
+# ------------------------------------------------------------------------- decode kernels
+
+def test_decode_kernels_match_references():
+    g = _gen(0)
+    T, d, hq, hkv, hd, L = 3, 96, 4, 2, 16, 24
+    x = torch.randn(T, d, generator=g).to(DEV)
+    w = torch.randn(d, generator=g).to(DEV)
+    torch.testing.assert_close(D.rmsnorm(x, w, 1e-5), D.rmsnorm_ref(x, w, 1e-5), rtol=1e-5, atol=1e-5)
+    gu = torch.randn(T, 2 * d, generator=g).to(DEV)
+    torch.testing.assert_close(D.act_mul(gu, "silu"), D.act_mul_ref(gu, "silu"), rtol=1e-5, atol=1e-5)
+    qkv = torch.randn(T, (hq + 2 * hkv) * hd, generator=g).to(DEV)
+    cos, sin = torch.rand(L, hd // 2, generator=g).to(DEV), torch.rand(L, hd // 2, generator=g).to(DEV)
+    pos = torch.tensor([5], device=DEV)
+    caches = [torch.randn(L, hkv, hd, generator=_gen(1)).to(DEV) for _ in range(4)]
+    q1 = D.rope_cache(qkv, pos, cos, sin, caches[0], caches[1], hq, hkv)
+    q2 = D.rope_cache_ref(qkv, pos, cos, sin, caches[2], caches[3], hq, hkv)
+    torch.testing.assert_close(q1, q2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[0], caches[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[1], caches[3], rtol=1e-5, atol=1e-5)
+    for block_t in (4, 16):   # several blocks and a partial one
+        o1 = D.decode_attention(q1, caches[0], caches[1], pos, hq, 0.25, block_t=block_t)
+        o2 = D.decode_attention_ref(q1, caches[0], caches[1], pos, hq, 0.25)
+        torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- custom ops registration
+
+def test_custom_ops_dispatch():
+    from cwic_kernels import ops
+    from cwic_kernels.gpu import register
+    assert register()
+    x, wt, mean, thr, bias = _inputs(2, 64, 64, 32, torch.float32, seed=9)
+    y = torch.ops.cwic.gemv(x, wt, mean, thr, bias, 32)
+    torch.testing.assert_close(y, ref.gemv_reference(x, wt, mean, thr, bias, 32), rtol=2e-5, atol=2e-5)
+    assert ops.gemv is not None
+
+
+# --------------------------------------------------------------------------- decode engine
+
+def _calibrated_tiny(cwic: bool, seed=0):
+    from conftest import tiny_model
+
+    import cwic_exp
+    model = tiny_model(hidden_size=64, intermediate_size=128, vocab_size=96, seed=seed)
+    if cwic:
+        cwic_exp.to_cwic(model, stripe_size=32)
+        ids = torch.randint(0, 96, (1, 40), generator=_gen(seed))
+        with cwic_exp.cwic_context(model, update_stats=True):
+            model(ids)
+        g = _gen(seed + 1)
+        with torch.no_grad():
+            for m in cwic_exp.iter_cwic_modules(model):
+                p = m.theta if hasattr(m, "theta") else m.phi
+                p.copy_(torch.rand(p.shape, generator=g) * 1.2)
+    return model
+
+
+@pytest.mark.parametrize("cwic", [False, True], ids=["dense", "cwic"])
+@pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
+def test_engine_matches_hf(cwic, use_triton):
+    from cwic_exp.engine import DecodeEngine
+    model = _calibrated_tiny(cwic)
+    ids = torch.randint(0, 96, (10,), generator=_gen(4))
+    with torch.no_grad():
+        want = model(ids[None]).logits[0].float()
+    eng = DecodeEngine(model, max_len=32, triton=use_triton)
+    eng.pos.zero_()
+    got = eng.forward(ids, last_only=False).float()         # prefill path: 10 tokens at once
+    assert _rel(got, want) < 1e-5
+    eng.prefill(ids[:6])                                     # then the 1-token decode path
+    steps = []
+    for i in range(6, 10):
+        eng.tok.fill_(int(ids[i]))
+        eng.pos.fill_(i)
+        steps.append(eng.forward(eng.tok).float())
+    assert _rel(torch.cat(steps), want[6:]) < 1e-5
+    gen = eng.generate(ids[:4], 5)
+    hf = model.generate(ids[:4][None], max_new_tokens=5, min_new_tokens=5, do_sample=False)[0]
+    assert gen.tolist() == hf.tolist()
+    if cwic:  # the thresholds bite: the CWIC model differs from its dense self
+        dense = _calibrated_tiny(False)
+        with torch.no_grad():
+            assert _rel(dense(ids[None]).logits[0].float(), want) > 1e-3
+
+
+# ------------------------------------------------------------------- real shapes (GPU only)
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEV != "cuda", reason="needs a CUDA device")
+@pytest.mark.parametrize("n,m", [(2048, 2048), (2048, 512), (2048, 8192), (8192, 2048), (3072, 1024),
+                                 (2048, 128256)])
+@pytest.mark.parametrize("B", [1, 2, 16])
+def test_gemv_real_shapes_gpu(n, m, B):
+    x, wt, mean, thr, bias = _inputs(B, n, m, 512, torch.bfloat16, density=0.34, seed=n + m + B)
+    y = G.gemv_ex(x, wt, mean, thr, bias, 512)
+    _check(y, _gold(x, wt, mean, thr, bias, 512), ref.gemv_reference(x, wt, mean, thr, bias, 512),
+           f"{B}x{n}x{m}")
+    y2 = G.gemv_ex(x, wt, mean, thr, bias, 512)
+    assert torch.equal(y, y2), "moving result: race in the split-K reduction"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEV != "cuda", reason="needs a CUDA device")
+@pytest.mark.parametrize("B", [1, 4])
+def test_ffn_real_shape_and_cuda_graph_gpu(B):
+    from cwic_kernels.gpu import register
+    register()
+    d, F_ = 2048, 8192
+    x, gwt, gmean, gthr, gbias = _inputs(B, d, F_, 512, torch.bfloat16, density=0.34, seed=B)
+    up_w = (torch.randn(F_, d, device=DEV) / d ** 0.5).bfloat16()
+    down_wt = (torch.randn(F_, d, device=DEV) / F_ ** 0.5).bfloat16()
+    uthr = torch.rand(F_, device=DEV) * 0.05
+    args = (x, gwt, gmean, gthr, gbias, 512, up_w, down_wt, uthr, "silu")
+    r = ref.ffn_reference(*args)
+    gold = ref.ffn_reference(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args])
+    y = torch.ops.cwic.ffn(*args)
+    _check(y, gold, r, "ffn")
+    g = torch.cuda.CUDAGraph()
+    torch.ops.cwic.gemv(x, gwt, gmean, gthr, gbias, 512)       # compiled before capture
+    with torch.cuda.graph(g):
+        yg = torch.ops.cwic.ffn(*args)
+        yv = torch.ops.cwic.gemv(x, gwt, gmean, gthr, gbias, 512)
+    g.replay()
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(yg, y)
+    assert torch.equal(yv, G.gemv_ex(x, gwt, gmean, gthr, gbias, 512))

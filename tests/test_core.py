@@ -140,7 +140,8 @@ def test_granular_matmul_gradients_match_method(ste):
     thr = torch.rand(3, n, dtype=torch.float64).mul(1.2).requires_grad_()
     eps = torch.full((n,), 0.8, dtype=torch.float64)   # wide: many pairs inside the rectangle
     dy = torch.randn(4, m, dtype=torch.float64)
-    GranularMatmul.apply(xc, w, thr, eps, stripe, ste).backward(dy)
+    rows = torch.tensor([3.0, 3.0, 1.0], dtype=torch.float64)
+    GranularMatmul.apply(xc, w, thr, eps, rows, stripe, ste)[0].backward(dy)
     dx, dw, dthr = _manual_grads(xc.detach(), w.detach(), thr.detach(), eps, dy, stripe, ste)
     torch.testing.assert_close(xc.grad, dx)
     torch.testing.assert_close(w.grad, dw)
@@ -150,6 +151,33 @@ def test_granular_matmul_gradients_match_method(ste):
         torch.testing.assert_close(xc.grad, dy @ w.detach())
     else:
         assert not torch.allclose(xc.grad, dy @ w.detach())
+
+
+def test_granular_matmul_ap_path_matches_active_count():
+    """The counts output of GMM: the pseudo-derivative reaches both x (through |x|) and θ."""
+    torch.manual_seed(4)
+    xc = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 6, dtype=torch.float64)
+    thr = torch.rand(3, 6, dtype=torch.float64, requires_grad=True)
+    eps = torch.full((6,), 1.0, dtype=torch.float64)
+    rows = torch.tensor([3.0, 3.0, 1.0], dtype=torch.float64)
+    y, counts = GranularMatmul.apply(xc, w, thr, eps, rows, 3, True)
+    x2, t2 = xc.detach().clone().requires_grad_(), thr.detach().clone().requires_grad_()
+    ref = ActiveCount.apply(x2, t2, eps, rows)
+    torch.testing.assert_close(counts, ref)
+    wts = torch.randn(5, dtype=torch.float64)
+    (counts * wts).sum().backward()
+    (ref * wts).sum().backward()
+    torch.testing.assert_close(xc.grad, x2.grad)
+    torch.testing.assert_close(thr.grad, t2.grad)
+    # both paths together add up
+    xc.grad = thr.grad = None
+    dy = torch.randn(5, 7, dtype=torch.float64)
+    y, counts = GranularMatmul.apply(xc, w, thr, eps, rows, 3, True)
+    ((y * dy).sum() + (counts * wts).sum()).backward()
+    dx, _, dthr = _manual_grads(xc.detach(), w, thr.detach(), eps, dy, 3, True)
+    torch.testing.assert_close(xc.grad, dx + x2.grad)
+    torch.testing.assert_close(thr.grad, dthr + t2.grad)
 
 
 def test_unit_mask_gradients():
@@ -221,6 +249,7 @@ def test_ffn_accounting_and_kinds():
     with torch.no_grad(), cwic_context(model, token_mask=mask, track_ap=True):
         model(input_ids=ids, attention_mask=mask)
     h.remove()
+    gate_ap, mlp_ap = mlp.gate_proj.ap_tokens, mlp.ap_tokens
     x = cap["x"].reshape(-1, 48)
     g = mlp.gate_proj
     mean, _ = g.running_stats()
@@ -230,8 +259,8 @@ def test_ffn_accounting_and_kinds():
     with torch.no_grad():
         a = mlp.act_fn(g(x))
     units = (a.abs() >= mlp.unit_thresholds()).float().sum(1)
-    torch.testing.assert_close(g.ap_tokens, gate_count)
-    torch.testing.assert_close(mlp.ap_tokens, units * 2 * 48)
+    torch.testing.assert_close(gate_ap, gate_count)
+    torch.testing.assert_close(mlp_ap, units * 2 * 48)
 
 
 def test_head_reduction_cap_stops_ap_gradient():

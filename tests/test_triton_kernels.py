@@ -248,6 +248,14 @@ def test_engine_matches_hf(cwic, use_triton):
         dense = _calibrated_tiny(False)
         with torch.no_grad():
             assert _rel(dense(ids[None]).logits[0].float(), want) > 1e-3
+        import cwic_exp
+        with torch.no_grad():   # new thresholds reach the engine in place (graphs stay valid)
+            for m in cwic_exp.iter_cwic_modules(model):
+                (m.theta if hasattr(m, "theta") else m.phi).mul_(0.5)
+            want2 = model(ids[None]).logits[0].float()
+        eng.refresh()
+        eng.pos.zero_()
+        assert _rel(eng.forward(ids, last_only=False).float(), want2) < 1e-5
 
 
 # ------------------------------------------------------------------- real shapes (GPU only)

@@ -271,7 +271,9 @@ def build_packed(tok, source: str = "sharegpt", seq_len: int = 1024, max_len: in
     seqs, too_long, n_conv = [], 0, 0
     try:
         from tqdm import tqdm
-        it = tqdm(convs, desc="tokenising", unit="conv", disable=not progress, total=max_conversations)
+        import sys
+        it = tqdm(convs, desc="tokenising", unit="conv", disable=not progress, total=max_conversations,
+                  mininterval=0.5 if sys.stderr.isatty() else 15)
     except ImportError:
         it = convs
     for msgs in it:

@@ -39,6 +39,7 @@ class Linear:
     mean: torch.Tensor | None = None   # cwic: (n,) or per stripe (k, n), fp32
     thr: torch.Tensor | None = None    # cwic: (k, n) fp32, θ·σ
     stripe: int = 0
+    mods: tuple = ()                   # cwic: the source modules (for `refresh`)
 
     def nbytes(self) -> int:
         t = self.w if self.kind == "dense" else self.wt
@@ -55,6 +56,7 @@ class FFN:
     up_w: torch.Tensor | None = None       # cwic: (F, d), row j = unit j's input weights
     down_wt: torch.Tensor | None = None    # cwic: (F, d), row j = unit j's output weights
     unit_thr: torch.Tensor | None = None   # cwic: (F,) fp32
+    mlp: nn.Module | None = None
 
 
 @dataclass
@@ -97,7 +99,7 @@ def _cwic_linear(mods: list, dtype) -> Linear:
         mean = means[0][0].contiguous() if same_mean else torch.cat(means, 0).contiguous()
         return Linear("cwic", sum(m.out_features for m in mods), wt=torch.cat(wts, 1).contiguous(),
                       bias=torch.cat(biases).contiguous(), mean=mean, thr=torch.cat(thrs, 0).contiguous(),
-                      stripe=stripe)
+                      stripe=stripe, mods=tuple(mods))
 
 
 def _dense_linear(mods: list, dtype) -> Linear:
@@ -139,7 +141,7 @@ def prepare_decode(model: nn.Module, dtype: torch.dtype | None = None) -> Decode
             ffn = FFN("cwic", mlp.act_name, gate=_cwic_linear([mlp.gate_proj], dtype),
                       up_w=mlp.up_proj.weight.detach().to(dtype).contiguous(),
                       down_wt=mlp.down_proj.weight.detach().t().to(dtype).contiguous(),
-                      unit_thr=mlp.unit_thresholds().float().detach().contiguous())
+                      unit_thr=mlp.unit_thresholds().float().detach().contiguous(), mlp=mlp)
             assert mlp.up_proj.bias is None and mlp.down_proj.bias is None, "FFN biases not supported"
         else:
             assert getattr(mlp.up_proj, "bias", None) is None
@@ -158,6 +160,28 @@ def prepare_decode(model: nn.Module, dtype: torch.dtype | None = None) -> Decode
         n_heads=n_heads, n_kv_heads=cfg.num_key_value_heads, head_dim=head_dim,
         scaling=float(getattr(base.layers[0].self_attn, "scaling", head_dim ** -0.5)),
         rotary=base.rotary_emb, vocab=cfg.vocab_size)
+
+
+@torch.no_grad()
+def refresh_thresholds(w: DecodeWeights) -> None:
+    """Copy the modules' current thresholds, means and folded biases into the decode buffers in place
+    (the weights are unchanged), so a captured CUDA graph stays valid after θ or the statistics move."""
+    def lin(L: Linear):
+        if L.kind != "cwic":
+            return
+        thrs = [m.thresholds().float() for m in L.mods]
+        means = [m.running_stats()[0].float().expand(t.shape[0], -1) for m, t in zip(L.mods, thrs)]
+        L.thr.copy_(torch.cat(thrs, 0))
+        L.bias.copy_(torch.cat([m.folded_bias().float() for m in L.mods]))
+        L.mean.copy_(torch.cat(means, 0) if L.mean.dim() == 2 else means[0][0])
+    for layer in w.layers:
+        for q in layer.qkv:
+            lin(q)
+        lin(layer.o)
+        if layer.ffn.kind == "cwic":
+            lin(layer.ffn.gate)
+            layer.ffn.unit_thr.copy_(layer.ffn.mlp.unit_thresholds().float())
+    lin(w.head)
 
 
 def weight_bytes(w: DecodeWeights) -> dict:
@@ -200,6 +224,10 @@ class DecodeEngine:
         self.tokens = torch.zeros(self.max_len + 1, dtype=torch.int64, device=self.device)
         self.use_graph = cuda_graph and self.device.type == "cuda"
         self.graph = None
+
+    def refresh(self) -> None:
+        """Take up new thresholds / statistics of the source model without re-capturing the graph."""
+        refresh_thresholds(self.w)
 
     # ------------------------------------------------------------------ the model
     def _lin(self, lin: Linear, x, residual=None):

@@ -39,62 +39,102 @@ def stripe_rows(out_features: int, stripe: int, device=None) -> Tensor:
     return rows
 
 
-def _striped(weight: Tensor, k: int, stripe: int) -> Tensor:
-    """(m, n) -> (k, stripe, n), zero-padding a partial last stripe."""
-    m, n = weight.shape
-    return F.pad(weight, (0, 0, 0, k * stripe - m)).view(k, stripe, n)
-
-
 def granular_mask(xc: Tensor, thr: Tensor) -> Tensor:
     """(N, n), (k, n) -> (N, k, n) bool. Computed in fp32 whatever the activations' dtype."""
     return _wide(xc).abs().unsqueeze(1) >= _wide(thr).unsqueeze(0)
 
 
+def stripe_mask(xc: Tensor, thr: Tensor) -> Tensor:
+    """(N, n), (k, n) -> (k, N, n) bool, stripe-major so each stripe's mask is contiguous."""
+    return _wide(xc).abs().unsqueeze(0) >= _wide(thr).unsqueeze(1)
+
+
+def _stripe_slices(k: int, stripe: int, m: int):
+    for r in range(k):
+        yield r, slice(r * stripe, min((r + 1) * stripe, m))
+
+
+def granular_forward(xc: Tensor, weight: Tensor, thr: Tensor, stripe: int, rows: Tensor | None = None,
+                     mask: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """y = GMM(xc, W; thr) stripe by stripe, plus the per-token active count when `rows` is given.
+
+    Returns (y, counts or None, mask (k, N, n) bool). No (N, k, n) float tensor is ever built.
+    """
+    k, m = thr.shape[0], weight.shape[0]
+    if mask is None:
+        mask = stripe_mask(xc, thr)
+    outs = [torch.mm(xc * mask[r], weight[sl].t()) for r, sl in _stripe_slices(k, stripe, m)]
+    y = outs[0] if k == 1 else torch.cat(outs, 1)
+    counts = None
+    if rows is not None:
+        per = mask.sum(2, dtype=torch.float32 if xc.dtype != torch.float64 else torch.float64)   # (k, N)
+        counts = (per * rows.to(per.dtype).unsqueeze(1)).sum(0)
+    return y, counts, mask
+
+
 def granular_matmul_forward(xc: Tensor, weight: Tensor, thr: Tensor, stripe: int,
                             mask: Tensor | None = None) -> Tensor:
-    """y = GMM(xc, W; thr) without autograd bookkeeping (inference and the Function's forward)."""
-    n_tok, m = xc.shape[0], weight.shape[0]
-    k = thr.shape[0]
-    if mask is None:
-        mask = granular_mask(xc, thr)
-    if k == 1:  # column sparsity: one masked matmul, no padding needed
-        return (xc * mask[:, 0].to(xc.dtype)) @ weight.t()
-    xm = mask.to(xc.dtype) * xc.unsqueeze(1)                                  # (N, k, n)
-    y = torch.einsum("bkn,ksn->bks", xm, _striped(weight, k, stripe))        # (N, k, s)
-    return y.reshape(n_tok, k * stripe)[:, :m]
+    """y = GMM(xc, W; thr) without autograd bookkeeping."""
+    return granular_forward(xc, weight, thr, stripe, None, mask)[0]
 
 
 class GranularMatmul(torch.autograd.Function):
-    """y = GMM(xc, W; thr) with the gradient routing of METHOD.md §3 (output path)."""
+    """(y, counts) = GMM(xc, W; thr) with the gradient routing of METHOD.md §3.
+
+    Output path (y): xc gets W^T dy (STE) or the masked gradient; θ gets the rectangle
+    pseudo-derivative; nothing reaches xc through |xc|. AP path (counts, per token
+    Σ_r rows_r·‖G_r‖): both xc (through |xc|) and θ get the pseudo-derivative. One node serves both so
+    the mask and the rectangle are computed once.
+    """
 
     @staticmethod
-    def forward(ctx, xc: Tensor, weight: Tensor, thr: Tensor, eps: Tensor, stripe: int, ste: bool):
-        mask = granular_mask(xc, thr)
-        ctx.save_for_backward(xc, weight, thr, eps, mask)
+    def forward(ctx, xc: Tensor, weight: Tensor, thr: Tensor, eps: Tensor, rows: Tensor, stripe: int,
+                ste: bool):
+        y, counts, mask = granular_forward(xc, weight, thr, stripe, rows)
+        ctx.save_for_backward(xc, weight, thr, eps, rows, mask)
         ctx.stripe, ctx.ste = stripe, ste
-        return granular_matmul_forward(xc, weight, thr, stripe, mask)
+        ctx.mark_non_differentiable(mask)
+        return y, counts
 
     @staticmethod
-    def backward(ctx, dy: Tensor):
-        xc, weight, thr, eps, mask = ctx.saved_tensors
-        stripe, k = ctx.stripe, thr.shape[0]
-        n_tok, m = dy.shape
-        dys = F.pad(dy, (0, k * stripe - m)).view(n_tok, k, stripe)
-        # P[b, r, i] = Σ_{o in stripe r} dy[b, o] W[o, i]: the gradient reaching input i via stripe r.
-        p = torch.einsum("bks,ksn->bkn", dys, _striped(weight, k, stripe).to(dy.dtype))
-        fmask = mask.to(dy.dtype)
-        dx = dw = dthr = None
-        if ctx.needs_input_grad[0]:
-            dx = p.sum(1) if ctx.ste else (p * fmask).sum(1)
-        if ctx.needs_input_grad[1]:
-            xm = fmask * xc.to(dy.dtype).unsqueeze(1)
-            dw = torch.einsum("bks,bkn->ksn", dys, xm).reshape(k * stripe, -1)[:m].to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            # dL/dG[b,r,i] = xc[b,i] · P[b,r,i];  dG/dt = -rect(|xc| - t, ε)
-            xf = _wide(xc)
-            z = xf.abs().unsqueeze(1) - _wide(thr).unsqueeze(0)
-            dthr = -(_wide(p) * xf.unsqueeze(1) * rectangle(z, _wide(eps))).sum(0).to(thr.dtype)
-        return dx, dw, dthr, None, None, None
+    def backward(ctx, dy: Tensor | None, dcount: Tensor | None):
+        xc, weight, thr, eps, rows, mask = ctx.saved_tensors
+        stripe, k, m = ctx.stripe, thr.shape[0], weight.shape[0]
+        need_x, need_w, need_t = ctx.needs_input_grad[:3]
+        xw, ew = _wide(xc), _wide(eps)
+        xa = xw.abs()
+        gdt = dy.dtype if dy is not None else xc.dtype
+        dx = torch.zeros_like(xc, dtype=gdt) if need_x else None
+        dw = torch.zeros_like(weight, dtype=gdt) if need_w else None
+        dthr = torch.zeros_like(thr, dtype=_wide(thr).dtype) if need_t else None
+        dabs = torch.zeros_like(xw) if (need_x and dcount is not None) else None
+        for r, sl in _stripe_slices(k, stripe, m):
+            mr = mask[r]
+            p = None
+            if dy is not None:
+                dyr = dy[:, sl]
+                if need_x or need_t:
+                    p = torch.mm(dyr, weight[sl].to(gdt))            # Σ_{o in stripe r} dy_o W_o,i
+                    if need_x:
+                        dx += p if ctx.ste else p * mr
+                if need_w:
+                    dw[sl] = torch.mm(dyr.t(), xc.to(gdt) * mr)
+            if need_t or dabs is not None:
+                rect = rectangle(xa - _wide(thr[r]), ew)                # (N, n)
+                g = None
+                if p is not None and need_t:
+                    g = _wide(p) * xw                                   # dL/dG · dG/d(-t)
+                if dcount is not None:
+                    c = _wide(dcount).unsqueeze(1) * rows[r].to(xw.dtype)
+                    if dabs is not None:
+                        dabs += c * rect
+                    g = c.expand_as(xw) if g is None else g + c
+                if need_t and g is not None:
+                    dthr[r] = -(g * rect).sum(0)
+        if dabs is not None:
+            dx += (dabs * torch.sign(xw)).to(dx.dtype)
+        return (None if dx is None else dx.to(xc.dtype), None if dw is None else dw.to(weight.dtype),
+                None if dthr is None else dthr.to(thr.dtype), None, None, None, None)
 
 
 class UnitMask(torch.autograd.Function):
@@ -123,25 +163,22 @@ class UnitMask(torch.autograd.Function):
 class ActiveCount(torch.autograd.Function):
     """count[b] = Σ_{r,i} rows[r] · H(|xc[b,i]| - thr[r,i]); pseudo-derivative to xc and thr (AP path).
 
-    Recomputes the mask in backward instead of saving an (N, k, n) tensor.
+    Used for the FFN's unit masks (k = 1); the striped layers get their counts from GranularMatmul.
     """
 
     @staticmethod
     def forward(ctx, xc: Tensor, thr: Tensor, eps: Tensor, rows: Tensor):
         ctx.save_for_backward(xc, thr, eps, rows)
-        return (granular_mask(xc, thr).to(rows.dtype) * rows.view(1, -1, 1)).sum((1, 2))
+        return _count(xc, thr, rows)
 
     @staticmethod
     def backward(ctx, dcount: Tensor):
         xc, thr, eps, rows = ctx.saved_tensors
         xf = _wide(xc)
-        z = xf.abs().unsqueeze(1) - _wide(thr).unsqueeze(0)
-        g = _wide(dcount).view(-1, 1, 1) * rows.view(1, -1, 1) * rectangle(z, _wide(eps))
-        dxc = dthr = None
-        if ctx.needs_input_grad[0]:
-            dxc = (g.sum(1) * torch.sign(xf)).to(xc.dtype)   # d|xc|/dxc = sign(xc)
-        if ctx.needs_input_grad[1]:
-            dthr = (-g.sum(0)).to(thr.dtype)
+        z = xf.abs().unsqueeze(1) - _wide(thr).unsqueeze(0)                       # (N, k, n)
+        g = _wide(dcount).view(-1, 1, 1) * rows.to(xf.dtype).view(1, -1, 1) * rectangle(z, _wide(eps))
+        dxc = (g.sum(1) * torch.sign(xf)).to(xc.dtype) if ctx.needs_input_grad[0] else None
+        dthr = (-g.sum(0)).to(thr.dtype) if ctx.needs_input_grad[1] else None
         return dxc, dthr, None, None
 
 
@@ -150,4 +187,11 @@ def active_count(xc: Tensor, thr: Tensor, rows: Tensor, eps: Tensor | None = Non
     if eps is not None and torch.is_grad_enabled() and (xc.requires_grad or thr.requires_grad):
         return ActiveCount.apply(xc, thr, eps, rows)
     with torch.no_grad():
-        return (granular_mask(xc, thr).to(rows.dtype) * rows.view(1, -1, 1)).sum((1, 2))
+        return _count(xc, thr, rows)
+
+
+def _count(xc: Tensor, thr: Tensor, rows: Tensor) -> Tensor:
+    """Σ_r rows[r] · #{i : |xc_i| ≥ thr[r, i]} per token."""
+    dt = torch.float64 if xc.dtype == torch.float64 else torch.float32
+    per = stripe_mask(xc, thr).sum(2, dtype=dt)                                  # (k, N)
+    return (per * rows.to(dt).unsqueeze(1)).sum(0)

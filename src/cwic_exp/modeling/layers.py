@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import GranularMatmul, UnitMask, active_count, granular_matmul_forward, stripe_rows
+from .functional import GranularMatmul, UnitMask, active_count, granular_forward, stripe_rows
 
 KINDS = ("q", "k", "v", "o", "gate", "up+down", "head")
 
@@ -151,17 +151,17 @@ class CwicLinear(_RunningStats):
         if grad:
             eps = (self.alpha_eps * batch_std.clamp_min(1e-6)) if need_batch else std * self.alpha_eps
             with torch.autocast(x.device.type, enabled=False):
-                y = GranularMatmul.apply(xc, self.weight.to(cdt), thr, eps, self.stripe_size, self.ste)
+                y, counts = GranularMatmul.apply(xc, self.weight.to(cdt), thr, eps, self._rows,
+                                                 self.stripe_size, self.ste)
                 # the W x̄ term: differentiable in W (and b) during training
                 y = y + F.linear(mean.to(cdt), self.weight.to(cdt),
                                  None if self.bias is None else self.bias.to(cdt))
         else:
-            eps = None
             with torch.no_grad():
-                y = granular_matmul_forward(xc, self.weight.to(cdt), thr, self.stripe_size)
+                y, counts, _ = granular_forward(xc, self.weight.to(cdt), thr, self.stripe_size,
+                                                self._rows if rt.track_ap else None)
                 y = y + self.folded_bias().to(cdt)
-        if rt.track_ap:
-            self.ap_tokens = active_count(xc, thr, self._rows, eps if grad else None)
+        self.ap_tokens = counts if rt.track_ap else None
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,207 @@
+"""The chat: per-token figures come from the cached generation and equal a fresh recount.
+
+A tiny random CWIC Llama with a byte-level tokenizer (so "é" and "你" are several tokens each), built
+in code: no downloads, a few seconds.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+from html.parser import HTMLParser
+
+import pytest
+import torch
+
+from conftest import tiny_model
+
+PROMPT = "héllo wörld, 你好!"
+TEMPLATE = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}"
+            "{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}")
+
+
+def byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    t = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    t.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=False)
+    t.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>")
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A saved tiny CWIC checkpoint whose thresholds make the per-token counts vary."""
+    import cwic_exp
+    tok = byte_tokenizer()
+    model = tiny_model(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cwic_exp.to_cwic(model, stripe_size=16, head_stripe_size=64)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, len(tok), (4, 64), generator=g)
+    with torch.no_grad():
+        for _ in range(3):
+            with cwic_exp.cwic_context(model, update_stats=True):
+                model(input_ids=ids)
+        for m in cwic_exp.iter_cwic_modules(model):
+            p = m.theta if isinstance(m, cwic_exp.CwicLinear) else m.phi
+            p.copy_(torch.rand(p.shape, generator=g) * 1.6)
+    path = tmp_path_factory.mktemp("cwic_chat") / "ckpt"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def run_chat(args):
+    from cwic_exp.chat import main
+    out, err = io.StringIO(), io.StringIO()
+    assert main(args, stdout=out, stderr=err) == 0
+    return out.getvalue(), err.getvalue()
+
+
+def recount(path, ids):
+    from transformers import AutoModelForCausalLM
+    import cwic_exp
+    model = AutoModelForCausalLM.from_pretrained(path)
+    x = torch.tensor([ids])
+    return cwic_exp.active_parameters(model, x, per_token=True)["per_token"][0].tolist()
+
+
+def test_incremental_decoder_keeps_characters_whole():
+    from cwic_exp.chat import IncrementalDecoder
+    tok = byte_tokenizer()
+    ids = tok(PROMPT, add_special_tokens=False)["input_ids"]
+    dec = IncrementalDecoder(tok)
+    pieces = [dec.push(i) for i in ids]
+    assert "".join(pieces) + dec.flush() == PROMPT
+    assert not any("\ufffd" in p for p in pieces)
+    assert len(ids) > len(PROMPT) and pieces.count("") == len(ids) - len(PROMPT)
+
+
+def test_one_turn_figures_equal_recount(ckpt, tmp_path):
+    from cwic_exp.chat import fmt_params
+    n = 24
+    out, err = run_chat(["--model", str(ckpt), "--prompt", PROMPT, "--no-color", "--max-new-tokens", str(n),
+                         "--ignore-eos", "--json", str(tmp_path / "t.json"), "--html", str(tmp_path / "t.html")])
+    assert "\x1b" not in out and "\x1b" not in err
+    tr = json.loads((tmp_path / "t.json").read_text())
+    (turn,) = tr["turns"]
+    reply, prompt = turn["reply"], turn["prompt"]
+    assert len(reply) == n and turn["summary"]["tokens"] == n
+    # stdout: the reply, every token followed by its own figure, nothing else
+    assert out == "".join(t["text"] + f"[{fmt_params(t['ap'])}]" for t in reply) + "\n"
+    assert len(re.findall(r"\[\d+(?:\.\d+)?[kMB]?\]", out)) >= n
+    # the figures from the cached generation equal a fresh count over the same tokens
+    ids = [t["id"] for t in prompt + reply]
+    assert [t["ap"] for t in prompt + reply] == recount(ckpt, ids)
+    assert len(set(t["ap"] for t in prompt + reply)) > 3        # the thresholds do bite
+    dense = tr["dense"]
+    assert turn["summary"]["apr"] == pytest.approx(dense * n / sum(t["ap"] for t in reply))
+
+
+class _Checker(HTMLParser):
+    VOID = {"meta", "br", "img", "hr", "link", "input"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.ids, self.text, self.in_span = [], [], [], 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.VOID:
+            return
+        self.stack.append(tag)
+        a = dict(attrs)
+        if tag == "span" and "data-ids" in a:
+            self.ids += [int(i) for i in a["data-ids"].split(",")]
+            assert len(a["data-ap"].split(",")) == len(a["data-ids"].split(","))
+            self.in_span += 1
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, f"unbalanced </{tag}> in {self.stack[-3:]}"
+        self.stack.pop()
+        if tag == "span" and self.in_span:
+            self.in_span -= 1
+
+    def handle_data(self, data):
+        if self.in_span:
+            self.text.append(data)
+
+
+def test_html_export_is_valid_and_holds_every_token(ckpt, tmp_path):
+    run_chat(["--model", str(ckpt), "--prompt", PROMPT, "--prompt", "and again <b>&</b>", "--no-color",
+              "--max-new-tokens", "12", "--ignore-eos", "--json", str(tmp_path / "t.json"),
+              "--html", str(tmp_path / "t.html")])
+    page = (tmp_path / "t.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "<b>&</b>" not in page
+    p = _Checker()
+    p.feed(page)
+    p.close()
+    assert p.stack == []
+    tr = json.loads((tmp_path / "t.json").read_text())
+    toks = [t for turn in tr["turns"] for key in ("prompt", "reply") for t in turn[key]]
+    assert p.ids == [t["id"] for t in toks]
+    assert "".join(p.text) == "".join(t["text"] for t in toks)
+    assert "and again <b>&</b>" in "".join(p.text)
+
+
+def test_second_turn_reuses_cache_and_figures_still_match(ckpt, tmp_path):
+    run_chat(["--model", str(ckpt), "--prompt", PROMPT, "--prompt", "tell me more", "--no-color",
+              "--max-new-tokens", "10", "--ignore-eos", "--json", str(tmp_path / "t.json")])
+    t1, t2 = json.loads((tmp_path / "t.json").read_text())["turns"]
+    cached = t2["summary"]["prompt_cached"]
+    assert cached > len(t1["prompt"])            # turn 1's prompt (at least) came from the cache
+    prefix = [t["id"] for t in t1["prompt"] + t1["reply"]][:cached]
+    ids = prefix + [t["id"] for t in t2["prompt"] + t2["reply"]]
+    full = recount(ckpt, ids)
+    assert full[cached:] == [t["ap"] for t in t2["prompt"] + t2["reply"]]
+
+
+def test_ctrl_c_keeps_partial_reply_and_chat_goes_on(ckpt):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import cwic_exp  # noqa: F401
+    from cwic_exp.chat import ChatSession, HFBackend
+    model, tok = AutoModelForCausalLM.from_pretrained(ckpt), AutoTokenizer.from_pretrained(ckpt)
+
+    class Flaky(HFBackend):
+        calls, fail_at = 0, None
+
+        def forward(self, ids):
+            Flaky.calls += 1
+            if Flaky.calls == Flaky.fail_at:
+                super().forward(ids)              # the step runs, then the user presses Ctrl-C
+                raise KeyboardInterrupt
+            return super().forward(ids)
+
+    chat = ChatSession(Flaky(model), tok, max_new_tokens=12, ignore_eos=True, notice=lambda m: None)
+    chat.calibrate()
+    Flaky.calls, Flaky.fail_at = 0, 5             # prefill, then 3 tokens, then interrupted
+    t1 = chat.turn(PROMPT)
+    assert t1.stop == "interrupted" and len(t1.reply) == 3
+    assert chat.backend.cached() == len(chat.cached_ids)
+    t2 = chat.turn("go on")
+    assert t2.stop == "max_new_tokens" and len(t2.reply) == 12
+    ids = chat.cached_ids
+    full = recount(ckpt, ids)
+    assert full[-len(t2.reply):] == [t.ap for t in t2.reply]
+
+
+def test_long_conversation_is_trimmed_with_notice(ckpt, tmp_path):
+    out, err = run_chat(["--model", str(ckpt), "--no-color", "--max-new-tokens", "16", "--ignore-eos",
+                         "--max-context", "90", "--json", str(tmp_path / "t.json"),
+                         "--prompt", "first question here", "--prompt", "second question", "--prompt", "third"])
+    assert "dropped the" in err
+    assert len(json.loads((tmp_path / "t.json").read_text())["turns"]) == 3
+
+
+def test_default_model_message(tmp_path, monkeypatch):
+    from cwic_exp.chat import default_model
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="make train"):
+        default_model(search=[tmp_path])
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "LATEST").write_text(str(tmp_path))
+    assert default_model(search=[tmp_path]) == str(tmp_path)

@@ -226,8 +226,8 @@ def _calibrated_tiny(cwic: bool, seed=0):
 @pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
 def test_engine_matches_hf(cwic, use_triton):
     from cwic_exp.engine import DecodeEngine
-    model = _calibrated_tiny(cwic)
-    ids = torch.randint(0, 96, (10,), generator=_gen(4))
+    model = _calibrated_tiny(cwic).to(DEV)
+    ids = torch.randint(0, 96, (10,), generator=_gen(4)).to(DEV)
     with torch.no_grad():
         want = model(ids[None]).logits[0].float()
     eng = DecodeEngine(model, max_len=32, triton=use_triton)
@@ -245,7 +245,7 @@ def test_engine_matches_hf(cwic, use_triton):
     hf = model.generate(ids[:4][None], max_new_tokens=5, min_new_tokens=5, do_sample=False)[0]
     assert gen.tolist() == hf.tolist()
     if cwic:  # the thresholds bite: the CWIC model differs from its dense self
-        dense = _calibrated_tiny(False)
+        dense = _calibrated_tiny(False).to(DEV)
         with torch.no_grad():
             assert _rel(dense(ids[None]).logits[0].float(), want) > 1e-3
         import cwic_exp

@@ -45,10 +45,10 @@ def _act(y, ACT: tl.constexpr):
 
 @triton.jit
 def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT,
-                B, N, M, STRIPE, CHUNK_N,
+                B, N, M, STRIPE, CHUNK_N, SPLIT,
                 stride_xb, stride_mk, stride_rb, stride_yb,
                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                SPLIT: tl.constexpr, MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                SPLIT_K: tl.constexpr, MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_RES: tl.constexpr, ACT: tl.constexpr, EVEN_M: tl.constexpr,
                 DOT_F32: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -63,6 +63,7 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT,
     n_lo = pid_k * CHUNK_N
     n_hi = tl.minimum(n_lo + CHUNK_N, N)
     acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)   # B = 1: reduce over inputs once, at the end
     for n0 in range(n_lo, n_hi, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         nmask = rows < n_hi
@@ -84,7 +85,7 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT,
             if not EVEN_M:
                 wmask = wmask & cmask[None, :]
             w = tl.load(WT + rows.to(tl.int64)[:, None] * M + cols[None, :], mask=wmask, other=0.0)
-            acc += tl.sum(xc[:, None] * w.to(tl.float32), axis=0)[None, :]
+            acc1 += xc[:, None] * w.to(tl.float32)
         else:
             xm = bmask[:, None] & nmask[None, :]
             x = tl.load(X + bs[:, None] * stride_xb + rows[None, :], mask=xm, other=0.0).to(tl.float32)
@@ -117,8 +118,10 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT,
                 acc = tl.dot(hi, w, acc)
                 acc = tl.dot(lo, w, acc)
 
+    if BLOCK_B == 1:
+        acc = tl.sum(acc1, axis=0)[None, :]
     omask = bmask[:, None] & cmask[None, :]
-    if SPLIT == 1:
+    if not SPLIT_K:
         _gmm_epilogue(acc, BIAS, RES, UTHR, Y, bs, cols, cmask, omask, stride_rb, stride_yb,
                       HAS_BIAS, HAS_RES, ACT)
     else:
@@ -220,8 +223,8 @@ def supports_stripe(stripe: int, m: int) -> bool:
 
 
 def _block_m(stripe: int, m: int, cap: int) -> int:
-    if stripe >= m:                        # one stripe: any block works
-        return min(cap, triton.next_power_of_2(m))
+    if stripe >= m:                        # one stripe: any block works (≥ 16 for tl.dot)
+        return max(16, min(cap, triton.next_power_of_2(m)))
     bm = cap
     while stripe % bm:
         bm //= 2
@@ -230,7 +233,7 @@ def _block_m(stripe: int, m: int, cap: int) -> int:
 
 def gemv_config(B: int, n: int, m: int, stripe: int, device: torch.device, *,
                 block_m: int | None = None, block_n: int | None = None, waves: float = 4.0,
-                max_split: int = 64) -> dict:
+                max_split: int = 64, num_warps: int = 4, num_stages: int = 2) -> dict:
     """Tile sizes and split-K. Enough programs to fill the GPU `waves` times over (memory-bound)."""
     bb = 1 if B == 1 else 16
     bm = _block_m(stripe, m, block_m or 128)
@@ -241,7 +244,8 @@ def gemv_config(B: int, n: int, m: int, stripe: int, device: torch.device, *,
     split = max(1, min(triton.cdiv(target, grid_m * nb), triton.cdiv(n, bn), max_split))
     chunk = triton.cdiv(triton.cdiv(n, split), bn) * bn
     split = triton.cdiv(n, chunk)
-    return dict(BLOCK_B=bb, BLOCK_M=bm, BLOCK_N=bn, SPLIT=split, CHUNK_N=chunk, grid=(grid_m, split, nb))
+    return dict(BLOCK_B=bb, BLOCK_M=bm, BLOCK_N=bn, SPLIT=split, CHUNK_N=chunk, grid=(grid_m, split, nb),
+                num_warps=num_warps, num_stages=num_stages)
 
 
 def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: torch.Tensor | None,
@@ -293,9 +297,9 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
         x, wt, mean if mean is not None else dummy, thr if thr is not None else dummy,
         bias if bias is not None else dummy, residual if residual is not None else dummy,
         unit_thr if unit_thr is not None else dummy, y, ws, cnt,
-        B, n, m, stripe, cfg["CHUNK_N"],
+        B, n, m, stripe, cfg["CHUNK_N"], split,
         x.stride(0), stride_mk, residual.stride(0) if residual is not None else 0, y.stride(0),
-        BLOCK_B=cfg["BLOCK_B"], BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], SPLIT=split,
+        BLOCK_B=cfg["BLOCK_B"], BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], SPLIT_K=split > 1,
         MASK_MODE=mask_mode, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         ACT=ACT_IDS[act], EVEN_M=(m % cfg["BLOCK_M"] == 0),
         DOT_F32=(INTERPRET or wt.dtype == torch.float32),

@@ -1,0 +1,322 @@
+"""GPU end-to-end decode benchmark: batch-1 greedy tokens/s of a Llama-3.2-1B-shaped model.
+
+    python experiments/bench_decode.py --device cuda                      # APR 2/3/4/6, 128 new tokens
+    python experiments/bench_decode.py --device cuda --aprs 3 --new-tokens 64 --out experiments/results
+
+Random weights (Hugging Face init, bf16). The same model is timed four ways: plain Hugging Face
+`generate` (dense), the decode engine running the dense model (cuBLAS matrices), and the decode engine
+running the CWIC model (`to_cwic`, stripe 512, head included) with thresholds calibrated per matrix to
+reach each target APR. Calibration: running statistics from 256 random tokens, then θ per input and φ
+per FFN unit set to the (1 − d) quantile of |x − x̄|/σ (resp. |act(g)|/scale) on those tokens, d = 1/APR,
+corrected once by the measured APR. The APR reported is measured (cwic_exp.active_parameters, which
+counts q, k, v, o, gate, FFN units and the head; not embeddings or attention scores) on the prompt plus
+the tokens the engine generated. Engine timings exclude compilation and graph capture (done first);
+decode tokens/s = generated tokens after the first / their wall time. Prints a table; LAST line JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_kernels import ensure_imports  # noqa: E402
+
+CONFIGS = {
+    "1B": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+               rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
+               rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192)),
+    "3B": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+               num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+               rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
+               rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192)),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+                 rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=1024),
+}
+DRY_RUN = False
+
+
+def _sync():
+    if torch.cuda.is_available():
+        _sync()
+
+
+def build_model(size: str, dev, seed=0):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**CONFIGS[size])
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    return model.eval()
+
+
+@torch.no_grad()
+def collect_calibration(model, ids):
+    """Running statistics from `ids`, then |x − x̄|/σ of every CWIC matrix input and |act(g)|/scale of
+    every FFN unit on those tokens (θ = 0 while collecting: the dense activations)."""
+    import cwic_exp
+    from cwic_exp import CwicGatedMLP, CwicLinear
+    with cwic_exp.cwic_context(model, update_stats=True):
+        model(ids)
+    z, hooks = {}, []
+    for mod in cwic_exp.iter_cwic_modules(model):
+        if isinstance(mod, CwicLinear):
+            def hook(m, inp, out):
+                mean, std = m.running_stats()
+                x = inp[0].reshape(-1, m.in_features).float()
+                z[m] = ((x - mean).abs() / std.clamp_min(1e-6))
+            hooks.append(mod.register_forward_hook(hook))
+        elif isinstance(mod, CwicGatedMLP):
+            def ghook(gp, inp, out, mlp=mod):
+                a = mlp.act_fn(out.float()).reshape(-1, mlp.intermediate_size)
+                z[mlp] = a.abs() / mlp.running_stats()[1].clamp_min(1e-6)
+            hooks.append(mod.gate_proj.register_forward_hook(ghook))
+    model(ids)
+    for h in hooks:
+        h.remove()
+    return z
+
+
+@torch.no_grad()
+def set_density(z: dict, density: float):
+    """θ (resp. φ) = the (1 − density) quantile of the calibration |x − x̄|/σ, per input (per unit)."""
+    from cwic_exp import CwicLinear
+    for mod, zz in z.items():
+        q = torch.quantile(zz, 1.0 - density, dim=0) if density < 1 else torch.zeros(zz.shape[1], device=zz.device)
+        if isinstance(mod, CwicLinear):
+            mod.theta.copy_(q[None, :].expand_as(mod.theta))
+        else:
+            mod.phi.copy_(q)
+
+
+def measure_apr(model, ids) -> dict:
+    import cwic_exp
+    s = cwic_exp.active_parameters(model, ids)
+    return dict(apr=s["apr"], density={k: round(v, 4) for k, v in s["density"].items()})
+
+
+def time_engine(eng, prompt, new_tokens, repeats=3):
+    """(decode tokens/s, prefill ms, generated tokens). Graph capture happens before timing."""
+    eng.generate(prompt, new_tokens)           # compile + capture + warm
+    tps, pre = [], []
+    for _ in range(repeats):
+        _sync()
+        t0 = time.perf_counter()
+        eng.prefill(prompt)
+        _sync()
+        t1 = time.perf_counter()
+        eng.decode(new_tokens - 1)
+        _sync()
+        t2 = time.perf_counter()
+        tps.append((new_tokens - 1) / (t2 - t1))
+        pre.append((t1 - t0) * 1e3)
+    T = prompt.numel()
+    return statistics.median(tps), statistics.median(pre), eng.tokens[:T + new_tokens].clone()
+
+
+def kernel_breakdown(eng, n=16) -> dict:
+    """GPU time per token by kernel (torch.profiler over n graph replays) and the sum of all of them."""
+    if DRY_RUN:
+        return {}
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        eng.decode(2)
+        _sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            eng.decode(n)
+            _sync()
+        rows = {}
+        for e in prof.key_averages():
+            t = getattr(e, "device_time_total", None)
+            if t is None:
+                t = getattr(e, "cuda_time_total", 0.0)
+            if t > 0:
+                rows[e.key[:60]] = dict(us_per_token=t / n, calls_per_token=e.count / n)
+        rows = dict(sorted(rows.items(), key=lambda kv: -kv[1]["us_per_token"])[:14])
+        return dict(kernels=rows, total_us_per_token=sum(r["us_per_token"] for r in rows.values()))
+    except Exception as ex:  # profiling is a bonus, never a failure
+        return dict(error=f"{type(ex).__name__}: {ex}"[:200])
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="1B", choices=list(CONFIGS))
+    ap.add_argument("--aprs", default="2,3,4,6")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--hf-new-tokens", type=int, default=64)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)  # tiny model on the CPU
+    args = ap.parse_args(argv)
+    global DRY_RUN
+    DRY_RUN = args.dry_run
+    if DRY_RUN:
+        args.model, args.new_tokens, args.hf_new_tokens, args.prompt_len = "tiny", 12, 8, 8
+    ensure_imports()
+    assert DRY_RUN or torch.cuda.is_available(), "needs a CUDA device (use --device cpu for the CPU benchmark)"
+    import cwic_exp
+    from cwic_exp.engine import DecodeEngine, weight_bytes
+    from cwic_kernels.gpu import register
+    register()
+    dev = torch.device("cpu" if DRY_RUN else "cuda")
+    gpu = "cpu (dry run)" if DRY_RUN else torch.cuda.get_device_name(dev)
+    stripe = 32 if DRY_RUN else 512
+    t_start = time.time()
+    model = build_model(args.model, dev)
+    V = model.config.vocab_size
+    g = torch.Generator(device="cpu").manual_seed(1)
+    prompt = torch.randint(0, V, (args.prompt_len,), generator=g).to(dev)
+    calib = torch.randint(0, V, (1, 256), generator=g).to(dev)
+    max_len = args.prompt_len + args.new_tokens + 8
+    rows = []
+    result = dict(gpu=gpu, model=f"Llama-3.2-{args.model}-shaped (random weights, bf16)", torch=torch.__version__,
+                  prompt_len=args.prompt_len, new_tokens=args.new_tokens, stripe=512, rows=rows)
+
+    # 1) Hugging Face generate, dense
+    with torch.no_grad():
+        model.generate(prompt[None], max_new_tokens=4, do_sample=False)
+        _sync()
+        t0 = time.perf_counter()
+        hf_out = model.generate(prompt[None], max_new_tokens=args.hf_new_tokens, min_new_tokens=args.hf_new_tokens,
+                                do_sample=False)
+        _sync()
+        hf_tps = args.hf_new_tokens / (time.perf_counter() - t0)
+        ref_logits = model(prompt[None]).logits[0, -1].float()
+        m32 = copy.deepcopy(model).float()
+        ref32 = m32(prompt[None]).logits[0, -1].float()
+        del m32
+    rows.append(dict(config="HF generate (dense)", apr=1.0, tokens_per_s=hf_tps))
+    print(f"[hf] {hf_tps:.1f} tok/s  ({time.time() - t_start:.0f}s)", flush=True)
+
+    # 2) the engine, dense model
+    eng = DecodeEngine(model, max_len=max_len)
+    wb = weight_bytes(eng.w)
+    dense_tps, dense_pre, dense_tokens = time_engine(eng, prompt, args.new_tokens)
+    got = _last_logits(eng, prompt)
+    err_dense, err_dense_hf = rel(got, ref32), rel(ref_logits, ref32)
+    n_cmp = min(args.hf_new_tokens, args.new_tokens) + args.prompt_len
+    agree = float((dense_tokens[:n_cmp] == hf_out[0, :n_cmp]).float()[args.prompt_len:].mean())
+    rows.append(dict(config="engine, dense", apr=1.0, tokens_per_s=dense_tps, prefill_ms=dense_pre,
+                     logits_rel_err_vs_fp32=err_dense, hf_bf16_logits_rel_err_vs_fp32=err_dense_hf,
+                     greedy_agreement_vs_hf=agree,
+                     weight_gbps=wb["total"] * dense_tps / 1e9))
+    print(f"[dense engine] {dense_tps:.1f} tok/s, logits err vs fp32 {err_dense:.2e} (HF bf16: {err_dense_hf:.2e}), agreement {agree:.2f} "
+          f"({time.time() - t_start:.0f}s)", flush=True)
+    result["breakdown_dense"] = kernel_breakdown(eng)
+    del eng
+    if not DRY_RUN:
+        torch.cuda.empty_cache()
+
+    # 3) CWIC
+    cwic_exp.to_cwic(model, stripe_size=stripe)
+    z = collect_calibration(model, calib)
+    ceng = None
+    model32 = None
+    for target in [float(a) for a in args.aprs.split(",")]:
+        d = 1.0 / target
+        set_density(z, d)
+        first = measure_apr(model, calib)["apr"]
+        d = min(1.0, d * first / target)                     # correction 1: on the calibration tokens
+        set_density(z, d)
+        if ceng is None:
+            ceng = DecodeEngine(model, max_len=max_len)
+        else:
+            ceng.refresh()                                   # same weights, new thresholds: graph kept
+        toks = ceng.generate(prompt, args.new_tokens)
+        second = measure_apr(model, toks[None])["apr"]
+        d = min(1.0, d * second / target)                    # correction 2: on what the engine generates
+        set_density(z, d)
+        ceng.refresh()
+        tps, pre, toks = time_engine(ceng, prompt, args.new_tokens)
+        apr = measure_apr(model, toks[None])
+        # accuracy: engine (bf16) and HF's CWIC forward (bf16) against the same model in fp32
+        with torch.no_grad():
+            want16 = model(prompt[None]).logits[0, -1].float()
+            if model32 is None:
+                model32 = copy.deepcopy(model).float()
+            else:
+                model32.load_state_dict(model.state_dict())
+            want32 = model32(prompt[None]).logits[0, -1].float()
+        got = _last_logits(ceng, prompt)
+        err, err_hf = rel(got, want32), rel(want16, want32)
+        rows.append(dict(config=f"engine, CWIC {target:g}× target", apr_target=target, apr=apr["apr"],
+                         apr_calibration=first, density_by_kind=apr["density"], tokens_per_s=tps, prefill_ms=pre,
+                         speedup_vs_dense_engine=tps / dense_tps, speedup_vs_hf=tps / hf_tps,
+                         logits_rel_err_vs_fp32=err, hf_bf16_logits_rel_err_vs_fp32=err_hf,
+                         logits_rel_err_vs_hf_bf16=rel(got, want16)))
+        if target == 3.0:
+            result["breakdown_cwic_3x"] = kernel_breakdown(ceng)
+        print(f"[cwic {target:g}x] APR {apr['apr']:.2f}: {tps:.1f} tok/s = {tps / dense_tps:.2f}x dense engine, "
+              f"logits err vs fp32 {err:.2e} (HF bf16: {err_hf:.2e}) ({time.time() - t_start:.0f}s)", flush=True)
+    del model32
+    # HF generate on the CWIC model (the lead's masked-dense PyTorch path), short
+    with torch.no_grad():
+        _sync()
+        t0 = time.perf_counter()
+        model.generate(prompt[None], max_new_tokens=16, min_new_tokens=16, do_sample=False)
+        _sync()
+        rows.append(dict(config=f"HF generate (CWIC, last APR, PyTorch masked matmuls)", apr=rows[-1]["apr"],
+                         tokens_per_s=16 / (time.perf_counter() - t0)))
+
+    lines = [f"# Decode, batch 1 — {result['model']} — {gpu}, torch {torch.__version__}",
+             f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens (greedy), stripe 512; APR measured on "
+             f"prompt + generated tokens (counts q,k,v,o,gate,FFN units,head; not embeddings/attention scores)", "",
+             "| config | APR | decode tok/s | ms/token | × dense engine | × HF generate | prefill ms | logits err vs fp32 (engine / HF bf16) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        tps = r["tokens_per_s"]
+        err = r.get("logits_rel_err_vs_fp32")
+        err = None if err is None else f"{err:.1e} / {r['hf_bf16_logits_rel_err_vs_fp32']:.1e}"
+        lines.append(f"| {r['config']} | {r['apr']:.2f} | {tps:.1f} | {1e3 / tps:.3f} | {tps / dense_tps:.2f}× | "
+                     f"{tps / hf_tps:.2f}× | {r.get('prefill_ms', float('nan')):.1f} | "
+                     f"{err or ''} |")
+    lines += ["", f"Dense matrix bytes read per token: {wb['total'] / 1e9:.3f} GB (attn {wb['attn'] / 1e9:.3f}, "
+              f"ffn {wb['ffn'] / 1e9:.3f}, head {wb['head'] / 1e9:.3f}); the dense engine moves them at "
+              f"{wb['total'] * dense_tps / 1e9:.0f} GB/s. Greedy agreement engine vs HF (dense, first "
+              f"{n_cmp - args.prompt_len} tokens): {agree:.2f}."]
+    for key in ("breakdown_dense", "breakdown_cwic_3x"):
+        b = result.get(key) or {}
+        if "kernels" in b:
+            lines += ["", f"GPU time per token by kernel ({key[10:]}; sum of top kernels {b['total_us_per_token']:.0f} µs):",
+                      "", "| kernel | µs/token | launches/token |", "|---|---|---|"]
+            lines += [f"| `{k}` | {v['us_per_token']:.1f} | {v['calls_per_token']:.0f} |" for k, v in b["kernels"].items()]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "gpu_decode.md"), "w") as f:
+            f.write(text + "\n")
+        with open(os.path.join(args.out, "gpu_decode.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    summary = {"bench": "gpu_decode", "gpu": gpu, "dense_engine_tps": round(dense_tps, 1), "hf_tps": round(hf_tps, 1)}
+    for r in rows:
+        if "apr_target" in r:
+            summary[f"speedup_at_{r['apr_target']:g}x"] = round(r["speedup_vs_dense_engine"], 3)
+            summary[f"apr_measured_{r['apr_target']:g}x"] = round(r["apr"], 3)
+    print(json.dumps(summary))
+    return result
+
+
+@torch.no_grad()
+def _last_logits(eng, prompt):
+    eng.pos.zero_()
+    return eng.forward(prompt.reshape(-1), last_only=True)[0].float()
+
+
+if __name__ == "__main__":
+    main()

@@ -106,13 +106,16 @@ class CwicDistillModule(L.LightningModule):
             yield {k: v[i:i + mb] for k, v in batch.items()}
 
     # ------------------------------------------------------------------ training
-    def training_step(self, batch, batch_idx):
-        t0 = time.perf_counter()
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
+    def _backward(self, loss):
+        if self._trainer is not None:
+            self.manual_backward(loss)
+        else:                              # used outside a Trainer (tests, notebooks)
+            loss.backward()
+
+    def accumulate_gradients(self, batch: dict, target: float, update_stats: bool) -> dict:
+        """Forward/backward over the step's micro-batches; gradients summed in .grad. Returns parts."""
         c = self.cfg["cwic"]
         lam, mse_w = float(c["lambda_ap"]), float(c["mse_weight"])
-        target = self.apr_target
         chunks = list(self._chunks(batch, int(self.cfg["trainer"]["micro_batch_size"])))
         n_real = int((batch["segment_ids"] > 0).sum())
         coef = None
@@ -126,47 +129,57 @@ class CwicDistillModule(L.LightningModule):
             a_tot = tot.active.detach().float().clone().requires_grad_(True)
             l_ap = ap_loss(tot.dense * tot.tokens / a_tot, target)
             (coef,) = torch.autograd.grad(l_ap, a_tot)
-        opt.zero_grad(set_to_none=True)
         fkl_sum = rkl_sum = mse_sum = 0.0
         step_stats: ActiveStats | None = None
         for ch in chunks:
             mask = ch["segment_ids"] > 0
             t_out = self._teacher(ch, hidden=mse_w > 0)
-            s_out, st = self._student(ch, mask, update_stats=self.update_stats, hidden=mse_w > 0)
+            s_out, st = self._student(ch, mask, update_stats=update_stats, hidden=mse_w > 0)
             fkl, rkl, _ = kl_parts(s_out.logits, t_out.logits, mask)
             loss = 0.5 * (fkl + rkl) / n_real
             if mse_w > 0:
                 mse = hidden_mse(s_out.hidden_states[-1], t_out.hidden_states[-1], mask)
                 loss = loss + mse_w * mse / n_real
-                mse_sum += float(mse)
+                mse_sum += float(mse.detach())
             if lam > 0:
                 if coef is None:       # one micro-batch: the step's APR is this one's
                     loss = loss + lam * ap_loss(st.apr, target)
                 else:
                     loss = loss + lam * coef.to(st.active.device) * st.active
-            self.manual_backward(loss)
-            fkl_sum += float(fkl)
-            rkl_sum += float(rkl)
+            self._backward(loss)
+            fkl_sum += float(fkl.detach())
+            rkl_sum += float(rkl.detach())
             st = st.detach()
             step_stats = st if step_stats is None else step_stats + st
+        return {"fkl": fkl_sum, "rkl": rkl_sum, "mse": mse_sum, "n_real": n_real, "stats": step_stats}
+
+    def training_step(self, batch, batch_idx):
+        t0 = time.perf_counter()
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        target = self.apr_target
+        opt.zero_grad(set_to_none=True)
+        parts = self.accumulate_gradients(batch, target, self.update_stats)
         clip = self.cfg["optim"].get("grad_clip")
         if clip:
             self.clip_gradients(opt, gradient_clip_val=float(clip), gradient_clip_algorithm="norm")
         opt.step()
         sched.step()
+        n_real = parts["n_real"]
         self.tokens_seen += n_real
         # ----------------------------------------------------------------- logging
         dt = time.perf_counter() - t0
+        step_stats = parts["stats"]
         apr = float(step_stats.apr)
-        kl = 0.5 * (fkl_sum + rkl_sum) / n_real
+        kl = 0.5 * (parts["fkl"] + parts["rkl"]) / n_real
         summ = step_stats.summary()
-        m = {"train/kl": kl, "train/fkl": fkl_sum / n_real, "train/rkl": rkl_sum / n_real,
+        m = {"train/kl": kl, "train/fkl": parts["fkl"] / n_real, "train/rkl": parts["rkl"] / n_real,
              "train/apr": apr, "train/apr_target": target,
              "train/ap_loss": float(ap_loss(torch.tensor(apr), target)),
              "train/tokens_per_s": n_real / dt, "train/tokens": float(self.tokens_seen),
              "train/lr": sched.get_last_lr()[0]}
-        if mse_w > 0:
-            m["train/mse"] = mse_sum / n_real
+        if self.cfg["cwic"]["mse_weight"] > 0:
+            m["train/mse"] = parts["mse"] / n_real
         m.update({f"density/{k}": v for k, v in summ["density"].items()})
         self.log_dict(m, on_step=True, prog_bar=False)
         self.log_dict({"apr": apr, "target": target, "kl": kl}, prog_bar=True, on_step=True, logger=False)

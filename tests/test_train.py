@@ -1,0 +1,275 @@
+"""Training: packing/masking, data recovery, resume, gradient accumulation, config errors, smoke."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cwic_exp
+from cwic_exp import cwic_context, to_cwic
+from cwic_exp.data import (StepSampler, iter_json_records, model_inputs, pack_sequences)
+from conftest import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _compose(overrides):
+    from hydra import compose, initialize_config_dir
+    from cwic_exp.config import register_schema
+    register_schema()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose("config", overrides=overrides)
+
+
+def test_packed_conversations_never_attend_to_each_other():
+    model = to_cwic(tiny_model(), stripe_size=16)
+    a, b, c = [5, 6, 7, 8, 9], [10, 11, 12], [1, 2, 3, 4]
+    p1 = pack_sequences([a, b, c], 16, 0)
+    with torch.no_grad():
+        with cwic_context(model, update_stats=True):
+            model(**model_inputs(vars(p1)))
+        for mod in cwic_exp.iter_cwic_modules(model):
+            (mod.theta if hasattr(mod, "theta") else mod.phi).fill_(0.3)
+    b2 = [40, 41, 42]                                  # change one conversation only
+    p2 = pack_sequences([a, b2, c], 16, 0)
+    assert torch.equal(p1.segment_ids, p2.segment_ids)
+    with torch.no_grad():
+        l1 = model(**model_inputs(vars(p1))).logits
+        l2 = model(**model_inputs(vars(p2))).logits
+    changed = (p1.input_ids != p2.input_ids)[0]
+    seg_changed = p1.segment_ids[0][changed][0]
+    others = (p1.segment_ids[0] != seg_changed) & (p1.segment_ids[0] > 0)
+    assert changed.any() and others.sum() >= 9
+    torch.testing.assert_close(l1[0, others], l2[0, others], atol=1e-6, rtol=1e-6)
+    # and each packed conversation equals the same conversation run alone
+    pos = (p1.segment_ids[0] == 1).nonzero().flatten()
+    alone = torch.tensor([p1.input_ids[0, pos].tolist()])
+    with torch.no_grad():
+        la = model(input_ids=alone).logits
+    torch.testing.assert_close(l1[0, pos], la[0], atol=1e-5, rtol=1e-5)
+
+
+def test_packing_positions_and_padding():
+    p = pack_sequences([[1] * 5, [2] * 3, [3] * 7, [4] * 12], 12, 0)
+    for r in range(len(p)):
+        seg, pos = p.segment_ids[r], p.position_ids[r]
+        for s in seg.unique().tolist():
+            if s == 0:
+                continue
+            idx = (seg == s).nonzero().flatten()
+            assert pos[idx].tolist() == list(range(len(idx)))
+    assert int((p.segment_ids > 0).sum()) == 5 + 3 + 7 + 12
+
+
+def test_truncated_json_records_are_recovered(tmp_path):
+    recs = [{"id": i, "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"}]}
+            for i in range(5)]
+    text = json.dumps(recs, indent=1)
+    f = tmp_path / "trunc.json"
+    f.write_text(text[: text.rindex('"value": "a"') - 3])   # cut inside the last record
+    stats = {}
+    got = list(iter_json_records(f, stats))
+    assert [r["id"] for r in got] == [0, 1, 2, 3]
+    assert stats["records"] == 4 and stats["broken_tail_chars"] > 0
+
+
+def test_step_sampler_resumes_exactly():
+    full = list(StepSampler(10, 4, 8, seed=3))
+    resumed = list(StepSampler(10, 4, 8, seed=3, start_step=5))
+    assert full[5:] == resumed
+    assert sorted(sum(full[:5], [])[:10]) == list(range(10))        # a pass covers every row once
+    r0 = list(StepSampler(10, 4, 8, seed=3, rank=0, world=2))
+    r1 = list(StepSampler(10, 4, 8, seed=3, rank=1, world=2))
+    assert [a + b for a, b in zip(r0, r1)] == full
+
+
+def _module(micro, lam=10.0):
+    from cwic_exp.lit import CwicDistillModule
+    teacher = tiny_model()
+    student = to_cwic(copy.deepcopy(teacher), stripe_size=16)
+    ids = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "segment_ids": torch.ones(4, 24, dtype=torch.int16),
+             "position_ids": torch.arange(24).repeat(4, 1)}
+    batch["segment_ids"][3, 20:] = 0
+    with torch.no_grad():
+        with cwic_context(student, token_mask=batch["segment_ids"] > 0, update_stats=True):
+            student(**model_inputs(batch))
+        for m in cwic_exp.iter_cwic_modules(student):
+            (m.theta if hasattr(m, "theta") else m.phi).uniform_(0, 0.5)
+        for p in student.model.layers[0].mlp.up_proj.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cfg = {"cwic": {"apr_start": 1.05, "lambda_ap": lam, "mse_weight": 0.0, "eta_theta": 1.0},
+           "optim": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.95, "weight_decay": 0.0, "warmup_steps": 0,
+                     "schedule_steps": 10, "grad_clip": None},
+           "trainer": {"micro_batch_size": micro}}
+    return CwicDistillModule(student, teacher, cfg), batch
+
+
+def _grads(mod):
+    return {n: p.grad.clone() for n, p in mod.student.named_parameters() if p.grad is not None}
+
+
+def test_ap_loss_uses_the_whole_step_under_accumulation():
+    """With micro-batches, the AP gradient is L_AP'(A_tot)·Σ_j ∇A_j (step-level APR), not Σ_j L_AP'(A_j)∇A_j."""
+    from cwic_exp.accounting import ap_loss
+    target = 3.0
+    mod, batch = _module(2, lam=10.0)
+    mod.accumulate_gradients(batch, target, update_stats=False)
+    with_ap = _grads(mod)
+    mod.student.zero_grad(set_to_none=True)
+    mod.cfg["cwic"]["lambda_ap"] = 0.0
+    mod.accumulate_gradients(batch, target, update_stats=False)
+    without = _grads(mod)
+    # reference: ∇A_j of each micro-batch alone, and the coefficient at the step's total
+    mod.student.zero_grad(set_to_none=True)
+    tot_active, dense, tokens, per_chunk = 0.0, None, 0, []
+    for ch in mod._chunks(batch, 2):
+        _, st = mod._student(ch, ch["segment_ids"] > 0, update_stats=False)
+        st.active.backward()
+        per_chunk.append(_grads(mod))
+        mod.student.zero_grad(set_to_none=True)
+        tot_active += float(st.active.detach())
+        dense, tokens = st.dense, tokens + st.tokens
+    a = torch.tensor(tot_active, dtype=torch.float64, requires_grad=True)
+    (c,) = torch.autograd.grad(ap_loss(dense * tokens / a, target), a)
+    assert float(c) > 0                      # denser than the target: each active parameter costs
+    checked = 0
+    for n, g in with_ap.items():
+        ref = 10.0 * float(c) * sum(pc[n] for pc in per_chunk if n in pc)
+        if isinstance(ref, torch.Tensor) and "theta" in n:
+            torch.testing.assert_close(g - without.get(n, 0), ref, atol=1e-6, rtol=1e-3)
+            checked += 1
+    assert checked > 5
+
+
+def _fit(mod, batch, steps):
+    import lightning as L
+    from cwic_exp.callbacks import ThetaClamp
+
+    class Loop(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for _ in range(steps):
+                yield batch
+    seen = []
+
+    class Grab(L.Callback):
+        def on_train_batch_end(self, tr, pl, *a):
+            seen.append(dict(pl.last_metrics))
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[ThetaClamp(), Grab()])
+    trainer.fit(mod, train_dataloaders=torch.utils.data.DataLoader(Loop(), batch_size=None))
+    return seen
+
+
+def test_training_steps_lower_the_distillation_loss():
+    mod, batch = _module(2, lam=0.0)
+    with torch.no_grad():
+        for p in mod.student.model.layers[1].mlp.down_proj.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    seen = _fit(mod, batch, 8)
+    assert seen[-1]["train/kl"] < 0.7 * seen[0]["train/kl"]
+
+
+def test_training_steps_move_the_apr_towards_its_target():
+    mod, batch = _module(2, lam=10.0)
+    mod.cfg["optim"]["lr"] = 3e-3
+    mod.apr_target = 2.0
+    with torch.no_grad():
+        for m in cwic_exp.iter_cwic_modules(mod.student):
+            (m.theta if hasattr(m, "theta") else m.phi).zero_()
+    seen = _fit(mod, batch, 8)
+    assert seen[-1]["train/apr"] > seen[0]["train/apr"] + 0.05
+    assert all(float((m.theta if hasattr(m, "theta") else m.phi).min()) >= 0
+               for m in cwic_exp.iter_cwic_modules(mod.student))
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("cwic.stripe_size=0", "stripe_size"),
+    ("cwic.apr_final=0.5", "apr_final"),
+    ("model.name=/no/such/model", "model.name"),
+    ("data.path=/no/such/file.json", "data.path"),
+    ("trainer.micro_batch_size=3", "multiple"),
+])
+def test_config_errors_are_one_line_and_early(override, needle):
+    from cwic_exp.config import ConfigError, validate
+    cfg = _compose(["run_name=x", override])
+    with pytest.raises(ConfigError, match=needle) as e:
+        validate(cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_config_error_from_the_command_line():
+    r = subprocess.run([sys.executable, "train.py", "cwic.stripe_size=-4"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("config error: cwic.stripe_size")
+    assert "Loading weights" not in r.stderr
+
+
+def test_experiments_compose():
+    for exp in ("smoke", "mini", "paper_1b", "paper_3b", "ablation_nostripes", "ablation_noste",
+                "ablation_mse"):
+        cfg = _compose(["run_name=x", f"+experiment={exp}"])
+        assert cfg.trainer.sequences_per_step % cfg.trainer.micro_batch_size == 0
+    assert _compose(["run_name=x", "+experiment=ablation_nostripes"]).cwic.stripe_size is None
+    assert _compose(["run_name=x", "+experiment=ablation_noste"]).cwic.ste is False
+    assert _compose(["run_name=x", "+experiment=ablation_mse"]).cwic.mse_weight > 0
+    assert _compose(["run_name=x", "+experiment=paper_1b"]).cwic.stripe_size == 512
+
+
+def _smoke_cfg(tmp, steps, extra=()):
+    return _compose(["+experiment=smoke", "run_name=t", f"out_dir={tmp}", f"trainer.max_steps={steps}",
+                     "data.seq_len=64", "trainer.ckpt_every=3", "trainer.val_every=100", *extra])
+
+
+def test_smoke_run_and_resume_continue_the_same_trajectory(tmp_path, capsys):
+    from cwic_exp.train import run
+    import pandas  # noqa: F401  (lightning's CSV logger needs nothing else)
+    a = run(_smoke_cfg(tmp_path / "a", 6), tmp_path / "a" / "t")
+    out = capsys.readouterr().out.strip().splitlines()
+    last = json.loads(out[-1])
+    for key in ("apr", "apr_target", "kl", "steps", "tokens", "checkpoint"):
+        assert key in last
+    assert last["steps"] == 6 and os.path.exists(os.path.join(last["checkpoint"], "config.json"))
+    # interrupted after 3 steps, then the same command again (longer horizon) resumes
+    run(_smoke_cfg(tmp_path / "b", 3), tmp_path / "b" / "t")
+    b = run(_smoke_cfg(tmp_path / "b", 6), tmp_path / "b" / "t")
+    assert b["steps"] == 6 and b["tokens"] == a["tokens"]
+    assert b["train_kl"] == pytest.approx(a["train_kl"], rel=1e-3, abs=1e-6)
+    assert b["train_apr"] == pytest.approx(a["train_apr"], rel=1e-4)
+    from safetensors.torch import load_file
+    sa = load_file(Path(a["checkpoint"]) / "model.safetensors")
+    sb = load_file(Path(b["checkpoint"]) / "model.safetensors")
+    for k in ("model.layers.0.self_attn.q_proj.theta", "model.layers.1.mlp.gate_proj.ema_std"):
+        torch.testing.assert_close(sa[k], sb[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_resumes(tmp_path):
+    import signal
+    import time
+    cmd = [sys.executable, "train.py", "+experiment=smoke", "run_name=kill", f"out_dir={tmp_path}",
+           "trainer.max_steps=12", "trainer.ckpt_every=2", "data.seq_len=64"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ck = tmp_path / "kill" / "checkpoints" / "last.ckpt"
+    t0 = time.time()
+    while not ck.exists() and time.time() - t0 < 300:
+        time.sleep(0.5)
+    time.sleep(3)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert ck.exists()
+    state = torch.load(ck, weights_only=False)
+    done = state["global_step"]
+    assert 0 < done < 12
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from" in r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 12

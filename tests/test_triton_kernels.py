@@ -234,17 +234,19 @@ def test_engine_matches_hf(cwic, use_triton):
     eng.pos.zero_()
     got = eng.forward(ids, last_only=False).float()         # prefill path: 10 tokens at once
     assert _rel(got, want) < 1e-5
-    eng.prefill(ids[:6])                                     # then the 1-token decode path
+    first = 8 if use_triton else 6                           # (the interpreter is slow: fewer steps)
+    eng.prefill(ids[:first])                                 # then the 1-token decode path
     steps = []
-    for i in range(6, 10):
+    for i in range(first, 10):
         eng.tok.fill_(int(ids[i]))
         eng.pos.fill_(i)
         steps.append(eng.forward(eng.tok).float())
-    assert _rel(torch.cat(steps), want[6:]) < 1e-5
-    gen = eng.generate(ids[:4], 5)
-    hf = model.generate(ids[:4][None], max_new_tokens=5, min_new_tokens=5, do_sample=False)[0]
+    assert _rel(torch.cat(steps), want[first:]) < 1e-5
+    gen = eng.generate(ids[:4], 3 if use_triton else 5)
+    hf = model.generate(ids[:4][None], max_new_tokens=gen.numel() - 4, min_new_tokens=gen.numel() - 4,
+                        do_sample=False)[0]
     assert gen.tolist() == hf.tolist()
-    if cwic:  # the thresholds bite: the CWIC model differs from its dense self
+    if cwic and not use_triton:  # the thresholds bite: the CWIC model differs from its dense self
         dense = _calibrated_tiny(False).to(DEV)
         with torch.no_grad():
             assert _rel(dense(ids[None]).logits[0].float(), want) > 1e-3

@@ -48,7 +48,7 @@ DRY_RUN = False
 
 def _sync():
     if torch.cuda.is_available():
-        _sync()
+        torch.cuda.synchronize()
 
 
 def build_model(size: str, dev, seed=0):
@@ -161,6 +161,7 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--hf-new-tokens", type=int, default=64)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--tuned", default=None, help="gpu_kernels.json whose 'tuned' tiles the GEMVs should use")
     ap.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)  # tiny model on the CPU
     args = ap.parse_args(argv)
     global DRY_RUN
@@ -171,8 +172,15 @@ def main(argv=None):
     assert DRY_RUN or torch.cuda.is_available(), "needs a CUDA device (use --device cpu for the CPU benchmark)"
     import cwic_exp
     from cwic_exp.engine import DecodeEngine, weight_bytes
+    from cwic_kernels.gpu import gemv as G
     from cwic_kernels.gpu import register
     register()
+    tuned = {}
+    if args.tuned and os.path.exists(args.tuned):
+        with open(args.tuned) as f:
+            for t in json.load(f).get("tuned", []):
+                G.TUNED[(t["n"], t["m"], t["bb"])] = t["config"]
+                tuned[f"{t['n']}x{t['m']}"] = t["config"]
     dev = torch.device("cpu" if DRY_RUN else "cuda")
     gpu = "cpu (dry run)" if DRY_RUN else torch.cuda.get_device_name(dev)
     stripe = 32 if DRY_RUN else 512
@@ -185,7 +193,7 @@ def main(argv=None):
     max_len = args.prompt_len + args.new_tokens + 8
     rows = []
     result = dict(gpu=gpu, model=f"Llama-3.2-{args.model}-shaped (random weights, bf16)", torch=torch.__version__,
-                  prompt_len=args.prompt_len, new_tokens=args.new_tokens, stripe=512, rows=rows)
+                  prompt_len=args.prompt_len, new_tokens=args.new_tokens, stripe=512, rows=rows, tuned_tiles=tuned)
 
     # 1) Hugging Face generate, dense
     with torch.no_grad():

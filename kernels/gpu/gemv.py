@@ -45,10 +45,10 @@ def _act(y, ACT: tl.constexpr):
 
 @triton.jit
 def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT,
-                B, N, M, STRIPE, CHUNK_N, SPLIT,
+                B, N, M, STRIPE, CHUNK_N,
                 stride_xb, stride_mk, stride_rb, stride_yb,
                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                SPLIT_K: tl.constexpr, MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                SPLIT: tl.constexpr, MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_RES: tl.constexpr, ACT: tl.constexpr, EVEN_M: tl.constexpr,
                 DOT_F32: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -63,15 +63,14 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT,
     n_lo = pid_k * CHUNK_N
     n_hi = tl.minimum(n_lo + CHUNK_N, N)
     acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)   # B = 1: reduce over inputs once, at the end
     for n0 in range(n_lo, n_hi, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         nmask = rows < n_hi
         if BLOCK_B == 1:
             x = tl.load(X + pid_b * stride_xb + rows, mask=nmask, other=0.0).to(tl.float32)
             if MASK_MODE == 0:
-                mu = tl.load(MEAN + r * stride_mk + rows, mask=nmask, other=0.0)
-                t = tl.load(THR + r * N + rows, mask=nmask, other=0.0)
+                mu = tl.load(MEAN + r * stride_mk + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
+                t = tl.load(THR + r * N + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
                 xc = x - mu
                 on = (tl.abs(xc) >= t) & nmask
             elif MASK_MODE == 1:
@@ -84,14 +83,15 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT,
             wmask = on[:, None]
             if not EVEN_M:
                 wmask = wmask & cmask[None, :]
-            w = tl.load(WT + rows.to(tl.int64)[:, None] * M + cols[None, :], mask=wmask, other=0.0)
-            acc1 += xc[:, None] * w.to(tl.float32)
+            w = tl.load(WT + rows.to(tl.int64)[:, None] * M + cols[None, :], mask=wmask, other=0.0,
+                        eviction_policy="evict_first")
+            acc += tl.sum(xc[:, None] * w.to(tl.float32), axis=0)[None, :]
         else:
             xm = bmask[:, None] & nmask[None, :]
             x = tl.load(X + bs[:, None] * stride_xb + rows[None, :], mask=xm, other=0.0).to(tl.float32)
             if MASK_MODE == 0:
-                mu = tl.load(MEAN + r * stride_mk + rows, mask=nmask, other=0.0)
-                t = tl.load(THR + r * N + rows, mask=nmask, other=0.0)
+                mu = tl.load(MEAN + r * stride_mk + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
+                t = tl.load(THR + r * N + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
                 xc = x - mu[None, :]
                 g = (tl.abs(xc) >= t[None, :]) & xm
             elif MASK_MODE == 1:
@@ -105,7 +105,8 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT,
             wmask = on[:, None]
             if not EVEN_M:
                 wmask = wmask & cmask[None, :]
-            w = tl.load(WT + rows.to(tl.int64)[:, None] * M + cols[None, :], mask=wmask, other=0.0)
+            w = tl.load(WT + rows.to(tl.int64)[:, None] * M + cols[None, :], mask=wmask, other=0.0,
+                        eviction_policy="evict_first")
             if DOT_F32:   # fp32 weights, or the CPU interpreter (whose bf16 dot is unusable)
                 hi = xc.to(w.dtype).to(tl.float32)
                 lo = (xc - hi).to(w.dtype).to(tl.float32)
@@ -118,10 +119,8 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT,
                 acc = tl.dot(hi, w, acc)
                 acc = tl.dot(lo, w, acc)
 
-    if BLOCK_B == 1:
-        acc = tl.sum(acc1, axis=0)[None, :]
     omask = bmask[:, None] & cmask[None, :]
-    if not SPLIT_K:
+    if SPLIT == 1:
         _gmm_epilogue(acc, BIAS, RES, UTHR, Y, bs, cols, cmask, omask, stride_rb, stride_yb,
                       HAS_BIAS, HAS_RES, ACT)
     else:
@@ -132,7 +131,7 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT,
         done = tl.atomic_add(CNT + cidx, 1, sem="acq_rel", scope="gpu")   # ... before we arrive
         if done == SPLIT - 1:                            # last to arrive: reduce and finish
             tot = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
-            for s in range(0, SPLIT):
+            for s in tl.static_range(SPLIT):               # unrolled: all partial loads in flight
                 off = (s * B + bs[:, None]).to(tl.int64) * M + cols[None, :]
                 tot += tl.load(WS + off, mask=omask, other=0.0, cache_modifier=".cg")
             _gmm_epilogue(tot, BIAS, RES, UTHR, Y, bs, cols, cmask, omask, stride_rb, stride_yb,
@@ -231,21 +230,28 @@ def _block_m(stripe: int, m: int, cap: int) -> int:
     return bm
 
 
-def gemv_config(B: int, n: int, m: int, stripe: int, device: torch.device, *,
-                block_m: int | None = None, block_n: int | None = None, waves: float = 4.0,
-                max_split: int = 64, num_warps: int = 4, num_stages: int = 2) -> dict:
-    """Tile sizes and split-K. Enough programs to fill the GPU `waves` times over (memory-bound)."""
+# (n, m, BLOCK_B) -> gemv_config overrides, e.g. measured best tiles; see experiments/bench/gpu_kernels.py
+TUNED: dict = {}
+
+
+def gemv_config(B: int, n: int, m: int, stripe: int, device: torch.device, **overrides) -> dict:
+    """Tile sizes and split-K: enough one-shot tiles to fill the GPU `waves` times (memory-bound),
+    each program reading at most CHUNK_N inputs. Overrides: block_m, block_n, waves, max_split,
+    num_warps, num_stages; `TUNED[(n, m, BLOCK_B)]` supplies them when the caller gives none."""
     bb = 1 if B == 1 else 16
-    bm = _block_m(stripe, m, block_m or 128)
-    bn = block_n or (64 if bb == 1 else 32)
+    p = dict(block_m=128, block_n=128 if bb == 1 else 32, waves=2.0, max_split=64, num_warps=4, num_stages=2)
+    p.update(TUNED.get((n, m, bb), {}) if not overrides else {})
+    p.update(overrides)
+    bm = _block_m(stripe, m, p["block_m"])
+    bn = p["block_n"]
     grid_m = triton.cdiv(m, bm)
     nb = triton.cdiv(B, bb)
-    target = int(waves * _num_sms(device))
-    split = max(1, min(triton.cdiv(target, grid_m * nb), triton.cdiv(n, bn), max_split))
+    target = int(p["waves"] * _num_sms(device))
+    split = max(1, min(triton.cdiv(target, grid_m * nb), triton.cdiv(n, bn), p["max_split"]))
     chunk = triton.cdiv(triton.cdiv(n, split), bn) * bn
     split = triton.cdiv(n, chunk)
     return dict(BLOCK_B=bb, BLOCK_M=bm, BLOCK_N=bn, SPLIT=split, CHUNK_N=chunk, grid=(grid_m, split, nb),
-                num_warps=num_warps, num_stages=num_stages)
+                num_warps=p["num_warps"], num_stages=p["num_stages"])
 
 
 def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: torch.Tensor | None,
@@ -297,9 +303,9 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
         x, wt, mean if mean is not None else dummy, thr if thr is not None else dummy,
         bias if bias is not None else dummy, residual if residual is not None else dummy,
         unit_thr if unit_thr is not None else dummy, y, ws, cnt,
-        B, n, m, stripe, cfg["CHUNK_N"], split,
+        B, n, m, stripe, cfg["CHUNK_N"],
         x.stride(0), stride_mk, residual.stride(0) if residual is not None else 0, y.stride(0),
-        BLOCK_B=cfg["BLOCK_B"], BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], SPLIT_K=split > 1,
+        BLOCK_B=cfg["BLOCK_B"], BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], SPLIT=split,
         MASK_MODE=mask_mode, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         ACT=ACT_IDS[act], EVEN_M=(m % cfg["BLOCK_M"] == 0),
         DOT_F32=(INTERPRET or wt.dtype == torch.float32),

@@ -1,0 +1,375 @@
+// Thin ATen / pybind11 binding of the torch-free core (cwic_cpu.h), plus `Decoder`: a whole greedy
+// decode step of a Llama-family model in C++ (embedding -> RMSNorm -> q/k/v -> RoPE + fp32 KV cache ->
+// attention -> o -> RMSNorm -> FFN -> ... -> head -> argmax), so that Python overhead does not hide the
+// kernels' gain. Every matrix is a `Lin` of one of three kinds, and only the matrix products differ
+// between a dense and a CWIC model:
+//   kind 0  dense, our kernel (input-major Wᵀ, every pair on: the same streaming code as CWIC)
+//   kind 1  CWIC granular sparse GEMV (input-major Wᵀ, thresholds, mean, folded bias)
+//   kind 2  dense, ATen `at::linear` on (m, n) weights in the weights' dtype (what F.linear runs)
+#include <torch/extension.h>
+
+#include <optional>
+#include <vector>
+
+#include "cwic_cpu.h"
+
+namespace {
+
+using cwic_cpu::GemvArgs;
+
+int wdtype_of(const at::Tensor& t) {
+  if (t.scalar_type() == at::kBFloat16) return cwic_cpu::W_BF16;
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "cwic_cpu: weights must be float32 or bfloat16, got ",
+              t.scalar_type());
+  return cwic_cpu::W_F32;
+}
+
+int act_id(const std::string& a) {
+  if (a == "silu" || a == "swish") return cwic_cpu::ACT_SILU;
+  if (a == "gelu") return cwic_cpu::ACT_GELU;
+  if (a == "gelu_pytorch_tanh" || a == "gelu_tanh" || a == "gelu_new") return cwic_cpu::ACT_GELU_TANH;
+  if (a == "relu") return cwic_cpu::ACT_RELU;
+  TORCH_CHECK(false, "cwic_cpu: unsupported activation ", a);
+}
+
+int threads(int64_t nthreads) { return nthreads > 0 ? (int)nthreads : at::get_num_threads(); }
+
+at::Tensor f32c(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+const float* opt_ptr(const std::optional<at::Tensor>& t, at::Tensor& keep) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  keep = f32c(*t);
+  return keep.data_ptr<float>();
+}
+
+GemvArgs gemv_args(const at::Tensor& x32, const at::Tensor& wt, const std::optional<at::Tensor>& mean,
+                   const std::optional<at::Tensor>& thr, const std::optional<at::Tensor>& bias, int64_t stripe,
+                   std::vector<at::Tensor>& keep) {
+  TORCH_CHECK(x32.dim() == 2 && wt.dim() == 2 && x32.size(1) == wt.size(0), "cwic_cpu: x (B, n) and wt (n, m)");
+  TORCH_CHECK(wt.is_contiguous(), "cwic_cpu: wt must be contiguous");
+  GemvArgs a;
+  a.x = x32.data_ptr<float>();
+  a.B = (int)x32.size(0);
+  a.n = (int)wt.size(0);
+  a.m = (int)wt.size(1);
+  a.wt = wt.data_ptr();
+  a.wdtype = wdtype_of(wt);
+  a.stripe = stripe > 0 ? (int)std::min<int64_t>(stripe, a.m) : a.m;
+  const int k = (a.m + a.stripe - 1) / a.stripe;
+  keep.resize(3);
+  a.mean = opt_ptr(mean, keep[0]);
+  if (a.mean) {
+    TORCH_CHECK(keep[0].numel() == a.n || keep[0].numel() == (int64_t)k * a.n, "cwic_cpu: mean must be (n,) or (k, n)");
+    a.mean_rows = keep[0].numel() == a.n ? 1 : k;
+  }
+  a.thr = opt_ptr(thr, keep[1]);
+  if (a.thr) TORCH_CHECK(keep[1].numel() == (int64_t)k * a.n, "cwic_cpu: thr must be (k, n), k = ", k);
+  a.bias = opt_ptr(bias, keep[2]);
+  if (a.bias) TORCH_CHECK(keep[2].numel() == a.m, "cwic_cpu: bias must be (m,)");
+  return a;
+}
+
+// y (B, m) fp32 and the number of weights read
+std::tuple<at::Tensor, int64_t> gemv(const at::Tensor& x, const at::Tensor& wt, const std::optional<at::Tensor>& mean,
+                                     const std::optional<at::Tensor>& thr, const std::optional<at::Tensor>& bias,
+                                     int64_t stripe, int64_t isa, int64_t nthreads) {
+  at::Tensor x32 = f32c(x);
+  std::vector<at::Tensor> keep;
+  GemvArgs a = gemv_args(x32, wt, mean, thr, bias, stripe, keep);
+  at::Tensor y = at::empty({a.B, a.m}, x32.options());
+  a.y = y.data_ptr<float>();
+  int64_t reads;
+  {
+    pybind11::gil_scoped_release nogil;
+    reads = cwic_cpu::gemv(a, threads(nthreads), (int)isa);
+  }
+  return {y, reads};
+}
+
+std::tuple<at::Tensor, int64_t> ffn(const at::Tensor& x, const at::Tensor& gate_wt,
+                                    const std::optional<at::Tensor>& gate_mean,
+                                    const std::optional<at::Tensor>& gate_thr,
+                                    const std::optional<at::Tensor>& gate_bias, int64_t stripe,
+                                    const at::Tensor& up_w, const at::Tensor& down_wt,
+                                    const std::optional<at::Tensor>& unit_thr, const std::string& act, int64_t isa,
+                                    int64_t nthreads) {
+  at::Tensor x32 = f32c(x);
+  std::vector<at::Tensor> keep;
+  cwic_cpu::FfnArgs a;
+  a.gate = gemv_args(x32, gate_wt, gate_mean, gate_thr, gate_bias, stripe, keep);
+  const int F = a.gate.m, d = a.gate.n;
+  TORCH_CHECK(up_w.is_contiguous() && down_wt.is_contiguous() && up_w.size(0) == F && up_w.size(1) == d &&
+                  down_wt.size(0) == F && down_wt.size(1) == d,
+              "cwic_cpu: up_w and down_wt must be contiguous (F, d)");
+  TORCH_CHECK(up_w.scalar_type() == gate_wt.scalar_type() && down_wt.scalar_type() == gate_wt.scalar_type(),
+              "cwic_cpu: FFN weights must share one dtype");
+  a.up_w = up_w.data_ptr();
+  a.down_wt = down_wt.data_ptr();
+  at::Tensor ut;
+  a.unit_thr = opt_ptr(unit_thr, ut);
+  if (a.unit_thr) TORCH_CHECK(ut.numel() == F, "cwic_cpu: unit_thr must be (F,)");
+  a.act = act_id(act);
+  at::Tensor y = at::empty({a.gate.B, d}, x32.options());
+  a.y = y.data_ptr<float>();
+  int64_t reads;
+  {
+    pybind11::gil_scoped_release nogil;
+    reads = cwic_cpu::ffn(a, threads(nthreads), (int)isa);
+  }
+  return {y, reads};
+}
+
+// ------------------------------------------------------------------------------------ decoder
+
+struct Lin {
+  int64_t kind = 0;      // 0 dense (our kernel, wt (n, m)), 1 cwic (wt (n, m)), 2 dense ATen (w (m, n))
+  int64_t stripe = 0;
+  at::Tensor w, mean, thr, bias;   // mean/thr/bias fp32 (bias: for kind 2 in w's dtype), may be undefined
+  int64_t m() const { return kind == 2 ? w.size(0) : w.size(1); }
+  int64_t n() const { return kind == 2 ? w.size(1) : w.size(0); }
+};
+
+struct Ffn {
+  bool cwic = false;
+  std::string act = "silu";
+  Lin gate;                         // cwic: gate GMM (d -> F)
+  at::Tensor up_w, down_wt, unit_thr;  // cwic
+  Lin gate_up, down;                // dense: (d -> 2F) and (F -> d), kind 0 or 2
+};
+
+class Decoder {
+ public:
+  Decoder(at::Tensor embed, at::Tensor norm, double eps, int64_t n_heads, int64_t n_kv, int64_t head_dim,
+          double scaling, at::Tensor cos, at::Tensor sin, int64_t max_len, int64_t isa, int64_t nthreads)
+      : embed_(embed.contiguous()), norm_(norm.contiguous()), eps_((float)eps), nh_((int)n_heads),
+        nkv_((int)n_kv), hd_((int)head_dim), scaling_((float)scaling), cos_(f32c(cos)), sin_(f32c(sin)),
+        max_len_(max_len), isa_((int)isa), nthreads_(threads(nthreads)) {
+    TORCH_CHECK(cos_.size(0) >= max_len && cos_.size(1) == head_dim / 2, "cos/sin must be (max_len, head_dim/2)");
+    d_ = embed_.size(1);
+  }
+
+  // qkv: one fused matrix or several whose outputs concatenate to q | k | v
+  void add_layer(at::Tensor ln1, at::Tensor ln2, std::vector<Lin> qkv, Lin o, Ffn ffn) {
+    int64_t total = 0;
+    for (auto& q : qkv) { q = check(q); total += q.m(); }
+    TORCH_CHECK(total == (int64_t)(nh_ + 2 * nkv_) * hd_, "qkv must have (n_heads + 2 n_kv) * head_dim outputs");
+    if (ffn.cwic) ffn.gate = check(ffn.gate);
+    else { ffn.gate_up = check(ffn.gate_up); ffn.down = check(ffn.down); }
+    if (ffn.unit_thr.defined()) ffn.unit_thr = f32c(ffn.unit_thr);
+    layers_.push_back({ln1.contiguous(), ln2.contiguous(), qkv, check(o), ffn});
+    kc_ = at::zeros({(int64_t)layers_.size(), max_len_, nkv_, hd_}, at::kFloat);
+    vc_ = at::zeros_like(kc_);
+  }
+
+  void set_head(Lin head) { head_ = check(head); }
+
+  // one token at position pos: writes the cache, returns the argmax of the logits
+  int64_t step(int64_t token, int64_t pos) {
+    TORCH_CHECK(pos >= 0 && pos < max_len_, "position out of range");
+    TORCH_CHECK(head_.w.defined(), "set_head first");
+    pybind11::gil_scoped_release nogil;
+    const int d = (int)d_;
+    ensure_buffers();
+    float* h = h_.data_ptr<float>();
+    float* xn = xn_.data_ptr<float>();
+    // embedding row -> fp32
+    if (embed_.scalar_type() == at::kBFloat16) {
+      const uint16_t* e = reinterpret_cast<const uint16_t*>(embed_.data_ptr()) + token * d;
+      for (int i = 0; i < d; ++i) {
+        uint32_t u = (uint32_t)e[i] << 16;
+        std::memcpy(h + i, &u, 4);
+      }
+    } else {
+      std::memcpy(h, embed_.data_ptr<float>() + token * d, sizeof(float) * d);
+    }
+    const float* cs = cos_.data_ptr<float>() + pos * (hd_ / 2);
+    const float* sn = sin_.data_ptr<float>() + pos * (hd_ / 2);
+    const int64_t kv_row = (int64_t)nkv_ * hd_;
+    for (size_t li = 0; li < layers_.size(); ++li) {
+      auto& L = layers_[li];
+      cwic_cpu::rmsnorm(h, 1, d, L.ln1.data_ptr(), wdtype_of(L.ln1), eps_, xn);
+      float* qkv = qkv_.data_ptr<float>();
+      {
+        float* dst = qkv;
+        for (auto& q : L.qkv) { reads_[0] += apply(q, xn, dst, nullptr); dst += q.m(); }
+      }
+      float* q = qkv;
+      float* k = qkv + (int64_t)nh_ * hd_;
+      float* v = k + kv_row;
+      cwic_cpu::rope(q, nh_, hd_, cs, sn);
+      cwic_cpu::rope(k, nkv_, hd_, cs, sn);
+      float* kc = kc_.data_ptr<float>() + (int64_t)li * max_len_ * kv_row;
+      float* vc = vc_.data_ptr<float>() + (int64_t)li * max_len_ * kv_row;
+      std::memcpy(kc + pos * kv_row, k, sizeof(float) * kv_row);
+      std::memcpy(vc + pos * kv_row, v, sizeof(float) * kv_row);
+      float* att = att_.data_ptr<float>();
+      cwic_cpu::attention(q, kc, vc, (int)pos + 1, nh_, nkv_, hd_, scaling_, att, scores_.data_ptr<float>(),
+                          nthreads_);
+      reads_[0] += apply(L.o, att, h, h);
+      cwic_cpu::rmsnorm(h, 1, d, L.ln2.data_ptr(), wdtype_of(L.ln2), eps_, xn);
+      reads_[1] += apply_ffn(L.ffn, xn, h);
+    }
+    cwic_cpu::rmsnorm(h, 1, d, norm_.data_ptr(), wdtype_of(norm_), eps_, xn);
+    float* lg = logits_.data_ptr<float>();
+    reads_[2] += apply(head_, xn, lg, nullptr);
+    tokens_ += 1;
+    const int64_t V = head_.m();
+    int64_t best = 0;
+    for (int64_t i = 1; i < V; ++i)
+      if (lg[i] > lg[best]) best = i;
+    return best;
+  }
+
+  at::Tensor logits() const { return logits_.clone(); }
+  // cumulative weights read by [attention (q,k,v,o), FFN, head] and the number of steps
+  std::vector<int64_t> reads() const { return {reads_[0], reads_[1], reads_[2], tokens_}; }
+  void reset_reads() { reads_[0] = reads_[1] = reads_[2] = 0; tokens_ = 0; }
+  void set_threads(int64_t n) { nthreads_ = threads(n); }
+  void set_isa(int64_t isa) { isa_ = (int)isa; }
+
+ private:
+  struct Layer { at::Tensor ln1, ln2; std::vector<Lin> qkv; Lin o; Ffn ffn; };
+
+  static Lin check(Lin L) {
+    TORCH_CHECK(L.w.defined() && L.w.dim() == 2 && L.w.is_contiguous(), "Lin.w must be a contiguous matrix");
+    TORCH_CHECK(L.kind >= 0 && L.kind <= 2, "Lin.kind must be 0, 1 or 2");
+    if (L.kind != 2) {
+      wdtype_of(L.w);
+      if (L.mean.defined()) L.mean = f32c(L.mean);
+      if (L.thr.defined()) L.thr = f32c(L.thr);
+      if (L.bias.defined()) L.bias = f32c(L.bias);
+    }
+    return L;
+  }
+
+  void ensure_buffers() {
+    if (h_.defined()) return;
+    int64_t mx = 0, ff = 0;
+    for (auto& L : layers_) {
+      int64_t t = 0;
+      for (auto& q : L.qkv) t += q.m();
+      mx = std::max({mx, t, L.o.m()});
+      if (!L.ffn.cwic) ff = std::max(ff, L.ffn.gate_up.m());
+    }
+    auto o = at::TensorOptions().dtype(at::kFloat);
+    h_ = at::zeros({d_}, o);
+    xn_ = at::zeros({d_}, o);
+    qkv_ = at::zeros({mx}, o);
+    att_ = at::zeros({(int64_t)nh_ * hd_}, o);
+    ffb_ = at::zeros({std::max<int64_t>(ff, 1)}, o);
+    logits_ = at::zeros({head_.m()}, o);
+    scores_ = at::zeros({(int64_t)nh_ * max_len_}, o);
+  }
+
+  // y = L(x) (+ resid; y may alias resid); returns the weights read
+  int64_t apply(const Lin& L, const float* x, float* y, const float* resid) {
+    const int64_t m = L.m(), n = L.n();
+    if (L.kind == 2) {
+      at::Tensor xt = at::from_blob(const_cast<float*>(x), {1, n}, at::kFloat).to(L.w.scalar_type());
+      at::Tensor out = at::linear(xt, L.w, L.bias.defined() ? std::optional<at::Tensor>(L.bias) : std::nullopt)
+                           .to(at::kFloat);
+      const float* o = out.data_ptr<float>();
+      if (resid) for (int64_t i = 0; i < m; ++i) y[i] = o[i] + resid[i];
+      else std::memcpy(y, o, sizeof(float) * m);
+      return m * n;
+    }
+    GemvArgs a;
+    a.x = x; a.B = 1; a.n = (int)n; a.m = (int)m;
+    a.wt = L.w.data_ptr(); a.wdtype = wdtype_of(L.w);
+    a.stripe = L.stripe > 0 ? (int)L.stripe : (int)m;
+    if (L.kind == 1) {
+      a.mean = L.mean.defined() ? L.mean.data_ptr<float>() : nullptr;
+      a.mean_rows = (L.mean.defined() && L.mean.numel() != n) ? (int)(L.mean.numel() / n) : 1;
+      a.thr = L.thr.defined() ? L.thr.data_ptr<float>() : nullptr;
+    }
+    a.bias = L.bias.defined() ? L.bias.data_ptr<float>() : nullptr;
+    a.residual = resid;
+    a.y = y;
+    return cwic_cpu::gemv(a, nthreads_, isa_);
+  }
+
+  int64_t apply_ffn(const Ffn& f, const float* x, float* h) {
+    const int d = (int)d_;
+    if (f.cwic) {
+      cwic_cpu::FfnArgs a;
+      const Lin& g = f.gate;
+      a.gate.x = x; a.gate.B = 1; a.gate.n = d; a.gate.m = (int)g.m();
+      a.gate.wt = g.w.data_ptr(); a.gate.wdtype = wdtype_of(g.w);
+      a.gate.mean = g.mean.defined() ? g.mean.data_ptr<float>() : nullptr;
+      a.gate.thr = g.thr.defined() ? g.thr.data_ptr<float>() : nullptr;
+      a.gate.bias = g.bias.defined() ? g.bias.data_ptr<float>() : nullptr;
+      a.gate.stripe = g.stripe > 0 ? (int)g.stripe : a.gate.m;
+      a.up_w = f.up_w.data_ptr();
+      a.down_wt = f.down_wt.data_ptr();
+      a.unit_thr = f.unit_thr.defined() ? f.unit_thr.data_ptr<float>() : nullptr;
+      a.act = act_id(f.act);
+      a.residual = h;
+      a.y = h;
+      return cwic_cpu::ffn(a, nthreads_, isa_);
+    }
+    const int64_t F2 = f.gate_up.m(), F = F2 / 2;
+    float* gu = ffb_.data_ptr<float>();
+    int64_t r = apply(f.gate_up, x, gu, nullptr);
+    cwic_cpu::act_mul(gu, gu + F, (int)F, act_id(f.act), gu);
+    r += apply(f.down, gu, h, h);
+    return r;
+  }
+
+  at::Tensor embed_, norm_;
+  float eps_;
+  int nh_, nkv_, hd_;
+  float scaling_;
+  at::Tensor cos_, sin_;
+  int64_t max_len_;
+  int isa_, nthreads_;
+  int64_t d_ = 0;
+  std::vector<Layer> layers_;
+  Lin head_;
+  at::Tensor kc_, vc_, h_, xn_, qkv_, att_, ffb_, logits_, scores_;
+  int64_t reads_[3] = {0, 0, 0};
+  int64_t tokens_ = 0;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "CWIC CPU kernels (granular sparse GEMV, fused FFN, C++ decode step)";
+  m.def("best_isa", &cwic_cpu::best_isa);
+  m.def("resolve_isa", &cwic_cpu::resolve_isa);
+  m.def("isa_name", [](int64_t isa) { return std::string(cwic_cpu::isa_name((int)isa)); });
+  m.def("gemv", &gemv, "granular sparse GEMV -> (y fp32 (B, m), weights read)", py::arg("x"), py::arg("wt"),
+        py::arg("mean"), py::arg("thr"), py::arg("bias"), py::arg("stripe"), py::arg("isa") = -1,
+        py::arg("nthreads") = 0);
+  m.def("ffn", &ffn, "fused CWIC gated FFN -> (y fp32 (B, d), weights read)", py::arg("x"), py::arg("gate_wt"),
+        py::arg("gate_mean"), py::arg("gate_thr"), py::arg("gate_bias"), py::arg("stripe"), py::arg("up_w"),
+        py::arg("down_wt"), py::arg("unit_thr"), py::arg("act"), py::arg("isa") = -1, py::arg("nthreads") = 0);
+  py::class_<Lin>(m, "Lin")
+      .def(py::init<>())
+      .def_readwrite("kind", &Lin::kind)
+      .def_readwrite("stripe", &Lin::stripe)
+      .def_readwrite("w", &Lin::w)
+      .def_readwrite("mean", &Lin::mean)
+      .def_readwrite("thr", &Lin::thr)
+      .def_readwrite("bias", &Lin::bias);
+  py::class_<Ffn>(m, "Ffn")
+      .def(py::init<>())
+      .def_readwrite("cwic", &Ffn::cwic)
+      .def_readwrite("act", &Ffn::act)
+      .def_readwrite("gate", &Ffn::gate)
+      .def_readwrite("up_w", &Ffn::up_w)
+      .def_readwrite("down_wt", &Ffn::down_wt)
+      .def_readwrite("unit_thr", &Ffn::unit_thr)
+      .def_readwrite("gate_up", &Ffn::gate_up)
+      .def_readwrite("down", &Ffn::down);
+  py::class_<Decoder>(m, "Decoder")
+      .def(py::init<at::Tensor, at::Tensor, double, int64_t, int64_t, int64_t, double, at::Tensor, at::Tensor, int64_t,
+                    int64_t, int64_t>())
+      .def("add_layer", &Decoder::add_layer)
+      .def("set_head", &Decoder::set_head)
+      .def("step", &Decoder::step)
+      .def("logits", &Decoder::logits)
+      .def("reads", &Decoder::reads)
+      .def("reset_reads", &Decoder::reset_reads)
+      .def("set_threads", &Decoder::set_threads)
+      .def("set_isa", &Decoder::set_isa);
+}

@@ -1,0 +1,200 @@
+// CWIC CPU kernels: dispatch across the scalar / AVX2 / AVX-512 builds of cwic_cpu_impl.inc, and the
+// decode glue (RMSNorm, RoPE, attention, activations). Torch-free: C++17 + OpenMP.
+#include "cwic_cpu.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define CWIC_X86 1
+#include <immintrin.h>
+#else
+#define CWIC_X86 0
+#endif
+
+namespace cwic_cpu {
+
+static inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+float act_scalar(float v, int act) {
+  switch (act) {
+    case ACT_SILU: return v / (1.0f + std::exp(-v));
+    case ACT_GELU: return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
+    case ACT_GELU_TANH: {
+      const float c = 0.79788456080286536f;   // sqrt(2 / pi)
+      return 0.5f * v * (1.0f + std::tanh(c * (v + 0.044715f * v * v * v)));
+    }
+    case ACT_RELU: return v > 0.0f ? v : 0.0f;
+    default: return v;
+  }
+}
+
+}  // namespace cwic_cpu
+
+// ---- the three builds ------------------------------------------------------------------------
+namespace cwic_cpu {
+#define CWIC_ISA 0
+#define CWIC_NS isa_scalar
+#include "cwic_cpu_impl.inc"
+#undef CWIC_NS
+#undef CWIC_ISA
+}  // namespace cwic_cpu
+
+#if CWIC_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt")
+namespace cwic_cpu {
+#define CWIC_ISA 1
+#define CWIC_NS isa_avx2
+#include "cwic_cpu_impl.inc"
+#undef CWIC_NS
+#undef CWIC_ISA
+}  // namespace cwic_cpu
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi,bmi2,popcnt")
+namespace cwic_cpu {
+#define CWIC_ISA 2
+#define CWIC_NS isa_avx512
+#include "cwic_cpu_impl.inc"
+#undef CWIC_NS
+#undef CWIC_ISA
+}  // namespace cwic_cpu
+#pragma GCC pop_options
+#endif
+
+namespace cwic_cpu {
+
+int best_isa() {
+#if CWIC_X86
+  static int best = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      return (int)ISA_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return (int)ISA_AVX2;
+    return (int)ISA_SCALAR;
+  }();
+  return best;
+#else
+  return ISA_SCALAR;
+#endif
+}
+
+int resolve_isa(int requested) {
+  int b = best_isa();
+  if (requested < 0 || requested > b) return b;
+  return requested;
+}
+
+const char* isa_name(int isa) {
+  switch (isa) {
+    case ISA_AVX512: return "avx512";
+    case ISA_AVX2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+int64_t gemv(const GemvArgs& a, int nthreads, int isa) {
+  switch (resolve_isa(isa)) {
+#if CWIC_X86
+    case ISA_AVX512: return isa_avx512::gemv_run(a, nthreads);
+    case ISA_AVX2: return isa_avx2::gemv_run(a, nthreads);
+#endif
+    default: return isa_scalar::gemv_run(a, nthreads);
+  }
+}
+
+int64_t ffn(const FfnArgs& a, int nthreads, int isa) {
+  switch (resolve_isa(isa)) {
+#if CWIC_X86
+    case ISA_AVX512: return isa_avx512::ffn_run(a, nthreads);
+    case ISA_AVX2: return isa_avx2::ffn_run(a, nthreads);
+#endif
+    default: return isa_scalar::ffn_run(a, nthreads);
+  }
+}
+
+// ---- decode glue (small: plain loops, vectorised by the compiler) ------------------------------
+
+void rmsnorm(const float* x, int B, int d, const void* w, int wdtype, float eps, float* out) {
+  for (int b = 0; b < B; ++b) {
+    const float* xb = x + (int64_t)b * d;
+    float* ob = out + (int64_t)b * d;
+    float ss = 0.0f;
+    for (int i = 0; i < d; ++i) ss += xb[i] * xb[i];
+    const float r = 1.0f / std::sqrt(ss / (float)d + eps);
+    if (wdtype == W_BF16) {
+      const uint16_t* wb = static_cast<const uint16_t*>(w);
+      for (int i = 0; i < d; ++i) ob[i] = xb[i] * r * bf16_to_f32(wb[i]);
+    } else {
+      const float* wf = static_cast<const float*>(w);
+      for (int i = 0; i < d; ++i) ob[i] = xb[i] * r * wf[i];
+    }
+  }
+}
+
+void rope(float* v, int n_heads, int hd, const float* cos, const float* sin) {
+  const int half = hd / 2;
+  for (int h = 0; h < n_heads; ++h) {
+    float* p = v + (int64_t)h * hd;
+    for (int i = 0; i < half; ++i) {
+      const float a = p[i], b = p[i + half];
+      p[i] = a * cos[i] - b * sin[i];
+      p[i + half] = b * cos[i] + a * sin[i];
+    }
+  }
+}
+
+void attention(const float* q, const float* kc, const float* vc, int T, int n_heads, int n_kv, int hd,
+               float scaling, float* out, float* scratch, int nthreads) {
+  const int group = n_heads / n_kv;
+  const int64_t row = (int64_t)n_kv * hd;
+  const int P = nthreads > 0 ? nthreads : omp_get_max_threads();
+  // small problems: one thread (a parallel region costs more than it saves)
+  const bool par = (int64_t)T * n_heads * hd > 32768;
+#pragma omp parallel for num_threads(P) schedule(static) if (par)
+  for (int h = 0; h < n_heads; ++h) {
+    const int g = h / group;
+    const float* qh = q + (int64_t)h * hd;
+    float* s = scratch + (int64_t)h * T;
+    float mx = -INFINITY;
+    for (int t = 0; t < T; ++t) {
+      const float* kt = kc + t * row + (int64_t)g * hd;
+      float acc = 0.0f;
+      for (int i = 0; i < hd; ++i) acc += qh[i] * kt[i];
+      s[t] = acc * scaling;
+      mx = std::max(mx, s[t]);
+    }
+    float sum = 0.0f;
+    for (int t = 0; t < T; ++t) {
+      s[t] = std::exp(s[t] - mx);
+      sum += s[t];
+    }
+    const float inv = 1.0f / sum;
+    float* oh = out + (int64_t)h * hd;
+    for (int i = 0; i < hd; ++i) oh[i] = 0.0f;
+    for (int t = 0; t < T; ++t) {
+      const float p = s[t] * inv;
+      const float* vt = vc + t * row + (int64_t)g * hd;
+      for (int i = 0; i < hd; ++i) oh[i] += p * vt[i];
+    }
+  }
+}
+
+void act_mul(const float* g, const float* u, int n, int act, float* out) {
+  for (int i = 0; i < n; ++i) out[i] = act_scalar(g[i], act) * u[i];
+}
+
+}  // namespace cwic_cpu

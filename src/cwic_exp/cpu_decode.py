@@ -1,0 +1,342 @@
+"""Lean CPU decoding for dense and CWIC Llama-family models, and APR calibration for benchmarks.
+
+    from cwic_exp.cpu_decode import CpuDecoder, calibrate_apr
+    dec = CpuDecoder(model, mode="cwic")                 # or mode="dense" (same model, thresholds ignored)
+    ids = dec.generate(prompt_ids, max_new_tokens=64)    # greedy, KV cache
+
+A decode step runs entirely in C++ (`cwic_kernels.cpu` `Decoder`: one Python call per token):
+embedding → RMSNorm → q/k/v → RoPE + fp32 KV cache → attention → o → RMSNorm → FFN → … → head →
+argmax. Dense and CWIC models go through the very same step; only the matrix products differ:
+
+    mode="cwic"                   every CwicLinear: granular sparse GEMV on Wᵀ (θ·σ, x̄, W x̄ + b);
+                                  every CwicGatedMLP: the fused FFN (gate GMM → act, unit mask →
+                                  active rows of W_up, active columns of W_down)
+    mode="dense", dense="own"     the same kernel and layout with every (stripe, input) on
+    mode="dense", dense="torch"   `at::linear` on (m, n) weights in the weights' dtype (= F.linear)
+
+A CWIC model decoded with mode="dense" uses its own (unchanged) weights, so "dense vs CWIC" compares
+one model with and without its sparsity. Weights are copied into the decoder's layout (input-major for
+our kernels) in `dtype` (bf16 by default); activations, the KV cache and accumulation are fp32. The
+prompt is fed one token at a time (the decode step; no batched prefill).
+
+`calibrate_apr(model, ids, apr)` sets the thresholds of a converted model (θ and φ, after gathering the
+running statistics) so that every counted matrix keeps about 1/apr of its weights on calibration
+tokens: a stand-in for a trained CWIC checkpoint when only speed is measured.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .modeling.layers import CwicGatedMLP, CwicLinear
+
+KIND_OWN, KIND_CWIC, KIND_TORCH = 0, 1, 2
+
+
+def _ext():
+    from cwic_kernels import cpu
+    ext = cpu.load()
+    if ext is None:
+        raise RuntimeError(f"CPU decoding needs the C++ kernels: {cpu.error()}")
+    return ext
+
+
+def _text_config(model):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+# ----------------------------------------------------------------------------- weight extraction
+
+def _lin_dense(ext, mods, dtype, impl: str):
+    """One dense Lin for modules sharing an input (outputs concatenated)."""
+    L = ext.Lin()
+    w = torch.cat([m.weight.detach() for m in mods], 0) if len(mods) > 1 else mods[0].weight.detach()
+    biases = [m.bias for m in mods]
+    b = None
+    if any(x is not None for x in biases):
+        b = torch.cat([x.detach().float() if x is not None else torch.zeros(m.out_features)
+                       for x, m in zip(biases, mods)])
+    if impl == "torch":
+        L.kind = KIND_TORCH
+        L.w = w.to(dtype).contiguous()
+        if b is not None:
+            L.bias = b.to(dtype)
+    else:
+        L.kind = KIND_OWN
+        L.w = w.t().to(dtype).contiguous()
+        if b is not None:
+            L.bias = b.float().contiguous()
+    return L
+
+
+def _lin_cwic(ext, mods, dtype):
+    """One CWIC Lin; modules fused along the outputs must each be a whole number of stripes."""
+    L = ext.Lin()
+    L.kind = KIND_CWIC
+    L.stripe = mods[0].stripe_size
+    L.w = torch.cat([m.weight.detach().t() for m in mods], 1).to(dtype).contiguous()
+    thrs = [m.thresholds().detach().float() for m in mods]
+    means = [m.running_stats()[0].detach().float() for m in mods]
+    L.thr = torch.cat(thrs, 0).contiguous()
+    if all(torch.equal(means[0], mm) for mm in means):
+        L.mean = means[0].contiguous()
+    else:
+        L.mean = torch.cat([mm.expand(t.shape[0], -1) for mm, t in zip(means, thrs)], 0).contiguous()
+    L.bias = torch.cat([m.folded_bias().detach().float() for m in mods]).contiguous()
+    return L
+
+
+def _fusable(mods) -> bool:
+    s = mods[0].stripe_size
+    return all(isinstance(m, CwicLinear) and m.stripe_size == s and m.out_features % s == 0 for m in mods[:-1]) \
+        and isinstance(mods[-1], CwicLinear) and mods[-1].stripe_size == s
+
+
+def _lins(ext, mods, mode, dtype, impl):
+    if mode == "cwic" and any(isinstance(m, CwicLinear) for m in mods):
+        if all(isinstance(m, CwicLinear) for m in mods) and _fusable(mods):
+            return [_lin_cwic(ext, mods, dtype)]
+        return [(_lin_cwic(ext, [m], dtype) if isinstance(m, CwicLinear) else _lin_dense(ext, [m], dtype, impl))
+                for m in mods]
+    return [_lin_dense(ext, mods, dtype, impl)]
+
+
+def _ffn(ext, mlp, mode, dtype, impl, act):
+    f = ext.Ffn()
+    if mode == "cwic" and isinstance(mlp, CwicGatedMLP):
+        assert mlp.up_proj.bias is None and mlp.down_proj.bias is None, "FFN biases are not supported"
+        f.cwic = True
+        f.act = mlp.act_name
+        f.gate = _lin_cwic(ext, [mlp.gate_proj], dtype)
+        f.up_w = mlp.up_proj.weight.detach().to(dtype).contiguous()
+        f.down_wt = mlp.down_proj.weight.detach().t().to(dtype).contiguous()
+        f.unit_thr = mlp.unit_thresholds().detach().float().contiguous()
+        return f
+    f.cwic = False
+    f.act = getattr(mlp, "act_name", act)
+    f.gate_up = _lin_dense(ext, [mlp.gate_proj, mlp.up_proj], dtype, impl)
+    f.down = _lin_dense(ext, [mlp.down_proj], dtype, impl)
+    return f
+
+
+def dense_counts(model) -> dict:
+    """Weights a dense decode step reads, by part (the APR's denominator: not embeddings)."""
+    cfg = _text_config(model)
+    d, F = cfg.hidden_size, cfg.intermediate_size
+    hd = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    attn = d * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    L = cfg.num_hidden_layers
+    return {"attn": attn * L, "ffn": 3 * d * F * L, "head": d * cfg.vocab_size,
+            "total": (attn + 3 * d * F) * L + d * cfg.vocab_size}
+
+
+@dataclass
+class DecodeStats:
+    tokens: int
+    seconds: float
+    reads_per_token: dict       # weights read per decoded token, by part (attn, ffn, head, total)
+    apr: float                  # dense weights / weights read (counted matrices, on these tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-12)
+
+
+class CpuDecoder:
+    """Greedy batch-1 decoding with a KV cache, one C++ call per token (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, mode: str = "cwic", dense: str = "own",
+                 dtype: torch.dtype = torch.bfloat16, max_len: int = 1024, isa: str | None = None,
+                 nthreads: int = 0):
+        if mode not in ("cwic", "dense"):
+            raise ValueError(f"mode must be 'cwic' or 'dense', got {mode!r}")
+        if dense not in ("own", "torch"):
+            raise ValueError(f"dense must be 'own' or 'torch', got {dense!r}")
+        from cwic_kernels import cpu
+        ext = _ext()
+        self.mode, self.dense_impl, self.dtype, self.max_len = mode, dense, dtype, int(max_len)
+        cfg = _text_config(model)
+        base = model.model
+        n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+        act = getattr(cfg, "hidden_act", "silu")
+        with torch.no_grad():
+            pid = torch.arange(self.max_len)[None]
+            cos, sin = base.rotary_emb(torch.zeros(1, dtype=torch.float32), pid)
+            half = hd // 2
+            cos = cos[0, :, :half].float().contiguous()
+            sin = sin[0, :, :half].float().contiguous()
+            eps = float(getattr(base.norm, "variance_epsilon", getattr(cfg, "rms_norm_eps", 1e-6)))
+            scaling = float(getattr(base.layers[0].self_attn, "scaling", hd ** -0.5))
+            self._dec = ext.Decoder(model.get_input_embeddings().weight.detach().to(dtype).contiguous(),
+                                    base.norm.weight.detach().to(dtype).contiguous(), eps, n_heads, n_kv, hd,
+                                    scaling, cos, sin, self.max_len, cpu.isa_id(isa), int(nthreads))
+            for layer in base.layers:
+                at = layer.self_attn
+                qkv = _lins(ext, [at.q_proj, at.k_proj, at.v_proj], mode, dtype, dense)
+                o = _lins(ext, [at.o_proj], mode, dtype, dense)[0]
+                ffn = _ffn(ext, layer.mlp, mode, dtype, dense, act)
+                self._dec.add_layer(layer.input_layernorm.weight.detach().to(dtype).contiguous(),
+                                    layer.post_attention_layernorm.weight.detach().to(dtype).contiguous(),
+                                    qkv, o, ffn)
+            self._dec.set_head(_lins(ext, [model.lm_head], mode, dtype, dense)[0])
+        self.dense = dense_counts(model)
+        self.pos = 0
+
+    # ------------------------------------------------------------------ decoding
+    def reset(self) -> None:
+        self.pos = 0
+        self._dec.reset_reads()
+
+    def step(self, token: int) -> int:
+        """Feed one token at the next position; returns the greedy next token."""
+        if self.pos >= self.max_len:
+            raise RuntimeError(f"KV cache full ({self.max_len} positions)")
+        nxt = self._dec.step(int(token), self.pos)
+        self.pos += 1
+        return nxt
+
+    def logits(self) -> torch.Tensor:
+        """fp32 logits of the last step."""
+        return self._dec.logits()
+
+    def prefill(self, ids) -> int:
+        """Reset and feed the prompt; returns the first generated token."""
+        ids = [int(t) for t in torch.as_tensor(ids).reshape(-1).tolist()]
+        self.reset()
+        nxt = None
+        for t in ids:
+            nxt = self.step(t)
+        return nxt
+
+    def generate(self, ids, max_new_tokens: int = 32, eos: int | None = None) -> list[int]:
+        """Greedy continuation of `ids`: the prompt followed by the new tokens."""
+        prompt = [int(t) for t in torch.as_tensor(ids).reshape(-1).tolist()]
+        out = list(prompt)
+        nxt = self.prefill(prompt)
+        for i in range(max_new_tokens):
+            out.append(nxt)
+            if (eos is not None and nxt == eos) or i == max_new_tokens - 1:
+                break
+            nxt = self.step(nxt)
+        return out
+
+    def timed_decode(self, ids, new_tokens: int = 32) -> DecodeStats:
+        """Prefill (untimed), then time `new_tokens` greedy decode steps (no early stop)."""
+        nxt = self.prefill(ids)
+        self._dec.reset_reads()
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            nxt = self.step(nxt)
+        dt = time.perf_counter() - t0
+        return DecodeStats(new_tokens, dt, *self._reads(new_tokens))
+
+    def _reads(self, n: int):
+        a, f, h, _ = self._dec.reads()
+        per = {"attn": a / n, "ffn": f / n, "head": h / n, "total": (a + f + h) / n}
+        return per, self.dense["total"] / max(per["total"], 1e-9)
+
+    def reads_per_token(self) -> dict:
+        _, _, _, n = self._dec.reads()
+        return self._reads(max(n, 1))[0]
+
+
+# ----------------------------------------------------------------------------- calibration
+
+def _collect(model, ids, mask):
+    """Inputs of every CwicLinear and act(g) of every CwicGatedMLP on the real tokens."""
+    from . import cwic_context, iter_cwic_modules
+    store, hooks = {}, []
+    sel = None if mask is None else mask.reshape(-1).bool()
+
+    def keep(key, t):
+        t = t.detach().reshape(-1, t.shape[-1]).float()
+        store[key] = t if sel is None else t[sel]
+
+    for m in iter_cwic_modules(model):
+        if isinstance(m, CwicLinear):
+            hooks.append(m.register_forward_pre_hook(lambda mod, args: keep(mod, args[0])))
+        else:
+            hooks.append(m.act_fn.register_forward_hook(
+                lambda mod, args, out, owner=m: keep(owner, out)))
+    try:
+        with torch.no_grad(), cwic_context(model, token_mask=mask):
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    return store
+
+
+def _bisect(density_of, target: float, lo: float = 0.0, hi: float = 64.0, iters: int = 30) -> float:
+    """c with density_of(c) ≈ target (density_of non-increasing in c)."""
+    if density_of(lo) <= target:
+        return lo
+    while density_of(hi) > target and hi < 1e6:
+        hi *= 4
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if density_of(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+@torch.no_grad()
+def calibrate_apr(model: nn.Module, input_ids: torch.Tensor, apr: float, attention_mask=None,
+                  iters: int = 2, jitter: float = 0.3, seed: int = 0, max_tokens: int = 2048) -> dict:
+    """Thresholds for a uniform density 1/apr in every counted matrix, on the given tokens.
+
+    A converted model (θ = 0) first gathers its running statistics on the tokens (statistics mode).
+    Then, `iters` times (each pass sees the sparsity set by the previous one): every CwicLinear gets
+    θ[r, i] = c·u[r, i] (u a fixed random jitter in [1 - jitter, 1 + jitter], so stripes differ) with c
+    chosen so that the fraction of (token, stripe, input) triples on, weighted by stripe rows, is 1/apr;
+    every CwicGatedMLP gets φ_j = c' (uniform) so that 1/apr of its (token, unit) pairs are on.
+    Returns `cwic_exp.active_parameters` on the same tokens (apr, densities by kind).
+    """
+    from . import active_parameters, cwic_context, iter_cwic_modules
+    target = 1.0 / float(apr)
+    mods = list(iter_cwic_modules(model))
+    with torch.no_grad():
+        for m in mods:
+            (m.theta if isinstance(m, CwicLinear) else m.phi).zero_()
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    with cwic_context(model, token_mask=attention_mask, update_stats=True):
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    g = torch.Generator().manual_seed(seed)
+    jit = {}
+    for m in mods:
+        if isinstance(m, CwicLinear):
+            jit[m] = 1.0 + jitter * (2 * torch.rand(m.theta.shape, generator=g) - 1)
+    for _ in range(max(1, iters)):
+        store = _collect(model, input_ids, attention_mask)
+        for m in mods:
+            x = store[m]
+            if x.shape[0] > max_tokens:
+                x = x[torch.randperm(x.shape[0], generator=g)[:max_tokens]]
+            if isinstance(m, CwicLinear):
+                mean, std = m.running_stats()
+                zs = ((x - mean) / std.clamp_min(1e-12)).abs().t().contiguous().sort(1).values  # (n, N)
+                u = jit[m].t().contiguous()                               # (n, k)
+                rows = m._rows.float().cpu()                              # (k,)
+                w = rows / rows.sum()
+                N = zs.shape[1]
+
+                def dens(c, zs=zs, u=u, w=w, N=N):
+                    on = N - torch.searchsorted(zs, c * u)                # (n, k): tokens with z >= c·u
+                    return float((on.float().mean(0) / N * w).sum())
+                c = _bisect(dens, target)
+                m.theta.copy_(c * jit[m])
+            else:
+                scale = m.running_stats()[1]
+                a = (x.abs() / scale.clamp_min(1e-12)).flatten().sort().values
+                N = a.numel()
+                c = _bisect(lambda c, a=a, N=N: float(N - torch.searchsorted(a, torch.tensor([c]))[0]) / N,
+                            target)
+                m.phi.fill_(c)
+    return active_parameters(model, input_ids, attention_mask)

@@ -1,0 +1,142 @@
+"""Compute per token over a chat (paper Fig. 5 / 9), and the chat capture PNG.
+
+    python experiments/analyses/token_compute.py --checkpoint runs/<run>/hf/final --threads 1
+    python experiments/analyses/token_compute.py --transcript chat.json    # a saved `cwic_exp.chat --json`
+
+Runs a scripted multi-turn chat through the same `ChatSession` as `python -m cwic_exp.chat` (greedy,
+KV cache kept, figures from the generation itself), then writes: the transcript (JSON) and its HTML page,
+`chat_capture.png` (the coloured conversation drawn with matplotlib, same colours as the terminal),
+`fig9_token_compute.png` (active parameters of every token along the conversation, by token category:
+template/special, role names, system prompt, user text, assistant reply) and the category means (CSV).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+from common import NOTE, add_common_args, describe, load_cwic, log, plt, setup
+
+PROMPTS = [
+    "What is the distance between the points (5,8) and (9,9)?",
+    "Write a haiku about the sea.",
+    "Name three uses of copper and explain one of them in a sentence.",
+]
+CATS = ["special", "role", "system", "user", "assistant"]
+CAT_COLOURS = {"special": "#999999", "role": "#8c564b", "system": "#9467bd", "user": "#2ca02c",
+               "assistant": "#1f77b4"}
+
+
+def categorise(tr: dict, special: set[int]) -> list[tuple[dict, str]]:
+    """Every token of the conversation with its category (ChatML-style templates: <|im_start|>role\\n
+    content<|im_end|>; other templates fall back to user/assistant)."""
+    out = []
+    for k, t in enumerate(tr["turns"]):
+        # a later turn's prompt starts where the cache stopped: inside the previous reply
+        role, in_role = ("user" if k == 0 else "assistant"), False
+        for tok in t["prompt"]:
+            if tok["id"] in special:
+                out.append((tok, "special"))
+                in_role = "im_start" in tok["text"] or tok["text"].strip() in ("<s>", "<|begin_of_text|>")
+                if "im_end" in tok["text"] or "eot" in tok["text"]:
+                    role = None          # template glue until the next role header
+                continue
+            if in_role:
+                name = tok["text"].strip()
+                if name in ("system", "user", "assistant"):
+                    role = name
+                out.append((tok, "role"))
+                if "\n" in tok["text"]:
+                    in_role = False
+                continue
+            out.append((tok, role or "special"))
+        out += [(tok, "assistant") for tok in t["reply"]]
+    return out
+
+
+def run_chat(ckpt, prompts, max_new_tokens, device):
+    from cwic_exp.chat import ChatSession, HFBackend
+    model, tok = load_cwic(ckpt, device)
+    chat = ChatSession(HFBackend(model, device), tok, max_new_tokens=max_new_tokens, temperature=0.0,
+                       notice=log)
+    chat.calibrate()
+    for p in prompts:
+        t = chat.turn(p)
+        log(f"turn: {t.reply_text[:80]!r}… {t.summary['tokens']} tokens, APR {t.summary['apr']:.2f}")
+    return chat.transcript(str(ckpt)), set(tok.all_special_ids)
+
+
+def main(argv=None):
+    p = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    p.add_argument("--transcript", default=None, help="render this chat JSON instead of chatting")
+    p.add_argument("--prompt", action="append", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--width", type=int, default=110)
+    args = p.parse_args(argv)
+    if args.transcript:
+        args.checkpoint = args.checkpoint or "(transcript)"
+    out = setup(args)
+    from cwic_exp.chat import _YLGNBU, fmt_params, to_html
+    from render import render_png, transcript_segments
+    if args.transcript:
+        tr = json.loads(Path(args.transcript).read_text())
+        from transformers import AutoTokenizer
+        special = set(AutoTokenizer.from_pretrained(tr["model"]).all_special_ids)
+        label = tr["model"]
+    else:
+        tr, special = run_chat(args.checkpoint, args.prompt or PROMPTS, args.max_new_tokens, args.device)
+        label = describe(args.checkpoint)
+        (out / "chat_transcript.json").write_text(json.dumps(tr, ensure_ascii=False, indent=1))
+        (out / "chat_transcript.html").write_text(to_html(tr, f"CWIC chat — {label}"), encoding="utf-8")
+    sc = tr["scale"]
+    segs, foot = transcript_segments(tr)
+    render_png(segs, out / "chat_capture.png", width=args.width, title=f"CWIC chat · {label}",
+               legend=(f"little compute {fmt_params(sc['lo'])}", _YLGNBU,
+                       f"{fmt_params(sc['hi'])} much compute  (dense {fmt_params(sc['dense'])})"),
+               footer=foot + [NOTE, "token colour = active parameters of the forward pass that processed it"])
+
+    toks = categorise(tr, special)
+    dense = tr["dense"]
+    rows = []
+    for c in CATS:
+        v = [t["ap"] for t, cat in toks if cat == c]
+        if v:
+            rows.append({"category": c, "tokens": len(v), "mean_active": sum(v) / len(v),
+                         "apr": dense * len(v) / sum(v)})
+    with open(out / "token_compute_by_category.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["category", "tokens", "mean_active", "apr"])
+        w.writeheader()
+        w.writerows(rows)
+    with open(out / "token_compute_tokens.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "id", "text", "category", "active"])
+        for i, (t, c) in enumerate(toks):
+            w.writerow([i, t["id"], t["text"], c, t["ap"]])
+
+    P = plt()
+    fig, (ax, bx) = P.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [4, 1]})
+    xs = range(len(toks))
+    ax.plot(xs, [t["ap"] / 1e6 for t, _ in toks], color="#cccccc", lw=0.6, zorder=1)
+    for c in CATS:
+        pts = [(i, t["ap"] / 1e6) for i, (t, cat) in enumerate(toks) if cat == c]
+        if pts:
+            ax.scatter(*zip(*pts), s=7, color=CAT_COLOURS[c], label=c, zorder=2)
+    ax.axhline(dense / 1e6, color="k", ls="--", lw=0.8, label="dense")
+    ax.set_xlabel("token position in the conversation")
+    ax.set_ylabel("active parameters (M)")
+    ax.set_title(f"compute per token · {label}", fontsize=10)
+    ax.legend(fontsize=8, ncol=3)
+    bx.bar([r["category"] for r in rows], [r["mean_active"] / 1e6 for r in rows],
+           color=[CAT_COLOURS[r["category"]] for r in rows])
+    bx.set_ylabel("mean active parameters (M)")
+    bx.tick_params(axis="x", rotation=45)
+    fig.text(0.01, 0.01, NOTE, fontsize=7, color="#555")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(out / "fig9_token_compute.png", dpi=150)
+    log(json.dumps(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -42,7 +42,7 @@ class CwicCfg:
 
 @dataclass
 class DataCfg:
-    source: str = "sharegpt"              # sharegpt (offline) | paper_mix (needs the hub)
+    source: str = "sharegpt"              # sharegpt (offline) | paper_mix (needs the hub) | packed (data.path)
     path: Optional[str] = None            # a ShareGPT-format JSON file instead of the packaged one
     seq_len: int = 1024
     max_len: Optional[int] = None         # longest conversation kept (default: seq_len)
@@ -77,6 +77,7 @@ class TrainerCfg:
     ckpt_every: int = 25
     log_every: int = 1
     threads: Optional[int] = None
+    max_minutes: Optional[float] = None   # stop cleanly (checkpoint + export) after this wall time
 
 
 @dataclass
@@ -137,8 +138,10 @@ def validate(cfg) -> None:
                           f"trainer.micro_batch_size ({t.micro_batch_size})")
     if d.seq_len < 8:
         raise ConfigError(f"data.seq_len must be ≥ 8, got {d.seq_len}")
-    if d.source not in ("sharegpt", "paper_mix"):
-        raise ConfigError(f"data.source must be 'sharegpt' or 'paper_mix', got {d.source!r}")
+    if d.source not in ("sharegpt", "paper_mix", "packed"):
+        raise ConfigError(f"data.source must be 'sharegpt', 'paper_mix' or 'packed', got {d.source!r}")
+    if d.source == "packed" and d.path is None:
+        raise ConfigError("data.source=packed needs data.path (a file from `make gpu-bundle` / save_packed)")
     if d.path is not None and not os.path.exists(d.path):
         raise ConfigError(f"data.path does not exist: {d.path}")
     if d.source == "sharegpt" and d.path is None:

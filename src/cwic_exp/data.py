@@ -312,6 +312,51 @@ def build_packed(tok, source: str = "sharegpt", seq_len: int = 1024, max_len: in
     return train, val
 
 
+def save_packed(path: str | os.PathLike, train: PackedData, val: PackedData, tok) -> Path:
+    """A compact, self-contained packed-data file (uint16 tokens + lengths) for offline machines."""
+    def enc(d: PackedData) -> dict:
+        lengths = []
+        for r in range(len(d)):
+            seg = d.segment_ids[r]
+            lengths.append([int((seg == s).sum()) for s in range(1, int(seg.max()) + 1)])
+        ids = d.input_ids.to(torch.int32)
+        small = ids.max() < 65536 if ids.numel() else True
+        return {"ids": (ids.to(torch.int16) if small else ids), "u16": bool(small), "lengths": lengths,
+                "info": d.info}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": "cwic-packed-1", "tokenizer": _tokenizer_fingerprint(tok),
+                "pad_id": tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0),
+                "train": enc(train), "val": enc(val)}, path)
+    return path
+
+
+def load_packed(path: str | os.PathLike, tok=None) -> tuple[PackedData, PackedData]:
+    blob = torch.load(path)
+    if blob.get("format") != "cwic-packed-1":
+        raise ValueError(f"{path} is not a packed-data file written by cwic_exp.data.save_packed")
+    if tok is not None and blob["tokenizer"] != _tokenizer_fingerprint(tok):
+        log.warning("%s was tokenised with a tokenizer whose fingerprint differs from the teacher's "
+                    "(another transformers version?): check the vocabulary matches", path)
+
+    def dec(e: dict) -> PackedData:
+        ids = e["ids"].to(torch.int32)
+        if e["u16"]:
+            ids = ids & 0xFFFF
+        R, T = ids.shape if ids.ndim == 2 else (0, 0)
+        seg = torch.zeros((R, T), dtype=torch.int16)
+        pos = torch.zeros((R, T), dtype=torch.int16)
+        for r, lens in enumerate(e["lengths"]):
+            off = 0
+            for s, n in enumerate(lens, start=1):
+                seg[r, off:off + n] = s
+                pos[r, off:off + n] = torch.arange(n, dtype=torch.int16)
+                off += n
+            pos[r, off:] = torch.arange(T - off, dtype=torch.int16)
+        return PackedData(ids, seg, pos, e["info"])
+    return dec(blob["train"]), dec(blob["val"])
+
+
 # ----------------------------------------------------------------------------- torch data
 
 class PackedDataset(Dataset):
@@ -389,7 +434,10 @@ class ChatDataModule(L.LightningDataModule if L else object):
 
     def setup(self, stage: str | None = None):
         if self.train_data is None:
-            self.train_data, val = build_packed(self.tok, **self.kw)
+            if self.kw["source"] == "packed":
+                self.train_data, val = load_packed(self.kw["path"], self.tok)
+            else:
+                self.train_data, val = build_packed(self.tok, **self.kw)
             self.val_data = val.subset(slice(0, self.val_rows))
 
     def state_dict(self):

@@ -100,7 +100,8 @@ def run(cfg, run_dir: str | Path | None = None) -> dict:
                                    save_dir=str(run_dir), offline=offline, tags=list(cfg.logger.tags),
                                    config=OmegaConf.to_container(cfg, resolve=True)))
     trainer = L.Trainer(accelerator=acc, devices=t.devices, strategy=t.strategy, precision=t.precision,
-                        max_steps=t.max_steps, max_epochs=-1, log_every_n_steps=t.log_every,
+                        max_steps=t.max_steps, max_epochs=-1,
+                        max_time=None if not t.max_minutes else {"minutes": float(t.max_minutes)}, log_every_n_steps=t.log_every,
                         val_check_interval=t.val_every, check_val_every_n_epoch=None,
                         num_sanity_val_steps=0, callbacks=callbacks, logger=loggers or False,
                         plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,

@@ -39,5 +39,8 @@ smoke: setup                    ## tiny random model, tiny data: < 1 min
 sweep-apr: setup                ## Hydra multirun over final APR targets (documented in README)
 	$(BIN)/python train.py -m +experiment=mini cwic.apr_final=2.05,3.05,4.05 $(ARGS)
 
+gpu-bundle: setup             ## .gpu/: everything an offline GPU box needs (teacher parts, data, wheels)
+	$(BIN)/python experiments/gpu_bundle.py $(ARGS)
+
 clean:
 	rm -rf outputs multirun lightning_logs runs .pytest_cache

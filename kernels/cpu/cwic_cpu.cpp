@@ -26,6 +26,27 @@ static inline float bf16_to_f32(uint16_t h) {
   return f;
 }
 
+// rows of the active list prefetched ahead of the one being streamed ($CWIC_CPU_PREFETCH, default 8)
+static int g_prefetch_rows = [] {
+  const char* e = std::getenv("CWIC_CPU_PREFETCH");
+  int v = e ? std::atoi(e) : 8;
+  return v > 0 ? v : 8;
+}();
+
+float round_bf16(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7f800000u) == 0x7f800000u) {       // inf / nan: keep (quiet the nan)
+    if (u & 0x007fffffu) u |= 0x00400000u;
+  } else {
+    u += 0x7fffu + ((u >> 16) & 1u);
+  }
+  u &= 0xffff0000u;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
 float act_scalar(float v, int act) {
   switch (act) {
     case ACT_SILU: return v / (1.0f + std::exp(-v));

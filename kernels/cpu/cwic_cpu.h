@@ -51,6 +51,7 @@ struct FfnArgs {
   const void* down_wt = nullptr; // (F, d)
   const float* unit_thr = nullptr; // (F) or null: every unit on
   int act = ACT_SILU;
+  bool round_gate_bf16 = false;  // round g to bf16 before act (what a bf16 model / the reference does)
   const float* residual = nullptr; // (B, d) or null
   float* y = nullptr;            // (B, d) fp32
 };
@@ -71,5 +72,6 @@ void attention(const float* q, const float* kc, const float* vc, int T, int n_he
 // act(g) * u elementwise (dense FFN)
 void act_mul(const float* g, const float* u, int n, int act, float* out);
 float act_scalar(float v, int act);
+float round_bf16(float v);  // round to nearest even bf16, returned as fp32
 
 }  // namespace cwic_cpu

@@ -92,6 +92,19 @@ def test_gemv_matches_reference(B, n, m, stripe, dtype):
            f"B={B} n={n} m={m} s={stripe} {dtype}")
 
 
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("cfg", [dict(block_m=16, block_n=16, max_split=2), dict(block_m=32, block_n=32, pipe=True),
+                                 dict(block_m=16, block_n=16, max_split=1, pipe=True), dict(block_n=64, waves=64)],
+                         ids=["multi-iter", "pipe", "pipe-nosplit", "one-shot"])
+def test_gemv_tile_configs(cfg, B):
+    """Loops of several blocks per program, the pipelined loop, one-shot tiles: same results."""
+    n, m, stripe = 200, 96, 32
+    x, wt, mean, thr, bias = _inputs(B, n, m, stripe, torch.bfloat16, seed=17 + B)
+    c = G.gemv_config(B, n, m, stripe, x.device, **cfg)
+    y = G.gemv_ex(x, wt, mean, thr, bias, stripe, config=c)
+    _check(y, _gold(x, wt, mean, thr, bias, stripe), ref.gemv_reference(x, wt, mean, thr, bias, stripe), str(cfg))
+
+
 @pytest.mark.parametrize("B", [1, 5])
 def test_gemv_dense_and_empty_extremes(B):
     n, m, stripe = 80, 64, 32
@@ -136,9 +149,9 @@ def test_gemv_epilogues_and_modes():
 def test_gemv_repeated_launches_are_deterministic():
     """The split-K arrival counters reset themselves: launch after launch gives the same bits."""
     x, wt, mean, thr, bias = _inputs(1, 256, 64, 32, torch.float32, seed=5)
-    cfg = G.gemv_config(1, 256, 64, 32, x.device)
+    cfg = G.gemv_config(1, 256, 64, 32, x.device, block_n=32)
     assert cfg["SPLIT"] > 1
-    ys = [G.gemv_ex(x, wt, mean, thr, bias, 32) for _ in range(3)]
+    ys = [G.gemv_ex(x, wt, mean, thr, bias, 32, config=cfg) for _ in range(3)]
     assert all(torch.equal(ys[0], y) for y in ys[1:])
     assert int(G._counters(x.device).abs().sum()) == 0
 
@@ -274,6 +287,17 @@ def test_gemv_real_shapes_gpu(n, m, B):
            f"{B}x{n}x{m}")
     y2 = G.gemv_ex(x, wt, mean, thr, bias, 512)
     assert torch.equal(y, y2), "moving result: race in the split-K reduction"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEV != "cuda", reason="needs a CUDA device")
+@pytest.mark.parametrize("n,m", [(2048, 8192), (8192, 2048), (2048, 128256)])
+@pytest.mark.parametrize("cfg", [dict(pipe=True, waves=1), dict(waves=8, max_split=128), dict(num_warps=8)])
+def test_gemv_real_shapes_configs_gpu(n, m, cfg):
+    x, wt, mean, thr, bias = _inputs(1, n, m, 512, torch.bfloat16, density=0.34, seed=n + m)
+    c = G.gemv_config(1, n, m, 512, x.device, **cfg)
+    y = G.gemv_ex(x, wt, mean, thr, bias, 512, config=c)
+    _check(y, _gold(x, wt, mean, thr, bias, 512), ref.gemv_reference(x, wt, mean, thr, bias, 512), str(cfg))
 
 
 @pytest.mark.gpu

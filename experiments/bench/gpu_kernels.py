@@ -173,10 +173,9 @@ def sweep_configs(S: Shape, dev, sparsity=0.66):
     x, mean, thr = make_inputs(S.n, S.m, S.copies, 1.0 - sparsity, dev, 1)
     xs = [x[i:i + 1] for i in range(S.copies)]
     out = []
-    for c in [dict(), dict(block_m=128, block_n=64, waves=4), dict(block_m=256, block_n=64),
-              dict(block_m=128, block_n=128, waves=8, max_split=128), dict(block_m=256, block_n=128, num_warps=8),
-              dict(block_m=64, block_n=256), dict(block_m=256, block_n=32, waves=4),
-              dict(block_m=512, block_n=32, num_warps=8), dict(block_m=128, block_n=64, waves=8, max_split=128)]:
+    for c in [dict(), dict(num_warps=8), dict(pipe=True), dict(pipe=True, waves=1), dict(pipe=True, num_warps=8),
+              dict(block_n=128, waves=4), dict(block_n=128, pipe=True),
+              dict(waves=8, max_split=128), dict(block_m=128, block_n=128, waves=8, max_split=128)]:
         cfg = G.gemv_config(1, S.n, S.m, STRIPE, x.device, **c)
         try:
             us = time_graph([lambda i=i: G.gemv_ex(xs[i], S.WT[i], mean, thr, S.bias, STRIPE, config=cfg)

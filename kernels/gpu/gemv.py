@@ -44,13 +44,42 @@ def _act(y, ACT: tl.constexpr):
 
 
 @triton.jit
+def _mask1(XR, MEANR, THRR, rows, n_hi, MASK_MODE: tl.constexpr):
+    """One token: (x - x̄ where the (stripe, input) pair is on else 0, on) for a block of inputs."""
+    nmask = rows < n_hi
+    x = tl.load(XR + rows, mask=nmask, other=0.0).to(tl.float32)
+    if MASK_MODE == 0:
+        mu = tl.load(MEANR + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
+        t = tl.load(THRR + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
+        xc = x - mu
+        on = (tl.abs(xc) >= t) & nmask
+    elif MASK_MODE == 1:
+        xc = x
+        on = x != 0.0
+    else:
+        xc = x
+        on = nmask
+    return tl.where(on, xc, 0.0), on
+
+
+@triton.jit
+def _load_rows(WT, rows, cols, M, on, cmask, EVEN_M: tl.constexpr):
+    """The weight rows of the active inputs; an inactive row is a masked load that never happens."""
+    wmask = on[:, None]
+    if not EVEN_M:
+        wmask = wmask & cmask[None, :]
+    return tl.load(WT + rows.to(tl.int64)[:, None] * M + cols[None, :], mask=wmask, other=0.0,
+                   eviction_policy="evict_first")
+
+
+@triton.jit
 def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT,
                 B, N, M, STRIPE, CHUNK_N,
                 stride_xb, stride_mk, stride_rb, stride_yb,
                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                 SPLIT: tl.constexpr, MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_RES: tl.constexpr, ACT: tl.constexpr, EVEN_M: tl.constexpr,
-                DOT_F32: tl.constexpr):
+                DOT_F32: tl.constexpr, PIPE: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -63,61 +92,60 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT,
     n_lo = pid_k * CHUNK_N
     n_hi = tl.minimum(n_lo + CHUNK_N, N)
     acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        nmask = rows < n_hi
-        if BLOCK_B == 1:
-            x = tl.load(X + pid_b * stride_xb + rows, mask=nmask, other=0.0).to(tl.float32)
-            if MASK_MODE == 0:
-                mu = tl.load(MEAN + r * stride_mk + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
-                t = tl.load(THR + r * N + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
-                xc = x - mu
-                on = (tl.abs(xc) >= t) & nmask
-            elif MASK_MODE == 1:
-                xc = x
-                on = x != 0.0
-            else:
-                xc = x
-                on = nmask
-            xc = tl.where(on, xc, 0.0)
-            wmask = on[:, None]
-            if not EVEN_M:
-                wmask = wmask & cmask[None, :]
-            w = tl.load(WT + rows.to(tl.int64)[:, None] * M + cols[None, :], mask=wmask, other=0.0,
-                        eviction_policy="evict_first")
+    if PIPE:                                             # (one token only)
+        # two-stage software pipeline: the next block's mask and weight loads are in flight while the
+        # current block is multiplied, so a program waits about one memory round trip per block, not two
+        rows = n_lo + tl.arange(0, BLOCK_N)
+        xc, on = _mask1(X + pid_b * stride_xb, MEAN + r * stride_mk, THR + r * N, rows, n_hi, MASK_MODE)
+        w = _load_rows(WT, rows, cols, M, on, cmask, EVEN_M)
+        for n0 in range(n_lo + BLOCK_N, n_hi, BLOCK_N):
+            rows2 = n0 + tl.arange(0, BLOCK_N)
+            xc2, on2 = _mask1(X + pid_b * stride_xb, MEAN + r * stride_mk, THR + r * N, rows2, n_hi, MASK_MODE)
+            w2 = _load_rows(WT, rows2, cols, M, on2, cmask, EVEN_M)
             acc += tl.sum(xc[:, None] * w.to(tl.float32), axis=0)[None, :]
-        else:
-            xm = bmask[:, None] & nmask[None, :]
-            x = tl.load(X + bs[:, None] * stride_xb + rows[None, :], mask=xm, other=0.0).to(tl.float32)
-            if MASK_MODE == 0:
-                mu = tl.load(MEAN + r * stride_mk + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
-                t = tl.load(THR + r * N + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
-                xc = x - mu[None, :]
-                g = (tl.abs(xc) >= t[None, :]) & xm
-            elif MASK_MODE == 1:
-                xc = x
-                g = x != 0.0
+            xc = xc2
+            w = w2
+        acc += tl.sum(xc[:, None] * w.to(tl.float32), axis=0)[None, :]
+    else:
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            rows = n0 + tl.arange(0, BLOCK_N)
+            nmask = rows < n_hi
+            if BLOCK_B == 1:
+                xc, on = _mask1(X + pid_b * stride_xb, MEAN + r * stride_mk, THR + r * N, rows, n_hi, MASK_MODE)
+                w = _load_rows(WT, rows, cols, M, on, cmask, EVEN_M)
+                acc += tl.sum(xc[:, None] * w.to(tl.float32), axis=0)[None, :]
             else:
-                xc = x
-                g = xm
-            xc = tl.where(g, xc, 0.0)
-            on = tl.max(g.to(tl.int32), axis=0) > 0      # union over this block's tokens
-            wmask = on[:, None]
-            if not EVEN_M:
-                wmask = wmask & cmask[None, :]
-            w = tl.load(WT + rows.to(tl.int64)[:, None] * M + cols[None, :], mask=wmask, other=0.0,
-                        eviction_policy="evict_first")
-            if DOT_F32:   # fp32 weights, or the CPU interpreter (whose bf16 dot is unusable)
-                hi = xc.to(w.dtype).to(tl.float32)
-                lo = (xc - hi).to(w.dtype).to(tl.float32)
-                wf = w.to(tl.float32)
-                acc += tl.dot(hi, wf, input_precision="ieee")
-                acc += tl.dot(lo, wf, input_precision="ieee")
-            else:
-                hi = xc.to(w.dtype)
-                lo = (xc - hi.to(tl.float32)).to(w.dtype)
-                acc = tl.dot(hi, w, acc)
-                acc = tl.dot(lo, w, acc)
+                xm = bmask[:, None] & nmask[None, :]
+                x = tl.load(X + bs[:, None] * stride_xb + rows[None, :], mask=xm, other=0.0).to(tl.float32)
+                if MASK_MODE == 0:
+                    mu = tl.load(MEAN + r * stride_mk + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
+                    t = tl.load(THR + r * N + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
+                    xc = x - mu[None, :]
+                    g = (tl.abs(xc) >= t[None, :]) & xm
+                elif MASK_MODE == 1:
+                    xc = x
+                    g = x != 0.0
+                else:
+                    xc = x
+                    g = xm
+                xc = tl.where(g, xc, 0.0)
+                on = tl.max(g.to(tl.int32), axis=0) > 0      # union over this block's tokens
+                wmask = on[:, None]
+                if not EVEN_M:
+                    wmask = wmask & cmask[None, :]
+                w = tl.load(WT + rows.to(tl.int64)[:, None] * M + cols[None, :], mask=wmask, other=0.0,
+                            eviction_policy="evict_first")
+                if DOT_F32:   # fp32 weights, or the CPU interpreter (whose bf16 dot is unusable)
+                    hi = xc.to(w.dtype).to(tl.float32)
+                    lo = (xc - hi).to(w.dtype).to(tl.float32)
+                    wf = w.to(tl.float32)
+                    acc += tl.dot(hi, wf, input_precision="ieee")
+                    acc += tl.dot(lo, wf, input_precision="ieee")
+                else:
+                    hi = xc.to(w.dtype)
+                    lo = (xc - hi.to(tl.float32)).to(w.dtype)
+                    acc = tl.dot(hi, w, acc)
+                    acc = tl.dot(lo, w, acc)
 
     omask = bmask[:, None] & cmask[None, :]
     if SPLIT == 1:
@@ -239,7 +267,9 @@ def gemv_config(B: int, n: int, m: int, stripe: int, device: torch.device, **ove
     each program reading at most CHUNK_N inputs. Overrides: block_m, block_n, waves, max_split,
     num_warps, num_stages; `TUNED[(n, m, BLOCK_B)]` supplies them when the caller gives none."""
     bb = 1 if B == 1 else 16
-    p = dict(block_m=128, block_n=128 if bb == 1 else 32, waves=2.0, max_split=64, num_warps=4, num_stages=2)
+    # defaults: the best tiles of the H100 sweep (experiments/results/gpu_kernels.md)
+    p = dict(block_m=64, block_n=256 if bb == 1 else 32, waves=2.0, max_split=64, num_warps=4, num_stages=2,
+             pipe=False)
     p.update(TUNED.get((n, m, bb), {}) if not overrides else {})
     p.update(overrides)
     bm = _block_m(stripe, m, p["block_m"])
@@ -251,7 +281,7 @@ def gemv_config(B: int, n: int, m: int, stripe: int, device: torch.device, **ove
     chunk = triton.cdiv(triton.cdiv(n, split), bn) * bn
     split = triton.cdiv(n, chunk)
     return dict(BLOCK_B=bb, BLOCK_M=bm, BLOCK_N=bn, SPLIT=split, CHUNK_N=chunk, grid=(grid_m, split, nb),
-                num_warps=p["num_warps"], num_stages=p["num_stages"])
+                num_warps=p["num_warps"], num_stages=p["num_stages"], pipe=bool(p["pipe"]) and bb == 1)
 
 
 def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: torch.Tensor | None,
@@ -308,7 +338,7 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
         BLOCK_B=cfg["BLOCK_B"], BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], SPLIT=split,
         MASK_MODE=mask_mode, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         ACT=ACT_IDS[act], EVEN_M=(m % cfg["BLOCK_M"] == 0),
-        DOT_F32=(INTERPRET or wt.dtype == torch.float32),
+        DOT_F32=(INTERPRET or wt.dtype == torch.float32), PIPE=cfg.get("pipe", False),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
     return y
 

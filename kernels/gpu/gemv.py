@@ -258,8 +258,14 @@ def _block_m(stripe: int, m: int, cap: int) -> int:
     return bm
 
 
-# (n, m, BLOCK_B) -> gemv_config overrides, e.g. measured best tiles; see experiments/bench/gpu_kernels.py
-TUNED: dict = {}
+# (n, m, BLOCK_B) -> gemv_config overrides: the best tiles of the sweep at 66% sparsity on an H100
+# (experiments/results/gpu_kernels.md); shapes not listed use the defaults below.
+TUNED: dict = {
+    (2048, 2048, 1): dict(waves=8, max_split=128),
+    (2048, 512, 1): dict(block_n=128, waves=4),
+    (8192, 2048, 1): dict(waves=8, max_split=128),
+    (2048, 3072, 1): dict(waves=8, max_split=128),
+}
 
 
 def gemv_config(B: int, n: int, m: int, stripe: int, device: torch.device, **overrides) -> dict:

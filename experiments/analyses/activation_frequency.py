@@ -107,7 +107,7 @@ def fig7(recs, labels, out, layers=None):
         data[lab] = {}
         for rr, L in enumerate(layers):
             f = r.freq(g[L]).numpy()
-            data[lab][str(L)] = f.round(4).tolist()
+            data[lab][str(L)] = f.round(3).tolist()
             ax = axes[rr, c]
             im = ax.imshow(f, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
             ax.set_yticks(range(f.shape[0]))
@@ -158,9 +158,9 @@ def fig8(model, rec, label, out):
     within = torch.stack([m.view(k, H, hd).std(2).mean() for m in mats]).tolist()
     across = [float(per_head[i].std()) for i in range(len(layers))]
     save_json(out / "fig8_o_heads.json", {"heads": H, "head_dim": hd, "stripes": k,
-                                          "per_head_mean": per_head.round(4).tolist(),
+                                          "per_head_mean": per_head.round(3).tolist(),
                                           "within_head_std": within, "across_head_std": across,
-                                          "freq": {str(L): m.numpy().round(4).tolist() for L, m in zip(layers, mats)}})
+                                          "freq": {str(L): m.numpy().round(3).tolist() for L, m in zip(layers, mats)}})
 
 
 def main(argv=None):

@@ -271,7 +271,7 @@ def _collect(model, ids, mask):
     return store
 
 
-def _bisect(density_of, target: float, lo: float = 0.0, hi: float = 64.0, iters: int = 30) -> float:
+def _bisect(density_of, target: float, lo: float = 0.0, hi: float = 64.0, iters: int = 22) -> float:
     """c with density_of(c) ≈ target (density_of non-increasing in c)."""
     if density_of(lo) <= target:
         return lo
@@ -288,15 +288,17 @@ def _bisect(density_of, target: float, lo: float = 0.0, hi: float = 64.0, iters:
 
 @torch.no_grad()
 def calibrate_apr(model: nn.Module, input_ids: torch.Tensor, apr: float, attention_mask=None,
-                  iters: int = 2, jitter: float = 0.3, seed: int = 0, max_tokens: int = 2048) -> dict:
+                  iters: int = 2, jitter: float = 0.3, seed: int = 0, max_tokens: int = 512,
+                  stats: bool = True, cache: dict | None = None) -> dict:
     """Thresholds for a uniform density 1/apr in every counted matrix, on the given tokens.
 
-    A converted model (θ = 0) first gathers its running statistics on the tokens (statistics mode).
-    Then, `iters` times (each pass sees the sparsity set by the previous one): every CwicLinear gets
-    θ[r, i] = c·u[r, i] (u a fixed random jitter in [1 - jitter, 1 + jitter], so stripes differ) with c
-    chosen so that the fraction of (token, stripe, input) triples on, weighted by stripe rows, is 1/apr;
-    every CwicGatedMLP gets φ_j = c' (uniform) so that 1/apr of its (token, unit) pairs are on.
-    Returns `cwic_exp.active_parameters` on the same tokens (apr, densities by kind).
+    A converted model first gathers its running statistics on the tokens with θ = 0 (statistics mode;
+    `stats=False` keeps the ones it has). Then, `iters` times (the first pass sees the dense model,
+    each later one the sparsity set by the previous one): every CwicLinear gets θ[r, i] = c·u[r, i]
+    (u a fixed random jitter in [1 - jitter, 1 + jitter], so stripes differ) with c chosen so that the
+    fraction of (token, stripe, input) triples on, weighted by stripe rows, is 1/apr; every CwicGatedMLP
+    gets φ_j = c' (uniform) so that 1/apr of its (token, unit) pairs are on. `cache` (a dict) keeps the
+    dense pass for later calls with other targets. Returns `cwic_exp.active_parameters` on the tokens.
     """
     from . import active_parameters, cwic_context, iter_cwic_modules
     target = 1.0 / float(apr)
@@ -306,15 +308,26 @@ def calibrate_apr(model: nn.Module, input_ids: torch.Tensor, apr: float, attenti
             (m.theta if isinstance(m, CwicLinear) else m.phi).zero_()
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    with cwic_context(model, token_mask=attention_mask, update_stats=True):
-        model(input_ids=input_ids, attention_mask=attention_mask)
+    if stats:
+        with cwic_context(model, token_mask=attention_mask, update_stats=True):
+            model(input_ids=input_ids, attention_mask=attention_mask)
     g = torch.Generator().manual_seed(seed)
     jit = {}
     for m in mods:
         if isinstance(m, CwicLinear):
             jit[m] = 1.0 + jitter * (2 * torch.rand(m.theta.shape, generator=g) - 1)
-    for _ in range(max(1, iters)):
-        store = _collect(model, input_ids, attention_mask)
+    for it in range(max(1, iters)):
+        if it == 0 and cache is not None and "dense" in cache:
+            store = cache["dense"]
+        else:
+            store = _collect(model, input_ids, attention_mask)
+            if it == 0:
+                sub = {}
+                for m, x in store.items():   # subsample once: every later call sees the same tokens
+                    sub[m] = x[torch.randperm(x.shape[0], generator=g)[:max_tokens]] if x.shape[0] > max_tokens else x
+                store = sub
+                if cache is not None:
+                    cache["dense"] = store
         for m in mods:
             x = store[m]
             if x.shape[0] > max_tokens:

@@ -1,0 +1,312 @@
+"""CPU decode benchmark: greedy tokens/s of dense vs CWIC models through the same C++ decode step.
+
+    python experiments/bench_decode.py --device cpu                       # SmolLM2-135M + Llama-1B-shaped
+    python -m experiments.bench.cpu_decode --quick                        # SmolLM2 only, 3× APR
+    python -m experiments.bench.cpu_decode --out experiments/results      # also write cpu_decode.{json,md}
+
+Models: SmolLM2-135M-Instruct (the real weights, offline; stripe 192 as in conf/model/smollm2_135m.yaml)
+and a Llama-3.2-1B-shaped model with random weights (16 layers, hidden 2048, FFN 8192, 32/8 heads,
+vocab 128,256, tied head; stripe 512). Each is converted with `to_cwic` and its thresholds calibrated
+(`cwic_exp.cpu_decode.calibrate_apr`: the running statistics, then θ and φ so every counted matrix keeps
+1/APR of its weights on calibration tokens; chat text for SmolLM2, random tokens for the random model) to
+2×, 3× and 4× APR: stand-ins for trained CWIC checkpoints, since only speed is measured here.
+
+Every configuration runs in `cwic_exp.cpu_decode.CpuDecoder` (one C++ call per token, bf16 weights, fp32
+activations and KV cache): dense with our kernel ("dense-own": every (stripe, input) pair on), dense with
+ATen `at::linear` ("dense-torch": what F.linear runs), and CWIC. The prompt is fed untimed; then
+--new-tokens greedy steps are timed. Configurations are interleaved round-robin (--rounds), each run
+waiting for idle CPUs first (the machine is shared); medians. The speedup is against the FASTER dense
+configuration. APR is counted as the project does (q, k, v, o, FFN, head; not embeddings or attention):
+`apr_calib` on the calibration tokens, `apr_decode` = dense weights / weights the kernels actually read
+on the decoded tokens. The LAST line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CALIB_TEXTS = [
+    ("Explain how a refrigerator keeps food cold.",
+     "A refrigerator moves heat from the inside to the outside. A refrigerant is compressed, which heats it; "
+     "it then releases that heat through the coils at the back, expands through a valve and becomes very "
+     "cold, and absorbs heat from the food compartment before returning to the compressor."),
+    ("Write a haiku about autumn rain.", "Grey rain on red leaves / the garden exhales slowly / puddles hold the sky"),
+    ("What is 17 times 23?", "17 times 23 is 391: 17 × 20 = 340 and 17 × 3 = 51, and 340 + 51 = 391."),
+    ("Give me three tips for a job interview.",
+     "1. Research the company and the role. 2. Prepare short stories that show your skills, with results. "
+     "3. Ask thoughtful questions at the end: it shows interest and helps you decide."),
+    ("Translate 'good morning, how are you?' into French and Spanish.",
+     "French: « Bonjour, comment allez-vous ? » Spanish: «Buenos días, ¿cómo estás?»"),
+    ("Write a Python function that reverses a string.",
+     "def reverse(s: str) -> str:\n    return s[::-1]\n\nThe slice walks the string backwards one step at a time."),
+    ("Why is the sky blue?",
+     "Sunlight scatters off the molecules of the air. Short wavelengths scatter much more than long ones "
+     "(Rayleigh scattering), so blue light reaches our eyes from every direction of the sky."),
+    ("Summarise the plot of Romeo and Juliet in two sentences.",
+     "Two young lovers from feuding families in Verona marry in secret. A chain of misunderstandings ends "
+     "with both taking their own lives, which finally reconciles their families."),
+]
+PROMPT = "Write a short story about a robot who learns to paint."
+
+
+def ensure_imports():
+    for p in (ROOT, os.path.join(ROOT, "src")):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+
+
+def chat_ids(tok, user, assistant=None):
+    msgs = [{"role": "user", "content": user}]
+    if assistant is not None:
+        msgs.append({"role": "assistant", "content": assistant})
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=assistant is None)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def calib_batch(tok):
+    seqs = [chat_ids(tok, u, a) for u, a in CALIB_TEXTS]
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def llama1b_shaped(seed=0, layers=16):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=4096,
+                      rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True, hidden_act="silu",
+                      rope_scaling={"rope_type": "llama3", "factor": 32.0, "high_freq_factor": 4.0,
+                                    "low_freq_factor": 1.0, "original_max_position_embeddings": 8192})
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model = model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g).mul_(0.02).to(p.dtype))
+            else:
+                p.fill_(1.0)
+        for name, b in model.named_buffers():
+            pass
+    model.tie_weights()
+    # rotary buffers were created on meta: rebuild them
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    model.model.rotary_emb = LlamaRotaryEmbedding(config=cfg)
+    return model.eval()
+
+
+def run_rounds(configs: dict, prompt, new_tokens: int, rounds: int, quiet, log) -> dict:
+    """Interleaved timed runs: {name: {'tps': [...], 'stats': DecodeStats of the last run}}."""
+    out = {k: {"tps": [], "quiet": 0} for k in configs}
+    for r in range(rounds):
+        for name, dec in configs.items():
+            ok = quiet()
+            st = dec.timed_decode(prompt, new_tokens)
+            out[name]["tps"].append((st.tokens_per_s, ok))
+            out[name]["quiet"] += int(ok)
+            out[name]["stats"] = st
+        log(f"    round {r + 1}/{rounds}: " + ", ".join(f"{k} {v['tps'][-1][0]:.1f}" for k, v in out.items()))
+    return out
+
+
+def summarise(res: dict) -> dict:
+    from experiments.bench.cpu_kernels import robust_median
+    s = {}
+    for k, v in res.items():
+        tps, nq = robust_median(v["tps"], min_quiet=max(2, len(v["tps"]) // 2))
+        st = v["stats"]
+        s[k] = {"tokens_per_s": tps, "runs": [round(t, 2) for t, _ in v["tps"]], "quiet_runs": nq,
+                "apr_decode": st.apr, "reads_per_token": st.reads_per_token}
+    return s
+
+
+def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtype, threads, quiet, log,
+                calib, prompt_ids, hf_check: bool):
+    import cwic_exp
+    from cwic_exp.cpu_decode import CpuDecoder, calibrate_apr, dense_counts
+    res = {"model": name, "stripe": stripe, "new_tokens": new_tokens, "rounds": rounds,
+           "prompt_tokens": len(prompt_ids), "dense_params_per_token": dense_counts(model)}
+    max_len = len(prompt_ids) + new_tokens + 8
+    if hf_check:   # the C++ dense path reproduces Hugging Face's greedy decoding
+        with torch.no_grad():
+            ids = torch.tensor([prompt_ids])
+            hf = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)[0].tolist()
+        d32 = CpuDecoder(model, mode="dense", dtype=torch.float32, max_len=max_len, nthreads=threads)
+        ours = d32.generate(prompt_ids, max_new_tokens=16)
+        res["hf_greedy_match_fp32"] = ours == hf
+        log(f"  C++ dense decode (fp32) reproduces HF greedy tokens: {ours == hf}")
+        del d32
+    t0 = time.time()
+    dense = {"dense-own": CpuDecoder(model, mode="dense", dense="own", dtype=dtype, max_len=max_len,
+                                     nthreads=threads),
+             "dense-torch": CpuDecoder(model, mode="dense", dense="torch", dtype=dtype, max_len=max_len,
+                                       nthreads=threads)}
+    log(f"  dense decoders built ({time.time() - t0:.0f} s)")
+    dense_tokens = dense["dense-own"].generate(prompt_ids, new_tokens)[len(prompt_ids):]
+    log("  timing dense-own vs dense-torch")
+    runs = run_rounds(dense, prompt_ids, new_tokens, rounds, quiet, log)
+    summary = summarise(runs)
+    del dense["dense-torch"]
+    gc.collect()
+    cwic_exp.to_cwic(model, stripe_size=stripe)
+    calib_ids, calib_mask = calib
+    cache = {}
+    for i, apr in enumerate(aprs):
+        t0 = time.time()
+        st = calibrate_apr(model, calib_ids, apr, attention_mask=calib_mask, stats=i == 0, cache=cache)
+        dec = CpuDecoder(model, mode="cwic", dtype=dtype, max_len=max_len, nthreads=threads)
+        key = f"cwic-{apr:g}x"
+        log(f"  {key}: calibrated APR {st['apr']:.2f} on {st['tokens']} tokens ({time.time() - t0:.0f} s)")
+        toks = dec.generate(prompt_ids, new_tokens)[len(prompt_ids):]
+        runs = run_rounds({"dense-own": dense["dense-own"], key: dec}, prompt_ids, new_tokens, rounds, quiet, log)
+        sm = summarise(runs)
+        summary.setdefault("dense-own-repeats", []).append(sm["dense-own"]["tokens_per_s"])
+        summary[key] = sm[key]
+        summary[key].update({"apr_target": apr, "apr_calib": st["apr"], "density_calib": st["density"],
+                             "dense_own_same_rounds": sm["dense-own"]["tokens_per_s"],
+                             "greedy_tokens_equal_to_dense": sum(a == b for a, b in zip(toks, dense_tokens))
+                             / max(1, len(toks))})
+        del dec
+        gc.collect()
+    # dense-own: median over its runs in every phase
+    own = [summary["dense-own"]["tokens_per_s"]] + summary.pop("dense-own-repeats", [])
+    summary["dense-own"]["tokens_per_s_phases"] = own
+    summary["dense-own"]["tokens_per_s"] = statistics.median(own)
+    best = max(summary["dense-own"]["tokens_per_s"], summary["dense-torch"]["tokens_per_s"])
+    res["dense_best"] = "dense-own" if summary["dense-own"]["tokens_per_s"] >= summary["dense-torch"]["tokens_per_s"] \
+        else "dense-torch"
+    for apr in aprs:
+        c = summary[f"cwic-{apr:g}x"]
+        c["speedup"] = c["tokens_per_s"] / best
+        c["speedup_vs_dense_own"] = c["tokens_per_s"] / summary["dense-own"]["tokens_per_s"]
+        c["speedup_vs_dense_torch"] = c["tokens_per_s"] / summary["dense-torch"]["tokens_per_s"]
+        c["speedup_same_rounds"] = c["tokens_per_s"] / c["dense_own_same_rounds"]
+    res["configs"] = summary
+    return res
+
+
+def table(res: dict) -> str:
+    c = res["configs"]
+    lines = [f"### {res['model']} (stripe {res['stripe']}, {res['prompt_tokens']}-token prompt, "
+             f"{res['new_tokens']} timed tokens, {res['rounds']} rounds)", "",
+             "| config | tokens/s | APR (calib / decode) | speedup vs best dense | vs dense-own | vs dense-torch |",
+             "|---|---|---|---|---|---|"]
+    for k in ("dense-own", "dense-torch"):
+        lines.append(f"| {k} | {c[k]['tokens_per_s']:.2f} | 1.00 / {c[k]['apr_decode']:.2f} | | | |")
+    for k, v in c.items():
+        if k.startswith("cwic"):
+            lines.append(f"| {k} | {v['tokens_per_s']:.2f} | {v['apr_calib']:.2f} / {v['apr_decode']:.2f} | "
+                         f"**{v['speedup']:.2f}×** | {v['speedup_vs_dense_own']:.2f}× | "
+                         f"{v['speedup_vs_dense_torch']:.2f}× |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="smollm2,llama1b", help="comma list of smollm2, llama1b")
+    ap.add_argument("--aprs", default="2,3,4")
+    ap.add_argument("--new-tokens", type=int, default=0, help="timed tokens (default 64 SmolLM2, 24 1B)")
+    ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 5 SmolLM2, 3 1B)")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--stripe-smollm2", type=int, default=192)
+    ap.add_argument("--stripe-llama1b", type=int, default=512)
+    ap.add_argument("--llama1b-layers", type=int, default=16, help="fewer: a quicker, smaller stand-in")
+    ap.add_argument("--quiet-wait", type=float, default=5.0, help="max s to wait for idle CPUs before a run")
+    ap.add_argument("--quick", action="store_true", help="SmolLM2 only, 3× APR, 32 tokens, 3 rounds")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    ensure_imports()
+    from experiments.bench.cpu_kernels import Quiet, machine
+    from cwic_kernels import cpu as C
+    if C.load() is None:
+        raise SystemExit(f"C++ kernels unavailable: {C.error()}")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    models = ["smollm2"] if args.quick else [m.strip() for m in args.models.split(",") if m.strip()]
+    aprs = [3.0] if args.quick else [float(a) for a in args.aprs.split(",")]
+    quiet = Quiet(busy=0.2, max_wait=args.quiet_wait, enabled=args.quiet_wait > 0, budget=600.0)
+    info = machine()
+    info.update({"isa": C.best_isa(), "decode_threads": threads})
+    print(f"CPU decode: {info.get('cpu', '?')}, {info['cpus']} CPUs, {threads} threads, ISA {info['isa']}, "
+          f"weights {args.dtype}, load {info.get('loadavg_start')}")
+    results = {}
+    md = ["# CPU decode benchmark (greedy, batch 1, KV cache, one C++ call per token)", "",
+          f"Machine: {info.get('cpu', '?')}, {info['cpus']} CPUs, {threads} threads, ISA {info['isa']}, "
+          f"torch {torch.__version__}; weights {args.dtype}, activations and KV cache fp32. APR counts q, k, v, "
+          "o, FFN and head (not embeddings or attention scores); thresholds calibrated, not trained.", ""]
+    import cwic_exp
+    for name in models:
+        t0 = time.time()
+        if name == "smollm2":
+            model, tok = cwic_exp.load_teacher("smollm2-135m-instruct")
+            model = model.float().eval()
+            prompt = chat_ids(tok, PROMPT)
+            calib = calib_batch(tok)
+            new_tokens = args.new_tokens or (32 if args.quick else 64)
+            rounds = args.rounds or (3 if args.quick else 5)
+            stripe, label, hf_check = args.stripe_smollm2, "SmolLM2-135M-Instruct", True
+        elif name == "llama1b":
+            model = llama1b_shaped(layers=args.llama1b_layers)
+            g = torch.Generator().manual_seed(1)
+            prompt = torch.randint(0, 128256, (24,), generator=g).tolist()
+            calib = (torch.randint(0, 128256, (2, 64), generator=g), torch.ones(2, 64, dtype=torch.long))
+            new_tokens = args.new_tokens or 24
+            rounds = args.rounds or 3
+            stripe, label, hf_check = args.stripe_llama1b, f"Llama-3.2-1B-shaped random ({args.llama1b_layers} layers)", False
+        else:
+            raise SystemExit(f"unknown model {name!r}")
+        print(f"{label}: loaded ({time.time() - t0:.0f} s)")
+        res = bench_model(label, model, None, stripe, aprs, new_tokens, rounds, dtype, threads, quiet, print,
+                          calib, prompt, hf_check)
+        results[name] = res
+        t = table(res)
+        print(t)
+        md.append(t)
+        del model
+        gc.collect()
+    try:
+        info["loadavg_end"] = os.getloadavg()
+    except OSError:
+        pass
+    head = models[0]
+    summary = {"bench": "cpu_decode", "device": "cpu", "machine": info, "dtype": args.dtype,
+               "quiet_runs": quiet.quiet_calls, "timed_runs": quiet.calls, "models": results}
+    for name, r in results.items():
+        summary[f"speedup_{name}"] = {k.split("-")[1]: round(v["speedup"], 3)
+                                      for k, v in r["configs"].items() if k.startswith("cwic")}
+    summary["speedup"] = summary[f"speedup_{head}"]
+    if "3x" in summary["speedup"]:
+        line = f"acceptance (≥ 2.5× at 3× APR, {results[head]['model']}): {summary['speedup']['3x']:.2f}×"
+        print(line)
+        md += [line, ""]
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "cpu_decode.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        with open(os.path.join(args.out, "cpu_decode.md"), "w") as f:
+            f.write("\n".join(md))
+    print(json.dumps(summary, separators=(",", ":")))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

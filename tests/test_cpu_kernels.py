@@ -95,6 +95,18 @@ def test_gemv_zero_and_full_sparsity(ext, dtype, B):
     assert torch.equal(full, bias.to(dtype).expand(B, m))
 
 
+@pytest.mark.parametrize("B", [1, 3])
+def test_gemv_stripe_major_layout(ext, B):
+    """Weights as (k, n, stripe) blocks (last stripe zero-padded): the same result as (n, m)."""
+    n, m, s = 96, 200, 64
+    x, wt, mean, thr, bias = _inputs(B, n, m, s, torch.bfloat16)
+    k = thr.shape[0]
+    blocks = torch.nn.functional.pad(wt, (0, k * s - m)).view(n, k, s).permute(1, 0, 2).contiguous()
+    got = ext.gemv_layout(x, blocks, m, mean, thr, bias, s, s, n * s, -1, 0)[0]
+    want = ext.gemv(x, wt, mean, thr, bias, s, -1, 0)[0]
+    assert torch.equal(got, want)
+
+
 def test_gemv_reads_count(ext):
     x, wt, mean, thr, bias = _inputs(1, 300, 500, 128, torch.float32)
     _, reads = C.gemv(x, wt, mean, thr, bias, 128, return_reads=True)

@@ -8,6 +8,7 @@
 //   kind 2  dense, ATen `at::linear` on (m, n) weights in the weights' dtype (what F.linear runs)
 #include <torch/extension.h>
 
+#include <chrono>
 #include <optional>
 #include <vector>
 
@@ -76,6 +77,34 @@ std::tuple<at::Tensor, int64_t> gemv(const at::Tensor& x, const at::Tensor& wt, 
   at::Tensor x32 = f32c(x);
   std::vector<at::Tensor> keep;
   GemvArgs a = gemv_args(x32, wt, mean, thr, bias, stripe, keep);
+  at::Tensor y = at::empty({a.B, a.m}, x32.options());
+  a.y = y.data_ptr<float>();
+  int64_t reads;
+  {
+    pybind11::gil_scoped_release nogil;
+    reads = cwic_cpu::gemv(a, threads(nthreads), (int)isa);
+  }
+  return {y, reads};
+}
+
+// the same with an explicit weight layout: (i, o) of stripe r at w + r * block_stride + i * row_stride + o - r * stripe
+std::tuple<at::Tensor, int64_t> gemv_layout(const at::Tensor& x, const at::Tensor& w, int64_t m,
+                                            const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& thr,
+                                            const std::optional<at::Tensor>& bias, int64_t stripe, int64_t row_stride,
+                                            int64_t block_stride, int64_t isa, int64_t nthreads) {
+  at::Tensor x32 = f32c(x);
+  TORCH_CHECK(w.is_contiguous(), "cwic_cpu: w must be contiguous");
+  const int64_t n = x32.size(1);
+  const int64_t s = stripe > 0 ? std::min<int64_t>(stripe, m) : m;
+  const int64_t k = (m + s - 1) / s;
+  TORCH_CHECK(row_stride > 0 && block_stride > 0 &&
+                  (k - 1) * block_stride + (n - 1) * row_stride + (m - (k - 1) * s) <= w.numel(),
+              "cwic_cpu: layout does not fit in w");
+  std::vector<at::Tensor> keep;
+  at::Tensor view = at::from_blob(w.data_ptr(), {n, m}, w.options());   // shape for the checks only
+  GemvArgs a = gemv_args(x32, view, mean, thr, bias, stripe, keep);
+  a.row_stride = row_stride;
+  a.block_stride = block_stride;
   at::Tensor y = at::empty({a.B, a.m}, x32.options());
   a.y = y.data_ptr<float>();
   int64_t reads;
@@ -186,14 +215,17 @@ class Decoder {
     const float* cs = cos_.data_ptr<float>() + pos * (hd_ / 2);
     const float* sn = sin_.data_ptr<float>() + pos * (hd_ / 2);
     const int64_t kv_row = (int64_t)nkv_ * hd_;
+    Clock tk(prof_);
     for (size_t li = 0; li < layers_.size(); ++li) {
       auto& L = layers_[li];
       cwic_cpu::rmsnorm(h, 1, d, L.ln1.data_ptr(), wdtype_of(L.ln1), eps_, xn);
+      tk.lap(P_GLUE);
       float* qkv = qkv_.data_ptr<float>();
       {
         float* dst = qkv;
         for (auto& q : L.qkv) { reads_[0] += apply(q, xn, dst, nullptr); dst += q.m(); }
       }
+      tk.lap(P_QKV);
       float* q = qkv;
       float* k = qkv + (int64_t)nh_ * hd_;
       float* v = k + kv_row;
@@ -203,33 +235,58 @@ class Decoder {
       float* vc = vc_.data_ptr<float>() + (int64_t)li * max_len_ * kv_row;
       std::memcpy(kc + pos * kv_row, k, sizeof(float) * kv_row);
       std::memcpy(vc + pos * kv_row, v, sizeof(float) * kv_row);
+      tk.lap(P_GLUE);
       float* att = att_.data_ptr<float>();
       cwic_cpu::attention(q, kc, vc, (int)pos + 1, nh_, nkv_, hd_, scaling_, att, scores_.data_ptr<float>(),
                           nthreads_);
+      tk.lap(P_ATTN);
       reads_[0] += apply(L.o, att, h, h);
+      tk.lap(P_O);
       cwic_cpu::rmsnorm(h, 1, d, L.ln2.data_ptr(), wdtype_of(L.ln2), eps_, xn);
+      tk.lap(P_GLUE);
       reads_[1] += apply_ffn(L.ffn, xn, h);
+      tk.lap(P_FFN);
     }
     cwic_cpu::rmsnorm(h, 1, d, norm_.data_ptr(), wdtype_of(norm_), eps_, xn);
+    tk.lap(P_GLUE);
     float* lg = logits_.data_ptr<float>();
     reads_[2] += apply(head_, xn, lg, nullptr);
+    tk.lap(P_HEAD);
     tokens_ += 1;
     const int64_t V = head_.m();
     int64_t best = 0;
     for (int64_t i = 1; i < V; ++i)
       if (lg[i] > lg[best]) best = i;
+    tk.lap(P_GLUE);
     return best;
   }
 
   at::Tensor logits() const { return logits_.clone(); }
   // cumulative weights read by [attention (q,k,v,o), FFN, head] and the number of steps
   std::vector<int64_t> reads() const { return {reads_[0], reads_[1], reads_[2], tokens_}; }
-  void reset_reads() { reads_[0] = reads_[1] = reads_[2] = 0; tokens_ = 0; }
+  void reset_reads() {
+    reads_[0] = reads_[1] = reads_[2] = 0;
+    tokens_ = 0;
+    for (auto& p : prof_) p = 0.0;
+  }
+  // seconds spent in [glue (norms, RoPE, cache, embedding, argmax), q/k/v, attention, o, FFN, head]
+  std::vector<double> profile() const { return std::vector<double>(prof_, prof_ + P_N); }
   void set_threads(int64_t n) { nthreads_ = threads(n); }
   void set_isa(int64_t isa) { isa_ = (int)isa; }
 
  private:
   struct Layer { at::Tensor ln1, ln2; std::vector<Lin> qkv; Lin o; Ffn ffn; };
+  enum { P_GLUE = 0, P_QKV, P_ATTN, P_O, P_FFN, P_HEAD, P_N };
+  struct Clock {
+    double* acc;
+    std::chrono::steady_clock::time_point t;
+    explicit Clock(double* a) : acc(a), t(std::chrono::steady_clock::now()) {}
+    void lap(int i) {
+      auto n = std::chrono::steady_clock::now();
+      acc[i] += std::chrono::duration<double>(n - t).count();
+      t = n;
+    }
+  };
 
   static Lin check(Lin L) {
     TORCH_CHECK(L.w.defined() && L.w.dim() == 2 && L.w.is_contiguous(), "Lin.w must be a contiguous matrix");
@@ -328,6 +385,7 @@ class Decoder {
   Lin head_;
   at::Tensor kc_, vc_, h_, xn_, qkv_, att_, ffb_, logits_, scores_;
   int64_t reads_[3] = {0, 0, 0};
+  double prof_[P_N] = {0, 0, 0, 0, 0, 0};
   int64_t tokens_ = 0;
 };
 
@@ -341,6 +399,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "granular sparse GEMV -> (y fp32 (B, m), weights read)", py::arg("x"), py::arg("wt"),
         py::arg("mean"), py::arg("thr"), py::arg("bias"), py::arg("stripe"), py::arg("isa") = -1,
         py::arg("nthreads") = 0);
+  m.def("gemv_layout", &gemv_layout, "granular sparse GEMV on an explicit weight layout (e.g. stripe-major)",
+        py::arg("x"), py::arg("w"), py::arg("m"), py::arg("mean"), py::arg("thr"), py::arg("bias"), py::arg("stripe"),
+        py::arg("row_stride"), py::arg("block_stride"), py::arg("isa") = -1, py::arg("nthreads") = 0);
   m.def("ffn", &ffn, "fused CWIC gated FFN -> (y fp32 (B, d), weights read)", py::arg("x"), py::arg("gate_wt"),
         py::arg("gate_mean"), py::arg("gate_thr"), py::arg("gate_bias"), py::arg("stripe"), py::arg("up_w"),
         py::arg("down_wt"), py::arg("unit_thr"), py::arg("act"), py::arg("isa") = -1, py::arg("nthreads") = 0);
@@ -371,6 +432,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("logits", &Decoder::logits)
       .def("reads", &Decoder::reads)
       .def("reset_reads", &Decoder::reset_reads)
+      .def("profile", &Decoder::profile)
       .def("set_threads", &Decoder::set_threads)
       .def("set_isa", &Decoder::set_isa);
 }

@@ -33,6 +33,13 @@ static int g_prefetch_rows = [] {
   return v > 0 ? v : 8;
 }();
 
+// stripes are shared between threads when there are fewer than this many per thread ($CWIC_CPU_SHARE)
+static int g_share_k = [] {
+  const char* e = std::getenv("CWIC_CPU_SHARE");
+  int v = e ? std::atoi(e) : 2;
+  return v >= 0 ? v : 2;
+}();
+
 float round_bf16(float v) {
   uint32_t u;
   std::memcpy(&u, &v, 4);
@@ -180,37 +187,12 @@ void rope(float* v, int n_heads, int hd, const float* cos, const float* sin) {
 
 void attention(const float* q, const float* kc, const float* vc, int T, int n_heads, int n_kv, int hd,
                float scaling, float* out, float* scratch, int nthreads) {
-  const int group = n_heads / n_kv;
-  const int64_t row = (int64_t)n_kv * hd;
-  const int P = nthreads > 0 ? nthreads : omp_get_max_threads();
-  // small problems: one thread (a parallel region costs more than it saves)
-  const bool par = (int64_t)T * n_heads * hd > 32768;
-#pragma omp parallel for num_threads(P) schedule(static) if (par)
-  for (int h = 0; h < n_heads; ++h) {
-    const int g = h / group;
-    const float* qh = q + (int64_t)h * hd;
-    float* s = scratch + (int64_t)h * T;
-    float mx = -INFINITY;
-    for (int t = 0; t < T; ++t) {
-      const float* kt = kc + t * row + (int64_t)g * hd;
-      float acc = 0.0f;
-      for (int i = 0; i < hd; ++i) acc += qh[i] * kt[i];
-      s[t] = acc * scaling;
-      mx = std::max(mx, s[t]);
-    }
-    float sum = 0.0f;
-    for (int t = 0; t < T; ++t) {
-      s[t] = std::exp(s[t] - mx);
-      sum += s[t];
-    }
-    const float inv = 1.0f / sum;
-    float* oh = out + (int64_t)h * hd;
-    for (int i = 0; i < hd; ++i) oh[i] = 0.0f;
-    for (int t = 0; t < T; ++t) {
-      const float p = s[t] * inv;
-      const float* vt = vc + t * row + (int64_t)g * hd;
-      for (int i = 0; i < hd; ++i) oh[i] += p * vt[i];
-    }
+  switch (best_isa()) {
+#if CWIC_X86
+    case ISA_AVX512: return isa_avx512::attention_run(q, kc, vc, T, n_heads, n_kv, hd, scaling, out, scratch, nthreads);
+    case ISA_AVX2: return isa_avx2::attention_run(q, kc, vc, T, n_heads, n_kv, hd, scaling, out, scratch, nthreads);
+#endif
+    default: return isa_scalar::attention_run(q, kc, vc, T, n_heads, n_kv, hd, scaling, out, scratch, nthreads);
   }
 }
 

@@ -37,6 +37,11 @@ struct GemvArgs {
   const float* thr = nullptr;    // (k, n) or null: dense (every pair on)
   const float* bias = nullptr;   // (m) or null
   int stripe = 0;                // rows per output stripe (<= 0: m)
+  // Weight layout: (i, o) of stripe r = o / stripe at wt + r * block_stride + i * row_stride + o - r * stripe.
+  // Defaults (0): row_stride = m, block_stride = stripe, i.e. wt (n, m) input-major. Stripe-major
+  // blocks (k, n, stripe) (last stripe zero-padded): row_stride = stripe, block_stride = n * stripe.
+  int64_t row_stride = 0;
+  int64_t block_stride = 0;
   const float* residual = nullptr; // (B, m) or null: added to y
   float* y = nullptr;            // (B, m) fp32 out (may alias residual)
 };

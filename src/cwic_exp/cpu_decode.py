@@ -239,6 +239,12 @@ class CpuDecoder:
         per = {"attn": a / n, "ffn": f / n, "head": h / n, "total": (a + f + h) / n}
         return per, self.dense["total"] / max(per["total"], 1e-9)
 
+    def profile(self) -> dict:
+        """Seconds per decoded token by part since the last reset (C++ wall clock)."""
+        _, _, _, n = self._dec.reads()
+        names = ("glue", "qkv", "attention", "o", "ffn", "head")
+        return {k: v / max(n, 1) for k, v in zip(names, self._dec.profile())}
+
     def reads_per_token(self) -> dict:
         _, _, _, n = self._dec.reads()
         return self._reads(max(n, 1))[0]

@@ -1,0 +1,74 @@
+"""python -m cwic_exp.eval [overrides]: one model on the benchmarks; JSON + Table-3 markdown.
+
+    python -m cwic_exp.eval limit=20                                   # dense SmolLM2, quick
+    python -m cwic_exp.eval method=teal sparsity=0.4 teal.mode=uniform
+    python -m cwic_exp.eval method=cwic checkpoint=<folder> tasks=[arc_easy,arc_challenge]
+
+Config: conf/eval/config.yaml. The last stdout line is JSON: each task's acc_norm, `all`, `apr`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+CONF = Path(__file__).resolve().parents[3] / "conf" / "eval"
+log = logging.getLogger("cwic_exp.eval")
+
+
+def main(cfg: DictConfig) -> dict:
+    import torch
+    from ..teal import teal_disabled
+    from .run import build_model, evaluate_model
+    from .table import compute_table, table3
+    c = OmegaConf.to_container(cfg, resolve=True)
+    torch.manual_seed(0)
+    model, tok, info = build_model(c["model"], c["method"], c["sparsity"], c["checkpoint"],
+                                   c["teal"],
+                                   c["device"], c["dtype"])
+    teacher = None
+    if c["method"] == "teal":
+        def teacher(ids, am):
+            with teal_disabled(model):
+                return model(input_ids=ids, attention_mask=am).logits
+    elif c["method"] == "cwic":
+        from .. import load_teacher
+        teacher = load_teacher(c["model"], dtype=next(model.parameters()).dtype,
+                               device=next(model.parameters()).device)[0]
+    res = evaluate_model(model, tok, c["tasks"], c["limit"], c["batch_tokens"], c["row_tokens"],
+                         c["chat"], teacher, c["progress"])
+    res.update(info)
+    res["config"] = c
+    technique = {"dense": "", "teal": f"TEAL ({c['teal']['mode']})", "cwic": "CWIC"}[c["method"]]
+    row = {"model": Path(str(c["model"])).name, "technique": technique, "step": "_", **res}
+    if c["method"] == "teal":
+        row["target_sparsity"] = c["sparsity"]
+    name = c["name"] or (c["method"] if c["method"] != "teal"
+                         else f"teal-{c['teal']['mode']}-{int(round(c['sparsity'] * 100))}")
+    out = Path(c["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(res, indent=1, default=str))
+    md = [f"# {name}", "", f"limit: {c['limit'] or 'full sets'}; device {info['device']}, {info['dtype']}", "",
+          table3([row]), "", compute_table([row]), ""]
+    (out / f"{name}.md").write_text("\n".join(md))
+    print(table3([row]))
+    summary = {t: v.get("acc_norm") for t, v in res["tasks"].items()}
+    summary.update({"all": res["all"], "apr": res["apr"]})
+    if "chat" in res:
+        summary.update({"kl": res["chat"]["kl_fwd"], "ppl": res["chat"]["ppl"]})
+    print(json.dumps(summary))
+    return summary
+
+
+@hydra.main(config_path=str(CONF), config_name="config", version_base=None)
+def _hydra_main(cfg: DictConfig) -> None:
+    main(cfg)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _hydra_main()

@@ -1,0 +1,59 @@
+"""Chat data for TEAL calibration and for KL / perplexity, from the offline ShareGPT file.
+
+The file's records are recovered one by one (it is truncated; cwic_exp.data does the decoding).
+Calibration takes conversations from the HEAD of the file; the held-out set is its TAIL (the last
+`n` conversations), so neither is benchmark data and the two never overlap. (Training draws its own
+random validation split; a checkpoint trained with `max_conversations` below the file's count never
+saw the tail. See the report of eval for the exact counts.)
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _tail(n: int, path=None) -> list[list[dict]]:
+    from ..data import sharegpt_conversations
+    return list(sharegpt_conversations(path))[-n:]
+
+
+def _render(tok, msgs) -> list[int] | None:
+    try:
+        ids = tok.apply_chat_template(msgs, tokenize=True)
+    except Exception:  # noqa: BLE001 - a template that rejects a role order: skip the conversation
+        return None
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(map(int, ids))
+
+
+def calibration_rows(tok, rows: int = 64, seq_len: int = 512, path=None) -> Tensor:
+    """(rows, seq_len) token ids: head conversations in the chat template, concatenated and cut
+    into fixed-length rows (no padding: TEAL's calibration sequences)."""
+    from ..data import sharegpt_conversations
+    stream: list[int] = []
+    need = rows * seq_len
+    for msgs in sharegpt_conversations(path):
+        ids = _render(tok, msgs)
+        if ids:
+            stream.extend(ids)
+        if len(stream) >= need:
+            break
+    if len(stream) < need:
+        raise RuntimeError(f"ShareGPT gave {len(stream)} tokens, fewer than {need}")
+    return torch.tensor(stream[:need], dtype=torch.long).view(rows, seq_len)
+
+
+def heldout_rows(tok, conversations: int = 64, seq_len: int = 1024, path=None) -> tuple[Tensor, Tensor]:
+    """The last `conversations` ShareGPT conversations, one per row, cut to `seq_len` tokens and
+    right-padded: (input_ids, attention_mask)."""
+    seqs = [s for s in (_render(tok, m) for m in _tail(conversations, path)) if s]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    T = min(seq_len, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        s = s[:T]
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids, mask

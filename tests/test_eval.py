@@ -1,0 +1,240 @@
+"""Evaluation: offline tasks, prefix-tree scoring, lm-eval end to end on a tiny model, the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from cwic_exp.eval import data as D
+from cwic_exp.eval.scoring import Request, build_trees, plan_batches, score_plan, score_requests
+
+lm_eval = pytest.importorskip("lm_eval")
+
+
+class ByteTok:
+    """Bytes as tokens (vocab 257, 256 = end of text): enough for lm-eval's tokenisation logic."""
+    eos_token_id = pad_token_id = 256
+
+    def encode(self, s, add_special_tokens=False):
+        return list(s.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
+
+
+def _naive(model, r: Request):
+    ids = torch.tensor([r.context + r.continuation])
+    lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    n = len(r.continuation)
+    tgt = ids[0, -n:]
+    return float(lp[-n:].gather(-1, tgt[:, None]).sum()), bool((lp[-n:].argmax(-1) == tgt).all())
+
+
+def _requests(seed=0, vocab=96):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
+    reqs = []
+    for q in range(7):
+        ctx = torch.randint(0, vocab, (rnd(2, 30),), generator=g).tolist()
+        for c in range(4):
+            cont = torch.randint(0, vocab, (rnd(1, 6),), generator=g).tolist()
+            reqs.append(Request(ctx, cont, ("t", q), ("t", q, c)))
+    # WinoGrande-like: contexts that share a prefix, one continuation; a duplicate request too
+    reqs += [Request([5, 6, 7, 8], [9, 10], ("w", 0), ("w", 0, 0)),
+             Request([5, 6, 7, 11], [9, 10], ("w", 0), ("w", 0, 1)),
+             Request([5, 6, 7, 11], [9, 10], ("w", 0), ("w", 0, 2))]
+    return reqs
+
+
+# ----------------------------------------------------------------------------- offline data
+
+def test_offline_splits_have_the_full_sizes():
+    assert len(D.arc_docs("ARC-Easy", "test")) == 2376
+    assert len(D.arc_docs("ARC-Challenge", "test")) == 1172
+    assert len(D.openbookqa_docs("test")) == 500
+    assert len(D.simple_docs("winogrande")) == 1267
+    assert len(D.simple_docs("piqa")) == 1838
+    assert len(D.mmlu_subjects()) == 57
+
+
+@pytest.mark.parametrize("name", ["ARC-Easy", "ARC-Challenge", "openbookqa"])
+def test_prompt_file_docs_match_the_arrow_files(name):
+    """The test splits are rebuilt from oe-eval prompt files; the same rebuild applied to the
+    validation prompts must give exactly the validation arrow rows."""
+    real = D.openbookqa_docs("validation") if name == "openbookqa" else D.arc_docs(name, "validation")
+    rebuilt = {d["id"]: d for d in _rebuild(name)}
+    q = "question_stem" if name == "openbookqa" else "question"
+    assert len(rebuilt) == len(real)
+    for d in real:
+        p = rebuilt[d["id"]]
+        assert p[q] == d[q]
+        assert p["choices"]["text"] == d["choices"]["text"]
+        assert p["choices"]["label"].index(p["answerKey"]) == d["choices"]["label"].index(d["answerKey"].strip())
+
+
+def _rebuild(name):
+    """The prompt-file path of eval.data applied to the validation prompts."""
+    task = {"ARC-Easy": "arc_easy", "ARC-Challenge": "arc_challenge", "openbookqa": "openbookqa"}[name]
+    q = "question_stem" if name == "openbookqa" else "question"
+    out = []
+    for d in D._prompt_docs(task, "validation"):
+        lab = D._labels(len(d["choices"]))
+        out.append({"id": d["id"], q: D._strip_query(d["query"]),
+                    "choices": {"text": list(d["choices"]), "label": lab}, "answerKey": lab[d["gold"]]})
+    return out
+
+
+def test_lm_eval_builds_our_tasks_offline():
+    from cwic_exp.eval.lm import TASKS, task_manager
+    tm = task_manager()
+    assert set(TASKS.values()) <= set(tm.all_tasks)
+    from lm_eval.tasks import get_task_dict
+    td = get_task_dict(["cwic_mmlu", "cwic_arc_easy"], tm)
+    mmlu = td["cwic_mmlu"]
+    assert len(mmlu.eval_docs) == 14042
+    mmlu.build_all_requests(limit=1, rank=0, world_size=1)
+    ctx, cont = mmlu.instances[0].args
+    assert ctx.startswith("The following are multiple choice questions (with answers) about abstract algebra.")
+    assert ctx.endswith("\nAnswer:") and cont == " A"
+    assert len(td["cwic_arc_easy"].eval_docs) == 2376
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def test_prefix_trees_score_like_separate_passes():
+    torch.manual_seed(0)
+    model = tiny_model()
+    reqs = _requests()
+    # small rows and batches: trees share rows, rows split over batches
+    res = score_requests(model, reqs, row_tokens=40, batch_tokens=100)
+    for i, r in enumerate(reqs):
+        lp, gr = _naive(model, r)
+        assert abs(lp - res.logprob[i]) < 1e-4, i
+        assert gr == res.greedy[i]
+    trees = build_trees(reqs)
+    assert res.tokens == sum(len(t) for t in trees)
+    # shared context stored once: the WinoGrande-like group is 4 + 1 + 1 nodes... plus branches
+    wg = [t for t in trees if t.group == ("w", 0)][0]
+    assert len(wg) == 3 + 2 + 2 and res.group_tokens[("w", 0)] == len(wg)
+    assert res.apr == pytest.approx(1.0)
+
+
+def test_plan_is_reusable_and_padding_is_harmless():
+    model = tiny_model()
+    reqs = _requests(1)
+    plan = plan_batches(reqs, row_tokens=64, batch_tokens=256)
+    a, b = score_plan(model, plan), score_plan(model, plan)
+    assert a.logprob == b.logprob
+    c = score_requests(model, reqs, row_tokens=512, batch_tokens=4096)   # one batch, other packing
+    assert max(abs(x - y) for x, y in zip(a.logprob, c.logprob)) < 1e-4
+
+
+def test_cwic_model_at_theta_zero_scores_as_dense_with_apr_one():
+    from cwic_exp import to_cwic
+    model = tiny_model()
+    reqs = _requests(2)
+    dense = score_requests(model, reqs, row_tokens=64, batch_tokens=256)
+    to_cwic(model, stripe_size=16)
+    cw = score_requests(model, reqs, row_tokens=64, batch_tokens=256)
+    assert max(abs(x - y) for x, y in zip(dense.logprob, cw.logprob)) < 1e-4
+    assert cw.apr == pytest.approx(1.0) and cw.dense == pytest.approx(dense.dense)
+
+
+def test_ppl_and_kl():
+    from cwic_exp.eval.scoring import token_ppl_kl
+    model = tiny_model()
+    ids = torch.randint(0, 96, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    out = token_ppl_kl(model, model, ids, mask)
+    assert out["kl_fwd"] == pytest.approx(0.0, abs=1e-6) and out["tokens"] == 9 + 9 + 5
+    assert 1 < out["ppl"] < 10 * 96
+
+
+# ----------------------------------------------------------------------------- lm-eval end to end
+
+@pytest.fixture(scope="module")
+def byte_model():
+    return tiny_model(vocab_size=257)
+
+
+def test_tiny_model_end_to_end_through_lm_eval(byte_model):
+    from cwic_exp.eval.lm import CwicLM, run_lm_eval
+    from cwic_exp.eval.table import mean_all, table3
+    lm = CwicLM(byte_model, ByteTok(), batch_tokens=2048, row_tokens=512)
+    tasks = ["mmlu", "winogrande", "arc_challenge", "hellaswag", "arc_easy", "openbookqa", "piqa"]
+    res = run_lm_eval(lm, tasks, limit=2)
+    assert set(res) == set(tasks)
+    for t in tasks:
+        assert 0.0 <= res[t]["acc_norm"] <= 1.0 and res[t]["samples"] == 2
+    comp = lm.compute_by_task()
+    assert all(c["questions"] == 2 and c["apr"] == pytest.approx(1.0) for c in comp.values())
+    assert set(comp["cwic_arc_easy"]["per_question"]) == {0, 1}
+    md = table3([{"model": "tiny", "technique": "", "step": "_", "apr": 1.0, "tasks": res, "all": mean_all(res)}])
+    assert md.count("\n") == 2 and "arc:c" in md
+
+
+def test_replay_gives_lm_eval_the_same_metrics(byte_model):
+    """The GPU path: record requests, score them elsewhere, replay them into lm-eval."""
+    from cwic_exp.eval.lm import CwicLM, RecordingScorer, ReplayScorer, run_lm_eval
+    tasks = ["arc_easy", "piqa"]
+    direct = CwicLM(byte_model, ByteTok(), batch_tokens=2048)
+    want = run_lm_eval(direct, tasks, limit=3)
+    rec = RecordingScorer()
+    run_lm_eval(CwicLM(tokenizer=ByteTok(), scorer=rec), tasks, limit=3)
+    res = score_requests(byte_model, rec.requests, batch_tokens=2048)
+    stored = {r.key: (lp, g) for r, lp, g in zip(rec.requests, res.logprob, res.greedy)}
+    got = run_lm_eval(CwicLM(tokenizer=ByteTok(), scorer=ReplayScorer(stored, res.group_active,
+                                                                      res.group_tokens, res.dense)), tasks, 3)
+    for t in tasks:
+        assert got[t]["acc_norm"] == want[t]["acc_norm"] and got[t]["acc"] == want[t]["acc"]
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _save_tiny(tmp_path):
+    """A tiny Llama and a byte-level tokenizer with a chat template, saved as a local HF folder."""
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab["<eos>"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    model = tiny_model(vocab_size=len(vocab))
+    model.config.eos_token_id = model.config.pad_token_id = len(vocab) - 1
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["dense", "teal"])
+def test_cli_writes_results_and_ends_with_json(tmp_path, method, capsys, monkeypatch):
+    from hydra import compose, initialize_config_dir
+    from cwic_exp.eval.__main__ import CONF, main
+    monkeypatch.setenv("CWIC_CACHE", str(tmp_path / "cache"))
+    folder = _save_tiny(tmp_path)
+    over = [f"model={folder}", f"method={method}", "limit=2", "tasks=[arc_easy,piqa]",
+            f"out_dir={tmp_path / 'out'}", "chat.conversations=2", "chat.seq_len=64", "batch_tokens=4096",
+            "teal.calib_rows=4", "teal.calib_seq_len=64", "teal.greedy_rows=2", "sparsity=0.4"]
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="config", overrides=over)
+    summary = main(cfg)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == pytest.approx(summary)
+    assert set(summary) >= {"arc_easy", "piqa", "all", "apr", "kl", "ppl"}
+    name = "dense" if method == "dense" else "teal-greedy-40"
+    res = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+    assert (tmp_path / "out" / f"{name}.md").read_text().count("| ") > 10
+    if method == "dense":
+        assert summary["apr"] == pytest.approx(1.0) and summary["kl"] == pytest.approx(0.0, abs=1e-6)
+    else:
+        assert summary["apr"] > 1.1 and summary["kl"] > 0
+        assert res["calib_sparsity"] == pytest.approx(0.4, abs=0.02)

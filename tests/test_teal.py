@@ -1,0 +1,157 @@
+"""TEAL baseline: exactness at 0%, requested sparsity on calibration data, greedy search, accounting."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rand_batch, tiny_model
+
+from cwic_exp.teal import (PROJS, MagnitudeHistogram, TealLinear, apply_teal, calibrate_teal, fit_thresholds,
+                           remove_teal, teal_active_parameters, teal_disabled, teal_thresholds)
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    torch.manual_seed(0)
+    model = tiny_model(num_hidden_layers=3)
+    ids = torch.randint(0, 96, (12, 48), generator=torch.Generator().manual_seed(3))
+    cal = calibrate_teal(model, ids, greedy=True, max_sparsity=0.72, greedy_rows=6)
+    return model, ids, cal
+
+
+def test_zero_sparsity_is_dense_bit_for_bit():
+    dense = tiny_model()
+    ids, mask = rand_batch()
+    want = dense(input_ids=ids, attention_mask=mask).logits
+    model = tiny_model()
+    apply_teal(model, None)
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, want)
+    calib = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(0))
+    cal = calibrate_teal(model, calib, greedy=True, max_sparsity=0.3)
+    for mode in ("greedy", "uniform"):
+        for refit in (None, calib):
+            th = teal_thresholds(model, cal, 0.0, mode, refit_ids=refit)
+            assert all(t == 0.0 for t in th.values())
+            apply_teal(model, th)
+            assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, want)
+    assert teal_active_parameters(model, ids, mask)["apr"] == pytest.approx(1.0)
+
+
+def test_zero_sparsity_scores_exactly_as_dense_in_the_harness():
+    from cwic_exp.eval.scoring import Request, score_requests
+    reqs = [Request([1, 2, 3, 4, 5], [6, 7], ("a", 0), ("a", 0, 0)), Request([1, 2, 3, 4, 5], [8], ("a", 0), ("a", 0, 1))]
+    dense = score_requests(tiny_model(), reqs)
+    teal = score_requests(apply_teal(tiny_model(), None), reqs)
+    assert dense.logprob == teal.logprob and dense.greedy == teal.greedy and teal.apr == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "uniform"])
+@pytest.mark.parametrize("target", [0.25, 0.4, 0.5, 0.66])
+def test_calibration_hits_the_requested_sparsity(calibrated, mode, target):
+    model, ids, cal = calibrated
+    th = teal_thresholds(model, cal, target, mode, refit_ids=ids)
+    apply_teal(model, th)
+    got = teal_active_parameters(model, ids)
+    assert got["sparsity"] == pytest.approx(target, abs=0.02)
+    assert got["apr"] > 1.0 and got["density"]["head"] == 1.0
+    if mode == "uniform":
+        for k in ("q", "k", "v", "o", "gate", "up+down"):
+            assert got["density"][k] == pytest.approx(1 - target, abs=0.03)
+
+
+def test_dense_histogram_thresholds_alone_are_close(calibrated):
+    """TEAL's own thresholds (no re-fit) land near the target on this model too."""
+    model, ids, cal = calibrated
+    apply_teal(model, cal.thresholds(0.4, "uniform"))
+    assert teal_active_parameters(model, ids)["sparsity"] == pytest.approx(0.4, abs=0.05)
+
+
+def test_greedy_search_path(calibrated):
+    model, _, cal = calibrated
+    w = cal.weights
+    assert w["q"] == 1.0 and w["k"] == pytest.approx(0.5) and w["gate"] == pytest.approx(80 / 48)
+    assert len(cal.greedy) == 3
+    wsum = sum(w.values())
+    for rows in cal.greedy:
+        assert rows[0][0] == 0.0 and rows[-1][0] >= 0.72 - 1e-9
+        for (f0, s0), (f1, s1) in zip(rows, rows[1:]):
+            raised = [p for p in PROJS if s1[p] > s0[p] + 1e-12]
+            assert len(raised) == 1 and f1 > f0                       # one projection per step
+            assert s1[raised[0]] - s0[raised[0]] == pytest.approx(min(0.05 / w[raised[0]], 1 - s0[raised[0]]))
+            assert f1 == pytest.approx(sum(w[p] * s1[p] for p in PROJS) / wsum)
+    sp = cal.sparsities(0.5, "greedy")
+    for i in range(3):
+        f = sum(w[p] * sp[f"{i}.{p}"] for p in PROJS) / wsum
+        assert f == pytest.approx(0.5, abs=0.05 / wsum + 1e-9)
+    with pytest.raises(ValueError):
+        cal.sparsities(0.9, "greedy")
+
+
+def test_accounting_counts_active_inputs_times_outputs():
+    model = tiny_model()
+    ids, mask = rand_batch()
+    th = {f"{i}.{p}": 0.5 for i in range(2) for p in PROJS}
+    apply_teal(model, th)
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.__setitem__(id(m), a[0].detach()))
+             for m in model.modules() if isinstance(m, TealLinear)]
+    out = teal_active_parameters(model, ids, mask, per_token=True)
+    for h in hooks:
+        h.remove()
+    real = mask.reshape(-1).bool()
+    want = torch.zeros(real.shape[0], dtype=torch.float64)
+    for m in model.modules():
+        if isinstance(m, TealLinear):
+            x = seen[id(m)].reshape(-1, m.in_features)
+            want += (x.abs() > 0.5).sum(-1).double() * m.out_features
+    head = model.lm_head.weight.numel()
+    want = (want + head) * real
+    assert torch.allclose(out["per_token"].reshape(-1).double(), want.float().double(), rtol=1e-6)
+    assert out["active"] == pytest.approx(float(want.sum()) / int(real.sum()))
+    from cwic_exp import active_parameters, to_cwic
+    core = active_parameters(to_cwic(tiny_model(), stripe_size=16), ids, mask, per_token=True)
+    assert set(core) <= set(out) | {"note"} and set(core["density"]) == set(out["density"])
+    assert set(out["density"]) == {"q", "k", "v", "o", "gate", "up+down", "head"}
+    assert out["dense"] == sum(m.weight.numel() for n, m in model.named_modules()
+                               if n.endswith(("_proj", "lm_head")))
+
+
+def test_apply_remove_keep_the_state_dict_and_teacher_mode():
+    model = tiny_model()
+    ids, mask = rand_batch()
+    want = model(input_ids=ids, attention_mask=mask).logits
+    keys = list(model.state_dict())
+    apply_teal(model, {f"{i}.{p}": 0.3 for i in range(2) for p in PROJS})
+    assert list(model.state_dict()) == keys
+    sparse = model(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(sparse, want)
+    with teal_disabled(model):
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, want)
+    remove_teal(model)
+    assert not any(isinstance(m, TealLinear) for m in model.modules())
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, want)
+
+
+def test_fit_thresholds_realise_each_projection_level():
+    model = tiny_model()
+    ids = torch.randint(0, 96, (6, 40), generator=torch.Generator().manual_seed(5))
+    levels = {f"{i}.{p}": 0.1 + 0.1 * j for i in range(2) for j, p in enumerate(PROJS)}
+    th = fit_thresholds(model, ids, levels)
+    apply_teal(model, th)
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.__setitem__(f"{m.teal_layer}.{m.teal_proj}", a[0]))
+             for m in model.modules() if isinstance(m, TealLinear)]
+    model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    for k, s in levels.items():
+        assert float((seen[k].abs() <= th[k]).float().mean()) == pytest.approx(s, abs=0.01)
+
+
+def test_histogram_quantiles():
+    x = torch.randn(200_000, generator=torch.Generator().manual_seed(0)) * 3
+    h = MagnitudeHistogram()
+    h.add(x[:100_000])
+    h.add(x[100_000:])
+    for q in (0.1, 0.25, 0.5, 0.66, 0.9):
+        assert h.quantile(q) == pytest.approx(float(torch.quantile(x.abs(), q)), rel=0.005)
+    assert h.quantile(0.0) == 0.0

@@ -213,9 +213,9 @@ def score(args):
                           "kl": round(chat["kl_fwd"], 5), "ppl": round(chat["ppl"], 3),
                           "tok_per_s": round(res.tokens / res.seconds), "s": round(time.time() - t0, 1)}), flush=True)
 
-    if args.dtype != "float32" and args.fp32_reference:
-        run_config("dense-fp32", {"name": "dense-fp32", "method": "dense", "reference": True},
-                   {"calib_sparsity": 0.0})
+    fp32_state = None
+    if args.dtype != "float32" and args.fp32_reference:     # kept for the reference row at the end
+        fp32_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.to(getattr(torch, args.dtype))
     t0 = time.time()
     levels = sorted({c["sparsity"] for c in meta["configs"] if c["method"] == "teal"})
@@ -225,8 +225,14 @@ def score(args):
     timing["calibrate"] = time.time() - t0
     torch.save(cal.state_dict(), out / "teal_calibration.pt")
     log.info("TEAL calibration: %.1f s", timing["calibrate"])
-    for cfgd in meta["configs"]:
+    # dense first, then both allocations level by level: a run cut short still compares them
+    todo = sorted(meta["configs"], key=lambda c: (c["method"] != "dense", c.get("sparsity", 0), c.get("mode", "")))
+    for cfgd in todo:
         if args.only and cfgd["name"] not in args.only:
+            continue
+        if args.deadline and time.time() - t_start > args.deadline:
+            log.warning("deadline: skipping %s", cfgd["name"])
+            results.setdefault("skipped", []).append(cfgd["name"])
             continue
         if cfgd["method"] == "dense":
             apply_teal(model, None)
@@ -238,6 +244,12 @@ def score(args):
             m = teal_active_parameters(model, refit)
             info = {"calib_sparsity": m["sparsity"], "calib_apr": m["apr"], "thresholds": th, "sparsities": sp}
         run_config(cfgd["name"], cfgd, info)
+    if fp32_state is not None and not (args.deadline and time.time() - t_start > args.deadline):
+        model.to(torch.float32)
+        model.load_state_dict(fp32_state)
+        apply_teal(model, None)
+        run_config("dense-fp32", {"name": "dense-fp32", "method": "dense", "reference": True},
+                   {"calib_sparsity": 0.0})
     results["timing"]["total"] = time.time() - t_start
     _save(results, arrays_out, out)
     print(json.dumps({"done": True, "timing": results["timing"], "tree_tokens": plan.tokens}))
@@ -276,7 +288,9 @@ def finish(args):
     keys = [tuple(k) for k in meta["keys"]]
     groups = [tuple(g) for g in scores["groups"]]
     rows = []
-    for name, c in scores["configs"].items():
+    order = lambda kv: (kv[1].get("reference", False), kv[1]["method"] != "dense", kv[1].get("mode", ""),  # noqa: E731
+                        kv[1].get("sparsity", 0))
+    for name, c in sorted(scores["configs"].items(), key=order):
         results = {k: (float(lp), bool(g)) for k, lp, g in zip(keys, c["logprob"], c["greedy"])}
         ga = dict(zip(groups, c["group_active"].tolist()))
         gt = dict(zip(groups, c["group_tokens"].tolist()))
@@ -389,6 +403,8 @@ def main(argv=None):
     p.add_argument("--chat-seq-len", dest="chat_seq_len", type=int, default=1024)
     p.add_argument("--chat-batch-rows", dest="chat_batch_rows", type=int, default=8)
     p.add_argument("--only", nargs="*", default=None, help="score only these config names")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds after which `score` starts no further config (files stay consistent)")
     p.add_argument("--base-step", dest="base_step", type=float, default=0.05, help="TEAL greedy step")
     p.add_argument("--refit-rows", dest="refit_rows", type=int, default=None,
                    help="calibration rows the thresholds are re-fitted and measured on (default all)")

@@ -112,14 +112,19 @@ def llama1b_shaped(seed=0, layers=16):
 
 def run_rounds(configs: dict, prompt, new_tokens: int, rounds: int, quiet, log) -> dict:
     """Interleaved timed runs: {name: {'tps': [...], 'stats': DecodeStats of the last run}}."""
-    out = {k: {"tps": [], "quiet": 0} for k in configs}
+    from experiments.bench.cpu_kernels import involuntary_switches
+    out = {k: {"tps": [], "quiet": 0, "preempted": []} for k in configs}
     for r in range(rounds):
         for name, dec in configs.items():
             ok = quiet()
+            dec.prefill(prompt[:4])          # wake the threads and caches up after the wait
+            c0 = involuntary_switches()
             st = dec.timed_decode(prompt, new_tokens)
+            out[name]["preempted"].append(involuntary_switches() - c0)
             out[name]["tps"].append((st.tokens_per_s, ok))
             out[name]["quiet"] += int(ok)
             out[name]["stats"] = st
+            out[name]["profile"] = dec.profile()
         log(f"    round {r + 1}/{rounds}: " + ", ".join(f"{k} {v['tps'][-1][0]:.1f}" for k, v in out.items()))
     return out
 
@@ -131,7 +136,9 @@ def summarise(res: dict) -> dict:
         tps, nq = robust_median(v["tps"], min_quiet=max(2, len(v["tps"]) // 2))
         st = v["stats"]
         s[k] = {"tokens_per_s": tps, "runs": [round(t, 2) for t, _ in v["tps"]], "quiet_runs": nq,
-                "apr_decode": st.apr, "reads_per_token": st.reads_per_token}
+                "preemptions_per_run": v["preempted"], "apr_decode": st.apr,
+                "reads_per_token": st.reads_per_token,
+                "ms_per_token_by_part": {p: round(t * 1e3, 4) for p, t in v["profile"].items()}}
     return s
 
 
@@ -291,13 +298,23 @@ def main(argv=None):
     summary = {"bench": "cpu_decode", "device": "cpu", "machine": info, "dtype": args.dtype,
                "quiet_runs": quiet.quiet_calls, "timed_runs": quiet.calls, "models": results}
     for name, r in results.items():
-        summary[f"speedup_{name}"] = {k.split("-")[1]: round(v["speedup"], 3)
-                                      for k, v in r["configs"].items() if k.startswith("cwic")}
+        cw = {k.split("-")[1]: v for k, v in r["configs"].items() if k.startswith("cwic")}
+        summary[f"speedup_{name}"] = {a: round(v["speedup"], 3) for a, v in cw.items()}
+        summary[f"speedup_vs_dense_torch_{name}"] = {a: round(v["speedup_vs_dense_torch"], 3) for a, v in cw.items()}
+        summary[f"apr_decode_{name}"] = {a: round(v["apr_decode"], 3) for a, v in cw.items()}
     summary["speedup"] = summary[f"speedup_{head}"]
+    summary["speedup_vs_dense_torch"] = summary[f"speedup_vs_dense_torch_{head}"]
+    summary["note"] = ("speedup: CWIC tokens/s over the faster dense configuration (dense-own: our kernel with "
+                       "every pair on, same layout and path); speedup_vs_dense_torch: over dense with at::linear "
+                       "(= F.linear). APR: project accounting (q,k,v,o,FFN,head); apr_decode measured on the "
+                       "decoded tokens. Thresholds calibrated, not trained.")
     if "3x" in summary["speedup"]:
-        line = f"acceptance (≥ 2.5× at 3× APR, {results[head]['model']}): {summary['speedup']['3x']:.2f}×"
-        print(line)
-        md += [line, ""]
+        for name, r in results.items():
+            line = (f"3× APR, {r['model']}: {summary[f'speedup_{name}']['3x']:.2f}× over the faster dense "
+                    f"(our kernel), {summary[f'speedup_vs_dense_torch_{name}']['3x']:.2f}× over dense F.linear "
+                    f"(decode-time APR {summary[f'apr_decode_{name}']['3x']:.2f}); target ≥ 2.5×")
+            print(line)
+            md += [line, ""]
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "cpu_decode.json"), "w") as f:

@@ -295,7 +295,7 @@ def _bisect(density_of, target: float, lo: float = 0.0, hi: float = 64.0, iters:
 @torch.no_grad()
 def calibrate_apr(model: nn.Module, input_ids: torch.Tensor, apr: float, attention_mask=None,
                   iters: int = 2, jitter: float = 0.3, seed: int = 0, max_tokens: int = 512,
-                  stats: bool = True, cache: dict | None = None) -> dict:
+                  stats: bool = True, cache: dict | None = None, fix_steps: int = 3, tol: float = 0.02) -> dict:
     """Thresholds for a uniform density 1/apr in every counted matrix, on the given tokens.
 
     A converted model first gathers its running statistics on the tokens with θ = 0 (statistics mode;
@@ -358,4 +358,33 @@ def calibrate_apr(model: nn.Module, input_ids: torch.Tensor, apr: float, attenti
                 c = _bisect(lambda c, a=a, N=N: float(N - torch.searchsorted(a, torch.tensor([c]))[0]) / N,
                             target)
                 m.phi.fill_(c)
-    return active_parameters(model, input_ids, attention_mask)
+    # the passes interact (thresholds change the next layers' inputs): correct the whole model with one
+    # global factor on θ and φ (secant steps on log APR vs log factor) until within `tol` of the target
+    import math
+    saved = {m: (m.theta if isinstance(m, CwicLinear) else m.phi).detach().clone() for m in mods}
+
+    def set_scale(x):
+        for m in mods:
+            (m.theta if isinstance(m, CwicLinear) else m.phi).copy_(saved[m] * math.exp(x))
+
+    st = active_parameters(model, input_ids, attention_mask)
+    xs, fs = [0.0], [math.log(st["apr"] / apr)]
+    best = (abs(fs[0]), 0.0, st)
+    x_next = -fs[0] / 1.5                 # first guess: log APR grows ~1.5× as fast as log factor
+    for _ in range(fix_steps):
+        if best[0] <= math.log1p(tol):
+            break
+        set_scale(x_next)
+        st_n = active_parameters(model, input_ids, attention_mask)
+        f_n = math.log(st_n["apr"] / apr)
+        xs.append(x_next)
+        fs.append(f_n)
+        if abs(f_n) < best[0]:
+            best = (abs(f_n), x_next, st_n)
+        if f_n == fs[-2]:
+            break
+        x_next = xs[-1] - f_n * (xs[-1] - xs[-2]) / (f_n - fs[-2])
+    set_scale(best[1])
+    st = best[2]
+    st["threshold_scale"] = math.exp(best[1])
+    return st

@@ -277,6 +277,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="threads (0: torch.get_num_threads())")
     ap.add_argument("--evict-mib", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="bf16 only, sparsities 0.5/0.66/0.8, 9 rounds")
+    ap.add_argument("--repeat", type=int, default=1, help="whole measurements; headline = median over them")
     ap.add_argument("--out", default=None, help="folder for cpu_kernels.json and cpu_kernels.md")
     args = ap.parse_args(argv)
     ensure_imports()
@@ -306,12 +307,18 @@ def main(argv=None):
           f"torch {torch.__version__}. Weights evicted from the caches before every timed call; medians of "
           f"{reps} interleaved rounds. Cells: µs (speedup over F.linear / over our kernel with every pair on).",
           ""]
-    for dn in dtypes:
-        res = bench_dtype(ext, DTYPES[dn], sparsities, reps, args.tokens, evict, threads, print)
-        results[dn] = res
-        t = table(dn, res, sparsities)
-        print(t)
-        md.append(t)
+    runs = {dn: [] for dn in dtypes}
+    for rep in range(max(1, args.repeat)):
+        for dn in dtypes:
+            res = bench_dtype(ext, DTYPES[dn], sparsities, reps, args.tokens, evict, threads, print)
+            runs[dn].append(res)
+            t = table(dn if args.repeat <= 1 else f"{dn}, measurement {rep + 1}/{args.repeat}", res, sparsities)
+            print(t)
+            md.append(t)
+    results = {dn: r[-1] for dn, r in runs.items()}
+
+    def med(dn, sp, key):   # median over the repeated measurements
+        return statistics.median(r["layer"][str(sp)][key] for r in runs[dn])
     try:
         info["loadavg_end"] = os.getloadavg()
     except OSError:
@@ -321,25 +328,29 @@ def main(argv=None):
         "bench": "cpu_kernels", "device": "cpu", "machine": info, "stripe": STRIPE, "reps": reps,
         "dtype": head, "sparsities": sparsities,
         "unpreempted_fraction": {dn: round(r["quiet_fraction"], 3) for dn, r in results.items()},
-        "speedup": {str(s): round(results[head]["layer"][str(s)]["speedup"], 3) for s in sparsities},
-        "speedup_vs_own_dense": {str(s): round(results[head]["layer"][str(s)]["speedup_vs_own_dense"], 3)
-                                 for s in sparsities},
+        "repeats": max(1, args.repeat),
+        "speedup": {str(s): round(med(head, s, "speedup"), 3) for s in sparsities},
+        "speedup_vs_own_dense": {str(s): round(med(head, s, "speedup_vs_own_dense"), 3) for s in sparsities},
         "measured_sparsity": {str(s): round(results[head]["layer"][str(s)]["measured_sparsity"], 4)
                               for s in sparsities},
-        "by_dtype": {dn: {"speedup": {str(s): round(r["layer"][str(s)]["speedup"], 3) for s in sparsities},
-                          "speedup_vs_own_dense": {str(s): round(r["layer"][str(s)]["speedup_vs_own_dense"], 3)
+        "by_dtype": {dn: {"speedup": {str(s): round(med(dn, s, "speedup"), 3) for s in sparsities},
+                          "speedup_vs_own_dense": {str(s): round(med(dn, s, "speedup_vs_own_dense"), 3)
                                                    for s in sparsities},
+                          "speedup_each_measurement": [{str(s): round(x["layer"][str(s)]["speedup"], 3)
+                                                        for s in sparsities} for x in runs[dn]],
                           "layer_dense_us": round(r["layer_dense_us"], 1),
                           "layer_own_dense_us": round(r["layer_own_dense_us"], 1),
                           "shapes": r["shapes"]} for dn, r in results.items()},
         "note": "speedup = layer time of dense F.linear (same dtype) / CWIC kernel, weights evicted before each "
-                "call; speedup_vs_own_dense = our kernel with every pair on / CWIC kernel",
+                "call, median over the repeated measurements (shapes: the last one); speedup_vs_own_dense = our "
+                "kernel with every pair on / CWIC kernel",
     }
     lines = []
     for dn, r in results.items():
-        lines.append(f"66 % sparsity, {dn}, one layer: {r['layer']['0.66']['speedup']:.2f}× over dense F.linear, "
-                     f"{r['layer']['0.66']['speedup_vs_own_dense']:.2f}× over our kernel with every pair on "
-                     f"(target ≥ 2.7× over F.linear)")
+        each = ", ".join(f"{x['layer']['0.66']['speedup']:.2f}" for x in runs[dn])
+        lines.append(f"66 % sparsity, {dn}, one layer: {med(dn, 0.66, 'speedup'):.2f}× over dense F.linear "
+                     f"(measurements: {each}), {med(dn, 0.66, 'speedup_vs_own_dense'):.2f}× over our kernel with "
+                     f"every pair on (target ≥ 2.7× over F.linear)")
     for line in lines:
         print(line)
     md += lines + [""]

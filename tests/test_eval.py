@@ -24,6 +24,7 @@ class ByteTok:
         return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
 
 
+@torch.no_grad()
 def _naive(model, r: Request):
     ids = torch.tensor([r.context + r.continuation])
     lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)

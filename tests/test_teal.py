@@ -13,8 +13,8 @@ from cwic_exp.teal import (PROJS, MagnitudeHistogram, TealLinear, apply_teal, ca
 def calibrated():
     torch.manual_seed(0)
     model = tiny_model(num_hidden_layers=3)
-    ids = torch.randint(0, 96, (12, 48), generator=torch.Generator().manual_seed(3))
-    cal = calibrate_teal(model, ids, greedy=True, max_sparsity=0.72, greedy_rows=6)
+    ids = torch.randint(0, 96, (8, 40), generator=torch.Generator().manual_seed(3))
+    cal = calibrate_teal(model, ids, greedy=True, max_sparsity=0.72, greedy_rows=2)
     return model, ids, cal
 
 

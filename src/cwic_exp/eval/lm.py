@@ -33,7 +33,7 @@ COLUMNS = {"mmlu": "mmlu", "winogrande": "wg", "arc_challenge": "arc:c", "hellas
 
 def task_manager():
     from lm_eval.tasks import TaskManager
-    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False, verbosity="ERROR")
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
 
 
 def resolve_tasks(names) -> list[str]:

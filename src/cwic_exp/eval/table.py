@@ -43,5 +43,6 @@ def compute_table(rows: list[dict]) -> str:
 
 
 def mean_all(tasks: dict, metric: str = "acc_norm") -> float | None:
+    """Mean over the tasks present (the paper's "all" when all seven are there)."""
     vals = [tasks[t][metric] for t in ORDER if t in tasks and tasks[t].get(metric) is not None]
-    return sum(vals) / len(vals) if len(vals) == len(ORDER) else (sum(vals) / len(vals) if vals else None)
+    return sum(vals) / len(vals) if vals else None

@@ -110,6 +110,36 @@ def test_mask_and_active_count_brute_force_partial_stripes():
     torch.testing.assert_close(layer.ap_tokens, count_ref)
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_bf16_mask_is_decided_in_fp32(train):
+    """In bf16 the mask compares |x - x̄| computed in fp32 (as the kernels do), not the rounded bf16 x - x̄."""
+    torch.manual_seed(3)
+    layer = _layer()
+    centre = torch.randn(10) * 3.0                          # a large mean: bf16 rounding of x - x̄ matters
+    with torch.no_grad():
+        for b in range(3):
+            layer._update_stats(centre + torch.randn(256, 10) * 0.5, b)
+    layer.weight.data = layer.weight.data.bfloat16()
+    x = (centre + torch.randn(64, 10) * 0.5).bfloat16()
+    mean, std = layer.running_stats()
+    thr = layer.theta.detach() * std
+    with torch.no_grad():
+        layer.theta.copy_((x.float() - mean).abs().median(0).values / std)   # thresholds at the data
+        thr = layer.theta.detach() * std
+    want = ((x.float() - mean).abs().unsqueeze(1) >= thr.unsqueeze(0))       # (N, k, n), fp32 decision
+    rows = layer._rows
+    count_ref = (want.float() * rows.view(1, -1, 1)).sum((1, 2))
+    layer.runtime.track_ap = True
+    if train:
+        layer(x.requires_grad_())
+    else:
+        with torch.no_grad():
+            layer(x)
+    torch.testing.assert_close(layer.ap_tokens, count_ref)
+    rounded = ((x - mean.bfloat16()).float().abs().unsqueeze(1) >= thr.unsqueeze(0))
+    assert not torch.equal(rounded, want)                  # the test would catch a bf16 decision
+
+
 def _manual_grads(xc, w, thr, eps, dy, stripe, ste):
     """Loop reference for METHOD.md §3: returns dx, dW, dthr."""
     n_tok, n = xc.shape

@@ -79,6 +79,36 @@ def test_truncated_json_records_are_recovered(tmp_path):
     assert stats["records"] == 4 and stats["broken_tail_chars"] > 0
 
 
+class _IdTok:
+    """A tokenizer stand-in: each conversation renders to [1000 + its number, ...]."""
+    pad_token_id, eos_token_id, chat_template = 0, 0, "ids"
+
+    def __len__(self):
+        return 5000
+
+    def __call__(self, text):
+        return {"input_ids": [len(text)]}
+
+    def apply_chat_template(self, msgs, tokenize=True):
+        return [1000 + int(msgs[0]["content"][1:]), 7, 8]
+
+
+def test_training_never_sees_the_heldout_tail(tmp_path, monkeypatch):
+    from cwic_exp import data as D
+    from cwic_exp.eval.chat import _tail
+    monkeypatch.setattr(D, "_cache_root", lambda: tmp_path / "cache")
+    recs = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"}]}
+            for i in range(200)]
+    f = tmp_path / "sg.json"
+    f.write_text(json.dumps(recs))
+    train, val = D.build_packed(_IdTok(), path=str(f), seq_len=16, val_fraction=0.1, progress=False)
+    seen = {int(t) - 1000 for d in (train, val) for t in d.input_ids.flatten().tolist() if t >= 1000}
+    held = {int(m[0]["content"][1:]) for m in _tail(D.HELDOUT_TAIL, f)}
+    assert len(held) == D.HELDOUT_TAIL and held == set(range(200 - D.HELDOUT_TAIL, 200))
+    assert seen == set(range(200 - D.HELDOUT_TAIL)) and not seen & held
+    assert train.info["sharegpt_heldout_tail_excluded"] == D.HELDOUT_TAIL
+
+
 def test_step_sampler_resumes_exactly():
     full = list(StepSampler(10, 4, 8, seed=3))
     resumed = list(StepSampler(10, 4, 8, seed=3, start_step=5))

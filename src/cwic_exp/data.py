@@ -243,6 +243,11 @@ def _tokenizer_fingerprint(tok) -> str:
     return h.hexdigest()[:12]
 
 
+# The last HELDOUT_TAIL ShareGPT conversations are the evaluation's held-out chat set (KL / perplexity,
+# cwic_exp.eval.chat.heldout_rows): training and its validation split never see them.
+HELDOUT_TAIL = 64
+
+
 def _cache_root() -> Path:
     from .teacher import cache_dir
     return cache_dir() / "data"
@@ -255,7 +260,7 @@ def build_packed(tok, source: str = "sharegpt", seq_len: int = 1024, max_len: in
     """Render, tokenise, filter, split (by conversation) and pack; cached on disk."""
     max_len = min(max_len or seq_len, seq_len)
     key = json.dumps([source, str(path), seq_len, max_len, max_conversations, val_fraction, seed,
-                      _tokenizer_fingerprint(tok), 2])
+                      _tokenizer_fingerprint(tok), 3, HELDOUT_TAIL])
     fname = _cache_root() / f"{source}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     if cache and fname.exists():
         blob = torch.load(fname)
@@ -263,7 +268,9 @@ def build_packed(tok, source: str = "sharegpt", seq_len: int = 1024, max_len: in
         return PackedData(**blob["train"]), PackedData(**blob["val"])
     stats: dict = {}
     if source == "sharegpt":
-        convs = sharegpt_conversations(path, stats)
+        convs = list(sharegpt_conversations(path, stats))
+        stats["heldout_tail_excluded"] = min(HELDOUT_TAIL, len(convs))
+        convs = convs[:len(convs) - stats["heldout_tail_excluded"]]
     elif source == "paper_mix":
         convs = paper_mix_conversations(max_conversations)
     else:

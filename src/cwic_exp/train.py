@@ -122,7 +122,7 @@ def run(cfg, run_dir: str | Path | None = None) -> dict:
                "train_apr": round(module.last_metrics.get("train/apr", float("nan")), 4),
                "train_kl": round(module.last_metrics.get("train/kl", float("nan")), 5),
                "steps": steps, "tokens": int(module.tokens_seen), "wall_s": round(time.time() - t_start, 1),
-               "run_dir": str(run_dir)}
+               "max_steps": int(t.max_steps), "finished": steps >= t.max_steps, "run_dir": str(run_dir)}
     path = None
     if trainer.global_rank == 0:
         path = exporter.export_final(module, {**summary, "note": "APR counts q,k,v,o,gate,up+down,head; "

@@ -2,9 +2,9 @@
 
 The file's records are recovered one by one (it is truncated; cwic_exp.data does the decoding).
 Calibration takes conversations from the HEAD of the file; the held-out set is its TAIL (the last
-`n` conversations), so neither is benchmark data and the two never overlap. (Training draws its own
-random validation split; a checkpoint trained with `max_conversations` below the file's count never
-saw the tail. See the report of eval for the exact counts.)
+`n` conversations), so neither is benchmark data and the two never overlap. Training
+(cwic_exp.data.build_packed) drops the last `cwic_exp.data.HELDOUT_TAIL` (64) conversations from both its
+train and validation splits, so the held-out set here (n ≤ 64) is never trained on.
 """
 from __future__ import annotations
 

@@ -89,19 +89,22 @@ class GranularMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xc: Tensor, weight: Tensor, thr: Tensor, eps: Tensor, rows: Tensor, stripe: int,
-                ste: bool):
-        y, counts, mask = granular_forward(xc, weight, thr, stripe, rows)
-        ctx.save_for_backward(xc, weight, thr, eps, rows, mask)
+                ste: bool, xm: Tensor | None = None):
+        # xm: x - x̄ in fp32 (not differentiable) when xc is a rounded copy in a low-precision compute
+        # dtype; the mask and the pseudo-derivative use it, as the kernels do (mask in fp32 from x, x̄).
+        xf = xc if xm is None else xm
+        y, counts, mask = granular_forward(xc, weight, thr, stripe, rows, stripe_mask(xf, thr))
+        ctx.save_for_backward(xc, weight, thr, eps, rows, mask, xf)
         ctx.stripe, ctx.ste = stripe, ste
         ctx.mark_non_differentiable(mask)
         return y, counts
 
     @staticmethod
     def backward(ctx, dy: Tensor | None, dcount: Tensor | None):
-        xc, weight, thr, eps, rows, mask = ctx.saved_tensors
+        xc, weight, thr, eps, rows, mask, xf = ctx.saved_tensors
         stripe, k, m = ctx.stripe, thr.shape[0], weight.shape[0]
         need_x, need_w, need_t = ctx.needs_input_grad[:3]
-        xw, ew = _wide(xc), _wide(eps)
+        xw, ew = _wide(xf), _wide(eps)
         xa = xw.abs()
         gdt = dy.dtype if dy is not None else xc.dtype
         dx = torch.zeros_like(xc, dtype=gdt) if need_x else None
@@ -134,7 +137,7 @@ class GranularMatmul(torch.autograd.Function):
         if dabs is not None:
             dx += (dabs * torch.sign(xw)).to(dx.dtype)
         return (None if dx is None else dx.to(xc.dtype), None if dw is None else dw.to(weight.dtype),
-                None if dthr is None else dthr.to(thr.dtype), None, None, None, None)
+                None if dthr is None else dthr.to(thr.dtype), None, None, None, None, None)
 
 
 class UnitMask(torch.autograd.Function):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import GranularMatmul, UnitMask, active_count, granular_forward, stripe_rows
+from .functional import GranularMatmul, UnitMask, active_count, granular_forward, stripe_mask, stripe_rows
 
 KINDS = ("q", "k", "v", "o", "gate", "up+down", "head")
 
@@ -148,18 +148,21 @@ class CwicLinear(_RunningStats):
         thr = self.theta * std                                        # (k, n), grad to θ
         cdt = _compute_dtype(x2)
         xc = x2.to(cdt) - mean.to(cdt)
+        # the mask is decided in fp32 from x and x̄ whatever the compute dtype (as the kernels do)
+        xm = None if xc.dtype in (torch.float32, torch.float64) else (x2.float() - mean)
         if grad:
             eps = (self.alpha_eps * batch_std.clamp_min(1e-6)) if need_batch else std * self.alpha_eps
             with torch.autocast(x.device.type, enabled=False):
                 y, counts = GranularMatmul.apply(xc, self.weight.to(cdt), thr, eps, self._rows,
-                                                 self.stripe_size, self.ste)
+                                                 self.stripe_size, self.ste, xm)
                 # the W x̄ term: differentiable in W (and b) during training
                 y = y + F.linear(mean.to(cdt), self.weight.to(cdt),
                                  None if self.bias is None else self.bias.to(cdt))
         else:
             with torch.no_grad():
                 y, counts, _ = granular_forward(xc, self.weight.to(cdt), thr, self.stripe_size,
-                                                self._rows if rt.track_ap else None)
+                                                self._rows if rt.track_ap else None,
+                                                None if xm is None else stripe_mask(xm, thr))
                 y = y + self.folded_bias().to(cdt)
         self.ap_tokens = counts if rt.track_ap else None
         return y.reshape(*shape[:-1], self.out_features)

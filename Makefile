@@ -6,7 +6,7 @@ STAMP    := $(VENV)/.cwic-setup
 PYTEST_ARGS ?=
 ARGS     ?=
 
-.PHONY: setup test test-slow test-triton train smoke sweep-apr eval teal reproduce-cpu reproduce-mini \
+.PHONY: setup test test-slow test-triton train smoke sweep-apr eval teal reproduce-mini \
         bench-cpu bench-gpu chat analyses gpu-bundle clean
 
 setup: $(STAMP)
@@ -37,7 +37,35 @@ smoke: setup                    ## tiny random model, tiny data: < 1 min
 	$(BIN)/python train.py +experiment=smoke $(ARGS)
 
 sweep-apr: setup                ## Hydra multirun over final APR targets (documented in README)
-	$(BIN)/python train.py -m +experiment=mini cwic.apr_final=2.05,3.05,4.05 $(ARGS)
+	$(BIN)/python train.py -m +experiment=mini cwic.apr_final=2.0,3.0,4.0 $(ARGS)
+
+eval: setup                     ## one model on the seven tasks: make eval ARGS="method=teal sparsity=0.5 limit=50"
+	$(BIN)/python -m cwic_exp.eval $(ARGS)
+
+teal: setup                     ## Table 3 for SmolLM2: dense, TEAL greedy/uniform 25/40/50/66% (GPU: score stage)
+	$(BIN)/python experiments/eval_table.py all $(ARGS)
+
+chat: setup                     ## chat with the latest trained checkpoint (ARGS="--model PATH --prompt ...")
+	$(BIN)/python -m cwic_exp.chat $(ARGS)
+
+analyses: setup                 ## Fig. 4-9 analogues for a checkpoint (ARGS="--checkpoint runs/.../hf/final")
+	$(BIN)/python experiments/analyses/run_all.py $(ARGS)
+
+bench-cpu: setup                ## CPU kernel and decode benchmarks (tables + last-line JSON)
+	$(BIN)/python experiments/bench_kernels.py --device cpu $(ARGS)
+	$(BIN)/python experiments/bench_decode.py --device cpu $(ARGS)
+
+bench-gpu:                      ## on a CUDA machine with torch + triton installed
+	$(PY) experiments/bench_kernels.py --device cuda $(ARGS)
+	$(PY) experiments/bench_decode.py --device cuda $(ARGS)
+
+# reproduce-mini on one GPU (needs torch, triton, transformers, lightning, hydra-core, lm-eval; an offline
+# box: `make gpu-bundle` here, then README "On an offline GPU machine"). Each stage skips what is done.
+MINI_OUT ?= runs/mini_scores
+reproduce-mini:                 ## the paper's claims at small scale: train, ablate, TEAL, evaluate, plot
+	$(PY) experiments/reproduce_mini.py gpu --group main --minutes 20 --out $(MINI_OUT) $(ARGS)
+	$(PY) experiments/reproduce_mini.py gpu --group ablations --minutes 7 --out $(MINI_OUT) $(ARGS)
+	$(PY) experiments/reproduce_mini.py finish --scores $(MINI_OUT)
 
 gpu-bundle: setup             ## .gpu/: everything an offline GPU box needs (teacher parts, data, wheels)
 	$(BIN)/python experiments/gpu_bundle.py $(ARGS)

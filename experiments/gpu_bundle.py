@@ -6,6 +6,8 @@ Writes into .gpu/ (git-ignored):
   teacher.NN/   the SmolLM2-135M-Instruct GGUF, split; `bash .gpu/teacher.NN/stash.sh` on the box,
                 the last part verifies and unpacks into /root/stash/teacher/
   data/         packed, tokenised ShareGPT rows (uint16) for the GPU schedule (seq_len 1024)
+  evalbundle/   the seven tasks' lm-eval requests (full sets), TEAL calibration rows and the held-out
+                chat rows, from `experiments/eval_table.py prepare` (skipped when present)
   whl/          wheels the box lacks (hydra-core, omegaconf, antlr4 runtime, gguf), Python 3.12
   run_env.sh    `source .gpu/run_env.sh` on the box: installs the wheels, sets PYTHONPATH and caches
 """
@@ -42,6 +44,14 @@ def data(out: Path, seq_len: int) -> Path:
     return save_packed(out / f"sharegpt-{seq_len}.pt", train, val, tok)
 
 
+def evalbundle(out: Path) -> None:
+    if (out / "meta.json").exists():
+        print(f"{out}: present, kept (delete it to rebuild)", file=sys.stderr)
+        return
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "eval_table.py"), "prepare", "--out", str(out)],
+                   check=True)
+
+
 def teacher(gpu: Path) -> None:
     from cwic_exp.teacher import resolve_model_source
     gguf = resolve_model_source("smollm2-135m-instruct")["path"]
@@ -65,11 +75,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / ".gpu"))
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--skip-teacher", action="store_true")
+    ap.add_argument("--skip-eval", action="store_true", help="no evaluation bundle (training only)")
     a = ap.parse_args(argv)
     gpu = Path(a.out)
     gpu.mkdir(parents=True, exist_ok=True)
     wheels(gpu / "whl")
     d = data(gpu / "data", a.seq_len)
+    if not a.skip_eval:
+        evalbundle(gpu / "evalbundle")
     if not a.skip_teacher:
         teacher(gpu)
     (gpu / "run_env.sh").write_text(RUN_ENV)

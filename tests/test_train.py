@@ -281,6 +281,21 @@ def test_smoke_run_and_resume_continue_the_same_trajectory(tmp_path, capsys):
         torch.testing.assert_close(sa[k], sb[k], atol=1e-5, rtol=1e-4)
 
 
+def test_time_limit_stop_saves_and_resumes_the_same_trajectory(tmp_path):
+    from cwic_exp.train import run
+    import pandas  # noqa: F401
+    a = run(_smoke_cfg(tmp_path / "a", 5, ["trainer.ckpt_every=100"]), tmp_path / "a" / "t")
+    # stopped by the time limit long before the periodic checkpoint: the stop itself saves last.ckpt
+    s = run(_smoke_cfg(tmp_path / "b", 5, ["trainer.ckpt_every=100", "trainer.max_minutes=0.0001"]),
+            tmp_path / "b" / "t")
+    assert 0 < s["steps"] < 5 and not s["finished"]
+    assert (tmp_path / "b" / "t" / "checkpoints" / "last.ckpt").exists()
+    b = run(_smoke_cfg(tmp_path / "b", 5, ["trainer.ckpt_every=100"]), tmp_path / "b" / "t")
+    assert b["steps"] == 5 and b["finished"] and b["tokens"] == a["tokens"]
+    assert b["train_kl"] == pytest.approx(a["train_kl"], rel=1e-3, abs=1e-6)
+    assert b["train_apr"] == pytest.approx(a["train_apr"], rel=1e-4)
+
+
 @pytest.mark.slow
 def test_sigkill_then_rerun_resumes(tmp_path):
     import signal

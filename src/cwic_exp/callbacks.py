@@ -20,6 +20,19 @@ def apr_target_at(step: int, start: float, final: float, warmup_steps: int) -> f
     return start + (end - start) * frac
 
 
+class CheckpointOnStop(L.Callback):
+    """When a run stops before max_steps (the time limit, `trainer.max_minutes`), save last.ckpt so the
+    next start resumes at that step instead of at the last periodic checkpoint (Lightning's timer state,
+    the time already spent, goes with it)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_train_end(self, trainer, pl_module):
+        if 0 < trainer.global_step < (trainer.max_steps or 0):
+            trainer.save_checkpoint(str(self.path))
+
+
 class AprWarmup(L.Callback):
     """Sets `pl_module.apr_target` before every step from the global step (so it resumes exactly)."""
 

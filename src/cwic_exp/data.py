@@ -396,7 +396,10 @@ class StepSampler(Sampler):
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch)).tolist()
 
     def __len__(self):
-        return max(self.num_steps - self.start_step, 0)
+        # The whole horizon, not num_steps - start_step: on a mid-epoch resume Lightning restores the
+        # count of batches already done in this epoch (= start_step, one epoch per run) and ends the epoch
+        # at len(); a shorter len() would end it early and start a new epoch that replays step start_step.
+        return self.num_steps
 
     def __iter__(self):
         cache: dict[int, list[int]] = {}

@@ -43,7 +43,7 @@ def run(cfg, run_dir: str | Path | None = None) -> dict:
     from omegaconf import OmegaConf
 
     from .accounting import active_parameters  # noqa: F401  (public API sanity)
-    from .callbacks import (AprWarmup, AtomicCheckpointIO, MilestoneExport, StatisticsMode, ThetaClamp,
+    from .callbacks import (AprWarmup, AtomicCheckpointIO, CheckpointOnStop, MilestoneExport, StatisticsMode, ThetaClamp,
                             apr_target_at)
     from .config import validate
     from .data import ChatDataModule
@@ -91,7 +91,7 @@ def run(cfg, run_dir: str | Path | None = None) -> dict:
                  exporter,
                  ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=t.ckpt_every, enable_version_counter=False),
-                 TQDMProgressBar(refresh_rate=1)]
+                 CheckpointOnStop(ckpt_dir / "last.ckpt"), TQDMProgressBar(refresh_rate=1)]
     loggers = [CSVLogger(str(run_dir), name="logs", version="")] if cfg.logger.csv else []
     if cfg.logger.wandb:
         from lightning.pytorch.loggers import WandbLogger

@@ -1,0 +1,388 @@
+#!/usr/bin/env python
+"""`make reproduce-mini`: the paper's central claims at small scale (SmolLM2-135M, stripe 192).
+
+Stages (each skipped when its output exists, so a re-run continues):
+
+  gpu     on a GPU machine: the main CWIC run (APR warm-up to 6.05×, HF exports at 2.05/3.05/...),
+          the ablations (no stripes, no STE, MSE) to 3.05×, then scoring of the dense teacher, every
+          CWIC export and TEAL (greedy) at the APR each CWIC milestone measured, on the evaluation
+          requests of `experiments/eval_table.py prepare` (lm-eval's own requests), plus KL to the
+          teacher and per-question compute. Writes <out>/scores_<group>.pt.
+  finish  here: lm-eval metrics from the stored log-likelihoods (ReplayScorer), the paper-layout
+          table, the ablation table, plots (score vs APR, KL vs APR, ARC-Easy vs ARC-Challenge
+          compute) into experiments/results/mini/.
+
+    # on the offline GPU box (see README "On an offline GPU machine"):
+    python3 experiments/reproduce_mini.py gpu --group main --out $OUT
+    python3 experiments/reproduce_mini.py gpu --group ablations --out $OUT
+    # here:
+    python experiments/reproduce_mini.py finish --scores <dir with scores_*.pt>
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "experiments"))
+log = logging.getLogger("reproduce_mini")
+
+# name -> (overrides, role). Schedules sized for about 20 GPU-minutes in all on an H100.
+JOBS = {
+    "main": {"mini_cwic": ["+experiment=mini"]},
+    "ablations": {"ablation_nostripes": ["+experiment=ablation_nostripes"],
+                  "ablation_noste": ["+experiment=ablation_noste"],
+                  "ablation_mse": ["+experiment=ablation_mse"]},
+}
+JOBS["all"] = {**JOBS["main"], **JOBS["ablations"]}
+LABELS = {"mini_cwic": "CWIC", "ablation_nostripes": "CWIC no stripes", "ablation_noste": "CWIC no STE",
+          "ablation_mse": "CWIC + MSE"}
+
+
+# ----------------------------------------------------------------------------- gpu stage
+
+def train_jobs(jobs: dict, work: Path, teacher: str, data: str, minutes: float, extra: list[str],
+               parallel: bool) -> dict:
+    """Run (or resume, or skip) each training job; with `parallel` all at once on the one GPU (a 135M
+    student leaves most of an H100 idle, so concurrent runs add throughput). Returns name -> summary."""
+    done, procs = {}, {}
+    for name, overrides in jobs.items():
+        summ = work / name / "summary.json"
+        if summ.exists() and json.loads(summ.read_text()).get("finished", True):
+            log.info("%s: done already", name)
+            done[name] = json.loads(summ.read_text())
+            continue
+        # an unfinished run (stopped by --minutes) resumes from its last checkpoint; Lightning's timer
+        # restores the time already spent, so --minutes is the run's total budget across calls
+        cmd = [sys.executable, str(ROOT / "train.py"), *overrides, f"run_name={name}", f"out_dir={work}",
+               f"model.name={teacher}", "data.source=packed", f"data.path={data}",
+               f"trainer.max_minutes={minutes}", "logger.csv=true", *extra]
+        log.info("train: %s", " ".join(cmd))
+        f = open(work / f"{name}.log", "a")
+        procs[name] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, text=True, cwd=ROOT), f,
+                       time.time())
+        if not parallel:
+            done[name] = _wait(name, *procs.pop(name), work)
+    for name, (p, f, t0) in procs.items():
+        done[name] = _wait(name, p, f, t0, work)
+    return {n: done[n] for n in jobs}
+
+
+def _wait(name, p, f, t0, work: Path) -> dict:
+    stdout, _ = p.communicate()
+    f.close()
+    if p.returncode != 0:
+        raise RuntimeError(f"training {name} failed ({p.returncode}); see {work / f'{name}.log'}")
+    out = json.loads(stdout.strip().splitlines()[-1])
+    out["wall_s_call"] = round(time.time() - t0, 1)
+    return out
+
+
+def teal_for_apr(model, cal, calib, target_apr: float, mode: str = "greedy"):
+    """The TEAL sparsity whose measured APR on the calibration rows matches `target_apr` (bisection)."""
+    from cwic_exp.teal import apply_teal, teal_active_parameters, teal_thresholds
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        th = teal_thresholds(model, cal, mid, mode, refit_ids=calib)
+        apply_teal(model, th)
+        apr = teal_active_parameters(model, calib)["apr"]
+        best = (mid, th, apr) if best is None or abs(apr - target_apr) < abs(best[2] - target_apr) else best
+        if apr < target_apr:
+            lo = mid
+        else:
+            hi = mid
+    return best
+
+
+def gpu(args) -> None:
+    from eval_table import _load_bundle, unpack_requests
+    from cwic_exp.eval.scoring import score_requests, token_ppl_kl
+    from cwic_exp.teal import apply_teal, calibrate_teal, remove_teal, teal_disabled
+    from cwic_exp.teacher import load_teacher
+    from transformers import AutoModelForCausalLM
+    import cwic_exp  # noqa: F401  (registers the CWIC model type)
+
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    score_file = out / f"scores_{args.group}.pt"
+    prev = torch.load(score_file, weights_only=False) if score_file.exists() else {}
+    runs = dict(prev.get("runs", {}))
+    runs.update(train_jobs(JOBS[args.group], work, args.teacher, args.data, args.minutes, args.extra or [],
+                           args.parallel))
+    for name in JOBS[args.group]:
+        print(json.dumps({"trained": name, **{k: runs[name].get(k) for k in ("apr", "kl", "steps", "tokens",
+                                                                             "wall_s")}}), flush=True)
+        for f in ("summary.json", "logs/metrics.csv"):
+            src = work / name / f
+            if src.exists():
+                (out / f"{name}_{Path(f).name}").write_bytes(src.read_bytes())
+    unfinished = [n for n in JOBS[args.group] if not runs[n].get("finished", True)]
+    if unfinished:
+        torch.save({**prev, "runs": runs}, score_file)
+        print(json.dumps({"unfinished": unfinished, "hint": "run the same command again with a larger --minutes"}),
+              flush=True)
+        return
+    if args.train_only:
+        torch.save({**prev, "runs": runs}, score_file) if prev else None
+        print(json.dumps({"trained": list(runs), "seconds": round(time.time() - t_start, 1)}))
+        return
+    meta, arrays = _load_bundle(Path(args.bundle))
+    reqs = unpack_requests(arrays, meta["keys"])
+    pad = meta["pad_id"] or 0
+    hid = torch.from_numpy(arrays["heldout"].astype(np.int64))
+    hmask = torch.from_numpy(arrays["heldout_mask"].astype(np.int64))
+    calib = torch.from_numpy(arrays["calib"].astype(np.int64)).to(dev)
+    teacher, _ = load_teacher(args.teacher, dtype=torch.float32)
+    teacher = teacher.to(dev).eval()
+    apply_teal(teacher)                      # TEAL modules present but off: dense until thresholds are set
+    amp = dev == "cuda" and args.dtype != "float32"
+    results = {"meta": {k: v for k, v in meta.items() if k != "keys"}, "device":
+               torch.cuda.get_device_name() if dev == "cuda" else "cpu", "configs": dict(prev.get("configs", {})),
+               "runs": runs, "timing": dict(prev.get("timing", {})),
+               "dtype": f"{args.dtype} autocast (fp32 weights, θ and statistics)" if amp else "float32"}
+    groups = prev.get("groups")
+    deadline = t_start + args.deadline if args.deadline else None
+
+    def autocast():
+        return torch.autocast("cuda", dtype=getattr(torch, args.dtype), enabled=amp)
+
+    def record(name, model, info):
+        nonlocal groups
+        if name in results["configs"]:
+            log.info("%s: scored already", name)
+            return results["configs"][name]["apr"]
+        if deadline and time.time() > deadline:
+            raise TimeoutError(name)
+        t0 = time.time()
+        if not isinstance(model, torch.nn.Module):
+            model = model()                  # a loader: only configs not scored yet are loaded
+        with autocast():
+            res = score_requests(model, reqs, row_tokens=args.row_tokens, batch_tokens=args.batch_tokens,
+                                 pad_id=pad)
+        if groups is None:
+            groups = sorted(res.group_active, key=lambda g: (str(g[0]), int(g[1])))
+
+        def tlogits(ids, am):
+            with teal_disabled(teacher):
+                return teacher(input_ids=ids, attention_mask=am).logits
+        with autocast():
+            chat = token_ppl_kl(model, tlogits, hid, hmask, batch_rows=8)
+        results["configs"][name] = {**info, "logprob": np.asarray(res.logprob, np.float64),
+                                    "greedy": np.asarray(res.greedy, bool),
+                                    "group_active": np.asarray([res.group_active[g] for g in groups], np.float64),
+                                    "group_tokens": np.asarray([res.group_tokens[g] for g in groups], np.int64),
+                                    "apr": res.apr, "dense": res.dense, "tokens": res.tokens,
+                                    "by_kind": res.by_kind, "dense_by_kind": res.dense_by_kind, "chat": chat,
+                                    "seconds": time.time() - t0}
+        torch.save({**results, "groups": groups}, score_file)
+        print(json.dumps({"scored": name, "apr": round(res.apr, 3), "kl_sym": round(chat["kl_sym"], 4),
+                          "s": round(time.time() - t0, 1)}), flush=True)
+        return res.apr
+
+    try:
+        score_all(args, work, record, teacher, calib, dev, results["configs"])
+    except TimeoutError as e:
+        print(json.dumps({"deadline": True, "next": str(e), "hint": "run the same command again"}), flush=True)
+    results["timing"][f"call_{len(results['timing'])}"] = time.time() - t_start
+    torch.save({**results, "groups": groups}, score_file)
+    print(json.dumps({"done": args.group, "configs": len(results["configs"]),
+                      "seconds": round(time.time() - t_start, 1)}))
+
+
+def score_all(args, work: Path, record, teacher, calib, dev, done) -> None:
+    from transformers import AutoModelForCausalLM
+    from cwic_exp.teal import apply_teal, calibrate_teal, remove_teal
+    if args.group in ("main", "all"):
+        record("dense", teacher, {"method": "dense", "technique": "", "step": "_"})
+    milestones = []
+    for name in JOBS[args.group]:
+        hf = work / name / "hf"
+        for sub in sorted(p for p in hf.iterdir() if p.is_dir() and not p.name.endswith((".tmp", ".old"))):
+            if name != "mini_cwic" and sub.name != "final":
+                continue
+            meta_f = sub / "cwic_train_meta.json"
+            tm = json.loads(meta_f.read_text()) if meta_f.exists() else {}
+            label = LABELS[name]
+            load = lambda sub=sub: AutoModelForCausalLM.from_pretrained(sub, dtype=torch.float32).to(dev).eval()
+            apr = record(f"{name}/{sub.name}", load, {"method": "cwic", "technique": label,
+                                                       "step": tm.get("step", "_"), "run": name,
+                                                       "milestone": sub.name,
+                                                       "apr_target": tm.get("apr_target")})
+            if name == "mini_cwic" and sub.name != "final":
+                milestones.append((sub.name, apr))
+            torch.cuda.empty_cache() if dev == "cuda" else None
+    if milestones:
+        cal = None
+        for ms, apr in milestones:
+            if f"teal/{ms}" in done:
+                continue
+            cal = cal or calibrate_teal(teacher, calib, greedy=True, max_sparsity=0.95, greedy_rows=16,
+                                        batch_rows=16)
+            s, th, got = teal_for_apr(teacher, cal, calib, apr)
+            apply_teal(teacher, th)
+            record(f"teal/{ms}", teacher, {"method": "teal", "mode": "greedy", "technique": "TEAL (greedy)",
+                                          "step": "_", "sparsity": s, "calib_apr": got, "matched_to": ms,
+                                          "matched_apr": apr})
+        remove_teal(teacher)
+
+
+# ----------------------------------------------------------------------------- finish (here)
+
+def finish(args) -> None:
+    from eval_table import _load_bundle, _jsonable
+    from cwic_exp.eval.lm import TASKS, CwicLM, ReplayScorer, run_lm_eval
+    from cwic_exp.eval.table import mean_all, table3
+    from cwic_exp.teacher import load_teacher
+    meta, _ = _load_bundle(Path(args.bundle))
+    tok = load_teacher(meta["model"])[1]
+    keys = [tuple(k) for k in meta["keys"]]
+    rows, runs, devices = [], {}, set()
+    for f in sorted(Path(args.scores).glob("scores_*.pt")):
+        sc = torch.load(f, weights_only=False)
+        devices.add(sc["device"])
+        runs.update(sc.get("runs", {}))
+        groups = [tuple(g) for g in sc["groups"]]
+        for name, c in sc["configs"].items():
+            res = {k: (float(lp), bool(g)) for k, lp, g in zip(keys, c["logprob"], c["greedy"])}
+            lm = CwicLM(tokenizer=tok, scorer=ReplayScorer(res, dict(zip(groups, c["group_active"].tolist())),
+                                                           dict(zip(groups, c["group_tokens"].tolist())), c["dense"]))
+            metrics = run_lm_eval(lm, meta["tasks"], meta["limit"])
+            comp = lm.compute_by_task()
+            tasks = {}
+            for n in meta["tasks"]:
+                ct = comp[TASKS[n]]
+                tasks[n] = {**metrics[n], "apr": ct["apr"]}
+                if n in ("arc_easy", "arc_challenge"):
+                    tasks[n]["per_question_active"] = [float(v) for _, v in sorted(ct["per_question"].items())]
+            rows.append({"name": name, "model": "SmolLM2-135M", "technique": c.get("technique", ""),
+                         "step": c.get("step", "_"), "apr": c["apr"], "tasks": tasks, "all": mean_all(tasks),
+                         "chat": c["chat"], "method": c["method"], "run": c.get("run"),
+                         "milestone": c.get("milestone") or c.get("matched_to"), "sparsity": c.get("sparsity"),
+                         "dense_params": c["dense"]})
+    res_dir = Path(args.results)
+    res_dir.mkdir(parents=True, exist_ok=True)
+    order = {"": 0, "CWIC": 1, "TEAL (greedy)": 2}
+    rows.sort(key=lambda r: (order.get(r["technique"], 3), r["technique"], r["apr"]))
+    doc = {"devices": sorted(devices), "limit": meta["limit"], "tasks": meta["tasks"], "runs": runs, "rows": rows}
+    (res_dir / "results.json").write_text(json.dumps(doc, indent=1, default=_jsonable))
+    md = ["# reproduce-mini: SmolLM2-135M-Instruct, stripe 192", "",
+          f"Scored on {', '.join(sorted(devices))}; metrics by lm-eval here from the stored log-likelihoods. "
+          f"Per-task limit: {meta['limit'] or 'full sets'}. acc_norm × 100; APR measured on the benchmark "
+          f"tokens (q,k,v,o,gate,up+down,head; not embeddings or attention scores).", "",
+          table3(rows), "", "## KL to the teacher on held-out chat (½(FKL+RKL) per token)", "",
+          "| technique | milestone | APR | KL sym | PPL |", "|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['technique'] or 'dense'} | {r['milestone'] or ''} | {r['apr']:.2f} | "
+                  f"{r['chat']['kl_sym']:.4f} | {r['chat']['ppl']:.2f} |")
+    md += ["", "## Training runs", "", "| run | steps | tokens | APR (val) | KL (val) | wall s |", "|---|---|---|---|---|---|"]
+    for n, s in runs.items():
+        md.append(f"| {n} | {s.get('steps')} | {s.get('tokens')} | {s.get('apr')} | {s.get('kl')} | {s.get('wall_s')} |")
+    md += ["", *arc_compute(rows), ""]
+    (res_dir / "README.md").write_text("\n".join(md) + "\n")
+    plots(rows, res_dir)
+    arc_plot(rows, res_dir)
+    print("\n".join(md))
+    print(json.dumps({"rows": len(rows), "results": str(res_dir)}))
+
+
+def arc_compute(rows) -> list[str]:
+    out = ["## Compute per question: ARC-Easy vs ARC-Challenge (mean active parameters per token)", "",
+           "| technique | milestone | ARC-Easy | ARC-Challenge | ratio C/E |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["method"] != "cwic":
+            continue
+        e = r["tasks"].get("arc_easy", {}).get("per_question_active")
+        c = r["tasks"].get("arc_challenge", {}).get("per_question_active")
+        if e and c:
+            me, mc = float(np.mean(e)), float(np.mean(c))
+            out.append(f"| {r['technique']} | {r['milestone']} | {me:,.0f} | {mc:,.0f} | {mc / me:.4f} |")
+    return out
+
+
+def arc_plot(rows, res_dir: Path) -> None:
+    """Fig. 6 analogue: per-question compute (active parameters per token) on ARC-Easy vs ARC-Challenge."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cw = [r for r in rows if r["method"] == "cwic" and r["tasks"].get("arc_easy", {}).get("per_question_active")]
+    if not cw:
+        return
+    fig, ax = plt.subplots(1, len(cw), figsize=(3.2 * len(cw), 3.2), squeeze=False)
+    for a, r in zip(ax[0], cw):
+        e = np.asarray(r["tasks"]["arc_easy"]["per_question_active"]) / 1e6
+        c = np.asarray(r["tasks"]["arc_challenge"]["per_question_active"]) / 1e6
+        bins = np.linspace(min(e.min(), c.min()), max(e.max(), c.max()), 30)
+        a.hist(e, bins, alpha=0.55, density=True, label=f"Easy (mean {e.mean():.2f}M)")
+        a.hist(c, bins, alpha=0.55, density=True, label=f"Challenge (mean {c.mean():.2f}M)")
+        a.set(title=f"{r['technique']} {r['milestone']}", xlabel="active params / token (M)")
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(res_dir / "arc_easy_vs_challenge.png", dpi=110)
+
+
+def plots(rows, res_dir: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    dense = [r for r in rows if r["method"] == "dense"]
+    for tech, mk in (("CWIC", "o-"), ("TEAL (greedy)", "s--"), ("CWIC no stripes", "^"), ("CWIC no STE", "v"),
+                     ("CWIC + MSE", "D")):
+        rs = sorted((r for r in rows if r["technique"] == tech), key=lambda r: r["apr"])
+        if rs:
+            ax[0].plot([r["apr"] for r in rs], [100 * (r["all"] or 0) for r in rs], mk, label=tech)
+            ax[1].plot([r["apr"] for r in rs], [r["chat"]["kl_sym"] for r in rs], mk, label=tech)
+    if dense:
+        ax[0].axhline(100 * dense[0]["all"], color="gray", lw=1, label="dense")
+    ax[0].set(xlabel="measured APR (×)", ylabel="mean acc_norm, 7 tasks (%)", title="Score vs APR (Fig. 1 analog)")
+    ax[1].set(xlabel="measured APR (×)", ylabel="½(FKL+RKL) per token", title="KL to the teacher vs APR",
+              yscale="log")
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(res_dir / "score_kl_vs_apr.png", dpi=120)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["gpu", "finish"])
+    p.add_argument("--group", choices=list(JOBS), default="main")
+    p.add_argument("--bundle", default=str(ROOT / ".gpu" / "evalbundle"))
+    p.add_argument("--teacher", default=os.environ.get("CWIC_TEACHER", "smollm2-135m-instruct"))
+    p.add_argument("--data", default=os.environ.get("CWIC_DATA", str(ROOT / ".gpu" / "data" / "sharegpt-1024.pt")))
+    p.add_argument("--work", default="/tmp/cwic_mini")
+    p.add_argument("--out", default=str(ROOT / "runs" / "mini_scores"))
+    p.add_argument("--scores", default=str(ROOT / "runs" / "mini_scores"))
+    p.add_argument("--results", default=str(ROOT / "experiments" / "results" / "mini"))
+    p.add_argument("--minutes", type=float, default=6.0, help="wall-time cap of each training run")
+    p.add_argument("--row-tokens", dest="row_tokens", type=int, default=512)
+    p.add_argument("--batch-tokens", dest="batch_tokens", type=int, default=32768)
+    p.add_argument("--extra", nargs="*", help="extra Hydra overrides for every training run")
+    p.add_argument("--parallel", action="store_true", help="train the group's runs concurrently on one GPU")
+    p.add_argument("--train-only", dest="train_only", action="store_true", help="train, do not score")
+    p.add_argument("--dtype", default="bfloat16", help="scoring under autocast on a GPU (float32: none)")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds after start: stop scoring before the next config (re-run continues)")
+    a = p.parse_args(argv)
+    (gpu if a.stage == "gpu" else finish)(a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -63,7 +63,7 @@ bench-gpu:                      ## on a CUDA machine with torch + triton install
 # box: `make gpu-bundle` here, then README "On an offline GPU machine"). Each stage skips what is done.
 MINI_OUT ?= runs/mini_scores
 reproduce-mini:                 ## the paper's claims at small scale: train, ablate, TEAL, evaluate, plot
-	$(PY) experiments/reproduce_mini.py gpu --group all --parallel --minutes 30 --out $(MINI_OUT) $(ARGS)
+	$(PY) experiments/reproduce_mini.py gpu --group all --minutes 30 --out $(MINI_OUT) $(ARGS)
 	$(PY) experiments/reproduce_mini.py finish --scores $(MINI_OUT)
 
 gpu-bundle: setup             ## .gpu/: everything an offline GPU box needs (teacher parts, data, wheels)

@@ -106,6 +106,11 @@ def teal_for_apr(model, cal, calib, target_apr: float, mode: str = "greedy"):
 
 
 def gpu(args) -> None:
+    if args.group == "all" and not args.parallel:
+        # one group after the other, each trained then scored: what finishes first is usable first
+        for sub in ("main", "ablations"):
+            gpu(argparse.Namespace(**{**vars(args), "group": sub}))
+        return
     from eval_table import _load_bundle, unpack_requests
     from cwic_exp.eval.scoring import score_requests, token_ppl_kl
     from cwic_exp.teal import apply_teal, calibrate_teal, remove_teal, teal_disabled

@@ -62,7 +62,11 @@ def run_config(ckpt) -> dict | None:
     if rd is None:
         return None
     from omegaconf import OmegaConf
-    return OmegaConf.to_container(OmegaConf.load(rd / "config.yaml"), resolve=True)
+    cfg = OmegaConf.load(rd / "config.yaml")
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:   # noqa: BLE001  (runs saved before configs were resolved: ${hydra:...} left in)
+        return OmegaConf.to_container(cfg, resolve=False)
 
 
 DEFAULT_DATA = dict(source="sharegpt", seq_len=256, max_len=None, max_conversations=None,

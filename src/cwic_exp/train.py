@@ -59,7 +59,11 @@ def run(cfg, run_dir: str | Path | None = None) -> dict:
         torch.set_num_threads(int(cfg.trainer.threads))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     acc = _accelerator(cfg)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    try:                                           # resolved: readable without Hydra's resolvers
+        saved = OmegaConf.to_yaml(cfg, resolve=True)
+    except Exception:                              # noqa: BLE001  (a resolver only Hydra provides)
+        saved = OmegaConf.to_yaml(cfg)
+    (run_dir / "config.yaml").write_text(saved)
 
     # ---------------------------------------------------------------- models
     teacher, tok = load_teacher(cfg.model.name, dtype=torch.float32)

@@ -205,3 +205,16 @@ def test_default_model_message(tmp_path, monkeypatch):
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "LATEST").write_text(str(tmp_path))
     assert default_model(search=[tmp_path]) == str(tmp_path)
+
+
+def test_analyses_read_a_run_config_with_hydra_interpolations(tmp_path):
+    """Runs saved before configs were resolved keep `${hydra:...}`; the analyses must still read them."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "analyses"))
+    from common import run_config
+    run = tmp_path / "r"
+    (run / "hf" / "final").mkdir(parents=True)
+    (run / "config.yaml").write_text("run_name: ${hydra:runtime.choices.model}_x\ndata:\n  seq_len: 256\n")
+    cfg = run_config(run / "hf" / "final")
+    assert cfg["data"]["seq_len"] == 256 and "hydra" in cfg["run_name"]

@@ -21,6 +21,7 @@ Stages (each skipped when its output exists, so a re-run continues):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -112,10 +113,8 @@ def gpu(args) -> None:
             gpu(argparse.Namespace(**{**vars(args), "group": sub}))
         return
     from eval_table import _load_bundle, unpack_requests
-    from cwic_exp.eval.scoring import score_requests, token_ppl_kl
-    from cwic_exp.teal import apply_teal, calibrate_teal, remove_teal, teal_disabled
+    from cwic_exp.teal import apply_teal
     from cwic_exp.teacher import load_teacher
-    from transformers import AutoModelForCausalLM
     import cwic_exp  # noqa: F401  (registers the CWIC model type)
 
     out, work = Path(args.out), Path(args.work)
@@ -147,7 +146,7 @@ def gpu(args) -> None:
         return
     meta, arrays = _load_bundle(Path(args.bundle))
     reqs = unpack_requests(arrays, meta["keys"])
-    pad = meta["pad_id"] or 0
+    args.pad_id = meta["pad_id"] or 0
     hid = torch.from_numpy(arrays["heldout"].astype(np.int64))
     hmask = torch.from_numpy(arrays["heldout_mask"].astype(np.int64))
     calib = torch.from_numpy(arrays["calib"].astype(np.int64)).to(dev)
@@ -175,28 +174,13 @@ def gpu(args) -> None:
         t0 = time.time()
         if not isinstance(model, torch.nn.Module):
             model = model()                  # a loader: only configs not scored yet are loaded
-        with autocast():
-            res = score_requests(model, reqs, row_tokens=args.row_tokens, batch_tokens=args.batch_tokens,
-                                 pad_id=pad)
-        if groups is None:
-            groups = sorted(res.group_active, key=lambda g: (str(g[0]), int(g[1])))
-
-        def tlogits(ids, am):
-            with teal_disabled(teacher):
-                return teacher(input_ids=ids, attention_mask=am).logits
-        with autocast():
-            chat = token_ppl_kl(model, tlogits, hid, hmask, batch_rows=8)
-        results["configs"][name] = {**info, "logprob": np.asarray(res.logprob, np.float64),
-                                    "greedy": np.asarray(res.greedy, bool),
-                                    "group_active": np.asarray([res.group_active[g] for g in groups], np.float64),
-                                    "group_tokens": np.asarray([res.group_tokens[g] for g in groups], np.int64),
-                                    "apr": res.apr, "dense": res.dense, "tokens": res.tokens,
-                                    "by_kind": res.by_kind, "dense_by_kind": res.dense_by_kind, "chat": chat,
-                                    "seconds": time.time() - t0}
+        entry, groups = score_config(model, reqs, None, groups, teacher, hid, hmask, args, autocast)
+        results["configs"][name] = {**info, **entry, "seconds": time.time() - t0}
+        res, chat = entry, entry["chat"]
         torch.save({**results, "groups": groups}, score_file)
-        print(json.dumps({"scored": name, "apr": round(res.apr, 3), "kl_sym": round(chat["kl_sym"], 4),
+        print(json.dumps({"scored": name, "apr": round(res["apr"], 3), "kl_sym": round(chat["kl_sym"], 4),
                           "s": round(time.time() - t0, 1)}), flush=True)
-        return res.apr
+        return res["apr"]
 
     try:
         score_all(args, work, record, teacher, calib, dev, results["configs"])
@@ -206,6 +190,37 @@ def gpu(args) -> None:
     torch.save({**results, "groups": groups}, score_file)
     print(json.dumps({"done": args.group, "configs": len(results["configs"]),
                       "seconds": round(time.time() - t_start, 1)}))
+
+
+def score_config(model, reqs, sel, groups, teacher, hid, hmask, args, autocast):
+    """Log-likelihoods, per-question compute and held-out KL of one configuration. `sel`: indices of
+    the requests to score (None: all); the others get NaN. `groups` fixes the order of the per-group
+    arrays (None: taken from this result). Returns (entry, groups)."""
+    from cwic_exp.eval.scoring import score_requests, token_ppl_kl
+    from cwic_exp.teal import teal_disabled
+    sub = reqs if sel is None else [reqs[i] for i in sel]
+    with autocast():
+        res = score_requests(model, sub, row_tokens=args.row_tokens, batch_tokens=args.batch_tokens,
+                             pad_id=args.pad_id, progress=getattr(args, "progress", False))
+    if groups is None:
+        groups = sorted(res.group_active, key=lambda g: (str(g[0]), int(g[1])))
+
+    def tlogits(ids, am):
+        with teal_disabled(teacher):
+            return teacher(input_ids=ids, attention_mask=am).logits
+    with autocast():
+        chat = token_ppl_kl(model, tlogits, hid, hmask, batch_rows=8)
+    lp, gr = np.asarray(res.logprob, np.float64), np.asarray(res.greedy, bool)
+    if sel is not None:
+        full_lp, full_gr = np.full(len(reqs), np.nan), np.zeros(len(reqs), bool)
+        full_lp[sel], full_gr[sel] = lp, gr
+        lp, gr = full_lp, full_gr
+    entry = {"logprob": lp, "greedy": gr,
+             "group_active": np.asarray([res.group_active.get(g, 0.0) for g in groups], np.float64),
+             "group_tokens": np.asarray([res.group_tokens.get(g, 0) for g in groups], np.int64),
+             "apr": res.apr, "dense": res.dense, "tokens": res.tokens, "by_kind": res.by_kind,
+             "dense_by_kind": res.dense_by_kind, "chat": chat}
+    return entry, groups
 
 
 def score_all(args, work: Path, record, teacher, calib, dev, done) -> None:
@@ -245,63 +260,153 @@ def score_all(args, work: Path, record, teacher, calib, dev, done) -> None:
         remove_teal(teacher)
 
 
+def teal_stage(args) -> None:
+    """TEAL (--mode greedy or uniform) at each CWIC milestone's measured APR when the GPU stage ended before scoring it:
+    on the first --limit documents of every task (sized for a CPU), so `finish --limit` compares
+    dense, CWIC and TEAL on the same questions. Adds the configs to <scores>/scores_teal.pt."""
+    from eval_table import _load_bundle, unpack_requests
+    from cwic_exp.teal import apply_teal, calibrate_teal
+    from cwic_exp.teacher import load_teacher
+    scores = Path(args.scores)
+    main = torch.load(scores / "scores_main.pt", weights_only=False)
+    ms = sorted(((c["milestone"], c["apr"]) for c in main["configs"].values()
+                 if c.get("run") == "mini_cwic" and c.get("milestone") not in (None, "final")), key=lambda m: m[1])
+    if not ms:
+        raise SystemExit(f"{scores / 'scores_main.pt'} holds no scored CWIC milestone to match")
+    meta, arrays = _load_bundle(Path(args.bundle))
+    reqs = unpack_requests(arrays, meta["keys"])
+    sel = [i for i, k in enumerate(meta["keys"]) if args.limit is None or k[1] < args.limit]
+    args.pad_id = meta["pad_id"] or 0
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    hid = torch.from_numpy(arrays["heldout"].astype(np.int64))[:args.chat_rows]
+    hmask = torch.from_numpy(arrays["heldout_mask"].astype(np.int64))[:args.chat_rows]
+    calib = torch.from_numpy(arrays["calib"].astype(np.int64))[:args.calib_rows]
+    out_f = scores / "scores_teal.pt"
+    doc = torch.load(out_f, weights_only=False) if out_f.exists() else \
+        {"device": "cpu", "configs": {}, "groups": main["groups"], "runs": {}, "limit": args.limit}
+    if doc.get("limit") != args.limit:
+        raise SystemExit(f"{out_f} was scored with --limit {doc.get('limit')}; delete it or pass that limit")
+    teacher, _ = load_teacher(args.teacher, dtype=torch.float32)
+    teacher.eval()
+    log.info("TEAL: %d of %d requests (first %s documents per task), %d milestones", len(sel), len(reqs),
+             args.limit, len(ms))
+    t0 = time.time()
+    greedy = args.mode == "greedy"
+    cal = calibrate_teal(teacher, calib, greedy=greedy, max_sparsity=0.95, greedy_rows=args.greedy_rows,
+                         batch_rows=16)
+    log.info("TEAL %s calibration on %d rows: %.0f s", args.mode, calib.shape[0], time.time() - t0)
+    for name, apr in ms:
+        if f"teal/{name}" in doc["configs"] and doc["configs"][f"teal/{name}"]["mode"] == args.mode:
+            continue
+        t0 = time.time()
+        s, th, got = teal_for_apr(teacher, cal, calib, apr, args.mode)
+        apply_teal(teacher, th)
+        entry, _ = score_config(teacher, reqs, sel, [tuple(g) for g in doc["groups"]], teacher, hid, hmask,
+                                args, contextlib.nullcontext)
+        doc["configs"][f"teal/{name}"] = {"method": "teal", "mode": args.mode, "technique": f"TEAL ({args.mode})",
+                                          "step": "_", "sparsity": s, "calib_apr": got, "matched_to": name,
+                                          "matched_apr": apr, "limit": args.limit, "chat_rows": int(hid.shape[0]),
+                                          "calib_rows": int(calib.shape[0]), "greedy_rows": args.greedy_rows,
+                                          **entry, "seconds": time.time() - t0}
+        torch.save(doc, out_f)
+        print(json.dumps({"scored": f"teal/{name}", "sparsity": round(s, 3), "apr": round(entry["apr"], 3),
+                          "matched_apr": round(apr, 3), "kl_sym": round(entry["chat"]["kl_sym"], 4),
+                          "s": round(time.time() - t0, 1)}), flush=True)
+
+
 # ----------------------------------------------------------------------------- finish (here)
+
+def _rows(configs, keys, tok, tasks, limit) -> list[dict]:
+    """lm-eval metrics of stored configs ((name, config, groups) triples) on the first `limit`
+    documents of each task (None: full sets); the APR is re-measured on exactly those documents."""
+    from cwic_exp.eval.lm import TASKS, CwicLM, ReplayScorer, run_lm_eval
+    from cwic_exp.eval.table import mean_all
+    rows = []
+    for name, c, groups in configs:
+        res = {k: (float(lp), bool(g)) for k, lp, g in zip(keys, c["logprob"], c["greedy"])}
+        lm = CwicLM(tokenizer=tok, scorer=ReplayScorer(res, dict(zip(groups, c["group_active"].tolist())),
+                                                       dict(zip(groups, c["group_tokens"].tolist())), c["dense"]))
+        metrics = run_lm_eval(lm, tasks, limit)
+        comp = lm.compute_by_task()
+        out = {}
+        for n in tasks:
+            ct = comp[TASKS[n]]
+            out[n] = {**metrics[n], "apr": ct["apr"]}
+            if n in ("arc_easy", "arc_challenge"):
+                out[n]["per_question_active"] = [float(v) for _, v in sorted(ct["per_question"].items())]
+        act, ntok = sum(t["active_sum"] for t in comp.values()), sum(t["tokens"] for t in comp.values())
+        rows.append({"name": name, "model": "SmolLM2-135M", "technique": c.get("technique", ""),
+                     "step": c.get("step", "_"), "apr": c["dense"] * ntok / max(act, 1e-9), "tasks": out,
+                     "all": mean_all(out), "chat": c["chat"], "method": c["method"], "run": c.get("run"),
+                     "milestone": c.get("milestone") or c.get("matched_to"), "sparsity": c.get("sparsity"),
+                     "dense_params": c["dense"], "limit": limit, "chat_rows": c.get("chat_rows")})
+    order = {"": 0, "CWIC": 1, "TEAL (greedy)": 2, "TEAL (uniform)": 3}
+    rows.sort(key=lambda r: (order.get(r["technique"], 3), r["technique"], r["apr"]))
+    return rows
+
 
 def finish(args) -> None:
     from eval_table import _load_bundle, _jsonable
-    from cwic_exp.eval.lm import TASKS, CwicLM, ReplayScorer, run_lm_eval
-    from cwic_exp.eval.table import mean_all, table3
+    from cwic_exp.eval.table import table3
     from cwic_exp.teacher import load_teacher
     meta, _ = _load_bundle(Path(args.bundle))
     tok = load_teacher(meta["model"])[1]
     keys = [tuple(k) for k in meta["keys"]]
-    rows, runs, devices = [], {}, set()
+    configs, runs, devices, sub_limit = [], {}, set(), args.limit
     for f in sorted(Path(args.scores).glob("scores_*.pt")):
         sc = torch.load(f, weights_only=False)
         devices.add(sc["device"])
         runs.update(sc.get("runs", {}))
-        groups = [tuple(g) for g in sc["groups"]]
-        for name, c in sc["configs"].items():
-            res = {k: (float(lp), bool(g)) for k, lp, g in zip(keys, c["logprob"], c["greedy"])}
-            lm = CwicLM(tokenizer=tok, scorer=ReplayScorer(res, dict(zip(groups, c["group_active"].tolist())),
-                                                           dict(zip(groups, c["group_tokens"].tolist())), c["dense"]))
-            metrics = run_lm_eval(lm, meta["tasks"], meta["limit"])
-            comp = lm.compute_by_task()
-            tasks = {}
-            for n in meta["tasks"]:
-                ct = comp[TASKS[n]]
-                tasks[n] = {**metrics[n], "apr": ct["apr"]}
-                if n in ("arc_easy", "arc_challenge"):
-                    tasks[n]["per_question_active"] = [float(v) for _, v in sorted(ct["per_question"].items())]
-            rows.append({"name": name, "model": "SmolLM2-135M", "technique": c.get("technique", ""),
-                         "step": c.get("step", "_"), "apr": c["apr"], "tasks": tasks, "all": mean_all(tasks),
-                         "chat": c["chat"], "method": c["method"], "run": c.get("run"),
-                         "milestone": c.get("milestone") or c.get("matched_to"), "sparsity": c.get("sparsity"),
-                         "dense_params": c["dense"]})
+        sub_limit = sc.get("limit") or sub_limit
+        configs += [(n, c, [tuple(g) for g in sc["groups"]]) for n, c in sc["configs"].items()]
+    full = [x for x in configs if not x[1].get("limit")]
+    rows = _rows(full, keys, tok, meta["tasks"], meta["limit"])
+    paired = _rows(configs, keys, tok, meta["tasks"], sub_limit) if sub_limit else []
     res_dir = Path(args.results)
     res_dir.mkdir(parents=True, exist_ok=True)
-    order = {"": 0, "CWIC": 1, "TEAL (greedy)": 2}
-    rows.sort(key=lambda r: (order.get(r["technique"], 3), r["technique"], r["apr"]))
-    doc = {"devices": sorted(devices), "limit": meta["limit"], "tasks": meta["tasks"], "runs": runs, "rows": rows}
+    doc = {"devices": sorted(devices), "limit": meta["limit"], "paired_limit": sub_limit, "tasks": meta["tasks"],
+           "runs": runs, "rows": rows, "paired_rows": paired}
     (res_dir / "results.json").write_text(json.dumps(doc, indent=1, default=_jsonable))
     md = ["# reproduce-mini: SmolLM2-135M-Instruct, stripe 192", "",
           f"Scored on {', '.join(sorted(devices))}; metrics by lm-eval here from the stored log-likelihoods. "
-          f"Per-task limit: {meta['limit'] or 'full sets'}. acc_norm × 100; APR measured on the benchmark "
-          f"tokens (q,k,v,o,gate,up+down,head; not embeddings or attention scores).", "",
-          table3(rows), "", "## KL to the teacher on held-out chat (½(FKL+RKL) per token)", "",
-          "| technique | milestone | APR | KL sym | PPL |", "|---|---|---|---|---|"]
-    for r in rows:
-        md.append(f"| {r['technique'] or 'dense'} | {r['milestone'] or ''} | {r['apr']:.2f} | "
-                  f"{r['chat']['kl_sym']:.4f} | {r['chat']['ppl']:.2f} |")
-    md += ["", "## Training runs", "", "| run | steps | tokens | APR (val) | KL (val) | wall s |", "|---|---|---|---|---|---|"]
+          f"acc_norm × 100 (acc for WinoGrande); APR measured on the benchmark tokens (q,k,v,o,gate,up+down,"
+          f"head; not embeddings or attention scores).", "",
+          f"## Full sets ({meta['limit'] or 'no limit'})", "", table3(rows), ""]
+    if paired:
+        md += [f"## Paired with TEAL: the first {sub_limit} documents of each task", "",
+               "Every row scored on the same questions (CWIC and dense from their full-set log-likelihoods; "
+               "TEAL, matched by bisection to each CWIC milestone's measured APR, scored on those "
+               "documents only). APR re-measured on these documents.", "", table3(paired), ""]
+    md += ["## KL to the teacher on held-out chat (½(FKL+RKL) per token)", "",
+           "| technique | milestone | APR | KL sym | PPL | chat rows |", "|---|---|---|---|---|---|"]
+    for _, c, _ in configs:
+        md.append(f"| {c.get('technique') or 'dense'} | {c.get('milestone') or c.get('matched_to') or ''} | "
+                  f"{c['chat']['apr']:.2f} | {c['chat']['kl_sym']:.4f} | {c['chat']['ppl']:.2f} | "
+                  f"{c.get('chat_rows') or 'all'} |")
+    md += ["", *ablation_table(rows), "", "## Training runs", "",
+           "| run | steps | tokens | APR (val) | KL (val) | wall s |", "|---|---|---|---|---|---|"]
     for n, s in runs.items():
         md.append(f"| {n} | {s.get('steps')} | {s.get('tokens')} | {s.get('apr')} | {s.get('kl')} | {s.get('wall_s')} |")
     md += ["", *arc_compute(rows), ""]
     (res_dir / "README.md").write_text("\n".join(md) + "\n")
-    plots(rows, res_dir)
+    plots(paired or rows, res_dir, [r for r in rows if r["method"] == "cwic"] if paired else [])
     arc_plot(rows, res_dir)
     print("\n".join(md))
-    print(json.dumps({"rows": len(rows), "results": str(res_dir)}))
+    print(json.dumps({"rows": len(rows), "paired_rows": len(paired), "results": str(res_dir)}))
+
+
+def ablation_table(rows) -> list[str]:
+    """Tables 2 and 4 analogue: each ablation's final export against the main run at the same step."""
+    ref = next((r for r in rows if r["run"] == "mini_cwic" and r["milestone"] == "apr_3.05x"), None)
+    abl = [r for r in rows if (r["run"] or "").startswith("ablation_")]
+    out = ["## Ablations at the 3.05× milestone (same steps, one switch flipped)", ""]
+    if not abl:
+        return out + ["No ablation run was scored (see the training runs below and the README)."]
+    out += ["| technique | step | APR | all | KL sym |", "|---|---|---|---|---|"]
+    for r in ([ref] if ref else []) + abl:
+        out.append(f"| {r['technique']} | {r['step']} | {r['apr']:.2f} | {100 * r['all']:.1f} | "
+                   f"{r['chat']['kl_sym']:.4f} |")
+    return out
 
 
 def arc_compute(rows) -> list[str]:
@@ -339,18 +444,22 @@ def arc_plot(rows, res_dir: Path) -> None:
     fig.savefig(res_dir / "arc_easy_vs_challenge.png", dpi=110)
 
 
-def plots(rows, res_dir: Path) -> None:
+def plots(rows, res_dir: Path, full_cwic=()) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     dense = [r for r in rows if r["method"] == "dense"]
-    for tech, mk in (("CWIC", "o-"), ("TEAL (greedy)", "s--"), ("CWIC no stripes", "^"), ("CWIC no STE", "v"),
+    for tech, mk in (("CWIC", "o-"), ("TEAL (greedy)", "s--"), ("TEAL (uniform)", "x--"), ("CWIC no stripes", "^"), ("CWIC no STE", "v"),
                      ("CWIC + MSE", "D")):
         rs = sorted((r for r in rows if r["technique"] == tech), key=lambda r: r["apr"])
         if rs:
             ax[0].plot([r["apr"] for r in rs], [100 * (r["all"] or 0) for r in rs], mk, label=tech)
             ax[1].plot([r["apr"] for r in rs], [r["chat"]["kl_sym"] for r in rs], mk, label=tech)
+    if full_cwic:
+        rs = sorted(full_cwic, key=lambda r: r["apr"])
+        ax[0].plot([r["apr"] for r in rs], [100 * (r["all"] or 0) for r in rs], "o:", color="gray", alpha=0.6,
+                   label="CWIC (full sets)")
     if dense:
         ax[0].axhline(100 * dense[0]["all"], color="gray", lw=1, label="dense")
     ax[0].set(xlabel="measured APR (×)", ylabel="mean acc_norm, 7 tasks (%)", title="Score vs APR (Fig. 1 analog)")
@@ -366,7 +475,7 @@ def plots(rows, res_dir: Path) -> None:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["gpu", "finish"])
+    p.add_argument("stage", choices=["gpu", "teal", "finish"])
     p.add_argument("--group", choices=list(JOBS), default="main")
     p.add_argument("--bundle", default=str(ROOT / ".gpu" / "evalbundle"))
     p.add_argument("--teacher", default=os.environ.get("CWIC_TEACHER", "smollm2-135m-instruct"))
@@ -384,8 +493,18 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", help="scoring under autocast on a GPU (float32: none)")
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds after start: stop scoring before the next config (re-run continues)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="teal: score the first N documents of each task; finish: the paired table's limit")
+    p.add_argument("--chat-rows", dest="chat_rows", type=int, default=None, help="teal: held-out chat rows for KL")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--calib-rows", dest="calib_rows", type=int, default=None,
+                   help="teal: calibration rows of 512 tokens (default: all 64, as the GPU stage)")
+    p.add_argument("--greedy-rows", dest="greedy_rows", type=int, default=16, help="teal: rows of the greedy search")
+    p.add_argument("--mode", choices=["greedy", "uniform"], default="greedy",
+                   help="teal: TEAL's greedy allocation (about 100 s a layer on 2 CPU cores) or uniform")
+    p.add_argument("--progress", action="store_true")
     a = p.parse_args(argv)
-    (gpu if a.stage == "gpu" else finish)(a)
+    {"gpu": gpu, "teal": teal_stage, "finish": finish}[a.stage](a)
     return 0
 
 

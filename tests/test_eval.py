@@ -239,3 +239,37 @@ def test_cli_writes_results_and_ends_with_json(tmp_path, method, capsys, monkeyp
     else:
         assert summary["apr"] > 1.1 and summary["kl"] > 0
         assert res["calib_sparsity"] == pytest.approx(0.4, abs=0.02)
+
+
+def test_reproduce_mini_subset_scoring_fills_the_rest_with_nan():
+    """reproduce_mini.score_config on a subset of requests (the CPU TEAL stage): the scored ones equal a
+    full scoring, the others are NaN, per-group arrays follow the given group order (zeros elsewhere)."""
+    import argparse
+    import contextlib
+    import sys
+    from pathlib import Path
+    import numpy as np
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    from reproduce_mini import ablation_table, score_config
+    from cwic_exp.teal import apply_teal
+    torch.manual_seed(0)
+    model = apply_teal(tiny_model())
+    reqs = _requests()
+    args = argparse.Namespace(row_tokens=64, batch_tokens=256, pad_id=0)
+    ids, mask = torch.randint(0, 96, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    full, groups = score_config(model, reqs, None, None, model, ids, mask, args, contextlib.nullcontext)
+    sel = [i for i, r in enumerate(reqs) if r.key[1] < 3]
+    sub, g2 = score_config(model, reqs, sel, groups, model, ids, mask, args, contextlib.nullcontext)
+    assert g2 == groups and len(sub["logprob"]) == len(reqs)
+    assert np.allclose(sub["logprob"][sel], full["logprob"][sel], atol=1e-4)
+    rest = np.setdiff1d(np.arange(len(reqs)), sel)
+    assert np.isnan(sub["logprob"][rest]).all()
+    for j, g in enumerate(groups):
+        assert (sub["group_active"][j] > 0) == (g[1] < 3)
+    assert full["chat"]["kl_sym"] == pytest.approx(0.0, abs=1e-6)
+    # the ablation table: the main run's 3.05x export first, then each ablation's final export
+    row = lambda tech, run, ms: {"technique": tech, "run": run, "milestone": ms, "step": 128, "apr": 3.0,  # noqa: E731
+                                 "all": 0.35, "chat": {"kl_sym": 0.8}}
+    lines = ablation_table([row("CWIC", "mini_cwic", "apr_3.05x"), row("CWIC no STE", "ablation_noste", "final")])
+    assert lines[-2].startswith("| CWIC |") and lines[-1].startswith("| CWIC no STE |")
+    assert "No ablation" in ablation_table([row("CWIC", "mini_cwic", "apr_3.05x")])[-1]

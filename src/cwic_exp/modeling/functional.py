@@ -55,15 +55,22 @@ def _stripe_slices(k: int, stripe: int, m: int):
 
 
 def granular_forward(xc: Tensor, weight: Tensor, thr: Tensor, stripe: int, rows: Tensor | None = None,
-                     mask: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+                     mask: Tensor | None = None, x: Tensor | None = None,
+                     mean: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
     """y = GMM(xc, W; thr) stripe by stripe, plus the per-token active count when `rows` is given.
 
+    With `x` and `mean` (x̄), each stripe multiplies x where active and x̄ where not, so y also holds
+    the W x̄ term: W_r (x̄ + G_r ⊙ xc), the same sum, and where every input is active (θ = 0) the
+    very product W x of the dense layer, with no rounding from taking x̄ out and adding W x̄ back.
     Returns (y, counts or None, mask (k, N, n) bool). No (N, k, n) float tensor is ever built.
     """
     k, m = thr.shape[0], weight.shape[0]
     if mask is None:
         mask = stripe_mask(xc, thr)
-    outs = [torch.mm(xc * mask[r], weight[sl].t()) for r, sl in _stripe_slices(k, stripe, m)]
+    if x is None:
+        outs = [torch.mm(xc * mask[r], weight[sl].t()) for r, sl in _stripe_slices(k, stripe, m)]
+    else:
+        outs = [torch.mm(torch.where(mask[r], x, mean), weight[sl].t()) for r, sl in _stripe_slices(k, stripe, m)]
     y = outs[0] if k == 1 else torch.cat(outs, 1)
     counts = None
     if rows is not None:
@@ -89,19 +96,21 @@ class GranularMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xc: Tensor, weight: Tensor, thr: Tensor, eps: Tensor, rows: Tensor, stripe: int,
-                ste: bool, xm: Tensor | None = None):
+                ste: bool, xm: Tensor | None = None, x: Tensor | None = None, mean: Tensor | None = None):
         # xm: x - x̄ in fp32 (not differentiable) when xc is a rounded copy in a low-precision compute
         # dtype; the mask and the pseudo-derivative use it, as the kernels do (mask in fp32 from x, x̄).
+        # x, mean (not differentiable: x's gradient is xc's): y then holds W x̄ too (granular_forward),
+        # and W's gradient gets the matching Σ dy ⊗ x̄.
         xf = xc if xm is None else xm
-        y, counts, mask = granular_forward(xc, weight, thr, stripe, rows, stripe_mask(xf, thr))
-        ctx.save_for_backward(xc, weight, thr, eps, rows, mask, xf)
+        y, counts, mask = granular_forward(xc, weight, thr, stripe, rows, stripe_mask(xf, thr), x, mean)
+        ctx.save_for_backward(xc, weight, thr, eps, rows, mask, xf, mean)
         ctx.stripe, ctx.ste = stripe, ste
         ctx.mark_non_differentiable(mask)
         return y, counts
 
     @staticmethod
     def backward(ctx, dy: Tensor | None, dcount: Tensor | None):
-        xc, weight, thr, eps, rows, mask, xf = ctx.saved_tensors
+        xc, weight, thr, eps, rows, mask, xf, mean = ctx.saved_tensors
         stripe, k, m = ctx.stripe, thr.shape[0], weight.shape[0]
         need_x, need_w, need_t = ctx.needs_input_grad[:3]
         xw, ew = _wide(xf), _wide(eps)
@@ -122,6 +131,8 @@ class GranularMatmul(torch.autograd.Function):
                         dx += p if ctx.ste else p * mr
                 if need_w:
                     dw[sl] = torch.mm(dyr.t(), xc.to(gdt) * mr)
+                    if mean is not None:                               # the W x̄ part of y
+                        dw[sl] += torch.outer(dyr.sum(0), mean.to(gdt))
             if need_t or dabs is not None:
                 rect = rectangle(xa - _wide(thr[r]), ew)                # (N, n)
                 g = None
@@ -137,7 +148,7 @@ class GranularMatmul(torch.autograd.Function):
         if dabs is not None:
             dx += (dabs * torch.sign(xw)).to(dx.dtype)
         return (None if dx is None else dx.to(xc.dtype), None if dw is None else dw.to(weight.dtype),
-                None if dthr is None else dthr.to(thr.dtype), None, None, None, None, None)
+                None if dthr is None else dthr.to(thr.dtype), None, None, None, None, None, None, None)
 
 
 class UnitMask(torch.autograd.Function):

@@ -147,23 +147,23 @@ class CwicLinear(_RunningStats):
         mean, std = self.running_stats()
         thr = self.theta * std                                        # (k, n), grad to θ
         cdt = _compute_dtype(x2)
-        xc = x2.to(cdt) - mean.to(cdt)
+        xin, mc = x2.to(cdt), mean.to(cdt)
+        xc = xin - mc
         # the mask is decided in fp32 from x and x̄ whatever the compute dtype (as the kernels do)
         xm = None if xc.dtype in (torch.float32, torch.float64) else (x2.float() - mean)
         if grad:
             eps = (self.alpha_eps * batch_std.clamp_min(1e-6)) if need_batch else std * self.alpha_eps
             with torch.autocast(x.device.type, enabled=False):
+                # W (x̄ + G ⊙ xc) in one product per stripe (the W x̄ term inside, differentiable in W)
                 y, counts = GranularMatmul.apply(xc, self.weight.to(cdt), thr, eps, self._rows,
-                                                 self.stripe_size, self.ste, xm)
-                # the W x̄ term: differentiable in W (and b) during training
-                y = y + F.linear(mean.to(cdt), self.weight.to(cdt),
-                                 None if self.bias is None else self.bias.to(cdt))
+                                                 self.stripe_size, self.ste, xm, xin.detach(), mc)
         else:
             with torch.no_grad():
                 y, counts, _ = granular_forward(xc, self.weight.to(cdt), thr, self.stripe_size,
                                                 self._rows if rt.track_ap else None,
-                                                None if xm is None else stripe_mask(xm, thr))
-                y = y + self.folded_bias().to(cdt)
+                                                None if xm is None else stripe_mask(xm, thr), xin, mc)
+        if self.bias is not None:
+            y = y + self.bias.to(cdt)
         self.ap_tokens = counts if rt.track_ap else None
         return y.reshape(*shape[:-1], self.out_features)
 

@@ -21,7 +21,6 @@ Stages (each skipped when its output exists, so a re-run continues):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -46,6 +45,7 @@ JOBS = {
                   "ablation_mse": ["+experiment=ablation_mse"]},
 }
 JOBS["all"] = {**JOBS["main"], **JOBS["ablations"]}
+CHOICES = {"winogrande": 2, "piqa": 2}   # answer options per task for the chance line (others: 4)
 LABELS = {"mini_cwic": "CWIC", "ablation_nostripes": "CWIC no stripes", "ablation_noste": "CWIC no STE",
           "ablation_mse": "CWIC + MSE"}
 
@@ -109,8 +109,8 @@ def teal_for_apr(model, cal, calib, target_apr: float, mode: str = "greedy"):
 def gpu(args) -> None:
     if args.group == "all" and not args.parallel:
         # one group after the other, each trained then scored: what finishes first is usable first
-        for sub in ("main", "ablations"):
-            gpu(argparse.Namespace(**{**vars(args), "group": sub}))
+        for sub in ("main", "ablations"):   # the main group runs TEAL greedy itself (score_all)
+            gpu(argparse.Namespace(**{**vars(args), "group": sub, "then_teal": None}))
         return
     from eval_table import _load_bundle, unpack_requests
     from cwic_exp.teal import apply_teal
@@ -190,6 +190,9 @@ def gpu(args) -> None:
     torch.save({**results, "groups": groups}, score_file)
     print(json.dumps({"done": args.group, "configs": len(results["configs"]),
                       "seconds": round(time.time() - t_start, 1)}))
+    if args.then_teal:
+        torch.cuda.empty_cache() if dev == "cuda" else None
+        teal_stage(argparse.Namespace(**{**vars(args), "scores": str(out), "mode": args.then_teal, "limit": None}))
 
 
 def score_config(model, reqs, sel, groups, teacher, hid, hmask, args, autocast):
@@ -260,36 +263,59 @@ def score_all(args, work: Path, record, teacher, calib, dev, done) -> None:
         remove_teal(teacher)
 
 
+def teal_file(scores: Path, mode: str, limit) -> Path:
+    return scores / (f"scores_teal_{mode}.pt" if limit is None else f"scores_teal_{mode}_first{limit}.pt")
+
+
+def cwic_milestones(scores: Path, fallback: Path | None) -> tuple[list, list | None]:
+    """(milestone, measured APR) of the main run's scored exports, from <scores>/scores_main.pt or, where
+    that is not at hand (a GPU box that did not score the main run), from a JSON {milestone: apr};
+    and the per-question group order of scores_main.pt (None without it)."""
+    f = scores / "scores_main.pt"
+    if f.exists():
+        main = torch.load(f, weights_only=False)
+        ms = [(c["milestone"], c["apr"]) for c in main["configs"].values()
+              if c.get("run") == "mini_cwic" and c.get("milestone") not in (None, "final")]
+        return sorted(ms, key=lambda m: m[1]), [tuple(g) for g in main["groups"]]
+    if fallback is not None and fallback.exists():
+        return sorted(json.loads(fallback.read_text()).items(), key=lambda m: m[1]), None
+    return [], None
+
+
 def teal_stage(args) -> None:
-    """TEAL (--mode greedy or uniform) at each CWIC milestone's measured APR when the GPU stage ended before scoring it:
-    on the first --limit documents of every task (sized for a CPU), so `finish --limit` compares
-    dense, CWIC and TEAL on the same questions. Adds the configs to <scores>/scores_teal.pt."""
+    """TEAL (--mode greedy or uniform) at each CWIC milestone's measured APR: on the full sets (on a GPU),
+    or on the first --limit documents of every task (sized for a CPU), so `finish` compares dense, CWIC
+    and TEAL on the same questions. Writes <scores>/scores_teal_<mode>[_first<limit>].pt."""
     from eval_table import _load_bundle, unpack_requests
     from cwic_exp.teal import apply_teal, calibrate_teal
     from cwic_exp.teacher import load_teacher
     scores = Path(args.scores)
-    main = torch.load(scores / "scores_main.pt", weights_only=False)
-    ms = sorted(((c["milestone"], c["apr"]) for c in main["configs"].values()
-                 if c.get("run") == "mini_cwic" and c.get("milestone") not in (None, "final")), key=lambda m: m[1])
+    scores.mkdir(parents=True, exist_ok=True)
+    ms, groups = cwic_milestones(scores, Path(args.milestones) if args.milestones else None)
     if not ms:
-        raise SystemExit(f"{scores / 'scores_main.pt'} holds no scored CWIC milestone to match")
+        raise SystemExit(f"no scored CWIC milestone to match: neither {scores / 'scores_main.pt'} nor "
+                         f"--milestones {args.milestones}")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    amp = dev == "cuda" and args.dtype != "float32"
+
+    def autocast():
+        return torch.autocast("cuda", dtype=getattr(torch, args.dtype), enabled=amp)
     meta, arrays = _load_bundle(Path(args.bundle))
     reqs = unpack_requests(arrays, meta["keys"])
-    sel = [i for i, k in enumerate(meta["keys"]) if args.limit is None or k[1] < args.limit]
+    sel = None if args.limit is None else [i for i, k in enumerate(meta["keys"]) if k[1] < args.limit]
     args.pad_id = meta["pad_id"] or 0
     torch.set_num_threads(args.threads or torch.get_num_threads())
     hid = torch.from_numpy(arrays["heldout"].astype(np.int64))[:args.chat_rows]
     hmask = torch.from_numpy(arrays["heldout_mask"].astype(np.int64))[:args.chat_rows]
-    calib = torch.from_numpy(arrays["calib"].astype(np.int64))[:args.calib_rows]
-    out_f = scores / "scores_teal.pt"
+    calib = torch.from_numpy(arrays["calib"].astype(np.int64))[:args.calib_rows].to(dev)
+    out_f = teal_file(scores, args.mode, args.limit)
     doc = torch.load(out_f, weights_only=False) if out_f.exists() else \
-        {"device": "cpu", "configs": {}, "groups": main["groups"], "runs": {}, "limit": args.limit}
-    if doc.get("limit") != args.limit:
-        raise SystemExit(f"{out_f} was scored with --limit {doc.get('limit')}; delete it or pass that limit")
+        {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "configs": {}, "groups": groups,
+         "runs": {}, "limit": args.limit}
     teacher, _ = load_teacher(args.teacher, dtype=torch.float32)
-    teacher.eval()
-    log.info("TEAL: %d of %d requests (first %s documents per task), %d milestones", len(sel), len(reqs),
-             args.limit, len(ms))
+    teacher = teacher.to(dev).eval()
+    log.info("TEAL %s on %s: %d of %d requests (first %s documents per task), %d milestones", args.mode, dev,
+             len(reqs) if sel is None else len(sel), len(reqs), args.limit, len(ms))
     t0 = time.time()
     greedy = args.mode == "greedy"
     cal = calibrate_teal(teacher, calib, greedy=greedy, max_sparsity=0.95, greedy_rows=args.greedy_rows,
@@ -301,13 +327,15 @@ def teal_stage(args) -> None:
         t0 = time.time()
         s, th, got = teal_for_apr(teacher, cal, calib, apr, args.mode)
         apply_teal(teacher, th)
-        entry, _ = score_config(teacher, reqs, sel, [tuple(g) for g in doc["groups"]], teacher, hid, hmask,
-                                args, contextlib.nullcontext)
+        entry, groups = score_config(teacher, reqs, sel, doc["groups"] and [tuple(g) for g in doc["groups"]],
+                                     teacher, hid, hmask, args, autocast)
+        doc["groups"] = groups
         doc["configs"][f"teal/{name}"] = {"method": "teal", "mode": args.mode, "technique": f"TEAL ({args.mode})",
                                           "step": "_", "sparsity": s, "calib_apr": got, "matched_to": name,
                                           "matched_apr": apr, "limit": args.limit, "chat_rows": int(hid.shape[0]),
                                           "calib_rows": int(calib.shape[0]), "greedy_rows": args.greedy_rows,
-                                          **entry, "seconds": time.time() - t0}
+                                          **entry, "seconds": time.time() - t0,
+                                          "dtype": f"{args.dtype} autocast" if amp else "float32"}
         torch.save(doc, out_f)
         print(json.dumps({"scored": f"teal/{name}", "sparsity": round(s, 3), "apr": round(entry["apr"], 3),
                           "matched_apr": round(apr, 3), "kl_sym": round(entry["chat"]["kl_sym"], 4),
@@ -349,7 +377,8 @@ def finish(args) -> None:
     from eval_table import _load_bundle, _jsonable
     from cwic_exp.eval.table import table3
     from cwic_exp.teacher import load_teacher
-    meta, _ = _load_bundle(Path(args.bundle))
+    meta, arrays = _load_bundle(Path(args.bundle))
+    n_chat = int(arrays["heldout"].shape[0])
     tok = load_teacher(meta["model"])[1]
     keys = [tuple(k) for k in meta["keys"]]
     configs, runs, devices, sub_limit = [], {}, set(), args.limit
@@ -359,6 +388,9 @@ def finish(args) -> None:
         runs.update(sc.get("runs", {}))
         sub_limit = sc.get("limit") or sub_limit
         configs += [(n, c, [tuple(g) for g in sc["groups"]]) for n, c in sc["configs"].items()]
+    for _, c, _ in configs:          # a run's final export: its step is the run's last
+        if c.get("milestone") == "final" and c.get("step") in (None, "_"):
+            c["step"] = runs.get(c.get("run"), {}).get("steps", "_")
     full = [x for x in configs if not x[1].get("limit")]
     rows = _rows(full, keys, tok, meta["tasks"], meta["limit"])
     paired = _rows(configs, keys, tok, meta["tasks"], sub_limit) if sub_limit else []
@@ -379,17 +411,21 @@ def finish(args) -> None:
                "documents only). APR re-measured on these documents.", "", table3(paired), ""]
     md += ["## KL to the teacher on held-out chat (½(FKL+RKL) per token)", "",
            "| technique | milestone | APR | KL sym | PPL | chat rows |", "|---|---|---|---|---|---|"]
-    for _, c, _ in configs:
+    order = {"dense": 0, "cwic": 1, "teal": 2}
+    for _, c, _ in sorted(configs, key=lambda x: (order.get(x[1]["method"], 3), x[1].get("technique", ""),
+                                                  x[1].get("mode", ""), x[1]["chat"]["apr"])):
         md.append(f"| {c.get('technique') or 'dense'} | {c.get('milestone') or c.get('matched_to') or ''} | "
                   f"{c['chat']['apr']:.2f} | {c['chat']['kl_sym']:.4f} | {c['chat']['ppl']:.2f} | "
-                  f"{c.get('chat_rows') or 'all'} |")
+                  f"{c.get('chat_rows') or n_chat} |")
     md += ["", *ablation_table(rows), "", "## Training runs", "",
            "| run | steps | tokens | APR (val) | KL (val) | wall s |", "|---|---|---|---|---|---|"]
     for n, s in runs.items():
         md.append(f"| {n} | {s.get('steps')} | {s.get('tokens')} | {s.get('apr')} | {s.get('kl')} | {s.get('wall_s')} |")
     md += ["", *arc_compute(rows), ""]
     (res_dir / "README.md").write_text("\n".join(md) + "\n")
-    plots(paired or rows, res_dir, [r for r in rows if r["method"] == "cwic"] if paired else [])
+    plots(rows, res_dir / "score_kl_vs_apr.png", "full sets")
+    if paired:
+        plots(paired, res_dir / f"score_kl_vs_apr_first{sub_limit}.png", f"first {sub_limit} documents per task")
     arc_plot(rows, res_dir)
     print("\n".join(md))
     print(json.dumps({"rows": len(rows), "paired_rows": len(paired), "results": str(res_dir)}))
@@ -444,32 +480,37 @@ def arc_plot(rows, res_dir: Path) -> None:
     fig.savefig(res_dir / "arc_easy_vs_challenge.png", dpi=110)
 
 
-def plots(rows, res_dir: Path, full_cwic=()) -> None:
+def plots(rows, path: Path, scope: str) -> None:
+    """Fig. 1 analogue: score vs measured APR per technique (dense as a line), and KL to the teacher."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     dense = [r for r in rows if r["method"] == "dense"]
-    for tech, mk in (("CWIC", "o-"), ("TEAL (greedy)", "s--"), ("TEAL (uniform)", "x--"), ("CWIC no stripes", "^"), ("CWIC no STE", "v"),
-                     ("CWIC + MSE", "D")):
+    for tech, mk in (("CWIC", "o-"), ("TEAL (greedy)", "s--"), ("TEAL (uniform)", "x--"), ("CWIC no stripes", "^"),
+                     ("CWIC no STE", "v"), ("CWIC + MSE", "D")):
         rs = sorted((r for r in rows if r["technique"] == tech), key=lambda r: r["apr"])
         if rs:
             ax[0].plot([r["apr"] for r in rs], [100 * (r["all"] or 0) for r in rs], mk, label=tech)
-            ax[1].plot([r["apr"] for r in rs], [r["chat"]["kl_sym"] for r in rs], mk, label=tech)
-    if full_cwic:
-        rs = sorted(full_cwic, key=lambda r: r["apr"])
-        ax[0].plot([r["apr"] for r in rs], [100 * (r["all"] or 0) for r in rs], "o:", color="gray", alpha=0.6,
-                   label="CWIC (full sets)")
+            rk = sorted(rs, key=lambda r: r["chat"]["apr"])
+            ax[1].plot([r["chat"]["apr"] for r in rk], [r["chat"]["kl_sym"] for r in rk], mk, label=tech)
     if dense:
         ax[0].axhline(100 * dense[0]["all"], color="gray", lw=1, label="dense")
-    ax[0].set(xlabel="measured APR (×)", ylabel="mean acc_norm, 7 tasks (%)", title="Score vs APR (Fig. 1 analog)")
-    ax[1].set(xlabel="measured APR (×)", ylabel="½(FKL+RKL) per token", title="KL to the teacher vs APR",
+    # chance: 1/choices per task (WinoGrande and PIQA 2, the others 4), averaged like "all"
+    chance = 100 * float(np.mean([1 / CHOICES.get(t, 4) for t in rows[0]["tasks"]])) if rows else None
+    if chance:
+        ax[0].axhline(chance, color="gray", lw=1, ls=":", label=f"chance ({chance:.1f})")
+    ax[0].set(xlabel="measured APR (×)", ylabel="mean acc_norm, 7 tasks (%)",
+              title=f"Score vs APR (Fig. 1 analog), {scope}")
+    ax[1].set(xlabel="measured APR on the held-out chat (×)", ylabel="½(FKL+RKL) per token",
+              title="KL to the teacher vs APR (held-out chat)",
               yscale="log")
     for a in ax:
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(res_dir / "score_kl_vs_apr.png", dpi=120)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -503,6 +544,10 @@ def main(argv=None) -> int:
     p.add_argument("--mode", choices=["greedy", "uniform"], default="greedy",
                    help="teal: TEAL's greedy allocation (about 100 s a layer on 2 CPU cores) or uniform")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--then-teal", dest="then_teal", choices=["greedy", "uniform"], default=None,
+                   help="gpu: after the group, TEAL in this mode at the main run's milestones on the full sets")
+    p.add_argument("--milestones", default=str(ROOT / "experiments" / "results" / "mini" / "cwic_milestones.json"),
+                   help="teal: {milestone: measured APR} used when <scores>/scores_main.pt is absent")
     a = p.parse_args(argv)
     {"gpu": gpu, "teal": teal_stage, "finish": finish}[a.stage](a)
     return 0

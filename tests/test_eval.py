@@ -273,3 +273,26 @@ def test_reproduce_mini_subset_scoring_fills_the_rest_with_nan():
     lines = ablation_table([row("CWIC", "mini_cwic", "apr_3.05x"), row("CWIC no STE", "ablation_noste", "final")])
     assert lines[-2].startswith("| CWIC |") and lines[-1].startswith("| CWIC no STE |")
     assert "No ablation" in ablation_table([row("CWIC", "mini_cwic", "apr_3.05x")])[-1]
+
+
+def test_reproduce_mini_teal_milestones_from_scores_or_json(tmp_path):
+    """The TEAL stage matches the main run's scored milestones (ordered by APR, `final` left out) from
+    scores_main.pt, else from a {milestone: apr} JSON (a GPU box that did not score the main run); its
+    output file is named by mode and document limit, so GPU full-set and CPU subset runs never mix."""
+    import json
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    from reproduce_mini import cwic_milestones, teal_file
+    js = tmp_path / "ms.json"
+    js.write_text(json.dumps({"apr_3.05x": 2.8, "apr_2.05x": 1.9}))
+    assert cwic_milestones(tmp_path, js) == ([("apr_2.05x", 1.9), ("apr_3.05x", 2.8)], None)
+    assert cwic_milestones(tmp_path, None) == ([], None)
+    cfg = lambda ms, apr: {"run": "mini_cwic", "milestone": ms, "apr": apr}  # noqa: E731
+    torch.save({"configs": {"dense": {"method": "dense", "apr": 1.0}, "a": cfg("apr_4.05x", 3.7),
+                            "b": cfg("apr_2.05x", 2.0), "c": cfg("final", 5.9)},
+                "groups": [["arc_easy", 1], ["arc_easy", 0]]}, tmp_path / "scores_main.pt")
+    ms, groups = cwic_milestones(tmp_path, js)
+    assert ms == [("apr_2.05x", 2.0), ("apr_4.05x", 3.7)] and groups == [("arc_easy", 1), ("arc_easy", 0)]
+    assert teal_file(tmp_path, "greedy", None).name == "scores_teal_greedy.pt"
+    assert teal_file(tmp_path, "uniform", 100).name == "scores_teal_uniform_first100.pt"

@@ -122,7 +122,10 @@ def gpu(args) -> None:
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    score_file = out / f"scores_{args.group}.pt"
+    # --skip-scored: configs scored elsewhere ({milestone: APR} of the main run, e.g. cwic_milestones.json):
+    # dense, those exports and their TEAL are not scored again; results go to a file of their own
+    skip = json.loads(Path(args.skip_scored).read_text()) if args.skip_scored else {}
+    score_file = out / (f"scores_{args.group}_more.pt" if skip else f"scores_{args.group}.pt")
     prev = torch.load(score_file, weights_only=False) if score_file.exists() else {}
     runs = dict(prev.get("runs", {}))
     runs.update(train_jobs(JOBS[args.group], work, args.teacher, args.data, args.minutes, args.extra or [],
@@ -164,8 +167,14 @@ def gpu(args) -> None:
     def autocast():
         return torch.autocast("cuda", dtype=getattr(torch, args.dtype), enabled=amp)
 
+    skipped = {"dense": 1.0, **{f"mini_cwic/{k}": v for k, v in skip.items()},
+               **{f"teal/{k}": v for k, v in skip.items()}}
+
     def record(name, model, info):
         nonlocal groups
+        if name in skipped:
+            log.info("%s: scored elsewhere (--skip-scored)", name)
+            return skipped[name]
         if name in results["configs"]:
             log.info("%s: scored already", name)
             return results["configs"][name]["apr"]
@@ -183,7 +192,7 @@ def gpu(args) -> None:
         return res["apr"]
 
     try:
-        score_all(args, work, record, teacher, calib, dev, results["configs"])
+        score_all(args, work, record, teacher, calib, dev, results["configs"], skipped)
     except TimeoutError as e:
         print(json.dumps({"deadline": True, "next": str(e), "hint": "run the same command again"}), flush=True)
     results["timing"][f"call_{len(results['timing'])}"] = time.time() - t_start
@@ -226,7 +235,7 @@ def score_config(model, reqs, sel, groups, teacher, hid, hmask, args, autocast):
     return entry, groups
 
 
-def score_all(args, work: Path, record, teacher, calib, dev, done) -> None:
+def score_all(args, work: Path, record, teacher, calib, dev, done, skipped=()) -> None:
     from transformers import AutoModelForCausalLM
     from cwic_exp.teal import apply_teal, calibrate_teal, remove_teal
     if args.group in ("main", "all"):
@@ -251,7 +260,7 @@ def score_all(args, work: Path, record, teacher, calib, dev, done) -> None:
     if milestones:
         cal = None
         for ms, apr in milestones:
-            if f"teal/{ms}" in done:
+            if f"teal/{ms}" in done or f"teal/{ms}" in skipped:
                 continue
             cal = cal or calibrate_teal(teacher, calib, greedy=True, max_sparsity=0.95, greedy_rows=16,
                                         batch_rows=16)
@@ -260,7 +269,8 @@ def score_all(args, work: Path, record, teacher, calib, dev, done) -> None:
             record(f"teal/{ms}", teacher, {"method": "teal", "mode": "greedy", "technique": "TEAL (greedy)",
                                           "step": "_", "sparsity": s, "calib_apr": got, "matched_to": ms,
                                           "matched_apr": apr})
-        remove_teal(teacher)
+        if cal is not None:
+            remove_teal(teacher)
 
 
 def teal_file(scores: Path, mode: str, limit) -> Path:
@@ -548,6 +558,9 @@ def main(argv=None) -> int:
                    help="gpu: after the group, TEAL in this mode at the main run's milestones on the full sets")
     p.add_argument("--milestones", default=str(ROOT / "experiments" / "results" / "mini" / "cwic_milestones.json"),
                    help="teal: {milestone: measured APR} used when <scores>/scores_main.pt is absent")
+    p.add_argument("--skip-scored", dest="skip_scored", default=None,
+                   help="gpu: JSON {milestone: APR} of main-run exports scored in an earlier call (with dense and "
+                        "their TEAL); they are skipped and the rest goes to scores_<group>_more.pt")
     a = p.parse_args(argv)
     {"gpu": gpu, "teal": teal_stage, "finish": finish}[a.stage](a)
     return 0

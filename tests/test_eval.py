@@ -296,3 +296,24 @@ def test_reproduce_mini_teal_milestones_from_scores_or_json(tmp_path):
     assert ms == [("apr_2.05x", 2.0), ("apr_4.05x", 3.7)] and groups == [("arc_easy", 1), ("arc_easy", 0)]
     assert teal_file(tmp_path, "greedy", None).name == "scores_teal_greedy.pt"
     assert teal_file(tmp_path, "uniform", 100).name == "scores_teal_uniform_first100.pt"
+
+
+def test_reproduce_mini_score_all_skips_configs_scored_elsewhere(tmp_path):
+    """`gpu --skip-scored`: dense, the listed main-run exports and their TEAL are not scored again (no
+    TEAL calibration is even started for them); the other exports are."""
+    import argparse
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    from reproduce_mini import score_all
+    for sub in ("apr_2.05x", "apr_5.05x", "final"):
+        (tmp_path / "mini_cwic" / "hf" / sub).mkdir(parents=True)
+    skipped = {"dense": 1.0, "mini_cwic/apr_2.05x": 1.98, "teal/apr_2.05x": 1.98}
+    called = []
+
+    def record(name, model, info):
+        called.append(name)
+        return skipped.get(name, 5.0)
+    done = {"teal/apr_5.05x": {}}                 # scored in this file already: no calibration needed
+    score_all(argparse.Namespace(group="main"), tmp_path, record, None, None, "cpu", done, skipped)
+    assert called == ["dense", "mini_cwic/apr_2.05x", "mini_cwic/apr_5.05x", "mini_cwic/final"]

@@ -106,6 +106,12 @@ def teal_for_apr(model, cal, calib, target_apr: float, mode: str = "greedy"):
     return best
 
 
+def scoring_autocast(dev: str, dtype: str):
+    """(amp on?, a context factory): scoring under `dtype` autocast on a GPU (fp32 weights), none on a CPU."""
+    amp = dev == "cuda" and dtype != "float32"
+    return amp, lambda: torch.autocast("cuda", dtype=getattr(torch, dtype), enabled=amp)
+
+
 def gpu(args) -> None:
     if args.group == "all" and not args.parallel:
         # one group after the other, each trained then scored: what finishes first is usable first
@@ -156,16 +162,13 @@ def gpu(args) -> None:
     teacher, _ = load_teacher(args.teacher, dtype=torch.float32)
     teacher = teacher.to(dev).eval()
     apply_teal(teacher)                      # TEAL modules present but off: dense until thresholds are set
-    amp = dev == "cuda" and args.dtype != "float32"
+    amp, autocast = scoring_autocast(dev, args.dtype)
     results = {"meta": {k: v for k, v in meta.items() if k != "keys"}, "device":
                torch.cuda.get_device_name() if dev == "cuda" else "cpu", "configs": dict(prev.get("configs", {})),
                "runs": runs, "timing": dict(prev.get("timing", {})),
                "dtype": f"{args.dtype} autocast (fp32 weights, θ and statistics)" if amp else "float32"}
     groups = prev.get("groups")
     deadline = t_start + args.deadline if args.deadline else None
-
-    def autocast():
-        return torch.autocast("cuda", dtype=getattr(torch, args.dtype), enabled=amp)
 
     skipped = {"dense": 1.0, **{f"mini_cwic/{k}": v for k, v in skip.items()},
                **{f"teal/{k}": v for k, v in skip.items()}}
@@ -192,7 +195,7 @@ def gpu(args) -> None:
         return res["apr"]
 
     try:
-        score_all(args, work, record, teacher, calib, dev, results["configs"], skipped)
+        score_all(args, work, record, teacher, calib, dev, results["configs"].keys() | skipped.keys())
     except TimeoutError as e:
         print(json.dumps({"deadline": True, "next": str(e), "hint": "run the same command again"}), flush=True)
     results["timing"][f"call_{len(results['timing'])}"] = time.time() - t_start
@@ -235,7 +238,7 @@ def score_config(model, reqs, sel, groups, teacher, hid, hmask, args, autocast):
     return entry, groups
 
 
-def score_all(args, work: Path, record, teacher, calib, dev, done, skipped=()) -> None:
+def score_all(args, work: Path, record, teacher, calib, dev, done) -> None:
     from transformers import AutoModelForCausalLM
     from cwic_exp.teal import apply_teal, calibrate_teal, remove_teal
     if args.group in ("main", "all"):
@@ -260,7 +263,7 @@ def score_all(args, work: Path, record, teacher, calib, dev, done, skipped=()) -
     if milestones:
         cal = None
         for ms, apr in milestones:
-            if f"teal/{ms}" in done or f"teal/{ms}" in skipped:
+            if f"teal/{ms}" in done:
                 continue
             cal = cal or calibrate_teal(teacher, calib, greedy=True, max_sparsity=0.95, greedy_rows=16,
                                         batch_rows=16)
@@ -306,10 +309,7 @@ def teal_stage(args) -> None:
         raise SystemExit(f"no scored CWIC milestone to match: neither {scores / 'scores_main.pt'} nor "
                          f"--milestones {args.milestones}")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    amp = dev == "cuda" and args.dtype != "float32"
-
-    def autocast():
-        return torch.autocast("cuda", dtype=getattr(torch, args.dtype), enabled=amp)
+    amp, autocast = scoring_autocast(dev, args.dtype)
     meta, arrays = _load_bundle(Path(args.bundle))
     reqs = unpack_requests(arrays, meta["keys"])
     sel = None if args.limit is None else [i for i, k in enumerate(meta["keys"]) if k[1] < args.limit]

@@ -314,6 +314,6 @@ def test_reproduce_mini_score_all_skips_configs_scored_elsewhere(tmp_path):
     def record(name, model, info):
         called.append(name)
         return skipped.get(name, 5.0)
-    done = {"teal/apr_5.05x": {}}                 # scored in this file already: no calibration needed
-    score_all(argparse.Namespace(group="main"), tmp_path, record, None, None, "cpu", done, skipped)
+    done = {"teal/apr_5.05x"} | skipped.keys()    # scored already or elsewhere: no calibration needed
+    score_all(argparse.Namespace(group="main"), tmp_path, record, None, None, "cpu", done)
     assert called == ["dense", "mini_cwic/apr_2.05x", "mini_cwic/apr_5.05x", "mini_cwic/final"]

@@ -358,3 +358,37 @@ def test_tied_weights_stay_shared():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert type(model).__name__ == "CwicLlamaForCausalLM"
     assert isinstance(model, cwic_exp.CwicForCausalLM)
+
+
+@pytest.mark.parametrize("n,m", [(2048, 2048), (2048, 512), (2048, 8192), (2048, 128256)])
+def test_paper_stripe_512_on_llama_1b_shapes(n, m):
+    """Stripe 512 on Llama-3.2-1B's q/o, k/v, gate and LM-head shapes (the head's last stripe partial,
+    128256 = 250·512 + 256), random weights: θ = 0 is the dense product; random θ gives
+    W_r(x̄ + G_r ⊙ (x - x̄)) per stripe and the brute-force active count."""
+    torch.manual_seed(n + m)
+    layer = CwicLinear(n, m, stripe_size=512)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.02)
+    k = -(-m // 512)
+    assert layer.num_stripes == k and layer._rows[-1].item() == m - 512 * (k - 1)
+    x = torch.randn(3, n) * torch.rand(n) * 3
+    layer.runtime.update_stats = True
+    with torch.no_grad():
+        layer(x)                                     # statistics: x̄ and σ not trivial
+    layer.runtime.update_stats = False
+    with torch.no_grad():
+        y0 = layer(x)
+        assert (y0 - F.linear(x, layer.weight)).abs().max() <= 1e-6 * F.linear(x, layer.weight).abs().max()
+        layer.theta.uniform_(0.0, 1.5)
+        layer.runtime.track_ap = True
+        y = layer(x)
+    mean, std = layer.running_stats()
+    thr = layer.theta * std
+    count = torch.zeros(3, dtype=torch.float64)
+    for r in range(k):
+        sl = slice(512 * r, min(512 * (r + 1), m))
+        act = (x - mean).abs() >= thr[r]
+        want = torch.where(act, x, mean).double() @ layer.weight[sl].double().t()
+        torch.testing.assert_close(y[:, sl].double(), want, atol=1e-5, rtol=1e-5)
+        count += act.sum(1).double() * (sl.stop - sl.start)
+    torch.testing.assert_close(layer.ap_tokens.double(), count)

@@ -206,7 +206,7 @@ def bench_batches(S: Shape, dev, sparsity=0.66, batches=(1, 2, 4, 8, 16)):
 def main(argv=None):
     global DRY_RUN, SHAPES
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1B shapes, sparsities 0/50/66/90%")
+    ap.add_argument("--quick", action="store_true", help="1B shapes, sparsities 0/50/66/90%%")
     ap.add_argument("--models", default=None, help="comma list of " + ",".join(SHAPES))
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--out", default=None, help="folder for gpu_kernels.json / gpu_kernels.md")

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+AUTO_COMPACT = os.environ.get("CWIC_GEMV_COMPACT", "1") != "0"   # 0: gemv_ex never picks gemv_compact itself
 ACT_IDS = {None: -1, "silu": 0, "gelu": 1, "gelu_pytorch_tanh": 2, "gelu_tanh": 2, "relu": 3}
 MASK_THRESHOLD, MASK_NONZERO, MASK_NONE = 0, 1, 2
 
@@ -294,16 +295,27 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
             bias: torch.Tensor | None, stripe: int, *, residual: torch.Tensor | None = None,
             act: str | None = None, unit_thr: torch.Tensor | None = None, mask_mode: int = MASK_THRESHOLD,
             out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
-            config: dict | None = None) -> torch.Tensor:
+            config: dict | None = None, compact: bool | None = None) -> torch.Tensor:
     """y = epilogue(GMM(x; wt, mean, thr) + bias): the Triton kernel behind `cwic::gemv`.
 
     x (B, n) any float dtype; wt (n, m); mean (n,) or per stripe (k, n) fp32; thr (k, n) fp32;
     bias (m,) fp32 or None. mask_mode: MASK_THRESHOLD (granular), MASK_NONZERO (row i used iff some
     x[b, i] ≠ 0: the FFN's down projection), MASK_NONE (dense). act: activation + unit mask
     |act(y)| ≥ unit_thr (output fp32 unless out_dtype says otherwise). residual (B, m) is added last.
+
+    compact: one token through `gemv_compact` (work ∝ density: select the active rows, then read only
+    them). None (default): for the shapes of `gemv_compact.TUNED_COMPACT`, where the H100 sweep found it
+    faster than this kernel at 66% sparsity (experiments/results/gpu_kernels_compact.md), unless a
+    `config` for this kernel is given, or the environment sets CWIC_GEMV_COMPACT=0 (A/B runs); False:
+    never; True: always (B == 1).
     """
     B, n = x.shape
     n2, m = wt.shape
+    if B == 1 and compact is not False and (compact or config is None):
+        from . import gemv_compact as C
+        if compact or (AUTO_COMPACT and (n, m) in C.TUNED_COMPACT):
+            return C.gemv_compact(x, wt, mean, thr, bias, stripe, residual=residual, act=act, unit_thr=unit_thr,
+                                  mask_mode=mask_mode, out_dtype=out_dtype, out=out)
     assert n == n2, (x.shape, wt.shape)
     assert x.stride(1) == 1 and wt.is_contiguous()
     if mask_mode == MASK_THRESHOLD:

@@ -230,6 +230,43 @@ def test_decode_dense_matches_hf(ext):
     assert dec.generate(ids[0], max_new_tokens=8) == hf
 
 
+@pytest.mark.parametrize("T", [1, 7, 16, 37, 200])
+@pytest.mark.parametrize("hd", [12, 64, 72])
+def test_attention_every_isa_matches_softmax(ext, T, hd):
+    """The decode attention (vector max, polynomial exp, sum, value sum in registers) in every ISA build
+    against fp64 softmax attention: peaked and flat scores, grouped-query heads, contexts with and
+    without a tail, head dims with blocks of four vectors, single vectors and scalar tails."""
+    g = torch.Generator().manual_seed(T * 100 + hd)
+    nh, nkv = 6, 2
+    for scale in (0.3, 4.0):                     # 4.0: scores spread over ~±60, a peaked softmax
+        q = torch.randn(nh, hd, generator=g) * scale
+        kc, vc = torch.randn(T, nkv, hd, generator=g), torch.randn(T, nkv, hd, generator=g)
+        k = kc.double().repeat_interleave(nh // nkv, 1)
+        p = torch.softmax(torch.einsum("hd,thd->ht", q.double(), k) * hd ** -0.5, -1)
+        ref = torch.einsum("ht,thd->hd", p, vc.double().repeat_interleave(nh // nkv, 1))
+        for isa in C.supported_isas():
+            out = ext.attention(q, kc, vc, hd ** -0.5, C.isa_id(isa), 0)
+            torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=2e-6, msg=f"{isa} T={T} hd={hd}")
+
+
+def test_decode_attention_every_isa_matches_hf_on_a_long_context(ext):
+    """The attention's vector softmax (max, polynomial exp, sum) and value sum, in every ISA build, over
+    contexts longer than a vector (1..40 positions: full vectors and tails) and a grouped-query cache;
+    head dims 12 (scalar tail only) and 72 (blocks of four vectors, single vectors and a tail)."""
+    for kw in (dict(), dict(hidden_size=144, num_attention_heads=2, num_key_value_heads=1)):
+        _attention_vs_hf(_tiny(**kw))
+
+
+def _attention_vs_hf(m):
+    from cwic_exp.cpu_decode import CpuDecoder
+    ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = m(ids).logits[0]
+    for isa in C.supported_isas():
+        dec = CpuDecoder(m, mode="dense", dtype=torch.float32, max_len=64, isa=isa)
+        torch.testing.assert_close(_step_logits(dec, ids), ref, rtol=1e-4, atol=1e-4, msg=isa)
+
+
 def test_decode_cwic_matches_model_and_counts(ext):
     import cwic_exp
     from cwic_exp.cpu_decode import CpuDecoder, calibrate_apr

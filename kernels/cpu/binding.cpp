@@ -90,6 +90,22 @@ std::tuple<at::Tensor, int64_t> gemv(const at::Tensor& x, const at::Tensor& wt, 
   return {y, reads};
 }
 
+// one query position: q (n_heads, hd), caches (T, n_kv, hd) fp32 -> (n_heads, hd)
+at::Tensor attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, double scaling, int64_t isa,
+                     int64_t nthreads) {
+  TORCH_CHECK(q.dim() == 2 && kc.dim() == 3 && vc.sizes() == kc.sizes() && kc.size(2) == q.size(1),
+              "q (n_heads, hd), kc and vc (T, n_kv, hd)");
+  TORCH_CHECK(q.size(0) % kc.size(1) == 0, "n_heads must be a multiple of n_kv");
+  at::Tensor q32 = f32c(q), k32 = f32c(kc), v32 = f32c(vc);
+  const int64_t T = kc.size(0), nh = q.size(0);
+  at::Tensor out = at::empty_like(q32), scratch = at::empty({nh * std::max<int64_t>(T, 1)}, q32.options());
+  pybind11::gil_scoped_release nogil;
+  cwic_cpu::attention(q32.data_ptr<float>(), k32.data_ptr<float>(), v32.data_ptr<float>(), (int)T, (int)nh,
+                      (int)kc.size(1), (int)q.size(1), (float)scaling, out.data_ptr<float>(),
+                      scratch.data_ptr<float>(), threads(nthreads), (int)isa);
+  return out;
+}
+
 // the same with an explicit weight layout: (i, o) of stripe r at w + r * block_stride + i * row_stride + o - r * stripe
 std::tuple<at::Tensor, int64_t> gemv_layout(const at::Tensor& x, const at::Tensor& w, int64_t m,
                                             const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& thr,
@@ -241,7 +257,7 @@ class Decoder {
       tk.lap(P_GLUE);
       float* att = att_.data_ptr<float>();
       cwic_cpu::attention(q, kc, vc, (int)pos + 1, nh_, nkv_, hd_, scaling_, att, scores_.data_ptr<float>(),
-                          nthreads_);
+                          nthreads_, isa_);
       tk.lap(P_ATTN);
       reads_[0] += apply(L.o, att, h, h);
       tk.lap(P_O);
@@ -408,6 +424,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ffn", &ffn, "fused CWIC gated FFN -> (y fp32 (B, d), weights read)", py::arg("x"), py::arg("gate_wt"),
         py::arg("gate_mean"), py::arg("gate_thr"), py::arg("gate_bias"), py::arg("stripe"), py::arg("up_w"),
         py::arg("down_wt"), py::arg("unit_thr"), py::arg("act"), py::arg("isa") = -1, py::arg("nthreads") = 0);
+  m.def("attention", &attention, "one query position over a (T, n_kv, hd) fp32 KV cache -> (n_heads, hd)",
+        py::arg("q"), py::arg("kc"), py::arg("vc"), py::arg("scaling"), py::arg("isa") = -1, py::arg("nthreads") = 0);
   py::class_<Lin>(m, "Lin")
       .def(py::init<>())
       .def_readwrite("kind", &Lin::kind)

@@ -186,8 +186,8 @@ void rope(float* v, int n_heads, int hd, const float* cos, const float* sin) {
 }
 
 void attention(const float* q, const float* kc, const float* vc, int T, int n_heads, int n_kv, int hd,
-               float scaling, float* out, float* scratch, int nthreads) {
-  switch (best_isa()) {
+               float scaling, float* out, float* scratch, int nthreads, int isa) {
+  switch (resolve_isa(isa)) {
 #if CWIC_X86
     case ISA_AVX512: return isa_avx512::attention_run(q, kc, vc, T, n_heads, n_kv, hd, scaling, out, scratch, nthreads);
     case ISA_AVX2: return isa_avx2::attention_run(q, kc, vc, T, n_heads, n_kv, hd, scaling, out, scratch, nthreads);

@@ -73,7 +73,7 @@ void rope(float* v, int n_heads, int hd, const float* cos, const float* sin);
 // One query position attending to positions 0..T-1 of a (T_max, n_kv, hd) fp32 cache:
 // q (n_heads, hd) -> out (n_heads, hd); grouped-query heads share kv head h / (n_heads / n_kv).
 void attention(const float* q, const float* kc, const float* vc, int T, int n_heads, int n_kv, int hd,
-               float scaling, float* out, float* scratch /* n_heads * T floats */, int nthreads);
+               float scaling, float* out, float* scratch /* n_heads * T floats */, int nthreads, int isa = -1);
 // act(g) * u elementwise (dense FFN)
 void act_mul(const float* g, const float* u, int n, int act, float* out);
 float act_scalar(float v, int act);

@@ -291,6 +291,27 @@ def gemv_config(B: int, n: int, m: int, stripe: int, device: torch.device, **ove
                 num_warps=p["num_warps"], num_stages=p["num_stages"], pipe=bool(p["pipe"]) and bb == 1)
 
 
+def check_args(x, wt, mean, thr, stripe: int, mask_mode: int, act, out_dtype):
+    """Shapes, layouts and dtypes of a `gemv_ex` / `gemv_compact` call -> (stripes k, stripe, mean's
+    stripe stride, output dtype); without thresholds (MASK_NONZERO, MASK_NONE) one stripe of width m."""
+    n, m = x.shape[1], wt.shape[1]
+    assert wt.shape[0] == n, (x.shape, wt.shape)
+    assert x.stride(1) == 1 and wt.is_contiguous()
+    if mask_mode == MASK_THRESHOLD:
+        assert thr is not None and mean is not None
+        k = thr.shape[0]
+        assert k == triton.cdiv(m, stripe) and thr.shape[1] == n and thr.is_contiguous(), (thr.shape, m, stripe)
+        assert mean.dtype == torch.float32 and thr.dtype == torch.float32
+        stride_mk = 0 if mean.dim() == 1 else mean.stride(0)
+        assert mean.stride(-1) == 1
+    else:
+        k, stripe, stride_mk = 1, m, 0
+    assert supports_stripe(stripe, m), f"stripe {stripe} not a multiple of 16"
+    if out_dtype is None:
+        out_dtype = torch.float32 if act is not None else x.dtype
+    return k, stripe, stride_mk, out_dtype
+
+
 def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: torch.Tensor | None,
             bias: torch.Tensor | None, stripe: int, *, residual: torch.Tensor | None = None,
             act: str | None = None, unit_thr: torch.Tensor | None = None, mask_mode: int = MASK_THRESHOLD,
@@ -310,26 +331,13 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
     never; True: always (B == 1).
     """
     B, n = x.shape
-    n2, m = wt.shape
+    m = wt.shape[1]
     if B == 1 and compact is not False and (compact or config is None):
         from . import gemv_compact as C
         if compact or (AUTO_COMPACT and (n, m) in C.TUNED_COMPACT):
             return C.gemv_compact(x, wt, mean, thr, bias, stripe, residual=residual, act=act, unit_thr=unit_thr,
                                   mask_mode=mask_mode, out_dtype=out_dtype, out=out)
-    assert n == n2, (x.shape, wt.shape)
-    assert x.stride(1) == 1 and wt.is_contiguous()
-    if mask_mode == MASK_THRESHOLD:
-        assert thr is not None and mean is not None
-        k = thr.shape[0]
-        assert k == triton.cdiv(m, stripe) and thr.shape[1] == n and thr.is_contiguous(), (thr.shape, m, stripe)
-        assert mean.dtype == torch.float32 and thr.dtype == torch.float32
-        stride_mk = 0 if mean.dim() == 1 else mean.stride(0)
-        assert mean.stride(-1) == 1
-    else:
-        stripe, stride_mk = m, 0
-    assert supports_stripe(stripe, m), f"stripe {stripe} not a multiple of 16"
-    if out_dtype is None:
-        out_dtype = torch.float32 if act is not None else x.dtype
+    k, stripe, stride_mk, out_dtype = check_args(x, wt, mean, thr, stripe, mask_mode, act, out_dtype)
     y = out if out is not None else torch.empty((B, m), dtype=out_dtype, device=x.device)
     if B == 0:
         return y

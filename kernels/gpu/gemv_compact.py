@@ -244,21 +244,8 @@ def gemv_compact(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, t
     if B != 1:
         return G.gemv_ex(x, wt, mean, thr, bias, stripe, residual=residual, act=act, unit_thr=unit_thr,
                          mask_mode=mask_mode, out_dtype=out_dtype, out=out, compact=False)
-    n2, m = wt.shape
-    assert n == n2, (x.shape, wt.shape)
-    assert x.stride(1) == 1 and wt.is_contiguous()
-    if mask_mode == MASK_THRESHOLD:
-        assert thr is not None and mean is not None
-        k = thr.shape[0]
-        assert k == triton.cdiv(m, stripe) and thr.shape[1] == n and thr.is_contiguous(), (thr.shape, m, stripe)
-        assert mean.dtype == torch.float32 and thr.dtype == torch.float32
-        stride_mk = 0 if mean.dim() == 1 else mean.stride(0)
-        assert mean.stride(-1) == 1
-    else:
-        stripe, stride_mk, k = m, 0, 1
-    assert G.supports_stripe(stripe, m), f"stripe {stripe} not a multiple of 16"
-    if out_dtype is None:
-        out_dtype = torch.float32 if act is not None else x.dtype
+    m = wt.shape[1]
+    k, stripe, stride_mk, out_dtype = G.check_args(x, wt, mean, thr, stripe, mask_mode, act, out_dtype)
     y = out if out is not None else torch.empty((1, m), dtype=out_dtype, device=x.device)
     if residual is not None:
         assert residual.shape == (1, m) and residual.stride(1) == 1

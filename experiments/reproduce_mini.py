@@ -378,9 +378,24 @@ def _rows(configs, keys, tok, tasks, limit) -> list[dict]:
                      "all": mean_all(out), "chat": c["chat"], "method": c["method"], "run": c.get("run"),
                      "milestone": c.get("milestone") or c.get("matched_to"), "sparsity": c.get("sparsity"),
                      "dense_params": c["dense"], "limit": limit, "chat_rows": c.get("chat_rows")})
+    return _sorted(rows)
+
+
+def _sorted(rows: list[dict]) -> list[dict]:
     order = {"": 0, "CWIC": 1, "TEAL (greedy)": 2, "TEAL (uniform)": 3}
-    rows.sort(key=lambda r: (order.get(r["technique"], 3), r["technique"], r["apr"]))
-    return rows
+    return sorted(rows, key=lambda r: (order.get(r["technique"], 3), r["technique"], r["apr"]))
+
+
+def _merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """Rows of an earlier results.json with the newly scored ones; a config scored again replaces its row.
+    A config is its name and technique (TEAL greedy and uniform matched to one milestone share a name)."""
+    rows = {_key(r): r for r in old}
+    rows.update({_key(r): r for r in new})
+    return _sorted(list(rows.values()))
+
+
+def _key(row: dict) -> tuple:
+    return row["name"], row["technique"]
 
 
 def finish(args) -> None:
@@ -401,9 +416,22 @@ def finish(args) -> None:
     for _, c, _ in configs:          # a run's final export: its step is the run's last
         if c.get("milestone") == "final" and c.get("step") in (None, "_"):
             c["step"] = runs.get(c.get("run"), {}).get("steps", "_")
+    prev = json.loads(Path(args.previous).read_text()) if args.previous else {}
+    if prev and prev.get("limit") != meta["limit"]:
+        raise SystemExit(f"{args.previous} was scored with limit {prev.get('limit')}, this bundle has {meta['limit']}")
+    sub_limit = sub_limit or prev.get("paired_limit")
+    if not configs and not prev:
+        raise SystemExit(f"nothing to tabulate: no scores_*.pt in {args.scores} and no --previous results.json")
     full = [x for x in configs if not x[1].get("limit")]
-    rows = _rows(full, keys, tok, meta["tasks"], meta["limit"])
+    rows = _merge(prev.get("rows", []), _rows(full, keys, tok, meta["tasks"], meta["limit"]))
     paired = _rows(configs, keys, tok, meta["tasks"], sub_limit) if sub_limit else []
+    paired = _merge(prev.get("paired_rows") or [], paired) if sub_limit else []
+    for n, s in prev.get("runs", {}).items():   # a run trained again on a later box: keep both entries
+        if n in runs and s != runs[n]:
+            runs[f"{n} (earlier box)"] = s
+        else:
+            runs.setdefault(n, s)
+    devices |= set(prev.get("devices", []))
     res_dir = Path(args.results)
     res_dir.mkdir(parents=True, exist_ok=True)
     doc = {"devices": sorted(devices), "limit": meta["limit"], "paired_limit": sub_limit, "tasks": meta["tasks"],
@@ -422,11 +450,11 @@ def finish(args) -> None:
     md += ["## KL to the teacher on held-out chat (½(FKL+RKL) per token)", "",
            "| technique | milestone | APR | KL sym | PPL | chat rows |", "|---|---|---|---|---|---|"]
     order = {"dense": 0, "cwic": 1, "teal": 2}
-    for _, c, _ in sorted(configs, key=lambda x: (order.get(x[1]["method"], 3), x[1].get("technique", ""),
-                                                  x[1].get("mode", ""), x[1]["chat"]["apr"])):
-        md.append(f"| {c.get('technique') or 'dense'} | {c.get('milestone') or c.get('matched_to') or ''} | "
-                  f"{c['chat']['apr']:.2f} | {c['chat']['kl_sym']:.4f} | {c['chat']['ppl']:.2f} | "
-                  f"{c.get('chat_rows') or n_chat} |")
+    keys = {_key(r) for r in rows}        # the chat KL does not depend on the task limit: one line per config
+    for r in sorted(rows + [r for r in paired if _key(r) not in keys],
+                    key=lambda r: (order.get(r["method"], 3), r["technique"], r["chat"]["apr"])):
+        md.append(f"| {r['technique'] or 'dense'} | {r['milestone'] or ''} | {r['chat']['apr']:.2f} | "
+                  f"{r['chat']['kl_sym']:.4f} | {r['chat']['ppl']:.2f} | {r.get('chat_rows') or n_chat} |")
     md += ["", *ablation_table(rows), "", "## Training runs", "",
            "| run | steps | tokens | APR (val) | KL (val) | wall s |", "|---|---|---|---|---|---|"]
     for n, s in runs.items():
@@ -558,6 +586,9 @@ def main(argv=None) -> int:
                    help="gpu: after the group, TEAL in this mode at the main run's milestones on the full sets")
     p.add_argument("--milestones", default=str(ROOT / "experiments" / "results" / "mini" / "cwic_milestones.json"),
                    help="teal: {milestone: measured APR} used when <scores>/scores_main.pt is absent")
+    p.add_argument("--previous", default=None,
+                   help="finish: an earlier results.json whose rows are kept (a config scored again replaces "
+                        "its row), for when the score files behind it are gone")
     p.add_argument("--skip-scored", dest="skip_scored", default=None,
                    help="gpu: JSON {milestone: APR} of main-run exports scored in an earlier call (with dense and "
                         "their TEAL); they are skipped and the rest goes to scores_<group>_more.pt")

@@ -317,3 +317,22 @@ def test_reproduce_mini_score_all_skips_configs_scored_elsewhere(tmp_path):
     done = {"teal/apr_5.05x"} | skipped.keys()    # scored already or elsewhere: no calibration needed
     score_all(argparse.Namespace(group="main"), tmp_path, record, None, None, "cpu", done)
     assert called == ["dense", "mini_cwic/apr_2.05x", "mini_cwic/apr_5.05x", "mini_cwic/final"]
+
+
+def test_reproduce_mini_finish_keeps_earlier_rows_and_replaces_rescored_ones():
+    """`finish --previous results.json`: rows of an earlier finish survive when their score files are gone;
+    a config scored again replaces its row; the order stays dense, CWIC, TEAL by APR."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    from reproduce_mini import _merge
+    row = lambda name, tech, apr, score: {"name": name, "technique": tech, "apr": apr, "all": score}  # noqa: E731
+    old = [row("teal/apr_2.05x", "TEAL (greedy)", 2.0, 0.36), row("dense", "", 1.0, 0.41),
+           row("mini_cwic/apr_2.05x", "CWIC", 1.98, 0.38)]
+    new = [row("mini_cwic/apr_5.05x", "CWIC", 4.6, 0.33), row("mini_cwic/apr_2.05x", "CWIC", 1.97, 0.39)]
+    merged = _merge(old, new)
+    assert [r["name"] for r in merged] == ["dense", "mini_cwic/apr_2.05x", "mini_cwic/apr_5.05x", "teal/apr_2.05x"]
+    assert merged[1]["all"] == 0.39 and len(_merge(old, [])) == 3
+    # TEAL uniform matched to the same milestone has the same name: a different config, kept
+    uni = row("teal/apr_2.05x", "TEAL (uniform)", 1.99, 0.38)
+    assert [r["technique"] for r in _merge(old, [uni])][-2:] == ["TEAL (greedy)", "TEAL (uniform)"]

@@ -57,6 +57,7 @@ bench-cpu: setup                ## CPU kernel and decode benchmarks (tables + la
 
 bench-gpu:                      ## on a CUDA machine with torch + triton installed
 	$(PY) experiments/bench_kernels.py --device cuda $(ARGS)
+	$(PY) experiments/bench_kernels.py --device cuda --compact $(ARGS)
 	$(PY) experiments/bench_decode.py --device cuda $(ARGS)
 
 # reproduce-mini on one GPU (needs torch, triton, transformers, lightning, hydra-core, lm-eval; an offline

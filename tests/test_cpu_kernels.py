@@ -231,11 +231,12 @@ def test_decode_dense_matches_hf(ext):
 
 
 @pytest.mark.parametrize("T", [1, 7, 16, 37, 200])
-@pytest.mark.parametrize("hd", [12, 64, 72])
+@pytest.mark.parametrize("hd", [12, 64, 72, 80])
 def test_attention_every_isa_matches_softmax(ext, T, hd):
     """The decode attention (vector max, polynomial exp, sum, value sum in registers) in every ISA build
     against fp64 softmax attention: peaked and flat scores, grouped-query heads, contexts with and
-    without a tail, head dims with blocks of four vectors, single vectors and scalar tails."""
+    without a tail, head dims with blocks of four vectors, single vectors and scalar tails (80 = 4·16 + 16
+    reaches the single-vector loop on AVX-512)."""
     g = torch.Generator().manual_seed(T * 100 + hd)
     nh, nkv = 6, 2
     for scale in (0.3, 4.0):                     # 4.0: scores spread over ~±60, a peaked softmax
@@ -247,6 +248,19 @@ def test_attention_every_isa_matches_softmax(ext, T, hd):
         for isa in C.supported_isas():
             out = ext.attention(q, kc, vc, hd ** -0.5, C.isa_id(isa), 0)
             torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=2e-6, msg=f"{isa} T={T} hd={hd}")
+
+
+def test_attention_nan_score_gives_nan_in_every_isa(ext):
+    """A NaN in the keys poisons its heads in every build (the vector exp's clamp must not turn it into a
+    large finite weight); the heads that do not read that key stay finite."""
+    T, hd = 40, 64
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, hd, generator=g)
+    kc, vc = torch.randn(T, 2, hd, generator=g), torch.randn(T, 2, hd, generator=g)
+    kc[5, 0, 3] = float("nan")                   # position 5 (a vector lane, not the tail), kv head 0
+    for isa in C.supported_isas():
+        out = ext.attention(q, kc, vc, hd ** -0.5, C.isa_id(isa), 0)
+        assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all(), isa
 
 
 def test_decode_attention_every_isa_matches_hf_on_a_long_context(ext):

@@ -84,6 +84,8 @@ def compact_main(argv=None):
     from cwic_kernels.gpu import gemv as G
     from cwic_kernels.gpu import gemv_compact as C
     import triton
+    tuned = dict(C.TUNED_COMPACT)     # the sweep starts from the heuristic ({}), not from the tuned table
+    C.TUNED_COMPACT.clear()
     dev = torch.device("cpu" if gk.DRY_RUN else "cuda")
     stripe = gk.STRIPE
     l2 = 1 << 20 if gk.DRY_RUN else getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
@@ -137,7 +139,9 @@ def compact_main(argv=None):
                     print(f"  sweep {n}x{m} {r['config']} {r['tiles']} {r['us']:.2f} us", flush=True)
                 result["sweep"][f"{n}x{m}"] = sw
                 best = sw[0]["config"] if sw else {}
-            cfg = C.compact_config(n, m, stripe, dev, **best) if best else None
+            if args.no_sweep:                        # no sweep: the tuned table's tiles, else the heuristic
+                best = tuned.get((n, m), {})
+            cfg = C.compact_config(n, m, stripe, dev, **best)
             xc, meanc, thrc = gk.make_inputs(n, m, 2, 1 - 0.66, dev, 3)
             err = _compact_err(C, G, xc[:1], S.WT[0], meanc, thrc, S.bias, stripe, cfg)
             assert err <= 2e-2, f"gemv_compact {n}x{m} {best}: rel. error {err:.3g} vs gemv_ex"

@@ -115,7 +115,7 @@ def test_compact_dense_and_empty_extremes(cfg):
     _check(y2, _gold(x, wt, mean, thr, bias, stripe), ref.gemv_reference(x, wt, mean, thr, bias, stripe), cfg)
 
 
-@pytest.mark.parametrize("cfg", ["default", "fused"])
+@pytest.mark.parametrize("cfg", ["default", "fused", "multi-iter", "fused-multi-iter"])   # the last two: split-K
 def test_compact_per_stripe_mean_and_epilogues(cfg):
     n, m, stripe = 64, 96, 32
     x, wt, mean, thr, bias = _inputs(n, m, stripe, torch.float32, seed=11, mean2d=True)
@@ -202,6 +202,7 @@ def test_gemv_ex_sends_one_token_of_a_tuned_shape_to_the_compact_kernel(monkeypa
     the masked-load kernel); compact=False, a given masked-kernel config, B > 1 or an untuned shape do not."""
     n, m, stripe = 96, 64, 32
     x, wt, mean, thr, bias = _inputs(n, m, stripe, torch.float32, seed=5)
+    monkeypatch.setattr(G, "AUTO_COMPACT", True)       # whatever CWIC_GEMV_COMPACT says in this shell
     calls = []
     real = C.gemv_compact
     monkeypatch.setattr(C, "gemv_compact", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -157,7 +157,8 @@ def bench_shape(S: Shape, sparsities, dev, config=None, seed=0):
         cfg = None
         if config:
             cfg = G.gemv_config(1, S.n, S.m, STRIPE, x.device, **config)
-        us = time_graph([lambda i=i: G.gemv_ex(xs[i], S.WT[i], mean, thr, S.bias, STRIPE, config=cfg)
+        us = time_graph([lambda i=i: G.gemv_ex(xs[i], S.WT[i], mean, thr, S.bias, STRIPE, config=cfg,
+                                                    compact=False)
                          for i in range(S.copies)])
         wbytes = S.n * S.m * 2
         speed = dense_us / us
@@ -178,7 +179,8 @@ def sweep_configs(S: Shape, dev, sparsity=0.66):
               dict(waves=8, max_split=128), dict(block_m=128, block_n=128, waves=8, max_split=128)]:
         cfg = G.gemv_config(1, S.n, S.m, STRIPE, x.device, **c)
         try:
-            us = time_graph([lambda i=i: G.gemv_ex(xs[i], S.WT[i], mean, thr, S.bias, STRIPE, config=cfg)
+            us = time_graph([lambda i=i: G.gemv_ex(xs[i], S.WT[i], mean, thr, S.bias, STRIPE, config=cfg,
+                                                    compact=False)
                              for i in range(S.copies)], reps_target_ms=10, repeats=3)
         except Exception as e:  # a config the compiler rejects is just skipped
             print(f"  config {c} failed: {type(e).__name__}: {e}"[:200])
@@ -196,7 +198,7 @@ def bench_batches(S: Shape, dev, sparsity=0.66, batches=(1, 2, 4, 8, 16)):
         g = ((x.float() - mean).abs()[:, None, :] >= thr[None]).view(S.copies, B, thr.shape[0], S.n)
         union = float(g.any(1).float().mean())
         dense_us = time_graph([lambda i=i: F.linear(xs[i], S.W[i]) for i in range(S.copies)], 10, 3)
-        us = time_graph([lambda i=i: G.gemv_ex(xs[i], S.WT[i], mean, thr, S.bias, STRIPE)
+        us = time_graph([lambda i=i: G.gemv_ex(xs[i], S.WT[i], mean, thr, S.bias, STRIPE, compact=False)
                          for i in range(S.copies)], 10, 3)
         rows.append(dict(batch=B, union_density=union, dense_us=dense_us, sparse_us=us, speedup=dense_us / us,
                          ideal=1 / union))

@@ -169,8 +169,11 @@ def _compact_gemv_kernel(X, MEAN, THR, IDX, VAL, CNT, WT, BIAS, RES, UTHR, Y, WS
 # (`bench_kernels.py --device cuda --compact --quick`, experiments/results/gpu_kernels_compact.md), for the
 # shapes where this kernel beat `gemv._gmm_kernel` there; `gemv.gemv_ex` sends one token of these shapes here.
 # Not listed (q/o 2048², k/v 2048×512, fused q,k,v): the masked-load kernel was as fast or faster.
+# Timed with thresholds at stripe 512. The engine's down projection runs in MASK_NONZERO mode with one
+# stripe (more programs per chunk redo the fused selection); its decode-level effect is in gpu_decode.md.
+# (2048, 8192) is the gate in the engine (its up projection has its own kernel), and any up run here.
 TUNED_COMPACT: dict = {
-    (2048, 8192): dict(fused=True, chunk=1024),      # gate, up: 10.04 µs vs 11.58 (cuBLAS 14.05)
+    (2048, 8192): dict(fused=True, chunk=1024),      # gate/up shape: 10.04 µs vs 11.58 (cuBLAS 14.05)
     (8192, 2048): dict(fused=True, chunk=1024),      # down: 10.26 µs vs 11.78 (cuBLAS 16.29)
     (2048, 128256): dict(chunk=2048),                # LM head: 73.0 µs vs 90.1 (cuBLAS 188.8)
 }

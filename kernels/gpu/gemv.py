@@ -328,7 +328,7 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
     them). None (default): for the shapes of `gemv_compact.TUNED_COMPACT`, where the H100 sweep found it
     faster than this kernel at 66% sparsity (experiments/results/gpu_kernels_compact.md), unless a
     `config` for this kernel is given, or the environment sets CWIC_GEMV_COMPACT=0 (A/B runs); False:
-    never; True: always (B == 1).
+    never; True: always (B == 1; a `config` for this kernel is then ignored).
     """
     B, n = x.shape
     m = wt.shape[1]

@@ -39,8 +39,8 @@ kernel boundary at the price of redundant mask work (stripe / BLOCK_M programs p
 on-chip round trip; which of the two wins on a given GPU is an empirical question (bench `--compact`).
 
 Workspaces are cached per (device, shape, tiling), zeroed once and reused, so repeated calls (and a
-captured CUDA graph) allocate nothing. Like `gemv.py`, one workspace must not be used by two streams
-at once.
+captured CUDA graph) allocate nothing but the output when no `out` is given. Like `gemv.py`, one
+workspace must not be used by two streams at once.
 """
 from __future__ import annotations
 

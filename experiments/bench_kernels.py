@@ -69,6 +69,9 @@ def compact_main(argv=None):
     ap.add_argument("--models", default="1B", help="comma list of the gpu_kernels.py models (default 1B)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the config sweep at 66%% sparsity")
     ap.add_argument("--out", default=None, help="folder for gpu_kernels_compact.json / .md")
+    ap.add_argument("--down-nonzero", action="store_true",
+                    help="only the FFN down projection as the engine calls it (8192×2048, rows used iff h ≠ 0, "
+                         "one stripe): masked-load vs compacted variants vs cuBLAS at 50/66/80%% zero units")
     ap.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.dry_run:
@@ -86,6 +89,8 @@ def compact_main(argv=None):
     import triton
     tuned = dict(C.TUNED_COMPACT)     # the sweep starts from the heuristic ({}), not from the tuned table
     C.TUNED_COMPACT.clear()
+    if args.down_nonzero:
+        return down_nonzero(gk, G, C, tuned, torch.device("cpu" if gk.DRY_RUN else "cuda"))
     dev = torch.device("cpu" if gk.DRY_RUN else "cuda")
     stripe = gk.STRIPE
     l2 = 1 << 20 if gk.DRY_RUN else getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
@@ -211,6 +216,47 @@ def compact_main(argv=None):
                 summary[f"{model}_layer_speedup_at_66"] = round(r["speedup"], 3)
     print(json.dumps(summary))
     return result
+
+
+def down_nonzero(gk, G, C, tuned, dev):
+    """The FFN's down projection in the engine's mode: h (1, F) with a fraction of exact zeros (inactive
+    units), rows of W_downᵀ read iff h ≠ 0, one stripe of width d. Prints a table and a last-line JSON."""
+    import json
+    import torch
+    import torch.nn.functional as F
+    n, m = (512, 128) if gk.DRY_RUN else (8192, 2048)
+    l2 = 1 << 20 if gk.DRY_RUN else getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
+    S = gk.Shape(n, m, dev, l2)
+    variants = {"masked-load": None, "tuned " + str(tuned.get((n, m), {})): tuned.get((n, m), {}),
+                "heuristic": {}, "two-launch chunk 1024": dict(chunk=1024), "fused chunk 2048": dict(fused=True, chunk=2048),
+                "two-launch chunk 2048": dict(chunk=2048), "fused chunk 512": dict(fused=True, chunk=512)}
+    g = torch.Generator(device="cpu").manual_seed(0)
+    out = {"shape": [n, m], "rows": []}
+    print(f"| zero units | dense µs | " + " | ".join(variants) + " |", flush=True)
+    for zero in (0.5, 0.66, 0.8):
+        hs = []
+        for _ in range(S.copies):
+            h = torch.randn(1, n, generator=g)
+            h[torch.rand(1, n, generator=g) < zero] = 0.0
+            hs.append(h.to(dev, torch.bfloat16))
+        dense = gk.time_graph([lambda i=i: F.linear(hs[i], S.W[i]) for i in range(S.copies)])
+        row = {"zero_units": zero, "dense_us": dense}
+        ref = G.gemv_ex(hs[0], S.WT[0], None, None, None, m, mask_mode=G.MASK_NONZERO, compact=False).float()
+        for name, cfg in variants.items():
+            if cfg is None:
+                fn = lambda i, c=None: G.gemv_ex(hs[i], S.WT[i], None, None, None, m,  # noqa: E731
+                                                 mask_mode=G.MASK_NONZERO, compact=False)
+            else:
+                cc = C.compact_config(n, m, m, dev, **cfg)
+                fn = lambda i, c=cc: C.gemv_compact(hs[i], S.WT[i], None, None, None, m,  # noqa: E731
+                                                    mask_mode=C.MASK_NONZERO, config=c)
+            err = float((fn(0).float() - ref).norm() / ref.norm().clamp_min(1e-30))
+            assert err <= 2e-2, f"{name}: relative error {err:.3g} vs the masked-load kernel"
+            row[name] = gk.time_graph([lambda i=i, f=fn: f(i) for i in range(S.copies)])
+        out["rows"].append(row)
+        print(f"| {zero:.0%} | {dense:.2f} | " + " | ".join(f"{row[k]:.2f}" for k in variants) + " |", flush=True)
+    print(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":

@@ -170,7 +170,7 @@ def _compact_gemv_kernel(X, MEAN, THR, IDX, VAL, CNT, WT, BIAS, RES, UTHR, Y, WS
 # shapes where this kernel beat `gemv._gmm_kernel` there; `gemv.gemv_ex` sends one token of these shapes here.
 # Not listed (q/o 2048², k/v 2048×512, fused q,k,v): the masked-load kernel was as fast or faster.
 # Timed with thresholds at stripe 512. The engine's down projection runs in MASK_NONZERO mode with one
-# stripe (more programs per chunk redo the fused selection); its decode-level effect is in gpu_decode.md.
+# stripe; there too the down tiles below were the fastest variant (experiments/results/gpu_down_nonzero.md).
 # (2048, 8192) is the gate in the engine (its up projection has its own kernel), and any up run here.
 TUNED_COMPACT: dict = {
     (2048, 8192): dict(fused=True, chunk=1024),      # gate/up shape: 10.04 µs vs 11.58 (cuBLAS 14.05)

@@ -419,18 +419,25 @@ def finish(args) -> None:
     prev = json.loads(Path(args.previous).read_text()) if args.previous else {}
     if prev and prev.get("limit") != meta["limit"]:
         raise SystemExit(f"{args.previous} was scored with limit {prev.get('limit')}, this bundle has {meta['limit']}")
+    if prev.get("paired_limit") and sub_limit and prev["paired_limit"] != sub_limit:
+        raise SystemExit(f"{args.previous} pairs the first {prev['paired_limit']} documents, these scores "
+                         f"{sub_limit}: one paired table cannot hold both")
     sub_limit = sub_limit or prev.get("paired_limit")
     if not configs and not prev:
         raise SystemExit(f"nothing to tabulate: no scores_*.pt in {args.scores} and no --previous results.json")
+    earlier = {}                               # a run trained again on a later box: keep both entries, and
+    for n, s in prev.get("runs", {}).items():  # say which run the earlier rows come from
+        if n in runs and s != runs[n]:
+            earlier[n] = runs[f"{n} (earlier box)"] = s
+        else:
+            runs.setdefault(n, s)
+    for r in prev.get("rows", []) + (prev.get("paired_rows") or []):
+        if r.get("run") in earlier:
+            r["run_entry"] = f"{r['run']} (earlier box)"
     full = [x for x in configs if not x[1].get("limit")]
     rows = _merge(prev.get("rows", []), _rows(full, keys, tok, meta["tasks"], meta["limit"]))
     paired = _rows(configs, keys, tok, meta["tasks"], sub_limit) if sub_limit else []
     paired = _merge(prev.get("paired_rows") or [], paired) if sub_limit else []
-    for n, s in prev.get("runs", {}).items():   # a run trained again on a later box: keep both entries
-        if n in runs and s != runs[n]:
-            runs[f"{n} (earlier box)"] = s
-        else:
-            runs.setdefault(n, s)
     devices |= set(prev.get("devices", []))
     res_dir = Path(args.results)
     res_dir.mkdir(parents=True, exist_ok=True)
@@ -441,7 +448,7 @@ def finish(args) -> None:
           f"Scored on {', '.join(sorted(devices))}; metrics by lm-eval here from the stored log-likelihoods. "
           f"acc_norm × 100 (acc for WinoGrande); APR measured on the benchmark tokens (q,k,v,o,gate,up+down,"
           f"head; not embeddings or attention scores).", "",
-          f"## Full sets ({meta['limit'] or 'no limit'})", "", table3(rows), ""]
+          f"## Full sets ({meta['limit'] or 'no limit'})", "", table3(rows), "", *provenance(rows), *same_config(rows)]
     if paired:
         md += [f"## Paired with TEAL: the first {sub_limit} documents of each task", "",
                "Every row scored on the same questions (CWIC and dense from their full-set log-likelihoods; "
@@ -467,6 +474,28 @@ def finish(args) -> None:
     arc_plot(rows, res_dir)
     print("\n".join(md))
     print(json.dumps({"rows": len(rows), "paired_rows": len(paired), "results": str(res_dir)}))
+
+
+def provenance(rows) -> list[str]:
+    """Which training-run entry the rows of a run trained on two boxes come from (`finish --previous`)."""
+    out = []
+    for entry in sorted({r["run_entry"] for r in rows if r.get("run_entry")}):
+        run = entry.split(" (")[0]
+        old = [f"{r['technique']} {r['milestone']}" for r in rows if r.get("run_entry") == entry]
+        new = [f"{r['technique']} {r['milestone']}" for r in rows if r["run"] == run and not r.get("run_entry")]
+        out += [f"Run `{run}` was trained on two boxes: {', '.join(old)} from the entry '{entry}' of the "
+                f"training runs below; {', '.join(new) or 'nothing'} from '{run}'.", ""]
+    return out
+
+
+def same_config(rows) -> list[str]:
+    """Rows of one technique with the same APR and scores: one configuration matched to several milestones
+    (TEAL cannot reach an APR beyond its cap, so the search ends at the same allocation)."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["technique"], round(r["apr"], 6), r["all"]), []).append(r["milestone"])
+    return [f"{tech} matched to {', '.join(ms)}: one configuration (its APR cannot go past {apr:.2f}×), listed "
+            f"once per milestone.\n" for (tech, apr, _), ms in groups.items() if len(ms) > 1]
 
 
 def ablation_table(rows) -> list[str]:

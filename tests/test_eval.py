@@ -336,3 +336,14 @@ def test_reproduce_mini_finish_keeps_earlier_rows_and_replaces_rescored_ones():
     # TEAL uniform matched to the same milestone has the same name: a different config, kept
     uni = row("teal/apr_2.05x", "TEAL (uniform)", 1.99, 0.38)
     assert [r["technique"] for r in _merge(old, [uni])][-2:] == ["TEAL (greedy)", "TEAL (uniform)"]
+    # notes under the table: which box a twice-trained run's rows come from; one config at two milestones
+    from reproduce_mini import provenance, same_config
+    rows = [dict(row("mini_cwic/apr_2.05x", "CWIC", 1.98, 0.38), run="mini_cwic", milestone="apr_2.05x",
+                 run_entry="mini_cwic (earlier box)"),
+            dict(row("mini_cwic/apr_5.05x", "CWIC", 4.4, 0.33), run="mini_cwic", milestone="apr_5.05x")]
+    note = provenance(rows)[0]
+    assert "CWIC apr_2.05x from the entry 'mini_cwic (earlier box)'" in note and "CWIC apr_5.05x from" in note
+    teal = [dict(row(f"teal/{ms}", "TEAL (greedy)", 3.98, 0.335), run=None, milestone=ms)
+            for ms in ("apr_5.05x", "apr_6.05x")]
+    assert len(same_config(teal)) == 1 and "apr_5.05x, apr_6.05x" in same_config(teal)[0]
+    assert same_config(rows) == [] and provenance(teal) == []

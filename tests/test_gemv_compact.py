@@ -6,12 +6,9 @@ fp32 masks) is at most 3× the error of the reference computed in the same dtype
 """
 from __future__ import annotations
 
-import os
-
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported
+import kernel_checks as kc  # before triton
+from kernel_checks import DEV, _check, _gen, _gold
 
 import pytest  # noqa: E402
 
@@ -23,8 +20,6 @@ from cwic_kernels.gpu import gemv as G  # noqa: E402
 from cwic_kernels.gpu import gemv_compact as C  # noqa: E402
 
 pytestmark = pytest.mark.triton
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DEV = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 
 # several chunks + one loop iteration (default), several iterations of the slot loop, one chunk (no
 # split-K), and the fused variant (select inside the GEMV program) of the first two
@@ -37,40 +32,9 @@ CONFIGS = {
 }
 
 
-def _gen(seed):
-    return torch.Generator(device="cpu").manual_seed(seed)
-
-
-def _inputs(n, m, stripe, dtype, density=0.4, seed=0, mean2d=False):
-    g = _gen(seed)
-    k = -(-m // stripe)
-    x = (torch.randn(1, n, generator=g) * (1 + torch.rand(n, generator=g))).to(dtype)
-    wt = (torch.randn(n, m, generator=g) / n ** 0.5).to(dtype)
-    mean = torch.randn(k if mean2d else 1, n, generator=g) * 0.2
-    mean = mean if mean2d else mean[0]
-    thr = torch.rand(k, n, generator=g) * 2.6 * (1 - density)
-    bias = torch.randn(m, generator=g)
-    return [t.to(DEV) for t in (x, wt, mean, thr, bias)]
-
-
-def _gold(x, wt, mean, thr, bias, stripe):
-    n, m = wt.shape
-    mean2 = mean if mean.dim() == 2 else mean.expand(thr.shape[0], -1)
-    cols = torch.arange(m, device=wt.device) // stripe
-    g = (x.float()[:, None, :] - mean2.float()[None]).abs() >= thr.float()[None]
-    xc64 = (x.double()[:, None, :] - mean2.double()[None]) * g
-    return torch.einsum("bon,no->bo", xc64[:, cols, :], wt.double()) + bias.double()
-
-
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def _check(out, gold, ref_out, what=""):
-    assert torch.isfinite(out).all(), what
-    e_ref, e = _rel(ref_out, gold), _rel(out, gold)
-    assert e <= 3 * e_ref + 1e-6, f"{what}: kernel error {e:.3g} vs reference {e_ref:.3g}"
+def _inputs(n, m, stripe, dtype, **kw):
+    """One token: kernel_checks' inputs with B = 1."""
+    return kc._inputs(1, n, m, stripe, dtype, **kw)
 
 
 def _cfg(name, n, m, stripe):

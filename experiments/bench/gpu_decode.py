@@ -26,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_kernels import ensure_imports  # noqa: E402
+from gpu_kernels import ensure_imports, save_outputs  # noqa: E402
 
 CONFIGS = {
     "1B": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -360,12 +360,7 @@ def main(argv=None):
             lines += [f"| `{k}` | {v['us_per_token']:.1f} | {v['calls_per_token']:.0f} |" for k, v in b["kernels"].items()]
     text = "\n".join(lines)
     print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "gpu_decode.md"), "w") as f:
-            f.write(text + "\n")
-        with open(os.path.join(args.out, "gpu_decode.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    save_outputs(args.out, "gpu_decode", text, result)
     summary = {"bench": "gpu_decode", "gpu": gpu, "dense_engine_tps": round(dense_tps, 1), "hf_tps": round(hf_tps, 1)}
     for r in rows:
         if "apr_target" in r:

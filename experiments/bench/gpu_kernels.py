@@ -42,6 +42,16 @@ STRIPE = 512
 DRY_RUN = False     # --dry-run: tiny shapes on the CPU (Triton interpreter), to check the script itself
 
 
+def save_outputs(out: str | None, stem: str, markdown: str, result: dict) -> None:
+    """<out>/<stem>.md and <stem>.json of a GPU benchmark (nothing without --out)."""
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"{stem}.md"), "w") as f:
+            f.write(markdown + "\n")
+        with open(os.path.join(out, f"{stem}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def ensure_imports():
     """cwic_kernels / cwic_exp from the checkout when the package is not installed (GPU box)."""
     try:
@@ -316,12 +326,7 @@ def main(argv=None):
         lines.append("")
     text = "\n".join(lines)
     print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "gpu_kernels.md"), "w") as f:
-            f.write(text + "\n")
-        with open(os.path.join(args.out, "gpu_kernels.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    save_outputs(args.out, "gpu_kernels", text, result)
     summary = {"bench": "gpu_kernels", "gpu": gpu}
     for model, shapes in result["models"].items():
         for r in shapes.get("_layer", []):

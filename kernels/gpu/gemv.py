@@ -333,9 +333,8 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
     B, n = x.shape
     m = wt.shape[1]
     if B == 1 and compact is not False and (compact or config is None):
-        from . import gemv_compact as C
-        if compact or (AUTO_COMPACT and (n, m) in C.TUNED_COMPACT):
-            return C.gemv_compact(x, wt, mean, thr, bias, stripe, residual=residual, act=act, unit_thr=unit_thr,
+        if compact or (AUTO_COMPACT and (n, m) in _compact.TUNED_COMPACT):
+            return _compact.gemv_compact(x, wt, mean, thr, bias, stripe, residual=residual, act=act, unit_thr=unit_thr,
                                   mask_mode=mask_mode, out_dtype=out_dtype, out=out)
     k, stripe, stride_mk, out_dtype = check_args(x, wt, mean, thr, stripe, mask_mode, act, out_dtype)
     y = out if out is not None else torch.empty((B, m), dtype=out_dtype, device=x.device)
@@ -402,3 +401,6 @@ def ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int, up_w, down_wt, 
     h = ffn_up(x, up_w, a)
     return gemv_ex(h, down_wt, None, None, None, down_wt.shape[1], mask_mode=MASK_NONZERO,
                    residual=residual, out_dtype=x.dtype)
+
+
+from . import gemv_compact as _compact  # noqa: E402  (it builds on the kernels above; imported once, not per call)

@@ -49,7 +49,8 @@ import triton
 import triton.language as tl
 
 from . import gemv as G
-from .gemv import ACT_IDS, INTERPRET, MASK_NONE, MASK_NONZERO, MASK_THRESHOLD, _gmm_epilogue
+from .gemv import (ACT_IDS, INTERPRET, MASK_NONE, MASK_NONZERO, MASK_THRESHOLD, _gmm_epilogue, _load_rows,
+                   _mask1)
 
 try:  # programmatic dependent launch (Hopper+); only traced when config pdl=True
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -63,23 +64,22 @@ __all__ = ["gemv_compact", "compact_config", "TUNED_COMPACT", "MASK_THRESHOLD", 
 def _select_block(X, MEAN, THR, r, c, N, stride_mk, CHUNK: tl.constexpr, MASK_MODE: tl.constexpr):
     """Chunk c of stripe r: (rows, values, on, exclusive prefix count of on, count)."""
     rows = c * CHUNK + tl.arange(0, CHUNK)
-    nmask = rows < N
-    x = tl.load(X + rows, mask=nmask, other=0.0).to(tl.float32)
-    if MASK_MODE == 0:
-        mu = tl.load(MEAN + r * stride_mk + rows, mask=nmask, other=0.0)
-        t = tl.load(THR + r * N + rows, mask=nmask, other=0.0)
-        xc = x - mu
-        on = (tl.abs(xc) >= t) & nmask
-    elif MASK_MODE == 1:
-        xc = x
-        on = (x != 0.0) & nmask
-    else:
-        xc = x
-        on = nmask
+    xc, on = _mask1(X, MEAN + r * stride_mk, THR + r * N, rows, N, MASK_MODE)   # the masked-load kernel's mask
     on_i = on.to(tl.int32)
     pos = tl.cumsum(on_i, axis=0) - on_i            # exclusive: slot of each active row
     cnt = tl.sum(on_i, axis=0)
     return rows, xc, on, pos, cnt
+
+
+@triton.jit
+def _slot_products(IDX, VAL, WT, base, s, cnt, cols, cmask, M, EVEN_M: tl.constexpr):
+    """(slots, BLOCK_M) fp32 products value × weight row segment of the compacted slots s < cnt; stale
+    slots ≥ cnt are masked (no load)."""
+    on = s < cnt
+    idx = tl.load(IDX + base + s)
+    v = tl.load(VAL + base + s)
+    w = _load_rows(WT, idx, cols, M, on, cmask, EVEN_M)
+    return tl.where(on, v, 0.0)[:, None] * w.to(tl.float32)
 
 
 @triton.jit
@@ -125,26 +125,9 @@ def _compact_gemv_kernel(X, MEAN, THR, IDX, VAL, CNT, WT, BIAS, RES, UTHR, Y, WS
         cnt = tl.load(CNT + region)
     # first block of slots: loaded with the count (a region is CHUNK ≥ BLOCK_N slots long), so the
     # weight loads are the second round trip; stale slots ≥ count are masked out
-    idx = tl.load(IDX + base + slots)
-    v = tl.load(VAL + base + slots)
-    on = slots < cnt
-    wmask = on[:, None]
-    if not EVEN_M:
-        wmask = wmask & cmask[None, :]
-    w = tl.load(WT + idx.to(tl.int64)[:, None] * M + cols[None, :], mask=wmask, other=0.0,
-                eviction_policy="evict_first")
-    acc2 = tl.where(on, v, 0.0)[:, None] * w.to(tl.float32)
+    acc2 = _slot_products(IDX, VAL, WT, base, slots, cnt, cols, cmask, M, EVEN_M)
     for j0 in range(BLOCK_N, cnt, BLOCK_N):         # only when the chunk is denser than BLOCK_N/CHUNK
-        s = j0 + slots
-        on2 = s < cnt
-        idx2 = tl.load(IDX + base + s)
-        v2 = tl.load(VAL + base + s)
-        wmask2 = on2[:, None]
-        if not EVEN_M:
-            wmask2 = wmask2 & cmask[None, :]
-        w2 = tl.load(WT + idx2.to(tl.int64)[:, None] * M + cols[None, :], mask=wmask2, other=0.0,
-                     eviction_policy="evict_first")
-        acc2 += tl.where(on2, v2, 0.0)[:, None] * w2.to(tl.float32)
+        acc2 += _slot_products(IDX, VAL, WT, base, j0 + slots, cnt, cols, cmask, M, EVEN_M)
     acc = tl.sum(acc2, axis=0)[None, :]             # (1, BLOCK_M): one cross-thread reduction
 
     bs = tl.arange(0, 1)

@@ -1,0 +1,55 @@
+"""Shared by the Triton kernel tests (test_triton_kernels.py, test_gemv_compact.py): the device the
+kernels run on (the CPU interpreter without a GPU), inputs, the fp64 "gold" result with the kernels'
+fp32 masks, and the error check against the same-dtype reference. Import it before triton."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEV = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+
+
+def _gen(seed):
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def _inputs(B, n, m, stripe, dtype, density=0.4, seed=0, mean2d=False):
+    g = _gen(seed)
+    k = -(-m // stripe)
+    x = (torch.randn(B, n, generator=g) * (1 + torch.rand(n, generator=g))).to(dtype)   # heavy-ish
+    wt = (torch.randn(n, m, generator=g) / n ** 0.5).to(dtype)
+    mean = torch.randn(k if mean2d else 1, n, generator=g) * 0.2
+    mean = mean if mean2d else mean[0]
+    # thresholds so that about `density` of the (token, stripe, input) triples are on
+    thr = torch.rand(k, n, generator=g) * 2.6 * (1 - density)
+    bias = torch.randn(m, generator=g)
+    return [t.to(DEV) for t in (x, wt, mean, thr, bias)]
+
+
+def _gold(x, wt, mean, thr, bias, stripe):
+    """fp64 result with the fp32 masks the kernels use."""
+    n, m = wt.shape
+    mean2 = mean if mean.dim() == 2 else mean.expand(thr.shape[0], -1)
+    cols = torch.arange(m, device=wt.device) // stripe
+    xc32 = x.float()[:, None, :] - mean2.float()[None]                        # (B, k, n)
+    g = xc32.abs() >= thr.float()[None]
+    xc64 = (x.double()[:, None, :] - mean2.double()[None]) * g                # (B, k, n)
+    y = torch.einsum("bon,no->bo", xc64[:, cols, :], wt.double())
+    return y + bias.double()
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _check(out, gold, ref_out, what=""):
+    assert torch.isfinite(out).all(), what
+    e_ref = _rel(ref_out, gold)
+    e = _rel(out, gold)
+    assert e <= 3 * e_ref + 1e-6, f"{what}: kernel error {e:.3g} vs reference {e_ref:.3g}"

@@ -125,6 +125,36 @@ def test_scalar_twin_equals_simd(ext, dtype, B):
             assert torch.equal(outs[i], outs["scalar"]), (i, n, m, s)
 
 
+@pytest.mark.parametrize("B", [1, 3])
+def test_gemv_any_thread_count_equals_one_thread(ext, B):
+    """The threads split the outputs by cost, cutting stripes where a share ends: whatever the cuts, every
+    output is computed once with the same sums (uninitialised outputs would differ)."""
+    for (n, m, s) in [(576, 960, 192), (100, 77, 20), (64, 1000, 96), (96, 576, 576)]:
+        x, wt, mean, thr, bias = _inputs(B, n, m, s, torch.bfloat16, seed=n + m)
+        thr[0] = 0.0          # one dense stripe, the rest sparse: the cuts fall inside stripes
+        one = C.gemv(x, wt, mean, thr, bias, s, nthreads=1)
+        for P in (2, 3, 5, 8):
+            assert torch.equal(C.gemv(x, wt, mean, thr, bias, s, nthreads=P), one), (n, m, s, P)
+
+
+def test_ffn_unit_mask_is_the_same_in_every_isa(ext):
+    """SiLU runs vector-wide with the same polynomial exp in every build: with unit thresholds set right at
+    |act| of half the units, every ISA keeps the same units (the weights read count them)."""
+    import torch.nn.functional as F
+    for B in (1, 2):
+        x, gw, gm, gt, gb, s, up, dn, ut = _ffn_inputs(B, 96, 203, 32, torch.float32, seed=7 + B)
+        gt = torch.zeros_like(gt)                                  # the gate GEMV is dense: g is known
+        g = (x - gm) @ gw + gb
+        act = F.silu(g).abs().amax(0)
+        ut = torch.where(torch.arange(203) % 2 == 0, act, act * 1.5)   # even units right at the edge
+        reads = {i: C.ffn(x, gw, gm, gt, gb, s, up, dn, ut, act="silu", isa=i, return_reads=True)[1]
+                 for i in C.supported_isas()}
+        assert len(set(reads.values())) == 1, reads
+        # and the kept units are those at or above the edge (to SiLU's rounding): about half
+        units = (reads["scalar"] - 96 * 203) // (2 * 96)
+        assert 0.3 * 203 < units < 0.7 * 203
+
+
 def _ffn_inputs(B, d, F_, s, dtype, seed=0, unit_scale=0.3):
     g = torch.Generator().manual_seed(seed)
     k = -(-F_ // s)

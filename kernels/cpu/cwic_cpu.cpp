@@ -33,13 +33,6 @@ static int g_prefetch_rows = [] {
   return v > 0 ? v : 8;
 }();
 
-// stripes are shared between threads when there are fewer than this many per thread ($CWIC_CPU_SHARE)
-static int g_share_k = [] {
-  const char* e = std::getenv("CWIC_CPU_SHARE");
-  int v = e ? std::atoi(e) : 2;
-  return v >= 0 ? v : 2;
-}();
-
 float round_bf16(float v) {
   uint32_t u;
   std::memcpy(&u, &v, 4);

@@ -269,15 +269,18 @@ def test_attention_every_isa_matches_softmax(ext, T, hd):
     reaches the single-vector loop on AVX-512)."""
     g = torch.Generator().manual_seed(T * 100 + hd)
     nh, nkv = 6, 2
-    for scale in (0.3, 4.0):                     # 4.0: scores spread over ~±60, a peaked softmax
+    for scale, kv_dtype in ((0.3, torch.float32), (4.0, torch.float32), (4.0, torch.bfloat16)):
+        # 4.0: scores spread over ~±60, a peaked softmax; bf16: the decoder's cache for bf16 weights
         q = torch.randn(nh, hd, generator=g) * scale
-        kc, vc = torch.randn(T, nkv, hd, generator=g), torch.randn(T, nkv, hd, generator=g)
+        kc = torch.randn(T, nkv, hd, generator=g).to(kv_dtype)
+        vc = torch.randn(T, nkv, hd, generator=g).to(kv_dtype)
         k = kc.double().repeat_interleave(nh // nkv, 1)
         p = torch.softmax(torch.einsum("hd,thd->ht", q.double(), k) * hd ** -0.5, -1)
         ref = torch.einsum("ht,thd->hd", p, vc.double().repeat_interleave(nh // nkv, 1))
         for isa in C.supported_isas():
             out = ext.attention(q, kc, vc, hd ** -0.5, C.isa_id(isa), 0)
-            torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=2e-6, msg=f"{isa} T={T} hd={hd}")
+            torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=2e-6,
+                                       msg=f"{isa} T={T} hd={hd} {kv_dtype}")
 
 
 def test_attention_nan_score_gives_nan_in_every_isa(ext):
@@ -335,7 +338,7 @@ def test_decode_cwic_matches_model_and_counts(ext):
     assert abs(reads - float(ap["per_token"].sum())) < 1e-3 * reads
     # bf16 weights: dense decoding stays tight; with thresholds, rounding the weights flips some masks
     # (rounding this tiny model's weights to bf16 alone moves its fp32 logits by ~6 %)
-    dd16 = CpuDecoder(m, mode="dense", dtype=torch.bfloat16, max_len=64)
+    dd16 = CpuDecoder(m, mode="dense", dtype=torch.bfloat16, max_len=64)   # (and a bf16 KV cache)
     assert (_step_logits(dd16, ids) - dense_ref).abs().mean() < 0.01 * dense_ref.abs().mean()
     dec16 = CpuDecoder(m, mode="cwic", dtype=torch.bfloat16, max_len=64)
     assert (_step_logits(dec16, ids) - ref).abs().mean() < 0.15 * ref.abs().mean()

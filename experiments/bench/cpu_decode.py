@@ -11,8 +11,8 @@ vocab 128,256, tied head; stripe 512). Each is converted with `to_cwic` and its 
 1/APR of its weights on calibration tokens; chat text for SmolLM2, random tokens for the random model) to
 2×, 3× and 4× APR: stand-ins for trained CWIC checkpoints, since only speed is measured here.
 
-Every configuration runs in `cwic_exp.cpu_decode.CpuDecoder` (one C++ call per token, bf16 weights, fp32
-activations and KV cache): dense with our kernel ("dense-own": every (stripe, input) pair on), dense with
+Every configuration runs in `cwic_exp.cpu_decode.CpuDecoder` (one C++ call per token, bf16 weights and KV
+cache, fp32 activations): dense with our kernel ("dense-own": every (stripe, input) pair on), dense with
 ATen `at::linear` ("dense-torch": what F.linear runs), and CWIC. The prompt is fed untimed; then
 --new-tokens greedy steps are timed. Configurations are interleaved round-robin (--rounds), each run
 waiting for idle CPUs first (the machine is shared); medians. The speedup is against the FASTER dense
@@ -261,7 +261,7 @@ def main(argv=None):
     results = {}
     md = ["# CPU decode benchmark (greedy, batch 1, KV cache, one C++ call per token)", "",
           f"Machine: {info.get('cpu', '?')}, {info['cpus']} CPUs, {threads} threads, ISA {info['isa']}, "
-          f"torch {torch.__version__}; weights {args.dtype}, activations and KV cache fp32. APR counts q, k, v, "
+          f"torch {torch.__version__}; weights and KV cache {args.dtype}, activations fp32. APR counts q, k, v, "
           "o, FFN and head (not embeddings or attention scores); thresholds calibrated, not trained.", ""]
     import cwic_exp
     for name in models:

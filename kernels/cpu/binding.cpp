@@ -1,6 +1,6 @@
 // Thin ATen / pybind11 binding of the torch-free core (cwic_cpu.h), plus `Decoder`: a whole greedy
-// decode step of a Llama-family model in C++ (embedding -> RMSNorm -> q/k/v -> RoPE + fp32 KV cache ->
-// attention -> o -> RMSNorm -> FFN -> ... -> head -> argmax), so that Python overhead does not hide the
+// decode step of a Llama-family model in C++ (embedding -> RMSNorm -> q/k/v -> RoPE + KV cache (in the
+// weights' precision) -> attention -> o -> RMSNorm -> FFN -> ... -> head -> argmax), so that Python overhead does not hide the
 // kernels' gain. Every matrix is a `Lin` of one of three kinds, and only the matrix products differ
 // between a dense and a CWIC model:
 //   kind 0  dense, our kernel (input-major Wᵀ, every pair on: the same streaming code as CWIC)
@@ -90,19 +90,21 @@ std::tuple<at::Tensor, int64_t> gemv(const at::Tensor& x, const at::Tensor& wt, 
   return {y, reads};
 }
 
-// one query position: q (n_heads, hd), caches (T, n_kv, hd) fp32 -> (n_heads, hd)
+// one query position: q (n_heads, hd), caches (T, n_kv, hd) fp32 or bf16 (both the same) -> (n_heads, hd) fp32
 at::Tensor attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, double scaling, int64_t isa,
                      int64_t nthreads) {
   TORCH_CHECK(q.dim() == 2 && kc.dim() == 3 && vc.sizes() == kc.sizes() && kc.size(2) == q.size(1),
               "q (n_heads, hd), kc and vc (T, n_kv, hd)");
   TORCH_CHECK(q.size(0) % kc.size(1) == 0, "n_heads must be a multiple of n_kv");
-  at::Tensor q32 = f32c(q), k32 = f32c(kc), v32 = f32c(vc);
+  TORCH_CHECK(vc.scalar_type() == kc.scalar_type(), "kc and vc must share one dtype");
+  const int kvt = wdtype_of(kc);
+  at::Tensor q32 = f32c(q), k = kc.contiguous(), v = vc.contiguous();
   const int64_t T = kc.size(0), nh = q.size(0);
   at::Tensor out = at::empty_like(q32), scratch = at::empty({nh * std::max<int64_t>(T, 1)}, q32.options());
   pybind11::gil_scoped_release nogil;
-  cwic_cpu::attention(q32.data_ptr<float>(), k32.data_ptr<float>(), v32.data_ptr<float>(), (int)T, (int)nh,
-                      (int)kc.size(1), (int)q.size(1), (float)scaling, out.data_ptr<float>(),
-                      scratch.data_ptr<float>(), threads(nthreads), (int)isa);
+  cwic_cpu::attention(q32.data_ptr<float>(), k.data_ptr(), v.data_ptr(), kvt, (int)T, (int)nh, (int)kc.size(1),
+                      (int)q.size(1), (float)scaling, out.data_ptr<float>(), scratch.data_ptr<float>(),
+                      threads(nthreads), (int)isa);
   return out;
 }
 
@@ -206,7 +208,7 @@ class Decoder {
     else { ffn.gate_up = check(ffn.gate_up); ffn.down = check(ffn.down); }
     if (ffn.unit_thr.defined()) ffn.unit_thr = f32c(ffn.unit_thr);
     layers_.push_back({ln1.contiguous(), ln2.contiguous(), qkv, check(o), ffn});
-    kc_ = at::zeros({(int64_t)layers_.size(), max_len_, nkv_, hd_}, at::kFloat);
+    kc_ = at::zeros({(int64_t)layers_.size(), max_len_, nkv_, hd_}, kv_bf16() ? at::kBFloat16 : at::kFloat);
     vc_ = at::zeros_like(kc_);
   }
 
@@ -250,14 +252,24 @@ class Decoder {
       float* v = k + kv_row;
       cwic_cpu::rope(q, nh_, hd_, cs, sn);
       cwic_cpu::rope(k, nkv_, hd_, cs, sn);
-      float* kc = kc_.data_ptr<float>() + (int64_t)li * max_len_ * kv_row;
-      float* vc = vc_.data_ptr<float>() + (int64_t)li * max_len_ * kv_row;
-      std::memcpy(kc + pos * kv_row, k, sizeof(float) * kv_row);
-      std::memcpy(vc + pos * kv_row, v, sizeof(float) * kv_row);
+      const int64_t at_pos = ((int64_t)li * max_len_ + pos) * kv_row;   // this layer, this position
+      if (kv_bf16()) {
+        uint16_t* kb = reinterpret_cast<uint16_t*>(kc_.data_ptr()) + at_pos;
+        uint16_t* vb = reinterpret_cast<uint16_t*>(vc_.data_ptr()) + at_pos;
+        for (int64_t i = 0; i < kv_row; ++i) {
+          kb[i] = to_bf16(k[i]);
+          vb[i] = to_bf16(v[i]);
+        }
+      } else {
+        std::memcpy(kc_.data_ptr<float>() + at_pos, k, sizeof(float) * kv_row);
+        std::memcpy(vc_.data_ptr<float>() + at_pos, v, sizeof(float) * kv_row);
+      }
       tk.lap(P_GLUE);
       float* att = att_.data_ptr<float>();
-      cwic_cpu::attention(q, kc, vc, (int)pos + 1, nh_, nkv_, hd_, scaling_, att, scores_.data_ptr<float>(),
-                          nthreads_, isa_);
+      const int64_t layer0 = (int64_t)li * max_len_ * kv_row * kc_.element_size();
+      cwic_cpu::attention(q, static_cast<const char*>(kc_.data_ptr()) + layer0,
+                          static_cast<const char*>(vc_.data_ptr()) + layer0, kv_bf16() ? cwic_cpu::W_BF16 : cwic_cpu::W_F32,
+                          (int)pos + 1, nh_, nkv_, hd_, scaling_, att, scores_.data_ptr<float>(), nthreads_, isa_);
       tk.lap(P_ATTN);
       reads_[0] += apply(L.o, att, h, h);
       tk.lap(P_O);
@@ -306,6 +318,16 @@ class Decoder {
       t = n;
     }
   };
+
+  // the KV cache is kept in the weights' precision: bf16 weights (embedding) -> bf16 cache, as a bf16
+  // Hugging Face model keeps it; fp32 otherwise
+  bool kv_bf16() const { return embed_.scalar_type() == at::kBFloat16; }
+  static uint16_t to_bf16(float v) {
+    const float r = cwic_cpu::round_bf16(v);
+    uint32_t u;
+    std::memcpy(&u, &r, 4);
+    return (uint16_t)(u >> 16);
+  }
 
   static Lin check(Lin L) {
     TORCH_CHECK(L.w.defined() && L.w.dim() == 2 && L.w.is_contiguous(), "Lin.w must be a contiguous matrix");
@@ -424,7 +446,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ffn", &ffn, "fused CWIC gated FFN -> (y fp32 (B, d), weights read)", py::arg("x"), py::arg("gate_wt"),
         py::arg("gate_mean"), py::arg("gate_thr"), py::arg("gate_bias"), py::arg("stripe"), py::arg("up_w"),
         py::arg("down_wt"), py::arg("unit_thr"), py::arg("act"), py::arg("isa") = -1, py::arg("nthreads") = 0);
-  m.def("attention", &attention, "one query position over a (T, n_kv, hd) fp32 KV cache -> (n_heads, hd)",
+  m.def("attention", &attention, "one query position over a (T, n_kv, hd) fp32 or bf16 KV cache -> (n_heads, hd)",
         py::arg("q"), py::arg("kc"), py::arg("vc"), py::arg("scaling"), py::arg("isa") = -1, py::arg("nthreads") = 0);
   py::class_<Lin>(m, "Lin")
       .def(py::init<>())

@@ -178,14 +178,17 @@ void rope(float* v, int n_heads, int hd, const float* cos, const float* sin) {
   }
 }
 
-void attention(const float* q, const float* kc, const float* vc, int T, int n_heads, int n_kv, int hd,
+void attention(const float* q, const void* kc, const void* vc, int kv_dtype, int T, int n_heads, int n_kv, int hd,
                float scaling, float* out, float* scratch, int nthreads, int isa) {
   switch (resolve_isa(isa)) {
 #if CWIC_X86
-    case ISA_AVX512: return isa_avx512::attention_run(q, kc, vc, T, n_heads, n_kv, hd, scaling, out, scratch, nthreads);
-    case ISA_AVX2: return isa_avx2::attention_run(q, kc, vc, T, n_heads, n_kv, hd, scaling, out, scratch, nthreads);
+    case ISA_AVX512:
+      return isa_avx512::attention_run(q, kc, vc, kv_dtype, T, n_heads, n_kv, hd, scaling, out, scratch, nthreads);
+    case ISA_AVX2:
+      return isa_avx2::attention_run(q, kc, vc, kv_dtype, T, n_heads, n_kv, hd, scaling, out, scratch, nthreads);
 #endif
-    default: return isa_scalar::attention_run(q, kc, vc, T, n_heads, n_kv, hd, scaling, out, scratch, nthreads);
+    default:
+      return isa_scalar::attention_run(q, kc, vc, kv_dtype, T, n_heads, n_kv, hd, scaling, out, scratch, nthreads);
   }
 }
 

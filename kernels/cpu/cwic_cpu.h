@@ -70,9 +70,9 @@ void rmsnorm(const float* x, int B, int d, const void* w, int wdtype, float eps,
 // Rotary embedding (Hugging Face "rotate_half" convention) of n_heads heads of size hd, in place:
 // cos/sin hold hd/2 values for this position.
 void rope(float* v, int n_heads, int hd, const float* cos, const float* sin);
-// One query position attending to positions 0..T-1 of a (T_max, n_kv, hd) fp32 cache:
-// q (n_heads, hd) -> out (n_heads, hd); grouped-query heads share kv head h / (n_heads / n_kv).
-void attention(const float* q, const float* kc, const float* vc, int T, int n_heads, int n_kv, int hd,
+// One query position attending to positions 0..T-1 of a (T_max, n_kv, hd) cache, fp32 or bf16 (kv_dtype
+// W_F32 / W_BF16): q (n_heads, hd) -> out (n_heads, hd); grouped-query heads share kv head h / (n_heads / n_kv).
+void attention(const float* q, const void* kc, const void* vc, int kv_dtype, int T, int n_heads, int n_kv, int hd,
                float scaling, float* out, float* scratch /* n_heads * T floats */, int nthreads, int isa = -1);
 // act(g) * u elementwise (dense FFN)
 void act_mul(const float* g, const float* u, int n, int act, float* out);

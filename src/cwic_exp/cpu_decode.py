@@ -5,7 +5,7 @@
     ids = dec.generate(prompt_ids, max_new_tokens=64)    # greedy, KV cache
 
 A decode step runs entirely in C++ (`cwic_kernels.cpu` `Decoder`: one Python call per token):
-embedding → RMSNorm → q/k/v → RoPE + fp32 KV cache → attention → o → RMSNorm → FFN → … → head →
+embedding → RMSNorm → q/k/v → RoPE + KV cache → attention → o → RMSNorm → FFN → … → head →
 argmax. Dense and CWIC models go through the very same step; only the matrix products differ:
 
     mode="cwic"                   every CwicLinear: granular sparse GEMV on Wᵀ (θ·σ, x̄, W x̄ + b);
@@ -16,8 +16,8 @@ argmax. Dense and CWIC models go through the very same step; only the matrix pro
 
 A CWIC model decoded with mode="dense" uses its own (unchanged) weights, so "dense vs CWIC" compares
 one model with and without its sparsity. Weights are copied into the decoder's layout (input-major for
-our kernels) in `dtype` (bf16 by default); activations, the KV cache and accumulation are fp32. The
-prompt is fed one token at a time (the decode step; no batched prefill).
+our kernels) in `dtype` (bf16 by default); activations and accumulation are fp32, and the KV cache is
+kept in `dtype` (a bf16 Hugging Face model keeps a bf16 cache too). The prompt is fed one token at a time (the decode step; no batched prefill).
 
 `calibrate_apr(model, ids, apr)` sets the thresholds of a converted model (θ and φ, after gathering the
 running statistics) so that every counted matrix keeps about 1/apr of its weights on calibration

@@ -131,31 +131,6 @@ def test_ffn_matches_reference(B, dtype):
     assert torch.equal(y0, res)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("d,F_,density", [(64, 96, 0.35), (100, 200, 0.1), (72, 130, 1.0), (64, 77, 0.0)])
-def test_ffn_up_compacted_equals_masked_load(d, F_, density, dtype):
-    """One token: the compacted up projection (programs list their active units, then read only those
-    rows) against the masked-load kernel and fp64: exact zeros where a = 0 (also -0), the same error
-    elsewhere; unit counts not multiples of the block, a block with no active unit, an all-active one."""
-    g = _gen(d + F_)
-    x = torch.randn(1, d, generator=g).to(dtype).to(DEV)
-    up_w = (torch.randn(F_, d, generator=g) / d ** 0.5).to(dtype).to(DEV)
-    a = torch.randn(1, F_, generator=g) * (torch.rand(1, F_, generator=g) < density)
-    a[0, :5] = -0.0
-    a = a.to(DEV)
-    comp = G.ffn_up(x, up_w, a, config={"compact": True, "BLOCK_U": 32, "ROWS": 4})
-    masked = G.ffn_up(x, up_w, a, config={"compact": False})
-    gold = (x.double() @ up_w.double().t()) * a.double()
-    r = (x.float() @ up_w.float().t()) * a if dtype != torch.float32 else masked
-    assert torch.equal(comp[a == 0], masked[a == 0])          # 0 · a, sign included
-    assert torch.equal(torch.signbit(comp[a == 0]), torch.signbit(masked[a == 0]))
-    if density > 0:
-        _check(comp, gold, r, f"ffn_up compacted d={d} F={F_} {dtype}")
-    # the default path for one token is the compacted kernel (unless CWIC_GEMV_COMPACT=0)
-    if G.AUTO_COMPACT:
-        assert torch.equal(G.ffn_up(x, up_w, a), G.ffn_up(x, up_w, a, config={"compact": True}))
-
-
 # ------------------------------------------------------------------------- decode kernels
 
 def test_decode_kernels_match_references():

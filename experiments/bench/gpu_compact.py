@@ -53,9 +53,6 @@ def main(argv=None):
     ap.add_argument("--down-nonzero", action="store_true",
                     help="only the FFN down projection as the engine calls it (8192×2048, rows used iff h ≠ 0, "
                          "one stripe): masked-load vs compacted variants vs cuBLAS at 50/66/80%% zero units")
-    ap.add_argument("--ffn-up", action="store_true",
-                    help="only the FFN up projection as the engine calls it (h = (W_up x) · a, 8192 units × 2048, "
-                         "rows read iff a ≠ 0): masked-load vs compacted configs vs cuBLAS at 50/66/80%% zero units")
     ap.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.dry_run:
@@ -75,8 +72,6 @@ def main(argv=None):
     C.TUNED_COMPACT.clear()
     if args.down_nonzero:
         return down_nonzero(gk, G, C, tuned, torch.device("cpu" if gk.DRY_RUN else "cuda"))
-    if args.ffn_up:
-        return ffn_up(gk, G, torch.device("cpu" if gk.DRY_RUN else "cuda"))
     dev = torch.device("cpu" if gk.DRY_RUN else "cuda")
     stripe = gk.STRIPE
     l2 = 1 << 20 if gk.DRY_RUN else getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
@@ -233,43 +228,6 @@ def down_nonzero(gk, G, C, tuned, dev):
                                                     mask_mode=C.MASK_NONZERO, config=c)
             err = float((fn(0).float() - ref).norm() / ref.norm().clamp_min(1e-30))
             assert err <= 2e-2, f"{name}: relative error {err:.3g} vs the masked-load kernel"
-            row[name] = gk.time_graph([lambda i=i, f=fn: f(i) for i in range(S.copies)])
-        out["rows"].append(row)
-        print(f"| {zero:.0%} | {dense:.2f} | " + " | ".join(f"{row[k]:.2f}" for k in variants) + " |", flush=True)
-    print(json.dumps(out))
-    return out
-
-
-def ffn_up(gk, G, dev):
-    """The FFN's up projection in the engine's mode: a (1, F) with a fraction of exact zeros (inactive
-    units), rows of W_up read iff a ≠ 0. Prints a table and a last-line JSON."""
-    import torch
-    import torch.nn.functional as F
-    d, F_ = (128, 512) if gk.DRY_RUN else (2048, 8192)
-    l2 = 1 << 20 if gk.DRY_RUN else getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
-    S = gk.Shape(d, F_, dev, l2)                      # S.W[i]: (F, d), the up projection's layout
-    variants = {"masked-load": dict(compact=False), "compacted (default)": {},
-                "U32 R8": dict(BLOCK_U=32, ROWS=8), "U128 R8": dict(BLOCK_U=128, ROWS=8),
-                "U64 R4": dict(BLOCK_U=64, ROWS=4), "U64 R16": dict(BLOCK_U=64, ROWS=16),
-                "U64 R8 w8": dict(num_warps=8), "U32 R4": dict(BLOCK_U=32, ROWS=4)}
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = [torch.randn(1, d, generator=g).to(dev, torch.bfloat16) for _ in range(S.copies)]
-    out = {"shape": [F_, d], "rows": []}
-    print("| zero units | dense µs | " + " | ".join(variants) + " |", flush=True)
-    for zero in (0.5, 0.66, 0.8):
-        As = []
-        for _ in range(S.copies):
-            a = torch.randn(1, F_, generator=g)
-            a[torch.rand(1, F_, generator=g) < zero] = 0.0
-            As.append(a.to(dev))
-        dense = gk.time_graph([lambda i=i: F.linear(x[i], S.W[i]) for i in range(S.copies)])
-        row = {"zero_units": zero, "dense_us": dense}
-        ref = G.ffn_up(x[0], S.W[0], As[0], config=dict(compact=False))
-        for name, cfg in variants.items():
-            fn = lambda i, c={"compact": True, **cfg} if cfg.get("compact", True) else cfg: G.ffn_up(  # noqa: E731
-                x[i], S.W[i], As[i], config=c)
-            err = float((fn(0) - ref).norm() / ref.norm().clamp_min(1e-30))
-            assert err <= 1e-5, f"{name}: relative error {err:.3g} vs the masked-load kernel"
             row[name] = gk.time_graph([lambda i=i, f=fn: f(i) for i in range(S.copies)])
         out["rows"].append(row)
         print(f"| {zero:.0%} | {dense:.2f} | " + " | ".join(f"{row[k]:.2f}" for k in variants) + " |", flush=True)

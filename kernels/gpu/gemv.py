@@ -223,40 +223,6 @@ def _ffn_up_kernel(X, UP, A, H, B, D, F, stride_xb, stride_ab, stride_hb,
         tl.store(H + bs[:, None] * stride_hb + units[None, :], acc2 * a2, mask=am)
 
 
-@triton.jit
-def _ffn_up_compact_kernel(X, UP, A, H, IDX, D, F,
-                           BLOCK_U: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Batch 1, work ∝ active units: h[j] = (W_up[j] · x) · a[j]. The program lists the active units of
-    its BLOCK_U (a ≠ 0: exclusive cumsum → its private region of IDX, in L2), writes 0 for the others,
-    then walks only the listed rows, ROWS at a time (the masked-load kernel walks every unit)."""
-    pid = tl.program_id(0)
-    units = pid * BLOCK_U + tl.arange(0, BLOCK_U)
-    umask = units < F
-    a = tl.load(A + units, mask=umask, other=0.0)
-    on = a != 0.0
-    on_i = on.to(tl.int32)
-    pos = tl.cumsum(on_i, axis=0) - on_i
-    cnt = tl.sum(on_i, axis=0)
-    base = pid.to(tl.int64) * BLOCK_U
-    tl.store(IDX + base + pos, units, mask=on)
-    tl.store(H + units, a * 0.0, mask=umask & (a == 0.0))   # what the masked-load kernel stores: 0 · a
-    tl.debug_barrier()
-    for s0 in range(0, cnt, ROWS):
-        s = s0 + tl.arange(0, ROWS)
-        son = s < cnt
-        idx = tl.load(IDX + base + s, mask=son, other=0)
-        row = idx.to(tl.int64) * D
-        acc = tl.zeros((ROWS,), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            dmask = ds < D
-            w = tl.load(UP + row[:, None] + ds[None, :], mask=son[:, None] & dmask[None, :], other=0.0)
-            xv = tl.load(X + ds, mask=dmask, other=0.0).to(tl.float32)
-            acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
-        av = tl.load(A + idx, mask=son, other=0.0)
-        tl.store(H + idx, acc * av, mask=son)
-
-
 # --------------------------------------------------------------------------------- launchers
 
 _COUNTERS: dict = {}
@@ -407,33 +373,19 @@ def gemv(x, wt, mean, thr, bias, stripe: int) -> torch.Tensor:
     return gemv_ex(x, wt, mean, thr, bias, stripe)
 
 
-_UP_IDX: dict = {}
-
-
 def ffn_up(x: torch.Tensor, up_w: torch.Tensor, a: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     """h = (x @ up_wᵀ) ⊙ a in fp32, reading only the rows of units with a ≠ 0 for some token.
 
-    One token goes to the compacted kernel (its programs list their active units, then read only those
-    rows) unless config {"compact": False} or CWIC_GEMV_COMPACT=0; a batch to the masked-load kernel."""
+    A compacted variant for one token (each program lists its active units, then walks only their rows)
+    was slower on the H100 at every tile config tried: experiments/results/gpu_ffn_up_compact.md."""
     B, d = x.shape
     F_, d2 = up_w.shape
     assert d == d2 and up_w.is_contiguous() and a.shape == (B, F_) and a.dtype == torch.float32
     h = torch.empty((B, F_), dtype=torch.float32, device=x.device)
     if B == 0:
         return h
-    cfg = config or {}
-    if B == 1 and cfg.get("compact", AUTO_COMPACT):
-        assert x.stride(1) == 1 and a.stride(1) == 1
-        bu, rows = cfg.get("BLOCK_U", 64), cfg.get("ROWS", 8)
-        bd = cfg.get("BLOCK_D", min(1024, triton.next_power_of_2(d)))
-        grid = (triton.cdiv(F_, bu),)
-        key = (x.device.type, x.device.index, grid[0] * bu)
-        if key not in _UP_IDX:   # scratch for the lists; never needs clearing (only slots < count are read)
-            _UP_IDX[key] = torch.empty(grid[0] * bu, dtype=torch.int32, device=x.device)
-        _ffn_up_compact_kernel[grid](x, up_w, a, h, _UP_IDX[key], d, F_, BLOCK_U=bu, ROWS=rows, BLOCK_D=bd,
-                                     num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
-        return h
     bb = 1 if B == 1 else 16
+    cfg = config or {}
     bu = cfg.get("BLOCK_U", 8 if bb == 1 else 16)
     bd = cfg.get("BLOCK_D", min(1024 if bb == 1 else 128, triton.next_power_of_2(d)))
     grid = (triton.cdiv(F_, bu), triton.cdiv(B, bb))

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ["experiments/bench_kernels.py", "--device", "cuda", "--compact", "--help"],
     ["experiments/bench_decode.py", "--device", "cpu", "--help"],
     ["experiments/bench_decode.py", "--device", "cuda", "--help"],
+    ["-m", "experiments.bench.cpu_ab", "--help"],
 ])
 def test_bench_help_parses(argv):
     r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -1,0 +1,139 @@
+"""A/B of two builds of the CPU kernels in one process: decode time per token, old build vs this tree.
+
+    python -m experiments.bench.cpu_ab --old 2e070bf                 # SmolLM2, 3× APR, 8 rounds
+    python -m experiments.bench.cpu_ab --old HEAD~1 --apr 4 --rounds 12 --tokens 48
+
+Why: on a shared 2-core host the speed of separate benchmark runs swings by ±15 %, more than most kernel
+changes. Here both builds run in the same process, interleaved run by run (dense-old, dense-new, cwic-old,
+cwic-new, ...), so slow phases of the host hit both alike; per-round ratios cancel them further.
+
+`--old` is a git revision: its kernels/cpu is extracted to a temporary folder and built there (a separate
+extension module; the build is cached by content like the tree's). Every configuration decodes the SAME
+text: the prompt, then the dense model's greedy continuation fed token by token (teacher forcing), so the
+two builds do the same work even where rounding differences would make them generate different tokens (a
+calibrated, not trained, model is sensitive to that, and its decode-time APR depends on the text). Dense is
+our kernel with every pair on; CWIC is SmolLM2-135M-Instruct converted with stripe 192 and calibrated to
+--apr (as bench_decode.py --device cpu does). Prints a table of ms/token by part (medians) and a last-line
+JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PARTS = ("glue", "qkv", "attention", "o", "ffn", "head")
+
+
+def load_old(rev: str, dest: str):
+    """The CPU kernel package of git revision `rev`, extracted to dest and loaded as its own module."""
+    os.makedirs(os.path.join(dest, "cpu"), exist_ok=True)
+    files = subprocess.run(["git", "-C", ROOT, "ls-tree", "--name-only", f"{rev}:kernels/cpu"], check=True,
+                           capture_output=True, text=True).stdout.split()
+    for f in files:
+        blob = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:kernels/cpu/{f}"], check=True,
+                              capture_output=True).stdout
+        with open(os.path.join(dest, "cpu", f), "wb") as fh:
+            fh.write(blob)
+    spec = importlib.util.spec_from_file_location("cwic_cpu_ab_old", os.path.join(dest, "cpu", "__init__.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ext = mod.load()
+    if ext is None:
+        raise SystemExit(f"the kernels of {rev} do not build: {mod.error()}")
+    return ext
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--old", required=True, help="git revision whose kernels/cpu is the A side")
+    ap.add_argument("--apr", type=float, default=3.0)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=32, help="forced tokens timed per run")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    for p in (ROOT, os.path.join(ROOT, "src")):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    import torch
+
+    import cwic_exp
+    import cwic_exp.cpu_decode as CD
+    from experiments.bench.cpu_decode import PROMPT, calib_batch, chat_ids
+    from experiments.bench.cpu_kernels import machine
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    tmp = tempfile.mkdtemp(prefix="cwic_ab_")
+    old_ext, new_ext = load_old(args.old, tmp), CD._ext()
+    model, tok = cwic_exp.load_teacher("smollm2-135m-instruct")
+    model = model.float().eval()
+    prompt = chat_ids(tok, PROMPT)
+    max_len = len(prompt) + args.tokens + 8
+
+    def build(ext, **kw):   # CpuDecoder takes its extension from CD._ext()
+        saved = CD._ext
+        CD._ext = lambda: ext
+        try:
+            return CD.CpuDecoder(model, dtype=torch.bfloat16, max_len=max_len, **kw)
+        finally:
+            CD._ext = saved
+
+    decs = {"dense-old": build(old_ext, mode="dense", dense="own"),
+            "dense-new": build(new_ext, mode="dense", dense="own")}
+    forced = decs["dense-new"].generate(prompt, args.tokens)[len(prompt):]
+    cwic_exp.to_cwic(model, stripe_size=192)
+    ids, mask = calib_batch(tok)
+    st = CD.calibrate_apr(model, ids, args.apr, attention_mask=mask, stats=True, cache={})
+    decs["cwic-old"] = build(old_ext, mode="cwic")
+    decs["cwic-new"] = build(new_ext, mode="cwic")
+    print(f"A/B {args.old} (old) vs this tree (new): SmolLM2-135M, CWIC calibrated to APR {st['apr']:.2f}, "
+          f"{len(prompt)}-token prompt + {len(forced)} forced tokens, {args.rounds} rounds, "
+          f"{torch.get_num_threads()} threads", flush=True)
+
+    res = {k: {p: [] for p in PARTS + ("total", "reads")} for k in decs}
+    for r in range(args.rounds):
+        for k, d in decs.items():
+            d.prefill(prompt)
+            d._dec.reset_reads()
+            t0 = time.perf_counter()
+            for t in forced:
+                d.step(t)
+            dt = time.perf_counter() - t0
+            a, f, h, n = d._dec.reads()
+            for p, v in d.profile().items():
+                res[k][p].append(v * 1e3)
+            res[k]["total"].append(dt / len(forced) * 1e3)
+            res[k]["reads"].append((a + f + h) / n / 1e6)
+        print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {res[k]['total'][-1]:.2f} ms" for k in decs),
+              flush=True)
+    med = {k: {p: statistics.median(v) for p, v in res[k].items()} for k in decs}
+    cols = PARTS + ("total", "reads")
+    print("\n| config | " + " | ".join(f"{c} ms" if c != "reads" else "M weights read" for c in cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for k in decs:
+        print(f"| {k} | " + " | ".join(f"{med[k][c]:.3f}" for c in cols) + " |")
+    out = {"bench": "cpu_ab", "old": args.old, "apr_calib": st["apr"], "rounds": args.rounds,
+           "forced_tokens": len(forced), "machine": machine(), "ms_per_token": med}
+    for side in ("old", "new"):
+        d, c = res[f"dense-{side}"]["total"], res[f"cwic-{side}"]["total"]
+        out[f"speedup_{side}"] = statistics.median(d) / statistics.median(c)
+        out[f"speedup_{side}_paired"] = statistics.median([a / b for a, b in zip(d, c)])
+        print(f"{side}: CWIC over dense {out[f'speedup_{side}']:.3f}× (medians), "
+              f"{out[f'speedup_{side}_paired']:.3f}× (median of per-round ratios)")
+    for k in ("dense", "cwic"):
+        o, n = res[f"{k}-old"]["total"], res[f"{k}-new"]["total"]
+        out[f"{k}_new_over_old"] = statistics.median([a / b for a, b in zip(o, n)])
+        print(f"{k}: new build {out[f'{k}_new_over_old']:.3f}× the speed of the old (median of per-round ratios)")
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()

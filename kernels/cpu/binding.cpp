@@ -90,15 +90,17 @@ std::tuple<at::Tensor, int64_t> gemv(const at::Tensor& x, const at::Tensor& wt, 
   return {y, reads};
 }
 
-// one query position: q (n_heads, hd), caches (T, n_kv, hd) fp32 or bf16 (both the same) -> (n_heads, hd) fp32
+// one query position: q (n_heads, hd), caches (T, n_kv, hd) of one dtype (bf16 read as is, others as fp32)
+// -> (n_heads, hd) fp32
 at::Tensor attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, double scaling, int64_t isa,
                      int64_t nthreads) {
   TORCH_CHECK(q.dim() == 2 && kc.dim() == 3 && vc.sizes() == kc.sizes() && kc.size(2) == q.size(1),
               "q (n_heads, hd), kc and vc (T, n_kv, hd)");
   TORCH_CHECK(q.size(0) % kc.size(1) == 0, "n_heads must be a multiple of n_kv");
   TORCH_CHECK(vc.scalar_type() == kc.scalar_type(), "kc and vc must share one dtype");
-  const int kvt = wdtype_of(kc);
-  at::Tensor q32 = f32c(q), k = kc.contiguous(), v = vc.contiguous();
+  const bool bf = kc.scalar_type() == at::kBFloat16;   // bf16 read as is; any other dtype as fp32
+  const int kvt = bf ? cwic_cpu::W_BF16 : cwic_cpu::W_F32;
+  at::Tensor q32 = f32c(q), k = bf ? kc.contiguous() : f32c(kc), v = bf ? vc.contiguous() : f32c(vc);
   const int64_t T = kc.size(0), nh = q.size(0);
   at::Tensor out = at::empty_like(q32), scratch = at::empty({nh * std::max<int64_t>(T, 1)}, q32.options());
   pybind11::gil_scoped_release nogil;
@@ -106,6 +108,13 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor
                       (int)q.size(1), (float)scaling, out.data_ptr<float>(), scratch.data_ptr<float>(),
                       threads(nthreads), (int)isa);
   return out;
+}
+
+// act(g) as the kernels compute it (fp32 out)
+at::Tensor act(const at::Tensor& g, const std::string& a, int64_t isa) {
+  at::Tensor o = g.to(at::kFloat).contiguous().clone();
+  cwic_cpu::act(o.data_ptr<float>(), (int)o.numel(), act_id(a), (int)isa);
+  return o;
 }
 
 // the same with an explicit weight layout: (i, o) of stripe r at w + r * block_stride + i * row_stride + o - r * stripe
@@ -409,7 +418,7 @@ class Decoder {
     const int64_t F2 = f.gate_up.m(), F = F2 / 2;
     float* gu = ffb_.data_ptr<float>();
     int64_t r = apply(f.gate_up, x, gu, nullptr);
-    cwic_cpu::act_mul(gu, gu + F, (int)F, act_id(f.act), gu);
+    cwic_cpu::act_mul(gu, gu + F, (int)F, act_id(f.act), gu, isa_);
     r += apply(f.down, gu, h, h);
     return r;
   }
@@ -446,6 +455,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ffn", &ffn, "fused CWIC gated FFN -> (y fp32 (B, d), weights read)", py::arg("x"), py::arg("gate_wt"),
         py::arg("gate_mean"), py::arg("gate_thr"), py::arg("gate_bias"), py::arg("stripe"), py::arg("up_w"),
         py::arg("down_wt"), py::arg("unit_thr"), py::arg("act"), py::arg("isa") = -1, py::arg("nthreads") = 0);
+  m.def("act", &act, "the activation as the kernels compute it -> fp32", py::arg("g"), py::arg("act"),
+        py::arg("isa") = -1);
   m.def("attention", &attention, "one query position over a (T, n_kv, hd) fp32 or bf16 KV cache -> (n_heads, hd)",
         py::arg("q"), py::arg("kc"), py::arg("vc"), py::arg("scaling"), py::arg("isa") = -1, py::arg("nthreads") = 0);
   py::class_<Lin>(m, "Lin")

@@ -192,8 +192,24 @@ void attention(const float* q, const void* kc, const void* vc, int kv_dtype, int
   }
 }
 
-void act_mul(const float* g, const float* u, int n, int act, float* out) {
-  for (int i = 0; i < n; ++i) out[i] = act_scalar(g[i], act) * u[i];
+void act_mul(const float* g, const float* u, int n, int act, float* out, int isa) {
+  switch (resolve_isa(isa)) {
+#if CWIC_X86
+    case ISA_AVX512: return isa_avx512::act_mul_run(g, u, n, act, out);
+    case ISA_AVX2: return isa_avx2::act_mul_run(g, u, n, act, out);
+#endif
+    default: return isa_scalar::act_mul_run(g, u, n, act, out);
+  }
+}
+
+void act(float* g, int n, int act, int isa) {
+  switch (resolve_isa(isa)) {
+#if CWIC_X86
+    case ISA_AVX512: return isa_avx512::act_inplace(g, n, act, false);
+    case ISA_AVX2: return isa_avx2::act_inplace(g, n, act, false);
+#endif
+    default: return isa_scalar::act_inplace(g, n, act, false);
+  }
 }
 
 }  // namespace cwic_cpu

@@ -74,8 +74,11 @@ void rope(float* v, int n_heads, int hd, const float* cos, const float* sin);
 // W_F32 / W_BF16): q (n_heads, hd) -> out (n_heads, hd); grouped-query heads share kv head h / (n_heads / n_kv).
 void attention(const float* q, const void* kc, const void* vc, int kv_dtype, int T, int n_heads, int n_kv, int hd,
                float scaling, float* out, float* scratch /* n_heads * T floats */, int nthreads, int isa = -1);
-// act(g) * u elementwise (dense FFN)
-void act_mul(const float* g, const float* u, int n, int act, float* out);
+// act(g) * u elementwise (dense FFN; out may alias g), and act(g) in place: SiLU is vector code with a
+// polynomial exp that gives the same bits in every ISA (the CWIC FFN uses the same); the other
+// activations run act_scalar
+void act_mul(const float* g, const float* u, int n, int act, float* out, int isa = -1);
+void act(float* g, int n, int act, int isa = -1);
 float act_scalar(float v, int act);
 float round_bf16(float v);  // round to nearest even bf16, returned as fp32
 

@@ -1,7 +1,7 @@
 // Thin ATen / pybind11 binding of the torch-free core (cwic_cpu.h), plus `Decoder`: a whole greedy
 // decode step of a Llama-family model in C++ (embedding -> RMSNorm -> q/k/v -> RoPE + KV cache (in the
-// weights' precision) -> attention -> o -> RMSNorm -> FFN -> ... -> head -> argmax), so that Python overhead does not hide the
-// kernels' gain. Every matrix is a `Lin` of one of three kinds, and only the matrix products differ
+// weights' precision) -> attention -> o -> RMSNorm -> FFN -> ... -> head -> argmax), so that Python
+// overhead does not hide the kernels' gain. Every matrix is a `Lin` of one of three kinds, and only the matrix products differ
 // between a dense and a CWIC model:
 //   kind 0  dense, our kernel (input-major Wᵀ, every pair on: the same streaming code as CWIC)
 //   kind 1  CWIC granular sparse GEMV (input-major Wᵀ, thresholds, mean, folded bias)
@@ -262,7 +262,8 @@ class Decoder {
       cwic_cpu::rope(q, nh_, hd_, cs, sn);
       cwic_cpu::rope(k, nkv_, hd_, cs, sn);
       const int64_t at_pos = ((int64_t)li * max_len_ + pos) * kv_row;   // this layer, this position
-      if (kv_bf16()) {
+      const bool bf = kv_bf16();
+      if (bf) {
         uint16_t* kb = reinterpret_cast<uint16_t*>(kc_.data_ptr()) + at_pos;
         uint16_t* vb = reinterpret_cast<uint16_t*>(vc_.data_ptr()) + at_pos;
         for (int64_t i = 0; i < kv_row; ++i) {
@@ -277,7 +278,7 @@ class Decoder {
       float* att = att_.data_ptr<float>();
       const int64_t layer0 = (int64_t)li * max_len_ * kv_row * kc_.element_size();
       cwic_cpu::attention(q, static_cast<const char*>(kc_.data_ptr()) + layer0,
-                          static_cast<const char*>(vc_.data_ptr()) + layer0, kv_bf16() ? cwic_cpu::W_BF16 : cwic_cpu::W_F32,
+                          static_cast<const char*>(vc_.data_ptr()) + layer0, bf ? cwic_cpu::W_BF16 : cwic_cpu::W_F32,
                           (int)pos + 1, nh_, nkv_, hd_, scaling_, att, scores_.data_ptr<float>(), nthreads_, isa_);
       tk.lap(P_ATTN);
       reads_[0] += apply(L.o, att, h, h);

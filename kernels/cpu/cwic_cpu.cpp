@@ -127,25 +127,21 @@ const char* isa_name(int isa) {
   }
 }
 
-int64_t gemv(const GemvArgs& a, int nthreads, int isa) {
-  switch (resolve_isa(isa)) {
+// the build of the resolved ISA runs `call` (a function of the included implementation and its arguments)
 #if CWIC_X86
-    case ISA_AVX512: return isa_avx512::gemv_run(a, nthreads);
-    case ISA_AVX2: return isa_avx2::gemv_run(a, nthreads);
-#endif
-    default: return isa_scalar::gemv_run(a, nthreads);
+#define CWIC_DISPATCH(isa, call)                      \
+  switch (resolve_isa(isa)) {                          \
+    case ISA_AVX512: return isa_avx512::call;          \
+    case ISA_AVX2: return isa_avx2::call;              \
+    default: return isa_scalar::call;                  \
   }
-}
+#else
+#define CWIC_DISPATCH(isa, call) return isa_scalar::call;
+#endif
 
-int64_t ffn(const FfnArgs& a, int nthreads, int isa) {
-  switch (resolve_isa(isa)) {
-#if CWIC_X86
-    case ISA_AVX512: return isa_avx512::ffn_run(a, nthreads);
-    case ISA_AVX2: return isa_avx2::ffn_run(a, nthreads);
-#endif
-    default: return isa_scalar::ffn_run(a, nthreads);
-  }
-}
+int64_t gemv(const GemvArgs& a, int nthreads, int isa) { CWIC_DISPATCH(isa, gemv_run(a, nthreads)) }
+
+int64_t ffn(const FfnArgs& a, int nthreads, int isa) { CWIC_DISPATCH(isa, ffn_run(a, nthreads)) }
 
 // ---- decode glue (small: plain loops, vectorised by the compiler) ------------------------------
 
@@ -180,36 +176,13 @@ void rope(float* v, int n_heads, int hd, const float* cos, const float* sin) {
 
 void attention(const float* q, const void* kc, const void* vc, int kv_dtype, int T, int n_heads, int n_kv, int hd,
                float scaling, float* out, float* scratch, int nthreads, int isa) {
-  switch (resolve_isa(isa)) {
-#if CWIC_X86
-    case ISA_AVX512:
-      return isa_avx512::attention_run(q, kc, vc, kv_dtype, T, n_heads, n_kv, hd, scaling, out, scratch, nthreads);
-    case ISA_AVX2:
-      return isa_avx2::attention_run(q, kc, vc, kv_dtype, T, n_heads, n_kv, hd, scaling, out, scratch, nthreads);
-#endif
-    default:
-      return isa_scalar::attention_run(q, kc, vc, kv_dtype, T, n_heads, n_kv, hd, scaling, out, scratch, nthreads);
-  }
+  CWIC_DISPATCH(isa, attention_run(q, kc, vc, kv_dtype, T, n_heads, n_kv, hd, scaling, out, scratch, nthreads))
 }
 
 void act_mul(const float* g, const float* u, int n, int act, float* out, int isa) {
-  switch (resolve_isa(isa)) {
-#if CWIC_X86
-    case ISA_AVX512: return isa_avx512::act_mul_run(g, u, n, act, out);
-    case ISA_AVX2: return isa_avx2::act_mul_run(g, u, n, act, out);
-#endif
-    default: return isa_scalar::act_mul_run(g, u, n, act, out);
-  }
+  CWIC_DISPATCH(isa, act_mul_run(g, u, n, act, out))
 }
 
-void act(float* g, int n, int act, int isa) {
-  switch (resolve_isa(isa)) {
-#if CWIC_X86
-    case ISA_AVX512: return isa_avx512::act_inplace(g, n, act, false);
-    case ISA_AVX2: return isa_avx2::act_inplace(g, n, act, false);
-#endif
-    default: return isa_scalar::act_inplace(g, n, act, false);
-  }
-}
+void act(float* g, int n, int act, int isa) { CWIC_DISPATCH(isa, act_inplace(g, n, act, false)) }
 
 }  // namespace cwic_cpu

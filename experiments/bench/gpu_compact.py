@@ -2,6 +2,7 @@
 
     python experiments/bench_kernels.py --device cuda --compact --quick --out experiments/results
     python experiments/bench_kernels.py --device cuda --compact --down-nonzero   # the engine's FFN down
+    python experiments/bench_kernels.py --device cuda --compact --ffn-updown     # up + down in one launch
 
 Same protocol as experiments/bench/gpu_kernels.py (its inputs, weight copies and HBM-streaming
 CUDA-graph timing): a config sweep at 66 % sparsity per shape, then the best config against the
@@ -53,6 +54,10 @@ def main(argv=None):
     ap.add_argument("--down-nonzero", action="store_true",
                     help="only the FFN down projection as the engine calls it (8192×2048, rows used iff h ≠ 0, "
                          "one stripe): masked-load vs compacted variants vs cuBLAS at 50/66/80%% zero units")
+    ap.add_argument("--ffn-updown", action="store_true",
+                    help="only the FFN's up + down projections (2048 → 8192 → 2048, one token) at 50/66/80%% "
+                         "zero units: the fused kernel (kernels/gpu/ffn_fused.py, a tile sweep) vs the "
+                         "two-kernel path vs cuBLAS")
     ap.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.dry_run:
@@ -72,6 +77,9 @@ def main(argv=None):
     C.TUNED_COMPACT.clear()
     if args.down_nonzero:
         return down_nonzero(gk, G, C, tuned, torch.device("cpu" if gk.DRY_RUN else "cuda"))
+    if args.ffn_updown:
+        C.TUNED_COMPACT.update(tuned)            # the two-kernel path as the engine runs it
+        return ffn_updown(gk, G, torch.device("cpu" if gk.DRY_RUN else "cuda"))
     dev = torch.device("cpu" if gk.DRY_RUN else "cuda")
     stripe = gk.STRIPE
     l2 = 1 << 20 if gk.DRY_RUN else getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
@@ -231,5 +239,97 @@ def down_nonzero(gk, G, C, tuned, dev):
             row[name] = gk.time_graph([lambda i=i, f=fn: f(i) for i in range(S.copies)])
         out["rows"].append(row)
         print(f"| {zero:.0%} | {dense:.2f} | " + " | ".join(f"{row[k]:.2f}" for k in variants) + " |", flush=True)
+    print(json.dumps(out))
+    return out
+
+
+UPDOWN_SWEEP = [dict(), dict(block_s=4), dict(block_s=2), dict(block_s=4, num_warps=2), dict(block_s=4, num_warps=8),
+                dict(block_s=4, copies=4), dict(block_s=4, copies=16), dict(block_s=4, num_stages=2),
+                dict(block_s=4, num_stages=3), dict(block_s=2, num_stages=3), dict(block_u=64, block_s=4),
+                dict(block_u=64, block_s=4, copies=8), dict(block_u=16, block_s=4, copies=8),
+                dict(block_u=16, block_s=2), dict(block_s=8, num_stages=2, copies=8)]
+
+
+def ffn_updown(gk, G, dev):
+    """The FFN's up + down projections for one token as the engine runs them after the gate: a (1, F)
+    gated activations with a fraction of exact zeros (units off), h = (W_up x) ⊙ a, y = hᵀ W_downᵀ +
+    residual. Fused kernel (tile sweep) vs the two-kernel path (ffn_up + compacted down) vs cuBLAS
+    (F.linear up, ⊙ a, addmm down). Weight copies cycled as in gpu_kernels.py. Table + last-line JSON."""
+    import torch
+    import torch.nn.functional as F
+    from cwic_kernels.gpu import ffn_fused as FF
+    tuned = dict(FF.TUNED_UPDOWN)          # the sweep's {} is the heuristic, not the tuned tiles
+    FF.TUNED_UPDOWN.clear()
+    d, F_ = (128, 512) if gk.DRY_RUN else (2048, 8192)
+    l2 = 1 << 20 if gk.DRY_RUN else getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
+    SU, SD = gk.Shape(F_, d, dev, l2 // 2), gk.Shape(F_, d, dev, l2 // 2)   # W[i] (d, F): .WT[i] (F, d)
+    ups = [S.contiguous() for S in SU.WT]                 # (F, d): row j = unit j's input weights
+    downs = SD.WT                                         # (F, d): row j = unit j's output weights
+    downs_dense = SD.W                                    # (d, F) for cuBLAS
+    cp = min(SU.copies, SD.copies)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    xs = [torch.randn(1, d, generator=g).to(dev, torch.bfloat16) for _ in range(cp)]
+    res = [torch.randn(1, d, generator=g).to(dev, torch.bfloat16) for _ in range(cp)]
+    out = {"shape": [d, F_], "copies": cp, "rows": [], "sweep": []}
+    variants = {"two-kernel": None}
+    names = []
+
+    def fused(i, a, c):
+        return FF.ffn_updown(xs[i], ups[i], downs[i], a[i], residual=res[i], config=c)
+
+    def two(i, a):
+        h = G.ffn_up(xs[i], ups[i], a[i])
+        return G.gemv_ex(h, downs[i], None, None, None, d, mask_mode=G.MASK_NONZERO, residual=res[i],
+                         out_dtype=xs[i].dtype)
+
+    def acts(zero):
+        a = []
+        for _ in range(cp):
+            v = torch.randn(1, F_, generator=g)
+            v[torch.rand(1, F_, generator=g) < zero] = 0.0
+            a.append(v.to(dev))
+        return a
+
+    a66 = acts(0.66)
+    ref = two(0, a66).float()
+    print("tile sweep at 66% zero units:", flush=True)
+    for c in UPDOWN_SWEEP:
+        try:
+            cfg = FF.ffn_updown_config(d, F_, **c)
+            err = float((fused(0, a66, cfg).float() - ref).norm() / ref.norm())
+            assert err <= 2e-2, f"relative error {err:.3g} vs the two-kernel path"
+            us = gk.time_graph([lambda i=i: fused(i, a66, cfg) for i in range(cp)], reps_target_ms=10, repeats=3)
+        except Exception as e:  # a config the compiler rejects is skipped
+            print(f"  {c} failed: {type(e).__name__}: {e}"[:300], flush=True)
+            continue
+        tiles = {k: cfg[k] for k in ("BLOCK_U", "BLOCK_S", "BLOCK_D", "COPIES", "num_warps", "num_stages")}
+        out["sweep"].append(dict(config=c, tiles=tiles, us=us, err=err))
+        print(f"  {str(c):45s} {tiles} {us:7.2f} µs (err {err:.1e})", flush=True)
+    best = min(out["sweep"], key=lambda r: r["us"])["config"] if out["sweep"] else {}
+    variants = {"two-kernel": None, f"fused {best}": best}
+    t = tuned.get((d, F_))
+    if t is not None and t != best:
+        variants[f"fused tuned {t}"] = t
+    print("| zero units | dense µs | " + " | ".join(variants) + " | fused speedup vs two-kernel | vs dense |",
+          flush=True)
+    for zero in (0.5, 0.66, 0.8):
+        a = a66 if zero == 0.66 else acts(zero)
+        dense = gk.time_graph([lambda i=i: torch.addmm(res[i], F.linear(xs[i], ups[i]) * a[i].to(xs[i].dtype),
+                                                      downs_dense[i].t()) for i in range(cp)])
+        row = {"zero_units": zero, "dense_us": dense}
+        for name, cfg in variants.items():
+            if cfg is None:
+                fn = lambda i, a=a: two(i, a)  # noqa: E731
+            else:
+                cc = FF.ffn_updown_config(d, F_, **cfg)
+                fn = lambda i, a=a, cc=cc: fused(i, a, cc)  # noqa: E731
+            row[name] = gk.time_graph([lambda i=i, f=fn: f(i) for i in range(cp)])
+        fb = row[f"fused {best}"]
+        row["fused_vs_two"] = row["two-kernel"] / fb
+        row["fused_vs_dense"] = dense / fb
+        out["rows"].append(row)
+        print(f"| {zero:.0%} | {dense:.2f} | " + " | ".join(f"{row[k]:.2f}" for k in variants)
+              + f" | {row['fused_vs_two']:.2f}× | {row['fused_vs_dense']:.2f}× |", flush=True)
+    out["best"] = best
     print(json.dumps(out))
     return out

@@ -1,6 +1,8 @@
 """Triton (GPU) kernels of CWIC decoding.
 
     gemv.py      granular sparse GEMV (split-K, in-kernel masks, fused epilogues) and the fused FFN
+    gemv_compact.py  the one-token GEMV that lists the active rows first (work ∝ density)
+    ffn_fused.py the FFN's up and down projections in one launch (one token)
     decode.py    RMSNorm, RoPE + KV-cache write, decode attention, dense act·up: the engine's glue
     fallback.py  PyTorch twins of the extended launchers (CPU engine, test references)
 

@@ -26,6 +26,7 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTO_COMPACT = os.environ.get("CWIC_GEMV_COMPACT", "1") != "0"   # 0: gemv_ex never picks gemv_compact itself
+FUSED_FFN = os.environ.get("CWIC_FFN_FUSED", "1") != "0"           # 0: ffn never uses ffn_fused.ffn_updown
 ACT_IDS = {None: -1, "silu": 0, "gelu": 1, "gelu_pytorch_tanh": 2, "gelu_tanh": 2, "relu": 3}
 MASK_THRESHOLD, MASK_NONZERO, MASK_NONE = 0, 1, 2
 
@@ -397,13 +398,18 @@ def ffn_up(x: torch.Tensor, up_w: torch.Tensor, a: torch.Tensor, config: dict | 
 
 
 def ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int, up_w, down_wt, unit_thr,
-        act: str = "silu", residual: torch.Tensor | None = None) -> torch.Tensor:
+        act: str = "silu", residual: torch.Tensor | None = None, fused: bool | None = None) -> torch.Tensor:
     """`cwic::ffn`: gate GMM with act + unit mask in its epilogue → active rows of W_up → active rows of
-    W_downᵀ (+ residual). Three launches, no host synchronisation."""
+    W_downᵀ (+ residual). No host synchronisation. One token: two launches, the up and down projections
+    in one (`ffn_fused.ffn_updown`; fp32 atomics, so the last bits vary between launches), unless
+    `fused=False` or the environment sets CWIC_FFN_FUSED=0; a batch, or unfused: three launches."""
     a = gemv_ex(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, act=act, unit_thr=unit_thr)
+    if x.shape[0] == 1 and (FUSED_FFN if fused is None else fused):
+        return _fused.ffn_updown(x, up_w, down_wt, a, residual=residual, out_dtype=x.dtype)
     h = ffn_up(x, up_w, a)
     return gemv_ex(h, down_wt, None, None, None, down_wt.shape[1], mask_mode=MASK_NONZERO,
                    residual=residual, out_dtype=x.dtype)
 
 
-from . import gemv_compact as _compact  # noqa: E402  (it builds on the kernels above; imported once, not per call)
+from . import ffn_fused as _fused  # noqa: E402  (these build on the kernels above; imported once, not per call)
+from . import gemv_compact as _compact  # noqa: E402

@@ -1,0 +1,152 @@
+"""The FFN's up and down projections in one launch, for one token (METHOD.md §10).
+
+Semantics: exactly `gemv.ffn_up` followed by the down projection `gemv_ex(h, down_wt, mask_mode=
+MASK_NONZERO, residual=…)`, i.e. y = Σ_j [(W_up[j] · x) · a_j] · W_downᵀ[j] (+ residual), fp32 sums,
+over the units j whose gated activation a_j (the gate kernel's output: act + unit mask) is non-zero.
+
+Why: the two-kernel path reads, per layer, the active rows of W_up (kernel 1: h = (W_up x) ⊙ a, written
+to memory) and then the active rows of W_downᵀ (kernel 2: a compacted split-K GEMV over h). On an H100
+both are latency-bound at the decode shapes (2048 → 8192 → 2048: ~8 µs + ~10 µs for ~20 MB of active rows
+that the memory moves in ~7 µs). Here a program owns BLOCK_U units:
+
+1. it loads a over its units, compacts the active ones (exclusive `tl.cumsum` → private scratch region,
+   barrier, read back), and loads x once;
+2. for each block of BLOCK_S active units it issues the loads of their W_up rows *and* their W_downᵀ
+   rows at once (both depend only on the unit indices, so the down rows are in flight while the up
+   dot products are reduced), computes h = (W_up x) · a and accumulates y += hᵀ W_downᵀ over the full
+   output width (a (D,) fp32 register vector);
+3. it adds y into an fp32 accumulator with relaxed atomics (coalesced: one L2 request per 32 floats;
+   config `copies` spreads the programs over several accumulators) — a program without active units
+   adds nothing — then arrives on a counter (acq_rel); the last program to arrive sums the
+   accumulators, adds the residual, writes y in the output dtype, zeroes the accumulators and resets
+   the counter for the next launch. Fixed grid, no memset, no host sync: CUDA-
+   graph capturable.
+
+Not bit-reproducible: the order of the fp32 atomic additions varies from launch to launch, so the last
+bits of y do (the error stays that of an fp32 sum; the tests bound it against an fp64 reference). The
+two-kernel path is deterministic; `gemv.ffn(..., fused=False)` keeps it.
+
+The accumulator and the scratch are cached per (device, shape, tiling); like the other kernels, one
+workspace must not be used by two streams at once.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .gemv import _counters
+
+__all__ = ["ffn_updown", "ffn_updown_config", "TUNED_UPDOWN"]
+
+
+@triton.jit
+def _ffn_updown_kernel(X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, D, F,
+                       BLOCK_U: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                       COPIES: tl.constexpr, HAS_RES: tl.constexpr, EVEN_D: tl.constexpr):
+    p = tl.program_id(0)
+    units = p * BLOCK_U + tl.arange(0, BLOCK_U)
+    umask = units < F
+    a = tl.load(A + units, mask=umask, other=0.0)
+    on = (a != 0.0) & umask
+    on_i = on.to(tl.int32)
+    pos = tl.cumsum(on_i, axis=0) - on_i            # exclusive: slot of each active unit
+    cnt = tl.sum(on_i, axis=0)
+    base = p.to(tl.int64) * BLOCK_U
+    tl.store(IDX + base + pos, units, mask=on)
+    ds = tl.arange(0, BLOCK_D)
+    dmask = ds < D
+    x = tl.load(X + ds, mask=dmask, other=0.0).to(tl.float32)
+    tl.debug_barrier()                              # the block's slot stores are visible to all its threads
+    y = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    slots = tl.arange(0, BLOCK_S)
+    for s0 in range(0, cnt, BLOCK_S):
+        sm = (s0 + slots) < cnt
+        idx = tl.load(IDX + base + s0 + slots, mask=sm, other=0)
+        av = tl.load(A + idx, mask=sm, other=0.0)
+        roff = idx.to(tl.int64)[:, None] * D + ds[None, :]
+        if EVEN_D:
+            wm = sm[:, None]
+        else:
+            wm = sm[:, None] & dmask[None, :]
+        wu = tl.load(UP + roff, mask=wm, other=0.0, eviction_policy="evict_first")
+        wd = tl.load(DOWNT + roff, mask=wm, other=0.0, eviction_policy="evict_first")
+        h = tl.sum(wu.to(tl.float32) * x[None, :], axis=1) * av          # (BLOCK_S,) = ffn_up's h
+        y += tl.sum(h[:, None] * wd.to(tl.float32), axis=0)
+    if cnt > 0:   # into one of COPIES accumulators: 1/COPIES of the programs contend for each address
+        tl.atomic_add(YACC + (p % COPIES) * BLOCK_D + ds, y, mask=dmask, sem="relaxed", scope="gpu")
+    tl.debug_barrier()                              # every thread's additions are issued ...
+    done = tl.atomic_add(ARR, 1, sem="acq_rel", scope="gpu")   # ... before we arrive
+    if done == tl.num_programs(0) - 1:              # last to arrive: finish
+        tot = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for c in tl.static_range(COPIES):           # unrolled: all loads in flight
+            tot += tl.load(YACC + c * BLOCK_D + ds, mask=dmask, other=0.0, cache_modifier=".cg")
+        if HAS_RES:
+            tot += tl.load(RES + ds, mask=dmask, other=0.0).to(tl.float32)
+        tl.store(Y + ds, tot.to(Y.dtype.element_ty), mask=dmask)
+        for c in tl.static_range(COPIES):
+            tl.store(YACC + c * BLOCK_D + ds, tl.zeros((BLOCK_D,), dtype=tl.float32), mask=dmask)
+        tl.atomic_xchg(ARR, 0)                      # ready for the next launch
+
+
+# (d, F) -> overrides: the fastest tiles of the H100 sweep (`bench_kernels.py --device cuda --compact
+# --ffn-updown`, experiments/results/gpu_ffn_updown.md) at 66% zero units.
+TUNED_UPDOWN: dict = {
+    (2048, 8192): dict(block_s=4),
+}
+_WORKSPACES: dict = {}
+
+
+def ffn_updown_config(d: int, F: int, **overrides) -> dict:
+    """Tiles: BLOCK_U units a program (default 32: 256 programs for F = 8192, about two an SM on an H100),
+    BLOCK_S active units a step (their W_up and W_downᵀ rows, (BLOCK_S, d) each, are loaded together),
+    num_warps (default: about 64 bf16 weights a thread a tile), num_stages (software pipelining of the
+    step loop), copies (accumulators the programs' atomic additions are spread over; the last program
+    sums them)."""
+    p = dict(block_u=32, block_s=8, num_warps=None, num_stages=1, copies=1)
+    p.update(TUNED_UPDOWN.get((d, F), {}) if not overrides else {})
+    p.update(overrides)
+    bd = triton.next_power_of_2(d)
+    bu = min(p["block_u"], triton.next_power_of_2(F))
+    bs = min(p["block_s"], bu)
+    nw = p["num_warps"] or max(1, min(16, bs * bd // (64 * 32)))
+    return dict(BLOCK_U=bu, BLOCK_S=bs, BLOCK_D=bd, COPIES=int(p["copies"]), grid=(triton.cdiv(F, bu),),
+                num_warps=nw, num_stages=int(p["num_stages"]))
+
+
+def _workspace(device: torch.device, d: int, F: int, cfg: dict) -> dict:
+    key = (device.type, device.index, d, F, cfg["BLOCK_U"], cfg["COPIES"])
+    ws = _WORKSPACES.get(key)
+    if ws is None:   # zeroed once; every launch leaves the accumulator zeroed again
+        ws = dict(idx=torch.zeros(cfg["grid"][0] * cfg["BLOCK_U"], dtype=torch.int32, device=device),
+                  acc=torch.zeros(cfg["COPIES"] * cfg["BLOCK_D"], dtype=torch.float32, device=device))
+        _WORKSPACES[key] = ws
+    return ws
+
+
+def ffn_updown(x: torch.Tensor, up_w: torch.Tensor, down_wt: torch.Tensor, a: torch.Tensor,
+               residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+               out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """y (1, d) = Σ_{j: a_j ≠ 0} ((up_w[j] · x) a_j) down_wt[j] (+ residual): one token.
+
+    x (1, d); up_w (F, d) and down_wt (F, d) contiguous, same dtype; a (1, F) fp32 (the gated
+    activation, zero for units that are off); residual (1, d) or None; output x's dtype by default."""
+    B, d = x.shape
+    F_, d2 = up_w.shape
+    assert B == 1, "ffn_updown runs one token; use gemv.ffn_up + the down GEMV for a batch"
+    assert d == d2 and up_w.is_contiguous() and down_wt.is_contiguous() and down_wt.shape == (F_, d)
+    assert x.stride(1) == 1 and a.shape == (1, F_) and a.dtype == torch.float32 and a.stride(1) == 1
+    if residual is not None:
+        assert residual.shape == (1, d) and residual.stride(1) == 1
+    y = out if out is not None else torch.empty((1, d), dtype=out_dtype or x.dtype, device=x.device)
+    cfg = config or ffn_updown_config(d, F_)
+    ws = _workspace(x.device, d, F_, cfg)
+    arr = _counters(x.device)
+    _ffn_updown_kernel[cfg["grid"]](x, up_w, down_wt, a, residual if residual is not None else y, y,
+                                    ws["idx"], ws["acc"], arr, d, F_,
+                                    BLOCK_U=cfg["BLOCK_U"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"],
+                                    COPIES=cfg["COPIES"], HAS_RES=residual is not None,
+                                    EVEN_D=cfg["BLOCK_D"] == d, num_warps=cfg["num_warps"],
+                                    num_stages=cfg["num_stages"])
+    return y
+

@@ -134,6 +134,61 @@ def test_ffn_matches_reference(B, dtype):
         _check(y3, gold, r, f"ffn unfused {dtype}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("path", ["masked", "masked-pipe", "compact", "compact-fused", "batch"])
+def test_gemv_fused_rmsnorm(path, dtype):
+    """norm_w: the kernels normalise the raw residual stream themselves = rmsnorm first, then the GEMV
+    (same masks, so the fp64 gold of the normalised input applies)."""
+    from cwic_kernels.gpu import gemv_compact as C
+    B = 3 if path == "batch" else 1
+    n, m, stripe = 200, 96, 32
+    x, wt, mean, thr, bias = _inputs(B, n, m, stripe, dtype, seed=31)
+    x = (x * 3.0 + 0.5).to(dtype)                              # not already normalised
+    g = _gen(32)
+    nw = (1 + 0.3 * torch.randn(n, generator=g)).to(dtype).to(DEV)
+    xn = D.rmsnorm(x, nw, 1e-5)
+    kw = dict(norm_w=nw, eps=1e-5)
+    if path.startswith("masked"):
+        c = G.gemv_config(B, n, m, stripe, x.device, block_n=32, max_split=4, pipe=path.endswith("pipe"))
+        y = G.gemv_ex(x, wt, mean, thr, bias, stripe, config=c, **kw)
+    elif path.startswith("compact"):
+        c = C.compact_config(n, m, stripe, x.device, chunk=64, fused=path.endswith("fused"))
+        y = C.gemv_compact(x, wt, mean, thr, bias, stripe, config=c, **kw)
+    else:
+        y = G.gemv_ex(x, wt, mean, thr, bias, stripe, **kw)
+    _check(y, _gold(xn, wt, mean, thr, bias, stripe), ref.gemv_reference(xn, wt, mean, thr, bias, stripe),
+           f"{path} {dtype}")
+    yr = fb.gemv_ex_ref(x, wt, mean, thr, bias, stripe, **kw)    # the PyTorch twin takes the same arguments
+    xr = fb.rmsnorm_ref(x, nw, 1e-5)                             # (its rounding: the interpreter truncates)
+    _check(yr, _gold(xr, wt, mean, thr, bias, stripe), ref.gemv_reference(xr, wt, mean, thr, bias, stripe),
+           "twin")
+
+
+@pytest.mark.parametrize("B,fused", [(1, True), (1, False), (4, None)])
+def test_ffn_fused_rmsnorm(B, fused):
+    d, F_, stripe = 64, 96, 32
+    dtype = torch.bfloat16
+    x, gwt, gmean, gthr, gbias = _inputs(B, d, F_, stripe, dtype, seed=B + 40)
+    x = (x * 2.5 - 0.3).to(dtype)
+    g = _gen(B + 41)
+    up_w = (torch.randn(F_, d, generator=g) / d ** 0.5).to(dtype).to(DEV)
+    down_wt = (torch.randn(F_, d, generator=g) / F_ ** 0.5).to(dtype).to(DEV)
+    uthr = (torch.rand(F_, generator=g) * 0.3).to(DEV)
+    nw = (1 + 0.3 * torch.randn(d, generator=g)).to(dtype).to(DEV)
+    res = torch.randn(B, d, generator=g).to(dtype).to(DEV)
+    xn = D.rmsnorm(x, nw, 1e-6)
+    args = (xn, gwt, gmean, gthr, gbias, stripe, up_w, down_wt, uthr, "silu")
+    r = ref.ffn_reference(*args) + res
+    gold = ref.ffn_reference(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args])
+    gold = gold + res.double()
+    y = G.ffn(x, *args[1:], residual=res, fused=fused, norm_w=nw, eps=1e-6)
+    _check(y, gold, r, f"ffn+norm B={B} fused={fused}")
+    xr = fb.rmsnorm_ref(x, nw, 1e-6)
+    yr = fb.ffn_ref(x, *args[1:], residual=res, norm_w=nw, eps=1e-6)
+    _check(yr, ref.ffn_reference(xr, *args[1:]).double() + res.double(), ref.ffn_reference(xr, *args[1:]) + res,
+           "twin")
+
+
 def _updown_inputs(d, F_, dtype, density, seed):
     g = _gen(seed)
     x = torch.randn(1, d, generator=g).to(dtype)
@@ -183,6 +238,24 @@ def test_ffn_updown_matches_two_kernel_path(d, F_, density, cfg, dtype):
 
 
 # ------------------------------------------------------------------------- decode kernels
+
+@pytest.mark.parametrize("V,block", [(1000, 128), (4096, 1024), (77, 64), (3000, 4096)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_argmax_matches_torch(V, block, dtype):
+    g = _gen(V)
+    for trial in range(3):
+        x = torch.randn(1, V, generator=g).to(dtype)
+        if trial == 1:                                   # ties: the first index of the maximum wins
+            i, j = sorted(torch.randperm(V, generator=g)[:2].tolist())
+            x[0, i] = x[0, j] = x.max() + 1
+        if trial == 2:                                   # the maximum in the last, partial block
+            x[0, V - 1] = x.max() + 1
+        x = x.to(DEV)
+        assert D.argmax(x, block=block).tolist() == x.argmax(-1).tolist(), (V, block, trial)
+    x[0, V // 3] = float("nan")                          # NaN counts as +inf
+    assert D.argmax(x, block=block).tolist() == [V // 3]
+    assert int(G._counters(x.device).abs().sum()) == 0
+
 
 def test_decode_kernels_match_references():
     g = _gen(0)

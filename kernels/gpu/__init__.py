@@ -59,10 +59,11 @@ def backend(device: torch.device | str, triton: bool | None = None) -> SimpleNam
         return SimpleNamespace(name="triton", gemv_ex=G.gemv_ex, ffn_up=G.ffn_up, ffn=G.ffn,
                                rmsnorm=D.rmsnorm, rope_cache=D.rope_cache,
                                decode_attention=D.decode_attention, act_mul=D.act_mul,
-                               supports_stripe=G.supports_stripe)
+                               argmax=D.argmax, supports_stripe=G.supports_stripe)
     from . import fallback as R
     from .gemv import supports_stripe
     return SimpleNamespace(name="torch", gemv_ex=R.gemv_ex_ref, ffn_up=R.ffn_up_ref, ffn=R.ffn_ref,
                            rmsnorm=R.rmsnorm_ref, rope_cache=R.rope_cache_ref,
                            decode_attention=R.decode_attention_ref, act_mul=R.act_mul_ref,
+                           argmax=R.argmax_ref,
                            supports_stripe=lambda stripe, m: True)

@@ -8,16 +8,19 @@ from __future__ import annotations
 import torch
 
 from ..reference import ACTIVATIONS, gemv_reference
-from .decode import act_mul_ref, decode_attention_ref, rmsnorm_ref, rope_cache_ref
+from .decode import act_mul_ref, argmax_ref, decode_attention_ref, rmsnorm_ref, rope_cache_ref
 from .gemv import MASK_NONE, MASK_NONZERO, MASK_THRESHOLD
 
 __all__ = ["gemv_ex_ref", "ffn_up_ref", "ffn_ref", "rmsnorm_ref", "rope_cache_ref",
-           "decode_attention_ref", "act_mul_ref"]
+           "decode_attention_ref", "act_mul_ref", "argmax_ref"]
 
 
 def gemv_ex_ref(x, wt, mean, thr, bias, stripe, *, residual=None, act=None, unit_thr=None,
-                mask_mode=MASK_THRESHOLD, out_dtype=None, out=None, config=None):
+                mask_mode=MASK_THRESHOLD, out_dtype=None, out=None, config=None, compact=None, norm_w=None,
+                eps=1e-6):
     n, m = wt.shape
+    if norm_w is not None:
+        x = rmsnorm_ref(x, norm_w, eps)
     xf = x.float()
     if mask_mode == MASK_THRESHOLD:
         if mean.dim() == 2:     # per-stripe means (fused q/k/v): one reference call per stripe group
@@ -55,7 +58,9 @@ def ffn_up_ref(x, up_w, a, config=None):
 
 
 def ffn_ref(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt, unit_thr, act="silu",
-            residual=None):
+            residual=None, fused=None, norm_w=None, eps=1e-6):
+    if norm_w is not None:
+        x = rmsnorm_ref(x, norm_w, eps)
     a = gemv_ex_ref(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, act=act, unit_thr=unit_thr)
     h = ffn_up_ref(x, up_w, a)
     return gemv_ex_ref(h, down_wt, None, None, None, down_wt.shape[1], mask_mode=MASK_NONZERO,

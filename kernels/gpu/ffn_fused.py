@@ -41,9 +41,9 @@ __all__ = ["ffn_updown", "ffn_updown_config", "TUNED_UPDOWN"]
 
 
 @triton.jit
-def _ffn_updown_kernel(X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, D, F,
+def _ffn_updown_kernel(X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
                        BLOCK_U: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                       COPIES: tl.constexpr, HAS_RES: tl.constexpr, EVEN_D: tl.constexpr):
+                       COPIES: tl.constexpr, HAS_RES: tl.constexpr, EVEN_D: tl.constexpr, NORM: tl.constexpr):
     p = tl.program_id(0)
     units = p * BLOCK_U + tl.arange(0, BLOCK_U)
     umask = units < F
@@ -56,7 +56,13 @@ def _ffn_updown_kernel(X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, D, F,
     tl.store(IDX + base + pos, units, mask=on)
     ds = tl.arange(0, BLOCK_D)
     dmask = ds < D
-    x = tl.load(X + ds, mask=dmask, other=0.0).to(tl.float32)
+    x = tl.load(X + ds, mask=dmask, other=0.0)
+    if NORM:   # x is the raw residual stream: RMSNorm it as decode.rmsnorm does (rounded to x's dtype)
+        xf = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
+        nw = tl.load(NW + ds, mask=dmask, other=0.0).to(tl.float32)
+        x = (xf * rstd * nw).to(X.dtype.element_ty)
+    x = x.to(tl.float32)
     tl.debug_barrier()                              # the block's slot stores are visible to all its threads
     y = tl.zeros((BLOCK_D,), dtype=tl.float32)
     slots = tl.arange(0, BLOCK_S)
@@ -126,11 +132,13 @@ def _workspace(device: torch.device, d: int, F: int, cfg: dict) -> dict:
 
 def ffn_updown(x: torch.Tensor, up_w: torch.Tensor, down_wt: torch.Tensor, a: torch.Tensor,
                residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-               out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, config: dict | None = None,
+               norm_w: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     """y (1, d) = Σ_{j: a_j ≠ 0} ((up_w[j] · x) a_j) down_wt[j] (+ residual): one token.
 
     x (1, d); up_w (F, d) and down_wt (F, d) contiguous, same dtype; a (1, F) fp32 (the gated
-    activation, zero for units that are off); residual (1, d) or None; output x's dtype by default."""
+    activation, zero for units that are off); residual (1, d) or None; output x's dtype by default.
+    norm_w (d,): x is the raw residual stream; the kernel uses RMSNorm(x)·norm_w (eps) in its place."""
     B, d = x.shape
     F_, d2 = up_w.shape
     assert B == 1, "ffn_updown runs one token; use gemv.ffn_up + the down GEMV for a batch"
@@ -142,11 +150,15 @@ def ffn_updown(x: torch.Tensor, up_w: torch.Tensor, down_wt: torch.Tensor, a: to
     cfg = config or ffn_updown_config(d, F_)
     ws = _workspace(x.device, d, F_, cfg)
     arr = _counters(x.device)
+    if norm_w is not None:
+        assert norm_w.shape == (d,) and norm_w.is_contiguous()
     _ffn_updown_kernel[cfg["grid"]](x, up_w, down_wt, a, residual if residual is not None else y, y,
-                                    ws["idx"], ws["acc"], arr, d, F_,
+                                    ws["idx"], ws["acc"], arr, norm_w if norm_w is not None else x, d, F_,
+                                    float(eps),
                                     BLOCK_U=cfg["BLOCK_U"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"],
                                     COPIES=cfg["COPIES"], HAS_RES=residual is not None,
-                                    EVEN_D=cfg["BLOCK_D"] == d, num_warps=cfg["num_warps"],
+                                    EVEN_D=cfg["BLOCK_D"] == d, NORM=norm_w is not None,
+                                    num_warps=cfg["num_warps"],
                                     num_stages=cfg["num_stages"])
     return y
 

@@ -46,10 +46,24 @@ def _act(y, ACT: tl.constexpr):
 
 
 @triton.jit
-def _mask1(XR, MEANR, THRR, rows, n_hi, MASK_MODE: tl.constexpr):
-    """One token: (x - x̄ where the (stripe, input) pair is on else 0, on) for a block of inputs."""
+def _rstd(XR, N, eps, NB: tl.constexpr):
+    """1 / RMS of one token's row of N (≤ NB) values: the fused RMSNorm's scale (as decode.rmsnorm)."""
+    offs = tl.arange(0, NB)
+    x = tl.load(XR + offs, mask=offs < N, other=0.0).to(tl.float32)
+    return 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+
+
+@triton.jit
+def _mask1(XR, MEANR, THRR, rows, n_hi, MASK_MODE: tl.constexpr, NWR, rstd, NORM: tl.constexpr):
+    """One token: (x - x̄ where the (stripe, input) pair is on else 0, on) for a block of inputs.
+    NORM: x is the raw residual stream, normalised here as decode.rmsnorm does (x · rstd · w, rounded
+    to x's dtype)."""
     nmask = rows < n_hi
-    x = tl.load(XR + rows, mask=nmask, other=0.0).to(tl.float32)
+    x = tl.load(XR + rows, mask=nmask, other=0.0)
+    if NORM:
+        w = tl.load(NWR + rows, mask=nmask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        x = (x.to(tl.float32) * rstd * w).to(XR.dtype.element_ty)
+    x = x.to(tl.float32)
     if MASK_MODE == 0:
         mu = tl.load(MEANR + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
         t = tl.load(THRR + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
@@ -75,13 +89,13 @@ def _load_rows(WT, rows, cols, M, on, cmask, EVEN_M: tl.constexpr):
 
 
 @triton.jit
-def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT,
+def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
                 B, N, M, STRIPE, CHUNK_N,
-                stride_xb, stride_mk, stride_rb, stride_yb,
+                stride_xb, stride_mk, stride_rb, stride_yb, eps,
                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                 SPLIT: tl.constexpr, MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_RES: tl.constexpr, ACT: tl.constexpr, EVEN_M: tl.constexpr,
-                DOT_F32: tl.constexpr, PIPE: tl.constexpr):
+                DOT_F32: tl.constexpr, PIPE: tl.constexpr, NORM: tl.constexpr, NB: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -94,15 +108,20 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT,
     n_lo = pid_k * CHUNK_N
     n_hi = tl.minimum(n_lo + CHUNK_N, N)
     acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+    rstd = 1.0
+    if NORM:                                             # (one token only) fused RMSNorm of x
+        rstd = _rstd(X, N, eps, NB)
     if PIPE:                                             # (one token only)
         # two-stage software pipeline: the next block's mask and weight loads are in flight while the
         # current block is multiplied, so a program waits about one memory round trip per block, not two
         rows = n_lo + tl.arange(0, BLOCK_N)
-        xc, on = _mask1(X + pid_b * stride_xb, MEAN + r * stride_mk, THR + r * N, rows, n_hi, MASK_MODE)
+        xc, on = _mask1(X + pid_b * stride_xb, MEAN + r * stride_mk, THR + r * N, rows, n_hi, MASK_MODE,
+                        NW, rstd, NORM)
         w = _load_rows(WT, rows, cols, M, on, cmask, EVEN_M)
         for n0 in range(n_lo + BLOCK_N, n_hi, BLOCK_N):
             rows2 = n0 + tl.arange(0, BLOCK_N)
-            xc2, on2 = _mask1(X + pid_b * stride_xb, MEAN + r * stride_mk, THR + r * N, rows2, n_hi, MASK_MODE)
+            xc2, on2 = _mask1(X + pid_b * stride_xb, MEAN + r * stride_mk, THR + r * N, rows2, n_hi, MASK_MODE,
+                              NW, rstd, NORM)
             w2 = _load_rows(WT, rows2, cols, M, on2, cmask, EVEN_M)
             acc += tl.sum(xc[:, None] * w.to(tl.float32), axis=0)[None, :]
             xc = xc2
@@ -113,7 +132,8 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT,
             rows = n0 + tl.arange(0, BLOCK_N)
             nmask = rows < n_hi
             if BLOCK_B == 1:
-                xc, on = _mask1(X + pid_b * stride_xb, MEAN + r * stride_mk, THR + r * N, rows, n_hi, MASK_MODE)
+                xc, on = _mask1(X + pid_b * stride_xb, MEAN + r * stride_mk, THR + r * N, rows, n_hi, MASK_MODE,
+                                NW, rstd, NORM)
                 w = _load_rows(WT, rows, cols, M, on, cmask, EVEN_M)
                 acc += tl.sum(xc[:, None] * w.to(tl.float32), axis=0)[None, :]
             else:
@@ -317,7 +337,8 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
             bias: torch.Tensor | None, stripe: int, *, residual: torch.Tensor | None = None,
             act: str | None = None, unit_thr: torch.Tensor | None = None, mask_mode: int = MASK_THRESHOLD,
             out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
-            config: dict | None = None, compact: bool | None = None) -> torch.Tensor:
+            config: dict | None = None, compact: bool | None = None,
+            norm_w: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     """y = epilogue(GMM(x; wt, mean, thr) + bias): the Triton kernel behind `cwic::gemv`.
 
     x (B, n) any float dtype; wt (n, m); mean (n,) or per stripe (k, n) fp32; thr (k, n) fp32;
@@ -330,14 +351,21 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
     faster than this kernel at 66% sparsity (experiments/results/gpu_kernels_compact.md), unless a
     `config` for this kernel is given, or the environment sets CWIC_GEMV_COMPACT=0 (A/B runs); False:
     never; True: always (B == 1; a `config` for this kernel is then ignored).
+
+    norm_w (n,): x is the raw residual stream and the product takes RMSNorm(x)·norm_w (eps) instead,
+    as `decode.rmsnorm` computes it (rounded to x's dtype); for one token the kernels normalise x
+    themselves (no separate launch), a batch is normalised first.
     """
     B, n = x.shape
     m = wt.shape[1]
+    if norm_w is not None and B != 1:
+        x, norm_w = _norm(x, norm_w, eps), None
     if B == 1 and compact is not False and (compact or config is None):
         if compact or (AUTO_COMPACT and (n, m) in _compact.TUNED_COMPACT):
             return _compact.gemv_compact(x, wt, mean, thr, bias, stripe, residual=residual, act=act, unit_thr=unit_thr,
-                                  mask_mode=mask_mode, out_dtype=out_dtype, out=out)
+                                  mask_mode=mask_mode, out_dtype=out_dtype, out=out, norm_w=norm_w, eps=eps)
     k, stripe, stride_mk, out_dtype = check_args(x, wt, mean, thr, stripe, mask_mode, act, out_dtype)
+    check_norm(x, norm_w)
     y = out if out is not None else torch.empty((B, m), dtype=out_dtype, device=x.device)
     if B == 0:
         return y
@@ -358,15 +386,27 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
     _gmm_kernel[grid](
         x, wt, mean if mean is not None else dummy, thr if thr is not None else dummy,
         bias if bias is not None else dummy, residual if residual is not None else dummy,
-        unit_thr if unit_thr is not None else dummy, y, ws, cnt,
+        unit_thr if unit_thr is not None else dummy, y, ws, cnt, norm_w if norm_w is not None else dummy,
         B, n, m, stripe, cfg["CHUNK_N"],
-        x.stride(0), stride_mk, residual.stride(0) if residual is not None else 0, y.stride(0),
+        x.stride(0), stride_mk, residual.stride(0) if residual is not None else 0, y.stride(0), float(eps),
         BLOCK_B=cfg["BLOCK_B"], BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], SPLIT=split,
         MASK_MODE=mask_mode, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         ACT=ACT_IDS[act], EVEN_M=(m % cfg["BLOCK_M"] == 0),
         DOT_F32=(INTERPRET or wt.dtype == torch.float32), PIPE=cfg.get("pipe", False),
+        NORM=norm_w is not None, NB=triton.next_power_of_2(n),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
     return y
+
+
+def _norm(x, norm_w, eps):
+    from .decode import rmsnorm
+    return rmsnorm(x, norm_w, eps)
+
+
+def check_norm(x, norm_w):
+    if norm_w is not None:
+        assert x.shape[0] == 1 and norm_w.shape == (x.shape[1],) and norm_w.is_contiguous(), \
+            (x.shape, norm_w.shape)
 
 
 def gemv(x, wt, mean, thr, bias, stripe: int) -> torch.Tensor:
@@ -398,14 +438,21 @@ def ffn_up(x: torch.Tensor, up_w: torch.Tensor, a: torch.Tensor, config: dict | 
 
 
 def ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int, up_w, down_wt, unit_thr,
-        act: str = "silu", residual: torch.Tensor | None = None, fused: bool | None = None) -> torch.Tensor:
+        act: str = "silu", residual: torch.Tensor | None = None, fused: bool | None = None,
+        norm_w: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     """`cwic::ffn`: gate GMM with act + unit mask in its epilogue → active rows of W_up → active rows of
     W_downᵀ (+ residual). No host synchronisation. One token: two launches, the up and down projections
     in one (`ffn_fused.ffn_updown`; fp32 atomics, so the last bits vary between launches), unless
-    `fused=False` or the environment sets CWIC_FFN_FUSED=0; a batch, or unfused: three launches."""
-    a = gemv_ex(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, act=act, unit_thr=unit_thr)
-    if x.shape[0] == 1 and (FUSED_FFN if fused is None else fused):
-        return _fused.ffn_updown(x, up_w, down_wt, a, residual=residual, out_dtype=x.dtype)
+    `fused=False` or the environment sets CWIC_FFN_FUSED=0; a batch, or unfused: three launches.
+    norm_w: x is the raw residual stream, normalised inside the one-token kernels (see `gemv_ex`)."""
+    one = x.shape[0] == 1 and (FUSED_FFN if fused is None else fused)
+    if norm_w is not None and not one:
+        x, norm_w = _norm(x, norm_w, eps), None
+    a = gemv_ex(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, act=act, unit_thr=unit_thr,
+                norm_w=norm_w, eps=eps)
+    if one:
+        return _fused.ffn_updown(x, up_w, down_wt, a, residual=residual, out_dtype=x.dtype, norm_w=norm_w,
+                                 eps=eps)
     h = ffn_up(x, up_w, a)
     return gemv_ex(h, down_wt, None, None, None, down_wt.shape[1], mask_mode=MASK_NONZERO,
                    residual=residual, out_dtype=x.dtype)

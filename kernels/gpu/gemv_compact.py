@@ -50,7 +50,7 @@ import triton.language as tl
 
 from . import gemv as G
 from .gemv import (ACT_IDS, INTERPRET, MASK_NONE, MASK_NONZERO, MASK_THRESHOLD, _gmm_epilogue, _load_rows,
-                   _mask1)
+                   _mask1, _rstd)
 
 try:  # programmatic dependent launch (Hopper+); only traced when config pdl=True
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -61,10 +61,14 @@ __all__ = ["gemv_compact", "compact_config", "TUNED_COMPACT", "MASK_THRESHOLD", 
 
 
 @triton.jit
-def _select_block(X, MEAN, THR, r, c, N, stride_mk, CHUNK: tl.constexpr, MASK_MODE: tl.constexpr):
-    """Chunk c of stripe r: (rows, values, on, exclusive prefix count of on, count)."""
+def _select_block(X, MEAN, THR, r, c, N, stride_mk, NW, eps, CHUNK: tl.constexpr, MASK_MODE: tl.constexpr,
+                  NORM: tl.constexpr, NB: tl.constexpr):
+    """Chunk c of stripe r: (rows, values, on, exclusive prefix count of on, count). NORM: fused RMSNorm."""
     rows = c * CHUNK + tl.arange(0, CHUNK)
-    xc, on = _mask1(X, MEAN + r * stride_mk, THR + r * N, rows, N, MASK_MODE)   # the masked-load kernel's mask
+    rstd = 1.0
+    if NORM:
+        rstd = _rstd(X, N, eps, NB)
+    xc, on = _mask1(X, MEAN + r * stride_mk, THR + r * N, rows, N, MASK_MODE, NW, rstd, NORM)  # the masked-load kernel's mask
     on_i = on.to(tl.int32)
     pos = tl.cumsum(on_i, axis=0) - on_i            # exclusive: slot of each active row
     cnt = tl.sum(on_i, axis=0)
@@ -83,13 +87,14 @@ def _slot_products(IDX, VAL, WT, base, s, cnt, cols, cmask, M, EVEN_M: tl.conste
 
 
 @triton.jit
-def _select_kernel(X, MEAN, THR, IDX, VAL, CNT, N, NCHUNK, stride_mk,
-                   CHUNK: tl.constexpr, MASK_MODE: tl.constexpr, USE_GDC: tl.constexpr):
+def _select_kernel(X, MEAN, THR, IDX, VAL, CNT, NW, N, NCHUNK, stride_mk, eps,
+                   CHUNK: tl.constexpr, MASK_MODE: tl.constexpr, USE_GDC: tl.constexpr,
+                   NORM: tl.constexpr, NB: tl.constexpr):
     c = tl.program_id(0)
     r = tl.program_id(1)
     if USE_GDC:
         gdc_launch_dependents()                     # let the GEMV grid launch now; it waits in gdc_wait
-    rows, xc, on, pos, cnt = _select_block(X, MEAN, THR, r, c, N, stride_mk, CHUNK, MASK_MODE)
+    rows, xc, on, pos, cnt = _select_block(X, MEAN, THR, r, c, N, stride_mk, NW, eps, CHUNK, MASK_MODE, NORM, NB)
     region = r * NCHUNK + c
     base = region.to(tl.int64) * CHUNK
     tl.store(IDX + base + pos, rows, mask=on)
@@ -98,12 +103,12 @@ def _select_kernel(X, MEAN, THR, IDX, VAL, CNT, N, NCHUNK, stride_mk,
 
 
 @triton.jit
-def _compact_gemv_kernel(X, MEAN, THR, IDX, VAL, CNT, WT, BIAS, RES, UTHR, Y, WS, ARR,
-                         N, M, STRIPE, NCHUNK, stride_mk,
+def _compact_gemv_kernel(X, MEAN, THR, IDX, VAL, CNT, WT, BIAS, RES, UTHR, Y, WS, ARR, NW,
+                         N, M, STRIPE, NCHUNK, stride_mk, eps,
                          CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                          SPLIT: tl.constexpr, MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                          HAS_RES: tl.constexpr, ACT: tl.constexpr, EVEN_M: tl.constexpr,
-                         FUSED: tl.constexpr, USE_GDC: tl.constexpr):
+                         FUSED: tl.constexpr, USE_GDC: tl.constexpr, NORM: tl.constexpr, NB: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     col0 = pid_m * BLOCK_M
@@ -112,7 +117,8 @@ def _compact_gemv_kernel(X, MEAN, THR, IDX, VAL, CNT, WT, BIAS, RES, UTHR, Y, WS
     r = col0 // STRIPE                              # this block's stripe (BLOCK_M divides STRIPE)
     slots = tl.arange(0, BLOCK_N)
     if FUSED:   # compact this program's own (stripe, chunk) into its private scratch region
-        rows, xc, on_s, pos, cnt = _select_block(X, MEAN, THR, r, pid_c, N, stride_mk, CHUNK, MASK_MODE)
+        rows, xc, on_s, pos, cnt = _select_block(X, MEAN, THR, r, pid_c, N, stride_mk, NW, eps, CHUNK, MASK_MODE,
+                                                 NORM, NB)
         base = (pid_c * tl.num_programs(0) + pid_m).to(tl.int64) * CHUNK
         tl.store(IDX + base + pos, rows, mask=on_s)
         tl.store(VAL + base + pos, xc, mask=on_s)
@@ -220,16 +226,21 @@ def gemv_compact(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, t
                  bias: torch.Tensor | None, stripe: int, *, residual: torch.Tensor | None = None,
                  act: str | None = None, unit_thr: torch.Tensor | None = None,
                  mask_mode: int = MASK_THRESHOLD, out_dtype: torch.dtype | None = None,
-                 out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, config: dict | None = None,
+                 norm_w: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     """`gemv.gemv_ex` with work ∝ density for one token (B > 1: `gemv_ex`, config ignored).
 
     x (1, n); wt (n, m) contiguous; mean (n,) or per stripe (k, n) fp32; thr (k, n) fp32; bias (m,)
     fp32 or None; residual (1, m); act + unit_thr: activation and unit mask in the epilogue (output
-    fp32 unless out_dtype says otherwise). config: `compact_config(...)`."""
+    fp32 unless out_dtype says otherwise). config: `compact_config(...)`. norm_w, eps: fused RMSNorm of x
+    (`gemv.gemv_ex`)."""
     B, n = x.shape
     if B != 1:
         return G.gemv_ex(x, wt, mean, thr, bias, stripe, residual=residual, act=act, unit_thr=unit_thr,
-                         mask_mode=mask_mode, out_dtype=out_dtype, out=out, compact=False)
+                         mask_mode=mask_mode, out_dtype=out_dtype, out=out, compact=False, norm_w=norm_w, eps=eps)
+    G.check_norm(x, norm_w)
+    norm = dict(NORM=norm_w is not None, NB=triton.next_power_of_2(n))
+    nw_ = norm_w if norm_w is not None else x
     m = wt.shape[1]
     k, stripe, stride_mk, out_dtype = G.check_args(x, wt, mean, thr, stripe, mask_mode, act, out_dtype)
     y = out if out is not None else torch.empty((1, m), dtype=out_dtype, device=x.device)
@@ -245,17 +256,18 @@ def gemv_compact(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, t
     thr_ = thr if thr is not None else dummy
     pdl = cfg["pdl"]
     if not cfg["fused"]:
-        _select_kernel[(split, k)](x, mean_, thr_, ws["idx"], ws["val"], ws["cnt"], n, split, stride_mk,
-                                   CHUNK=cfg["CHUNK"], MASK_MODE=mask_mode, USE_GDC=pdl,
+        _select_kernel[(split, k)](x, mean_, thr_, ws["idx"], ws["val"], ws["cnt"], nw_, n, split, stride_mk,
+                                   float(eps), CHUNK=cfg["CHUNK"], MASK_MODE=mask_mode, USE_GDC=pdl, **norm,
                                    num_warps=cfg["select_warps"], num_stages=1)
     extra = dict(launch_pdl=True) if pdl else {}
     _compact_gemv_kernel[(grid_m, split)](
         x, mean_, thr_, ws["idx"], ws["val"], ws["cnt"], wt,
         bias if bias is not None else dummy, residual if residual is not None else dummy,
-        unit_thr if unit_thr is not None else dummy, y, ws["part"], ws["arr"],
-        n, m, stripe, split, stride_mk,
+        unit_thr if unit_thr is not None else dummy, y, ws["part"], ws["arr"], nw_,
+        n, m, stripe, split, stride_mk, float(eps),
         CHUNK=cfg["CHUNK"], BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], SPLIT=split,
         MASK_MODE=mask_mode, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         ACT=ACT_IDS[act], EVEN_M=(m % cfg["BLOCK_M"] == 0), FUSED=cfg["fused"], USE_GDC=pdl,
+        NORM=norm["NORM"] and cfg["fused"], NB=norm["NB"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
     return y

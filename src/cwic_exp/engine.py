@@ -9,9 +9,11 @@ bf16 weight (Wᵀ), the per-stripe thresholds θ·σ, the running mean and the f
 v fused into one matrix when their widths are whole stripes); for every dense matrix the plain weight
 (q/k/v and gate/up fused). The engine then runs one decoder, in which only the matrix products differ:
 cuBLAS (`F.linear`/`addmm`) for dense matrices, the granular sparse GEMV (`cwic_kernels.gpu`) for CWIC
-ones. Norms, RoPE + cache writes and attention are the same Triton kernels for both, positions live in
-a device tensor, and a decode step (embedding → logits → argmax → next input) has no host
-synchronisation, so it is captured once and replayed. On the CPU the engine runs the same code with the
+ones. RoPE + cache writes, attention and the greedy argmax are the same Triton kernels for both; the
+RMSNorms are a Triton kernel before each dense matrix and are computed inside the CWIC kernels that
+read the normalised vector (`fuse_norm`; CWIC_FUSE_NORM=0 gives them the separate kernel too, for A/B
+runs). Positions live in a device tensor, and a decode step (embedding → logits → argmax → next input)
+has no host synchronisation, so it is captured once and replayed. On the CPU the engine runs the same code with the
 PyTorch twins of the kernels (`triton=True` runs the Triton kernels there under TRITON_INTERPRET=1).
 
 Prefill runs the same kernels eagerly over all prompt tokens (the small-batch GEMV path: correct for
@@ -19,6 +21,7 @@ any number of tokens, fast for a few); long prompts would rather use dense matmu
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -223,6 +226,8 @@ class DecodeEngine:
         self.tok = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.tokens = torch.zeros(self.max_len + 1, dtype=torch.int64, device=self.device)
         self.use_graph = cuda_graph and self.device.type == "cuda"
+        # RMSNorm fused into the CWIC kernels that consume it (CWIC_FUSE_NORM=0: a separate kernel, for A/B)
+        self.fuse_norm = os.environ.get("CWIC_FUSE_NORM", "1") != "0"
         self.graph = None
 
     def refresh(self) -> None:
@@ -230,16 +235,25 @@ class DecodeEngine:
         refresh_thresholds(self.w)
 
     # ------------------------------------------------------------------ the model
-    def _lin(self, lin: Linear, x, residual=None):
+    def _lin(self, lin: Linear, x, residual=None, norm=None):
+        """y = lin(x) (+ residual); norm = (w, eps): x is the residual stream and lin takes RMSNorm(x)·w,
+        fused into the CWIC kernels, a separate kernel before a dense matrix."""
+        if norm is not None and lin.kind == "dense":
+            x = self.K.rmsnorm(x, norm[0], norm[1])
         if lin.kind == "dense":
             if residual is not None and lin.bias is None:
                 return torch.addmm(residual, x, lin.w.t())
             y = F.linear(x, lin.w, lin.bias)
             return y if residual is None else y + residual
         gemv = self.K.gemv_ex if self.K.supports_stripe(lin.stripe, lin.out_features) else _ref_gemv_ex
-        return gemv(x, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, residual=residual)
+        nw, eps = norm if norm is not None else (None, 1e-6)
+        return gemv(x, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, residual=residual, norm_w=nw, eps=eps)
 
-    def _ffn(self, f: FFN, x, residual):
+    def _ffn(self, f: FFN, x, residual, norm=None):
+        """FFN(RMSNorm(x)·w) + residual for norm = (w, eps), else FFN(x) + residual."""
+        if norm is not None and f.kind == "dense":
+            x = self.K.rmsnorm(x, norm[0], norm[1])
+        nw, eps = norm if norm is not None else (None, 1e-6)
         if f.kind == "dense":
             h = self.K.act_mul(F.linear(x, f.gate_up), f.act)
             return torch.addmm(residual, h, f.down.t())
@@ -247,32 +261,40 @@ class DecodeEngine:
         if not self.K.supports_stripe(g.stripe, g.out_features):
             from cwic_kernels.gpu.fallback import ffn_ref
             return ffn_ref(x, g.wt, g.mean, g.thr, g.bias, g.stripe, f.up_w, f.down_wt, f.unit_thr,
-                           f.act, residual=residual)
+                           f.act, residual=residual, norm_w=nw, eps=eps)
         return self.K.ffn(x, g.wt, g.mean, g.thr, g.bias, g.stripe, f.up_w, f.down_wt, f.unit_thr,
-                          f.act, residual=residual)
+                          f.act, residual=residual, norm_w=nw, eps=eps)
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, last_only: bool = True) -> torch.Tensor:
         """Tokens ids (T,) at positions self.pos[0] + t: write the cache, return logits (1 or T, V)."""
         w, K = self.w, self.K
         h = F.embedding(ids, w.embed)                               # (T, d)
+        fuse = self.fuse_norm
         for li, L in enumerate(w.layers):
-            xn = K.rmsnorm(h, L.ln1, w.eps)
-            qkv = [self._lin(q, xn) for q in L.qkv]
-            qkv = qkv[0] if len(qkv) == 1 else torch.cat(qkv, 1)
+            if fuse and len(L.qkv) == 1:     # RMSNorm inside the CWIC kernels (dense: a kernel before)
+                qkv = self._lin(L.qkv[0], h, norm=(L.ln1, w.eps))
+            else:
+                xn = K.rmsnorm(h, L.ln1, w.eps)
+                qkv = [self._lin(q, xn) for q in L.qkv]
+                qkv = qkv[0] if len(qkv) == 1 else torch.cat(qkv, 1)
             q = K.rope_cache(qkv, self.pos, self.cos, self.sin, self.kc[li], self.vc[li],
                              w.n_heads, w.n_kv_heads)
             att = K.decode_attention(q, self.kc[li], self.vc[li], self.pos, w.n_heads, w.scaling)
             h = self._lin(L.o, att, residual=h)
-            xn = K.rmsnorm(h, L.ln2, w.eps)
-            h = self._ffn(L.ffn, xn, h)
+            if fuse:
+                h = self._ffn(L.ffn, h, h, norm=(L.ln2, w.eps))
+            else:
+                h = self._ffn(L.ffn, K.rmsnorm(h, L.ln2, w.eps), h)
         if last_only:
             h = h[-1:]
+        if fuse:
+            return self._lin(w.head, h, norm=(w.norm, w.eps))
         return self._lin(w.head, K.rmsnorm(h, w.norm, w.eps))
 
     def _step(self):
         logits = self.forward(self.tok, last_only=True)
-        nxt = logits.argmax(-1)
+        nxt = self.K.argmax(logits)
         self.tokens.index_copy_(0, self.pos + 1, nxt)
         self.tok.copy_(nxt)
         self.pos.add_(1)

@@ -243,11 +243,12 @@ def down_nonzero(gk, G, C, tuned, dev):
     return out
 
 
-UPDOWN_SWEEP = [dict(), dict(block_s=4), dict(block_s=2), dict(block_s=4, num_warps=2), dict(block_s=4, num_warps=8),
-                dict(block_s=4, copies=4), dict(block_s=4, copies=16), dict(block_s=4, num_stages=2),
-                dict(block_s=4, num_stages=3), dict(block_s=2, num_stages=3), dict(block_u=64, block_s=4),
-                dict(block_u=64, block_s=4, copies=8), dict(block_u=16, block_s=4, copies=8),
-                dict(block_u=16, block_s=2), dict(block_s=8, num_stages=2, copies=8)]
+UPDOWN_SWEEP = [dict(), dict(block_s=4), dict(block_s=4, num_warps=8), dict(block_s=4, copies=4),
+                dict(block_s=4, num_stages=2), dict(block_u=64, block_s=4), dict(block_u=16, block_s=4, copies=8),
+                dict(block_s=4, pipe=True), dict(block_s=4, pipe=True, num_warps=8), dict(block_s=2, pipe=True),
+                dict(block_s=2, pipe=True, num_warps=4), dict(block_s=8, pipe=True), dict(block_s=8, pipe=True,
+                num_warps=16), dict(block_u=64, block_s=4, pipe=True, num_warps=8),
+                dict(block_u=64, block_s=8, pipe=True), dict(block_u=16, block_s=4, pipe=True, num_warps=8)]
 
 
 def ffn_updown(gk, G, dev):
@@ -302,7 +303,7 @@ def ffn_updown(gk, G, dev):
         except Exception as e:  # a config the compiler rejects is skipped
             print(f"  {c} failed: {type(e).__name__}: {e}"[:300], flush=True)
             continue
-        tiles = {k: cfg[k] for k in ("BLOCK_U", "BLOCK_S", "BLOCK_D", "COPIES", "num_warps", "num_stages")}
+        tiles = {k: cfg[k] for k in ("BLOCK_U", "BLOCK_S", "BLOCK_D", "COPIES", "PIPE", "num_warps", "num_stages")}
         out["sweep"].append(dict(config=c, tiles=tiles, us=us, err=err))
         print(f"  {str(c):45s} {tiles} {us:7.2f} µs (err {err:.1e})", flush=True)
     best = min(out["sweep"], key=lambda r: r["us"])["config"] if out["sweep"] else {}
@@ -330,6 +331,21 @@ def ffn_updown(gk, G, dev):
         out["rows"].append(row)
         print(f"| {zero:.0%} | {dense:.2f} | " + " | ".join(f"{row[k]:.2f}" for k in variants)
               + f" | {row['fused_vs_two']:.2f}× | {row['fused_vs_dense']:.2f}× |", flush=True)
+    # load balance: the same density with exactly the same number of active units in every block of 32
+    # (what a global compaction would give every program) against the random placement above
+    bal = []
+    for _ in range(cp):
+        v = torch.randn(1, F_, generator=g)
+        keep = torch.zeros(F_ // 32, 32, dtype=torch.bool)
+        k = round(32 * 0.34)
+        keep[torch.arange(F_ // 32)[:, None], torch.rand(F_ // 32, 32, generator=g).argsort(1)[:, :k]] = True
+        bal.append((v * keep.reshape(1, F_)).to(dev))
+    cfg = FF.ffn_updown_config(d, F_, **best)
+    t_rand = gk.time_graph([lambda i=i: fused(i, a66, cfg) for i in range(cp)])
+    t_bal = gk.time_graph([lambda i=i: fused(i, bal, cfg) for i in range(cp)])
+    out["balance"] = dict(random_us=t_rand, balanced_us=t_bal, active_per_block=round(32 * 0.34))
+    print(f"66% zero units, fused {best}: random placement {t_rand:.2f} µs, exactly "
+          f"{round(32 * 0.34)} active units in every block of 32: {t_bal:.2f} µs", flush=True)
     out["best"] = best
     print(json.dumps(out))
     return out

@@ -191,15 +191,17 @@ def act_mul_ref(gu, act="silu"):
 @triton.jit
 def _argmax_kernel(X, OUT, WV, WI, ARR, N, BLOCK: tl.constexpr, NP: tl.constexpr):
     """One row: each program finds the max and its first index in BLOCK logits; the last program to
-    arrive (acq_rel counter, reset by it) combines the partials. A NaN counts as +inf."""
+    arrive (acq_rel counter, reset by it) combines the partials. As torch.argmax: the first NaN wins."""
     p = tl.program_id(0)
     offs = p * BLOCK + tl.arange(0, BLOCK)
-    v = tl.load(X + offs, mask=offs < N, other=float("-inf")).to(tl.float32)
-    v = tl.where(v != v, float("inf"), v)
-    m = tl.max(v, axis=0)
-    i = tl.min(tl.where((v == m) & (offs < N), offs, N), axis=0)
-    tl.store(WV + p, m)
-    tl.store(WI + p, i)
+    inb = offs < N
+    v = tl.load(X + offs, mask=inb, other=float("-inf")).to(tl.float32)
+    nan_i = tl.min(tl.where((v != v) & inb, offs, N), axis=0)       # first NaN of the block, or N
+    m = tl.max(tl.where(v != v, float("-inf"), v), axis=0)
+    i = tl.min(tl.where((v == m) & inb, offs, N), axis=0)           # first index of the max
+    has_nan = nan_i < N
+    tl.store(WV + p, tl.where(has_nan, float("nan"), m))
+    tl.store(WI + p, tl.where(has_nan, nan_i, i))
     tl.debug_barrier()
     done = tl.atomic_add(ARR, 1, sem="acq_rel", scope="gpu")
     if done == tl.num_programs(0) - 1:
@@ -207,8 +209,10 @@ def _argmax_kernel(X, OUT, WV, WI, ARR, N, BLOCK: tl.constexpr, NP: tl.constexpr
         pm = ps < tl.num_programs(0)
         vv = tl.load(WV + ps, mask=pm, other=float("-inf"), cache_modifier=".cg")
         ii = tl.load(WI + ps, mask=pm, other=N, cache_modifier=".cg")
-        mm = tl.max(vv, axis=0)
-        tl.store(OUT, tl.min(tl.where((vv == mm) & pm, ii, N), axis=0).to(tl.int64))
+        first_nan = tl.min(tl.where((vv != vv) & pm, ii, N), axis=0)
+        mm = tl.max(tl.where(vv != vv, float("-inf"), vv), axis=0)
+        best = tl.min(tl.where((vv == mm) & pm, ii, N), axis=0)
+        tl.store(OUT, tl.where(first_nan < N, first_nan, best).to(tl.int64))
         tl.atomic_xchg(ARR, 0)
 
 
@@ -216,19 +220,19 @@ _ARGMAX_WS: dict = {}
 
 
 def argmax(logits: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """Greedy token of one row of logits (1, V) → (1,) int64: the first index of the maximum, as
-    torch.argmax gives it (a NaN counts as +inf); one launch, no host synchronisation."""
+    """Greedy token of one row of logits (1, V) → (1,) int64: the first index of the maximum, or of the
+    first NaN, as torch.argmax gives it; one launch, no host synchronisation."""
     assert logits.dim() == 2 and logits.shape[0] == 1 and logits.stride(1) == 1, logits.shape
-    from .gemv import _counters
     V = logits.shape[1]
     grid = triton.cdiv(V, block)
     key = (logits.device.type, logits.device.index, grid)
     ws = _ARGMAX_WS.get(key)
-    if ws is None:
+    if ws is None:   # partials, and an arrival counter of its own (left at zero by every launch)
         ws = _ARGMAX_WS[key] = (torch.empty(grid, dtype=torch.float32, device=logits.device),
-                                torch.empty(grid, dtype=torch.int32, device=logits.device))
+                                torch.empty(grid, dtype=torch.int32, device=logits.device),
+                                torch.zeros(1, dtype=torch.int32, device=logits.device))
     out = torch.empty(1, dtype=torch.int64, device=logits.device)
-    _argmax_kernel[(grid,)](logits, out, ws[0], ws[1], _counters(logits.device), V, BLOCK=block,
+    _argmax_kernel[(grid,)](logits, out, ws[0], ws[1], ws[2], V, BLOCK=block,
                             NP=triton.next_power_of_2(grid), num_warps=4)
     return out
 

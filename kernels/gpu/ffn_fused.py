@@ -35,15 +35,37 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import _counters
-
 __all__ = ["ffn_updown", "ffn_updown_config", "TUNED_UPDOWN"]
+
+
+@triton.jit
+def _step_rows(IDX, A, UP, DOWNT, base, s0, slots, cnt, ds, dmask, D, EVEN_D: tl.constexpr):
+    """Active units s0 .. s0 + BLOCK_S - 1 of the program: their a values and W_up / W_downᵀ rows."""
+    sm = (s0 + slots) < cnt
+    idx = tl.load(IDX + base + s0 + slots, mask=sm, other=0)
+    av = tl.load(A + idx, mask=sm, other=0.0)
+    roff = idx.to(tl.int64)[:, None] * D + ds[None, :]
+    if EVEN_D:
+        wm = sm[:, None]
+    else:
+        wm = sm[:, None] & dmask[None, :]
+    wu = tl.load(UP + roff, mask=wm, other=0.0, eviction_policy="evict_first")
+    wd = tl.load(DOWNT + roff, mask=wm, other=0.0, eviction_policy="evict_first")
+    return av, wu, wd
+
+
+@triton.jit
+def _step_sum(av, wu, wd, x):
+    """Σ over the step's units of h_j · W_downᵀ[j], h_j = (W_up[j] · x) a_j (= ffn_up's h)."""
+    h = tl.sum(wu.to(tl.float32) * x[None, :], axis=1) * av
+    return tl.sum(h[:, None] * wd.to(tl.float32), axis=0)
 
 
 @triton.jit
 def _ffn_updown_kernel(X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
                        BLOCK_U: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                       COPIES: tl.constexpr, HAS_RES: tl.constexpr, EVEN_D: tl.constexpr, NORM: tl.constexpr):
+                       COPIES: tl.constexpr, HAS_RES: tl.constexpr, EVEN_D: tl.constexpr, NORM: tl.constexpr,
+                       PIPE: tl.constexpr):
     p = tl.program_id(0)
     units = p * BLOCK_U + tl.arange(0, BLOCK_U)
     umask = units < F
@@ -66,19 +88,19 @@ def _ffn_updown_kernel(X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
     tl.debug_barrier()                              # the block's slot stores are visible to all its threads
     y = tl.zeros((BLOCK_D,), dtype=tl.float32)
     slots = tl.arange(0, BLOCK_S)
-    for s0 in range(0, cnt, BLOCK_S):
-        sm = (s0 + slots) < cnt
-        idx = tl.load(IDX + base + s0 + slots, mask=sm, other=0)
-        av = tl.load(A + idx, mask=sm, other=0.0)
-        roff = idx.to(tl.int64)[:, None] * D + ds[None, :]
-        if EVEN_D:
-            wm = sm[:, None]
-        else:
-            wm = sm[:, None] & dmask[None, :]
-        wu = tl.load(UP + roff, mask=wm, other=0.0, eviction_policy="evict_first")
-        wd = tl.load(DOWNT + roff, mask=wm, other=0.0, eviction_policy="evict_first")
-        h = tl.sum(wu.to(tl.float32) * x[None, :], axis=1) * av          # (BLOCK_S,) = ffn_up's h
-        y += tl.sum(h[:, None] * wd.to(tl.float32), axis=0)
+    if PIPE:   # two-stage software pipeline: the next step's rows are in flight while this step's are reduced
+        av, wu, wd = _step_rows(IDX, A, UP, DOWNT, base, 0, slots, cnt, ds, dmask, D, EVEN_D)
+        for s0 in range(BLOCK_S, cnt, BLOCK_S):
+            av2, wu2, wd2 = _step_rows(IDX, A, UP, DOWNT, base, s0, slots, cnt, ds, dmask, D, EVEN_D)
+            y += _step_sum(av, wu, wd, x)
+            av = av2
+            wu = wu2
+            wd = wd2
+        y += _step_sum(av, wu, wd, x)
+    else:
+        for s0 in range(0, cnt, BLOCK_S):
+            av, wu, wd = _step_rows(IDX, A, UP, DOWNT, base, s0, slots, cnt, ds, dmask, D, EVEN_D)
+            y += _step_sum(av, wu, wd, x)
     if cnt > 0:   # into one of COPIES accumulators: 1/COPIES of the programs contend for each address
         tl.atomic_add(YACC + (p % COPIES) * BLOCK_D + ds, y, mask=dmask, sem="relaxed", scope="gpu")
     tl.debug_barrier()                              # every thread's additions are issued ...
@@ -98,7 +120,7 @@ def _ffn_updown_kernel(X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
 # (d, F) -> overrides: the fastest tiles of the H100 sweep (`bench_kernels.py --device cuda --compact
 # --ffn-updown`, experiments/results/gpu_ffn_updown.md) at 66% zero units.
 TUNED_UPDOWN: dict = {
-    (2048, 8192): dict(block_s=4),
+    (2048, 8192): dict(block_s=4, pipe=True),     # 15.0 µs vs 16.8 unpipelined, 19.2 two kernels
 }
 _WORKSPACES: dict = {}
 
@@ -108,8 +130,8 @@ def ffn_updown_config(d: int, F: int, **overrides) -> dict:
     BLOCK_S active units a step (their W_up and W_downᵀ rows, (BLOCK_S, d) each, are loaded together),
     num_warps (default: about 64 bf16 weights a thread a tile), num_stages (software pipelining of the
     step loop), copies (accumulators the programs' atomic additions are spread over; the last program
-    sums them)."""
-    p = dict(block_u=32, block_s=8, num_warps=None, num_stages=1, copies=1)
+    sums them), pipe (the next step's rows loaded while this step's are reduced: twice the registers)."""
+    p = dict(block_u=32, block_s=8, num_warps=None, num_stages=1, copies=1, pipe=False)
     p.update(TUNED_UPDOWN.get((d, F), {}) if not overrides else {})
     p.update(overrides)
     bd = triton.next_power_of_2(d)
@@ -117,7 +139,7 @@ def ffn_updown_config(d: int, F: int, **overrides) -> dict:
     bs = min(p["block_s"], bu)
     nw = p["num_warps"] or max(1, min(16, bs * bd // (64 * 32)))
     return dict(BLOCK_U=bu, BLOCK_S=bs, BLOCK_D=bd, COPIES=int(p["copies"]), grid=(triton.cdiv(F, bu),),
-                num_warps=nw, num_stages=int(p["num_stages"]))
+                num_warps=nw, num_stages=int(p["num_stages"]), PIPE=bool(p["pipe"]))
 
 
 def _workspace(device: torch.device, d: int, F: int, cfg: dict) -> dict:
@@ -125,7 +147,8 @@ def _workspace(device: torch.device, d: int, F: int, cfg: dict) -> dict:
     ws = _WORKSPACES.get(key)
     if ws is None:   # zeroed once; every launch leaves the accumulator zeroed again
         ws = dict(idx=torch.zeros(cfg["grid"][0] * cfg["BLOCK_U"], dtype=torch.int32, device=device),
-                  acc=torch.zeros(cfg["COPIES"] * cfg["BLOCK_D"], dtype=torch.float32, device=device))
+                  acc=torch.zeros(cfg["COPIES"] * cfg["BLOCK_D"], dtype=torch.float32, device=device),
+                  arr=torch.zeros(1, dtype=torch.int32, device=device))   # its own arrival counter
         _WORKSPACES[key] = ws
     return ws
 
@@ -149,16 +172,17 @@ def ffn_updown(x: torch.Tensor, up_w: torch.Tensor, down_wt: torch.Tensor, a: to
     y = out if out is not None else torch.empty((1, d), dtype=out_dtype or x.dtype, device=x.device)
     cfg = config or ffn_updown_config(d, F_)
     ws = _workspace(x.device, d, F_, cfg)
-    arr = _counters(x.device)
+    arr = ws["arr"]
     if norm_w is not None:
         assert norm_w.shape == (d,) and norm_w.is_contiguous()
     _ffn_updown_kernel[cfg["grid"]](x, up_w, down_wt, a, residual if residual is not None else y, y,
-                                    ws["idx"], ws["acc"], arr, norm_w if norm_w is not None else x, d, F_,
-                                    float(eps),
+                                    ws["idx"], ws["acc"], arr, norm_w if norm_w is not None else x,
+                                    d, F_, float(eps),
                                     BLOCK_U=cfg["BLOCK_U"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"],
                                     COPIES=cfg["COPIES"], HAS_RES=residual is not None,
-                                    EVEN_D=cfg["BLOCK_D"] == d, NORM=norm_w is not None,
+                                    EVEN_D=cfg["BLOCK_D"] == d, NORM=norm_w is not None, PIPE=cfg["PIPE"],
                                     num_warps=cfg["num_warps"],
                                     num_stages=cfg["num_stages"])
     return y
+
 

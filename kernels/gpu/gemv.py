@@ -47,7 +47,9 @@ def _act(y, ACT: tl.constexpr):
 
 @triton.jit
 def _rstd(XR, N, eps, NB: tl.constexpr):
-    """1 / RMS of one token's row of N (≤ NB) values: the fused RMSNorm's scale (as decode.rmsnorm)."""
+    """1 / RMS of one token's row of N (≤ NB) values: the fused RMSNorm's scale. Same formula as
+    decode.rmsnorm, but the sum of squares is reduced in the consuming kernel's thread layout, so the last
+    bit of rstd (and, rarely, a threshold decision) can differ from the separate kernel's."""
     offs = tl.arange(0, NB)
     x = tl.load(XR + offs, mask=offs < N, other=0.0).to(tl.float32)
     return 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
@@ -370,6 +372,8 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
     if B == 0:
         return y
     cfg = config or gemv_config(B, n, m, stripe, x.device)
+    if norm_w is not None and cfg["BLOCK_B"] != 1:   # the batch tiles have no fused norm: normalise first
+        x, norm_w = _norm(x, norm_w, eps), None
     grid = cfg["grid"]
     split = cfg["SPLIT"]
     if split > 1:

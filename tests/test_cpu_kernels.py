@@ -378,3 +378,32 @@ def test_decode_cwic_matches_model_and_counts(ext):
     # the same model decoded densely ignores the thresholds
     dd = CpuDecoder(m, mode="dense", dtype=torch.float32, max_len=64)
     torch.testing.assert_close(_step_logits(dd, ids), dense_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_huge_page_arena_copies_and_decoder_bits(ext):
+    """Weights placed in the MADV_HUGEPAGE arena: same values (views of 2 MiB-aligned blocks, a new block
+    when one is full), and a decoder built on it gives bit-identical logits."""
+    import sys
+
+    from cwic_exp.cpu_decode import CpuDecoder, HugePageArena
+    a = HugePageArena(block_bytes=2 << 20)
+    ts = [torch.randn(300, 1000), torch.randn(17).bfloat16(), torch.randn(250, 1000)]   # 1.2 MB, 34 B, 1.0 MB
+    vs = [a.put(t) for t in ts]
+    for t, v in zip(ts, vs):
+        assert torch.equal(t, v) and v.dtype == t.dtype
+    if sys.platform.startswith("linux"):
+        assert a.bytes_advised == 2 * (2 << 20)                    # the third tensor needed a second block
+        assert vs[0].data_ptr() % (2 << 20) == 0
+        assert vs[2].untyped_storage().data_ptr() != vs[0].untyped_storage().data_ptr()
+    m = _tiny()
+    ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(3))
+    for mode in ("dense", "cwic"):
+        if mode == "cwic":
+            import cwic_exp
+            from cwic_exp.cpu_decode import calibrate_apr
+            cwic_exp.to_cwic(m, stripe_size=16)
+            calibrate_apr(m, torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(4)), apr=2.5)
+        on = CpuDecoder(m, mode=mode, dtype=torch.bfloat16, max_len=32, huge_pages=True)
+        off = CpuDecoder(m, mode=mode, dtype=torch.bfloat16, max_len=32, huge_pages=False)
+        assert off.arena is None and (on.arena.bytes_advised > 0) == sys.platform.startswith("linux")
+        assert torch.equal(_step_logits(on, ids), _step_logits(off, ids)), mode

@@ -19,12 +19,21 @@ one model with and without its sparsity. Weights are copied into the decoder's l
 our kernels) in `dtype` (bf16 by default); activations and accumulation are fp32, and the KV cache is
 kept in `dtype` (a bf16 Hugging Face model keeps a bf16 cache too). The prompt is fed one token at a time (the decode step; no batched prefill).
 
+The decoder's weight copies live in 2 MiB-aligned blocks marked MADV_HUGEPAGE (Linux with transparent huge
+pages in "madvise" or "always" mode; `huge_pages=False` or CWIC_CPU_HUGEPAGES=0 turns it off): a sparse step
+touches nearly every 4 KiB page of a matrix for a fraction of its bytes, so with small pages it pays a TLB
+miss per page; on the 2-core benchmark host this made CWIC decode ~5 % and dense ~3 % faster.
+
 `calibrate_apr(model, ids, apr)` sets the thresholds of a converted model (θ and φ, after gathering the
 running statistics) so that every counted matrix keeps about 1/apr of its weights on calibration
 tokens: a stand-in for a trained CWIC checkpoint when only speed is measured.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -46,6 +55,66 @@ def _ext():
 
 def _text_config(model):
     return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+# ----------------------------------------------------------------------------- huge-page weight arena
+
+_HUGE = 2 << 20
+_MADV_HUGEPAGE = 14          # Linux
+
+
+def _madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        f = libc.madvise
+        f.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return f
+    except (OSError, AttributeError):
+        return None
+
+
+class HugePageArena:
+    """Copies of tensors in 2 MiB-aligned blocks advised MADV_HUGEPAGE before their pages are touched, so the
+    kernel backs them with huge pages (a fresh block is a new anonymous mapping). `put(t)` returns a view of
+    the arena holding t's values; the views keep their block alive. Without madvise (not Linux), `put` is
+    the identity and `bytes_advised` stays 0."""
+
+    def __init__(self, block_bytes: int = 64 << 20):
+        self.block_bytes = int(block_bytes)
+        self._madvise = _madvise()
+        self._buf = None
+        self._off = self._end = 0
+        self.bytes_advised = 0
+
+    def _new_block(self, n: int) -> None:
+        size = -(-max(self.block_bytes, n) // _HUGE) * _HUGE
+        buf = torch.empty(size + _HUGE, dtype=torch.uint8)
+        p = buf.data_ptr()
+        off = -(-p // _HUGE) * _HUGE - p
+        if self._madvise(ctypes.c_void_p(p + off), size, _MADV_HUGEPAGE) == 0:
+            self.bytes_advised += size
+        self._buf, self._off, self._end = buf, off, off + size
+
+    def put(self, t: torch.Tensor) -> torch.Tensor:
+        if self._madvise is None or not isinstance(t, torch.Tensor) or t.numel() == 0 or not t.is_contiguous():
+            return t
+        n = t.numel() * t.element_size()
+        if self._buf is None or self._off + n > self._end:
+            self._new_block(n)
+        v = self._buf[self._off:self._off + n].view(t.dtype).view(t.shape)
+        v.copy_(t)
+        self._off += -(-n // 64) * 64
+        return v
+
+
+def _place_lin(L, place):
+    for name in ("w", "thr", "mean", "bias"):
+        t = getattr(L, name)
+        if isinstance(t, torch.Tensor) and t.numel():
+            setattr(L, name, place(t))
+    return L
 
 
 # ----------------------------------------------------------------------------- weight extraction
@@ -104,21 +173,21 @@ def _lins(ext, mods, mode, dtype, impl):
     return [_lin_dense(ext, mods, dtype, impl)]
 
 
-def _ffn(ext, mlp, mode, dtype, impl, act):
+def _ffn(ext, mlp, mode, dtype, impl, act, place=lambda t: t):
     f = ext.Ffn()
     if mode == "cwic" and isinstance(mlp, CwicGatedMLP):
         assert mlp.up_proj.bias is None and mlp.down_proj.bias is None, "FFN biases are not supported"
         f.cwic = True
         f.act = mlp.act_name
-        f.gate = _lin_cwic(ext, [mlp.gate_proj], dtype)
-        f.up_w = mlp.up_proj.weight.detach().to(dtype).contiguous()
-        f.down_wt = mlp.down_proj.weight.detach().t().to(dtype).contiguous()
-        f.unit_thr = mlp.unit_thresholds().detach().float().contiguous()
+        f.gate = _place_lin(_lin_cwic(ext, [mlp.gate_proj], dtype), place)
+        f.up_w = place(mlp.up_proj.weight.detach().to(dtype).contiguous())
+        f.down_wt = place(mlp.down_proj.weight.detach().t().to(dtype).contiguous())
+        f.unit_thr = place(mlp.unit_thresholds().detach().float().contiguous())
         return f
     f.cwic = False
     f.act = getattr(mlp, "act_name", act)
-    f.gate_up = _lin_dense(ext, [mlp.gate_proj, mlp.up_proj], dtype, impl)
-    f.down = _lin_dense(ext, [mlp.down_proj], dtype, impl)
+    f.gate_up = _place_lin(_lin_dense(ext, [mlp.gate_proj, mlp.up_proj], dtype, impl), place)
+    f.down = _place_lin(_lin_dense(ext, [mlp.down_proj], dtype, impl), place)
     return f
 
 
@@ -150,7 +219,7 @@ class CpuDecoder:
 
     def __init__(self, model: nn.Module, mode: str = "cwic", dense: str = "own",
                  dtype: torch.dtype = torch.bfloat16, max_len: int = 1024, isa: str | None = None,
-                 nthreads: int = 0):
+                 nthreads: int = 0, huge_pages: bool | None = None):
         if mode not in ("cwic", "dense"):
             raise ValueError(f"mode must be 'cwic' or 'dense', got {mode!r}")
         if dense not in ("own", "torch"):
@@ -158,6 +227,10 @@ class CpuDecoder:
         from cwic_kernels import cpu
         ext = _ext()
         self.mode, self.dense_impl, self.dtype, self.max_len = mode, dense, dtype, int(max_len)
+        if huge_pages is None:
+            huge_pages = os.environ.get("CWIC_CPU_HUGEPAGES", "1") != "0"
+        self.arena = HugePageArena() if huge_pages else None
+        place = self.arena.put if self.arena is not None else (lambda t: t)
         cfg = _text_config(model)
         base = model.model
         n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -176,13 +249,13 @@ class CpuDecoder:
                                     scaling, cos, sin, self.max_len, cpu.isa_id(isa), int(nthreads))
             for layer in base.layers:
                 at = layer.self_attn
-                qkv = _lins(ext, [at.q_proj, at.k_proj, at.v_proj], mode, dtype, dense)
-                o = _lins(ext, [at.o_proj], mode, dtype, dense)[0]
-                ffn = _ffn(ext, layer.mlp, mode, dtype, dense, act)
+                qkv = [_place_lin(q, place) for q in _lins(ext, [at.q_proj, at.k_proj, at.v_proj], mode, dtype, dense)]
+                o = _place_lin(_lins(ext, [at.o_proj], mode, dtype, dense)[0], place)
+                ffn = _ffn(ext, layer.mlp, mode, dtype, dense, act, place)
                 self._dec.add_layer(layer.input_layernorm.weight.detach().to(dtype).contiguous(),
                                     layer.post_attention_layernorm.weight.detach().to(dtype).contiguous(),
                                     qkv, o, ffn)
-            self._dec.set_head(_lins(ext, [model.lm_head], mode, dtype, dense)[0])
+            self._dec.set_head(_place_lin(_lins(ext, [model.lm_head], mode, dtype, dense)[0], place))
         self.dense = dense_counts(model)
         self.pos = 0
 

@@ -2,13 +2,15 @@
 
     python -m experiments.bench.cpu_ab --old 2e070bf                 # SmolLM2, 3× APR, 8 rounds
     python -m experiments.bench.cpu_ab --old HEAD~1 --apr 4 --rounds 12 --tokens 48
+    python -m experiments.bench.cpu_ab --huge-pages                  # this tree: 4 KiB pages (old) vs huge (new)
 
 Why: on a shared 2-core host the speed of separate benchmark runs swings by ±15 %, more than most kernel
 changes. Here both builds run in the same process, interleaved run by run (dense-old, dense-new, cwic-old,
 cwic-new, ...), so slow phases of the host hit both alike; per-round ratios cancel them further.
 
 `--old` is a git revision: its kernels/cpu is extracted to a temporary folder and built there (a separate
-extension module; the build is cached by content like the tree's). Every configuration decodes the SAME
+extension module; the build is cached by content like the tree's). `--huge-pages` instead compares this tree's
+decoder without (old side) and with (new side) its huge-page weight arena (`CpuDecoder(huge_pages=...)`). Every configuration decodes the SAME
 text: the prompt, then the dense model's greedy continuation fed token by token (teacher forcing), so the
 two builds do the same work even where rounding differences would make them generate different tokens (a
 calibrated, not trained, model is sensitive to that, and its decode-time APR depends on the text). Dense is
@@ -53,12 +55,16 @@ def load_old(rev: str, dest: str):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--old", required=True, help="git revision whose kernels/cpu is the A side")
+    ap.add_argument("--old", default=None, help="git revision whose kernels/cpu is the A side")
+    ap.add_argument("--huge-pages", action="store_true",
+                    help="instead of two builds: this tree with 4 KiB pages (old) vs the huge-page arena (new)")
     ap.add_argument("--apr", type=float, default=3.0)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32, help="forced tokens timed per run")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.huge_pages == (args.old is not None):
+        ap.error("give either --old REV or --huge-pages")
     for p in (ROOT, os.path.join(ROOT, "src")):
         if p not in sys.path:
             sys.path.insert(0, p)
@@ -71,7 +77,10 @@ def main(argv=None):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     tmp = tempfile.mkdtemp(prefix="cwic_ab_")
-    old_ext, new_ext = load_old(args.old, tmp), CD._ext()
+    new_ext = CD._ext()
+    old_ext = new_ext if args.huge_pages else load_old(args.old, tmp)
+    okw, nkw = (dict(huge_pages=False), dict(huge_pages=True)) if args.huge_pages else ({}, {})
+    label = "this tree, 4 KiB pages" if args.huge_pages else args.old
     model, tok = cwic_exp.load_teacher("smollm2-135m-instruct")
     model = model.float().eval()
     prompt = chat_ids(tok, PROMPT)
@@ -85,15 +94,15 @@ def main(argv=None):
         finally:
             CD._ext = saved
 
-    decs = {"dense-old": build(old_ext, mode="dense", dense="own"),
-            "dense-new": build(new_ext, mode="dense", dense="own")}
+    decs = {"dense-old": build(old_ext, mode="dense", dense="own", **okw),
+            "dense-new": build(new_ext, mode="dense", dense="own", **nkw)}
     forced = decs["dense-new"].generate(prompt, args.tokens)[len(prompt):]
     cwic_exp.to_cwic(model, stripe_size=192)
     ids, mask = calib_batch(tok)
     st = CD.calibrate_apr(model, ids, args.apr, attention_mask=mask, stats=True, cache={})
-    decs["cwic-old"] = build(old_ext, mode="cwic")
-    decs["cwic-new"] = build(new_ext, mode="cwic")
-    print(f"A/B {args.old} (old) vs this tree (new): SmolLM2-135M, CWIC calibrated to APR {st['apr']:.2f}, "
+    decs["cwic-old"] = build(old_ext, mode="cwic", **okw)
+    decs["cwic-new"] = build(new_ext, mode="cwic", **nkw)
+    print(f"A/B {label} (old) vs this tree (new): SmolLM2-135M, CWIC calibrated to APR {st['apr']:.2f}, "
           f"{len(prompt)}-token prompt + {len(forced)} forced tokens, {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads", flush=True)
 
@@ -119,7 +128,8 @@ def main(argv=None):
     print("|---" * (len(cols) + 1) + "|")
     for k in decs:
         print(f"| {k} | " + " | ".join(f"{med[k][c]:.3f}" for c in cols) + " |")
-    out = {"bench": "cpu_ab", "old": args.old, "apr_calib": st["apr"], "rounds": args.rounds,
+    out = {"bench": "cpu_ab", "old": label, "huge_pages_new": decs["cwic-new"].arena is not None and
+           decs["cwic-new"].arena.bytes_advised > 0, "apr_calib": st["apr"], "rounds": args.rounds,
            "forced_tokens": len(forced), "machine": machine(), "ms_per_token": med}
     for side in ("old", "new"):
         d, c = res[f"dense-{side}"]["total"], res[f"cwic-{side}"]["total"]

@@ -10,11 +10,11 @@ feature x̄ and σ); thresholds θ[r,i]·σ_i with a per-(stripe, input) jitter,
 stripe keeps the target density on calibration tokens; every timed call uses one of 8 fresh tokens, and
 the sparsity reported is the one measured on them (fraction of the weights skipped).
 
-Timing, as the paper did: before every timed call the weights are evicted from the caches (a 128 MiB
-buffer, 4× the L3, is written), then one call is timed with a wall clock; dense F.linear, our kernel
-with every pair on ("own dense") and the sparse calls are interleaved round-robin, so load from other
-processes hits them alike; medians over --reps rounds, taken over the calls during which no thread of
-this process was preempted (getrusage's involuntary context switches; the machine is shared) when there
+Timing, as the paper did: before every timed call the weights are evicted from the caches (a buffer twice
+the last-level cache, at least 128 MiB, is written: 960 MiB on a host with a 480 MiB L3), then one call is
+timed with a wall clock; dense F.linear, our kernel with every pair on ("own dense") and the sparse calls
+are interleaved round-robin, so load from other processes hits them alike; medians over --reps rounds,
+taken over the calls during which no thread of this process was preempted (getrusage's involuntary context switches; the machine is shared) when there
 are at least 5 such calls, else over all. Speedup = dense F.linear time / sparse time;
 `layer` sums one decoder layer's matrices (q, k, v, o, gate, up, down). The JSON on the LAST line
 carries `speedup` (layer, bf16) keyed by sparsity.
@@ -163,11 +163,31 @@ def robust_median(samples, min_quiet: int = 5):
     return statistics.median(q if len(q) >= min_quiet else [t for t, _ in samples]), len(q)
 
 
-class Evictor:
-    """Writes a buffer 4× the L3 (at least 128 MiB) so the next call reads its weights from DRAM."""
+def llc_bytes() -> int:
+    """Size of the largest CPU cache sysfs reports (the L3 of x86 hosts), 0 when unknown."""
+    import glob
+    best = 0
+    for f in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            t = open(f).read().strip().upper()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+            best = max(best, int(t.rstrip("KMG")) * mult)
+        except (OSError, ValueError):
+            continue
+    return best
 
-    def __init__(self, mib: int = 128):
-        self.buf = torch.empty(mib * 1024 * 1024 // 4)
+
+def evict_mib_default() -> int:
+    """Twice the last-level cache, at least 128 MiB."""
+    return max(128, 2 * llc_bytes() // (1 << 20))
+
+
+class Evictor:
+    """Writes a buffer (twice the L3 by default, at least 128 MiB) so the next call reads its weights from DRAM."""
+
+    def __init__(self, mib: int | None = None):
+        self.mib = mib or evict_mib_default()
+        self.buf = torch.empty(self.mib * 1024 * 1024 // 4)
 
     def __call__(self):
         self.buf.add_(1.0)
@@ -275,7 +295,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=21, help="rounds (median)")
     ap.add_argument("--tokens", type=int, default=8, help="distinct tokens cycled through")
     ap.add_argument("--threads", type=int, default=0, help="threads (0: torch.get_num_threads())")
-    ap.add_argument("--evict-mib", type=int, default=128)
+    ap.add_argument("--evict-mib", type=int, default=None,
+                    help="eviction buffer before each timed call (default: twice the L3, at least 128 MiB)")
     ap.add_argument("--quick", action="store_true", help="bf16 only, sparsities 0.5/0.66/0.8, 9 rounds")
     ap.add_argument("--repeat", type=int, default=1, help="whole measurements; headline = median over them")
     ap.add_argument("--out", default=None, help="folder for cpu_kernels.json and cpu_kernels.md")
@@ -301,10 +322,13 @@ def main(argv=None):
     print(f"CPU kernels: {info.get('cpu', '?')}, {info['cpus']} CPUs, torch {torch.__version__} "
           f"({threads} threads), ISA {info['isa']}, load {info.get('loadavg_start')}")
     evict = Evictor(args.evict_mib)
+    info["evict_mib"] = evict.mib
+    info["llc_mib"] = llc_bytes() / (1 << 20)
     results = {}
     md = [f"# CPU kernel benchmark (batch 1, Llama-3.2-1B decode shapes, stripe {STRIPE})", "",
           f"Machine: {info.get('cpu', '?')}, {info['cpus']} CPUs, {threads} threads, ISA {info['isa']}, "
-          f"torch {torch.__version__}. Weights evicted from the caches before every timed call; medians of "
+          f"torch {torch.__version__}. Weights evicted from the caches before every timed call (a {evict.mib} MiB "
+          f"buffer written; L3 {info['llc_mib']:.0f} MiB); medians of "
           f"{reps} interleaved rounds. Cells: µs (speedup over F.linear / over our kernel with every pair on).",
           ""]
     runs = {dn: [] for dn in dtypes}

@@ -11,13 +11,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .gemv import ACT_IDS, _act
+from .gemv import ACT_IDS, _act, _pdl_enter, pdl_kw, use_pdl
 
 # ------------------------------------------------------------------------------------ RMSNorm
 
 
 @triton.jit
-def _rmsnorm_kernel(X, W, Y, D, eps, stride_x, stride_y, BLOCK: tl.constexpr):
+def _rmsnorm_kernel(X, W, Y, D, eps, stride_x, stride_y, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    _pdl_enter(USE_PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
@@ -31,8 +32,9 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     T, D = x.shape
     y = torch.empty_like(x)
     block = triton.next_power_of_2(D)
-    _rmsnorm_kernel[(T,)](x, w, y, D, eps, x.stride(0), y.stride(0), BLOCK=block,
-                          num_warps=4 if block <= 2048 else 8)
+    pdl = use_pdl(x.device)
+    _rmsnorm_kernel[(T,)](x, w, y, D, eps, x.stride(0), y.stride(0), BLOCK=block, USE_PDL=pdl,
+                          num_warps=4 if block <= 2048 else 8, **pdl_kw(pdl))
     return y
 
 
@@ -46,7 +48,8 @@ def rmsnorm_ref(x, w, eps):
 
 @triton.jit
 def _rope_cache_kernel(QKV, Q, KC, VC, COS, SIN, POS, HQ, HKV, stride_qkv, stride_q, stride_c,
-                       HALF: tl.constexpr):
+                       HALF: tl.constexpr, USE_PDL: tl.constexpr = False):
+    _pdl_enter(USE_PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)                        # q heads, then k heads, then v heads
     pos = tl.load(POS) + t
@@ -78,8 +81,10 @@ def rope_cache(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: tor
     T = qkv.shape[0]
     hd = kc.shape[-1]
     q = torch.empty((T, hq * hd), dtype=qkv.dtype, device=qkv.device)
+    pdl = use_pdl(qkv.device)
     _rope_cache_kernel[(T, hq + 2 * hkv)](qkv, q, kc, vc, cos, sin, pos, hq, hkv, qkv.stride(0),
-                                          q.stride(0), kc.stride(0), HALF=hd // 2, num_warps=1)
+                                          q.stride(0), kc.stride(0), HALF=hd // 2, USE_PDL=pdl, num_warps=1,
+                                          **pdl_kw(pdl))
     return q
 
 
@@ -102,7 +107,8 @@ def rope_cache_ref(qkv, pos, cos, sin, kc, vc, hq, hkv):
 
 @triton.jit
 def _attn_kernel(Q, KC, VC, O, POS, sm_scale, stride_q, stride_c, stride_o,
-                 GROUP: tl.constexpr, HD: tl.constexpr, BLOCK_T: tl.constexpr):
+                 GROUP: tl.constexpr, HD: tl.constexpr, BLOCK_T: tl.constexpr, USE_PDL: tl.constexpr = False):
+    _pdl_enter(USE_PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // GROUP
@@ -135,8 +141,9 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: t
     T = q.shape[0]
     hkv, hd = kc.shape[1], kc.shape[2]
     o = torch.empty_like(q)
+    pdl = use_pdl(q.device)
     _attn_kernel[(T, hq)](q, kc, vc, o, pos, sm_scale, q.stride(0), kc.stride(0), o.stride(0),
-                          GROUP=hq // hkv, HD=hd, BLOCK_T=block_t, num_warps=4)
+                          GROUP=hq // hkv, HD=hd, BLOCK_T=block_t, USE_PDL=pdl, num_warps=4, **pdl_kw(pdl))
     return o
 
 
@@ -159,7 +166,9 @@ def decode_attention_ref(q, kc, vc, pos, hq, sm_scale, block_t=None):
 
 
 @triton.jit
-def _act_mul_kernel(GU, Y, F_, stride_gu, stride_y, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _act_mul_kernel(GU, Y, F_, stride_gu, stride_y, ACT: tl.constexpr, BLOCK: tl.constexpr,
+                    USE_PDL: tl.constexpr = False):
+    _pdl_enter(USE_PDL)
     t = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < F_
@@ -174,8 +183,10 @@ def act_mul(gu: torch.Tensor, act: str = "silu") -> torch.Tensor:
     F_ = F2 // 2
     y = torch.empty((T, F_), dtype=gu.dtype, device=gu.device)
     block = 1024
+    pdl = use_pdl(gu.device)
     _act_mul_kernel[(T, triton.cdiv(F_, block))](gu, y, F_, gu.stride(0), y.stride(0),
-                                                 ACT=ACT_IDS[act], BLOCK=block, num_warps=4)
+                                                 ACT=ACT_IDS[act], BLOCK=block, USE_PDL=pdl, num_warps=4,
+                                                 **pdl_kw(pdl))
     return y
 
 
@@ -189,9 +200,10 @@ def act_mul_ref(gu, act="silu"):
 
 
 @triton.jit
-def _argmax_kernel(X, OUT, WV, WI, ARR, N, BLOCK: tl.constexpr, NP: tl.constexpr):
+def _argmax_kernel(X, OUT, WV, WI, ARR, N, BLOCK: tl.constexpr, NP: tl.constexpr, USE_PDL: tl.constexpr = False):
     """One row: each program finds the max and its first index in BLOCK logits; the last program to
     arrive (acq_rel counter, reset by it) combines the partials. As torch.argmax: the first NaN wins."""
+    _pdl_enter(USE_PDL)
     p = tl.program_id(0)
     offs = p * BLOCK + tl.arange(0, BLOCK)
     inb = offs < N
@@ -232,8 +244,9 @@ def argmax(logits: torch.Tensor, block: int = 1024) -> torch.Tensor:
                                 torch.empty(grid, dtype=torch.int32, device=logits.device),
                                 torch.zeros(1, dtype=torch.int32, device=logits.device))
     out = torch.empty(1, dtype=torch.int64, device=logits.device)
+    pdl = use_pdl(logits.device)
     _argmax_kernel[(grid,)](logits, out, ws[0], ws[1], ws[2], V, BLOCK=block,
-                            NP=triton.next_power_of_2(grid), num_warps=4)
+                            NP=triton.next_power_of_2(grid), USE_PDL=pdl, num_warps=4, **pdl_kw(pdl))
     return out
 
 

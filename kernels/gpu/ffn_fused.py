@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gemv import _pdl_enter, pdl_kw, use_pdl
+
 __all__ = ["ffn_updown", "ffn_updown_config", "TUNED_UPDOWN"]
 
 
@@ -65,7 +67,8 @@ def _step_sum(av, wu, wd, x):
 def _ffn_updown_kernel(X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
                        BLOCK_U: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                        COPIES: tl.constexpr, HAS_RES: tl.constexpr, EVEN_D: tl.constexpr, NORM: tl.constexpr,
-                       PIPE: tl.constexpr):
+                       PIPE: tl.constexpr, USE_PDL: tl.constexpr = False):
+    _pdl_enter(USE_PDL)
     p = tl.program_id(0)
     units = p * BLOCK_U + tl.arange(0, BLOCK_U)
     umask = units < F
@@ -175,14 +178,15 @@ def ffn_updown(x: torch.Tensor, up_w: torch.Tensor, down_wt: torch.Tensor, a: to
     arr = ws["arr"]
     if norm_w is not None:
         assert norm_w.shape == (d,) and norm_w.is_contiguous()
+    pdl = use_pdl(x.device)
     _ffn_updown_kernel[cfg["grid"]](x, up_w, down_wt, a, residual if residual is not None else y, y,
                                     ws["idx"], ws["acc"], arr, norm_w if norm_w is not None else x,
                                     d, F_, float(eps),
                                     BLOCK_U=cfg["BLOCK_U"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"],
                                     COPIES=cfg["COPIES"], HAS_RES=residual is not None,
                                     EVEN_D=cfg["BLOCK_D"] == d, NORM=norm_w is not None, PIPE=cfg["PIPE"],
-                                    num_warps=cfg["num_warps"],
-                                    num_stages=cfg["num_stages"])
+                                    USE_PDL=pdl, num_warps=cfg["num_warps"],
+                                    num_stages=cfg["num_stages"], **pdl_kw(pdl))
     return y
 
 

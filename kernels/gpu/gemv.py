@@ -29,6 +29,47 @@ AUTO_COMPACT = os.environ.get("CWIC_GEMV_COMPACT", "1") != "0"   # 0: gemv_ex ne
 FUSED_FFN = os.environ.get("CWIC_FFN_FUSED", "1") != "0"           # 0: ffn never uses ffn_fused.ffn_updown
 ACT_IDS = {None: -1, "silu": 0, "gelu": 1, "gelu_pytorch_tanh": 2, "gelu_tanh": 2, "relu": 3}
 MASK_THRESHOLD, MASK_NONZERO, MASK_NONE = 0, 1, 2
+PDL = os.environ.get("CWIC_PDL", "1") != "0"   # 0: no programmatic dependent launches (A/B runs)
+
+try:  # programmatic dependent launch (Hopper+)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton
+    gdc_launch_dependents = gdc_wait = None
+_PDL_OK: dict = {}
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether kernels launched on `device` use programmatic dependent launch (PDL): a CUDA device of compute
+    capability 9.0+ (Hopper), a Triton with `gdc_wait`, not the interpreter, and CWIC_PDL not 0.
+
+    With PDL a kernel's grid is launched while the previous kernel still runs; its programs wait in
+    `_pdl_enter` (griddepcontrol.wait: the previous grid has finished and its writes are visible) before
+    touching memory, then let the next kernel launch. Each kernel waits before its first load or store,
+    so the order of effects is that of plain stream order; what is saved is the launch latency and the
+    grid ramp-up between two dependent kernels, which at batch 1 is a large part of a few-µs kernel. The one
+    exception: the CWIC GEMVs load their constant operands (running mean, thresholds, norm weights: `_mask_pre`)
+    before the wait, so those must not be written by the kernel launched just before (no kernel writes them;
+    `DecodeEngine.refresh` updates them between steps, and a step starts with the embedding lookup)."""
+    if not PDL or INTERPRET or gdc_wait is None or device.type != "cuda":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _PDL_OK:
+        _PDL_OK[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return _PDL_OK[idx]
+
+
+def pdl_kw(on: bool) -> dict:
+    """Launch options of a kernel whose USE_PDL is `on`."""
+    return {"launch_pdl": True} if on else {}
+
+
+@triton.jit
+def _pdl_enter(USE_PDL: tl.constexpr):
+    """First statement of every kernel that may be launched with PDL: wait for the previous grid (its
+    writes visible), then allow the next grid to launch (its programs wait here in turn)."""
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -56,19 +97,40 @@ def _rstd(XR, N, eps, NB: tl.constexpr):
 
 
 @triton.jit
+def _mask_pre(MEANR, THRR, rows, n_hi, MASK_MODE: tl.constexpr, NWR, NORM: tl.constexpr):
+    """The constant operands of `_mask_post` for a block of inputs: running mean, threshold, norm weight. A
+    kernel launched with PDL loads them before `_pdl_enter`, while the previous kernel still runs."""
+    nmask = rows < n_hi
+    zero = tl.zeros(rows.shape, dtype=tl.float32)
+    w = zero
+    mu = zero
+    t = zero
+    if NORM:
+        w = tl.load(NWR + rows, mask=nmask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    if MASK_MODE == 0:
+        mu = tl.load(MEANR + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
+        t = tl.load(THRR + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
+    return mu, t, w
+
+
+@triton.jit
 def _mask1(XR, MEANR, THRR, rows, n_hi, MASK_MODE: tl.constexpr, NWR, rstd, NORM: tl.constexpr):
     """One token: (x - x̄ where the (stripe, input) pair is on else 0, on) for a block of inputs.
     NORM: x is the raw residual stream, normalised here as decode.rmsnorm does (x · rstd · w, rounded
     to x's dtype)."""
+    mu, t, w = _mask_pre(MEANR, THRR, rows, n_hi, MASK_MODE, NWR, NORM)
+    return _mask_post(XR, rows, n_hi, mu, t, w, rstd, MASK_MODE, NORM)
+
+
+@triton.jit
+def _mask_post(XR, rows, n_hi, mu, t, w, rstd, MASK_MODE: tl.constexpr, NORM: tl.constexpr):
+    """`_mask1` given its constant operands (`_mask_pre`)."""
     nmask = rows < n_hi
     x = tl.load(XR + rows, mask=nmask, other=0.0)
     if NORM:
-        w = tl.load(NWR + rows, mask=nmask, other=0.0, eviction_policy="evict_last").to(tl.float32)
         x = (x.to(tl.float32) * rstd * w).to(XR.dtype.element_ty)
     x = x.to(tl.float32)
     if MASK_MODE == 0:
-        mu = tl.load(MEANR + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
-        t = tl.load(THRR + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
         xc = x - mu
         on = (tl.abs(xc) >= t) & nmask
     elif MASK_MODE == 1:
@@ -97,7 +159,8 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                 SPLIT: tl.constexpr, MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_RES: tl.constexpr, ACT: tl.constexpr, EVEN_M: tl.constexpr,
-                DOT_F32: tl.constexpr, PIPE: tl.constexpr, NORM: tl.constexpr, NB: tl.constexpr):
+                DOT_F32: tl.constexpr, PIPE: tl.constexpr, NORM: tl.constexpr, NB: tl.constexpr,
+                USE_PDL: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -110,15 +173,17 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
     n_lo = pid_k * CHUNK_N
     n_hi = tl.minimum(n_lo + CHUNK_N, N)
     acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+    if BLOCK_B == 1:   # one token: the first block's mean, thresholds, norm weights load before the PDL wait
+        rows = n_lo + tl.arange(0, BLOCK_N)
+        mu, t, nw = _mask_pre(MEAN + r * stride_mk, THR + r * N, rows, n_hi, MASK_MODE, NW, NORM)
+    _pdl_enter(USE_PDL)
     rstd = 1.0
     if NORM:                                             # (one token only) fused RMSNorm of x
         rstd = _rstd(X, N, eps, NB)
     if PIPE:                                             # (one token only)
         # two-stage software pipeline: the next block's mask and weight loads are in flight while the
         # current block is multiplied, so a program waits about one memory round trip per block, not two
-        rows = n_lo + tl.arange(0, BLOCK_N)
-        xc, on = _mask1(X + pid_b * stride_xb, MEAN + r * stride_mk, THR + r * N, rows, n_hi, MASK_MODE,
-                        NW, rstd, NORM)
+        xc, on = _mask_post(X + pid_b * stride_xb, rows, n_hi, mu, t, nw, rstd, MASK_MODE, NORM)
         w = _load_rows(WT, rows, cols, M, on, cmask, EVEN_M)
         for n0 in range(n_lo + BLOCK_N, n_hi, BLOCK_N):
             rows2 = n0 + tl.arange(0, BLOCK_N)
@@ -129,47 +194,48 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
             xc = xc2
             w = w2
         acc += tl.sum(xc[:, None] * w.to(tl.float32), axis=0)[None, :]
+    elif BLOCK_B == 1:
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            rows = n0 + tl.arange(0, BLOCK_N)
+            xc, on = _mask_post(X + pid_b * stride_xb, rows, n_hi, mu, t, nw, rstd, MASK_MODE, NORM)
+            w = _load_rows(WT, rows, cols, M, on, cmask, EVEN_M)
+            acc += tl.sum(xc[:, None] * w.to(tl.float32), axis=0)[None, :]
+            mu, t, nw = _mask_pre(MEAN + r * stride_mk, THR + r * N, rows + BLOCK_N, n_hi, MASK_MODE, NW, NORM)
     else:
         for n0 in range(n_lo, n_hi, BLOCK_N):
             rows = n0 + tl.arange(0, BLOCK_N)
             nmask = rows < n_hi
-            if BLOCK_B == 1:
-                xc, on = _mask1(X + pid_b * stride_xb, MEAN + r * stride_mk, THR + r * N, rows, n_hi, MASK_MODE,
-                                NW, rstd, NORM)
-                w = _load_rows(WT, rows, cols, M, on, cmask, EVEN_M)
-                acc += tl.sum(xc[:, None] * w.to(tl.float32), axis=0)[None, :]
+            xm = bmask[:, None] & nmask[None, :]
+            x = tl.load(X + bs[:, None] * stride_xb + rows[None, :], mask=xm, other=0.0).to(tl.float32)
+            if MASK_MODE == 0:
+                mu = tl.load(MEAN + r * stride_mk + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
+                t = tl.load(THR + r * N + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
+                xc = x - mu[None, :]
+                g = (tl.abs(xc) >= t[None, :]) & xm
+            elif MASK_MODE == 1:
+                xc = x
+                g = x != 0.0
             else:
-                xm = bmask[:, None] & nmask[None, :]
-                x = tl.load(X + bs[:, None] * stride_xb + rows[None, :], mask=xm, other=0.0).to(tl.float32)
-                if MASK_MODE == 0:
-                    mu = tl.load(MEAN + r * stride_mk + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
-                    t = tl.load(THR + r * N + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
-                    xc = x - mu[None, :]
-                    g = (tl.abs(xc) >= t[None, :]) & xm
-                elif MASK_MODE == 1:
-                    xc = x
-                    g = x != 0.0
-                else:
-                    xc = x
-                    g = xm
-                xc = tl.where(g, xc, 0.0)
-                on = tl.max(g.to(tl.int32), axis=0) > 0      # union over this block's tokens
-                wmask = on[:, None]
-                if not EVEN_M:
-                    wmask = wmask & cmask[None, :]
-                w = tl.load(WT + rows.to(tl.int64)[:, None] * M + cols[None, :], mask=wmask, other=0.0,
-                            eviction_policy="evict_first")
-                if DOT_F32:   # fp32 weights, or the CPU interpreter (whose bf16 dot is unusable)
-                    hi = xc.to(w.dtype).to(tl.float32)
-                    lo = (xc - hi).to(w.dtype).to(tl.float32)
-                    wf = w.to(tl.float32)
-                    acc += tl.dot(hi, wf, input_precision="ieee")
-                    acc += tl.dot(lo, wf, input_precision="ieee")
-                else:
-                    hi = xc.to(w.dtype)
-                    lo = (xc - hi.to(tl.float32)).to(w.dtype)
-                    acc = tl.dot(hi, w, acc)
-                    acc = tl.dot(lo, w, acc)
+                xc = x
+                g = xm
+            xc = tl.where(g, xc, 0.0)
+            on = tl.max(g.to(tl.int32), axis=0) > 0      # union over this block's tokens
+            wmask = on[:, None]
+            if not EVEN_M:
+                wmask = wmask & cmask[None, :]
+            w = tl.load(WT + rows.to(tl.int64)[:, None] * M + cols[None, :], mask=wmask, other=0.0,
+                        eviction_policy="evict_first")
+            if DOT_F32:   # fp32 weights, or the CPU interpreter (whose bf16 dot is unusable)
+                hi = xc.to(w.dtype).to(tl.float32)
+                lo = (xc - hi).to(w.dtype).to(tl.float32)
+                wf = w.to(tl.float32)
+                acc += tl.dot(hi, wf, input_precision="ieee")
+                acc += tl.dot(lo, wf, input_precision="ieee")
+            else:
+                hi = xc.to(w.dtype)
+                lo = (xc - hi.to(tl.float32)).to(w.dtype)
+                acc = tl.dot(hi, w, acc)
+                acc = tl.dot(lo, w, acc)
 
     omask = bmask[:, None] & cmask[None, :]
     if SPLIT == 1:
@@ -208,8 +274,9 @@ def _gmm_epilogue(acc, BIAS, RES, UTHR, Y, bs, cols, cmask, omask, stride_rb, st
 @triton.jit
 def _ffn_up_kernel(X, UP, A, H, B, D, F, stride_xb, stride_ab, stride_hb,
                    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT_F32: tl.constexpr):
+                   DOT_F32: tl.constexpr, USE_PDL: tl.constexpr = False):
     """h[b, j] = (W_up[j] · x[b]) · a[b, j]; the row of W_up is read only if some token's a[., j] ≠ 0."""
+    _pdl_enter(USE_PDL)
     pid_u = tl.program_id(0)
     pid_b = tl.program_id(1)
     units = pid_u * BLOCK_U + tl.arange(0, BLOCK_U)
@@ -387,6 +454,7 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
     if act is not None:
         assert unit_thr is not None and unit_thr.dtype == torch.float32
     dummy = y
+    pdl = use_pdl(x.device)
     _gmm_kernel[grid](
         x, wt, mean if mean is not None else dummy, thr if thr is not None else dummy,
         bias if bias is not None else dummy, residual if residual is not None else dummy,
@@ -397,8 +465,8 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
         MASK_MODE=mask_mode, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         ACT=ACT_IDS[act], EVEN_M=(m % cfg["BLOCK_M"] == 0),
         DOT_F32=(INTERPRET or wt.dtype == torch.float32), PIPE=cfg.get("pipe", False),
-        NORM=norm_w is not None, NB=triton.next_power_of_2(n),
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+        NORM=norm_w is not None, NB=triton.next_power_of_2(n), USE_PDL=pdl,
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **pdl_kw(pdl))
     return y
 
 
@@ -434,10 +502,11 @@ def ffn_up(x: torch.Tensor, up_w: torch.Tensor, a: torch.Tensor, config: dict | 
     bu = cfg.get("BLOCK_U", 8 if bb == 1 else 16)
     bd = cfg.get("BLOCK_D", min(1024 if bb == 1 else 128, triton.next_power_of_2(d)))
     grid = (triton.cdiv(F_, bu), triton.cdiv(B, bb))
+    pdl = use_pdl(x.device)
     _ffn_up_kernel[grid](x, up_w, a, h, B, d, F_, x.stride(0), a.stride(0), h.stride(0),
                          BLOCK_B=bb, BLOCK_U=bu, BLOCK_D=bd,
-                         DOT_F32=(INTERPRET or up_w.dtype == torch.float32),
-                         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+                         DOT_F32=(INTERPRET or up_w.dtype == torch.float32), USE_PDL=pdl,
+                         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **pdl_kw(pdl))
     return h
 
 

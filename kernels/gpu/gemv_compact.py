@@ -50,7 +50,7 @@ import triton.language as tl
 
 from . import gemv as G
 from .gemv import (ACT_IDS, INTERPRET, MASK_NONE, MASK_NONZERO, MASK_THRESHOLD, _gmm_epilogue, _load_rows,
-                   _mask1, _rstd)
+                   _mask_post, _mask_pre, _pdl_enter, _rstd, pdl_kw, use_pdl)
 
 try:  # programmatic dependent launch (Hopper+); only traced when config pdl=True
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -61,14 +61,22 @@ __all__ = ["gemv_compact", "compact_config", "TUNED_COMPACT", "MASK_THRESHOLD", 
 
 
 @triton.jit
-def _select_block(X, MEAN, THR, r, c, N, stride_mk, NW, eps, CHUNK: tl.constexpr, MASK_MODE: tl.constexpr,
-                  NORM: tl.constexpr, NB: tl.constexpr):
-    """Chunk c of stripe r: (rows, values, on, exclusive prefix count of on, count). NORM: fused RMSNorm."""
+def _select_pre(MEAN, THR, r, c, N, stride_mk, NW, CHUNK: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr):
+    """The constant operands of `_select_block` (loaded before the PDL wait)."""
+    rows = c * CHUNK + tl.arange(0, CHUNK)
+    return _mask_pre(MEAN + r * stride_mk, THR + r * N, rows, N, MASK_MODE, NW, NORM)
+
+
+@triton.jit
+def _select_block(X, mu, t, w, c, N, eps, CHUNK: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr,
+                  NB: tl.constexpr):
+    """Chunk c of stripe r (mu, t, w = `_select_pre(..., r, c, ...)`): (rows, values, on, exclusive prefix
+    count of on, count). NORM: fused RMSNorm."""
     rows = c * CHUNK + tl.arange(0, CHUNK)
     rstd = 1.0
     if NORM:
         rstd = _rstd(X, N, eps, NB)
-    xc, on = _mask1(X, MEAN + r * stride_mk, THR + r * N, rows, N, MASK_MODE, NW, rstd, NORM)  # the masked-load kernel's mask
+    xc, on = _mask_post(X, rows, N, mu, t, w, rstd, MASK_MODE, NORM)   # the masked-load kernel's mask
     on_i = on.to(tl.int32)
     pos = tl.cumsum(on_i, axis=0) - on_i            # exclusive: slot of each active row
     cnt = tl.sum(on_i, axis=0)
@@ -89,12 +97,14 @@ def _slot_products(IDX, VAL, WT, base, s, cnt, cols, cmask, M, EVEN_M: tl.conste
 @triton.jit
 def _select_kernel(X, MEAN, THR, IDX, VAL, CNT, NW, N, NCHUNK, stride_mk, eps,
                    CHUNK: tl.constexpr, MASK_MODE: tl.constexpr, USE_GDC: tl.constexpr,
-                   NORM: tl.constexpr, NB: tl.constexpr):
+                   NORM: tl.constexpr, NB: tl.constexpr, USE_PDL: tl.constexpr = False):
     c = tl.program_id(0)
     r = tl.program_id(1)
+    mu, t, w = _select_pre(MEAN, THR, r, c, N, stride_mk, NW, CHUNK, MASK_MODE, NORM)
+    _pdl_enter(USE_PDL)
     if USE_GDC:
         gdc_launch_dependents()                     # let the GEMV grid launch now; it waits in gdc_wait
-    rows, xc, on, pos, cnt = _select_block(X, MEAN, THR, r, c, N, stride_mk, NW, eps, CHUNK, MASK_MODE, NORM, NB)
+    rows, xc, on, pos, cnt = _select_block(X, mu, t, w, c, N, eps, CHUNK, MASK_MODE, NORM, NB)
     region = r * NCHUNK + c
     base = region.to(tl.int64) * CHUNK
     tl.store(IDX + base + pos, rows, mask=on)
@@ -108,7 +118,8 @@ def _compact_gemv_kernel(X, MEAN, THR, IDX, VAL, CNT, WT, BIAS, RES, UTHR, Y, WS
                          CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                          SPLIT: tl.constexpr, MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                          HAS_RES: tl.constexpr, ACT: tl.constexpr, EVEN_M: tl.constexpr,
-                         FUSED: tl.constexpr, USE_GDC: tl.constexpr, NORM: tl.constexpr, NB: tl.constexpr):
+                         FUSED: tl.constexpr, USE_GDC: tl.constexpr, NORM: tl.constexpr, NB: tl.constexpr,
+                         USE_PDL: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     col0 = pid_m * BLOCK_M
@@ -116,9 +127,11 @@ def _compact_gemv_kernel(X, MEAN, THR, IDX, VAL, CNT, WT, BIAS, RES, UTHR, Y, WS
     cmask = cols < M
     r = col0 // STRIPE                              # this block's stripe (BLOCK_M divides STRIPE)
     slots = tl.arange(0, BLOCK_N)
+    if FUSED:   # the chunk's mean, thresholds, norm weights load before the PDL wait
+        mu, t, w = _select_pre(MEAN, THR, r, pid_c, N, stride_mk, NW, CHUNK, MASK_MODE, NORM)
+    _pdl_enter(USE_PDL)
     if FUSED:   # compact this program's own (stripe, chunk) into its private scratch region
-        rows, xc, on_s, pos, cnt = _select_block(X, MEAN, THR, r, pid_c, N, stride_mk, NW, eps, CHUNK, MASK_MODE,
-                                                 NORM, NB)
+        rows, xc, on_s, pos, cnt = _select_block(X, mu, t, w, pid_c, N, eps, CHUNK, MASK_MODE, NORM, NB)
         base = (pid_c * tl.num_programs(0) + pid_m).to(tl.int64) * CHUNK
         tl.store(IDX + base + pos, rows, mask=on_s)
         tl.store(VAL + base + pos, xc, mask=on_s)
@@ -254,12 +267,13 @@ def gemv_compact(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, t
     dummy = y
     mean_ = mean if mean is not None else dummy
     thr_ = thr if thr is not None else dummy
-    pdl = cfg["pdl"]
+    pdl = cfg["pdl"]                 # select -> GEMV only (launches the GEMV early, which waits for the lists)
+    every = use_pdl(x.device)        # every kernel (gemv.use_pdl): waits for its predecessor first
     if not cfg["fused"]:
         _select_kernel[(split, k)](x, mean_, thr_, ws["idx"], ws["val"], ws["cnt"], nw_, n, split, stride_mk,
                                    float(eps), CHUNK=cfg["CHUNK"], MASK_MODE=mask_mode, USE_GDC=pdl, **norm,
-                                   num_warps=cfg["select_warps"], num_stages=1)
-    extra = dict(launch_pdl=True) if pdl else {}
+                                   USE_PDL=every, num_warps=cfg["select_warps"], num_stages=1, **pdl_kw(every))
+    extra = pdl_kw(pdl or every)
     _compact_gemv_kernel[(grid_m, split)](
         x, mean_, thr_, ws["idx"], ws["val"], ws["cnt"], wt,
         bias if bias is not None else dummy, residual if residual is not None else dummy,
@@ -268,6 +282,6 @@ def gemv_compact(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, t
         CHUNK=cfg["CHUNK"], BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], SPLIT=split,
         MASK_MODE=mask_mode, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         ACT=ACT_IDS[act], EVEN_M=(m % cfg["BLOCK_M"] == 0), FUSED=cfg["fused"], USE_GDC=pdl,
-        NORM=norm["NORM"] and cfg["fused"], NB=norm["NB"],
+        NORM=norm["NORM"] and cfg["fused"], NB=norm["NB"], USE_PDL=every,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
     return y

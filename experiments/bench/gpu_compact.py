@@ -86,13 +86,14 @@ def main(argv=None):
     gpu = "cpu (dry run)" if gk.DRY_RUN else torch.cuda.get_device_name(dev)
     sparsities = [0.0, 0.5, 0.66, 0.9] if args.quick else gk.SPARSITIES
     torch.manual_seed(0)
-    result = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, stripe=stripe, batch=1,
+    pdl = (not gk.DRY_RUN) and G.use_pdl(dev)
+    result = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, stripe=stripe, batch=1, pdl=pdl,
                   models={}, sweep={})
     lines = [f"# Compacted GEMV (gemv_compact) vs masked-load gemv_ex vs cuBLAS — {gpu}, torch {torch.__version__}, "
              f"triton {triton.__version__}, bf16, stripe {stripe}, batch 1", "",
              "Same protocol as gpu_kernels.md (weights streamed from HBM, copies cycled in one CUDA graph). "
              "compact = select + gather-GEMV launches (or one, fused), with the best config of the sweep "
-             "below when swept; speedup and % of ideal are the compact kernel's vs cuBLAS.", ""]
+             "below when swept; speedup and % of ideal are the compact kernel's vs cuBLAS. " + gk.pdl_note(pdl), ""]
     for model in args.models.split(","):
         result["models"][model] = {}
         lines += [f"## {model}", "",

@@ -102,6 +102,14 @@ def measured_density(x, mean, thr, m):
     return float((g * rows[None, :, None]).sum() / (g.shape[0] * m * thr.shape[1]))
 
 
+def pdl_note(pdl: bool) -> str:
+    """The tables' sentence on programmatic dependent launch."""
+    if pdl:
+        return ("PDL on (the default on Hopper): in the timed graph each Triton kernel launches while the previous "
+                "call still runs, cuBLAS's do not; CWIC_PDL=0 times the kernels alone.")
+    return "PDL off (CWIC_PDL=0 or not Hopper): every call launches after the previous one ends."
+
+
 def time_graph(fn_list, reps_target_ms: float = 20.0, repeats: int = 5) -> float:
     """Median µs per call of a CUDA graph that runs every fn in fn_list once."""
     if DRY_RUN:                         # CPU smoke test of the script: plain wall clock, one pass
@@ -242,13 +250,16 @@ def main(argv=None):
     models = args.models.split(",") if args.models else (["1B"] if args.quick else list(SHAPES))
     sparsities = [0.0, 0.5, 0.66, 0.9] if args.quick else SPARSITIES
     import triton
+
+    from cwic_kernels.gpu import gemv as G
+    pdl = (not DRY_RUN) and G.use_pdl(torch.device("cuda"))
     result = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, stripe=STRIPE, batch=1,
-                  l2_bytes=l2, models={}, sweep={}, batches={}, tuned=[])
+                  l2_bytes=l2, pdl=pdl, models={}, sweep={}, batches={}, tuned=[])
     lines = [f"# GPU granular GEMV vs cuBLAS F.linear — {gpu}, torch {torch.__version__}, "
              f"triton {triton.__version__}, bf16, stripe {STRIPE}, batch 1", "",
              "Times per call with weights streamed from HBM (copies cycled inside one CUDA graph); density = "
              "fraction of the weights actually read; % of ideal = speedup × density. 1B shapes use the best "
-             "tiles of the sweep below, the others the default heuristic.", ""]
+             "tiles of the sweep below, the others the default heuristic. " + pdl_note(pdl), ""]
     cache = {}
     for model in models:
         result["models"][model] = {}

@@ -19,7 +19,9 @@ import os
 COMPACT_SWEEP = [dict(), dict(fused=True), dict(pdl=True), dict(waves=2), dict(waves=8), dict(chunk_scale=0.5),
                  dict(chunk_scale=2), dict(chunk_scale=2, fused=True), dict(block_n_scale=2),
                  dict(block_n_scale=0.5), dict(num_stages=2), dict(num_stages=4), dict(block_m=128),
-                 dict(block_m=32), dict(num_warps=8)]
+                 dict(block_m=32), dict(num_warps=8), dict(chunk_scale=2, fused=True, block_m=32),
+                 dict(chunk_scale=4, fused=True), dict(chunk_scale=4, fused=True, block_m=32),
+                 dict(chunk_scale=2, fused=True, block_n_scale=0.5)]
 
 
 def _compact_cfg(C, n, m, stripe, dev, c):

@@ -470,3 +470,41 @@ def test_pdl_chain_in_cuda_graph_equals_plain_launches_gpu(monkeypatch):
     y0 = FF.ffn_updown(x, up_w, down_wt, a0, residual=x)
     assert torch.equal(a, a0)
     assert _rel(y.float(), y0.float()) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d,F_,stripe,cfg,norm,mean2d", [
+    (64, 96, 32, {}, False, False),                             # partial last unit block
+    (80, 128, 64, dict(block_u=16, block_s=4, pipe=True), True, False),   # width not a power of two, fused norm
+    (48, 64, 64, dict(block_u=32, block_s=8), True, True),      # per-stripe means
+    (64, 200, 200, dict(block_u=16, block_s=4, copies=3), False, False),  # one stripe (= F), spread accumulators
+])
+def test_ffn_gate_updown_matches_three_launches(d, F_, stripe, cfg, norm, mean2d, dtype):
+    """The one-launch FFN (gate for each program's units, then their up/down rows) equals the gate GEMV followed
+    by the up and down projections, and leaves the gate's a and a clean workspace behind."""
+    from cwic_kernels.gpu import ffn_fused as FF
+    x, gwt, gmean, gthr, gbias = _inputs(1, d, F_, stripe, dtype, seed=d + F_ + 7, mean2d=mean2d)
+    g = _gen(d + F_)
+    up_w = (torch.randn(F_, d, generator=g) / d ** 0.5).to(dtype).to(DEV)
+    down_wt = (torch.randn(F_, d, generator=g) / F_ ** 0.5).to(dtype).to(DEV)
+    uthr = (torch.rand(F_, generator=g) * 0.3).to(DEV)
+    nw = (1 + 0.3 * torch.randn(d, generator=g)).to(dtype).to(DEV) if norm else None
+    res = torch.randn(1, d, generator=g).to(dtype).to(DEV)
+    xn = D.rmsnorm(x, nw, 1e-6) if norm else x
+    args = (xn, gwt, gmean, gthr, gbias, stripe, up_w, down_wt, uthr, "silu")
+    r = ref.ffn_reference(*args) + res
+    gold = ref.ffn_reference(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args])
+    gold = gold + res.double()
+    c = FF.ffn_updown_config(d, F_, **cfg)
+    out = torch.full((1, d), float("nan"), dtype=dtype, device=DEV)        # poison: every element written
+    for _ in range(2):                                                    # twice: the state is left clean
+        y = FF.ffn_gate_updown(x, gwt, gmean, gthr, gbias, stripe, up_w, down_wt, uthr, "silu", residual=res,
+                               out=out, config=c, norm_w=nw, eps=1e-6)
+        _check(y, gold, r, f"gate+updown d={d} F={F_} {dtype} {cfg}")
+    ws = FF._workspace(x.device, d, F_, c)
+    assert int(ws["arr"]) == 0 and float(ws["acc"].abs().sum()) == 0.0
+    a = G.gemv_ex(x, gwt, gmean, gthr, gbias, stripe, act="silu", unit_thr=uthr, norm_w=nw, eps=1e-6)
+    assert _rel(ws["a"], a) < 1e-5 and torch.equal(ws["a"] != 0, a != 0)
+    y3 = G.ffn(x, gwt, gmean, gthr, gbias, stripe, up_w, down_wt, uthr, "silu", residual=res, fused=False,
+               norm_w=nw, eps=1e-6)
+    _check(y, gold, y3, "vs three launches")

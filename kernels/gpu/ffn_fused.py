@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import _pdl_enter, pdl_kw, use_pdl
+from .gemv import ACT_IDS, _act, _pdl_enter, pdl_kw, use_pdl
+from .gemv_compact import _select_block, _select_pre, _slot_products
 
 __all__ = ["ffn_updown", "ffn_updown_config", "TUNED_UPDOWN"]
 
@@ -69,7 +70,56 @@ def _ffn_updown_kernel(X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
                        COPIES: tl.constexpr, HAS_RES: tl.constexpr, EVEN_D: tl.constexpr, NORM: tl.constexpr,
                        PIPE: tl.constexpr, USE_PDL: tl.constexpr = False):
     _pdl_enter(USE_PDL)
+    _updown_body(tl.program_id(0), X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps, BLOCK_U, BLOCK_S,
+                 BLOCK_D, COPIES, HAS_RES, EVEN_D, NORM, PIPE)
+
+
+@triton.jit
+def _ffn_gate_updown_kernel(X, GWT, GMEAN, GTHR, GBIAS, UTHR, UP, DOWNT, A, RES, Y, GIDX, GVAL, IDX, YACC, ARR, NW,
+                            D, F, STRIPE, stride_mk, eps,
+                            BLOCK_U: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                            BLOCK_G: tl.constexpr, COPIES: tl.constexpr, HAS_RES: tl.constexpr,
+                            EVEN_D: tl.constexpr, EVEN_U: tl.constexpr, NORM: tl.constexpr, PIPE: tl.constexpr,
+                            ACT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """The whole gated FFN of one token, a program per BLOCK_U units: the gate's BLOCK_U columns over every
+    input (the stripe's active inputs compacted into a private scratch region, then only their rows read:
+    `gemv_compact`'s fused mode with one chunk, so no split-K round trip), + folded bias, act, unit mask → a
+    (also stored to A), then `_updown_body` on the same units."""
     p = tl.program_id(0)
+    units = p * BLOCK_U + tl.arange(0, BLOCK_U)
+    umask = units < F
+    r = (p * BLOCK_U) // STRIPE                     # the units' stripe (BLOCK_U divides STRIPE)
+    # constant operands before the PDL wait: the stripe's mean and thresholds, norm weights, bias, unit thresholds
+    mu, t, w = _select_pre(GMEAN, GTHR, r, 0, D, stride_mk, NW, BLOCK_D, 0, NORM)
+    u_thr = tl.load(UTHR + units, mask=umask, other=0.0)
+    gb = tl.zeros((BLOCK_U,), dtype=tl.float32)
+    if HAS_BIAS:
+        gb = tl.load(GBIAS + units, mask=umask, other=0.0)
+    _pdl_enter(USE_PDL)
+    rows, xc, on, pos, cnt = _select_block(X, mu, t, w, 0, D, eps, BLOCK_D, 0, NORM, BLOCK_D)
+    gbase = p.to(tl.int64) * BLOCK_D
+    tl.store(GIDX + gbase + pos, rows, mask=on)
+    tl.store(GVAL + gbase + pos, xc, mask=on)
+    tl.debug_barrier()                              # the compacted inputs are visible to all the block's threads
+    slots = tl.arange(0, BLOCK_G)
+    acc2 = _slot_products(GIDX, GVAL, GWT, gbase, slots, cnt, units, umask, F, EVEN_U)
+    for j0 in range(BLOCK_G, cnt, BLOCK_G):
+        acc2 += _slot_products(GIDX, GVAL, GWT, gbase, j0 + slots, cnt, units, umask, F, EVEN_U)
+    g = tl.sum(acc2, axis=0) + gb                   # as gemv._gmm_epilogue: + bias, act, unit mask
+    av = _act(g, ACT)
+    av = tl.where(tl.abs(av) >= u_thr, av, 0.0)
+    tl.store(A + units, av, mask=umask)
+    tl.debug_barrier()                              # a is visible to all the block's threads
+    _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps, BLOCK_U, BLOCK_S, BLOCK_D, COPIES,
+                 HAS_RES, EVEN_D, NORM, PIPE)
+
+
+@triton.jit
+def _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
+                 BLOCK_U: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                 COPIES: tl.constexpr, HAS_RES: tl.constexpr, EVEN_D: tl.constexpr, NORM: tl.constexpr,
+                 PIPE: tl.constexpr):
+    """Program p of the up/down projections: its units' a → active units → W_up and W_downᵀ rows → atomics."""
     units = p * BLOCK_U + tl.arange(0, BLOCK_U)
     umask = units < F
     a = tl.load(A + units, mask=umask, other=0.0)
@@ -190,3 +240,55 @@ def ffn_updown(x: torch.Tensor, up_w: torch.Tensor, down_wt: torch.Tensor, a: to
     return y
 
 
+
+
+def gate_fusable(stripe: int, F: int, block_u: int = 32) -> bool:
+    """Whether `ffn_gate_updown` can take a gate of F units in stripes of `stripe`: its unit blocks must lie
+    inside one stripe."""
+    bu = min(block_u, triton.next_power_of_2(F))
+    return stripe >= F or stripe % bu == 0
+
+
+def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Tensor, gate_thr: torch.Tensor,
+                    gate_bias: torch.Tensor | None, stripe: int, up_w: torch.Tensor, down_wt: torch.Tensor,
+                    unit_thr: torch.Tensor, act: str = "silu", residual: torch.Tensor | None = None,
+                    out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+                    config: dict | None = None, norm_w: torch.Tensor | None = None, eps: float = 1e-6,
+                    block_g: int = 256) -> torch.Tensor:
+    """The whole CWIC gated FFN of one token in one launch (`gemv.ffn` semantics, B = 1): the gate's granular
+    GEMV (thresholds, act, unit mask) for each program's BLOCK_U units, then their up/down rows as
+    `ffn_updown` does. gate_wt (d, F) input-major; gate_mean (d,) or per stripe (k, d) fp32; gate_thr (k, d);
+    gate_bias (F,) fp32 or None; unit_thr (F,) fp32; norm_w: fused RMSNorm of x. The gated activation a of
+    the launch stays in the workspace (`_workspace(...)["a"]`). Tiles: `ffn_updown_config`; block_g: active
+    inputs gathered a step in the gate part."""
+    from .gemv import check_args
+    B, d = x.shape
+    F_ = gate_wt.shape[1]
+    assert B == 1, "ffn_gate_updown runs one token"
+    assert up_w.shape == (F_, d) and down_wt.shape == (F_, d) and up_w.is_contiguous() and down_wt.is_contiguous()
+    assert unit_thr.shape == (F_,) and unit_thr.dtype == torch.float32
+    k, stripe, stride_mk, _ = check_args(x, gate_wt, gate_mean, gate_thr, stripe, 0, act, torch.float32)
+    cfg = config or ffn_updown_config(d, F_)
+    assert stripe % cfg["BLOCK_U"] == 0 or stripe >= F_, (stripe, cfg["BLOCK_U"])
+    if residual is not None:
+        assert residual.shape == (1, d) and residual.stride(1) == 1
+    if norm_w is not None:
+        assert norm_w.shape == (d,) and norm_w.is_contiguous()
+    y = out if out is not None else torch.empty((1, d), dtype=out_dtype or x.dtype, device=x.device)
+    ws = _workspace(x.device, d, F_, cfg)
+    if "a" not in ws:   # the gate part's scratch: each program's compacted inputs, and a
+        grid = cfg["grid"][0]
+        ws["gidx"] = torch.zeros(grid * cfg["BLOCK_D"], dtype=torch.int32, device=x.device)
+        ws["gval"] = torch.zeros(grid * cfg["BLOCK_D"], dtype=torch.float32, device=x.device)
+        ws["a"] = torch.zeros((1, F_), dtype=torch.float32, device=x.device)
+    bg = max(16, min(block_g, cfg["BLOCK_D"]))
+    pdl = use_pdl(x.device)
+    _ffn_gate_updown_kernel[cfg["grid"]](
+        x, gate_wt, gate_mean, gate_thr, gate_bias if gate_bias is not None else unit_thr, unit_thr, up_w, down_wt,
+        ws["a"], residual if residual is not None else y, y, ws["gidx"], ws["gval"], ws["idx"], ws["acc"], ws["arr"],
+        norm_w if norm_w is not None else x, d, F_, stripe, stride_mk, float(eps),
+        BLOCK_U=cfg["BLOCK_U"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"], BLOCK_G=bg, COPIES=cfg["COPIES"],
+        HAS_RES=residual is not None, EVEN_D=cfg["BLOCK_D"] == d, EVEN_U=F_ % cfg["BLOCK_U"] == 0,
+        NORM=norm_w is not None, PIPE=cfg["PIPE"], ACT=ACT_IDS[act], HAS_BIAS=gate_bias is not None,
+        USE_PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kw(pdl))
+    return y

@@ -27,6 +27,7 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTO_COMPACT = os.environ.get("CWIC_GEMV_COMPACT", "1") != "0"   # 0: gemv_ex never picks gemv_compact itself
 FUSED_FFN = os.environ.get("CWIC_FFN_FUSED", "1") != "0"           # 0: ffn never uses ffn_fused.ffn_updown
+FUSED_GATE = os.environ.get("CWIC_FFN_GATE_FUSED", "1") != "0"     # 0: the fused one-token FFN keeps its own gate launch
 ACT_IDS = {None: -1, "silu": 0, "gelu": 1, "gelu_pytorch_tanh": 2, "gelu_tanh": 2, "relu": 3}
 MASK_THRESHOLD, MASK_NONZERO, MASK_NONE = 0, 1, 2
 PDL = os.environ.get("CWIC_PDL", "1") != "0"   # 0: no programmatic dependent launches (A/B runs)
@@ -514,13 +515,17 @@ def ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int, up_w, down_wt, 
         act: str = "silu", residual: torch.Tensor | None = None, fused: bool | None = None,
         norm_w: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     """`cwic::ffn`: gate GMM with act + unit mask in its epilogue → active rows of W_up → active rows of
-    W_downᵀ (+ residual). No host synchronisation. One token: two launches, the up and down projections
-    in one (`ffn_fused.ffn_updown`; fp32 atomics, so the last bits vary between launches), unless
+    W_downᵀ (+ residual). No host synchronisation. One token: one launch (`ffn_fused.ffn_gate_updown`: each
+    program computes the gate for its own units, then their up and down rows; fp32 atomics, so the last bits
+    vary between launches), or two with CWIC_FFN_GATE_FUSED=0 (gate, then `ffn_fused.ffn_updown`), unless
     `fused=False` or the environment sets CWIC_FFN_FUSED=0; a batch, or unfused: three launches.
     norm_w: x is the raw residual stream, normalised inside the one-token kernels (see `gemv_ex`)."""
     one = x.shape[0] == 1 and (FUSED_FFN if fused is None else fused)
     if norm_w is not None and not one:
         x, norm_w = _norm(x, norm_w, eps), None
+    if one and FUSED_GATE and gate_thr is not None and _fused.gate_fusable(stripe, gate_wt.shape[1]):
+        return _fused.ffn_gate_updown(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt, unit_thr,
+                                      act, residual=residual, out_dtype=x.dtype, norm_w=norm_w, eps=eps)
     a = gemv_ex(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, act=act, unit_thr=unit_thr,
                 norm_w=norm_w, eps=eps)
     if one:

@@ -437,6 +437,7 @@ def test_pdl_chain_in_cuda_graph_equals_plain_launches_gpu(monkeypatch):
     uthr = torch.rand(F_, device=DEV) * 0.05
     nw = (1 + 0.1 * torch.randn(d, device=DEV)).bfloat16()
     buf = torch.empty_like(x)
+    fbuf = torch.empty_like(x)     # the one-launch FFN at the end (atomics: compared within fp32-sum error)
 
     def chain(h):
         for _ in range(12):
@@ -448,20 +449,25 @@ def test_pdl_chain_in_cuda_graph_equals_plain_launches_gpu(monkeypatch):
             h = (G.ffn_up(h, up_w, a) @ down_wt.float()).bfloat16()     # a cuBLAS kernel in between
             h = G.gemv_ex(h, wt, mean, thr, bias, 512, compact=False, out_dtype=torch.bfloat16, residual=h)
         buf.copy_(h)
+        fbuf.copy_(G.ffn(h, gwt, gmean, gthr, gbias, 512, up_w, down_wt, uthr, "silu", residual=h, norm_w=nw))
         return buf
 
     monkeypatch.setattr(G, "PDL", False)
     want = chain(x).clone()
+    fwant = fbuf.clone()
     monkeypatch.setattr(G, "PDL", True)
     assert torch.equal(chain(x), want), "eager PDL launches differ from plain ones"
+    assert _rel(fbuf, fwant) < 1e-2
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         chain(x)
     for _ in range(3):
-        buf.zero_()
+        buf.fill_(float("nan"))
+        fbuf.fill_(float("nan"))
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(buf, want), "PDL launches replayed from a CUDA graph differ from plain ones"
+        assert _rel(fbuf, fwant) < 1e-2, "the one-launch FFN under PDL in a CUDA graph"
     # the fused up/down kernel (atomics: compare within fp32-sum error) after a PDL gate kernel
     a = G.gemv_ex(x, gwt, gmean, gthr, gbias, 512, act="silu", unit_thr=uthr)
     y = FF.ffn_updown(x, up_w, down_wt, a, residual=x)
@@ -472,18 +478,30 @@ def test_pdl_chain_in_cuda_graph_equals_plain_launches_gpu(monkeypatch):
     assert _rel(y.float(), y0.float()) < 1e-2
 
 
+def _ffn_gold(xn, gwt, gmean, gthr, gbias, stripe, up_w, down_wt, uthr, res):
+    """fp64 gated FFN with the kernels' fp32 masks (any means, per stripe too): gate → silu → unit mask → up, down."""
+    a = ref.ACTIVATIONS["silu"](_gold(xn, gwt, gmean, gthr, gbias, stripe))
+    a = torch.where(a.abs() >= uthr.double(), a, torch.zeros_like(a))
+    return ((xn.double() @ up_w.double().T) * a) @ down_wt.double() + res.double()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("d,F_,stripe,cfg,norm,mean2d", [
-    (64, 96, 32, {}, False, False),                             # partial last unit block
+    (64, 80, 32, {}, False, False),                             # partial last unit block (80 = 2.5 × 32)
     (80, 128, 64, dict(block_u=16, block_s=4, pipe=True), True, False),   # width not a power of two, fused norm
-    (48, 64, 64, dict(block_u=32, block_s=8), True, True),      # per-stripe means
+    (64, 96, 32, {}, True, True),                               # per-stripe means over three stripes (padded rows)
     (64, 200, 200, dict(block_u=16, block_s=4, copies=3), False, False),  # one stripe (= F), spread accumulators
+    (8, 64, 32, dict(block_u=16), False, False),                # d < 16: a gate step wider than the inputs
 ])
 def test_ffn_gate_updown_matches_three_launches(d, F_, stripe, cfg, norm, mean2d, dtype):
     """The one-launch FFN (gate for each program's units, then their up/down rows) equals the gate GEMV followed
     by the up and down projections, and leaves the gate's a and a clean workspace behind."""
     from cwic_kernels.gpu import ffn_fused as FF
     x, gwt, gmean, gthr, gbias = _inputs(1, d, F_, stripe, dtype, seed=d + F_ + 7, mean2d=mean2d)
+    if mean2d:   # rows further apart than d: the kernels must use the means' row stride
+        padded = torch.zeros(gmean.shape[0], d + 5, device=DEV)
+        padded[:, :d] = gmean
+        gmean = padded[:, :d]
     g = _gen(d + F_)
     up_w = (torch.randn(F_, d, generator=g) / d ** 0.5).to(dtype).to(DEV)
     down_wt = (torch.randn(F_, d, generator=g) / F_ ** 0.5).to(dtype).to(DEV)
@@ -491,20 +509,16 @@ def test_ffn_gate_updown_matches_three_launches(d, F_, stripe, cfg, norm, mean2d
     nw = (1 + 0.3 * torch.randn(d, generator=g)).to(dtype).to(DEV) if norm else None
     res = torch.randn(1, d, generator=g).to(dtype).to(DEV)
     xn = D.rmsnorm(x, nw, 1e-6) if norm else x
-    args = (xn, gwt, gmean, gthr, gbias, stripe, up_w, down_wt, uthr, "silu")
-    r = ref.ffn_reference(*args) + res
-    gold = ref.ffn_reference(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args])
-    gold = gold + res.double()
+    gold = _ffn_gold(xn, gwt, gmean, gthr, gbias, stripe, up_w, down_wt, uthr, res)
+    y3 = G.ffn(x, gwt, gmean, gthr, gbias, stripe, up_w, down_wt, uthr, "silu", residual=res, fused=False,
+               norm_w=nw, eps=1e-6)                                      # three launches: the same-dtype reference
     c = FF.ffn_updown_config(d, F_, **cfg)
     out = torch.full((1, d), float("nan"), dtype=dtype, device=DEV)        # poison: every element written
     for _ in range(2):                                                    # twice: the state is left clean
         y = FF.ffn_gate_updown(x, gwt, gmean, gthr, gbias, stripe, up_w, down_wt, uthr, "silu", residual=res,
                                out=out, config=c, norm_w=nw, eps=1e-6)
-        _check(y, gold, r, f"gate+updown d={d} F={F_} {dtype} {cfg}")
+        _check(y, gold, y3, f"gate+updown d={d} F={F_} {dtype} {cfg}")
     ws = FF._workspace(x.device, d, F_, c)
     assert int(ws["arr"]) == 0 and float(ws["acc"].abs().sum()) == 0.0
     a = G.gemv_ex(x, gwt, gmean, gthr, gbias, stripe, act="silu", unit_thr=uthr, norm_w=nw, eps=1e-6)
     assert _rel(ws["a"], a) < 1e-5 and torch.equal(ws["a"] != 0, a != 0)
-    y3 = G.ffn(x, gwt, gmean, gthr, gbias, stripe, up_w, down_wt, uthr, "silu", residual=res, fused=False,
-               norm_w=nw, eps=1e-6)
-    _check(y, gold, y3, "vs three launches")

@@ -29,19 +29,27 @@ def register() -> bool:
     from ..reference import ffn_reference, gemv_reference
     from . import gemv as G
 
+    def _consts(*ts):
+        """fp32 contiguous copies where needed, and whether a copy kernel ran (then no PDL: the kernels read
+        their constant operands before waiting for the previous kernel)."""
+        out = [t.float().contiguous() for t in ts]
+        return out, any(a is not b for a, b in zip(out, ts))
+
     def _gemv_cuda(x, wt, mean, thr, bias, stripe):
         if not G.supports_stripe(stripe, wt.shape[1]):
             return gemv_reference(x, wt, mean, thr, bias, stripe)
-        return G.gemv_ex(x.contiguous(), wt.contiguous(), mean.float().contiguous(),
-                         thr.float().contiguous(), bias.float().contiguous(), stripe)
+        (mean, thr, bias), fresh = _consts(mean, thr, bias)
+        with G.plain_launches(fresh):
+            return G.gemv_ex(x.contiguous(), wt.contiguous(), mean, thr, bias, stripe)
 
     def _ffn_cuda(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt, unit_thr, act):
         if not G.supports_stripe(stripe, gate_wt.shape[1]) or act not in G.ACT_IDS:
             return ffn_reference(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt,
                                  unit_thr, act)
-        return G.ffn(x.contiguous(), gate_wt.contiguous(), gate_mean.float().contiguous(),
-                     gate_thr.float().contiguous(), gate_bias.float().contiguous(), stripe,
-                     up_w.contiguous(), down_wt.contiguous(), unit_thr.float().contiguous(), act)
+        (gate_mean, gate_thr, gate_bias, unit_thr), fresh = _consts(gate_mean, gate_thr, gate_bias, unit_thr)
+        with G.plain_launches(fresh):
+            return G.ffn(x.contiguous(), gate_wt.contiguous(), gate_mean, gate_thr, gate_bias, stripe,
+                         up_w.contiguous(), down_wt.contiguous(), unit_thr, act)
 
     torch.library.register_kernel("cwic::gemv", "cuda", _gemv_cuda)
     torch.library.register_kernel("cwic::ffn", "cuda", _ffn_cuda)

@@ -26,8 +26,9 @@ Not bit-reproducible: the order of the fp32 atomic additions varies from launch 
 bits of y do (the error stays that of an fp32 sum; the tests bound it against an fp64 reference). The
 two-kernel path is deterministic; `gemv.ffn(..., fused=False)` keeps it.
 
-The accumulator and the scratch are cached per (device, shape, tiling); like the other kernels, one
-workspace must not be used by two streams at once.
+The accumulator and the scratch are cached per (device, shape, tiling) and allocated on first use (call once
+before capturing a CUDA graph, as the decode engine does); like the other kernels, one workspace must not be
+used by two streams at once.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ import triton.language as tl
 from .gemv import ACT_IDS, _act, _pdl_enter, pdl_kw, use_pdl
 from .gemv_compact import _select_block, _select_pre, _slot_products
 
-__all__ = ["ffn_updown", "ffn_updown_config", "TUNED_UPDOWN"]
+__all__ = ["ffn_updown", "ffn_gate_updown", "gate_fusable", "ffn_updown_config", "TUNED_UPDOWN"]
 
 
 @triton.jit
@@ -89,13 +90,13 @@ def _ffn_gate_updown_kernel(X, GWT, GMEAN, GTHR, GBIAS, UTHR, UP, DOWNT, A, RES,
     units = p * BLOCK_U + tl.arange(0, BLOCK_U)
     umask = units < F
     r = (p * BLOCK_U) // STRIPE                     # the units' stripe (BLOCK_U divides STRIPE)
-    # constant operands before the PDL wait: the stripe's mean and thresholds, norm weights, bias, unit thresholds
+    # constant operands before the PDL wait: the stripe's mean and thresholds, norm weights
     mu, t, w = _select_pre(GMEAN, GTHR, r, 0, D, stride_mk, NW, BLOCK_D, 0, NORM)
+    _pdl_enter(USE_PDL)
     u_thr = tl.load(UTHR + units, mask=umask, other=0.0)
     gb = tl.zeros((BLOCK_U,), dtype=tl.float32)
     if HAS_BIAS:
         gb = tl.load(GBIAS + units, mask=umask, other=0.0)
-    _pdl_enter(USE_PDL)
     rows, xc, on, pos, cnt = _select_block(X, mu, t, w, 0, D, eps, BLOCK_D, 0, NORM, BLOCK_D)
     gbase = p.to(tl.int64) * BLOCK_D
     tl.store(GIDX + gbase + pos, rows, mask=on)
@@ -281,7 +282,7 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
         ws["gidx"] = torch.zeros(grid * cfg["BLOCK_D"], dtype=torch.int32, device=x.device)
         ws["gval"] = torch.zeros(grid * cfg["BLOCK_D"], dtype=torch.float32, device=x.device)
         ws["a"] = torch.zeros((1, F_), dtype=torch.float32, device=x.device)
-    bg = max(16, min(block_g, cfg["BLOCK_D"]))
+    bg = min(max(16, triton.next_power_of_2(block_g)), cfg["BLOCK_D"])   # never past a program's scratch region
     pdl = use_pdl(x.device)
     _ffn_gate_updown_kernel[cfg["grid"]](
         x, gate_wt, gate_mean, gate_thr, gate_bias if gate_bias is not None else unit_thr, unit_thr, up_w, down_wt,

@@ -18,7 +18,9 @@ grid has one batch block per 16 tokens and each block takes the union of its own
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import torch
 import triton
@@ -37,6 +39,20 @@ try:  # programmatic dependent launch (Hopper+)
 except ImportError:  # pragma: no cover - older Triton
     gdc_launch_dependents = gdc_wait = None
 _PDL_OK: dict = {}
+_PDL_OFF = threading.local()
+
+
+@contextlib.contextmanager
+def plain_launches(on: bool = True):
+    """Launch without PDL inside this block (when `on`): for a call whose constant operands (thresholds, means,
+    norm weights, biases) were produced by the kernel just before, e.g. a dtype conversion, since PDL kernels
+    read those before waiting for their predecessor."""
+    prev = getattr(_PDL_OFF, "on", False)
+    _PDL_OFF.on = prev or on
+    try:
+        yield
+    finally:
+        _PDL_OFF.on = prev
 
 
 def use_pdl(device: torch.device) -> bool:
@@ -50,8 +66,9 @@ def use_pdl(device: torch.device) -> bool:
     grid ramp-up between two dependent kernels, which at batch 1 is a large part of a few-µs kernel. The one
     exception: the CWIC GEMVs load their constant operands (running mean, thresholds, norm weights: `_mask_pre`)
     before the wait, so those must not be written by the kernel launched just before (no kernel writes them;
-    `DecodeEngine.refresh` updates them between steps, and a step starts with the embedding lookup)."""
-    if not PDL or INTERPRET or gdc_wait is None or device.type != "cuda":
+    `DecodeEngine.refresh` updates them between steps, and a step starts with the embedding lookup; the
+    `cwic::` custom ops launch without PDL when they had to convert them: `plain_launches`)."""
+    if not PDL or INTERPRET or gdc_wait is None or device.type != "cuda" or getattr(_PDL_OFF, "on", False):
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _PDL_OK:
@@ -523,9 +540,12 @@ def ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int, up_w, down_wt, 
     one = x.shape[0] == 1 and (FUSED_FFN if fused is None else fused)
     if norm_w is not None and not one:
         x, norm_w = _norm(x, norm_w, eps), None
-    if one and FUSED_GATE and gate_thr is not None and _fused.gate_fusable(stripe, gate_wt.shape[1]):
-        return _fused.ffn_gate_updown(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt, unit_thr,
-                                      act, residual=residual, out_dtype=x.dtype, norm_w=norm_w, eps=eps)
+    if one and FUSED_GATE and gate_thr is not None:
+        ucfg = _fused.ffn_updown_config(x.shape[1], gate_wt.shape[1])
+        if _fused.gate_fusable(stripe, gate_wt.shape[1], ucfg["BLOCK_U"]):
+            return _fused.ffn_gate_updown(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt,
+                                          unit_thr, act, residual=residual, out_dtype=x.dtype, config=ucfg,
+                                          norm_w=norm_w, eps=eps)
     a = gemv_ex(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, act=act, unit_thr=unit_thr,
                 norm_w=norm_w, eps=eps)
     if one:

@@ -11,7 +11,7 @@ from ..reference import ACTIVATIONS, gemv_reference
 from .decode import act_mul_ref, argmax_ref, decode_attention_ref, rmsnorm_ref, rope_cache_ref
 from .gemv import MASK_NONE, MASK_NONZERO, MASK_THRESHOLD
 
-__all__ = ["gemv_ex_ref", "ffn_up_ref", "ffn_ref", "rmsnorm_ref", "rope_cache_ref",
+__all__ = ["gemv_ex_ref", "gemv_qkv_rope_ref", "ffn_up_ref", "ffn_ref", "rmsnorm_ref", "rope_cache_ref",
            "decode_attention_ref", "act_mul_ref", "argmax_ref"]
 
 
@@ -65,3 +65,9 @@ def ffn_ref(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt, u
     h = ffn_up_ref(x, up_w, a)
     return gemv_ex_ref(h, down_wt, None, None, None, down_wt.shape[1], mask_mode=MASK_NONZERO,
                        residual=residual, out_dtype=x.dtype)
+
+
+def gemv_qkv_rope_ref(x, wt, mean, thr, bias, stripe, pos, cos, sin, kc, vc, hq, hkv, norm_w=None, eps=1e-6):
+    """`gemv.gemv_qkv_rope`: the fused q/k/v product, then RoPE and the cache writes."""
+    y = gemv_ex_ref(x, wt, mean, thr, bias, stripe, norm_w=norm_w, eps=eps)
+    return rope_cache_ref(y, pos, cos, sin, kc, vc, hq, hkv)

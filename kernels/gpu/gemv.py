@@ -174,11 +174,12 @@ def _load_rows(WT, rows, cols, M, on, cmask, EVEN_M: tl.constexpr):
 def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
                 B, N, M, STRIPE, CHUNK_N,
                 stride_xb, stride_mk, stride_rb, stride_yb, eps,
+                POS, COS, SIN, QO, KC, VC, HQ, HKV, stride_c,
                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                 SPLIT: tl.constexpr, MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_RES: tl.constexpr, ACT: tl.constexpr, EVEN_M: tl.constexpr,
                 DOT_F32: tl.constexpr, PIPE: tl.constexpr, NORM: tl.constexpr, NB: tl.constexpr,
-                USE_PDL: tl.constexpr = False):
+                USE_PDL: tl.constexpr = False, ROPE: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -259,6 +260,8 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
     if SPLIT == 1:
         _gmm_epilogue(acc, BIAS, RES, UTHR, Y, bs, cols, cmask, omask, stride_rb, stride_yb,
                       HAS_BIAS, HAS_RES, ACT)
+        if ROPE:
+            _rope_epilogue(Y, col0, POS, COS, SIN, QO, KC, VC, HQ, HKV, stride_c, BLOCK_M // 2)
     else:
         ws_off = (pid_k * B + bs[:, None]).to(tl.int64) * M + cols[None, :]
         tl.store(WS + ws_off, acc, mask=omask)
@@ -272,7 +275,34 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
                 tot += tl.load(WS + off, mask=omask, other=0.0, cache_modifier=".cg")
             _gmm_epilogue(tot, BIAS, RES, UTHR, Y, bs, cols, cmask, omask, stride_rb, stride_yb,
                           HAS_BIAS, HAS_RES, ACT)
+            if ROPE:
+                _rope_epilogue(Y, col0, POS, COS, SIN, QO, KC, VC, HQ, HKV, stride_c, BLOCK_M // 2)
             tl.atomic_xchg(CNT + cidx, 0)                # ready for the next launch
+
+
+@triton.jit
+def _rope_epilogue(Y, col0, POS, COS, SIN, QO, KC, VC, HQ, HKV, stride_c, HALF: tl.constexpr):
+    """One head of one token's fused q/k/v row: the 2·HALF outputs at col0 this program has just written to Y
+    (rounded to Y's dtype), rotated and written as `decode._rope_cache_kernel` does: q heads to QO, k heads
+    (rotated) and v heads (as they are) to the caches at position POS[0]."""
+    tl.debug_barrier()                                   # the block's y stores are visible to all its threads
+    h = col0 // (2 * HALF)
+    pos = tl.load(POS)
+    d = tl.arange(0, 2 * HALF)
+    x = tl.load(Y + col0 + d).to(tl.float32)
+    o = x
+    if h < HQ + HKV:
+        xp = tl.load(Y + col0 + (d + HALF) % (2 * HALF)).to(tl.float32)   # the other half of the pair
+        c = tl.load(COS + pos * HALF + d % HALF)
+        s = tl.load(SIN + pos * HALF + d % HALF)
+        o = tl.where(d < HALF, x * c - xp * s, x * c + xp * s)
+        if h < HQ:
+            dst = QO + h * (2 * HALF)
+        else:
+            dst = KC + pos * stride_c + (h - HQ) * (2 * HALF)
+    else:
+        dst = VC + pos * stride_c + (h - HQ - HKV) * (2 * HALF)
+    tl.store(dst + d, o.to(KC.dtype.element_ty))
 
 
 @triton.jit
@@ -425,7 +455,7 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
             act: str | None = None, unit_thr: torch.Tensor | None = None, mask_mode: int = MASK_THRESHOLD,
             out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
             config: dict | None = None, compact: bool | None = None,
-            norm_w: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+            norm_w: torch.Tensor | None = None, eps: float = 1e-6, rope: tuple | None = None) -> torch.Tensor:
     """y = epilogue(GMM(x; wt, mean, thr) + bias): the Triton kernel behind `cwic::gemv`.
 
     x (B, n) any float dtype; wt (n, m); mean (n,) or per stripe (k, n) fp32; thr (k, n) fp32;
@@ -442,12 +472,16 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
     norm_w (n,): x is the raw residual stream and the product takes RMSNorm(x)·norm_w (eps) instead,
     as `decode.rmsnorm` computes it (rounded to x's dtype); for one token the kernels normalise x
     themselves (no separate launch), a batch is normalised first.
+
+    rope = (pos, cos, sin, q_out, kc, vc, hq, hkv): one token of a fused q/k/v product; each output block (the
+    config's BLOCK_M must be the head dimension) also applies RoPE and writes q_out and the caches as
+    `decode.rope_cache` does (see `gemv_qkv_rope`). Only with this kernel (compact=False).
     """
     B, n = x.shape
     m = wt.shape[1]
     if norm_w is not None and B != 1:
         x, norm_w = _norm(x, norm_w, eps), None
-    if B == 1 and compact is not False and (compact or config is None):
+    if B == 1 and compact is not False and (compact or config is None) and rope is None:
         if compact or (AUTO_COMPACT and (n, m) in _compact.TUNED_COMPACT):
             return _compact.gemv_compact(x, wt, mean, thr, bias, stripe, residual=residual, act=act, unit_thr=unit_thr,
                                   mask_mode=mask_mode, out_dtype=out_dtype, out=out, norm_w=norm_w, eps=eps)
@@ -473,19 +507,49 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
         assert unit_thr is not None and unit_thr.dtype == torch.float32
     dummy = y
     pdl = use_pdl(x.device)
+    if rope is not None:
+        pos, cos, sin, q_out, kc, vc, hq, hkv = rope
+        assert B == 1 and cfg["BLOCK_M"] == kc.shape[-1] and m == (hq + 2 * hkv) * kc.shape[-1], (cfg, m)
+        rope_args = (pos, cos, sin, q_out, kc, vc, hq, hkv, kc.stride(0))
+    else:
+        rope_args = (dummy,) * 6 + (0, 0, 0)
     _gmm_kernel[grid](
         x, wt, mean if mean is not None else dummy, thr if thr is not None else dummy,
         bias if bias is not None else dummy, residual if residual is not None else dummy,
         unit_thr if unit_thr is not None else dummy, y, ws, cnt, norm_w if norm_w is not None else dummy,
         B, n, m, stripe, cfg["CHUNK_N"],
         x.stride(0), stride_mk, residual.stride(0) if residual is not None else 0, y.stride(0), float(eps),
-        BLOCK_B=cfg["BLOCK_B"], BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], SPLIT=split,
+        *rope_args, BLOCK_B=cfg["BLOCK_B"], BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], SPLIT=split,
         MASK_MODE=mask_mode, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         ACT=ACT_IDS[act], EVEN_M=(m % cfg["BLOCK_M"] == 0),
         DOT_F32=(INTERPRET or wt.dtype == torch.float32), PIPE=cfg.get("pipe", False),
-        NORM=norm_w is not None, NB=triton.next_power_of_2(n), USE_PDL=pdl,
+        NORM=norm_w is not None, NB=triton.next_power_of_2(n), USE_PDL=pdl, ROPE=rope is not None,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **pdl_kw(pdl))
     return y
+
+
+def gemv_qkv_rope(x: torch.Tensor, wt: torch.Tensor, mean, thr, bias, stripe: int, pos: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, hq: int, hkv: int,
+                  norm_w: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """One token's fused q/k/v product (wt (n, (hq + 2·hkv)·hd)) followed by `decode.rope_cache`, in one launch:
+    returns the rotated q (1, hq·hd) and writes k (rotated) and v into kc/vc (max_len, hkv, hd) at pos[0].
+    The masked-load kernel with one head per output block does it in its epilogue; where a head is not a
+    whole number of stripe blocks (stripe % hd ≠ 0), or for a batch, two launches. Tested under the Triton
+    interpreter only so far; the decode engine uses it with CWIC_FUSE_ROPE=1."""
+    from .decode import rope_cache
+    B, n = x.shape
+    m = wt.shape[1]
+    hd = kc.shape[-1]
+    ov = dict(TUNED.get((n, m, 1), {}))
+    ov["block_m"] = hd
+    cfg = gemv_config(1, n, m, stripe, x.device, **ov) if B == 1 else None
+    if cfg is None or cfg["BLOCK_M"] != hd or not supports_stripe(stripe, m) or thr is None:
+        y = gemv_ex(x, wt, mean, thr, bias, stripe, norm_w=norm_w, eps=eps)
+        return rope_cache(y, pos, cos, sin, kc, vc, hq, hkv)
+    q = torch.empty((1, hq * hd), dtype=x.dtype, device=x.device)
+    gemv_ex(x, wt, mean, thr, bias, stripe, norm_w=norm_w, eps=eps, config=cfg, compact=False,
+            rope=(pos, cos, sin, q, kc, vc, hq, hkv))
+    return q
 
 
 def _norm(x, norm_w, eps):

@@ -12,7 +12,8 @@ cuBLAS (`F.linear`/`addmm`) for dense matrices, the granular sparse GEMV (`cwic_
 ones. RoPE + cache writes, attention and the greedy argmax are the same Triton kernels for both; the
 RMSNorms are a Triton kernel before each dense matrix and are computed inside the CWIC kernels that
 read the normalised vector (`fuse_norm`; CWIC_FUSE_NORM=0 gives them the separate kernel too, for A/B
-runs). Positions live in a device tensor, and a decode step (embedding → logits → argmax → next input)
+runs). With CWIC_FUSE_ROPE=1 (`fuse_rope`; off by default until it has been run and timed on a GPU) the
+CWIC q/k/v kernel of one token also applies RoPE and writes the cache. Positions live in a device tensor, and a decode step (embedding → logits → argmax → next input)
 has no host synchronisation, so it is captured once and replayed. On the CPU the engine runs the same code with the
 PyTorch twins of the kernels (`triton=True` runs the Triton kernels there under TRITON_INTERPRET=1).
 
@@ -228,6 +229,9 @@ class DecodeEngine:
         self.use_graph = cuda_graph and self.device.type == "cuda"
         # RMSNorm fused into the CWIC kernels that consume it (CWIC_FUSE_NORM=0: a separate kernel, for A/B)
         self.fuse_norm = os.environ.get("CWIC_FUSE_NORM", "1") != "0"
+        # RoPE and the cache writes in the epilogue of the CWIC q/k/v kernel of one token (CWIC_FUSE_ROPE=1). Off by
+        # default: tested under the Triton interpreter only, not yet timed (nor run) on a GPU
+        self.fuse_rope = os.environ.get("CWIC_FUSE_ROPE", "0") == "1"
         self.graph = None
 
     def refresh(self) -> None:
@@ -272,14 +276,21 @@ class DecodeEngine:
         h = F.embedding(ids, w.embed)                               # (T, d)
         fuse = self.fuse_norm
         for li, L in enumerate(w.layers):
-            if fuse and len(L.qkv) == 1:     # RMSNorm inside the CWIC kernels (dense: a kernel before)
-                qkv = self._lin(L.qkv[0], h, norm=(L.ln1, w.eps))
+            lin = L.qkv[0]
+            if fuse and len(L.qkv) == 1 and lin.kind == "cwic" and ids.shape[0] == 1 and self.fuse_rope \
+                    and K.supports_stripe(lin.stripe, lin.out_features):
+                # one token: norm, q/k/v product, RoPE and the cache writes in one CWIC launch
+                q = K.qkv_rope(h, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, self.pos, self.cos, self.sin,
+                               self.kc[li], self.vc[li], w.n_heads, w.n_kv_heads, norm_w=L.ln1, eps=w.eps)
             else:
-                xn = K.rmsnorm(h, L.ln1, w.eps)
-                qkv = [self._lin(q, xn) for q in L.qkv]
-                qkv = qkv[0] if len(qkv) == 1 else torch.cat(qkv, 1)
-            q = K.rope_cache(qkv, self.pos, self.cos, self.sin, self.kc[li], self.vc[li],
-                             w.n_heads, w.n_kv_heads)
+                if fuse and len(L.qkv) == 1:     # RMSNorm inside the CWIC kernels (dense: a kernel before)
+                    qkv = self._lin(lin, h, norm=(L.ln1, w.eps))
+                else:
+                    xn = K.rmsnorm(h, L.ln1, w.eps)
+                    qkv = [self._lin(q, xn) for q in L.qkv]
+                    qkv = qkv[0] if len(qkv) == 1 else torch.cat(qkv, 1)
+                q = K.rope_cache(qkv, self.pos, self.cos, self.sin, self.kc[li], self.vc[li],
+                                 w.n_heads, w.n_kv_heads)
             att = K.decode_attention(q, self.kc[li], self.vc[li], self.pos, w.n_heads, w.scaling)
             h = self._lin(L.o, att, residual=h)
             if fuse:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .gemv import ACT_IDS, _act, _pdl_enter, pdl_kw, use_pdl
+from .gemv import ACT_IDS, _act, _pdl_enter, pdl_args
 
 # ------------------------------------------------------------------------------------ RMSNorm
 
@@ -32,9 +32,8 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     T, D = x.shape
     y = torch.empty_like(x)
     block = triton.next_power_of_2(D)
-    pdl = use_pdl(x.device)
-    _rmsnorm_kernel[(T,)](x, w, y, D, eps, x.stride(0), y.stride(0), BLOCK=block, USE_PDL=pdl,
-                          num_warps=4 if block <= 2048 else 8, **pdl_kw(pdl))
+    _rmsnorm_kernel[(T,)](x, w, y, D, eps, x.stride(0), y.stride(0), BLOCK=block,
+                          num_warps=4 if block <= 2048 else 8, **pdl_args(x.device))
     return y
 
 
@@ -81,10 +80,9 @@ def rope_cache(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: tor
     T = qkv.shape[0]
     hd = kc.shape[-1]
     q = torch.empty((T, hq * hd), dtype=qkv.dtype, device=qkv.device)
-    pdl = use_pdl(qkv.device)
     _rope_cache_kernel[(T, hq + 2 * hkv)](qkv, q, kc, vc, cos, sin, pos, hq, hkv, qkv.stride(0),
-                                          q.stride(0), kc.stride(0), HALF=hd // 2, USE_PDL=pdl, num_warps=1,
-                                          **pdl_kw(pdl))
+                                          q.stride(0), kc.stride(0), HALF=hd // 2, num_warps=1,
+                                          **pdl_args(qkv.device))
     return q
 
 
@@ -141,9 +139,8 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: t
     T = q.shape[0]
     hkv, hd = kc.shape[1], kc.shape[2]
     o = torch.empty_like(q)
-    pdl = use_pdl(q.device)
     _attn_kernel[(T, hq)](q, kc, vc, o, pos, sm_scale, q.stride(0), kc.stride(0), o.stride(0),
-                          GROUP=hq // hkv, HD=hd, BLOCK_T=block_t, USE_PDL=pdl, num_warps=4, **pdl_kw(pdl))
+                          GROUP=hq // hkv, HD=hd, BLOCK_T=block_t, num_warps=4, **pdl_args(q.device))
     return o
 
 
@@ -183,10 +180,9 @@ def act_mul(gu: torch.Tensor, act: str = "silu") -> torch.Tensor:
     F_ = F2 // 2
     y = torch.empty((T, F_), dtype=gu.dtype, device=gu.device)
     block = 1024
-    pdl = use_pdl(gu.device)
     _act_mul_kernel[(T, triton.cdiv(F_, block))](gu, y, F_, gu.stride(0), y.stride(0),
-                                                 ACT=ACT_IDS[act], BLOCK=block, USE_PDL=pdl, num_warps=4,
-                                                 **pdl_kw(pdl))
+                                                 ACT=ACT_IDS[act], BLOCK=block, num_warps=4,
+                                                 **pdl_args(gu.device))
     return y
 
 
@@ -244,9 +240,8 @@ def argmax(logits: torch.Tensor, block: int = 1024) -> torch.Tensor:
                                 torch.empty(grid, dtype=torch.int32, device=logits.device),
                                 torch.zeros(1, dtype=torch.int32, device=logits.device))
     out = torch.empty(1, dtype=torch.int64, device=logits.device)
-    pdl = use_pdl(logits.device)
     _argmax_kernel[(grid,)](logits, out, ws[0], ws[1], ws[2], V, BLOCK=block,
-                            NP=triton.next_power_of_2(grid), USE_PDL=pdl, num_warps=4, **pdl_kw(pdl))
+                            NP=triton.next_power_of_2(grid), num_warps=4, **pdl_args(logits.device))
     return out
 
 

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import ACT_IDS, _act, _pdl_enter, pdl_kw, use_pdl
+from .gemv import ACT_IDS, _act, _pdl_enter, check_args, pdl_args
 from .gemv_compact import _select_block, _select_pre, _slot_products
 
 __all__ = ["ffn_updown", "ffn_gate_updown", "gate_fusable", "ffn_updown_config", "TUNED_UPDOWN"]
@@ -229,18 +229,15 @@ def ffn_updown(x: torch.Tensor, up_w: torch.Tensor, down_wt: torch.Tensor, a: to
     arr = ws["arr"]
     if norm_w is not None:
         assert norm_w.shape == (d,) and norm_w.is_contiguous()
-    pdl = use_pdl(x.device)
     _ffn_updown_kernel[cfg["grid"]](x, up_w, down_wt, a, residual if residual is not None else y, y,
                                     ws["idx"], ws["acc"], arr, norm_w if norm_w is not None else x,
                                     d, F_, float(eps),
                                     BLOCK_U=cfg["BLOCK_U"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"],
                                     COPIES=cfg["COPIES"], HAS_RES=residual is not None,
                                     EVEN_D=cfg["BLOCK_D"] == d, NORM=norm_w is not None, PIPE=cfg["PIPE"],
-                                    USE_PDL=pdl, num_warps=cfg["num_warps"],
-                                    num_stages=cfg["num_stages"], **pdl_kw(pdl))
+                                    num_warps=cfg["num_warps"],
+                                    num_stages=cfg["num_stages"], **pdl_args(x.device))
     return y
-
-
 
 
 def gate_fusable(stripe: int, F: int, block_u: int = 32) -> bool:
@@ -262,7 +259,6 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
     gate_bias (F,) fp32 or None; unit_thr (F,) fp32; norm_w: fused RMSNorm of x. The gated activation a of
     the launch stays in the workspace (`_workspace(...)["a"]`). Tiles: `ffn_updown_config`; block_g: active
     inputs gathered a step in the gate part."""
-    from .gemv import check_args
     B, d = x.shape
     F_ = gate_wt.shape[1]
     assert B == 1, "ffn_gate_updown runs one token"
@@ -283,7 +279,6 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
         ws["gval"] = torch.zeros(grid * cfg["BLOCK_D"], dtype=torch.float32, device=x.device)
         ws["a"] = torch.zeros((1, F_), dtype=torch.float32, device=x.device)
     bg = min(max(16, triton.next_power_of_2(block_g)), cfg["BLOCK_D"])   # never past a program's scratch region
-    pdl = use_pdl(x.device)
     _ffn_gate_updown_kernel[cfg["grid"]](
         x, gate_wt, gate_mean, gate_thr, gate_bias if gate_bias is not None else unit_thr, unit_thr, up_w, down_wt,
         ws["a"], residual if residual is not None else y, y, ws["gidx"], ws["gval"], ws["idx"], ws["acc"], ws["arr"],
@@ -291,5 +286,5 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
         BLOCK_U=cfg["BLOCK_U"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"], BLOCK_G=bg, COPIES=cfg["COPIES"],
         HAS_RES=residual is not None, EVEN_D=cfg["BLOCK_D"] == d, EVEN_U=F_ % cfg["BLOCK_U"] == 0,
         NORM=norm_w is not None, PIPE=cfg["PIPE"], ACT=ACT_IDS[act], HAS_BIAS=gate_bias is not None,
-        USE_PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kw(pdl))
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(x.device))
     return y

@@ -81,6 +81,12 @@ def pdl_kw(on: bool) -> dict:
     return {"launch_pdl": True} if on else {}
 
 
+def pdl_args(device: torch.device) -> dict:
+    """A kernel's USE_PDL argument and launch options on `device` (`use_pdl`), for `kernel[grid](..., **pdl_args)`."""
+    on = use_pdl(device)
+    return {"USE_PDL": on, **pdl_kw(on)}
+
+
 @triton.jit
 def _pdl_enter(USE_PDL: tl.constexpr):
     """First statement of every kernel that may be launched with PDL: wait for the previous grid (its
@@ -506,7 +512,6 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
     if act is not None:
         assert unit_thr is not None and unit_thr.dtype == torch.float32
     dummy = y
-    pdl = use_pdl(x.device)
     if rope is not None:
         pos, cos, sin, q_out, kc, vc, hq, hkv = rope
         assert B == 1 and cfg["BLOCK_M"] == kc.shape[-1] and m == (hq + 2 * hkv) * kc.shape[-1], (cfg, m)
@@ -523,8 +528,8 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
         MASK_MODE=mask_mode, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         ACT=ACT_IDS[act], EVEN_M=(m % cfg["BLOCK_M"] == 0),
         DOT_F32=(INTERPRET or wt.dtype == torch.float32), PIPE=cfg.get("pipe", False),
-        NORM=norm_w is not None, NB=triton.next_power_of_2(n), USE_PDL=pdl, ROPE=rope is not None,
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **pdl_kw(pdl))
+        NORM=norm_w is not None, NB=triton.next_power_of_2(n), ROPE=rope is not None,
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **pdl_args(x.device))
     return y
 
 
@@ -584,11 +589,10 @@ def ffn_up(x: torch.Tensor, up_w: torch.Tensor, a: torch.Tensor, config: dict | 
     bu = cfg.get("BLOCK_U", 8 if bb == 1 else 16)
     bd = cfg.get("BLOCK_D", min(1024 if bb == 1 else 128, triton.next_power_of_2(d)))
     grid = (triton.cdiv(F_, bu), triton.cdiv(B, bb))
-    pdl = use_pdl(x.device)
     _ffn_up_kernel[grid](x, up_w, a, h, B, d, F_, x.stride(0), a.stride(0), h.stride(0),
                          BLOCK_B=bb, BLOCK_U=bu, BLOCK_D=bd,
-                         DOT_F32=(INTERPRET or up_w.dtype == torch.float32), USE_PDL=pdl,
-                         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **pdl_kw(pdl))
+                         DOT_F32=(INTERPRET or up_w.dtype == torch.float32),
+                         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **pdl_args(x.device))
     return h
 
 

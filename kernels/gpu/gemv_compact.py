@@ -50,12 +50,7 @@ import triton.language as tl
 
 from . import gemv as G
 from .gemv import (ACT_IDS, INTERPRET, MASK_NONE, MASK_NONZERO, MASK_THRESHOLD, _gmm_epilogue, _load_rows,
-                   _mask_post, _mask_pre, _pdl_enter, _rstd, pdl_kw, use_pdl)
-
-try:  # programmatic dependent launch (Hopper+); only traced when config pdl=True
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - older Triton
-    gdc_launch_dependents = gdc_wait = None
+                   _mask_post, _mask_pre, _pdl_enter, _rstd, gdc_launch_dependents, gdc_wait, pdl_kw, use_pdl)
 
 __all__ = ["gemv_compact", "compact_config", "TUNED_COMPACT", "MASK_THRESHOLD", "MASK_NONZERO", "MASK_NONE"]
 

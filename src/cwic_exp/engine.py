@@ -13,8 +13,8 @@ ones. RoPE + cache writes, attention and the greedy argmax are the same Triton k
 RMSNorms are a Triton kernel before each dense matrix and are computed inside the CWIC kernels that
 read the normalised vector (`fuse_norm`; CWIC_FUSE_NORM=0 gives them the separate kernel too, for A/B
 runs). With CWIC_FUSE_ROPE=1 (`fuse_rope`; off by default until it has been run and timed on a GPU) the
-CWIC q/k/v kernel of one token also applies RoPE and writes the cache. Positions live in a device tensor, and a decode step (embedding → logits → argmax → next input)
-has no host synchronisation, so it is captured once and replayed. On the CPU the engine runs the same code with the
+CWIC q/k/v kernel of one token also applies RoPE and writes the cache. Positions live in a device tensor,
+and a decode step (embedding → logits → argmax → next input) has no host synchronisation, so it is captured once and replayed. On the CPU the engine runs the same code with the
 PyTorch twins of the kernels (`triton=True` runs the Triton kernels there under TRITON_INTERPRET=1).
 
 Prefill runs the same kernels eagerly over all prompt tokens (the small-batch GEMV path: correct for
@@ -269,6 +269,25 @@ class DecodeEngine:
         return self.K.ffn(x, g.wt, g.mean, g.thr, g.bias, g.stripe, f.up_w, f.down_wt, f.unit_thr,
                           f.act, residual=residual, norm_w=nw, eps=eps)
 
+    def _q_and_cache(self, li: int, L: Layer, h: torch.Tensor) -> torch.Tensor:
+        """Layer li's rotated queries for the residual stream h (T, d); its rotated keys and values go to the
+        cache."""
+        w, K = self.w, self.K
+        lin = L.qkv[0]
+        fused = self.fuse_norm and len(L.qkv) == 1      # one q/k/v matrix: RMSNorm inside the CWIC kernels
+        if fused and self.fuse_rope and lin.kind == "cwic" and h.shape[0] == 1 \
+                and K.supports_stripe(lin.stripe, lin.out_features):
+            # one token: norm, q/k/v product, RoPE and the cache writes in one CWIC launch
+            return K.qkv_rope(h, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, self.pos, self.cos, self.sin,
+                              self.kc[li], self.vc[li], w.n_heads, w.n_kv_heads, norm_w=L.ln1, eps=w.eps)
+        if fused:   # (dense: a norm kernel before the product)
+            qkv = self._lin(lin, h, norm=(L.ln1, w.eps))
+        else:
+            xn = K.rmsnorm(h, L.ln1, w.eps)
+            qkv = [self._lin(q, xn) for q in L.qkv]
+            qkv = qkv[0] if len(qkv) == 1 else torch.cat(qkv, 1)
+        return K.rope_cache(qkv, self.pos, self.cos, self.sin, self.kc[li], self.vc[li], w.n_heads, w.n_kv_heads)
+
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, last_only: bool = True) -> torch.Tensor:
         """Tokens ids (T,) at positions self.pos[0] + t: write the cache, return logits (1 or T, V)."""
@@ -276,21 +295,7 @@ class DecodeEngine:
         h = F.embedding(ids, w.embed)                               # (T, d)
         fuse = self.fuse_norm
         for li, L in enumerate(w.layers):
-            lin = L.qkv[0]
-            if fuse and len(L.qkv) == 1 and lin.kind == "cwic" and ids.shape[0] == 1 and self.fuse_rope \
-                    and K.supports_stripe(lin.stripe, lin.out_features):
-                # one token: norm, q/k/v product, RoPE and the cache writes in one CWIC launch
-                q = K.qkv_rope(h, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, self.pos, self.cos, self.sin,
-                               self.kc[li], self.vc[li], w.n_heads, w.n_kv_heads, norm_w=L.ln1, eps=w.eps)
-            else:
-                if fuse and len(L.qkv) == 1:     # RMSNorm inside the CWIC kernels (dense: a kernel before)
-                    qkv = self._lin(lin, h, norm=(L.ln1, w.eps))
-                else:
-                    xn = K.rmsnorm(h, L.ln1, w.eps)
-                    qkv = [self._lin(q, xn) for q in L.qkv]
-                    qkv = qkv[0] if len(qkv) == 1 else torch.cat(qkv, 1)
-                q = K.rope_cache(qkv, self.pos, self.cos, self.sin, self.kc[li], self.vc[li],
-                                 w.n_heads, w.n_kv_heads)
+            q = self._q_and_cache(li, L, h)
             att = K.decode_attention(q, self.kc[li], self.vc[li], self.pos, w.n_heads, w.scaling)
             h = self._lin(L.o, att, residual=h)
             if fuse:

@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ["experiments/bench_decode.py", "--device", "cpu", "--help"],
     ["experiments/bench_decode.py", "--device", "cuda", "--help"],
     ["-m", "experiments.bench.cpu_ab", "--help"],
+    ["experiments/bench/gpu_tune_decode.py", "--help"],
+    ["experiments/bench/gpu_profile_step.py", "--help"],
 ])
 def test_bench_help_parses(argv):
     r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -29,7 +29,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_decode import CONFIGS, build_model, collect_calibration, kernel_breakdown, measure_apr, set_density  # noqa: E402
+from gpu_decode import (CONFIGS, build_model, collect_calibration, kernel_breakdown, measure_apr,  # noqa: E402
+                        set_density)
 from gpu_kernels import ensure_imports, save_outputs  # noqa: E402
 
 QKV, O, HEAD, FFN = "qkv", "o", "head", "ffn"
@@ -227,7 +228,8 @@ def main(argv=None):
 
     lines = [f"# Decode-step tile tuning — {gpu}, torch {torch.__version__}",
              f"Llama-3.2-{args.model}-shaped, random weights, bf16, stripe 512, APR {apr['apr']:.2f} (target "
-             f"{args.apr:g}); median of {args.repeats} × {args.tokens} decode steps; dense engine {dense:.1f} tok/s.", "",
+             f"{args.apr:g}); median of {args.repeats} × {args.tokens} decode steps; dense engine "
+             f"{dense:.1f} tok/s.", "",
              "| variant | tok/s | vs current | × dense |", "|---|---|---|---|"]
     for k, v in results.items():
         lines.append(f"| {k} | {'failed' if v is None else f'{v:.1f}'} | "

@@ -47,15 +47,22 @@ def rmsnorm_ref(x, w, eps):
 
 @triton.jit
 def _rope_cache_kernel(QKV, Q, KC, VC, COS, SIN, POS, HQ, HKV, stride_qkv, stride_q, stride_c,
-                       HALF: tl.constexpr, USE_PDL: tl.constexpr = False):
+                       HALF: tl.constexpr, USE_PDL: tl.constexpr = False, ACC: tl.constexpr = False):
     _pdl_enter(USE_PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)                        # q heads, then k heads, then v heads
     pos = tl.load(POS) + t
     d = tl.arange(0, HALF)
     src = QKV + t * stride_qkv + h * (2 * HALF)
-    x1 = tl.load(src + d).to(tl.float32)
-    x2 = tl.load(src + HALF + d).to(tl.float32)
+    x1 = tl.load(src + d)
+    x2 = tl.load(src + HALF + d)
+    if ACC:   # QKV is the fp32 sum of a `gemv_ex(acc_out=...)`: round it as its epilogue would, zero it for the next
+        x1 = x1.to(KC.dtype.element_ty)
+        x2 = x2.to(KC.dtype.element_ty)
+        tl.store(src + d, tl.zeros((HALF,), dtype=tl.float32))
+        tl.store(src + HALF + d, tl.zeros((HALF,), dtype=tl.float32))
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
     if h < HQ + HKV:
         c = tl.load(COS + pos * HALF + d)
         s = tl.load(SIN + pos * HALF + d)
@@ -74,23 +81,30 @@ def _rope_cache_kernel(QKV, Q, KC, VC, COS, SIN, POS, HQ, HKV, stride_qkv, strid
 
 
 def rope_cache(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               kc: torch.Tensor, vc: torch.Tensor, hq: int, hkv: int) -> torch.Tensor:
+               kc: torch.Tensor, vc: torch.Tensor, hq: int, hkv: int, acc: bool = False) -> torch.Tensor:
     """qkv (T, (hq+2hkv)·hd) → rotated q (T, hq·hd); rotated k and v written to kc/vc (L, hkv, hd) at
-    positions pos[0] + t. cos/sin (max_len, hd/2) fp32 tables (HF's rotary embedding, scaling included)."""
+    positions pos[0] + t. cos/sin (max_len, hd/2) fp32 tables (HF's rotary embedding, scaling included).
+    acc: qkv is the fp32 sum left by `gemv.gemv_ex(acc_out=qkv)`; it is rounded to the cache dtype first (as
+    that kernel's epilogue would round y), q comes out in the cache dtype, and qkv is left zeroed."""
     T = qkv.shape[0]
     hd = kc.shape[-1]
-    q = torch.empty((T, hq * hd), dtype=qkv.dtype, device=qkv.device)
+    assert not acc or (qkv.dtype == torch.float32 and qkv.is_contiguous())
+    q = torch.empty((T, hq * hd), dtype=kc.dtype if acc else qkv.dtype, device=qkv.device)
     _rope_cache_kernel[(T, hq + 2 * hkv)](qkv, q, kc, vc, cos, sin, pos, hq, hkv, qkv.stride(0),
-                                          q.stride(0), kc.stride(0), HALF=hd // 2, num_warps=1,
+                                          q.stride(0), kc.stride(0), HALF=hd // 2, ACC=acc, num_warps=1,
                                           **pdl_args(qkv.device))
     return q
 
 
-def rope_cache_ref(qkv, pos, cos, sin, kc, vc, hq, hkv):
+def rope_cache_ref(qkv, pos, cos, sin, kc, vc, hq, hkv, acc: bool = False):
     T = qkv.shape[0]
     hd = kc.shape[-1]
     half = hd // 2
     p = pos.reshape(-1)[:1].long() + torch.arange(T, device=qkv.device)
+    if acc:
+        src = qkv
+        qkv = qkv.to(kc.dtype, copy=True)
+        src.zero_()
     x = qkv.float().view(T, hq + 2 * hkv, hd)
     c, s = cos[p][:, None, :], sin[p][:, None, :]
     x1, x2 = x[..., :half], x[..., half:]
@@ -121,12 +135,12 @@ def _attn_kernel(Q, KC, VC, O, POS, sm_scale, stride_q, stride_c, stride_o,
         valid = offs <= last
         kv_off = offs.to(tl.int64)[:, None] * stride_c + kvh * HD + d[None, :]
         k = tl.load(KC + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
+        v = tl.load(VC + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)   # in flight with k
         sc = tl.sum(k * q[None, :], axis=1)
         sc = tl.where(valid, sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=0))
         p = tl.exp(sc - m_new)
         alpha = tl.exp(m_i - m_new)
-        v = tl.load(VC + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         m_i = m_new

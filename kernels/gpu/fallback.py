@@ -17,8 +17,13 @@ __all__ = ["gemv_ex_ref", "gemv_qkv_rope_ref", "ffn_up_ref", "ffn_ref", "rmsnorm
 
 def gemv_ex_ref(x, wt, mean, thr, bias, stripe, *, residual=None, act=None, unit_thr=None,
                 mask_mode=MASK_THRESHOLD, out_dtype=None, out=None, config=None, compact=None, norm_w=None,
-                eps=1e-6):
+                eps=1e-6, acc_out=None):
     n, m = wt.shape
+    if acc_out is not None:   # `gemv.gemv_ex(acc_out=...)`: the fp32 product (+ bias) added into acc_out
+        assert residual is None and act is None and out is None
+        acc_out += gemv_ex_ref(x, wt, mean, thr, bias, stripe, mask_mode=mask_mode, out_dtype=torch.float32,
+                               norm_w=norm_w, eps=eps)
+        return acc_out
     if norm_w is not None:
         x = rmsnorm_ref(x, norm_w, eps)
     xf = x.float()
@@ -58,7 +63,11 @@ def ffn_up_ref(x, up_w, a, config=None):
 
 
 def ffn_ref(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt, unit_thr, act="silu",
-            residual=None, fused=None, norm_w=None, eps=1e-6):
+            residual=None, fused=None, norm_w=None, eps=1e-6, x_acc=None):
+    if x_acc is not None:   # `gemv.ffn(x_acc=...)`: the input and residual are (x_acc + x) in x's dtype
+        assert residual is x
+        x = residual = (x_acc + x.float()).to(x.dtype)
+        x_acc.zero_()
     if norm_w is not None:
         x = rmsnorm_ref(x, norm_w, eps)
     a = gemv_ex_ref(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, act=act, unit_thr=unit_thr)

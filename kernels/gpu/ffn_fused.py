@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import ACT_IDS, _act, _pdl_enter, check_args, pdl_args
+from .gemv import ACT_IDS, _act, _mask_x, _pdl_enter, check_args, pdl_args
 from .gemv_compact import _select_block, _select_pre, _slot_products
 
 __all__ = ["ffn_updown", "ffn_gate_updown", "gate_fusable", "ffn_updown_config", "TUNED_UPDOWN"]
@@ -66,13 +66,23 @@ def _step_sum(av, wu, wd, x):
 
 
 @triton.jit
+def _load_h(X, XACC, offs, mask, X_ACC: tl.constexpr):
+    """x[offs] in x's dtype; X_ACC: plus the fp32 sum XACC left by `gemv.gemv_ex(acc_out=...)`, rounded to x's
+    dtype as that kernel's epilogue would round (sum + residual)."""
+    x = tl.load(X + offs, mask=mask, other=0.0)
+    if X_ACC:
+        x = (tl.load(XACC + offs, mask=mask, other=0.0) + x.to(tl.float32)).to(X.dtype.element_ty)
+    return x
+
+
+@triton.jit
 def _ffn_updown_kernel(X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
                        BLOCK_U: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                        COPIES: tl.constexpr, HAS_RES: tl.constexpr, EVEN_D: tl.constexpr, NORM: tl.constexpr,
                        PIPE: tl.constexpr, USE_PDL: tl.constexpr = False):
     _pdl_enter(USE_PDL)
     _updown_body(tl.program_id(0), X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps, BLOCK_U, BLOCK_S,
-                 BLOCK_D, COPIES, HAS_RES, EVEN_D, NORM, PIPE)
+                 BLOCK_D, COPIES, HAS_RES, EVEN_D, NORM, PIPE, X, False)
 
 
 @triton.jit
@@ -81,11 +91,13 @@ def _ffn_gate_updown_kernel(X, GWT, GMEAN, GTHR, GBIAS, UTHR, UP, DOWNT, A, RES,
                             BLOCK_U: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                             BLOCK_G: tl.constexpr, COPIES: tl.constexpr, HAS_RES: tl.constexpr,
                             EVEN_D: tl.constexpr, EVEN_U: tl.constexpr, NORM: tl.constexpr, PIPE: tl.constexpr,
-                            ACT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr = False):
+                            ACT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr = False,
+                            XACC=None, X_ACC: tl.constexpr = False):
     """The whole gated FFN of one token, a program per BLOCK_U units: the gate's BLOCK_U columns over every
     input (the stripe's active inputs compacted into a private scratch region, then only their rows read:
     `gemv_compact`'s fused mode with one chunk, so no split-K round trip), + folded bias, act, unit mask → a
-    (also stored to A), then `_updown_body` on the same units."""
+    (also stored to A), then `_updown_body` on the same units. X_ACC: the input is x + XACC (`_load_h`), which
+    is also the residual; the last program zeroes XACC."""
     p = tl.program_id(0)
     units = p * BLOCK_U + tl.arange(0, BLOCK_U)
     umask = units < F
@@ -97,7 +109,19 @@ def _ffn_gate_updown_kernel(X, GWT, GMEAN, GTHR, GBIAS, UTHR, UP, DOWNT, A, RES,
     gb = tl.zeros((BLOCK_U,), dtype=tl.float32)
     if HAS_BIAS:
         gb = tl.load(GBIAS + units, mask=umask, other=0.0)
-    rows, xc, on, pos, cnt = _select_block(X, mu, t, w, 0, D, eps, BLOCK_D, 0, NORM, BLOCK_D)
+    if X_ACC:   # as _select_block, on x + XACC (loaded once for the norm and the mask)
+        rows = tl.arange(0, BLOCK_D)
+        xr = _load_h(X, XACC, rows, rows < D, True)
+        rstd = 1.0
+        if NORM:
+            xf = xr.to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
+        xc, on = _mask_x(xr, rows, D, mu, t, w, rstd, 0, NORM)
+        on_i = on.to(tl.int32)
+        pos = tl.cumsum(on_i, axis=0) - on_i
+        cnt = tl.sum(on_i, axis=0)
+    else:
+        rows, xc, on, pos, cnt = _select_block(X, mu, t, w, 0, D, eps, BLOCK_D, 0, NORM, BLOCK_D)
     gbase = p.to(tl.int64) * BLOCK_D
     tl.store(GIDX + gbase + pos, rows, mask=on)
     tl.store(GVAL + gbase + pos, xc, mask=on)
@@ -106,21 +130,22 @@ def _ffn_gate_updown_kernel(X, GWT, GMEAN, GTHR, GBIAS, UTHR, UP, DOWNT, A, RES,
     acc2 = _slot_products(GIDX, GVAL, GWT, gbase, slots, cnt, units, umask, F, EVEN_U)
     for j0 in range(BLOCK_G, cnt, BLOCK_G):
         acc2 += _slot_products(GIDX, GVAL, GWT, gbase, j0 + slots, cnt, units, umask, F, EVEN_U)
-    g = tl.sum(acc2, axis=0) + gb                   # as gemv._gmm_epilogue: + bias, act, unit mask
+    g = tl.sum(acc2, axis=0) + gb                   # as gemv._epi_finish: + bias, act, unit mask
     av = _act(g, ACT)
     av = tl.where(tl.abs(av) >= u_thr, av, 0.0)
     tl.store(A + units, av, mask=umask)
     tl.debug_barrier()                              # a is visible to all the block's threads
     _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps, BLOCK_U, BLOCK_S, BLOCK_D, COPIES,
-                 HAS_RES, EVEN_D, NORM, PIPE)
+                 HAS_RES, EVEN_D, NORM, PIPE, XACC, X_ACC)
 
 
 @triton.jit
 def _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
                  BLOCK_U: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                  COPIES: tl.constexpr, HAS_RES: tl.constexpr, EVEN_D: tl.constexpr, NORM: tl.constexpr,
-                 PIPE: tl.constexpr):
-    """Program p of the up/down projections: its units' a → active units → W_up and W_downᵀ rows → atomics."""
+                 PIPE: tl.constexpr, XACC, X_ACC: tl.constexpr):
+    """Program p of the up/down projections: its units' a → active units → W_up and W_downᵀ rows → atomics.
+    X_ACC: x is x + XACC (`_load_h`) and the residual is that x (RES = X); the last program zeroes XACC."""
     units = p * BLOCK_U + tl.arange(0, BLOCK_U)
     umask = units < F
     a = tl.load(A + units, mask=umask, other=0.0)
@@ -132,7 +157,7 @@ def _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
     tl.store(IDX + base + pos, units, mask=on)
     ds = tl.arange(0, BLOCK_D)
     dmask = ds < D
-    x = tl.load(X + ds, mask=dmask, other=0.0)
+    x = _load_h(X, XACC, ds, dmask, X_ACC)
     if NORM:   # x is the raw residual stream: RMSNorm it as decode.rmsnorm does (rounded to x's dtype)
         xf = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
@@ -164,7 +189,9 @@ def _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
         for c in tl.static_range(COPIES):           # unrolled: all loads in flight
             tot += tl.load(YACC + c * BLOCK_D + ds, mask=dmask, other=0.0, cache_modifier=".cg")
         if HAS_RES:
-            tot += tl.load(RES + ds, mask=dmask, other=0.0).to(tl.float32)
+            tot += _load_h(RES, XACC, ds, dmask, X_ACC).to(tl.float32)
+        if X_ACC:   # every program has read XACC before arriving: clear it for its next producer
+            tl.store(XACC + ds, tl.zeros((BLOCK_D,), dtype=tl.float32), mask=dmask)
         tl.store(Y + ds, tot.to(Y.dtype.element_ty), mask=dmask)
         for c in tl.static_range(COPIES):
             tl.store(YACC + c * BLOCK_D + ds, tl.zeros((BLOCK_D,), dtype=tl.float32), mask=dmask)
@@ -173,8 +200,10 @@ def _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
 
 # (d, F) -> overrides: the fastest tiles of the H100 sweep (`bench_kernels.py --device cuda --compact
 # --ffn-updown`, experiments/results/gpu_ffn_updown.md) at 66% zero units.
+# block_g: the one-launch FFN's gate gathers 512 active inputs a step, not 256: +1.6 % decode tokens/s on the H200
+# (experiments/bench/gpu_tune_decode.py, experiments/results/gpu_h200/tune_2026-12-02_1/; 128 and 64 were slower).
 TUNED_UPDOWN: dict = {
-    (2048, 8192): dict(block_s=4, pipe=True),     # 15.0 µs vs 16.8 unpipelined, 19.2 two kernels
+    (2048, 8192): dict(block_s=4, pipe=True, block_g=512),   # 15.0 µs vs 16.8 unpipelined, 19.2 two kernels
 }
 _WORKSPACES: dict = {}
 
@@ -184,8 +213,9 @@ def ffn_updown_config(d: int, F: int, **overrides) -> dict:
     BLOCK_S active units a step (their W_up and W_downᵀ rows, (BLOCK_S, d) each, are loaded together),
     num_warps (default: about 64 bf16 weights a thread a tile), num_stages (software pipelining of the
     step loop), copies (accumulators the programs' atomic additions are spread over; the last program
-    sums them), pipe (the next step's rows loaded while this step's are reduced: twice the registers)."""
-    p = dict(block_u=32, block_s=8, num_warps=None, num_stages=1, copies=1, pipe=False)
+    sums them), pipe (the next step's rows loaded while this step's are reduced: twice the registers),
+    block_g (`ffn_gate_updown` only: the gate's active inputs gathered a step)."""
+    p = dict(block_u=32, block_s=8, num_warps=None, num_stages=1, copies=1, pipe=False, block_g=256)
     p.update(TUNED_UPDOWN.get((d, F), {}) if not overrides else {})
     p.update(overrides)
     bd = triton.next_power_of_2(d)
@@ -193,7 +223,8 @@ def ffn_updown_config(d: int, F: int, **overrides) -> dict:
     bs = min(p["block_s"], bu)
     nw = p["num_warps"] or max(1, min(16, bs * bd // (64 * 32)))
     return dict(BLOCK_U=bu, BLOCK_S=bs, BLOCK_D=bd, COPIES=int(p["copies"]), grid=(triton.cdiv(F, bu),),
-                num_warps=nw, num_stages=int(p["num_stages"]), PIPE=bool(p["pipe"]))
+                num_warps=nw, num_stages=int(p["num_stages"]), PIPE=bool(p["pipe"]),
+                BLOCK_G=min(max(16, triton.next_power_of_2(int(p["block_g"]))), bd))
 
 
 def _workspace(device: torch.device, d: int, F: int, cfg: dict) -> dict:
@@ -252,13 +283,15 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
                     unit_thr: torch.Tensor, act: str = "silu", residual: torch.Tensor | None = None,
                     out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
                     config: dict | None = None, norm_w: torch.Tensor | None = None, eps: float = 1e-6,
-                    block_g: int = 256) -> torch.Tensor:
+                    block_g: int | None = None, x_acc: torch.Tensor | None = None) -> torch.Tensor:
     """The whole CWIC gated FFN of one token in one launch (`gemv.ffn` semantics, B = 1): the gate's granular
     GEMV (thresholds, act, unit mask) for each program's BLOCK_U units, then their up/down rows as
     `ffn_updown` does. gate_wt (d, F) input-major; gate_mean (d,) or per stripe (k, d) fp32; gate_thr (k, d);
     gate_bias (F,) fp32 or None; unit_thr (F,) fp32; norm_w: fused RMSNorm of x. The gated activation a of
-    the launch stays in the workspace (`_workspace(...)["a"]`). Tiles: `ffn_updown_config`; block_g: active
-    inputs gathered a step in the gate part."""
+    the launch stays in the workspace (`_workspace(...)["a"]`). Tiles: `ffn_updown_config`; block_g (default: the
+    config's BLOCK_G): active inputs gathered a step in the gate part. x_acc (1, d) fp32: the input is
+    (x_acc + x) rounded to x's dtype (x_acc: the sum of `gemv.gemv_ex(acc_out=...)`, e.g. the o product), residual
+    must then be x and stands for that input too; x_acc is left zeroed."""
     B, d = x.shape
     F_ = gate_wt.shape[1]
     assert B == 1, "ffn_gate_updown runs one token"
@@ -271,6 +304,8 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
         assert residual.shape == (1, d) and residual.stride(1) == 1
     if norm_w is not None:
         assert norm_w.shape == (d,) and norm_w.is_contiguous()
+    if x_acc is not None:
+        assert residual is x and x_acc.shape == (1, d) and x_acc.dtype == torch.float32 and x_acc.is_contiguous()
     y = out if out is not None else torch.empty((1, d), dtype=out_dtype or x.dtype, device=x.device)
     ws = _workspace(x.device, d, F_, cfg)
     if "a" not in ws:   # the gate part's scratch: each program's compacted inputs, and a
@@ -278,7 +313,8 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
         ws["gidx"] = torch.zeros(grid * cfg["BLOCK_D"], dtype=torch.int32, device=x.device)
         ws["gval"] = torch.zeros(grid * cfg["BLOCK_D"], dtype=torch.float32, device=x.device)
         ws["a"] = torch.zeros((1, F_), dtype=torch.float32, device=x.device)
-    bg = min(max(16, triton.next_power_of_2(block_g)), cfg["BLOCK_D"])   # never past a program's scratch region
+    bg = cfg.get("BLOCK_G", 256) if block_g is None else block_g
+    bg = min(max(16, triton.next_power_of_2(bg)), cfg["BLOCK_D"])   # never past a program's scratch region
     _ffn_gate_updown_kernel[cfg["grid"]](
         x, gate_wt, gate_mean, gate_thr, gate_bias if gate_bias is not None else unit_thr, unit_thr, up_w, down_wt,
         ws["a"], residual if residual is not None else y, y, ws["gidx"], ws["gval"], ws["idx"], ws["acc"], ws["arr"],
@@ -286,5 +322,6 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
         BLOCK_U=cfg["BLOCK_U"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"], BLOCK_G=bg, COPIES=cfg["COPIES"],
         HAS_RES=residual is not None, EVEN_D=cfg["BLOCK_D"] == d, EVEN_U=F_ % cfg["BLOCK_U"] == 0,
         NORM=norm_w is not None, PIPE=cfg["PIPE"], ACT=ACT_IDS[act], HAS_BIAS=gate_bias is not None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(x.device))
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(x.device),
+        XACC=x_acc if x_acc is not None else x, X_ACC=x_acc is not None)
     return y

@@ -149,10 +149,17 @@ def _mask1(XR, MEANR, THRR, rows, n_hi, MASK_MODE: tl.constexpr, NWR, rstd, NORM
 @triton.jit
 def _mask_post(XR, rows, n_hi, mu, t, w, rstd, MASK_MODE: tl.constexpr, NORM: tl.constexpr):
     """`_mask1` given its constant operands (`_mask_pre`)."""
+    x = tl.load(XR + rows, mask=rows < n_hi, other=0.0)
+    return _mask_x(x, rows, n_hi, mu, t, w, rstd, MASK_MODE, NORM)
+
+
+@triton.jit
+def _mask_x(x, rows, n_hi, mu, t, w, rstd, MASK_MODE: tl.constexpr, NORM: tl.constexpr):
+    """`_mask_post` given x = XR[rows] already loaded (in XR's dtype): a kernel loads its first block of x
+    together with the fused norm's loads, so the two round trips overlap."""
     nmask = rows < n_hi
-    x = tl.load(XR + rows, mask=nmask, other=0.0)
     if NORM:
-        x = (x.to(tl.float32) * rstd * w).to(XR.dtype.element_ty)
+        x = (x.to(tl.float32) * rstd * w).to(x.dtype)
     x = x.to(tl.float32)
     if MASK_MODE == 0:
         xc = x - mu
@@ -185,7 +192,7 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
                 SPLIT: tl.constexpr, MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_RES: tl.constexpr, ACT: tl.constexpr, EVEN_M: tl.constexpr,
                 DOT_F32: tl.constexpr, PIPE: tl.constexpr, NORM: tl.constexpr, NB: tl.constexpr,
-                USE_PDL: tl.constexpr = False, ROPE: tl.constexpr = False):
+                USE_PDL: tl.constexpr = False, ROPE: tl.constexpr = False, ACC_OUT: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -198,17 +205,22 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
     n_lo = pid_k * CHUNK_N
     n_hi = tl.minimum(n_lo + CHUNK_N, N)
     acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+    omask = bmask[:, None] & cmask[None, :]
     if BLOCK_B == 1:   # one token: the first block's mean, thresholds, norm weights load before the PDL wait
         rows = n_lo + tl.arange(0, BLOCK_N)
         mu, t, nw = _mask_pre(MEAN + r * stride_mk, THR + r * N, rows, n_hi, MASK_MODE, NW, NORM)
     _pdl_enter(USE_PDL)
+    if BLOCK_B == 1:   # the first block of x, in flight together with the fused norm's loads of all of x
+        x0 = tl.load(X + pid_b * stride_xb + rows, mask=rows < n_hi, other=0.0)
+    # the epilogue's operands (bias, unit thresholds, residual) load now, not after the split-K arrival
+    eb, eu, er = _epi_loads(BIAS, RES, UTHR, bs, cols, cmask, omask, stride_rb, HAS_BIAS, HAS_RES, ACT)
     rstd = 1.0
     if NORM:                                             # (one token only) fused RMSNorm of x
         rstd = _rstd(X, N, eps, NB)
     if PIPE:                                             # (one token only)
         # two-stage software pipeline: the next block's mask and weight loads are in flight while the
         # current block is multiplied, so a program waits about one memory round trip per block, not two
-        xc, on = _mask_post(X + pid_b * stride_xb, rows, n_hi, mu, t, nw, rstd, MASK_MODE, NORM)
+        xc, on = _mask_x(x0, rows, n_hi, mu, t, nw, rstd, MASK_MODE, NORM)
         w = _load_rows(WT, rows, cols, M, on, cmask, EVEN_M)
         for n0 in range(n_lo + BLOCK_N, n_hi, BLOCK_N):
             rows2 = n0 + tl.arange(0, BLOCK_N)
@@ -220,12 +232,16 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
             w = w2
         acc += tl.sum(xc[:, None] * w.to(tl.float32), axis=0)[None, :]
     elif BLOCK_B == 1:
-        for n0 in range(n_lo, n_hi, BLOCK_N):
+        xc, on = _mask_x(x0, rows, n_hi, mu, t, nw, rstd, MASK_MODE, NORM)
+        w = _load_rows(WT, rows, cols, M, on, cmask, EVEN_M)
+        mu, t, nw = _mask_pre(MEAN + r * stride_mk, THR + r * N, rows + BLOCK_N, n_hi, MASK_MODE, NW, NORM)
+        acc += tl.sum(xc[:, None] * w.to(tl.float32), axis=0)[None, :]
+        for n0 in range(n_lo + BLOCK_N, n_hi, BLOCK_N):
             rows = n0 + tl.arange(0, BLOCK_N)
             xc, on = _mask_post(X + pid_b * stride_xb, rows, n_hi, mu, t, nw, rstd, MASK_MODE, NORM)
             w = _load_rows(WT, rows, cols, M, on, cmask, EVEN_M)
-            acc += tl.sum(xc[:, None] * w.to(tl.float32), axis=0)[None, :]
             mu, t, nw = _mask_pre(MEAN + r * stride_mk, THR + r * N, rows + BLOCK_N, n_hi, MASK_MODE, NW, NORM)
+            acc += tl.sum(xc[:, None] * w.to(tl.float32), axis=0)[None, :]
     else:
         for n0 in range(n_lo, n_hi, BLOCK_N):
             rows = n0 + tl.arange(0, BLOCK_N)
@@ -262,10 +278,12 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
                 acc = tl.dot(hi, w, acc)
                 acc = tl.dot(lo, w, acc)
 
-    omask = bmask[:, None] & cmask[None, :]
-    if SPLIT == 1:
-        _gmm_epilogue(acc, BIAS, RES, UTHR, Y, bs, cols, cmask, omask, stride_rb, stride_yb,
-                      HAS_BIAS, HAS_RES, ACT)
+    if ACC_OUT:   # the partial sums (+ the folded bias, once) go straight into the fp32 Y: no split-K arrival
+        if HAS_BIAS:
+            acc = tl.where(pid_k == 0, acc + eb[None, :], acc)
+        tl.atomic_add(Y + bs[:, None] * stride_yb + cols[None, :], acc, mask=omask, sem="relaxed", scope="gpu")
+    elif SPLIT == 1:
+        _epi_finish(acc, eb, eu, er, Y, bs, cols, omask, stride_yb, HAS_BIAS, HAS_RES, ACT)
         if ROPE:
             _rope_epilogue(Y, col0, POS, COS, SIN, QO, KC, VC, HQ, HKV, stride_c, BLOCK_M // 2)
     else:
@@ -279,8 +297,7 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
             for s in tl.static_range(SPLIT):               # unrolled: all partial loads in flight
                 off = (s * B + bs[:, None]).to(tl.int64) * M + cols[None, :]
                 tot += tl.load(WS + off, mask=omask, other=0.0, cache_modifier=".cg")
-            _gmm_epilogue(tot, BIAS, RES, UTHR, Y, bs, cols, cmask, omask, stride_rb, stride_yb,
-                          HAS_BIAS, HAS_RES, ACT)
+            _epi_finish(tot, eb, eu, er, Y, bs, cols, omask, stride_yb, HAS_BIAS, HAS_RES, ACT)
             if ROPE:
                 _rope_epilogue(Y, col0, POS, COS, SIN, QO, KC, VC, HQ, HKV, stride_c, BLOCK_M // 2)
             tl.atomic_xchg(CNT + cidx, 0)                # ready for the next launch
@@ -312,16 +329,34 @@ def _rope_epilogue(Y, col0, POS, COS, SIN, QO, KC, VC, HQ, HKV, stride_c, HALF: 
 
 
 @triton.jit
-def _gmm_epilogue(acc, BIAS, RES, UTHR, Y, bs, cols, cmask, omask, stride_rb, stride_yb,
-                  HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr):
+def _epi_loads(BIAS, RES, UTHR, bs, cols, cmask, omask, stride_rb,
+               HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr):
+    """The epilogue's operands: folded bias (BLOCK_M,), unit thresholds (BLOCK_M,), residual (BLOCK_B, BLOCK_M),
+    fp32 (zeros where absent). A kernel loads them early, so the epilogue after a split-K arrival waits for
+    nothing but the partial sums."""
+    eb = tl.zeros(cols.shape, dtype=tl.float32)
+    eu = eb
+    er = tl.zeros(omask.shape, dtype=tl.float32)
     if HAS_BIAS:
-        acc += tl.load(BIAS + cols, mask=cmask, other=0.0)[None, :]
+        eb = tl.load(BIAS + cols, mask=cmask, other=0.0)
+    if ACT >= 0:
+        eu = tl.load(UTHR + cols, mask=cmask, other=0.0)
+    if HAS_RES:
+        er = tl.load(RES + bs[:, None] * stride_rb + cols[None, :], mask=omask, other=0.0).to(tl.float32)
+    return eb, eu, er
+
+
+@triton.jit
+def _epi_finish(acc, eb, eu, er, Y, bs, cols, omask, stride_yb,
+                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr):
+    """The epilogue of an output block: acc (+ bias, act + unit mask, + residual; operands from `_epi_loads`) → Y."""
+    if HAS_BIAS:
+        acc += eb[None, :]
     if ACT >= 0:
         a = _act(acc, ACT)
-        u = tl.load(UTHR + cols, mask=cmask, other=0.0)
-        acc = tl.where(tl.abs(a) >= u[None, :], a, 0.0)
+        acc = tl.where(tl.abs(a) >= eu[None, :], a, 0.0)
     if HAS_RES:
-        acc += tl.load(RES + bs[:, None] * stride_rb + cols[None, :], mask=omask, other=0.0).to(tl.float32)
+        acc += er
     tl.store(Y + bs[:, None] * stride_yb + cols[None, :], acc.to(Y.dtype.element_ty), mask=omask)
 
 
@@ -461,7 +496,8 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
             act: str | None = None, unit_thr: torch.Tensor | None = None, mask_mode: int = MASK_THRESHOLD,
             out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
             config: dict | None = None, compact: bool | None = None,
-            norm_w: torch.Tensor | None = None, eps: float = 1e-6, rope: tuple | None = None) -> torch.Tensor:
+            norm_w: torch.Tensor | None = None, eps: float = 1e-6, rope: tuple | None = None,
+            acc_out: torch.Tensor | None = None) -> torch.Tensor:
     """y = epilogue(GMM(x; wt, mean, thr) + bias): the Triton kernel behind `cwic::gemv`.
 
     x (B, n) any float dtype; wt (n, m); mean (n,) or per stripe (k, n) fp32; thr (k, n) fp32;
@@ -482,11 +518,20 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
     rope = (pos, cos, sin, q_out, kc, vc, hq, hkv): one token of a fused q/k/v product; each output block (the
     config's BLOCK_M must be the head dimension) also applies RoPE and writes q_out and the caches as
     `decode.rope_cache` does (see `gemv_qkv_rope`). Only with this kernel (compact=False).
+
+    acc_out (1, m) fp32: one token, no residual or act: the split-K partials (+ bias) are added into acc_out with
+    atomics (no arrival counter, no epilogue; the order of the additions varies) and acc_out is returned. The
+    caller zeroes it before and finishes the output (rounding, residual) itself.
     """
     B, n = x.shape
     m = wt.shape[1]
     if norm_w is not None and B != 1:
         x, norm_w = _norm(x, norm_w, eps), None
+    if acc_out is not None:
+        assert B == 1 and residual is None and act is None and rope is None and out is None, \
+            "acc_out: one token, no epilogue"
+        assert acc_out.shape == (1, m) and acc_out.dtype == torch.float32 and acc_out.is_contiguous()
+        compact, out, out_dtype = False, acc_out, torch.float32
     if B == 1 and compact is not False and (compact or config is None) and rope is None:
         if compact or (AUTO_COMPACT and (n, m) in _compact.TUNED_COMPACT):
             return _compact.gemv_compact(x, wt, mean, thr, bias, stripe, residual=residual, act=act, unit_thr=unit_thr,
@@ -501,7 +546,7 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
         x, norm_w = _norm(x, norm_w, eps), None
     grid = cfg["grid"]
     split = cfg["SPLIT"]
-    if split > 1:
+    if split > 1 and acc_out is None:
         ws = torch.empty((split, B, m), dtype=torch.float32, device=x.device)
         cnt = _counters(x.device)
         assert grid[0] * grid[2] <= COUNTER_SLOTS
@@ -528,7 +573,7 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
         MASK_MODE=mask_mode, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         ACT=ACT_IDS[act], EVEN_M=(m % cfg["BLOCK_M"] == 0),
         DOT_F32=(INTERPRET or wt.dtype == torch.float32), PIPE=cfg.get("pipe", False),
-        NORM=norm_w is not None, NB=triton.next_power_of_2(n), ROPE=rope is not None,
+        NORM=norm_w is not None, NB=triton.next_power_of_2(n), ROPE=rope is not None, ACC_OUT=acc_out is not None,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **pdl_args(x.device))
     return y
 
@@ -539,8 +584,8 @@ def gemv_qkv_rope(x: torch.Tensor, wt: torch.Tensor, mean, thr, bias, stripe: in
     """One token's fused q/k/v product (wt (n, (hq + 2·hkv)·hd)) followed by `decode.rope_cache`, in one launch:
     returns the rotated q (1, hq·hd) and writes k (rotated) and v into kc/vc (max_len, hkv, hd) at pos[0].
     The masked-load kernel with one head per output block does it in its epilogue; where a head is not a
-    whole number of stripe blocks (stripe % hd ≠ 0), or for a batch, two launches. Tested under the Triton
-    interpreter only so far; the decode engine uses it with CWIC_FUSE_ROPE=1."""
+    whole number of stripe blocks (stripe % hd ≠ 0), or for a batch, two launches. The decode engine uses it
+    with CWIC_FUSE_ROPE=1 (on the H200 no faster than the separate RoPE kernel)."""
     from .decode import rope_cache
     B, n = x.shape
     m = wt.shape[1]
@@ -598,22 +643,32 @@ def ffn_up(x: torch.Tensor, up_w: torch.Tensor, a: torch.Tensor, config: dict | 
 
 def ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int, up_w, down_wt, unit_thr,
         act: str = "silu", residual: torch.Tensor | None = None, fused: bool | None = None,
-        norm_w: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+        norm_w: torch.Tensor | None = None, eps: float = 1e-6, x_acc: torch.Tensor | None = None) -> torch.Tensor:
     """`cwic::ffn`: gate GMM with act + unit mask in its epilogue → active rows of W_up → active rows of
     W_downᵀ (+ residual). No host synchronisation. One token: one launch (`ffn_fused.ffn_gate_updown`: each
     program computes the gate for its own units, then their up and down rows; fp32 atomics, so the last bits
     vary between launches), or two with CWIC_FFN_GATE_FUSED=0 (gate, then `ffn_fused.ffn_updown`), unless
     `fused=False` or the environment sets CWIC_FFN_FUSED=0; a batch, or unfused: three launches.
-    norm_w: x is the raw residual stream, normalised inside the one-token kernels (see `gemv_ex`)."""
+    norm_w: x is the raw residual stream, normalised inside the one-token kernels (see `gemv_ex`).
+    x_acc (1, d) fp32, with residual x: the input (and residual) is (x_acc + x) rounded to x's dtype, x_acc the sum
+    of a `gemv_ex(acc_out=...)` (the o product); the one-launch kernel reads it itself, other paths form it first.
+    x_acc is left zeroed."""
     one = x.shape[0] == 1 and (FUSED_FFN if fused is None else fused)
+    ucfg = _fused.ffn_updown_config(x.shape[1], gate_wt.shape[1])
+    one_launch = one and FUSED_GATE and gate_thr is not None and \
+        _fused.gate_fusable(stripe, gate_wt.shape[1], ucfg["BLOCK_U"])
+    if x_acc is not None:
+        assert residual is x, "x_acc: the residual is the input itself"
+        if not one_launch:   # form the input first
+            x = residual = (x_acc + x.float()).to(x.dtype)
+            x_acc.zero_()
+            x_acc = None
     if norm_w is not None and not one:
         x, norm_w = _norm(x, norm_w, eps), None
-    if one and FUSED_GATE and gate_thr is not None:
-        ucfg = _fused.ffn_updown_config(x.shape[1], gate_wt.shape[1])
-        if _fused.gate_fusable(stripe, gate_wt.shape[1], ucfg["BLOCK_U"]):
-            return _fused.ffn_gate_updown(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt,
-                                          unit_thr, act, residual=residual, out_dtype=x.dtype, config=ucfg,
-                                          norm_w=norm_w, eps=eps)
+    if one_launch:
+        return _fused.ffn_gate_updown(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt,
+                                      unit_thr, act, residual=residual, out_dtype=x.dtype, config=ucfg,
+                                      norm_w=norm_w, eps=eps, x_acc=x_acc)
     a = gemv_ex(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, act=act, unit_thr=unit_thr,
                 norm_w=norm_w, eps=eps)
     if one:

@@ -22,7 +22,7 @@ Here the active rows are listed first, then only they are walked:
    products accumulate in a (BLOCK_N, BLOCK_M) register tile, reduced across rows once at the end.
    Split-K over chunks: partial → workspace, per-output-block arrival counter (acq_rel atomic); the
    last program to arrive sums the partials (unrolled: all loads in flight) and runs
-   `gemv._gmm_epilogue` (+ folded bias, optional activation + unit mask, optional residual), then
+   `gemv._epi_finish` (+ folded bias, optional activation + unit mask, optional residual), then
    resets the counter. No memset, no host synchronisation, fixed grids: CUDA-graph capturable.
 
 Dependent latency chain of a program (typical density, count ≤ BLOCK_N):
@@ -49,8 +49,8 @@ import triton
 import triton.language as tl
 
 from . import gemv as G
-from .gemv import (ACT_IDS, INTERPRET, MASK_NONE, MASK_NONZERO, MASK_THRESHOLD, _gmm_epilogue, _load_rows,
-                   _mask_post, _mask_pre, _pdl_enter, _rstd, gdc_launch_dependents, gdc_wait, pdl_kw, use_pdl)
+from .gemv import (ACT_IDS, INTERPRET, MASK_NONE, MASK_NONZERO, MASK_THRESHOLD, _epi_finish, _epi_loads, _load_rows,
+                   _mask_pre, _mask_x, _pdl_enter, _rstd, gdc_launch_dependents, gdc_wait, pdl_kw, use_pdl)
 
 __all__ = ["gemv_compact", "compact_config", "TUNED_COMPACT", "MASK_THRESHOLD", "MASK_NONZERO", "MASK_NONE"]
 
@@ -68,10 +68,11 @@ def _select_block(X, mu, t, w, c, N, eps, CHUNK: tl.constexpr, MASK_MODE: tl.con
     """Chunk c of stripe r (mu, t, w = `_select_pre(..., r, c, ...)`): (rows, values, on, exclusive prefix
     count of on, count). NORM: fused RMSNorm."""
     rows = c * CHUNK + tl.arange(0, CHUNK)
+    xr = tl.load(X + rows, mask=rows < N, other=0.0)   # in flight together with the norm's loads
     rstd = 1.0
     if NORM:
         rstd = _rstd(X, N, eps, NB)
-    xc, on = _mask_post(X, rows, N, mu, t, w, rstd, MASK_MODE, NORM)   # the masked-load kernel's mask
+    xc, on = _mask_x(xr, rows, N, mu, t, w, rstd, MASK_MODE, NORM)   # the masked-load kernel's mask
     on_i = on.to(tl.int32)
     pos = tl.cumsum(on_i, axis=0) - on_i            # exclusive: slot of each active row
     cnt = tl.sum(on_i, axis=0)
@@ -125,6 +126,10 @@ def _compact_gemv_kernel(X, MEAN, THR, IDX, VAL, CNT, WT, BIAS, RES, UTHR, Y, WS
     if FUSED:   # the chunk's mean, thresholds, norm weights load before the PDL wait
         mu, t, w = _select_pre(MEAN, THR, r, pid_c, N, stride_mk, NW, CHUNK, MASK_MODE, NORM)
     _pdl_enter(USE_PDL)
+    bs = tl.arange(0, 1)
+    omask = cmask[None, :]
+    # the epilogue's operands load now, not after the reduction (or the split-K arrival)
+    eb, eu, er = _epi_loads(BIAS, RES, UTHR, bs, cols, cmask, omask, 0, HAS_BIAS, HAS_RES, ACT)
     if FUSED:   # compact this program's own (stripe, chunk) into its private scratch region
         rows, xc, on_s, pos, cnt = _select_block(X, mu, t, w, pid_c, N, eps, CHUNK, MASK_MODE, NORM, NB)
         base = (pid_c * tl.num_programs(0) + pid_m).to(tl.int64) * CHUNK
@@ -144,10 +149,8 @@ def _compact_gemv_kernel(X, MEAN, THR, IDX, VAL, CNT, WT, BIAS, RES, UTHR, Y, WS
         acc2 += _slot_products(IDX, VAL, WT, base, j0 + slots, cnt, cols, cmask, M, EVEN_M)
     acc = tl.sum(acc2, axis=0)[None, :]             # (1, BLOCK_M): one cross-thread reduction
 
-    bs = tl.arange(0, 1)
-    omask = cmask[None, :]
     if SPLIT == 1:
-        _gmm_epilogue(acc, BIAS, RES, UTHR, Y, bs, cols, cmask, omask, 0, 0, HAS_BIAS, HAS_RES, ACT)
+        _epi_finish(acc, eb, eu, er, Y, bs, cols, omask, 0, HAS_BIAS, HAS_RES, ACT)
     else:
         tl.store(WS + pid_c.to(tl.int64) * M + cols[None, :], acc, mask=omask)
         tl.debug_barrier()                          # every thread's partial is written ...
@@ -156,7 +159,7 @@ def _compact_gemv_kernel(X, MEAN, THR, IDX, VAL, CNT, WT, BIAS, RES, UTHR, Y, WS
             tot = tl.zeros((1, BLOCK_M), dtype=tl.float32)
             for s in tl.static_range(SPLIT):        # unrolled: all partial loads in flight
                 tot += tl.load(WS + s * M + cols[None, :], mask=omask, other=0.0, cache_modifier=".cg")
-            _gmm_epilogue(tot, BIAS, RES, UTHR, Y, bs, cols, cmask, omask, 0, 0, HAS_BIAS, HAS_RES, ACT)
+            _epi_finish(tot, eb, eu, er, Y, bs, cols, omask, 0, HAS_BIAS, HAS_RES, ACT)
             tl.atomic_xchg(ARR + pid_m, 0)          # ready for the next launch
 
 

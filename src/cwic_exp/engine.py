@@ -12,9 +12,13 @@ cuBLAS (`F.linear`/`addmm`) for dense matrices, the granular sparse GEMV (`cwic_
 ones. RoPE + cache writes, attention and the greedy argmax are the same Triton kernels for both; the
 RMSNorms are a Triton kernel before each dense matrix and are computed inside the CWIC kernels that
 read the normalised vector (`fuse_norm`; CWIC_FUSE_NORM=0 gives them the separate kernel too, for A/B
-runs). With CWIC_FUSE_ROPE=1 (`fuse_rope`; off by default until it has been run and timed on a GPU) the
-CWIC q/k/v kernel of one token also applies RoPE and writes the cache. Positions live in a device tensor,
-and a decode step (embedding → logits → argmax → next input) has no host synchronisation, so it is captured once and replayed. On the CPU the engine runs the same code with the
+runs). For one token the CWIC q/k/v and o kernels skip their split-K arrival and epilogue: they add their
+partial sums into fp32 buffers (`gemv_ex(acc_out=...)`), which the RoPE kernel (q/k/v) and the FFN kernel
+(o: it adds the residual itself) round and clear (`acc_qkv`, `acc_o`; CWIC_ACC_QKV=0 / CWIC_ACC_O=0 turn
+them off for A/B runs). With CWIC_FUSE_ROPE=1 (`fuse_rope`; off: +0.3 % on the H200, within noise, before
+`acc_qkv`) the CWIC q/k/v kernel of one token applies RoPE and writes the cache in its epilogue.
+Positions live in a device tensor, and a decode step (embedding → logits → argmax → next input) has no host
+synchronisation, so it is captured once and replayed. On the CPU the engine runs the same code with the
 PyTorch twins of the kernels (`triton=True` runs the Triton kernels there under TRITON_INTERPRET=1).
 
 Prefill runs the same kernels eagerly over all prompt tokens (the small-batch GEMV path: correct for
@@ -230,8 +234,14 @@ class DecodeEngine:
         # RMSNorm fused into the CWIC kernels that consume it (CWIC_FUSE_NORM=0: a separate kernel, for A/B)
         self.fuse_norm = os.environ.get("CWIC_FUSE_NORM", "1") != "0"
         # RoPE and the cache writes in the epilogue of the CWIC q/k/v kernel of one token (CWIC_FUSE_ROPE=1). Off by
-        # default: tested under the Triton interpreter only, not yet timed (nor run) on a GPU
+        # default: +0.3 % decode tokens/s on the H200 (experiments/results/gpu_h200/tune_2026-12-02_1), within noise
         self.fuse_rope = os.environ.get("CWIC_FUSE_ROPE", "0") == "1"
+        # one token: the CWIC q/k/v kernel adds its split-K partials into an fp32 buffer (no arrival, no epilogue)
+        # and the RoPE kernel rounds and consumes it (CWIC_ACC_QKV=0: the kernel's own epilogue, for A/B runs)
+        self.acc_qkv = os.environ.get("CWIC_ACC_QKV", "1") != "0"
+        # likewise the o product, which the one-token FFN kernel adds to the residual stream itself (CWIC_ACC_O=0: off)
+        self.acc_o = os.environ.get("CWIC_ACC_O", "1") != "0"
+        self._acc: dict = {}
         self.graph = None
 
     def refresh(self) -> None:
@@ -253,8 +263,16 @@ class DecodeEngine:
         nw, eps = norm if norm is not None else (None, 1e-6)
         return gemv(x, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, residual=residual, norm_w=nw, eps=eps)
 
-    def _ffn(self, f: FFN, x, residual, norm=None):
-        """FFN(RMSNorm(x)·w) + residual for norm = (w, eps), else FFN(x) + residual."""
+    def _acc_buf(self, key: str, m: int) -> torch.Tensor:
+        """An fp32 (1, m) buffer for `gemv_ex(acc_out=...)`: zeroed once; its consumer leaves it zeroed."""
+        acc = self._acc.get((key, m))
+        if acc is None:
+            acc = self._acc[(key, m)] = torch.zeros((1, m), dtype=torch.float32, device=self.device)
+        return acc
+
+    def _ffn(self, f: FFN, x, residual, norm=None, x_acc=None):
+        """FFN(RMSNorm(x)·w) + residual for norm = (w, eps), else FFN(x) + residual. x_acc (CWIC only): the
+        input and residual are x + x_acc (the o product's fp32 sum), rounded; x_acc is left zeroed."""
         if norm is not None and f.kind == "dense":
             x = self.K.rmsnorm(x, norm[0], norm[1])
         nw, eps = norm if norm is not None else (None, 1e-6)
@@ -265,9 +283,9 @@ class DecodeEngine:
         if not self.K.supports_stripe(g.stripe, g.out_features):
             from cwic_kernels.gpu.fallback import ffn_ref
             return ffn_ref(x, g.wt, g.mean, g.thr, g.bias, g.stripe, f.up_w, f.down_wt, f.unit_thr,
-                           f.act, residual=residual, norm_w=nw, eps=eps)
+                           f.act, residual=residual, norm_w=nw, eps=eps, x_acc=x_acc)
         return self.K.ffn(x, g.wt, g.mean, g.thr, g.bias, g.stripe, f.up_w, f.down_wt, f.unit_thr,
-                          f.act, residual=residual, norm_w=nw, eps=eps)
+                          f.act, residual=residual, norm_w=nw, eps=eps, x_acc=x_acc)
 
     def _q_and_cache(self, li: int, L: Layer, h: torch.Tensor) -> torch.Tensor:
         """Layer li's rotated queries for the residual stream h (T, d); its rotated keys and values go to the
@@ -280,6 +298,12 @@ class DecodeEngine:
             # one token: norm, q/k/v product, RoPE and the cache writes in one CWIC launch
             return K.qkv_rope(h, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, self.pos, self.cos, self.sin,
                               self.kc[li], self.vc[li], w.n_heads, w.n_kv_heads, norm_w=L.ln1, eps=w.eps)
+        if fused and self.acc_qkv and lin.kind == "cwic" and h.shape[0] == 1 \
+                and K.supports_stripe(lin.stripe, lin.out_features):
+            acc = self._acc_buf("qkv", lin.out_features)
+            K.gemv_ex(h, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, norm_w=L.ln1, eps=w.eps, acc_out=acc)
+            return K.rope_cache(acc, self.pos, self.cos, self.sin, self.kc[li], self.vc[li], w.n_heads,
+                                w.n_kv_heads, acc=True)
         if fused:   # (dense: a norm kernel before the product)
             qkv = self._lin(lin, h, norm=(L.ln1, w.eps))
         else:
@@ -297,7 +321,15 @@ class DecodeEngine:
         for li, L in enumerate(w.layers):
             q = self._q_and_cache(li, L, h)
             att = K.decode_attention(q, self.kc[li], self.vc[li], self.pos, w.n_heads, w.scaling)
-            h = self._lin(L.o, att, residual=h)
+            o = L.o
+            if fuse and self.acc_o and o.kind == "cwic" and L.ffn.kind == "cwic" and h.shape[0] == 1 \
+                    and K.supports_stripe(o.stripe, o.out_features):
+                # one token: the o product's fp32 sum goes to the FFN kernel, which adds the residual itself
+                acc = self._acc_buf("o", o.out_features)
+                K.gemv_ex(att, o.wt, o.mean, o.thr, o.bias, o.stripe, acc_out=acc)
+                h = self._ffn(L.ffn, h, h, norm=(L.ln2, w.eps), x_acc=acc)
+                continue
+            h = self._lin(o, att, residual=h)
             if fuse:
                 h = self._ffn(L.ffn, h, h, norm=(L.ln2, w.eps))
             else:

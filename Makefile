@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 ARGS     ?=
 
 .PHONY: setup test test-slow test-triton train smoke sweep-apr eval teal reproduce-mini \
-        bench-cpu bench-gpu chat analyses gpu-bundle clean
+        bench-cpu bench-gpu tune-gpu chat analyses gpu-bundle clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,9 @@ bench-gpu:                      ## on a CUDA machine with torch + triton install
 	$(PY) experiments/bench_kernels.py --device cuda $(ARGS)
 	$(PY) experiments/bench_kernels.py --device cuda --compact $(ARGS)
 	$(PY) experiments/bench_decode.py --device cuda $(ARGS)
+
+tune-gpu:                       ## on a CUDA machine: tile variants timed as the whole decode step (ARGS="--groups ffn")
+	$(PY) experiments/bench/gpu_tune_decode.py $(ARGS)
 
 # reproduce-mini on one GPU (needs torch, triton, transformers, lightning, hydra-core, lm-eval; an offline
 # box: `make gpu-bundle` here, then README "On an offline GPU machine"). Each stage skips what is done.

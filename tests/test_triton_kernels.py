@@ -292,7 +292,10 @@ def test_decode_kernels_match_references():
     # (two bf16 roundings each side; the interpreter's fp32 → bf16 cast need not round as torch does)
     torch.testing.assert_close(q3.float(), q4.float(), rtol=2e-2, atol=4e-2)
     torch.testing.assert_close(c16[0].float(), c16[2].float(), rtol=2e-2, atol=4e-2)
-    torch.testing.assert_close(c16[1].float(), c16[3].float(), rtol=8e-3, atol=1e-2)
+    if DEV == "cuda":   # v: one rounding each side, the same one
+        assert torch.equal(c16[1], c16[3])
+    else:
+        torch.testing.assert_close(c16[1].float(), c16[3].float(), rtol=8e-3, atol=1e-2)
     for block_t in (4, 16):   # several blocks and a partial one
         o1 = D.decode_attention(q1, caches[0], caches[1], pos, hq, 0.25, block_t=block_t)
         o2 = D.decode_attention_ref(q1, caches[0], caches[1], pos, hq, 0.25)
@@ -353,8 +356,14 @@ def test_engine_matches_hf(cwic, use_triton):
     assert _rel(torch.cat(steps), want[first:]) < 1e-5
     if cwic:   # the one-token q/k/v and o products summed into fp32 buffers, which RoPE and the FFN consume: left
         # zeroed
-        assert eng.acc_qkv and eng.acc_o and sorted(k for k, _ in eng._acc) == ["o", "qkv"]
+        # (the PyTorch twin has no one-launch FFN: o keeps its own epilogue there)
+        assert eng.acc_qkv and eng.acc_o and sorted(k for k, _ in eng._acc) == (["o", "qkv"] if use_triton else ["qkv"])
         assert all(float(a.abs().sum()) == 0 for a in eng._acc.values())
+        eng._acc[("qkv", eng.w.layers[0].qkv[0].out_features)].fill_(3.0)   # a step that stopped half-way ...
+        eng.prefill(ids[:first])                                            # ... is cleared by the next prefill
+        assert all(float(a.abs().sum()) == 0 for a in eng._acc.values())
+        eng.tok.fill_(int(ids[9]))                                          # back to the last step's state
+        eng.pos.fill_(9)
     if use_triton:   # RMSNorm as a separate kernel, RoPE in the q/k/v kernel's epilogue, q/k/v with its own
         # epilogue: the same step
         for flag, on in (("fuse_norm", False), ("fuse_rope", True), ("acc_qkv", False), ("acc_o", False)):
@@ -586,7 +595,7 @@ def test_gemv_acc_out_equals_epilogue(n, m, stripe, split, norm, dtype):
     cfg = G.gemv_config(1, n, m, stripe, x.device, block_n=16, max_split=split, waves=64)
     assert cfg["SPLIT"] == split
     y = G.gemv_ex(x, wt, mean, thr, bias, stripe, residual=res, norm_w=nw, config=cfg, out_dtype=torch.float32)
-    acc = torch.full((1, m), float("nan"), device=DEV).zero_()
+    acc = torch.zeros((1, m), device=DEV)
     out = G.gemv_ex(x, wt, mean, thr, bias, stripe, norm_w=nw, config=cfg, acc_out=acc)
     assert out is acc
     assert _rel(acc + res.float(), y) < 1e-5

@@ -37,13 +37,16 @@ QKV, O, HEAD, FFN = "qkv", "o", "head", "ffn"
 
 
 def variants(d: int, qkv_m: int, vocab: int, F: int) -> dict:
-    """group -> {name: override}. An override is (table, key, entry) triples and/or the 'rope' switch."""
+    """group -> {name: override}. An override is (table, key, entry) triples, ("engine", attribute, value) and/or
+    the 'rope' switch. The compacted-kernel variants of q/k/v and o turn the engine's split-K hand-off for that
+    product off (`gemv_ex(acc_out=...)` runs the masked-load kernel only)."""
     gm = lambda key, **kw: [("gemv", key, kw)]                      # noqa: E731  masked-load kernel tiles
     cp = lambda key, **kw: [("compact", key, kw)]                   # noqa: E731  compacted kernel tiles
     fu = lambda **kw: [("updown", (d, F), kw)]                      # noqa: E731  one-launch FFN tiles
     g = {}
     for grp, m in ((QKV, qkv_m), (O, d)):
         key = (d, m, 1)
+        own = [("engine", "acc_qkv" if grp == QKV else "acc_o", False)]
         g[grp] = {"waves4": gm(key, waves=4, max_split=128), "waves16": gm(key, waves=16, max_split=128),
                   "bn128": gm(key, waves=8, max_split=128, block_n=128),
                   "bn64": gm(key, waves=8, max_split=128, block_n=64),
@@ -51,9 +54,9 @@ def variants(d: int, qkv_m: int, vocab: int, F: int) -> dict:
                   "nw2": gm(key, waves=8, max_split=128, num_warps=2),
                   "nw8": gm(key, waves=8, max_split=128, num_warps=8),
                   "pipe_bn128": gm(key, waves=4, max_split=128, block_n=128, pipe=True),
-                  "compact_fused256": cp((d, m), fused=True, chunk=256),
-                  "compact_fused512": cp((d, m), fused=True, chunk=512),
-                  "compact_select256": cp((d, m), chunk=256)}
+                  "compact_fused256": cp((d, m), fused=True, chunk=256) + own,
+                  "compact_fused512": cp((d, m), fused=True, chunk=512) + own,
+                  "compact_select256": cp((d, m), chunk=256) + own}
     g[QKV]["rope_epilogue"] = ["rope"]
     g[HEAD] = {"chunk1024": cp((d, vocab), chunk=1024), "chunk4096": cp((d, vocab), chunk=4096),
                "bm128": cp((d, vocab), chunk=2048, block_m=128), "nw8": cp((d, vocab), chunk=2048, num_warps=8),
@@ -77,6 +80,7 @@ class Tables:
         self.mods = {"gemv": (gemv, "TUNED"), "compact": (gemv_compact, "TUNED_COMPACT"),
                      "updown": (ffn_fused, "TUNED_UPDOWN")}
         self.saved = {k: copy.deepcopy(getattr(m, a)) for k, (m, a) in self.mods.items()}
+        self.switches = None
 
     def apply(self, eng, override: list):
         self.reset(eng)
@@ -85,6 +89,9 @@ class Tables:
                 eng.fuse_rope = True
                 continue
             table, key, entry = o
+            if table == "engine":
+                setattr(eng, key, entry)
+                continue
             mod, attr = self.mods[table]
             getattr(mod, attr)[key] = dict(entry)
             if table == "compact" and len(key) == 2:       # a q/k/v or o shape moved to the compacted kernel
@@ -95,7 +102,10 @@ class Tables:
             t = getattr(m, a)
             t.clear()
             t.update(copy.deepcopy(self.saved[k]))
-        eng.fuse_rope = False
+        if self.switches is None:   # the engine's own settings, as it was built
+            self.switches = {a: getattr(eng, a) for a in ("fuse_rope", "acc_qkv", "acc_o")}
+        for a, v in self.switches.items():
+            setattr(eng, a, v)
 
 
 DRY_RUN = False
@@ -249,7 +259,8 @@ def main(argv=None):
     print(md)
     res = dict(bench="gpu_tune_decode", gpu=gpu, torch=torch.__version__,
                apr=apr["apr"], dense_tps=dense, results=results, kept=kept,
-               combined=[o if o == "rope" else [o[0], list(o[1]), o[2]] for o in combined], final=final,
+               combined=[o if o == "rope" else [o[0], list(o[1]) if isinstance(o[1], tuple) else o[1], o[2]]
+                         for o in combined], final=final,
                breakdown_combined_pdl_off=breakdown)
     save_outputs(args.out, "gpu_tune_decode", md, res)
     print(json.dumps(res))

@@ -65,6 +65,7 @@ def backend(device: torch.device | str, triton: bool | None = None) -> SimpleNam
         from . import decode as D
         from . import gemv as G
         return SimpleNamespace(name="triton", gemv_ex=G.gemv_ex, qkv_rope=G.gemv_qkv_rope, ffn_up=G.ffn_up, ffn=G.ffn,
+                               ffn_one_launch=G.ffn_one_launch,
                                rmsnorm=D.rmsnorm, rope_cache=D.rope_cache,
                                decode_attention=D.decode_attention, act_mul=D.act_mul,
                                argmax=D.argmax, supports_stripe=G.supports_stripe)
@@ -75,4 +76,5 @@ def backend(device: torch.device | str, triton: bool | None = None) -> SimpleNam
                            rmsnorm=R.rmsnorm_ref, rope_cache=R.rope_cache_ref,
                            decode_attention=R.decode_attention_ref, act_mul=R.act_mul_ref,
                            argmax=R.argmax_ref,
-                           supports_stripe=lambda stripe, m: True)
+                           supports_stripe=lambda stripe, m: True,
+                           ffn_one_launch=lambda d, F, stripe: False)   # the twin forms an x_acc input first

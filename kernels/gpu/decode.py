@@ -85,7 +85,8 @@ def rope_cache(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: tor
     """qkv (T, (hq+2hkv)·hd) → rotated q (T, hq·hd); rotated k and v written to kc/vc (L, hkv, hd) at
     positions pos[0] + t. cos/sin (max_len, hd/2) fp32 tables (HF's rotary embedding, scaling included).
     acc: qkv is the fp32 sum left by `gemv.gemv_ex(acc_out=qkv)`; it is rounded to the cache dtype first (as
-    that kernel's epilogue would round y), q comes out in the cache dtype, and qkv is left zeroed."""
+    that kernel's epilogue would round y when y has the cache's dtype, as in the decode engine), q comes out in
+    the cache dtype, and qkv is left zeroed."""
     T = qkv.shape[0]
     hd = kc.shape[-1]
     assert not acc or (qkv.dtype == torch.float32 and qkv.is_contiguous())

@@ -212,8 +212,8 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
     _pdl_enter(USE_PDL)
     if BLOCK_B == 1:   # the first block of x, in flight together with the fused norm's loads of all of x
         x0 = tl.load(X + pid_b * stride_xb + rows, mask=rows < n_hi, other=0.0)
-    # the epilogue's operands (bias, unit thresholds, residual) load now, not after the split-K arrival
-    eb, eu, er = _epi_loads(BIAS, RES, UTHR, bs, cols, cmask, omask, stride_rb, HAS_BIAS, HAS_RES, ACT)
+    if BLOCK_B == 1:   # the epilogue's operands (bias, unit thresholds, residual) load now, not after the arrival
+        eb, eu, er = _epi_loads(BIAS, RES, UTHR, bs, cols, cmask, omask, stride_rb, HAS_BIAS, HAS_RES, ACT)
     rstd = 1.0
     if NORM:                                             # (one token only) fused RMSNorm of x
         rstd = _rstd(X, N, eps, NB)
@@ -283,6 +283,8 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
             acc = tl.where(pid_k == 0, acc + eb[None, :], acc)
         tl.atomic_add(Y + bs[:, None] * stride_yb + cols[None, :], acc, mask=omask, sem="relaxed", scope="gpu")
     elif SPLIT == 1:
+        if BLOCK_B != 1:   # (a batch block keeps its (BLOCK_B, BLOCK_M) residual out of the registers of its loop)
+            eb, eu, er = _epi_loads(BIAS, RES, UTHR, bs, cols, cmask, omask, stride_rb, HAS_BIAS, HAS_RES, ACT)
         _epi_finish(acc, eb, eu, er, Y, bs, cols, omask, stride_yb, HAS_BIAS, HAS_RES, ACT)
         if ROPE:
             _rope_epilogue(Y, col0, POS, COS, SIN, QO, KC, VC, HQ, HKV, stride_c, BLOCK_M // 2)
@@ -297,6 +299,8 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
             for s in tl.static_range(SPLIT):               # unrolled: all partial loads in flight
                 off = (s * B + bs[:, None]).to(tl.int64) * M + cols[None, :]
                 tot += tl.load(WS + off, mask=omask, other=0.0, cache_modifier=".cg")
+            if BLOCK_B != 1:
+                eb, eu, er = _epi_loads(BIAS, RES, UTHR, bs, cols, cmask, omask, stride_rb, HAS_BIAS, HAS_RES, ACT)
             _epi_finish(tot, eb, eu, er, Y, bs, cols, omask, stride_yb, HAS_BIAS, HAS_RES, ACT)
             if ROPE:
                 _rope_epilogue(Y, col0, POS, COS, SIN, QO, KC, VC, HQ, HKV, stride_c, BLOCK_M // 2)
@@ -527,9 +531,9 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
     m = wt.shape[1]
     if norm_w is not None and B != 1:
         x, norm_w = _norm(x, norm_w, eps), None
-    if acc_out is not None:
-        assert B == 1 and residual is None and act is None and rope is None and out is None, \
-            "acc_out: one token, no epilogue"
+    if acc_out is not None:   # (the masked-load kernel: compact=True cannot be honoured)
+        assert B == 1 and residual is None and act is None and rope is None and out is None and compact is not True, \
+            "acc_out: one token, no epilogue, the masked-load kernel"
         assert acc_out.shape == (1, m) and acc_out.dtype == torch.float32 and acc_out.is_contiguous()
         compact, out, out_dtype = False, acc_out, torch.float32
     if B == 1 and compact is not False and (compact or config is None) and rope is None:
@@ -585,7 +589,8 @@ def gemv_qkv_rope(x: torch.Tensor, wt: torch.Tensor, mean, thr, bias, stripe: in
     returns the rotated q (1, hq·hd) and writes k (rotated) and v into kc/vc (max_len, hkv, hd) at pos[0].
     The masked-load kernel with one head per output block does it in its epilogue; where a head is not a
     whole number of stripe blocks (stripe % hd ≠ 0), or for a batch, two launches. The decode engine uses it
-    with CWIC_FUSE_ROPE=1 (on the H200 no faster than the separate RoPE kernel)."""
+    with CWIC_FUSE_ROPE=1 (on the H200 no faster than the separate RoPE kernel, and slower than the engine's
+    default q/k/v sum handed to it, which CWIC_FUSE_ROPE=1 replaces)."""
     from .decode import rope_cache
     B, n = x.shape
     m = wt.shape[1]
@@ -641,6 +646,14 @@ def ffn_up(x: torch.Tensor, up_w: torch.Tensor, a: torch.Tensor, config: dict | 
     return h
 
 
+def ffn_one_launch(d: int, F: int, stripe: int, fused: bool | None = None) -> bool:
+    """Whether `ffn(..., fused=fused)` runs one token of a thresholded d → F FFN in one launch
+    (`ffn_fused.ffn_gate_updown`), the only path that reads an `x_acc` itself (the others first form the input
+    with three small kernels)."""
+    return (FUSED_FFN if fused is None else fused) and FUSED_GATE and \
+        _fused.gate_fusable(stripe, F, _fused.ffn_updown_config(d, F)["BLOCK_U"])
+
+
 def ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int, up_w, down_wt, unit_thr,
         act: str = "silu", residual: torch.Tensor | None = None, fused: bool | None = None,
         norm_w: torch.Tensor | None = None, eps: float = 1e-6, x_acc: torch.Tensor | None = None) -> torch.Tensor:
@@ -655,8 +668,7 @@ def ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int, up_w, down_wt, 
     x_acc is left zeroed."""
     one = x.shape[0] == 1 and (FUSED_FFN if fused is None else fused)
     ucfg = _fused.ffn_updown_config(x.shape[1], gate_wt.shape[1])
-    one_launch = one and FUSED_GATE and gate_thr is not None and \
-        _fused.gate_fusable(stripe, gate_wt.shape[1], ucfg["BLOCK_U"])
+    one_launch = one and gate_thr is not None and ffn_one_launch(x.shape[1], gate_wt.shape[1], stripe, fused)
     if x_acc is not None:
         assert residual is x, "x_acc: the residual is the input itself"
         if not one_launch:   # form the input first

@@ -13,10 +13,10 @@ ones. RoPE + cache writes, attention and the greedy argmax are the same Triton k
 RMSNorms are a Triton kernel before each dense matrix and are computed inside the CWIC kernels that
 read the normalised vector (`fuse_norm`; CWIC_FUSE_NORM=0 gives them the separate kernel too, for A/B
 runs). For one token the CWIC q/k/v and o kernels skip their split-K arrival and epilogue: they add their
-partial sums into fp32 buffers (`gemv_ex(acc_out=...)`), which the RoPE kernel (q/k/v) and the FFN kernel
-(o: it adds the residual itself) round and clear (`acc_qkv`, `acc_o`; CWIC_ACC_QKV=0 / CWIC_ACC_O=0 turn
-them off for A/B runs). With CWIC_FUSE_ROPE=1 (`fuse_rope`; off: +0.3 % on the H200, within noise, before
-`acc_qkv`) the CWIC q/k/v kernel of one token applies RoPE and writes the cache in its epilogue.
+partial sums into fp32 buffers (`gemv_ex(acc_out=...)`), which the RoPE kernel (q/k/v) and the one-launch
+FFN kernel (o: it adds the residual itself) round and clear (`acc_qkv`, `acc_o`; CWIC_ACC_QKV=0 /
+CWIC_ACC_O=0 turn them off for A/B runs). With CWIC_FUSE_ROPE=1 (`fuse_rope`; off: slower than `acc_qkv`,
+which it replaces) the CWIC q/k/v kernel of one token applies RoPE and writes the cache in its epilogue.
 Positions live in a device tensor, and a decode step (embedding → logits → argmax → next input) has no host
 synchronisation, so it is captured once and replayed. On the CPU the engine runs the same code with the
 PyTorch twins of the kernels (`triton=True` runs the Triton kernels there under TRITON_INTERPRET=1).
@@ -233,13 +233,15 @@ class DecodeEngine:
         self.use_graph = cuda_graph and self.device.type == "cuda"
         # RMSNorm fused into the CWIC kernels that consume it (CWIC_FUSE_NORM=0: a separate kernel, for A/B)
         self.fuse_norm = os.environ.get("CWIC_FUSE_NORM", "1") != "0"
-        # RoPE and the cache writes in the epilogue of the CWIC q/k/v kernel of one token (CWIC_FUSE_ROPE=1). Off by
-        # default: +0.3 % decode tokens/s on the H200 (experiments/results/gpu_h200/tune_2026-12-02_1), within noise
+        # RoPE and the cache writes in the epilogue of the CWIC q/k/v kernel of one token (CWIC_FUSE_ROPE=1; it takes
+        # precedence over acc_qkv). Off: +0.3 % on the H200 before acc_qkv, -4.1 % against it
+        # (experiments/results/gpu_h200/tune_2026-12-02_1 and _2)
         self.fuse_rope = os.environ.get("CWIC_FUSE_ROPE", "0") == "1"
         # one token: the CWIC q/k/v kernel adds its split-K partials into an fp32 buffer (no arrival, no epilogue)
         # and the RoPE kernel rounds and consumes it (CWIC_ACC_QKV=0: the kernel's own epilogue, for A/B runs)
         self.acc_qkv = os.environ.get("CWIC_ACC_QKV", "1") != "0"
-        # likewise the o product, which the one-token FFN kernel adds to the residual stream itself (CWIC_ACC_O=0: off)
+        # likewise the o product, which the one-launch FFN kernel adds to the residual stream itself, where the FFN
+        # runs in one launch (CWIC_ACC_O=0: off). The buffers are zeroed again by capture() and prefill()
         self.acc_o = os.environ.get("CWIC_ACC_O", "1") != "0"
         self._acc: dict = {}
         self.graph = None
@@ -270,6 +272,12 @@ class DecodeEngine:
             acc = self._acc[(key, m)] = torch.zeros((1, m), dtype=torch.float32, device=self.device)
         return acc
 
+    def _clear_acc(self) -> None:
+        """Zero the hand-off buffers (their consumers leave them zeroed; this recovers from a step that stopped
+        half-way, e.g. an exception in an eager forward, or a switch flipped between producer and consumer)."""
+        for a in self._acc.values():
+            a.zero_()
+
     def _ffn(self, f: FFN, x, residual, norm=None, x_acc=None):
         """FFN(RMSNorm(x)·w) + residual for norm = (w, eps), else FFN(x) + residual. x_acc (CWIC only): the
         input and residual are x + x_acc (the o product's fp32 sum), rounded; x_acc is left zeroed."""
@@ -277,6 +285,7 @@ class DecodeEngine:
             x = self.K.rmsnorm(x, norm[0], norm[1])
         nw, eps = norm if norm is not None else (None, 1e-6)
         if f.kind == "dense":
+            assert x_acc is None, "x_acc: CWIC FFNs only"
             h = self.K.act_mul(F.linear(x, f.gate_up), f.act)
             return torch.addmm(residual, h, f.down.t())
         g = f.gate
@@ -321,9 +330,10 @@ class DecodeEngine:
         for li, L in enumerate(w.layers):
             q = self._q_and_cache(li, L, h)
             att = K.decode_attention(q, self.kc[li], self.vc[li], self.pos, w.n_heads, w.scaling)
-            o = L.o
+            o, g = L.o, L.ffn.gate
             if fuse and self.acc_o and o.kind == "cwic" and L.ffn.kind == "cwic" and h.shape[0] == 1 \
-                    and K.supports_stripe(o.stripe, o.out_features):
+                    and K.supports_stripe(o.stripe, o.out_features) and K.supports_stripe(g.stripe, g.out_features) \
+                    and K.ffn_one_launch(g.wt.shape[0], g.out_features, g.stripe):
                 # one token: the o product's fp32 sum goes to the FFN kernel, which adds the residual itself
                 acc = self._acc_buf("o", o.out_features)
                 K.gemv_ex(att, o.wt, o.mean, o.thr, o.bias, o.stripe, acc_out=acc)
@@ -352,6 +362,7 @@ class DecodeEngine:
         """Compile every kernel and capture one decode step (the cache contents are scratch here)."""
         if not self.use_graph or self.graph is not None:
             return
+        self._clear_acc()
         saved = (self.pos.clone(), self.tok.clone())
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -374,6 +385,7 @@ class DecodeEngine:
         ids = ids.reshape(-1).to(self.device)
         T = ids.numel()
         assert 0 < T < self.max_len
+        self._clear_acc()
         self.pos.zero_()
         logits = self.forward(ids, last_only=True)
         nxt = logits.argmax(-1)

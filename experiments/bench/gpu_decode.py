@@ -99,6 +99,17 @@ def set_density(z: dict, density: float):
             mod.phi.copy_(q)
 
 
+def calibrate_density(model, z: dict, calib, target: float) -> tuple[float, float]:
+    """`set_density` at 1/target, corrected once by the APR measured on the calibration tokens: (the density
+    set, that first APR)."""
+    d = 1.0 / target
+    set_density(z, d)
+    first = measure_apr(model, calib)["apr"]
+    d = min(1.0, d * first / target)
+    set_density(z, d)
+    return d, first
+
+
 def measure_apr(model, ids) -> dict:
     import cwic_exp
     s = cwic_exp.active_parameters(model, ids)
@@ -280,11 +291,7 @@ def main(argv=None):
     ceng = None
     model32 = None
     for target in [float(a) for a in args.aprs.split(",")]:
-        d = 1.0 / target
-        set_density(z, d)
-        first = measure_apr(model, calib)["apr"]
-        d = min(1.0, d * first / target)                     # correction 1: on the calibration tokens
-        set_density(z, d)
+        d, first = calibrate_density(model, z, calib, target)   # correction 1: on the calibration tokens
         if ceng is None:
             ceng = DecodeEngine(model, max_len=max_len)
         else:

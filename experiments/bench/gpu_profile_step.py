@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_decode import build_model, collect_calibration, measure_apr, set_density  # noqa: E402
+from gpu_decode import build_model, calibrate_density, collect_calibration, measure_apr  # noqa: E402
 from gpu_kernels import ensure_imports  # noqa: E402
 
 
@@ -37,9 +37,7 @@ def main(argv=None):
     calib = torch.randint(0, V, (1, 256), generator=g).to(dev)
     cwic_exp.to_cwic(model, stripe_size=512)
     z = collect_calibration(model, calib)
-    d = 1.0 / args.apr
-    set_density(z, d)
-    set_density(z, min(1.0, d * measure_apr(model, calib)["apr"] / args.apr))
+    calibrate_density(model, z, calib, args.apr)
     eng = DecodeEngine(model, max_len=64, cuda_graph=False)
     eng.prefill(prompt)
     eng.decode(2)

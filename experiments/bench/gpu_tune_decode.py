@@ -29,8 +29,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_decode import (CONFIGS, build_model, collect_calibration, kernel_breakdown, measure_apr,  # noqa: E402
-                        set_density)
+from gpu_decode import (CONFIGS, _sync, build_model, calibrate_density, collect_calibration,  # noqa: E402
+                        kernel_breakdown, measure_apr)
 from gpu_kernels import ensure_imports, save_outputs  # noqa: E402
 
 QKV, O, HEAD, FFN = "qkv", "o", "head", "ffn"
@@ -111,11 +111,6 @@ class Tables:
 DRY_RUN = False
 
 
-def _sync():
-    if not DRY_RUN:
-        torch.cuda.synchronize()
-
-
 def time_step(eng, prompt, tokens: int, repeats: int) -> float:
     """Median decode tokens/s over `repeats` runs of `tokens` steps, after a fresh capture."""
     eng.graph = None
@@ -179,10 +174,7 @@ def main(argv=None):
 
     cwic_exp.to_cwic(model, stripe_size=512)
     z = collect_calibration(model, calib)
-    dens = 1.0 / args.apr
-    set_density(z, dens)
-    dens = min(1.0, dens * measure_apr(model, calib)["apr"] / args.apr)
-    set_density(z, dens)
+    calibrate_density(model, z, calib, args.apr)
     eng = engine(model, max_len)
     toks = eng.generate(prompt, args.tokens)
     apr = measure_apr(model, toks[None])

@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import ACT_IDS, _act, _mask_x, _pdl_enter, check_args, pdl_args
-from .gemv_compact import _select_block, _select_pre, _slot_products
+from .gemv import ACT_IDS, _act, _pdl_enter, _rstd_of, check_args, pdl_args
+from .gemv_compact import _select_block, _select_pre, _select_x, _slot_products
 
 __all__ = ["ffn_updown", "ffn_gate_updown", "gate_fusable", "ffn_updown_config", "TUNED_UPDOWN"]
 
@@ -114,12 +114,8 @@ def _ffn_gate_updown_kernel(X, GWT, GMEAN, GTHR, GBIAS, UTHR, UP, DOWNT, A, RES,
         xr = _load_h(X, XACC, rows, rows < D, True)
         rstd = 1.0
         if NORM:
-            xf = xr.to(tl.float32)
-            rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
-        xc, on = _mask_x(xr, rows, D, mu, t, w, rstd, 0, NORM)
-        on_i = on.to(tl.int32)
-        pos = tl.cumsum(on_i, axis=0) - on_i
-        cnt = tl.sum(on_i, axis=0)
+            rstd = _rstd_of(xr, D, eps)
+        rows, xc, on, pos, cnt = _select_x(xr, rows, D, mu, t, w, rstd, 0, NORM)
     else:
         rows, xc, on, pos, cnt = _select_block(X, mu, t, w, 0, D, eps, BLOCK_D, 0, NORM, BLOCK_D)
     gbase = p.to(tl.int64) * BLOCK_D
@@ -159,10 +155,8 @@ def _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
     dmask = ds < D
     x = _load_h(X, XACC, ds, dmask, X_ACC)
     if NORM:   # x is the raw residual stream: RMSNorm it as decode.rmsnorm does (rounded to x's dtype)
-        xf = x.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
         nw = tl.load(NW + ds, mask=dmask, other=0.0).to(tl.float32)
-        x = (xf * rstd * nw).to(X.dtype.element_ty)
+        x = (x.to(tl.float32) * _rstd_of(x, D, eps) * nw).to(X.dtype.element_ty)
     x = x.to(tl.float32)
     tl.debug_barrier()                              # the block's slot stores are visible to all its threads
     y = tl.zeros((BLOCK_D,), dtype=tl.float32)

@@ -116,8 +116,14 @@ def _rstd(XR, N, eps, NB: tl.constexpr):
     decode.rmsnorm, but the sum of squares is reduced in the consuming kernel's thread layout, so the last
     bit of rstd (and, rarely, a threshold decision) can differ from the separate kernel's."""
     offs = tl.arange(0, NB)
-    x = tl.load(XR + offs, mask=offs < N, other=0.0).to(tl.float32)
-    return 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+    return _rstd_of(tl.load(XR + offs, mask=offs < N, other=0.0), N, eps)
+
+
+@triton.jit
+def _rstd_of(x, N, eps):
+    """`_rstd` of a row already loaded (zeros past N), in any float dtype."""
+    xf = x.to(tl.float32)
+    return 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
 
 
 @triton.jit
@@ -210,9 +216,9 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
         rows = n_lo + tl.arange(0, BLOCK_N)
         mu, t, nw = _mask_pre(MEAN + r * stride_mk, THR + r * N, rows, n_hi, MASK_MODE, NW, NORM)
     _pdl_enter(USE_PDL)
-    if BLOCK_B == 1:   # the first block of x, in flight together with the fused norm's loads of all of x
+    if BLOCK_B == 1:   # the first block of x, in flight together with the fused norm's loads of all of x, and the
+        # epilogue's operands (bias, unit thresholds, residual), loaded now rather than after the split-K arrival
         x0 = tl.load(X + pid_b * stride_xb + rows, mask=rows < n_hi, other=0.0)
-    if BLOCK_B == 1:   # the epilogue's operands (bias, unit thresholds, residual) load now, not after the arrival
         eb, eu, er = _epi_loads(BIAS, RES, UTHR, bs, cols, cmask, omask, stride_rb, HAS_BIAS, HAS_RES, ACT)
     rstd = 1.0
     if NORM:                                             # (one token only) fused RMSNorm of x
@@ -667,7 +673,6 @@ def ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int, up_w, down_wt, 
     of a `gemv_ex(acc_out=...)` (the o product); the one-launch kernel reads it itself, other paths form it first.
     x_acc is left zeroed."""
     one = x.shape[0] == 1 and (FUSED_FFN if fused is None else fused)
-    ucfg = _fused.ffn_updown_config(x.shape[1], gate_wt.shape[1])
     one_launch = one and gate_thr is not None and ffn_one_launch(x.shape[1], gate_wt.shape[1], stripe, fused)
     if x_acc is not None:
         assert residual is x, "x_acc: the residual is the input itself"
@@ -679,8 +684,8 @@ def ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int, up_w, down_wt, 
         x, norm_w = _norm(x, norm_w, eps), None
     if one_launch:
         return _fused.ffn_gate_updown(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt,
-                                      unit_thr, act, residual=residual, out_dtype=x.dtype, config=ucfg,
-                                      norm_w=norm_w, eps=eps, x_acc=x_acc)
+                                      unit_thr, act, residual=residual, out_dtype=x.dtype, norm_w=norm_w,
+                                      eps=eps, x_acc=x_acc)
     a = gemv_ex(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, act=act, unit_thr=unit_thr,
                 norm_w=norm_w, eps=eps)
     if one:

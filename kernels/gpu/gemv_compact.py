@@ -72,6 +72,12 @@ def _select_block(X, mu, t, w, c, N, eps, CHUNK: tl.constexpr, MASK_MODE: tl.con
     rstd = 1.0
     if NORM:
         rstd = _rstd(X, N, eps, NB)
+    return _select_x(xr, rows, N, mu, t, w, rstd, MASK_MODE, NORM)
+
+
+@triton.jit
+def _select_x(xr, rows, N, mu, t, w, rstd, MASK_MODE: tl.constexpr, NORM: tl.constexpr):
+    """`_select_block` given x[rows] (xr, loaded) and the norm's rstd."""
     xc, on = _mask_x(xr, rows, N, mu, t, w, rstd, MASK_MODE, NORM)   # the masked-load kernel's mask
     on_i = on.to(tl.int32)
     pos = tl.cumsum(on_i, axis=0) - on_i            # exclusive: slot of each active row

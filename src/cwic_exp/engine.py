@@ -296,19 +296,29 @@ class DecodeEngine:
         return self.K.ffn(x, g.wt, g.mean, g.thr, g.bias, g.stripe, f.up_w, f.down_wt, f.unit_thr,
                           f.act, residual=residual, norm_w=nw, eps=eps, x_acc=x_acc)
 
+    def _one_token_cwic(self, lin: Linear, h: torch.Tensor) -> bool:
+        """Whether lin runs as a one-token CWIC kernel (the cases where a hand-off or an epilogue fusion applies)."""
+        return lin.kind == "cwic" and h.shape[0] == 1 and self.K.supports_stripe(lin.stripe, lin.out_features)
+
+    def _hand_o_to_ffn(self, L: Layer, h: torch.Tensor) -> bool:
+        """Whether layer L's o product hands its fp32 sum to the FFN (`acc_o`): a one-token CWIC o and a CWIC FFN
+        that runs in one launch (the only FFN kernel that reads the sum itself)."""
+        g = L.ffn.gate
+        return self.acc_o and L.ffn.kind == "cwic" and self._one_token_cwic(L.o, h) \
+            and self._one_token_cwic(g, h) and self.K.ffn_one_launch(g.wt.shape[0], g.out_features, g.stripe)
+
     def _q_and_cache(self, li: int, L: Layer, h: torch.Tensor) -> torch.Tensor:
         """Layer li's rotated queries for the residual stream h (T, d); its rotated keys and values go to the
         cache."""
         w, K = self.w, self.K
         lin = L.qkv[0]
         fused = self.fuse_norm and len(L.qkv) == 1      # one q/k/v matrix: RMSNorm inside the CWIC kernels
-        if fused and self.fuse_rope and lin.kind == "cwic" and h.shape[0] == 1 \
-                and K.supports_stripe(lin.stripe, lin.out_features):
+        one_cwic = fused and self._one_token_cwic(lin, h)
+        if one_cwic and self.fuse_rope:
             # one token: norm, q/k/v product, RoPE and the cache writes in one CWIC launch
             return K.qkv_rope(h, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, self.pos, self.cos, self.sin,
                               self.kc[li], self.vc[li], w.n_heads, w.n_kv_heads, norm_w=L.ln1, eps=w.eps)
-        if fused and self.acc_qkv and lin.kind == "cwic" and h.shape[0] == 1 \
-                and K.supports_stripe(lin.stripe, lin.out_features):
+        if one_cwic and self.acc_qkv:
             acc = self._acc_buf("qkv", lin.out_features)
             K.gemv_ex(h, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, norm_w=L.ln1, eps=w.eps, acc_out=acc)
             return K.rope_cache(acc, self.pos, self.cos, self.sin, self.kc[li], self.vc[li], w.n_heads,
@@ -330,16 +340,14 @@ class DecodeEngine:
         for li, L in enumerate(w.layers):
             q = self._q_and_cache(li, L, h)
             att = K.decode_attention(q, self.kc[li], self.vc[li], self.pos, w.n_heads, w.scaling)
-            o, g = L.o, L.ffn.gate
-            if fuse and self.acc_o and o.kind == "cwic" and L.ffn.kind == "cwic" and h.shape[0] == 1 \
-                    and K.supports_stripe(o.stripe, o.out_features) and K.supports_stripe(g.stripe, g.out_features) \
-                    and K.ffn_one_launch(g.wt.shape[0], g.out_features, g.stripe):
+            if fuse and self._hand_o_to_ffn(L, h):
                 # one token: the o product's fp32 sum goes to the FFN kernel, which adds the residual itself
+                o = L.o
                 acc = self._acc_buf("o", o.out_features)
                 K.gemv_ex(att, o.wt, o.mean, o.thr, o.bias, o.stripe, acc_out=acc)
                 h = self._ffn(L.ffn, h, h, norm=(L.ln2, w.eps), x_acc=acc)
                 continue
-            h = self._lin(o, att, residual=h)
+            h = self._lin(L.o, att, residual=h)
             if fuse:
                 h = self._ffn(L.ffn, h, h, norm=(L.ln2, w.eps))
             else:

@@ -296,6 +296,15 @@ def test_decode_kernels_match_references():
         assert torch.equal(c16[1], c16[3])
     else:
         torch.testing.assert_close(c16[1].float(), c16[3].float(), rtol=8e-3, atol=1e-2)
+    # clear: another fp32 buffer zeroed by the same launch (lengths not a multiple of the heads, and one over a
+    # slice a head), the results unchanged
+    for n_clr in (37, 2 * d, (hq + 2 * hkv) * 5 + 1):
+        clr = torch.randn(1, n_clr, generator=g).to(DEV)
+        c2 = [c.clone() for c in caches[:2]]
+        q6 = D.rope_cache(qkv, pos, cos, sin, c2[0], c2[1], hq, hkv, clear=clr)
+        assert bool((clr == 0).all()) and torch.equal(q6, q1) and torch.equal(c2[0], caches[0]), n_clr
+    with pytest.raises(ValueError):
+        D.rope_cache(qkv, pos, cos, sin, caches[0], caches[1], hq, hkv, clear=torch.zeros(4, 2, device=DEV).t())
     for block_t in (4, 16):   # several blocks and a partial one
         o1 = D.decode_attention(q1, caches[0], caches[1], pos, hq, 0.25, block_t=block_t)
         o2 = D.decode_attention_ref(q1, caches[0], caches[1], pos, hq, 0.25)
@@ -356,17 +365,20 @@ def test_engine_matches_hf(cwic, use_triton):
     assert _rel(torch.cat(steps), want[first:]) < 1e-5
     if cwic:   # the one-token q/k/v and o products summed into fp32 buffers, which RoPE and the FFN consume: left
         # zeroed
-        # (the PyTorch twin has no one-launch FFN: o keeps its own epilogue there)
-        assert eng.acc_qkv and eng.acc_o and sorted(k for k, _ in eng._acc) == (["o", "qkv"] if use_triton else ["qkv"])
-        assert all(float(a.abs().sum()) == 0 for a in eng._acc.values())
+        # (the PyTorch twin has no one-launch FFN: o keeps its own epilogue there), and the FFN's product handed to
+        # the next layer's q/k/v kernel, which writes the residual stream to a static buffer ("h")
+        assert len(eng.w.layers) > 1 and eng.acc_qkv and eng.acc_o and eng.acc_ffn
+        assert sorted(k[0] for k in eng._acc) == (["h", "o+ffn", "qkv"] if use_triton else ["qkv"])
+        assert all(float(a.abs().sum()) == 0 for k, a in eng._acc.items() if k[0] != "h")
         eng._acc[("qkv", eng.w.layers[0].qkv[0].out_features)].fill_(3.0)   # a step that stopped half-way ...
         eng.prefill(ids[:first])                                            # ... is cleared by the next prefill
-        assert all(float(a.abs().sum()) == 0 for a in eng._acc.values())
+        assert all(float(a.abs().sum()) == 0 for k, a in eng._acc.items() if k[0] != "h")
         eng.tok.fill_(int(ids[9]))                                          # back to the last step's state
         eng.pos.fill_(9)
     if use_triton:   # RMSNorm as a separate kernel, RoPE in the q/k/v kernel's epilogue, q/k/v with its own
         # epilogue: the same step
-        for flag, on in (("fuse_norm", False), ("fuse_rope", True), ("acc_qkv", False), ("acc_o", False)):
+        for flag, on in (("fuse_norm", False), ("fuse_rope", True), ("acc_qkv", False), ("acc_o", False),
+                         ("acc_ffn", False)):
             old = getattr(eng, flag)
             setattr(eng, flag, on)
             assert _rel(eng.forward(eng.tok).float(), want[9:10]) < 1e-5, flag
@@ -601,6 +613,72 @@ def test_gemv_acc_out_equals_epilogue(n, m, stripe, split, norm, dtype):
     assert _rel(acc + res.float(), y) < 1e-5
     with pytest.raises(AssertionError):
         G.gemv_ex(x, wt, mean, thr, bias, stripe, residual=res, acc_out=acc)
+
+
+def _rounded_alike(a, b) -> bool:
+    """a == b, two roundings of the same fp32 values to a's dtype: exact on a GPU and in fp32; within one bf16
+    step under the interpreter (whose fp32 → bf16 cast need not round as torch does)."""
+    if DEV == "cuda" or a.dtype == torch.float32:
+        return torch.equal(a, b)
+    return torch.allclose(a.float(), b.float(), rtol=8e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,m,stripe,split,norm", [(96, 80, 16, 3, True), (64, 64, 32, 1, False)])
+def test_gemv_x_acc_equals_materialised_input(n, m, stripe, split, norm, dtype):
+    """x_acc / x_out (with acc_out): the product of (x + x_acc) rounded = the product of that input formed first;
+    x_out receives that input, x_acc is left as it was; the PyTorch twin agrees; without acc_out: refused."""
+    x, wt, mean, thr, bias = _inputs(1, n, m, stripe, dtype, seed=n + m + split + 7)
+    nw = (1 + 0.3 * torch.randn(n, generator=_gen(n + 1))).to(dtype).to(DEV) if norm else None
+    part = (torch.randn(1, n, generator=_gen(n + 2)) * 0.5).to(DEV)        # the previous FFN's fp32 sum
+    h = (part + x.float()).to(dtype)
+    cfg = G.gemv_config(1, n, m, stripe, x.device, block_n=16, max_split=split, waves=64)
+    assert cfg["SPLIT"] == split
+    want = G.gemv_ex(h, wt, mean, thr, bias, stripe, norm_w=nw, config=cfg, acc_out=torch.zeros((1, m), device=DEV))
+    acc, xa, xo = torch.zeros((1, m), device=DEV), part.clone(), torch.full_like(x, 7.0)
+    G.gemv_ex(x, wt, mean, thr, bias, stripe, norm_w=nw, config=cfg, acc_out=acc, x_acc=xa, x_out=xo)
+    assert _rounded_alike(xo, h) and torch.equal(xa, part)
+    assert _rel(acc, want) < (1e-6 if dtype == torch.float32 or DEV == "cuda" else 8e-3)
+    acc2, xo2 = torch.zeros((1, m), device=DEV), torch.zeros_like(x)
+    fb.gemv_ex_ref(x, wt, mean, thr, bias, stripe, norm_w=nw, acc_out=acc2, x_acc=part.clone(), x_out=xo2)
+    assert torch.equal(xo2, h)
+    if dtype == torch.float32:   # (in bf16 the twin's separate norm may flip a threshold decision)
+        assert _rel(acc2, want) < 1e-5
+    with pytest.raises(ValueError):
+        G.gemv_ex(x, wt, mean, thr, bias, stripe, norm_w=nw, x_acc=part)
+    with pytest.raises(ValueError):
+        G.gemv_ex(x, wt, mean, thr, bias, stripe, acc_out=acc, x_acc=part.to(dtype) if dtype != torch.float32
+                  else part[:, :-1].contiguous())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("norm", [True, False])
+def test_ffn_y_acc_hands_the_product_on(norm, dtype):
+    """y_acc: the one-launch FFN adds its product into y_acc and returns its input (x + x_acc rounded), leaving
+    x_acc as it was; input + y_acc rounded = the x_acc path's output. The twin agrees; other paths refuse it."""
+    from cwic_kernels.gpu import ffn_fused as FF
+    d, F_, stripe = 64, 128, 32
+    x, gwt, gmean, gthr, gbias = _inputs(1, d, F_, stripe, dtype, seed=93)
+    g = _gen(94)
+    up_w = (torch.randn(F_, d, generator=g) / d ** 0.5).to(dtype).to(DEV)
+    down_wt = (torch.randn(F_, d, generator=g) / F_ ** 0.5).to(dtype).to(DEV)
+    uthr = (torch.rand(F_, generator=g) * 0.3).to(DEV)
+    nw = (1 + 0.3 * torch.randn(d, generator=g)).to(dtype).to(DEV) if norm else None
+    part = (torch.randn(1, d, generator=g) * 0.5).to(DEV)                  # the o product's fp32 sum
+    h = (part + x.float()).to(dtype)
+    args = (gwt, gmean, gthr, gbias, stripe, up_w, down_wt, uthr, "silu")
+    want = FF.ffn_gate_updown(x, *args, residual=x, norm_w=nw, eps=1e-6, x_acc=part.clone())
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    for fn in (FF.ffn_gate_updown, G.ffn, fb.ffn_ref):
+        xa, ya = part.clone(), torch.zeros((1, d), device=DEV)
+        got = fn(x, *args, residual=x, norm_w=nw, eps=1e-6, x_acc=xa, y_acc=ya)
+        assert _rounded_alike(got, h) and torch.equal(xa, part), fn
+        assert _rel((got.float() + ya).to(dtype), want) < tol, fn
+        assert float(ya.abs().sum()) > 0, fn
+    with pytest.raises(ValueError):
+        G.ffn(x, *args, residual=x, norm_w=nw, eps=1e-6, x_acc=part.clone(), y_acc=ya, fused=False)
+    with pytest.raises(ValueError):
+        FF.ffn_gate_updown(x, *args, residual=None, norm_w=nw, y_acc=ya)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -33,7 +33,7 @@ from gpu_decode import (CONFIGS, _sync, build_model, calibrate_density, collect_
                         kernel_breakdown, measure_apr)
 from gpu_kernels import ensure_imports, save_outputs  # noqa: E402
 
-QKV, O, HEAD, FFN = "qkv", "o", "head", "ffn"
+QKV, O, HEAD, FFN, HAND = "qkv", "o", "head", "ffn", "hand"
 
 
 def variants(d: int, qkv_m: int, vocab: int, F: int) -> dict:
@@ -69,6 +69,9 @@ def variants(d: int, qkv_m: int, vocab: int, F: int) -> dict:
               "nw8": vary(num_warps=8), "bs2": vary(block_s=2), "bs8": vary(block_s=8),
               "bu16": vary(block_u=16), "bu64": vary(block_u=64), "copies4": vary(copies=4),
               "stages2": vary(num_stages=2), "nopipe": vary(pipe=False), "nopipe_bs8": vary(block_s=8, pipe=False)}
+    # the engine's hand-offs of fp32 sums between kernels, each turned off (`--groups hand`: an in-process A/B)
+    g[HAND] = {"acc_ffn_off": [("engine", "acc_ffn", False)], "acc_o_off": [("engine", "acc_o", False)],
+               "acc_qkv_off": [("engine", "acc_qkv", False)]}
     return g
 
 
@@ -103,7 +106,7 @@ class Tables:
             t.clear()
             t.update(copy.deepcopy(self.saved[k]))
         if self.switches is None:   # the engine's own settings, as it was built
-            self.switches = {a: getattr(eng, a) for a in ("fuse_rope", "acc_qkv", "acc_o")}
+            self.switches = {a: getattr(eng, a) for a in ("fuse_rope", "acc_qkv", "acc_o", "acc_ffn")}
         for a, v in self.switches.items():
             setattr(eng, a, v)
 

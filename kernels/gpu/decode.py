@@ -47,10 +47,15 @@ def rmsnorm_ref(x, w, eps):
 
 @triton.jit
 def _rope_cache_kernel(QKV, Q, KC, VC, COS, SIN, POS, HQ, HKV, stride_qkv, stride_q, stride_c,
-                       HALF: tl.constexpr, USE_PDL: tl.constexpr = False, ACC: tl.constexpr = False):
+                       HALF: tl.constexpr, USE_PDL: tl.constexpr = False, ACC: tl.constexpr = False,
+                       CLR=None, CLR_N=0, BLOCK_CLR: tl.constexpr = 0):
     _pdl_enter(USE_PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)                        # q heads, then k heads, then v heads
+    if BLOCK_CLR > 0:   # zero CLR[:CLR_N], a slice a head (buffers whose readers have all finished)
+        if t == 0:
+            offs = h * BLOCK_CLR + tl.arange(0, BLOCK_CLR)
+            tl.store(CLR + offs, tl.zeros((BLOCK_CLR,), dtype=tl.float32), mask=offs < CLR_N)
     pos = tl.load(POS) + t
     d = tl.arange(0, HALF)
     src = QKV + t * stride_qkv + h * (2 * HALF)
@@ -81,23 +86,33 @@ def _rope_cache_kernel(QKV, Q, KC, VC, COS, SIN, POS, HQ, HKV, stride_qkv, strid
 
 
 def rope_cache(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               kc: torch.Tensor, vc: torch.Tensor, hq: int, hkv: int, acc: bool = False) -> torch.Tensor:
+               kc: torch.Tensor, vc: torch.Tensor, hq: int, hkv: int, acc: bool = False,
+               clear: torch.Tensor | None = None) -> torch.Tensor:
     """qkv (T, (hq+2hkv)·hd) → rotated q (T, hq·hd); rotated k and v written to kc/vc (L, hkv, hd) at
     positions pos[0] + t. cos/sin (max_len, hd/2) fp32 tables (HF's rotary embedding, scaling included).
     acc: qkv is the fp32 sum left by `gemv.gemv_ex(acc_out=qkv)`; it is rounded to the cache dtype first (as
     that kernel's epilogue would round y when y has the cache's dtype, as in the decode engine), q comes out in
-    the cache dtype, and qkv is left zeroed."""
+    the cache dtype, and qkv is left zeroed.
+    clear: a contiguous fp32 tensor the kernel also zeroes (the decode engine's hand-off buffers whose readers,
+    the kernels launched before this one, have all finished: the o product and the FFN's y_acc)."""
     T = qkv.shape[0]
     hd = kc.shape[-1]
     assert not acc or (qkv.dtype == torch.float32 and qkv.is_contiguous())
+    if clear is not None and not (clear.dtype == torch.float32 and clear.is_contiguous()):
+        raise ValueError(f"clear: a contiguous fp32 tensor, got {clear.dtype}")
+    nprog = hq + 2 * hkv
+    bc = triton.next_power_of_2(triton.cdiv(clear.numel(), nprog)) if clear is not None and clear.numel() else 0
     q = torch.empty((T, hq * hd), dtype=kc.dtype if acc else qkv.dtype, device=qkv.device)
     _rope_cache_kernel[(T, hq + 2 * hkv)](qkv, q, kc, vc, cos, sin, pos, hq, hkv, qkv.stride(0),
                                           q.stride(0), kc.stride(0), HALF=hd // 2, ACC=acc, num_warps=1,
-                                          **pdl_args(qkv.device))
+                                          **pdl_args(qkv.device), CLR=clear if bc else qkv,
+                                          CLR_N=clear.numel() if bc else 0, BLOCK_CLR=bc)
     return q
 
 
-def rope_cache_ref(qkv, pos, cos, sin, kc, vc, hq, hkv, acc: bool = False):
+def rope_cache_ref(qkv, pos, cos, sin, kc, vc, hq, hkv, acc: bool = False, clear=None):
+    if clear is not None:
+        clear.zero_()
     T = qkv.shape[0]
     hd = kc.shape[-1]
     half = hd // 2

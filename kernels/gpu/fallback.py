@@ -17,8 +17,15 @@ __all__ = ["gemv_ex_ref", "gemv_qkv_rope_ref", "ffn_up_ref", "ffn_ref", "rmsnorm
 
 def gemv_ex_ref(x, wt, mean, thr, bias, stripe, *, residual=None, act=None, unit_thr=None,
                 mask_mode=MASK_THRESHOLD, out_dtype=None, out=None, config=None, compact=None, norm_w=None,
-                eps=1e-6, acc_out=None):
+                eps=1e-6, acc_out=None, x_acc=None, x_out=None):
     n, m = wt.shape
+    if x_acc is not None or x_out is not None:   # `gemv.gemv_ex(x_acc=..., x_out=...)`: the input is x + x_acc
+        if acc_out is None:
+            raise ValueError("x_acc / x_out: only with acc_out")
+        if x_acc is not None:
+            x = (x_acc + x.float()).to(x.dtype)
+        if x_out is not None:
+            x_out.copy_(x)
     if acc_out is not None:   # `gemv.gemv_ex(acc_out=...)`: the fp32 product (+ bias) added into acc_out
         assert residual is None and act is None and out is None
         acc_out += gemv_ex_ref(x, wt, mean, thr, bias, stripe, mask_mode=mask_mode, out_dtype=torch.float32,
@@ -63,17 +70,24 @@ def ffn_up_ref(x, up_w, a, config=None):
 
 
 def ffn_ref(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt, unit_thr, act="silu",
-            residual=None, fused=None, norm_w=None, eps=1e-6, x_acc=None):
+            residual=None, fused=None, norm_w=None, eps=1e-6, x_acc=None, y_acc=None, out_dtype=None):
+    if y_acc is not None:   # `ffn_fused.ffn_gate_updown(y_acc=...)`: the product into y_acc, the input returned
+        assert residual is x
+        xin = (x_acc + x.float()).to(x.dtype) if x_acc is not None else x
+        y_acc += ffn_ref(xin, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt, unit_thr, act,
+                         norm_w=norm_w, eps=eps, out_dtype=torch.float32)
+        return xin.clone()
     if x_acc is not None:   # `gemv.ffn(x_acc=...)`: the input and residual are (x_acc + x) in x's dtype
         assert residual is x
         x = residual = (x_acc + x.float()).to(x.dtype)
         x_acc.zero_()
+    dtype = x.dtype if out_dtype is None else out_dtype
     if norm_w is not None:
         x = rmsnorm_ref(x, norm_w, eps)
     a = gemv_ex_ref(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, act=act, unit_thr=unit_thr)
     h = ffn_up_ref(x, up_w, a)
     return gemv_ex_ref(h, down_wt, None, None, None, down_wt.shape[1], mask_mode=MASK_NONZERO,
-                       residual=residual, out_dtype=x.dtype)
+                       residual=residual, out_dtype=dtype)
 
 
 def gemv_qkv_rope_ref(x, wt, mean, thr, bias, stripe, pos, cos, sin, kc, vc, hq, hkv, norm_w=None, eps=1e-6):

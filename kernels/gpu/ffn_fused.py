@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import ACT_IDS, _act, _pdl_enter, _rstd_of, check_args, pdl_args
+from .gemv import ACT_IDS, _act, _load_h, _pdl_enter, _rstd_of, check_args, pdl_args
 from .gemv_compact import _select_block, _select_pre, _select_x, _slot_products
 
 __all__ = ["ffn_updown", "ffn_gate_updown", "gate_fusable", "ffn_updown_config", "TUNED_UPDOWN"]
@@ -66,23 +66,13 @@ def _step_sum(av, wu, wd, x):
 
 
 @triton.jit
-def _load_h(X, XACC, offs, mask, X_ACC: tl.constexpr):
-    """x[offs] in x's dtype; X_ACC: plus the fp32 sum XACC left by `gemv.gemv_ex(acc_out=...)`, rounded to x's
-    dtype as that kernel's epilogue would round (sum + residual)."""
-    x = tl.load(X + offs, mask=mask, other=0.0)
-    if X_ACC:
-        x = (tl.load(XACC + offs, mask=mask, other=0.0) + x.to(tl.float32)).to(X.dtype.element_ty)
-    return x
-
-
-@triton.jit
 def _ffn_updown_kernel(X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
                        BLOCK_U: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                        COPIES: tl.constexpr, HAS_RES: tl.constexpr, EVEN_D: tl.constexpr, NORM: tl.constexpr,
                        PIPE: tl.constexpr, USE_PDL: tl.constexpr = False):
     _pdl_enter(USE_PDL)
     _updown_body(tl.program_id(0), X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps, BLOCK_U, BLOCK_S,
-                 BLOCK_D, COPIES, HAS_RES, EVEN_D, NORM, PIPE, X, False)
+                 BLOCK_D, COPIES, HAS_RES, EVEN_D, NORM, PIPE, X, False, X, False)
 
 
 @triton.jit
@@ -92,12 +82,12 @@ def _ffn_gate_updown_kernel(X, GWT, GMEAN, GTHR, GBIAS, UTHR, UP, DOWNT, A, RES,
                             BLOCK_G: tl.constexpr, COPIES: tl.constexpr, HAS_RES: tl.constexpr,
                             EVEN_D: tl.constexpr, EVEN_U: tl.constexpr, NORM: tl.constexpr, PIPE: tl.constexpr,
                             ACT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr = False,
-                            XACC=None, X_ACC: tl.constexpr = False):
+                            XACC=None, X_ACC: tl.constexpr = False, YOUT=None, Y_ACC: tl.constexpr = False):
     """The whole gated FFN of one token, a program per BLOCK_U units: the gate's BLOCK_U columns over every
     input (the stripe's active inputs compacted into a private scratch region, then only their rows read:
     `gemv_compact`'s fused mode with one chunk, so no split-K round trip), + folded bias, act, unit mask → a
     (also stored to A), then `_updown_body` on the same units. X_ACC: the input is x + XACC (`_load_h`), which
-    is also the residual; the last program zeroes XACC."""
+    is also the residual; the last program zeroes XACC, except with Y_ACC (see `_updown_body`)."""
     p = tl.program_id(0)
     units = p * BLOCK_U + tl.arange(0, BLOCK_U)
     umask = units < F
@@ -132,16 +122,19 @@ def _ffn_gate_updown_kernel(X, GWT, GMEAN, GTHR, GBIAS, UTHR, UP, DOWNT, A, RES,
     tl.store(A + units, av, mask=umask)
     tl.debug_barrier()                              # a is visible to all the block's threads
     _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps, BLOCK_U, BLOCK_S, BLOCK_D, COPIES,
-                 HAS_RES, EVEN_D, NORM, PIPE, XACC, X_ACC)
+                 HAS_RES, EVEN_D, NORM, PIPE, XACC, X_ACC, YOUT, Y_ACC)
 
 
 @triton.jit
 def _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
                  BLOCK_U: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                  COPIES: tl.constexpr, HAS_RES: tl.constexpr, EVEN_D: tl.constexpr, NORM: tl.constexpr,
-                 PIPE: tl.constexpr, XACC, X_ACC: tl.constexpr):
+                 PIPE: tl.constexpr, XACC, X_ACC: tl.constexpr, YOUT, Y_ACC: tl.constexpr):
     """Program p of the up/down projections: its units' a → active units → W_up and W_downᵀ rows → atomics.
-    X_ACC: x is x + XACC (`_load_h`) and the residual is that x (RES = X); the last program zeroes XACC."""
+    X_ACC: x is x + XACC (`_load_h`) and the residual is that x (RES = X); the last program zeroes XACC.
+    Y_ACC (the hand-off to the next layer's q/k/v kernel): the programs add their sums into the caller's fp32
+    YOUT and stop (no arrival, no epilogue, XACC left as it is); program 0 writes the input x (not normalised:
+    the residual stream) to Y."""
     units = p * BLOCK_U + tl.arange(0, BLOCK_U)
     umask = units < F
     a = tl.load(A + units, mask=umask, other=0.0)
@@ -154,6 +147,9 @@ def _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
     ds = tl.arange(0, BLOCK_D)
     dmask = ds < D
     x = _load_h(X, XACC, ds, dmask, X_ACC)
+    if Y_ACC:
+        if p == 0:
+            tl.store(Y + ds, x, mask=dmask)
     if NORM:   # x is the raw residual stream: RMSNorm it as decode.rmsnorm does (rounded to x's dtype)
         nw = tl.load(NW + ds, mask=dmask, other=0.0).to(tl.float32)
         x = (x.to(tl.float32) * _rstd_of(x, D, eps) * nw).to(X.dtype.element_ty)
@@ -174,22 +170,26 @@ def _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
         for s0 in range(0, cnt, BLOCK_S):
             av, wu, wd = _step_rows(IDX, A, UP, DOWNT, base, s0, slots, cnt, ds, dmask, D, EVEN_D)
             y += _step_sum(av, wu, wd, x)
-    if cnt > 0:   # into one of COPIES accumulators: 1/COPIES of the programs contend for each address
-        tl.atomic_add(YACC + (p % COPIES) * BLOCK_D + ds, y, mask=dmask, sem="relaxed", scope="gpu")
-    tl.debug_barrier()                              # every thread's additions are issued ...
-    done = tl.atomic_add(ARR, 1, sem="acq_rel", scope="gpu")   # ... before we arrive
-    if done == tl.num_programs(0) - 1:              # last to arrive: finish
-        tot = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for c in tl.static_range(COPIES):           # unrolled: all loads in flight
-            tot += tl.load(YACC + c * BLOCK_D + ds, mask=dmask, other=0.0, cache_modifier=".cg")
-        if HAS_RES:
-            tot += _load_h(RES, XACC, ds, dmask, X_ACC).to(tl.float32)
-        if X_ACC:   # every program has read XACC before arriving: clear it for its next producer
-            tl.store(XACC + ds, tl.zeros((BLOCK_D,), dtype=tl.float32), mask=dmask)
-        tl.store(Y + ds, tot.to(Y.dtype.element_ty), mask=dmask)
-        for c in tl.static_range(COPIES):
-            tl.store(YACC + c * BLOCK_D + ds, tl.zeros((BLOCK_D,), dtype=tl.float32), mask=dmask)
-        tl.atomic_xchg(ARR, 0)                      # ready for the next launch
+    if Y_ACC:     # handed on: the consumer adds the residual stream and rounds
+        if cnt > 0:
+            tl.atomic_add(YOUT + ds, y, mask=dmask, sem="relaxed", scope="gpu")
+    else:
+        if cnt > 0:   # into one of COPIES accumulators: 1/COPIES of the programs contend for each address
+            tl.atomic_add(YACC + (p % COPIES) * BLOCK_D + ds, y, mask=dmask, sem="relaxed", scope="gpu")
+        tl.debug_barrier()                              # every thread's additions are issued ...
+        done = tl.atomic_add(ARR, 1, sem="acq_rel", scope="gpu")   # ... before we arrive
+        if done == tl.num_programs(0) - 1:              # last to arrive: finish
+            tot = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            for c in tl.static_range(COPIES):           # unrolled: all loads in flight
+                tot += tl.load(YACC + c * BLOCK_D + ds, mask=dmask, other=0.0, cache_modifier=".cg")
+            if HAS_RES:
+                tot += _load_h(RES, XACC, ds, dmask, X_ACC).to(tl.float32)
+            if X_ACC:   # every program has read XACC before arriving: clear it for its next producer
+                tl.store(XACC + ds, tl.zeros((BLOCK_D,), dtype=tl.float32), mask=dmask)
+            tl.store(Y + ds, tot.to(Y.dtype.element_ty), mask=dmask)
+            for c in tl.static_range(COPIES):
+                tl.store(YACC + c * BLOCK_D + ds, tl.zeros((BLOCK_D,), dtype=tl.float32), mask=dmask)
+            tl.atomic_xchg(ARR, 0)                      # ready for the next launch
 
 
 # (d, F) -> overrides: the fastest tiles of the H100 sweep (`bench_kernels.py --device cuda --compact
@@ -277,7 +277,8 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
                     unit_thr: torch.Tensor, act: str = "silu", residual: torch.Tensor | None = None,
                     out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
                     config: dict | None = None, norm_w: torch.Tensor | None = None, eps: float = 1e-6,
-                    block_g: int | None = None, x_acc: torch.Tensor | None = None) -> torch.Tensor:
+                    block_g: int | None = None, x_acc: torch.Tensor | None = None,
+                    y_acc: torch.Tensor | None = None) -> torch.Tensor:
     """The whole CWIC gated FFN of one token in one launch (`gemv.ffn` semantics, B = 1): the gate's granular
     GEMV (thresholds, act, unit mask) for each program's BLOCK_U units, then their up/down rows as
     `ffn_updown` does. gate_wt (d, F) input-major; gate_mean (d,) or per stripe (k, d) fp32; gate_thr (k, d);
@@ -285,7 +286,12 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
     the launch stays in the workspace (`_workspace(...)["a"]`). Tiles: `ffn_updown_config`; block_g (default: the
     config's BLOCK_G): active inputs gathered a step in the gate part. x_acc (1, d) fp32: the input is
     (x_acc + x) rounded to x's dtype (x_acc: the sum of `gemv.gemv_ex(acc_out=...)`, e.g. the o product), residual
-    must then be x and stands for that input too; x_acc is left zeroed."""
+    must then be x and stands for that input too; x_acc is left zeroed.
+    y_acc (1, d) fp32 (zero, or a sum to add to), with residual x: the FFN's product is added into y_acc with atomics
+    and the returned tensor is the input (x + x_acc rounded, not normalised): the residual stream, to which the
+    consumer adds y_acc (`gemv.gemv_ex(x_acc=...)`). No arrival counter, no epilogue; x_acc is then NOT zeroed
+    (its programs may still read it when others finish): the caller clears it after the launch, as the decode
+    engine's next RoPE kernel does (`decode.rope_cache(clear=...)`)."""
     B, d = x.shape
     F_ = gate_wt.shape[1]
     assert B == 1, "ffn_gate_updown runs one token"
@@ -300,6 +306,13 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
         assert norm_w.shape == (d,) and norm_w.is_contiguous()
     if x_acc is not None:
         assert residual is x and x_acc.shape == (1, d) and x_acc.dtype == torch.float32 and x_acc.is_contiguous()
+    if y_acc is not None:
+        if residual is not x:
+            raise ValueError("y_acc: the residual must be the input x itself")
+        if not (y_acc.shape == (1, d) and y_acc.dtype == torch.float32 and y_acc.is_contiguous()):
+            raise ValueError(f"y_acc: a contiguous (1, {d}) fp32 tensor, got {tuple(y_acc.shape)} {y_acc.dtype}")
+        if (out_dtype or x.dtype) != x.dtype:
+            raise ValueError("y_acc: the output is the input x, in x's dtype")
     y = out if out is not None else torch.empty((1, d), dtype=out_dtype or x.dtype, device=x.device)
     ws = _workspace(x.device, d, F_, cfg)
     if "a" not in ws:   # the gate part's scratch: each program's compacted inputs, and a
@@ -317,5 +330,6 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
         HAS_RES=residual is not None, EVEN_D=cfg["BLOCK_D"] == d, EVEN_U=F_ % cfg["BLOCK_U"] == 0,
         NORM=norm_w is not None, PIPE=cfg["PIPE"], ACT=ACT_IDS[act], HAS_BIAS=gate_bias is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(x.device),
-        XACC=x_acc if x_acc is not None else x, X_ACC=x_acc is not None)
+        XACC=x_acc if x_acc is not None else x, X_ACC=x_acc is not None,
+        YOUT=y_acc if y_acc is not None else x, Y_ACC=y_acc is not None)
     return y

@@ -144,18 +144,30 @@ def _mask_pre(MEANR, THRR, rows, n_hi, MASK_MODE: tl.constexpr, NWR, NORM: tl.co
 
 
 @triton.jit
-def _mask1(XR, MEANR, THRR, rows, n_hi, MASK_MODE: tl.constexpr, NWR, rstd, NORM: tl.constexpr):
-    """One token: (x - x̄ where the (stripe, input) pair is on else 0, on) for a block of inputs.
-    NORM: x is the raw residual stream, normalised here as decode.rmsnorm does (x · rstd · w, rounded
-    to x's dtype)."""
-    mu, t, w = _mask_pre(MEANR, THRR, rows, n_hi, MASK_MODE, NWR, NORM)
-    return _mask_post(XR, rows, n_hi, mu, t, w, rstd, MASK_MODE, NORM)
+def _load_h(X, XACC, offs, mask, X_ACC: tl.constexpr):
+    """x[offs] in x's dtype; X_ACC: plus the fp32 sum XACC left by a `gemv_ex(acc_out=...)` (or the one-launch
+    FFN's `y_acc`), rounded to x's dtype as that kernel's epilogue would round (sum + residual)."""
+    x = tl.load(X + offs, mask=mask, other=0.0)
+    if X_ACC:
+        x = (tl.load(XACC + offs, mask=mask, other=0.0) + x.to(tl.float32)).to(X.dtype.element_ty)
+    return x
 
 
 @triton.jit
-def _mask_post(XR, rows, n_hi, mu, t, w, rstd, MASK_MODE: tl.constexpr, NORM: tl.constexpr):
+def _mask1(XR, MEANR, THRR, rows, n_hi, MASK_MODE: tl.constexpr, NWR, rstd, NORM: tl.constexpr, XACCR,
+           X_ACC: tl.constexpr):
+    """One token: (x - x̄ where the (stripe, input) pair is on else 0, on) for a block of inputs.
+    NORM: x is the raw residual stream, normalised here as decode.rmsnorm does (x · rstd · w, rounded
+    to x's dtype). X_ACC: x is XR + XACCR rounded (`_load_h`)."""
+    mu, t, w = _mask_pre(MEANR, THRR, rows, n_hi, MASK_MODE, NWR, NORM)
+    return _mask_post(XR, rows, n_hi, mu, t, w, rstd, MASK_MODE, NORM, XACCR, X_ACC)
+
+
+@triton.jit
+def _mask_post(XR, rows, n_hi, mu, t, w, rstd, MASK_MODE: tl.constexpr, NORM: tl.constexpr, XACCR,
+               X_ACC: tl.constexpr):
     """`_mask1` given its constant operands (`_mask_pre`)."""
-    x = tl.load(XR + rows, mask=rows < n_hi, other=0.0)
+    x = _load_h(XR, XACCR, rows, rows < n_hi, X_ACC)
     return _mask_x(x, rows, n_hi, mu, t, w, rstd, MASK_MODE, NORM)
 
 
@@ -198,7 +210,8 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
                 SPLIT: tl.constexpr, MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_RES: tl.constexpr, ACT: tl.constexpr, EVEN_M: tl.constexpr,
                 DOT_F32: tl.constexpr, PIPE: tl.constexpr, NORM: tl.constexpr, NB: tl.constexpr,
-                USE_PDL: tl.constexpr = False, ROPE: tl.constexpr = False, ACC_OUT: tl.constexpr = False):
+                USE_PDL: tl.constexpr = False, ROPE: tl.constexpr = False, ACC_OUT: tl.constexpr = False,
+                XACC=None, XOUT=None, X_ACC: tl.constexpr = False, X_OUT: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -218,11 +231,24 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
     _pdl_enter(USE_PDL)
     if BLOCK_B == 1:   # the first block of x, in flight together with the fused norm's loads of all of x, and the
         # epilogue's operands (bias, unit thresholds, residual), loaded now rather than after the split-K arrival
-        x0 = tl.load(X + pid_b * stride_xb + rows, mask=rows < n_hi, other=0.0)
+        # (X_ACC, one token: x is X + XACC rounded, `_load_h`; X_OUT: program (0, 0) writes that x to XOUT)
+        x0 = _load_h(X + pid_b * stride_xb, XACC, rows, rows < n_hi, X_ACC)
         eb, eu, er = _epi_loads(BIAS, RES, UTHR, bs, cols, cmask, omask, stride_rb, HAS_BIAS, HAS_RES, ACT)
     rstd = 1.0
     if NORM:                                             # (one token only) fused RMSNorm of x
-        rstd = _rstd(X, N, eps, NB)
+        if X_ACC:
+            offs = tl.arange(0, NB)
+            xf = _load_h(X, XACC, offs, offs < N, True)
+            rstd = _rstd_of(xf, N, eps)
+            if X_OUT:
+                if (pid_m == 0) & (pid_k == 0):
+                    tl.store(XOUT + offs, xf, mask=offs < N)
+        else:
+            rstd = _rstd(X, N, eps, NB)
+    elif X_OUT:
+        if (pid_m == 0) & (pid_k == 0):
+            offs = tl.arange(0, NB)
+            tl.store(XOUT + offs, _load_h(X, XACC, offs, offs < N, X_ACC), mask=offs < N)
     if PIPE:                                             # (one token only)
         # two-stage software pipeline: the next block's mask and weight loads are in flight while the
         # current block is multiplied, so a program waits about one memory round trip per block, not two
@@ -231,7 +257,7 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
         for n0 in range(n_lo + BLOCK_N, n_hi, BLOCK_N):
             rows2 = n0 + tl.arange(0, BLOCK_N)
             xc2, on2 = _mask1(X + pid_b * stride_xb, MEAN + r * stride_mk, THR + r * N, rows2, n_hi, MASK_MODE,
-                              NW, rstd, NORM)
+                              NW, rstd, NORM, XACC, X_ACC)
             w2 = _load_rows(WT, rows2, cols, M, on2, cmask, EVEN_M)
             acc += tl.sum(xc[:, None] * w.to(tl.float32), axis=0)[None, :]
             xc = xc2
@@ -244,7 +270,7 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
         acc += tl.sum(xc[:, None] * w.to(tl.float32), axis=0)[None, :]
         for n0 in range(n_lo + BLOCK_N, n_hi, BLOCK_N):
             rows = n0 + tl.arange(0, BLOCK_N)
-            xc, on = _mask_post(X + pid_b * stride_xb, rows, n_hi, mu, t, nw, rstd, MASK_MODE, NORM)
+            xc, on = _mask_post(X + pid_b * stride_xb, rows, n_hi, mu, t, nw, rstd, MASK_MODE, NORM, XACC, X_ACC)
             w = _load_rows(WT, rows, cols, M, on, cmask, EVEN_M)
             mu, t, nw = _mask_pre(MEAN + r * stride_mk, THR + r * N, rows + BLOCK_N, n_hi, MASK_MODE, NW, NORM)
             acc += tl.sum(xc[:, None] * w.to(tl.float32), axis=0)[None, :]
@@ -507,7 +533,8 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
             out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
             config: dict | None = None, compact: bool | None = None,
             norm_w: torch.Tensor | None = None, eps: float = 1e-6, rope: tuple | None = None,
-            acc_out: torch.Tensor | None = None) -> torch.Tensor:
+            acc_out: torch.Tensor | None = None, x_acc: torch.Tensor | None = None,
+            x_out: torch.Tensor | None = None) -> torch.Tensor:
     """y = epilogue(GMM(x; wt, mean, thr) + bias): the Triton kernel behind `cwic::gemv`.
 
     x (B, n) any float dtype; wt (n, m); mean (n,) or per stripe (k, n) fp32; thr (k, n) fp32;
@@ -532,9 +559,21 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
     acc_out (1, m) fp32: one token, no residual or act: the split-K partials (+ bias) are added into acc_out with
     atomics (no arrival counter, no epilogue; the order of the additions varies) and acc_out is returned. The
     caller zeroes it before and finishes the output (rounding, residual) itself.
+
+    x_acc (1, n) fp32, with acc_out: the input is (x + x_acc) rounded to x's dtype (x_acc: the fp32 sum handed on
+    by the previous product, e.g. the one-launch FFN's `y_acc`); x_acc is read, not cleared. x_out (1, n), x's
+    dtype, with acc_out: one program also writes that input there (the residual stream, for the layer's FFN).
     """
     B, n = x.shape
     m = wt.shape[1]
+    if x_acc is not None or x_out is not None:
+        if acc_out is None:
+            raise ValueError("x_acc / x_out: only with acc_out (one token, the masked-load kernel)")
+        if x_acc is not None and not (x_acc.shape == (1, n) and x_acc.dtype == torch.float32
+                                      and x_acc.is_contiguous()):
+            raise ValueError(f"x_acc: a contiguous (1, {n}) fp32 tensor, got {tuple(x_acc.shape)} {x_acc.dtype}")
+        if x_out is not None and not (x_out.shape == (1, n) and x_out.dtype == x.dtype and x_out.is_contiguous()):
+            raise ValueError(f"x_out: a contiguous (1, {n}) {x.dtype} tensor, got {tuple(x_out.shape)} {x_out.dtype}")
     if norm_w is not None and B != 1:
         x, norm_w = _norm(x, norm_w, eps), None
     if acc_out is not None:   # (the masked-load kernel: compact=True cannot be honoured)
@@ -584,7 +623,9 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
         ACT=ACT_IDS[act], EVEN_M=(m % cfg["BLOCK_M"] == 0),
         DOT_F32=(INTERPRET or wt.dtype == torch.float32), PIPE=cfg.get("pipe", False),
         NORM=norm_w is not None, NB=triton.next_power_of_2(n), ROPE=rope is not None, ACC_OUT=acc_out is not None,
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **pdl_args(x.device))
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **pdl_args(x.device),
+        XACC=x_acc if x_acc is not None else x, XOUT=x_out if x_out is not None else x,
+        X_ACC=x_acc is not None, X_OUT=x_out is not None)
     return y
 
 
@@ -662,7 +703,8 @@ def ffn_one_launch(d: int, F: int, stripe: int, fused: bool | None = None) -> bo
 
 def ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int, up_w, down_wt, unit_thr,
         act: str = "silu", residual: torch.Tensor | None = None, fused: bool | None = None,
-        norm_w: torch.Tensor | None = None, eps: float = 1e-6, x_acc: torch.Tensor | None = None) -> torch.Tensor:
+        norm_w: torch.Tensor | None = None, eps: float = 1e-6, x_acc: torch.Tensor | None = None,
+        y_acc: torch.Tensor | None = None) -> torch.Tensor:
     """`cwic::ffn`: gate GMM with act + unit mask in its epilogue → active rows of W_up → active rows of
     W_downᵀ (+ residual). No host synchronisation. One token: one launch (`ffn_fused.ffn_gate_updown`: each
     program computes the gate for its own units, then their up and down rows; fp32 atomics, so the last bits
@@ -671,9 +713,12 @@ def ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int, up_w, down_wt, 
     norm_w: x is the raw residual stream, normalised inside the one-token kernels (see `gemv_ex`).
     x_acc (1, d) fp32, with residual x: the input (and residual) is (x_acc + x) rounded to x's dtype, x_acc the sum
     of a `gemv_ex(acc_out=...)` (the o product); the one-launch kernel reads it itself, other paths form it first.
-    x_acc is left zeroed."""
+    x_acc is left zeroed. y_acc: the one-launch kernel's hand-off (`ffn_fused.ffn_gate_updown`: the product
+    added into y_acc, the input returned, x_acc not cleared); other paths refuse it."""
     one = x.shape[0] == 1 and (FUSED_FFN if fused is None else fused)
     one_launch = one and gate_thr is not None and ffn_one_launch(x.shape[1], gate_wt.shape[1], stripe, fused)
+    if y_acc is not None and not one_launch:
+        raise ValueError("y_acc: only the one-launch FFN of one token hands its product on (ffn_one_launch)")
     if x_acc is not None:
         assert residual is x, "x_acc: the residual is the input itself"
         if not one_launch:   # form the input first
@@ -685,7 +730,7 @@ def ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int, up_w, down_wt, 
     if one_launch:
         return _fused.ffn_gate_updown(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt,
                                       unit_thr, act, residual=residual, out_dtype=x.dtype, norm_w=norm_w,
-                                      eps=eps, x_acc=x_acc)
+                                      eps=eps, x_acc=x_acc, y_acc=y_acc)
     a = gemv_ex(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, act=act, unit_thr=unit_thr,
                 norm_w=norm_w, eps=eps)
     if one:

@@ -15,7 +15,11 @@ read the normalised vector (`fuse_norm`; CWIC_FUSE_NORM=0 gives them the separat
 runs). For one token the CWIC q/k/v and o kernels skip their split-K arrival and epilogue: they add their
 partial sums into fp32 buffers (`gemv_ex(acc_out=...)`), which the RoPE kernel (q/k/v) and the one-launch
 FFN kernel (o: it adds the residual itself) round and clear (`acc_qkv`, `acc_o`; CWIC_ACC_QKV=0 /
-CWIC_ACC_O=0 turn them off for A/B runs). With CWIC_FUSE_ROPE=1 (`fuse_rope`; off: slower than `acc_qkv`,
+CWIC_ACC_O=0 turn them off for A/B runs). The one-launch FFN hands its product on likewise (`acc_ffn`,
+CWIC_ACC_FFN=0: off): it adds it into an fp32 buffer and writes its input, the residual stream; the next
+layer's q/k/v kernel reads the two, adds them, and writes the sum as that layer's residual stream
+(`gemv_ex(x_acc=..., x_out=...)`); the next RoPE kernel clears the o and FFN buffers, whose readers have
+all finished by then (stream order). The last layer's FFN keeps its epilogue. With CWIC_FUSE_ROPE=1 (`fuse_rope`; off: slower than `acc_qkv`,
 which it replaces) the CWIC q/k/v kernel of one token applies RoPE and writes the cache in its epilogue.
 Positions live in a device tensor, and a decode step (embedding → logits → argmax → next input) has no host
 synchronisation, so it is captured once and replayed. On the CPU the engine runs the same code with the
@@ -243,6 +247,10 @@ class DecodeEngine:
         # likewise the o product, which the one-launch FFN kernel adds to the residual stream itself, where the FFN
         # runs in one launch (CWIC_ACC_O=0: off). The buffers are zeroed again by capture() and prefill()
         self.acc_o = os.environ.get("CWIC_ACC_O", "1") != "0"
+        # and the FFN's product, handed to the next layer's q/k/v kernel, which adds the residual stream the FFN
+        # passed through and writes it for the layer (CWIC_ACC_FFN=0: off). The next RoPE kernel clears the o and
+        # FFN sums once their readers have finished
+        self.acc_ffn = os.environ.get("CWIC_ACC_FFN", "1") != "0"
         self._acc: dict = {}
         self.graph = None
 
@@ -278,9 +286,22 @@ class DecodeEngine:
         for a in self._acc.values():
             a.zero_()
 
-    def _ffn(self, f: FFN, x, residual, norm=None, x_acc=None):
+    def _hand_buf(self, d: int) -> torch.Tensor:
+        """The o product's and the FFN's fp32 sums, (1, 2d) in one buffer, so that one kernel clears both."""
+        return self._acc_buf("o+ffn", 2 * d)
+
+    def _h_buf(self, h: torch.Tensor) -> torch.Tensor:
+        """The residual stream a handed-on q/k/v kernel writes (`gemv_ex(x_out=...)`): one static buffer."""
+        buf = self._acc.get(("h", h.shape[1], h.dtype))
+        if buf is None:
+            buf = self._acc[("h", h.shape[1], h.dtype)] = torch.zeros_like(h)
+        return buf
+
+    def _ffn(self, f: FFN, x, residual, norm=None, x_acc=None, y_acc=None):
         """FFN(RMSNorm(x)·w) + residual for norm = (w, eps), else FFN(x) + residual. x_acc (CWIC only): the
-        input and residual are x + x_acc (the o product's fp32 sum), rounded; x_acc is left zeroed."""
+        input and residual are x + x_acc (the o product's fp32 sum), rounded; x_acc is left zeroed. y_acc (the
+        one-launch FFN only): the product is added into y_acc and the input (x + x_acc) returned; x_acc is not
+        cleared (`_q_and_cache` has the next RoPE kernel do it)."""
         if norm is not None and f.kind == "dense":
             x = self.K.rmsnorm(x, norm[0], norm[1])
         nw, eps = norm if norm is not None else (None, 1e-6)
@@ -292,9 +313,10 @@ class DecodeEngine:
         if not self.K.supports_stripe(g.stripe, g.out_features):
             from cwic_kernels.gpu.fallback import ffn_ref
             return ffn_ref(x, g.wt, g.mean, g.thr, g.bias, g.stripe, f.up_w, f.down_wt, f.unit_thr,
-                           f.act, residual=residual, norm_w=nw, eps=eps, x_acc=x_acc)
+                           f.act, residual=residual, norm_w=nw, eps=eps, x_acc=x_acc, y_acc=y_acc)
+        kw = {} if y_acc is None else dict(y_acc=y_acc)
         return self.K.ffn(x, g.wt, g.mean, g.thr, g.bias, g.stripe, f.up_w, f.down_wt, f.unit_thr,
-                          f.act, residual=residual, norm_w=nw, eps=eps, x_acc=x_acc)
+                          f.act, residual=residual, norm_w=nw, eps=eps, x_acc=x_acc, **kw)
 
     def _one_token_cwic(self, lin: Linear, h: torch.Tensor) -> bool:
         """Whether lin runs as a one-token CWIC kernel (the cases where a hand-off or an epilogue fusion applies)."""
@@ -307,29 +329,45 @@ class DecodeEngine:
         return self.acc_o and L.ffn.kind == "cwic" and self._one_token_cwic(L.o, h) \
             and self._one_token_cwic(g, h) and self.K.ffn_one_launch(g.wt.shape[0], g.out_features, g.stripe)
 
-    def _q_and_cache(self, li: int, L: Layer, h: torch.Tensor) -> torch.Tensor:
-        """Layer li's rotated queries for the residual stream h (T, d); its rotated keys and values go to the
-        cache."""
+    def _hand_ffn_to_qkv(self, L: Layer, nxt: Layer | None, h: torch.Tensor) -> bool:
+        """Whether layer L's FFN hands its fp32 product to the next layer's q/k/v kernel (`acc_ffn`): L hands o to
+        its one-launch FFN, and the next layer's q/k/v is one fused one-token CWIC product summed for RoPE."""
+        return self.acc_ffn and nxt is not None and self._hand_o_to_ffn(L, h) and self.fuse_norm \
+            and self.acc_qkv and not self.fuse_rope and len(nxt.qkv) == 1 and self._one_token_cwic(nxt.qkv[0], h)
+
+    def _q_and_cache(self, li: int, L: Layer, h: torch.Tensor, x_acc: torch.Tensor | None = None):
+        """Layer li's rotated queries for the residual stream h (T, d), and h; its rotated keys and values go to
+        the cache. x_acc (`_hand_ffn_to_qkv`): the residual stream is h + x_acc (the previous FFN's product),
+        formed and written to a static buffer by the q/k/v kernel, and returned."""
         w, K = self.w, self.K
         lin = L.qkv[0]
         fused = self.fuse_norm and len(L.qkv) == 1      # one q/k/v matrix: RMSNorm inside the CWIC kernels
         one_cwic = fused and self._one_token_cwic(lin, h)
+        if x_acc is not None:
+            assert one_cwic and self.acc_qkv and not self.fuse_rope, "x_acc: the summed one-token q/k/v path"
+            acc = self._acc_buf("qkv", lin.out_features)
+            hn = self._h_buf(h)
+            K.gemv_ex(h, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, norm_w=L.ln1, eps=w.eps, acc_out=acc,
+                      x_acc=x_acc, x_out=hn)
+            q = K.rope_cache(acc, self.pos, self.cos, self.sin, self.kc[li], self.vc[li], w.n_heads,
+                             w.n_kv_heads, acc=True, clear=self._hand_buf(h.shape[1]))
+            return q, hn
         if one_cwic and self.fuse_rope:
             # one token: norm, q/k/v product, RoPE and the cache writes in one CWIC launch
             return K.qkv_rope(h, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, self.pos, self.cos, self.sin,
-                              self.kc[li], self.vc[li], w.n_heads, w.n_kv_heads, norm_w=L.ln1, eps=w.eps)
+                              self.kc[li], self.vc[li], w.n_heads, w.n_kv_heads, norm_w=L.ln1, eps=w.eps), h
         if one_cwic and self.acc_qkv:
             acc = self._acc_buf("qkv", lin.out_features)
             K.gemv_ex(h, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, norm_w=L.ln1, eps=w.eps, acc_out=acc)
             return K.rope_cache(acc, self.pos, self.cos, self.sin, self.kc[li], self.vc[li], w.n_heads,
-                                w.n_kv_heads, acc=True)
+                                w.n_kv_heads, acc=True), h
         if fused:   # (dense: a norm kernel before the product)
             qkv = self._lin(lin, h, norm=(L.ln1, w.eps))
         else:
             xn = K.rmsnorm(h, L.ln1, w.eps)
             qkv = [self._lin(q, xn) for q in L.qkv]
             qkv = qkv[0] if len(qkv) == 1 else torch.cat(qkv, 1)
-        return K.rope_cache(qkv, self.pos, self.cos, self.sin, self.kc[li], self.vc[li], w.n_heads, w.n_kv_heads)
+        return K.rope_cache(qkv, self.pos, self.cos, self.sin, self.kc[li], self.vc[li], w.n_heads, w.n_kv_heads), h
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, last_only: bool = True) -> torch.Tensor:
@@ -337,15 +375,22 @@ class DecodeEngine:
         w, K = self.w, self.K
         h = F.embedding(ids, w.embed)                               # (T, d)
         fuse = self.fuse_norm
+        y_acc = None   # the previous FFN's product, handed on to this layer's q/k/v kernel
         for li, L in enumerate(w.layers):
-            q = self._q_and_cache(li, L, h)
+            q, h = self._q_and_cache(li, L, h, x_acc=y_acc)
             att = K.decode_attention(q, self.kc[li], self.vc[li], self.pos, w.n_heads, w.scaling)
+            y_acc = None
             if fuse and self._hand_o_to_ffn(L, h):
-                # one token: the o product's fp32 sum goes to the FFN kernel, which adds the residual itself
+                # one token: the o product's fp32 sum goes to the FFN kernel, which adds the residual itself, and
+                # (acc_ffn) the FFN's product to the next layer's q/k/v kernel
                 o = L.o
-                acc = self._acc_buf("o", o.out_features)
+                hand = self._hand_buf(o.out_features)
+                acc = hand[:, :o.out_features]
                 K.gemv_ex(att, o.wt, o.mean, o.thr, o.bias, o.stripe, acc_out=acc)
-                h = self._ffn(L.ffn, h, h, norm=(L.ln2, w.eps), x_acc=acc)
+                nxt = w.layers[li + 1] if li + 1 < len(w.layers) else None
+                if self._hand_ffn_to_qkv(L, nxt, h):
+                    y_acc = hand[:, o.out_features:]
+                h = self._ffn(L.ffn, h, h, norm=(L.ln2, w.eps), x_acc=acc, y_acc=y_acc)
                 continue
             h = self._lin(L.o, att, residual=h)
             if fuse:

@@ -72,7 +72,7 @@ def _ffn_updown_kernel(X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
                        PIPE: tl.constexpr, USE_PDL: tl.constexpr = False):
     _pdl_enter(USE_PDL)
     _updown_body(tl.program_id(0), X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps, BLOCK_U, BLOCK_S,
-                 BLOCK_D, COPIES, HAS_RES, EVEN_D, NORM, PIPE, X, False, X, False)
+                 BLOCK_D, COPIES, HAS_RES, EVEN_D, NORM, PIPE, X, False, X, False, 1.0, False)
 
 
 @triton.jit
@@ -99,10 +99,10 @@ def _ffn_gate_updown_kernel(X, GWT, GMEAN, GTHR, GBIAS, UTHR, UP, DOWNT, A, RES,
     gb = tl.zeros((BLOCK_U,), dtype=tl.float32)
     if HAS_BIAS:
         gb = tl.load(GBIAS + units, mask=umask, other=0.0)
+    rstd = 1.0
     if X_ACC:   # as _select_block, on x + XACC (loaded once for the norm and the mask)
         rows = tl.arange(0, BLOCK_D)
         xr = _load_h(X, XACC, rows, rows < D, True)
-        rstd = 1.0
         if NORM:
             rstd = _rstd_of(xr, D, eps)
         rows, xc, on, pos, cnt = _select_x(xr, rows, D, mu, t, w, rstd, 0, NORM)
@@ -122,19 +122,21 @@ def _ffn_gate_updown_kernel(X, GWT, GMEAN, GTHR, GBIAS, UTHR, UP, DOWNT, A, RES,
     tl.store(A + units, av, mask=umask)
     tl.debug_barrier()                              # a is visible to all the block's threads
     _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps, BLOCK_U, BLOCK_S, BLOCK_D, COPIES,
-                 HAS_RES, EVEN_D, NORM, PIPE, XACC, X_ACC, YOUT, Y_ACC)
+                 HAS_RES, EVEN_D, NORM, PIPE, XACC, X_ACC, YOUT, Y_ACC, rstd, X_ACC)
 
 
 @triton.jit
 def _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
                  BLOCK_U: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                  COPIES: tl.constexpr, HAS_RES: tl.constexpr, EVEN_D: tl.constexpr, NORM: tl.constexpr,
-                 PIPE: tl.constexpr, XACC, X_ACC: tl.constexpr, YOUT, Y_ACC: tl.constexpr):
+                 PIPE: tl.constexpr, XACC, X_ACC: tl.constexpr, YOUT, Y_ACC: tl.constexpr, rstd_in,
+                 RSTD_IN: tl.constexpr):
     """Program p of the up/down projections: its units' a → active units → W_up and W_downᵀ rows → atomics.
     X_ACC: x is x + XACC (`_load_h`) and the residual is that x (RES = X); the last program zeroes XACC.
     Y_ACC (the hand-off to the next layer's q/k/v kernel): the programs add their sums into the caller's fp32
     YOUT and stop (no arrival, no epilogue, XACC left as it is); program 0 writes the input x (not normalised:
-    the residual stream) to Y."""
+    the residual stream) to Y. RSTD_IN: rstd_in is the norm's scale of this x, already reduced by the caller (the
+    same values in the same layout: the same bits), so the block-wide reduction is not repeated."""
     units = p * BLOCK_U + tl.arange(0, BLOCK_U)
     umask = units < F
     a = tl.load(A + units, mask=umask, other=0.0)
@@ -152,7 +154,11 @@ def _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
             tl.store(Y + ds, x, mask=dmask)
     if NORM:   # x is the raw residual stream: RMSNorm it as decode.rmsnorm does (rounded to x's dtype)
         nw = tl.load(NW + ds, mask=dmask, other=0.0).to(tl.float32)
-        x = (x.to(tl.float32) * _rstd_of(x, D, eps) * nw).to(X.dtype.element_ty)
+        if RSTD_IN:
+            rstd = rstd_in
+        else:
+            rstd = _rstd_of(x, D, eps)
+        x = (x.to(tl.float32) * rstd * nw).to(X.dtype.element_ty)
     x = x.to(tl.float32)
     tl.debug_barrier()                              # the block's slot stores are visible to all its threads
     y = tl.zeros((BLOCK_D,), dtype=tl.float32)

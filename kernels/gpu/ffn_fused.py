@@ -20,7 +20,9 @@ that the memory moves in ~7 µs). Here a program owns BLOCK_U units:
    adds nothing — then arrives on a counter (acq_rel); the last program to arrive sums the
    accumulators, adds the residual, writes y in the output dtype, zeroes the accumulators and resets
    the counter for the next launch. Fixed grid, no memset, no host sync: CUDA-
-   graph capturable.
+   graph capturable. With `y_acc` (`ffn_gate_updown` only: the decode engine's hand-off) the programs add
+   into the caller's fp32 buffer instead and stop there (no counter, no epilogue); program 0 writes the input
+   (the residual stream) as the output, and the consumer adds the two.
 
 Not bit-reproducible: the order of the fp32 atomic additions varies from launch to launch, so the last
 bits of y do (the error stays that of an fp32 sum; the tests bound it against an fp64 reference). The
@@ -36,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import ACT_IDS, _act, _load_h, _pdl_enter, _rstd_of, check_args, pdl_args
+from .gemv import ACT_IDS, _act, _load_h, _overlap, _pdl_enter, _rstd_of, check_args, pdl_args
 from .gemv_compact import _select_block, _select_pre, _select_x, _slot_products
 
 __all__ = ["ffn_updown", "ffn_gate_updown", "gate_fusable", "ffn_updown_config", "TUNED_UPDOWN"]
@@ -319,6 +321,9 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
             raise ValueError(f"y_acc: a contiguous (1, {d}) fp32 tensor, got {tuple(y_acc.shape)} {y_acc.dtype}")
         if (out_dtype or x.dtype) != x.dtype:
             raise ValueError("y_acc: the output is the input x, in x's dtype")
+        if out is not None and (_overlap(out, x) or (x_acc is not None and _overlap(out, x_acc))):
+            raise ValueError("y_acc: out must not share memory with x or x_acc (program 0 writes it while the "
+                             "others still read them)")
     y = out if out is not None else torch.empty((1, d), dtype=out_dtype or x.dtype, device=x.device)
     ws = _workspace(x.device, d, F_, cfg)
     if "a" not in ws:   # the gate part's scratch: each program's compacted inputs, and a

@@ -527,6 +527,14 @@ def check_args(x, wt, mean, thr, stripe: int, mask_mode: int, act, out_dtype):
     return k, stripe, stride_mk, out_dtype
 
 
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' storage ranges overlap (the same allocation, intersecting byte ranges)."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
 def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: torch.Tensor | None,
             bias: torch.Tensor | None, stripe: int, *, residual: torch.Tensor | None = None,
             act: str | None = None, unit_thr: torch.Tensor | None = None, mask_mode: int = MASK_THRESHOLD,
@@ -569,6 +577,11 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
     if x_acc is not None or x_out is not None:
         if acc_out is None:
             raise ValueError("x_acc / x_out: only with acc_out (one token, the masked-load kernel)")
+        if x_out is not None and x_acc is None:
+            raise ValueError("x_out: only with x_acc (without it the input is x itself)")
+        if x_out is not None and (_overlap(x_out, x) or _overlap(x_out, x_acc)):
+            raise ValueError("x_out must not share memory with x or x_acc: one program writes it while the "
+                             "others still read them")
         if x_acc is not None and not (x_acc.shape == (1, n) and x_acc.dtype == torch.float32
                                       and x_acc.is_contiguous()):
             raise ValueError(f"x_acc: a contiguous (1, {n}) fp32 tensor, got {tuple(x_acc.shape)} {x_acc.dtype}")
@@ -591,6 +604,9 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
     if B == 0:
         return y
     cfg = config or gemv_config(B, n, m, stripe, x.device)
+    if x_acc is not None and cfg["BLOCK_B"] != 1:
+        raise ValueError("x_acc: a one-token tile (BLOCK_B = 1) is needed; the given config has "
+                         f"BLOCK_B = {cfg['BLOCK_B']}")
     if norm_w is not None and cfg["BLOCK_B"] != 1:   # the batch tiles have no fused norm: normalise first
         x, norm_w = _norm(x, norm_w, eps), None
     grid = cfg["grid"]
@@ -695,7 +711,7 @@ def ffn_up(x: torch.Tensor, up_w: torch.Tensor, a: torch.Tensor, config: dict | 
 
 def ffn_one_launch(d: int, F: int, stripe: int, fused: bool | None = None) -> bool:
     """Whether `ffn(..., fused=fused)` runs one token of a thresholded d → F FFN in one launch
-    (`ffn_fused.ffn_gate_updown`), the only path that reads an `x_acc` itself (the others first form the input
+    (`ffn_fused.ffn_gate_updown`), the only FFN path that reads an `x_acc` itself (the others first form the input
     with three small kernels)."""
     return (FUSED_FFN if fused is None else fused) and FUSED_GATE and \
         _fused.gate_fusable(stripe, F, _fused.ffn_updown_config(d, F)["BLOCK_U"])

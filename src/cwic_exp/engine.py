@@ -19,7 +19,8 @@ CWIC_ACC_O=0 turn them off for A/B runs). The one-launch FFN hands its product o
 CWIC_ACC_FFN=0: off): it adds it into an fp32 buffer and writes its input, the residual stream; the next
 layer's q/k/v kernel reads the two, adds them, and writes the sum as that layer's residual stream
 (`gemv_ex(x_acc=..., x_out=...)`); the next RoPE kernel clears the o and FFN buffers, whose readers have
-all finished by then (stream order). The last layer's FFN keeps its epilogue. With CWIC_FUSE_ROPE=1 (`fuse_rope`; off: slower than `acc_qkv`,
+all finished by then (stream order; with PDL every kernel waits for its predecessor's completion before it
+touches memory, so transitively for all earlier ones). The last layer's FFN keeps its epilogue. With CWIC_FUSE_ROPE=1 (`fuse_rope`; off: slower than `acc_qkv`,
 which it replaces) the CWIC q/k/v kernel of one token applies RoPE and writes the cache in its epilogue.
 Positions live in a device tensor, and a decode step (embedding → logits → argmax → next input) has no host
 synchronisation, so it is captured once and replayed. On the CPU the engine runs the same code with the
@@ -274,14 +275,16 @@ class DecodeEngine:
         return gemv(x, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, residual=residual, norm_w=nw, eps=eps)
 
     def _acc_buf(self, key: str, m: int) -> torch.Tensor:
-        """An fp32 (1, m) buffer for `gemv_ex(acc_out=...)`: zeroed once; its consumer leaves it zeroed."""
+        """An fp32 (1, m) buffer for `gemv_ex(acc_out=...)`: zeroed once; its consumer (or, for the o and FFN sums
+        of a hand-off, the next RoPE kernel) leaves it zeroed."""
         acc = self._acc.get((key, m))
         if acc is None:
             acc = self._acc[(key, m)] = torch.zeros((1, m), dtype=torch.float32, device=self.device)
         return acc
 
     def _clear_acc(self) -> None:
-        """Zero the hand-off buffers (their consumers leave them zeroed; this recovers from a step that stopped
+        """Zero the hand-off buffers and the static residual-stream buffer (the hand-off buffers are left zeroed
+        by their consumers; this recovers from a step that stopped
         half-way, e.g. an exception in an eager forward, or a switch flipped between producer and consumer)."""
         for a in self._acc.values():
             a.zero_()

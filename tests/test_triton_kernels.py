@@ -662,26 +662,32 @@ def test_gemv_x_acc_equals_materialised_input(n, m, stripe, split, norm, pipe, d
                   else part[:, :-1].contiguous())
 
 
+def _ffn_case(dtype, norm: bool, seed: int):
+    """A one-token FFN (d 64, F 128, stripe 32) for the hand-off tests: x, the ffn_gate_updown arguments after x,
+    the norm weight (or None), an fp32 sum `part` handed to it, and h = x + part rounded."""
+    d, F_, stripe = 64, 128, 32
+    x, gwt, gmean, gthr, gbias = _inputs(1, d, F_, stripe, dtype, seed=seed)
+    g = _gen(seed + 1)
+    up_w = (torch.randn(F_, d, generator=g) / d ** 0.5).to(dtype).to(DEV)
+    down_wt = (torch.randn(F_, d, generator=g) / F_ ** 0.5).to(dtype).to(DEV)
+    uthr = (torch.rand(F_, generator=g) * 0.3).to(DEV)
+    nw = (1 + 0.3 * torch.randn(d, generator=g)).to(dtype).to(DEV) if norm else None
+    part = (torch.randn(1, d, generator=g) * 0.5).to(DEV)
+    h = (part + x.float()).to(dtype)
+    return x, (gwt, gmean, gthr, gbias, stripe, up_w, down_wt, uthr, "silu"), nw, part, h
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("norm", [True, False])
 def test_ffn_y_acc_hands_the_product_on(norm, dtype):
     """y_acc: the one-launch FFN adds its product into y_acc and returns its input (x + x_acc rounded), leaving
     x_acc as it was; input + y_acc rounded = the x_acc path's output. The twin agrees; other paths refuse it."""
     from cwic_kernels.gpu import ffn_fused as FF
-    d, F_, stripe = 64, 128, 32
-    x, gwt, gmean, gthr, gbias = _inputs(1, d, F_, stripe, dtype, seed=93)
-    g = _gen(94)
-    up_w = (torch.randn(F_, d, generator=g) / d ** 0.5).to(dtype).to(DEV)
-    down_wt = (torch.randn(F_, d, generator=g) / F_ ** 0.5).to(dtype).to(DEV)
-    uthr = (torch.rand(F_, generator=g) * 0.3).to(DEV)
-    nw = (1 + 0.3 * torch.randn(d, generator=g)).to(dtype).to(DEV) if norm else None
-    part = (torch.randn(1, d, generator=g) * 0.5).to(DEV)                  # the o product's fp32 sum
-    h = (part + x.float()).to(dtype)
-    args = (gwt, gmean, gthr, gbias, stripe, up_w, down_wt, uthr, "silu")
+    x, args, nw, part, h = _ffn_case(dtype, norm, seed=93)
     want = FF.ffn_gate_updown(x, *args, residual=x, norm_w=nw, eps=1e-6, x_acc=part.clone())
     tol = 1e-5 if dtype == torch.float32 else 8e-3
     for fn in (FF.ffn_gate_updown, G.ffn, fb.ffn_ref):
-        xa, ya = part.clone(), torch.zeros((1, d), device=DEV)
+        xa, ya = part.clone(), torch.zeros_like(part)
         got = fn(x, *args, residual=x, norm_w=nw, eps=1e-6, x_acc=xa, y_acc=ya)
         assert _rounded_alike(got, h) and torch.equal(xa, part), fn
         assert _rel((got.float() + ya).to(dtype), want) < tol, fn
@@ -725,16 +731,7 @@ def test_ffn_x_acc_equals_materialised_input(norm, dtype):
     """x_acc: the one-launch FFN reads (x_acc + x) rounded, as its input and residual, and zeroes x_acc = the FFN of
     that sum formed first; the other paths (three launches, the PyTorch twin) form it first themselves."""
     from cwic_kernels.gpu import ffn_fused as FF
-    d, F_, stripe = 64, 128, 32
-    x, gwt, gmean, gthr, gbias = _inputs(1, d, F_, stripe, dtype, seed=91)
-    g = _gen(92)
-    up_w = (torch.randn(F_, d, generator=g) / d ** 0.5).to(dtype).to(DEV)
-    down_wt = (torch.randn(F_, d, generator=g) / F_ ** 0.5).to(dtype).to(DEV)
-    uthr = (torch.rand(F_, generator=g) * 0.3).to(DEV)
-    nw = (1 + 0.3 * torch.randn(d, generator=g)).to(dtype).to(DEV) if norm else None
-    part = (torch.randn(1, d, generator=g) * 0.5).to(DEV)                  # the o product's fp32 sum
-    h = (part + x.float()).to(dtype)
-    args = (gwt, gmean, gthr, gbias, stripe, up_w, down_wt, uthr, "silu")
+    x, args, nw, part, h = _ffn_case(dtype, norm, seed=91)
     want = FF.ffn_gate_updown(h, *args, residual=h, norm_w=nw, eps=1e-6)
     acc = part.clone()
     got = FF.ffn_gate_updown(x, *args, residual=x, norm_w=nw, eps=1e-6, x_acc=acc)

@@ -235,20 +235,16 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
         x0 = _load_h(X + pid_b * stride_xb, XACC, rows, rows < n_hi, X_ACC)
         eb, eu, er = _epi_loads(BIAS, RES, UTHR, bs, cols, cmask, omask, stride_rb, HAS_BIAS, HAS_RES, ACT)
     rstd = 1.0
-    if NORM:                                             # (one token only) fused RMSNorm of x
-        if X_ACC:
-            offs = tl.arange(0, NB)
-            xf = _load_h(X, XACC, offs, offs < N, True)
+    if X_ACC:                                            # (one token only) all of x + XACC: the norm's scale, XOUT
+        offs = tl.arange(0, NB)
+        xf = _load_h(X, XACC, offs, offs < N, True)
+        if NORM:
             rstd = _rstd_of(xf, N, eps)
-            if X_OUT:
-                if (pid_m == 0) & (pid_k == 0):
-                    tl.store(XOUT + offs, xf, mask=offs < N)
-        else:
-            rstd = _rstd(X, N, eps, NB)
-    elif X_OUT:
-        if (pid_m == 0) & (pid_k == 0):
-            offs = tl.arange(0, NB)
-            tl.store(XOUT + offs, _load_h(X, XACC, offs, offs < N, X_ACC), mask=offs < N)
+        if X_OUT:
+            if (pid_m == 0) & (pid_k == 0):
+                tl.store(XOUT + offs, xf, mask=offs < N)
+    elif NORM:                                           # (one token only) fused RMSNorm of x
+        rstd = _rstd(X, N, eps, NB)
     if PIPE:                                             # (one token only)
         # two-stage software pipeline: the next block's mask and weight loads are in flight while the
         # current block is multiplied, so a program waits about one memory round trip per block, not two

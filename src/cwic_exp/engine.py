@@ -20,8 +20,8 @@ CWIC_ACC_FFN=0: off): it adds it into an fp32 buffer and writes its input, the r
 layer's q/k/v kernel reads the two, adds them, and writes the sum as that layer's residual stream
 (`gemv_ex(x_acc=..., x_out=...)`); the next RoPE kernel clears the o and FFN buffers, whose readers have
 all finished by then (stream order; with PDL every kernel waits for its predecessor's completion before it
-touches memory, so transitively for all earlier ones). The last layer's FFN keeps its epilogue. With CWIC_FUSE_ROPE=1 (`fuse_rope`; off: slower than `acc_qkv`,
-which it replaces) the CWIC q/k/v kernel of one token applies RoPE and writes the cache in its epilogue.
+touches memory, so transitively for all earlier ones). The last layer's FFN keeps its epilogue.
+With CWIC_FUSE_ROPE=1 (`fuse_rope`; off: slower than `acc_qkv`, which it replaces) the CWIC q/k/v kernel of one token applies RoPE and writes the cache in its epilogue.
 Positions live in a device tensor, and a decode step (embedding → logits → argmax → next input) has no host
 synchronisation, so it is captured once and replayed. On the CPU the engine runs the same code with the
 PyTorch twins of the kernels (`triton=True` runs the Triton kernels there under TRITON_INTERPRET=1).
@@ -274,12 +274,13 @@ class DecodeEngine:
         nw, eps = norm if norm is not None else (None, 1e-6)
         return gemv(x, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, residual=residual, norm_w=nw, eps=eps)
 
-    def _acc_buf(self, key: str, m: int) -> torch.Tensor:
-        """An fp32 (1, m) buffer for `gemv_ex(acc_out=...)`: zeroed once; its consumer (or, for the o and FFN sums
-        of a hand-off, the next RoPE kernel) leaves it zeroed."""
+    def _acc_buf(self, key: str, m: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A static (1, m) buffer: fp32 for `gemv_ex(acc_out=...)`, zeroed once, which its consumer (or, for the o
+        and FFN sums of a hand-off, the next RoPE kernel) leaves zeroed; "h": the residual stream a handed-on
+        q/k/v kernel writes (`gemv_ex(x_out=...)`)."""
         acc = self._acc.get((key, m))
         if acc is None:
-            acc = self._acc[(key, m)] = torch.zeros((1, m), dtype=torch.float32, device=self.device)
+            acc = self._acc[(key, m)] = torch.zeros((1, m), dtype=dtype, device=self.device)
         return acc
 
     def _clear_acc(self) -> None:
@@ -292,13 +293,6 @@ class DecodeEngine:
     def _hand_buf(self, d: int) -> torch.Tensor:
         """The o product's and the FFN's fp32 sums, (1, 2d) in one buffer, so that one kernel clears both."""
         return self._acc_buf("o+ffn", 2 * d)
-
-    def _h_buf(self, h: torch.Tensor) -> torch.Tensor:
-        """The residual stream a handed-on q/k/v kernel writes (`gemv_ex(x_out=...)`): one static buffer."""
-        buf = self._acc.get(("h", h.shape[1], h.dtype))
-        if buf is None:
-            buf = self._acc[("h", h.shape[1], h.dtype)] = torch.zeros_like(h)
-        return buf
 
     def _ffn(self, f: FFN, x, residual, norm=None, x_acc=None, y_acc=None):
         """FFN(RMSNorm(x)·w) + residual for norm = (w, eps), else FFN(x) + residual. x_acc (CWIC only): the
@@ -317,9 +311,8 @@ class DecodeEngine:
             from cwic_kernels.gpu.fallback import ffn_ref
             return ffn_ref(x, g.wt, g.mean, g.thr, g.bias, g.stripe, f.up_w, f.down_wt, f.unit_thr,
                            f.act, residual=residual, norm_w=nw, eps=eps, x_acc=x_acc, y_acc=y_acc)
-        kw = {} if y_acc is None else dict(y_acc=y_acc)
         return self.K.ffn(x, g.wt, g.mean, g.thr, g.bias, g.stripe, f.up_w, f.down_wt, f.unit_thr,
-                          f.act, residual=residual, norm_w=nw, eps=eps, x_acc=x_acc, **kw)
+                          f.act, residual=residual, norm_w=nw, eps=eps, x_acc=x_acc, y_acc=y_acc)
 
     def _one_token_cwic(self, lin: Linear, h: torch.Tensor) -> bool:
         """Whether lin runs as a one-token CWIC kernel (the cases where a hand-off or an epilogue fusion applies)."""
@@ -346,24 +339,24 @@ class DecodeEngine:
         lin = L.qkv[0]
         fused = self.fuse_norm and len(L.qkv) == 1      # one q/k/v matrix: RMSNorm inside the CWIC kernels
         one_cwic = fused and self._one_token_cwic(lin, h)
-        if x_acc is not None:
-            assert one_cwic and self.acc_qkv and not self.fuse_rope, "x_acc: the summed one-token q/k/v path"
-            acc = self._acc_buf("qkv", lin.out_features)
-            hn = self._h_buf(h)
-            K.gemv_ex(h, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, norm_w=L.ln1, eps=w.eps, acc_out=acc,
-                      x_acc=x_acc, x_out=hn)
-            q = K.rope_cache(acc, self.pos, self.cos, self.sin, self.kc[li], self.vc[li], w.n_heads,
-                             w.n_kv_heads, acc=True, clear=self._hand_buf(h.shape[1]))
-            return q, hn
+        assert x_acc is None or (one_cwic and self.acc_qkv and not self.fuse_rope), \
+            "x_acc: the summed one-token q/k/v path"
         if one_cwic and self.fuse_rope:
             # one token: norm, q/k/v product, RoPE and the cache writes in one CWIC launch
             return K.qkv_rope(h, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, self.pos, self.cos, self.sin,
                               self.kc[li], self.vc[li], w.n_heads, w.n_kv_heads, norm_w=L.ln1, eps=w.eps), h
         if one_cwic and self.acc_qkv:
             acc = self._acc_buf("qkv", lin.out_features)
-            K.gemv_ex(h, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, norm_w=L.ln1, eps=w.eps, acc_out=acc)
+            clear = None
+            if x_acc is not None:   # the new residual stream h + x_acc goes to a static buffer; RoPE clears the sums
+                h_in, h = h, self._acc_buf("h", h.shape[1], h.dtype)
+                clear = self._hand_buf(h.shape[1])
+                K.gemv_ex(h_in, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, norm_w=L.ln1, eps=w.eps,
+                          acc_out=acc, x_acc=x_acc, x_out=h)
+            else:
+                K.gemv_ex(h, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, norm_w=L.ln1, eps=w.eps, acc_out=acc)
             return K.rope_cache(acc, self.pos, self.cos, self.sin, self.kc[li], self.vc[li], w.n_heads,
-                                w.n_kv_heads, acc=True), h
+                                w.n_kv_heads, acc=True, clear=clear), h
         if fused:   # (dense: a norm kernel before the product)
             qkv = self._lin(lin, h, norm=(L.ln1, w.eps))
         else:

@@ -20,8 +20,24 @@ ROOT = Path(__file__).resolve().parents[1]
     ["-m", "experiments.bench.cpu_ab", "--help"],
     ["experiments/bench/gpu_tune_decode.py", "--help"],
     ["experiments/bench/gpu_profile_step.py", "--help"],
+    ["experiments/bench/gpu_prefill.py", "--help"],
 ])
 def test_bench_help_parses(argv):
     r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "usage:" in r.stdout
+
+
+def test_gpu_prefill_dry_run():
+    """The prefill benchmark end to end on a tiny model on the CPU: every path timed, its logits compared."""
+    import json
+    r = subprocess.run([sys.executable, "experiments/bench/gpu_prefill.py", "--dry-run"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["bench"] == "gpu_prefill" and [row["tokens"] for row in res["rows"]] == [4, 20]
+    for row in res["rows"]:
+        for k in ("dense", "kernels", "gemm", "gemm_once"):
+            assert row[f"{k}_ms"] > 0
+        # the CPU computes both CWIC paths in fp32: the same logits up to summation order
+        assert abs(row["gemm_err"] - row["kernels_err"]) <= 0.05 * row["kernels_err"] + 1e-4, row

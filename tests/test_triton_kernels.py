@@ -401,6 +401,34 @@ def test_engine_matches_hf(cwic, use_triton):
         assert _rel(eng.forward(ids, last_only=False).float(), want2) < 1e-5
 
 
+def test_engine_prefill_gemm(monkeypatch):
+    """Prompts of at least `gemm_from` tokens run the CWIC products as per-stripe GEMMs: the same logits as the
+    model, then the same greedy continuation; fewer tokens keep the kernel path."""
+    import cwic_kernels.gpu.prefill as P
+    from cwic_exp.engine import DecodeEngine
+    model = _calibrated_tiny(True).to(DEV)
+    ids = torch.randint(0, 96, (12,), generator=_gen(6)).to(DEV)
+    with torch.no_grad():
+        want = model(ids[None]).logits[0].float()
+    eng = DecodeEngine(model, max_len=32, triton=DEV == "cuda", gemm_from=4)
+    calls = []
+    for name in ("masked_gemm", "ffn_gemm"):
+        fn = getattr(P, name)
+        monkeypatch.setattr(P, name, lambda *a, _f=fn, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    eng.pos.zero_()
+    assert _rel(eng.forward(ids, last_only=False).float(), want) < 1e-5
+    L = len(eng.w.layers)
+    assert calls.count("ffn_gemm") == L and calls.count("masked_gemm") >= 2 * L + 1   # q/k/v, o; the head (T rows)
+    calls.clear()
+    eng.pos.zero_()
+    assert _rel(eng.forward(ids[:3], last_only=False).float(), want[:3]) < 1e-5 and not calls
+    gen = eng.generate(ids[:6], 4)
+    hf = model.generate(ids[:6][None], max_new_tokens=4, min_new_tokens=4, do_sample=False)[0]
+    assert gen.tolist() == hf.tolist()
+    with pytest.raises(ValueError):
+        DecodeEngine(model, max_len=32, triton=False, gemm_from=-1)
+
+
 # ------------------------------------------------------------------- real shapes (GPU only)
 
 @pytest.mark.gpu

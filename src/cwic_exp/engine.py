@@ -26,8 +26,10 @@ Positions live in a device tensor, and a decode step (embedding → logits → a
 synchronisation, so it is captured once and replayed. On the CPU the engine runs the same code with the
 PyTorch twins of the kernels (`triton=True` runs the Triton kernels there under TRITON_INTERPRET=1).
 
-Prefill runs the same kernels eagerly over all prompt tokens (the small-batch GEMV path: correct for
-any number of tokens, fast for a few); long prompts would rather use dense matmuls.
+Prefill runs eagerly over all prompt tokens: up to `gemm_from - 1` tokens (default 16) with the same kernels
+(the small-batch GEMV path, which skips what every token of a 16-token tile skips), from `gemm_from` tokens on
+(CWIC_PREFILL_GEMM=T; 0: never) with per-stripe GEMMs on masked, centred inputs (`cwic_kernels.gpu.prefill`:
+cuBLAS, the weights read once, the same product up to fp32 rounding), as a dense model's prefill would.
 """
 from __future__ import annotations
 
@@ -215,7 +217,7 @@ class DecodeEngine:
     """Greedy decoding with a static KV cache; a decode step is one CUDA-graph replay on CUDA."""
 
     def __init__(self, model: nn.Module, max_len: int = 1024, dtype: torch.dtype | None = None,
-                 cuda_graph: bool = True, triton: bool | None = None):
+                 cuda_graph: bool = True, triton: bool | None = None, gemm_from: int | None = None):
         from cwic_kernels.gpu import backend
         self.device = next(model.parameters()).device
         self.w = prepare_decode(model, dtype)
@@ -252,6 +254,12 @@ class DecodeEngine:
         # passed through and writes it for the layer (CWIC_ACC_FFN=0: off). The next RoPE kernel clears the o and
         # FFN sums once their readers have finished
         self.acc_ffn = os.environ.get("CWIC_ACC_FFN", "1") != "0"
+        # from this many tokens on, CWIC products run as per-stripe GEMMs (`cwic_kernels.gpu.prefill`); 0: never
+        if gemm_from is None:
+            gemm_from = int(os.environ.get("CWIC_PREFILL_GEMM", "17"))
+        if gemm_from < 0:
+            raise ValueError(f"gemm_from: a number of tokens >= 0 (0: never), got {gemm_from}")
+        self.gemm_from = int(gemm_from)
         self._acc: dict = {}
         self.graph = None
 
@@ -270,9 +278,18 @@ class DecodeEngine:
                 return torch.addmm(residual, x, lin.w.t())
             y = F.linear(x, lin.w, lin.bias)
             return y if residual is None else y + residual
+        if self._gemm(x):
+            from cwic_kernels.gpu.prefill import masked_gemm
+            if norm is not None:
+                x = self.K.rmsnorm(x, norm[0], norm[1])
+            return masked_gemm(x, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, residual=residual)
         gemv = self.K.gemv_ex if self.K.supports_stripe(lin.stripe, lin.out_features) else _ref_gemv_ex
         nw, eps = norm if norm is not None else (None, 1e-6)
         return gemv(x, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, residual=residual, norm_w=nw, eps=eps)
+
+    def _gemm(self, x: torch.Tensor) -> bool:
+        """Whether CWIC products of these tokens run as GEMMs (`gemm_from`)."""
+        return 0 < self.gemm_from <= x.shape[0]
 
     def _acc_buf(self, key: str, m: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A static (1, m) buffer: fp32 for `gemv_ex(acc_out=...)`, zeroed once, which its consumer (or, for the o
@@ -307,6 +324,13 @@ class DecodeEngine:
             h = self.K.act_mul(F.linear(x, f.gate_up), f.act)
             return torch.addmm(residual, h, f.down.t())
         g = f.gate
+        if self._gemm(x):
+            from cwic_kernels.gpu.prefill import ffn_gemm
+            assert x_acc is None and y_acc is None, "x_acc / y_acc: one token only"
+            if norm is not None:
+                x = self.K.rmsnorm(x, nw, eps)
+            return ffn_gemm(x, g.wt, g.mean, g.thr, g.bias, g.stripe, f.up_w, f.down_wt, f.unit_thr, f.act,
+                            residual=residual)
         if not self.K.supports_stripe(g.stripe, g.out_features):
             from cwic_kernels.gpu.fallback import ffn_ref
             return ffn_ref(x, g.wt, g.mean, g.thr, g.bias, g.stripe, f.up_w, f.down_wt, f.unit_thr,

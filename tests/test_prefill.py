@@ -1,0 +1,81 @@
+"""Long-prompt CWIC products as per-stripe GEMMs (`cwic_kernels.gpu.prefill`) against the reference semantics."""
+from __future__ import annotations
+
+import torch
+from kernel_checks import DEV, _check, _gen, _gold, _inputs, _rel
+
+import pytest  # noqa: E402
+
+from cwic_kernels import reference as ref  # noqa: E402
+from cwic_kernels.gpu import fallback as fb  # noqa: E402
+from cwic_kernels.gpu import prefill as P  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,n,m,stripe,mean2d", [(17, 64, 96, 32, False), (40, 48, 100, 32, True),
+                                                 (5, 32, 20, 32, False), (33, 64, 64, 64, True)])
+def test_masked_gemm_matches_reference(T, n, m, stripe, mean2d, dtype):
+    """Whole and partial stripes, per-stripe means, one stripe wider than m; error within the same-dtype
+    reference's (both against fp64 with the same fp32 masks)."""
+    x, wt, mean, thr, bias = _inputs(T, n, m, stripe, dtype, seed=T + n + m, mean2d=mean2d)
+    res = torch.randn(T, m, generator=_gen(3)).to(DEV, dtype)
+    y = P.masked_gemm(x, wt, mean, thr, bias, stripe, residual=res)
+    assert y.dtype == dtype and y.shape == (T, m)
+    want = fb.gemv_ex_ref(x, wt, mean, thr, bias, stripe, residual=res)   # the kernels' reference (any mean)
+    _check(y, _gold(x, wt, mean, thr, bias, stripe) + res.double(), want, f"{T}x{n}x{m}/{stripe}")
+    # the thresholds bite: a zero threshold (every pair on) gives another product
+    assert _rel(P.masked_gemm(x, wt, mean, torch.zeros_like(thr), bias, stripe, residual=res), y) > 1e-2
+
+
+def test_masked_gemm_stripe_groups(monkeypatch):
+    """Stripes formed in groups (a small operand budget) give the same result as all at once."""
+    x, wt, mean, thr, bias = _inputs(20, 64, 250, 32, torch.float32, seed=5)
+    whole = P.masked_gemm(x, wt, mean, thr, bias, 32)
+    monkeypatch.setattr(P, "_MAX_ELEMS", 20 * 64 * 3)        # 3 stripes a group: 8 stripes, the last partial
+    torch.testing.assert_close(P.masked_gemm(x, wt, mean, thr, bias, 32), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_masked_gemm_bad_input():
+    x, wt, mean, thr, bias = _inputs(4, 32, 64, 32, torch.float32, seed=1)
+    with pytest.raises(ValueError):
+        P.masked_gemm(x, wt[:16], mean, thr, bias, 32)          # n mismatch
+    with pytest.raises(ValueError):
+        P.masked_gemm(x, wt, mean, thr[:1], bias, 32)           # k mismatch
+    with pytest.raises(ValueError):
+        P.masked_gemm(x, wt.t().contiguous().t(), mean, thr, bias, 32)   # not contiguous
+    with pytest.raises(ValueError):
+        P.ffn_gemm(x, wt, mean, thr, bias, 32, wt.t(), wt.t(), torch.zeros(64, device=DEV), act="swish")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ffn_gemm_matches_reference(dtype):
+    T, d, F, stripe = 24, 64, 160, 32
+    x, gwt, gmean, gthr, gbias = _inputs(T, d, F, stripe, dtype, seed=11)
+    g = _gen(12)
+    up = (torch.randn(F, d, generator=g) / d ** 0.5).to(DEV, dtype)
+    down = (torch.randn(F, d, generator=g) / F ** 0.5).to(DEV, dtype)
+    uthr = (torch.rand(F, generator=g) * 0.3).to(DEV)
+    res = torch.randn(T, d, generator=g).to(DEV, dtype)
+    y = P.ffn_gemm(x, gwt, gmean, gthr, gbias, stripe, up, down, uthr, "silu", residual=res)
+    args = (gwt.double(), gmean.double(), gthr.double(), gbias.double(), stripe, up.double(), down.double(),
+            uthr.double())
+    gold = ref.ffn_reference(x.double(), *args).double() + res.double()
+    want = (ref.ffn_reference(x.float(), *[a.float() if torch.is_tensor(a) else a for a in args]) + res.float())
+    tol = 1e-5 if dtype == torch.float32 else 3 * _rel(want.to(dtype), gold) + 1e-6
+    assert _rel(y, gold) < tol
+    dense_units = P.ffn_gemm(x, gwt, gmean, gthr, gbias, stripe, up, down, torch.zeros_like(uthr), "silu",
+                             residual=res)
+    assert _rel(dense_units, y) > 1e-3                          # the unit mask bites
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="the bf16 operand split is a CUDA path (the CPU computes in fp32)")
+def test_masked_gemm_split_is_more_exact_gpu():
+    """bf16 operands: hi + lo keeps the error within the fp32 reference's; rounding once does not."""
+    x, wt, mean, thr, bias = _inputs(64, 2048, 2048, 512, torch.bfloat16, density=0.34, seed=7)
+    gold = _gold(x, wt, mean, thr, bias, 512)
+    e_exact = _rel(P.masked_gemm(x, wt, mean, thr, bias, 512, out_dtype=torch.float32), gold)
+    e_once = _rel(P.masked_gemm(x, wt, mean, thr, bias, 512, out_dtype=torch.float32, exact=False), gold)
+    e_ref = _rel(ref.gemv_reference(x.float(), wt.float(), mean, thr, bias, 512), gold)
+    assert e_exact <= 3 * e_ref + 1e-6 and e_once > 2 * e_exact, (e_exact, e_once, e_ref)

@@ -380,6 +380,40 @@ def test_decode_cwic_matches_model_and_counts(ext):
     torch.testing.assert_close(_step_logits(dd, ids), dense_ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("mode,dense,dtype", [("cwic", "own", torch.float32), ("cwic", "own", torch.bfloat16),
+                                               ("dense", "own", torch.float32), ("dense", "torch", torch.float32)])
+def test_batched_prefill_matches_token_by_token(ext, mode, dense, dtype):
+    """prefill(chunk > 1) feeds the prompt through the small-batch kernels: the same last logits and next token as
+    feeding it token by token (chunks of 5 over 23 tokens: whole chunks, a partial one, positions carried over),
+    the cache equally filled (the decode steps after it agree), and the kernels' reads the union of the tokens'."""
+    import cwic_exp
+    from cwic_exp.cpu_decode import CpuDecoder, calibrate_apr
+    m = _tiny()
+    ids = torch.randint(0, 96, (23,), generator=torch.Generator().manual_seed(4))
+    if mode == "cwic":
+        cwic_exp.to_cwic(m, stripe_size=16)
+        calibrate_apr(m, torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(1)), apr=3.0)
+    a = CpuDecoder(m, mode=mode, dense=dense, dtype=dtype, max_len=40)
+    b = CpuDecoder(m, mode=mode, dense=dense, dtype=dtype, max_len=40)
+    na = a.prefill(ids, chunk=1)
+    la, ra = a.logits(), a.reads_per_token()["total"]
+    nb = b.prefill(ids, chunk=5)
+    lb, rb = b.logits(), b.reads_per_token()["total"]
+    assert na == nb and a.pos == b.pos == 23
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
+    for t in (na, 7, 50):   # the caches hold the same keys and values
+        torch.testing.assert_close(torch.tensor(float(b.step(t))), torch.tensor(float(a.step(t))))
+        torch.testing.assert_close(b.logits(), a.logits(), rtol=1e-5, atol=1e-5)
+    if mode == "cwic":   # the union over a chunk's tokens is read once: fewer reads than token by token
+        assert rb < ra
+    with pytest.raises(ValueError):
+        b.prefill(ids[:0])
+    with pytest.raises(RuntimeError):
+        b.prefill(torch.zeros(41, dtype=torch.int64))
+    with pytest.raises(RuntimeError):
+        b._dec.prefill(torch.tensor([0, 96]), 0)          # token id out of range
+
+
 def test_huge_page_arena_copies_and_decoder_bits(ext):
     """Weights placed in the MADV_HUGEPAGE arena: same values (views of 2 MiB-aligned blocks, a new block
     when one is full), and a decoder built on it gives bit-identical logits."""

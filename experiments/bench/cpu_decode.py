@@ -116,7 +116,7 @@ def llama1b_shaped(seed=0, layers=16):
 def run_rounds(configs: dict, prompt, new_tokens: int, rounds: int, quiet, log) -> dict:
     """Interleaved timed runs: {name: {'tps': [...], 'stats': DecodeStats of the last run}}."""
     from experiments.bench.cpu_kernels import involuntary_switches
-    out = {k: {"tps": [], "quiet": 0, "preempted": []} for k in configs}
+    out = {k: {"tps": [], "quiet": 0, "preempted": [], "prefill_ms": []} for k in configs}
     for r in range(rounds):
         for name, dec in configs.items():
             ok = quiet()
@@ -125,6 +125,7 @@ def run_rounds(configs: dict, prompt, new_tokens: int, rounds: int, quiet, log) 
             st = dec.timed_decode(prompt, new_tokens)
             out[name]["preempted"].append(involuntary_switches() - c0)
             out[name]["tps"].append((st.tokens_per_s, ok))
+            out[name]["prefill_ms"].append(st.prefill_seconds * 1e3)
             out[name]["quiet"] += int(ok)
             out[name]["stats"] = st
             out[name]["profile"] = dec.profile()
@@ -141,6 +142,7 @@ def summarise(res: dict) -> dict:
         s[k] = {"tokens_per_s": tps, "runs": [round(t, 2) for t, _ in v["tps"]], "quiet_runs": nq,
                 "preemptions_per_run": v["preempted"], "apr_decode": st.apr,
                 "reads_per_token": st.reads_per_token,
+                "prefill_ms": statistics.median(v["prefill_ms"]) if v["prefill_ms"] else float("nan"),
                 "ms_per_token_by_part": {p: round(t * 1e3, 4) for p, t in v["profile"].items()}}
     return s
 
@@ -226,15 +228,16 @@ def table(res: dict) -> str:
     c = res["configs"]
     lines = [f"### {res['model']} (stripe {res['stripe']}, {res['prompt_tokens']}-token prompt, "
              f"{res['new_tokens']} timed tokens, {res['rounds']} rounds)", "",
-             "| config | tokens/s | APR (calib / decode) | speedup vs best dense | vs dense-own | vs dense-torch |",
-             "|---|---|---|---|---|---|"]
+             "| config | tokens/s | APR (calib / decode) | speedup vs best dense | vs dense-own | vs dense-torch | "
+             "prefill ms |", "|---|---|---|---|---|---|---|"]
     for k in ("dense-own", "dense-torch"):
-        lines.append(f"| {k} | {c[k]['tokens_per_s']:.2f} | 1.00 / {c[k]['apr_decode']:.2f} | | | |")
+        lines.append(f"| {k} | {c[k]['tokens_per_s']:.2f} | 1.00 / {c[k]['apr_decode']:.2f} | | | | "
+                     f"{c[k].get('prefill_ms', float('nan')):.1f} |")
     for k, v in c.items():
         if k.startswith("cwic"):
             lines.append(f"| {k} | {v['tokens_per_s']:.2f} | {v['apr_calib']:.2f} / {v['apr_decode']:.2f} | "
                          f"**{v['speedup']:.2f}×** | {v['speedup_vs_dense_own']:.2f}× | "
-                         f"{v['speedup_vs_dense_torch']:.2f}× |")
+                         f"{v['speedup_vs_dense_torch']:.2f}× | {v.get('prefill_ms', float('nan')):.1f} |")
     lines.append("")
     return "\n".join(lines)
 

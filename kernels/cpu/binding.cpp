@@ -226,80 +226,23 @@ class Decoder {
   // one token at position pos: writes the cache, returns the argmax of the logits
   int64_t step(int64_t token, int64_t pos) {
     TORCH_CHECK(pos >= 0 && pos < max_len_, "position out of range");
-    TORCH_CHECK(head_.w.defined(), "set_head first");
     pybind11::gil_scoped_release nogil;
-    const int d = (int)d_;
-    ensure_buffers();
-    float* h = h_.data_ptr<float>();
-    float* xn = xn_.data_ptr<float>();
-    // embedding row -> fp32
-    if (embed_.scalar_type() == at::kBFloat16) {
-      const uint16_t* e = reinterpret_cast<const uint16_t*>(embed_.data_ptr()) + token * d;
-      for (int i = 0; i < d; ++i) {
-        uint32_t u = (uint32_t)e[i] << 16;
-        std::memcpy(h + i, &u, 4);
-      }
-    } else {
-      std::memcpy(h, embed_.data_ptr<float>() + token * d, sizeof(float) * d);
-    }
-    const float* cs = cos_.data_ptr<float>() + pos * (hd_ / 2);
-    const float* sn = sin_.data_ptr<float>() + pos * (hd_ / 2);
-    const int64_t kv_row = (int64_t)nkv_ * hd_;
-    Clock tk(prof_);
-    for (size_t li = 0; li < layers_.size(); ++li) {
-      auto& L = layers_[li];
-      cwic_cpu::rmsnorm(h, 1, d, L.ln1.data_ptr(), wdtype_of(L.ln1), eps_, xn);
-      tk.lap(P_GLUE);
-      float* qkv = qkv_.data_ptr<float>();
-      {
-        float* dst = qkv;
-        for (auto& q : L.qkv) { reads_[0] += apply(q, xn, dst, nullptr); dst += q.m(); }
-      }
-      tk.lap(P_QKV);
-      float* q = qkv;
-      float* k = qkv + (int64_t)nh_ * hd_;
-      float* v = k + kv_row;
-      cwic_cpu::rope(q, nh_, hd_, cs, sn);
-      cwic_cpu::rope(k, nkv_, hd_, cs, sn);
-      const int64_t at_pos = ((int64_t)li * max_len_ + pos) * kv_row;   // this layer, this position
-      const bool bf = kv_bf16();
-      if (bf) {
-        uint16_t* kb = reinterpret_cast<uint16_t*>(kc_.data_ptr()) + at_pos;
-        uint16_t* vb = reinterpret_cast<uint16_t*>(vc_.data_ptr()) + at_pos;
-        for (int64_t i = 0; i < kv_row; ++i) {
-          kb[i] = to_bf16(k[i]);
-          vb[i] = to_bf16(v[i]);
-        }
-      } else {
-        std::memcpy(kc_.data_ptr<float>() + at_pos, k, sizeof(float) * kv_row);
-        std::memcpy(vc_.data_ptr<float>() + at_pos, v, sizeof(float) * kv_row);
-      }
-      tk.lap(P_GLUE);
-      float* att = att_.data_ptr<float>();
-      const int64_t layer0 = (int64_t)li * max_len_ * kv_row * kc_.element_size();
-      cwic_cpu::attention(q, static_cast<const char*>(kc_.data_ptr()) + layer0,
-                          static_cast<const char*>(vc_.data_ptr()) + layer0, bf ? cwic_cpu::W_BF16 : cwic_cpu::W_F32,
-                          (int)pos + 1, nh_, nkv_, hd_, scaling_, att, scores_.data_ptr<float>(), nthreads_, isa_);
-      tk.lap(P_ATTN);
-      reads_[0] += apply(L.o, att, h, h);
-      tk.lap(P_O);
-      cwic_cpu::rmsnorm(h, 1, d, L.ln2.data_ptr(), wdtype_of(L.ln2), eps_, xn);
-      tk.lap(P_GLUE);
-      reads_[1] += apply_ffn(L.ffn, xn, h);
-      tk.lap(P_FFN);
-    }
-    cwic_cpu::rmsnorm(h, 1, d, norm_.data_ptr(), wdtype_of(norm_), eps_, xn);
-    tk.lap(P_GLUE);
-    float* lg = logits_.data_ptr<float>();
-    reads_[2] += apply(head_, xn, lg, nullptr);
-    tk.lap(P_HEAD);
-    tokens_ += 1;
-    const int64_t V = head_.m();
-    int64_t best = 0;
-    for (int64_t i = 1; i < V; ++i)
-      if (lg[i] > lg[best]) best = i;
-    tk.lap(P_GLUE);
-    return best;
+    return run(&token, 1, pos);
+  }
+
+  // tokens (B,) at positions pos .. pos + B - 1 in one pass (prompt prefill): every matrix product takes the B
+  // tokens at once (the small-batch kernels: weights streamed once a call), the cache gets all B positions, each
+  // token attends causally; returns the argmax of the last token's logits (the head runs on that token only)
+  int64_t prefill(const at::Tensor& tokens, int64_t pos) {
+    TORCH_CHECK(tokens.dim() == 1 && tokens.numel() > 0, "prefill: tokens must be a non-empty 1-D tensor");
+    at::Tensor t = tokens.to(at::kLong).contiguous();
+    const int64_t B = t.numel();
+    TORCH_CHECK(pos >= 0 && pos + B <= max_len_, "prefill: positions out of range");
+    const int64_t V = embed_.size(0);
+    const int64_t* tp = t.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) TORCH_CHECK(tp[b] >= 0 && tp[b] < V, "prefill: token id out of range");
+    pybind11::gil_scoped_release nogil;
+    return run(tp, (int)B, pos);
   }
 
   at::Tensor logits() const { return logits_.clone(); }
@@ -351,39 +294,137 @@ class Decoder {
     return L;
   }
 
-  void ensure_buffers() {
-    if (h_.defined()) return;
+  int64_t run(const int64_t* toks, int B, int64_t pos0) {
+    TORCH_CHECK(head_.w.defined(), "set_head first");
+    const int d = (int)d_;
+    ensure_buffers(B);
+    float* h = h_.data_ptr<float>();     // (B, d)
+    float* xn = xn_.data_ptr<float>();   // (B, d)
+    // embedding rows -> fp32
+    for (int b = 0; b < B; ++b) {
+      float* hb = h + (int64_t)b * d;
+      if (embed_.scalar_type() == at::kBFloat16) {
+        const uint16_t* e = reinterpret_cast<const uint16_t*>(embed_.data_ptr()) + toks[b] * d;
+        for (int i = 0; i < d; ++i) {
+          uint32_t u = (uint32_t)e[i] << 16;
+          std::memcpy(hb + i, &u, 4);
+        }
+      } else {
+        std::memcpy(hb, embed_.data_ptr<float>() + toks[b] * d, sizeof(float) * d);
+      }
+    }
+    const int64_t kv_row = (int64_t)nkv_ * hd_;
+    const int64_t qkv_w = (int64_t)(nh_ + 2 * nkv_) * hd_;
+    const int64_t att_w = (int64_t)nh_ * hd_;
+    Clock tk(prof_);
+    for (size_t li = 0; li < layers_.size(); ++li) {
+      auto& L = layers_[li];
+      cwic_cpu::rmsnorm(h, B, d, L.ln1.data_ptr(), wdtype_of(L.ln1), eps_, xn);
+      tk.lap(P_GLUE);
+      float* qkv = qkv_.data_ptr<float>();   // (B, qkv_w): q | k | v of each token
+      if (L.qkv.size() == 1 || B == 1) {
+        float* dst = qkv;
+        for (auto& q : L.qkv) { reads_[0] += apply(q, xn, dst, nullptr, B); dst += q.m(); }
+      } else {   // several matrices: each one's (B, m_i) block, then interleaved per token
+        float* tmp = ffb_.data_ptr<float>();
+        int64_t off = 0;
+        for (auto& q : L.qkv) {
+          const int64_t mi = q.m();
+          reads_[0] += apply(q, xn, tmp, nullptr, B);
+          for (int b = 0; b < B; ++b) std::memcpy(qkv + b * qkv_w + off, tmp + (int64_t)b * mi, sizeof(float) * mi);
+          off += mi;
+        }
+      }
+      tk.lap(P_QKV);
+      const bool bf = kv_bf16();
+      for (int b = 0; b < B; ++b) {
+        const int64_t pos = pos0 + b;
+        const float* cs = cos_.data_ptr<float>() + pos * (hd_ / 2);
+        const float* sn = sin_.data_ptr<float>() + pos * (hd_ / 2);
+        float* q = qkv + b * qkv_w;
+        float* k = q + (int64_t)nh_ * hd_;
+        float* v = k + kv_row;
+        cwic_cpu::rope(q, nh_, hd_, cs, sn);
+        cwic_cpu::rope(k, nkv_, hd_, cs, sn);
+        const int64_t at_pos = ((int64_t)li * max_len_ + pos) * kv_row;   // this layer, this position
+        if (bf) {
+          uint16_t* kb = reinterpret_cast<uint16_t*>(kc_.data_ptr()) + at_pos;
+          uint16_t* vb = reinterpret_cast<uint16_t*>(vc_.data_ptr()) + at_pos;
+          for (int64_t i = 0; i < kv_row; ++i) {
+            kb[i] = to_bf16(k[i]);
+            vb[i] = to_bf16(v[i]);
+          }
+        } else {
+          std::memcpy(kc_.data_ptr<float>() + at_pos, k, sizeof(float) * kv_row);
+          std::memcpy(vc_.data_ptr<float>() + at_pos, v, sizeof(float) * kv_row);
+        }
+      }
+      tk.lap(P_GLUE);
+      float* att = att_.data_ptr<float>();   // (B, att_w)
+      const int64_t layer0 = (int64_t)li * max_len_ * kv_row * kc_.element_size();
+      for (int b = 0; b < B; ++b)   // causal: token b sees positions 0 .. pos0 + b (all written above)
+        cwic_cpu::attention(qkv + b * qkv_w, static_cast<const char*>(kc_.data_ptr()) + layer0,
+                            static_cast<const char*>(vc_.data_ptr()) + layer0, bf ? cwic_cpu::W_BF16 : cwic_cpu::W_F32,
+                            (int)(pos0 + b) + 1, nh_, nkv_, hd_, scaling_, att + b * att_w,
+                            scores_.data_ptr<float>(), nthreads_, isa_);
+      tk.lap(P_ATTN);
+      reads_[0] += apply(L.o, att, h, h, B);
+      tk.lap(P_O);
+      cwic_cpu::rmsnorm(h, B, d, L.ln2.data_ptr(), wdtype_of(L.ln2), eps_, xn);
+      tk.lap(P_GLUE);
+      reads_[1] += apply_ffn(L.ffn, xn, h, B);
+      tk.lap(P_FFN);
+    }
+    const float* hl = h + (int64_t)(B - 1) * d;   // the head: the last token only
+    cwic_cpu::rmsnorm(hl, 1, d, norm_.data_ptr(), wdtype_of(norm_), eps_, xn);
+    tk.lap(P_GLUE);
+    float* lg = logits_.data_ptr<float>();
+    reads_[2] += apply(head_, xn, lg, nullptr, 1);
+    tk.lap(P_HEAD);
+    tokens_ += B;
+    const int64_t V = head_.m();
+    int64_t best = 0;
+    for (int64_t i = 1; i < V; ++i)
+      if (lg[i] > lg[best]) best = i;
+    tk.lap(P_GLUE);
+    return best;
+  }
+
+  void ensure_buffers(int B) {   // work buffers for B tokens a pass
+    if (h_.defined() && B <= bmax_) return;
+    bmax_ = std::max(B, 1);
     int64_t mx = 0, ff = 0;
     for (auto& L : layers_) {
       int64_t t = 0;
       for (auto& q : L.qkv) t += q.m();
       mx = std::max({mx, t, L.o.m()});
       if (!L.ffn.cwic) ff = std::max(ff, L.ffn.gate_up.m());
+      if (L.qkv.size() > 1) ff = std::max(ff, t);   // batch: each q/k/v block before interleaving
     }
     auto o = at::TensorOptions().dtype(at::kFloat);
-    h_ = at::zeros({d_}, o);
-    xn_ = at::zeros({d_}, o);
-    qkv_ = at::zeros({mx}, o);
-    att_ = at::zeros({(int64_t)nh_ * hd_}, o);
-    ffb_ = at::zeros({std::max<int64_t>(ff, 1)}, o);
+    h_ = at::zeros({bmax_, d_}, o);
+    xn_ = at::zeros({bmax_, d_}, o);
+    qkv_ = at::zeros({bmax_, mx}, o);
+    att_ = at::zeros({bmax_, (int64_t)nh_ * hd_}, o);
+    ffb_ = at::zeros({bmax_, std::max<int64_t>(ff, 1)}, o);
     logits_ = at::zeros({head_.m()}, o);
     scores_ = at::zeros({(int64_t)nh_ * max_len_}, o);
   }
 
-  // y = L(x) (+ resid; y may alias resid); returns the weights read
-  int64_t apply(const Lin& L, const float* x, float* y, const float* resid) {
+  // y (B, m) = L(x (B, n)) (+ resid; y may alias resid); returns the weights read
+  int64_t apply(const Lin& L, const float* x, float* y, const float* resid, int B) {
     const int64_t m = L.m(), n = L.n();
     if (L.kind == 2) {
-      at::Tensor xt = at::from_blob(const_cast<float*>(x), {1, n}, at::kFloat).to(L.w.scalar_type());
+      at::Tensor xt = at::from_blob(const_cast<float*>(x), {B, n}, at::kFloat).to(L.w.scalar_type());
       at::Tensor out = at::linear(xt, L.w, L.bias.defined() ? std::optional<at::Tensor>(L.bias) : std::nullopt)
-                           .to(at::kFloat);
+                           .to(at::kFloat).contiguous();
       const float* o = out.data_ptr<float>();
-      if (resid) for (int64_t i = 0; i < m; ++i) y[i] = o[i] + resid[i];
-      else std::memcpy(y, o, sizeof(float) * m);
+      if (resid) for (int64_t i = 0; i < B * m; ++i) y[i] = o[i] + resid[i];
+      else std::memcpy(y, o, sizeof(float) * B * m);
       return m * n;
     }
     GemvArgs a;
-    a.x = x; a.B = 1; a.n = (int)n; a.m = (int)m;
+    a.x = x; a.B = B; a.n = (int)n; a.m = (int)m;
     a.wt = L.w.data_ptr(); a.wdtype = wdtype_of(L.w);
     a.stripe = L.stripe > 0 ? (int)L.stripe : (int)m;
     if (L.kind == 1) {
@@ -397,12 +438,12 @@ class Decoder {
     return cwic_cpu::gemv(a, nthreads_, isa_);
   }
 
-  int64_t apply_ffn(const Ffn& f, const float* x, float* h) {
+  int64_t apply_ffn(const Ffn& f, const float* x, float* h, int B) {
     const int d = (int)d_;
     if (f.cwic) {
       cwic_cpu::FfnArgs a;
       const Lin& g = f.gate;
-      a.gate.x = x; a.gate.B = 1; a.gate.n = d; a.gate.m = (int)g.m();
+      a.gate.x = x; a.gate.B = B; a.gate.n = d; a.gate.m = (int)g.m();
       a.gate.wt = g.w.data_ptr(); a.gate.wdtype = wdtype_of(g.w);
       a.gate.mean = g.mean.defined() ? g.mean.data_ptr<float>() : nullptr;
       a.gate.thr = g.thr.defined() ? g.thr.data_ptr<float>() : nullptr;
@@ -417,10 +458,14 @@ class Decoder {
       return cwic_cpu::ffn(a, nthreads_, isa_);
     }
     const int64_t F2 = f.gate_up.m(), F = F2 / 2;
-    float* gu = ffb_.data_ptr<float>();
-    int64_t r = apply(f.gate_up, x, gu, nullptr);
-    cwic_cpu::act_mul(gu, gu + F, (int)F, act_id(f.act), gu, isa_);
-    r += apply(f.down, gu, h, h);
+    float* gu = ffb_.data_ptr<float>();   // (B, 2F): act(gate) * up into the first F of each row
+    int64_t r = apply(f.gate_up, x, gu, nullptr, B);
+    for (int b = 0; b < B; ++b) {
+      float* row = gu + (int64_t)b * F2;
+      cwic_cpu::act_mul(row, row + F, (int)F, act_id(f.act), row, isa_);
+      if (b) std::memmove(gu + (int64_t)b * F, row, sizeof(float) * F);   // packed (B, F) for the down product
+    }
+    r += apply(f.down, gu, h, h, B);
     return r;
   }
 
@@ -438,6 +483,7 @@ class Decoder {
   int64_t reads_[3] = {0, 0, 0};
   double prof_[P_N] = {0, 0, 0, 0, 0, 0};
   int64_t tokens_ = 0;
+  int64_t bmax_ = 0;
 };
 
 }  // namespace
@@ -484,6 +530,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &Decoder::add_layer)
       .def("set_head", &Decoder::set_head)
       .def("step", &Decoder::step)
+      .def("prefill", &Decoder::prefill)
       .def("logits", &Decoder::logits)
       .def("reads", &Decoder::reads)
       .def("reset_reads", &Decoder::reset_reads)

@@ -17,7 +17,9 @@ argmax. Dense and CWIC models go through the very same step; only the matrix pro
 A CWIC model decoded with mode="dense" uses its own (unchanged) weights, so "dense vs CWIC" compares
 one model with and without its sparsity. Weights are copied into the decoder's layout (input-major for
 our kernels) in `dtype` (bf16 by default); activations and accumulation are fp32, and the KV cache is
-kept in `dtype` (a bf16 Hugging Face model keeps a bf16 cache too). The prompt is fed one token at a time (the decode step; no batched prefill).
+kept in `dtype` (a bf16 Hugging Face model keeps a bf16 cache too). The prompt is fed 64 tokens a pass
+(`prefill(chunk=...)`: the same kernels with a batch, which stream the weights once a pass; each token attends
+causally).
 
 The decoder's weight copies live in 2 MiB-aligned blocks marked MADV_HUGEPAGE (Linux with transparent huge
 pages in "madvise" or "always" mode; `huge_pages=False` or CWIC_CPU_HUGEPAGES=0 turns it off): a sparse step
@@ -208,6 +210,7 @@ class DecodeStats:
     seconds: float
     reads_per_token: dict       # weights read per decoded token, by part (attn, ffn, head, total)
     apr: float                  # dense weights / weights read (counted matrices, on these tokens)
+    prefill_seconds: float = 0.0   # the prompt's prefill before the timed tokens
 
     @property
     def tokens_per_s(self) -> float:
@@ -276,13 +279,23 @@ class CpuDecoder:
         """fp32 logits of the last step."""
         return self._dec.logits()
 
-    def prefill(self, ids) -> int:
-        """Reset and feed the prompt; returns the first generated token."""
-        ids = [int(t) for t in torch.as_tensor(ids).reshape(-1).tolist()]
+    def prefill(self, ids, chunk: int = 64) -> int:
+        """Reset and feed the prompt, `chunk` tokens a pass (the small-batch kernels: the weights streamed once a
+        pass, each token attending causally; 1: token by token through `step`); returns the first generated
+        token. Logits as the token-by-token path gives them, up to fp32 summation order."""
+        ids = torch.as_tensor(ids).reshape(-1).to(torch.int64)
+        if ids.numel() == 0:
+            raise ValueError("prefill: empty prompt")
+        if chunk < 1:
+            raise ValueError(f"prefill: chunk must be >= 1, got {chunk}")
+        if ids.numel() > self.max_len:
+            raise RuntimeError(f"prompt of {ids.numel()} tokens: KV cache holds {self.max_len} positions")
         self.reset()
         nxt = None
-        for t in ids:
-            nxt = self.step(t)
+        for c0 in range(0, ids.numel(), chunk):
+            part = ids[c0:c0 + chunk]
+            nxt = self._dec.step(int(part[0]), self.pos) if part.numel() == 1 else self._dec.prefill(part, self.pos)
+            self.pos += part.numel()
         return nxt
 
     def generate(self, ids, max_new_tokens: int = 32, eos: int | None = None) -> list[int]:
@@ -298,14 +311,16 @@ class CpuDecoder:
         return out
 
     def timed_decode(self, ids, new_tokens: int = 32) -> DecodeStats:
-        """Prefill (untimed), then time `new_tokens` greedy decode steps (no early stop)."""
+        """Prefill (timed apart), then time `new_tokens` greedy decode steps (no early stop)."""
+        t0 = time.perf_counter()
         nxt = self.prefill(ids)
+        t_pre = time.perf_counter() - t0
         self._dec.reset_reads()
         t0 = time.perf_counter()
         for _ in range(new_tokens):
             nxt = self.step(nxt)
         dt = time.perf_counter() - t0
-        return DecodeStats(new_tokens, dt, *self._reads(new_tokens))
+        return DecodeStats(new_tokens, dt, *self._reads(new_tokens), prefill_seconds=t_pre)
 
     def _reads(self, n: int):
         a, f, h, _ = self._dec.reads()

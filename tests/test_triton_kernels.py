@@ -311,6 +311,42 @@ def test_decode_kernels_match_references():
         torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("p", [0, 5, 130], ids=lambda p: f"pos{p}")
+@pytest.mark.parametrize("dtype,acc", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+                         ids=["fp32", "bf16", "bf16-acc"])
+def test_rope_attention_matches_rope_cache_then_attention(dtype, acc, p):
+    """One token's RoPE + cache write + attention in one launch = rope_cache, then decode_attention (the first
+    position, one inside the first key block, one in the second block of 128), grouped-query heads; the cache gets
+    the same row; acc reads the fp32 sum without zeroing it; clear zeroes up to two other buffers."""
+    g = _gen(20 + p)
+    hq, hkv, hd, L = 6, 2, 16, 160
+    qkv = (torch.randn(1, (hq + 2 * hkv) * hd, generator=g) * 2).to(DEV)
+    qkv = qkv if acc else qkv.to(dtype)
+    cos, sin = torch.rand(L, hd // 2, generator=g).to(DEV), torch.rand(L, hd // 2, generator=g).to(DEV)
+    pos = torch.tensor([p], device=DEV)
+    kc = torch.randn(L, hkv, hd, generator=g).to(DEV, dtype)
+    vc = torch.randn(L, hkv, hd, generator=g).to(DEV, dtype)
+    k2, v2 = kc.clone(), vc.clone()
+    clr = [torch.randn(37, generator=g).to(DEV), torch.randn(3 * hq * 4 + 1, generator=g).to(DEV)]
+    src = qkv.clone()
+    o1 = D.rope_attention(src, pos, cos, sin, kc, vc, hq, hkv, 0.25, acc=acc, clear=clr)
+    assert torch.equal(src, qkv) and all(bool((c == 0).all()) for c in clr)
+    q = D.rope_cache_ref(qkv.to(dtype) if acc else qkv, pos, cos, sin, k2, v2, hq, hkv)
+    o2 = D.decode_attention_ref(q, k2, v2, pos, hq, 0.25)
+    o3 = D.rope_attention_ref(qkv, pos, cos, sin, k2.clone(), v2.clone(), hq, hkv, 0.25, acc=acc)
+    assert o1.dtype == o2.dtype == dtype and torch.equal(o2, o3)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=4e-2)
+    torch.testing.assert_close(o1.float(), o2.float(), **tol)
+    torch.testing.assert_close(kc.float(), k2.float(), **tol)
+    torch.testing.assert_close(vc.float(), v2.float(), **tol)
+    assert torch.equal(kc[:p], k2[:p]) and torch.equal(kc[p + 1:], k2[p + 1:])   # only row p written
+    with pytest.raises(ValueError):   # one token only
+        D.rope_attention(torch.cat([qkv, qkv]), pos, cos, sin, kc, vc, hq, hkv, 0.25)
+    a32 = qkv.float().contiguous()
+    with pytest.raises(ValueError):   # clearing the buffer the programs read
+        D.rope_attention(a32, pos, cos, sin, kc, vc, hq, hkv, 0.25, acc=True, clear=[a32[0, 8:]])
+
+
 # ---------------------------------------------------------------- custom ops registration
 
 def test_custom_ops_dispatch():
@@ -325,11 +361,11 @@ def test_custom_ops_dispatch():
 
 # --------------------------------------------------------------------------- decode engine
 
-def _calibrated_tiny(cwic: bool, seed=0):
+def _calibrated_tiny(cwic: bool, seed=0, **kw):
     from conftest import tiny_model
 
     import cwic_exp
-    model = tiny_model(hidden_size=64, intermediate_size=128, vocab_size=96, seed=seed)
+    model = tiny_model(hidden_size=64, intermediate_size=128, vocab_size=96, seed=seed, **kw)
     if cwic:
         cwic_exp.to_cwic(model, stripe_size=32)
         ids = torch.randint(0, 96, (1, 40), generator=_gen(seed))
@@ -341,6 +377,45 @@ def _calibrated_tiny(cwic: bool, seed=0):
                 p = m.theta if hasattr(m, "theta") else m.phi
                 p.copy_(torch.rand(p.shape, generator=g) * 1.2)
     return model
+
+
+def _hand_offs_cleared(eng) -> bool:
+    """After a decode step every hand-off buffer is zero but the residual stream "h" and, with `fuse_attn`, the
+    q/k/v sums no launch cleared after their layer read them (the last layer's, and with an odd number of layers
+    the one before too): the next step's launch before their layer clears them."""
+    dirty = set()
+    if eng.fuse_attn:   # replay the step's order: layer li adds into its buffer, its launch clears the next one's
+        n, m = len(eng.w.layers), eng.w.layers[0].qkv[0].out_features
+        for li in range(n):
+            buf, nxt = eng._qkv_buf(li, m), eng._qkv_buf(li + 1, m)
+            dirty.add(buf.data_ptr())
+            dirty.discard(nxt.data_ptr())   # (one layer: the engine zeroes its own buffer after the launch)
+    return all(float(a.abs().sum()) == 0 for k, a in eng._acc.items() if k[0] != "h" and a.data_ptr() not in dirty)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_engine_fused_attention_any_layer_count(layers):
+    """The fused RoPE + attention launch with the summed q/k/v path: the buffers alternate by layer parity (a third
+    for the last of an odd number of layers; one layer clears its own after the launch), so several decode steps
+    give the model's greedy tokens and logits."""
+    from cwic_exp.engine import DecodeEngine
+    model = _calibrated_tiny(True, num_hidden_layers=layers).to(DEV)
+    ids = torch.randint(0, 96, (9,), generator=_gen(8)).to(DEV)
+    with torch.no_grad():
+        want = model(ids[None]).logits[0].float()
+    eng = DecodeEngine(model, max_len=32, triton=DEV == "cuda")
+    assert eng.fuse_attn and eng.acc_qkv and len(eng.w.layers) == layers
+    eng.prefill(ids[:5])
+    for i in range(5, 9):   # one-token steps fed the model's tokens
+        eng.tok.fill_(int(ids[i]))
+        eng.pos.fill_(i)
+        assert _rel(eng.forward(eng.tok).float(), want[i:i + 1]) < 1e-5, i
+        assert _hand_offs_cleared(eng)
+    keys = sorted(k[0] for k in eng._acc if k[0].startswith("qkv"))
+    assert keys == {1: ["qkv0"], 3: ["qkv0", "qkv1", "qkv2"]}[layers]
+    gen = eng.generate(ids[:4], 4)
+    hf = model.generate(ids[:4][None], max_new_tokens=4, min_new_tokens=4, do_sample=False)[0]
+    assert gen.tolist() == hf.tolist()
 
 
 @pytest.mark.parametrize("cwic", [False, True], ids=["dense", "cwic"])
@@ -367,18 +442,18 @@ def test_engine_matches_hf(cwic, use_triton):
         # zeroed
         # (the PyTorch twin has no one-launch FFN: o keeps its own epilogue there), and the FFN's product handed to
         # the next layer's q/k/v kernel, which writes the residual stream to a static buffer ("h")
-        assert len(eng.w.layers) > 1 and eng.acc_qkv and eng.acc_o and eng.acc_ffn
-        assert sorted(k[0] for k in eng._acc) == (["h", "o+ffn", "qkv"] if use_triton else ["qkv"])
-        assert all(float(a.abs().sum()) == 0 for k, a in eng._acc.items() if k[0] != "h")
-        eng._acc[("qkv", eng.w.layers[0].qkv[0].out_features)].fill_(3.0)   # a step that stopped half-way ...
-        eng.prefill(ids[:first])                                            # ... is cleared by the next prefill
+        assert len(eng.w.layers) > 1 and eng.acc_qkv and eng.acc_o and eng.acc_ffn and eng.fuse_attn
+        assert sorted(k[0] for k in eng._acc) == (["h", "o+ffn", "qkv0", "qkv1"] if use_triton else ["qkv0", "qkv1"])
+        assert _hand_offs_cleared(eng)
+        eng._acc[("qkv0", eng.w.layers[0].qkv[0].out_features)].fill_(3.0)   # a step that stopped half-way ...
+        eng.prefill(ids[:first])                                             # ... is cleared by the next prefill
         assert all(float(a.abs().sum()) == 0 for k, a in eng._acc.items() if k[0] != "h")
         eng.tok.fill_(int(ids[9]))                                          # back to the last step's state
         eng.pos.fill_(9)
     if use_triton:   # RMSNorm as a separate kernel, RoPE in the q/k/v kernel's epilogue, q/k/v with its own
         # epilogue: the same step
         for flag, on in (("fuse_norm", False), ("fuse_rope", True), ("acc_qkv", False), ("acc_o", False),
-                         ("acc_ffn", False)):
+                         ("acc_ffn", False), ("fuse_attn", False)):
             old = getattr(eng, flag)
             setattr(eng, flag, on)
             assert _rel(eng.forward(eng.tok).float(), want[9:10]) < 1e-5, flag
@@ -748,7 +823,7 @@ def test_engine_ffn_hand_off_same_bits(dtype):
             steps.append(eng.forward(eng.tok))
         outs[on] = torch.cat(steps)
         assert ("h" in {k[0] for k in eng._acc}) == on
-        assert all(float(a.abs().sum()) == 0 for k, a in eng._acc.items() if k[0] != "h")
+        assert _hand_offs_cleared(eng)
     if DEV != "cuda":
         assert torch.equal(outs[True], outs[False])
 

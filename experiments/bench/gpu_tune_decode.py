@@ -71,7 +71,7 @@ def variants(d: int, qkv_m: int, vocab: int, F: int) -> dict:
               "stages2": vary(num_stages=2), "nopipe": vary(pipe=False), "nopipe_bs8": vary(block_s=8, pipe=False)}
     # the engine's hand-offs of fp32 sums between kernels, each turned off (`--groups hand`: an in-process A/B)
     g[HAND] = {"acc_ffn_off": [("engine", "acc_ffn", False)], "acc_o_off": [("engine", "acc_o", False)],
-               "acc_qkv_off": [("engine", "acc_qkv", False)]}
+               "acc_qkv_off": [("engine", "acc_qkv", False)], "fuse_attn_off": [("engine", "fuse_attn", False)]}
     return g
 
 
@@ -106,7 +106,7 @@ class Tables:
             t.clear()
             t.update(copy.deepcopy(self.saved[k]))
         if self.switches is None:   # the engine's own settings, as it was built
-            self.switches = {a: getattr(eng, a) for a in ("fuse_rope", "acc_qkv", "acc_o", "acc_ffn")}
+            self.switches = {a: getattr(eng, a) for a in ("fuse_rope", "acc_qkv", "acc_o", "acc_ffn", "fuse_attn")}
         for a, v in self.switches.items():
             setattr(eng, a, v)
 

@@ -66,14 +66,14 @@ def backend(device: torch.device | str, triton: bool | None = None) -> SimpleNam
         from . import gemv as G
         return SimpleNamespace(name="triton", gemv_ex=G.gemv_ex, qkv_rope=G.gemv_qkv_rope, ffn_up=G.ffn_up, ffn=G.ffn,
                                ffn_one_launch=G.ffn_one_launch,
-                               rmsnorm=D.rmsnorm, rope_cache=D.rope_cache,
+                               rmsnorm=D.rmsnorm, rope_cache=D.rope_cache, rope_attention=D.rope_attention,
                                decode_attention=D.decode_attention, act_mul=D.act_mul,
                                argmax=D.argmax, supports_stripe=G.supports_stripe)
     from . import fallback as R
     from .gemv import supports_stripe
     return SimpleNamespace(name="torch", gemv_ex=R.gemv_ex_ref, qkv_rope=R.gemv_qkv_rope_ref, ffn_up=R.ffn_up_ref,
                            ffn=R.ffn_ref,
-                           rmsnorm=R.rmsnorm_ref, rope_cache=R.rope_cache_ref,
+                           rmsnorm=R.rmsnorm_ref, rope_cache=R.rope_cache_ref, rope_attention=R.rope_attention_ref,
                            decode_attention=R.decode_attention_ref, act_mul=R.act_mul_ref,
                            argmax=R.argmax_ref,
                            supports_stripe=lambda stripe, m: True,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .gemv import ACT_IDS, _act, _pdl_enter, pdl_args
+from .gemv import ACT_IDS, _act, _overlap, _pdl_enter, pdl_args
 
 # ------------------------------------------------------------------------------------ RMSNorm
 
@@ -187,6 +187,146 @@ def decode_attention_ref(q, kc, vc, pos, hq, sm_scale, block_t=None):
     sc = sc.masked_fill(~allowed[:, None, :], float("-inf"))
     o = torch.einsum("thl,lhd->thd", sc.softmax(-1), v)
     return o.reshape(T, hq * hd).to(q.dtype)
+
+
+# ---------------------------------------------------- one token: RoPE + cache write + attention, one launch
+
+
+@triton.jit
+def _rope_attn_kernel(QKV, KC, VC, O, POS, COS, SIN, sm_scale, stride_c, HQ, HKV,
+                      HALF: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr, ACC: tl.constexpr,
+                      CLR1, N1, CLR2, N2, BLOCK_CLR: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """Program h (a query head) of one token at position pos: RoPE of its q head and of its kv head's k (v as
+    is), k and v written to the cache at pos (the GROUP programs of a kv head write the same bits), then the
+    online-softmax attention over positions 0 .. pos, position pos from registers (never read back: no race
+    with the writes). Head vectors are handled as two halves (RoPE's layout). ACC: QKV is an fp32 sum, rounded
+    to the cache dtype first (not zeroed: the caller clears it in a later launch, as CLR1 / CLR2 are here)."""
+    _pdl_enter(USE_PDL)
+    h = tl.program_id(0)
+    kvh = h // GROUP
+    if BLOCK_CLR > 0:   # zero CLR1[:N1] and CLR2[:N2], a slice a program (buffers whose readers have finished)
+        offs = h * BLOCK_CLR + tl.arange(0, BLOCK_CLR)
+        tl.store(CLR1 + offs, tl.zeros((BLOCK_CLR,), dtype=tl.float32), mask=offs < N1)
+        tl.store(CLR2 + offs, tl.zeros((BLOCK_CLR,), dtype=tl.float32), mask=offs < N2)
+    pos = tl.load(POS)
+    d = tl.arange(0, HALF)
+    qs = QKV + h * (2 * HALF)
+    ks = QKV + (HQ + kvh) * (2 * HALF)
+    vs = QKV + (HQ + HKV + kvh) * (2 * HALF)
+    q1 = tl.load(qs + d)
+    q2 = tl.load(qs + HALF + d)
+    k1 = tl.load(ks + d)
+    k2 = tl.load(ks + HALF + d)
+    v1 = tl.load(vs + d)
+    v2 = tl.load(vs + HALF + d)
+    c = tl.load(COS + pos * HALF + d)
+    s = tl.load(SIN + pos * HALF + d)
+    if ACC:   # as rope_cache(acc=True): the sum rounded to the cache dtype
+        q1 = q1.to(KC.dtype.element_ty)
+        q2 = q2.to(KC.dtype.element_ty)
+        k1 = k1.to(KC.dtype.element_ty)
+        k2 = k2.to(KC.dtype.element_ty)
+        v1 = v1.to(KC.dtype.element_ty)
+        v2 = v2.to(KC.dtype.element_ty)
+    q1 = q1.to(tl.float32)
+    q2 = q2.to(tl.float32)
+    k1 = k1.to(tl.float32)
+    k2 = k2.to(tl.float32)
+    # rotated q rounded as rope_cache stores it (the cache dtype), then scaled as the attention kernel does
+    r1 = (q1 * c - q2 * s).to(KC.dtype.element_ty).to(tl.float32) * sm_scale
+    r2 = (q2 * c + q1 * s).to(KC.dtype.element_ty).to(tl.float32) * sm_scale
+    kr1 = (k1 * c - k2 * s).to(KC.dtype.element_ty)
+    kr2 = (k2 * c + k1 * s).to(KC.dtype.element_ty)
+    vr1 = v1.to(VC.dtype.element_ty)
+    vr2 = v2.to(VC.dtype.element_ty)
+    row = pos.to(tl.int64) * stride_c + kvh * (2 * HALF)
+    tl.store(KC + row + d, kr1)
+    tl.store(KC + row + HALF + d, kr2)
+    tl.store(VC + row + d, vr1)
+    tl.store(VC + row + HALF + d, vr2)
+    kr1 = kr1.to(tl.float32)
+    kr2 = kr2.to(tl.float32)
+    vr1 = vr1.to(tl.float32)
+    vr2 = vr2.to(tl.float32)
+    m_i = tl.max(tl.full((BLOCK_T,), float("-inf"), tl.float32), axis=0)
+    l_i = tl.sum(tl.zeros((BLOCK_T,), tl.float32), axis=0)
+    a1 = tl.zeros((HALF,), tl.float32)
+    a2 = tl.zeros((HALF,), tl.float32)
+    for s0 in range(0, pos + 1, BLOCK_T):
+        offs = s0 + tl.arange(0, BLOCK_T)
+        old = offs < pos
+        cur = (offs == pos)[:, None]
+        base = offs.to(tl.int64)[:, None] * stride_c + kvh * (2 * HALF) + d[None, :]
+        kk1 = tl.load(KC + base, mask=old[:, None], other=0.0).to(tl.float32)
+        kk2 = tl.load(KC + base + HALF, mask=old[:, None], other=0.0).to(tl.float32)
+        vv1 = tl.load(VC + base, mask=old[:, None], other=0.0).to(tl.float32)   # in flight with k
+        vv2 = tl.load(VC + base + HALF, mask=old[:, None], other=0.0).to(tl.float32)
+        kk1 = tl.where(cur, kr1[None, :], kk1)
+        kk2 = tl.where(cur, kr2[None, :], kk2)
+        vv1 = tl.where(cur, vr1[None, :], vv1)
+        vv2 = tl.where(cur, vr2[None, :], vv2)
+        sc = tl.sum(kk1 * r1[None, :], axis=1) + tl.sum(kk2 * r2[None, :], axis=1)
+        sc = tl.where(offs <= pos, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+        p = tl.exp(sc - m_new)
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        a1 = a1 * alpha + tl.sum(p[:, None] * vv1, axis=0)
+        a2 = a2 * alpha + tl.sum(p[:, None] * vv2, axis=0)
+        m_i = m_new
+    tl.store(O + h * (2 * HALF) + d, (a1 / l_i).to(O.dtype.element_ty))
+    tl.store(O + h * (2 * HALF) + HALF + d, (a2 / l_i).to(O.dtype.element_ty))
+
+
+def _check_clear(clear, qkv: torch.Tensor) -> list:
+    clear = [c for c in (clear or ()) if c is not None and c.numel()]
+    if len(clear) > 2:
+        raise ValueError("clear: at most two tensors")
+    for c in clear:
+        if not (c.dtype == torch.float32 and c.is_contiguous()):
+            raise ValueError(f"clear: contiguous fp32 tensors, got {c.dtype}")
+        if _overlap(c, qkv):
+            raise ValueError("clear: must not share memory with qkv (the programs still read it)")
+    return clear
+
+
+def rope_attention(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor,
+                   vc: torch.Tensor, hq: int, hkv: int, sm_scale: float, acc: bool = False, clear=(),
+                   block_t: int = 128) -> torch.Tensor:
+    """One token: `rope_cache` followed by `decode_attention`, in one launch (a program per query head).
+    qkv (1, (hq+2hkv)·hd); kc/vc (L, hkv, hd) get the rotated k and v at position pos[0]; returns the attention
+    output (1, hq·hd) in the dtype rope_cache's q has (the cache dtype with acc, else qkv's).
+    acc: qkv is the fp32 sum of `gemv.gemv_ex(acc_out=qkv)`, rounded to the cache dtype first; unlike rope_cache it
+    is NOT zeroed (every program of a kv head reads it): clear it in a later launch (the decode engine alternates
+    two buffers and has the next layer's launch zero this one). clear: up to two contiguous fp32 tensors the
+    kernel zeroes (buffers whose readers, the kernels launched before this one, have all finished)."""
+    T = qkv.shape[0]
+    hd = kc.shape[-1]
+    if T != 1 or qkv.shape[1] != (hq + 2 * hkv) * hd or not qkv.is_contiguous():
+        raise ValueError(f"rope_attention: one contiguous token of (hq + 2 hkv) * hd values, got {tuple(qkv.shape)}")
+    if acc and qkv.dtype != torch.float32:
+        raise ValueError("rope_attention(acc=True): qkv must be the fp32 sum")
+    clear = _check_clear(clear, qkv)
+    nmax = max([c.numel() for c in clear], default=0)
+    bc = triton.next_power_of_2(triton.cdiv(nmax, hq)) if nmax else 0
+    c1 = clear[0] if clear else qkv
+    c2 = clear[1] if len(clear) > 1 else c1
+    o = torch.empty((1, hq * hd), dtype=kc.dtype if acc else qkv.dtype, device=qkv.device)
+    _rope_attn_kernel[(hq,)](qkv, kc, vc, o, pos, cos, sin, sm_scale, kc.stride(0), hq, hkv,
+                             HALF=hd // 2, GROUP=hq // hkv, BLOCK_T=block_t, ACC=acc,
+                             CLR1=c1, N1=clear[0].numel() if clear else 0, CLR2=c2,
+                             N2=clear[1].numel() if len(clear) > 1 else 0, BLOCK_CLR=bc,
+                             num_warps=4, **pdl_args(qkv.device))
+    return o
+
+
+def rope_attention_ref(qkv, pos, cos, sin, kc, vc, hq, hkv, sm_scale, acc: bool = False, clear=(), block_t=None):
+    clear = _check_clear(clear, qkv)
+    for c in clear:
+        c.zero_()
+    src = qkv.to(kc.dtype) if acc else qkv
+    q = rope_cache_ref(src, pos, cos, sin, kc, vc, hq, hkv)
+    return decode_attention_ref(q, kc, vc, pos, hq, sm_scale)
 
 
 # ------------------------------------------------------------------ dense gated activation

@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 
 from ..reference import ACTIVATIONS, gemv_reference
-from .decode import act_mul_ref, argmax_ref, decode_attention_ref, rmsnorm_ref, rope_cache_ref
+from .decode import act_mul_ref, argmax_ref, decode_attention_ref, rmsnorm_ref, rope_attention_ref, rope_cache_ref
 from .gemv import MASK_NONE, MASK_NONZERO, MASK_THRESHOLD
 
 __all__ = ["gemv_ex_ref", "gemv_qkv_rope_ref", "ffn_up_ref", "ffn_ref", "rmsnorm_ref", "rope_cache_ref",
-           "decode_attention_ref", "act_mul_ref", "argmax_ref"]
+           "rope_attention_ref", "decode_attention_ref", "act_mul_ref", "argmax_ref"]
 
 
 def gemv_ex_ref(x, wt, mean, thr, bias, stripe, *, residual=None, act=None, unit_thr=None,

@@ -254,6 +254,11 @@ class DecodeEngine:
         # passed through and writes it for the layer (CWIC_ACC_FFN=0: off). The next RoPE kernel clears the o and
         # FFN sums once their readers have finished
         self.acc_ffn = os.environ.get("CWIC_ACC_FFN", "1") != "0"
+        # one token, dense and CWIC alike: RoPE, the cache writes and the attention in one launch
+        # (`decode.rope_attention`; CWIC_FUSE_ATTN=0: rope_cache, then decode_attention, for A/B runs). With acc_qkv the
+        # q/k/v sums alternate between two buffers by layer parity, and each layer's launch clears the other one
+        # (read by the previous layer's launch, finished by then) along with the o and FFN hand-off sums
+        self.fuse_attn = os.environ.get("CWIC_FUSE_ATTN", "1") != "0"
         # from this many tokens on, CWIC products run as per-stripe GEMMs (`cwic_kernels.gpu.prefill`); 0: never
         if gemm_from is None:
             gemm_from = int(os.environ.get("CWIC_PREFILL_GEMM", "17"))
@@ -315,7 +320,7 @@ class DecodeEngine:
         """FFN(RMSNorm(x)·w) + residual for norm = (w, eps), else FFN(x) + residual. x_acc (CWIC only): the
         input and residual are x + x_acc (the o product's fp32 sum), rounded; x_acc is left zeroed. y_acc (the
         one-launch FFN only): the product is added into y_acc and the input (x + x_acc) returned; x_acc is not
-        cleared (`_q_and_cache` has the next RoPE kernel do it)."""
+        cleared (`_attention` has the next RoPE kernel do it)."""
         if norm is not None and f.kind == "dense":
             x = self.K.rmsnorm(x, norm[0], norm[1])
         nw, eps = norm if norm is not None else (None, 1e-6)
@@ -355,10 +360,40 @@ class DecodeEngine:
         return self.acc_ffn and nxt is not None and self._hand_o_to_ffn(L, h) and self.fuse_norm \
             and self.acc_qkv and not self.fuse_rope and len(nxt.qkv) == 1 and self._one_token_cwic(nxt.qkv[0], h)
 
-    def _q_and_cache(self, li: int, L: Layer, h: torch.Tensor, x_acc: torch.Tensor | None = None):
-        """Layer li's rotated queries for the residual stream h (T, d), and h; its rotated keys and values go to
-        the cache. x_acc (`_hand_ffn_to_qkv`): the residual stream is h + x_acc (the previous FFN's product),
-        formed and written to a static buffer by the q/k/v kernel, and returned."""
+    def _attend(self, li: int, qkv: torch.Tensor, acc: bool = False, clear: torch.Tensor | None = None):
+        """Layer li's attention output for its q/k/v (T, (hq + 2 hkv)·hd), RoPE and the cache writes included:
+        one launch for one token (`fuse_attn`), else rope_cache then decode_attention. acc: qkv is the fp32 sum of
+        a summed q/k/v kernel; clear: the o and FFN hand-off sums to zero (their readers have finished)."""
+        w, K = self.w, self.K
+        if self.fuse_attn and qkv.shape[0] == 1:
+            clears = [clear] if clear is not None else []
+            nxt = self._qkv_buf(li + 1, qkv.shape[1]) if acc else None
+            if nxt is not None and nxt is not qkv:   # the next layer's q/k/v sum: its last reader has finished
+                clears.append(nxt)
+            att = K.rope_attention(qkv, self.pos, self.cos, self.sin, self.kc[li], self.vc[li], w.n_heads,
+                                   w.n_kv_heads, w.scaling, acc=acc, clear=clears)
+            if nxt is qkv:   # one layer: nobody else to clear it
+                qkv.zero_()
+            return att
+        q = K.rope_cache(qkv, self.pos, self.cos, self.sin, self.kc[li], self.vc[li], w.n_heads, w.n_kv_heads,
+                         acc=acc, clear=clear)
+        return K.decode_attention(q, self.kc[li], self.vc[li], self.pos, w.n_heads, w.scaling)
+
+    def _qkv_buf(self, li: int, m: int) -> torch.Tensor:
+        """The fp32 buffer layer li (modulo the layers: li = L is the next step's layer 0) adds its q/k/v sum into:
+        one, zeroed by its rope_cache; with `fuse_attn` one by layer parity, which the launch of the layer before
+        clears (see `_attend`). With an odd number of layers the last one takes a third buffer, so that layer 0 of
+        the next step does not add into the sum the last layer's launch is still reading."""
+        if not self.fuse_attn:
+            return self._acc_buf("qkv", m)
+        n = len(self.w.layers)
+        li %= n
+        return self._acc_buf(f"qkv{2 if n % 2 and li == n - 1 and n > 1 else li % 2}", m)
+
+    def _attention(self, li: int, L: Layer, h: torch.Tensor, x_acc: torch.Tensor | None = None):
+        """Layer li's attention output for the residual stream h (T, d), its rotated keys and values written to
+        the cache, and h. x_acc (`_hand_ffn_to_qkv`): the residual stream is h + x_acc (the previous FFN's
+        product), formed and written to a static buffer by the q/k/v kernel, and returned."""
         w, K = self.w, self.K
         lin = L.qkv[0]
         fused = self.fuse_norm and len(L.qkv) == 1      # one q/k/v matrix: RMSNorm inside the CWIC kernels
@@ -367,10 +402,11 @@ class DecodeEngine:
             "x_acc: the summed one-token q/k/v path"
         if one_cwic and self.fuse_rope:
             # one token: norm, q/k/v product, RoPE and the cache writes in one CWIC launch
-            return K.qkv_rope(h, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, self.pos, self.cos, self.sin,
-                              self.kc[li], self.vc[li], w.n_heads, w.n_kv_heads, norm_w=L.ln1, eps=w.eps), h
+            q = K.qkv_rope(h, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, self.pos, self.cos, self.sin,
+                           self.kc[li], self.vc[li], w.n_heads, w.n_kv_heads, norm_w=L.ln1, eps=w.eps)
+            return K.decode_attention(q, self.kc[li], self.vc[li], self.pos, w.n_heads, w.scaling), h
         if one_cwic and self.acc_qkv:
-            acc = self._acc_buf("qkv", lin.out_features)
+            acc = self._qkv_buf(li, lin.out_features)
             clear = None
             if x_acc is not None:   # the new residual stream h + x_acc goes to a static buffer; RoPE clears the sums
                 h_in, h = h, self._acc_buf("h", h.shape[1], h.dtype)
@@ -379,15 +415,14 @@ class DecodeEngine:
                           acc_out=acc, x_acc=x_acc, x_out=h)
             else:
                 K.gemv_ex(h, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, norm_w=L.ln1, eps=w.eps, acc_out=acc)
-            return K.rope_cache(acc, self.pos, self.cos, self.sin, self.kc[li], self.vc[li], w.n_heads,
-                                w.n_kv_heads, acc=True, clear=clear), h
+            return self._attend(li, acc, acc=True, clear=clear), h
         if fused:   # (dense: a norm kernel before the product)
             qkv = self._lin(lin, h, norm=(L.ln1, w.eps))
         else:
             xn = K.rmsnorm(h, L.ln1, w.eps)
             qkv = [self._lin(q, xn) for q in L.qkv]
             qkv = qkv[0] if len(qkv) == 1 else torch.cat(qkv, 1)
-        return K.rope_cache(qkv, self.pos, self.cos, self.sin, self.kc[li], self.vc[li], w.n_heads, w.n_kv_heads), h
+        return self._attend(li, qkv.contiguous()), h
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, last_only: bool = True) -> torch.Tensor:
@@ -397,8 +432,7 @@ class DecodeEngine:
         fuse = self.fuse_norm
         y_acc = None   # the previous FFN's product, handed on to this layer's q/k/v kernel
         for li, L in enumerate(w.layers):
-            q, h = self._q_and_cache(li, L, h, x_acc=y_acc)
-            att = K.decode_attention(q, self.kc[li], self.vc[li], self.pos, w.n_heads, w.scaling)
+            att, h = self._attention(li, L, h, x_acc=y_acc)
             y_acc = None
             if fuse and self._hand_o_to_ffn(L, h):
                 # one token: the o product's fp32 sum goes to the FFN kernel, which adds the residual itself, and

@@ -62,7 +62,7 @@ SHAPES = [  # (n, m, stripe): whole stripes, a partial last stripe, one stripe, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B", [1, 3, 8])
+@pytest.mark.parametrize("B", [1, 3, 8, 35])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_gemv_matches_reference(ext, dtype, B, shape):
     n, m, s = shape
@@ -114,7 +114,7 @@ def test_gemv_reads_count(ext):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B", [1, 2, 3, 6])
+@pytest.mark.parametrize("B", [1, 2, 3, 6, 19])
 def test_scalar_twin_equals_simd(ext, dtype, B):
     isas = C.supported_isas()
     assert "scalar" in isas
@@ -123,6 +123,32 @@ def test_scalar_twin_equals_simd(ext, dtype, B):
         outs = {i: C.gemv(x, wt, mean, thr, bias, s, isa=i) for i in isas}
         for i in isas:   # same FMA sequence per output: bitwise equal
             assert torch.equal(outs[i], outs["scalar"]), (i, n, m, s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_rows_equal_one_token_calls(ext, dtype):
+    """A batch (here 37 tokens: vector blocks of 16 and a tail) walks the union of its tokens' active inputs, with
+    zero values where a token's pair is off, which adds nothing: each row is bitwise the token's own B = 1 call, in
+    every ISA; likewise the fused FFN's rows. Per-stripe means included."""
+    B = 37
+    for (n, m, s, mean2d) in [(576, 960, 192, False), (100, 77, 20, True)]:
+        x, wt, mean, thr, bias = _inputs(B, n, m, s, dtype, seed=n, mean2d=mean2d)
+        for isa in C.supported_isas():
+            got = ext.gemv(x, wt, mean, thr, bias, s, C.isa_id(isa), 0)[0]
+            for b in range(B):
+                one = ext.gemv(x[b:b + 1], wt, mean, thr, bias, s, C.isa_id(isa), 0)[0]
+                assert torch.equal(got[b:b + 1], one), (isa, n, b)
+    d, F_, s = 96, 160, 32
+    x, gwt, gmean, gthr, gbias = _inputs(B, d, F_, s, dtype, seed=3)
+    g = torch.Generator().manual_seed(4)
+    up = (torch.randn(F_, d, generator=g) / d ** 0.5).to(dtype)
+    down = (torch.randn(F_, d, generator=g) / F_ ** 0.5).to(dtype)
+    uthr = torch.rand(F_, generator=g) * 0.2
+    for isa in C.supported_isas():
+        got = ext.ffn(x, gwt, gmean, gthr, gbias, s, up, down, uthr, "silu", C.isa_id(isa), 0)[0]
+        for b in (0, 16, 36):
+            one = ext.ffn(x[b:b + 1], gwt, gmean, gthr, gbias, s, up, down, uthr, "silu", C.isa_id(isa), 0)[0]
+            assert torch.equal(got[b:b + 1], one), (isa, b)
 
 
 @pytest.mark.parametrize("B", [1, 3])

@@ -79,3 +79,24 @@ def test_masked_gemm_split_is_more_exact_gpu():
     e_once = _rel(P.masked_gemm(x, wt, mean, thr, bias, 512, out_dtype=torch.float32, exact=False), gold)
     e_ref = _rel(ref.gemv_reference(x.float(), wt.float(), mean, thr, bias, 512), gold)
     assert e_exact <= 3 * e_ref + 1e-6 and e_once > 2 * e_exact, (e_exact, e_once, e_ref)
+
+
+def test_operand_split_on_the_cpu(monkeypatch):
+    """The CUDA path's operand handling, forced on the CPU (its GEMMs then run in fp32 on the rounded operands):
+    hi + lo rows stacked and summed give the fp32 product to ~16 bits of the inputs; rounding once does not."""
+    x, wt, mean, thr, bias = _inputs(24, 256, 300, 64, torch.bfloat16, seed=13)
+    full = P.masked_gemm(x, wt, mean, thr, bias, 64, out_dtype=torch.float32)
+    monkeypatch.setattr(P, "_low_precision", lambda t: True)
+    split = P.masked_gemm(x, wt, mean, thr, bias, 64, out_dtype=torch.float32)
+    once = P.masked_gemm(x, wt, mean, thr, bias, 64, out_dtype=torch.float32, exact=False)
+    e_split, e_once = _rel(split, full), _rel(once, full)
+    assert e_split < 2e-5 and e_once > 20 * e_split, (e_split, e_once)
+    g = _gen(14)
+    up = (torch.randn(300, 256, generator=g) / 16).to(DEV, torch.bfloat16)
+    down = (torch.randn(300, 256, generator=g) / 17).to(DEV, torch.bfloat16)
+    uthr = (torch.rand(300, generator=g) * 0.2).to(DEV)
+    args = (x, wt, mean, thr, bias, 64, up, down, uthr, "silu")
+    monkeypatch.setattr(P, "_low_precision", lambda t: False)
+    f_full = P.ffn_gemm(*args, out_dtype=torch.float32)
+    monkeypatch.setattr(P, "_low_precision", lambda t: True)
+    assert _rel(P.ffn_gemm(*args, out_dtype=torch.float32), f_full) < 1e-4

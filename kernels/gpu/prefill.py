@@ -39,11 +39,16 @@ def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a.float(), b.float())
 
 
+def _low_precision(t: torch.Tensor) -> bool:
+    """Whether products on t's device take bf16/fp16 operands (CUDA; the tests force it on the CPU)."""
+    return t.device.type == "cuda"
+
+
 def mm_f32(a: torch.Tensor, b: torch.Tensor, exact: bool = True, dtype: torch.dtype | None = None) -> torch.Tensor:
     """a (..., T, n) fp32 @ b (..., n, p) in b's dtype, fp32 result; a is rounded to `dtype` (default b's) as hi
     (+ lo when `exact`, stacked as extra rows so the weights are read once)."""
     dtype = dtype or b.dtype
-    if a.device.type != "cuda" or dtype == torch.float32:
+    if not _low_precision(a) or dtype == torch.float32:
         return torch.matmul(a.float(), b.float())
     hi = a.to(dtype)
     if not exact:

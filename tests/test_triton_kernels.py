@@ -393,13 +393,23 @@ def _hand_offs_cleared(eng) -> bool:
     return all(float(a.abs().sum()) == 0 for k, a in eng._acc.items() if k[0] != "h" and a.data_ptr() not in dirty)
 
 
-@pytest.mark.parametrize("layers", [1, 3])
-def test_engine_fused_attention_any_layer_count(layers):
+@pytest.mark.parametrize("layers,dense_qkv", [(1, ()), (3, ()), (4, (1,))], ids=["1", "3", "4-dense1"])
+def test_engine_fused_attention_any_layer_count(layers, dense_qkv):
     """The fused RoPE + attention launch with the summed q/k/v path: the buffers alternate by layer parity (a third
     for the last of an odd number of layers; one layer clears its own after the launch), so several decode steps
     give the model's greedy tokens and logits."""
     from cwic_exp.engine import DecodeEngine
     model = _calibrated_tiny(True, num_hidden_layers=layers).to(DEV)
+    for li in dense_qkv:   # a layer whose q/k/v stay dense, between summing layers that share a buffer parity
+        at = model.model.layers[li].self_attn
+        for name in ("q_proj", "k_proj", "v_proj"):
+            c = getattr(at, name)
+            lin = torch.nn.Linear(c.in_features, c.out_features, bias=c.bias is not None).to(DEV)
+            with torch.no_grad():
+                lin.weight.copy_(c.weight)
+                if c.bias is not None:
+                    lin.bias.copy_(c.bias)
+            setattr(at, name, lin)
     ids = torch.randint(0, 96, (9,), generator=_gen(8)).to(DEV)
     with torch.no_grad():
         want = model(ids[None]).logits[0].float()
@@ -412,7 +422,8 @@ def test_engine_fused_attention_any_layer_count(layers):
         assert _rel(eng.forward(eng.tok).float(), want[i:i + 1]) < 1e-5, i
         assert _hand_offs_cleared(eng)
     keys = sorted(k[0] for k in eng._acc if k[0].startswith("qkv"))
-    assert keys == {1: ["qkv0"], 3: ["qkv0", "qkv1", "qkv2"]}[layers]
+    assert keys == {1: ["qkv0"], 3: ["qkv0", "qkv1", "qkv2"], 4: ["qkv0", "qkv1"]}[layers]
+    assert [L.qkv[0].kind for L in eng.w.layers] == ["dense" if i in dense_qkv else "cwic" for i in range(layers)]
     gen = eng.generate(ids[:4], 4)
     hf = model.generate(ids[:4][None], max_new_tokens=4, min_new_tokens=4, do_sample=False)[0]
     assert gen.tolist() == hf.tolist()

@@ -266,6 +266,8 @@ class DecodeEngine:
             raise ValueError(f"gemm_from: a number of tokens >= 0 (0: never), got {gemm_from}")
         self.gemm_from = int(gemm_from)
         self._acc: dict = {}
+        # whether any layer may sum its q/k/v into a hand-off buffer (one fused CWIC q/k/v matrix)
+        self._cwic_qkv = any(len(L.qkv) == 1 and L.qkv[0].kind == "cwic" for L in self.w.layers)
         self.graph = None
 
     def refresh(self) -> None:
@@ -367,8 +369,10 @@ class DecodeEngine:
         w, K = self.w, self.K
         if self.fuse_attn and qkv.shape[0] == 1:
             clears = [clear] if clear is not None else []
-            nxt = self._qkv_buf(li + 1, qkv.shape[1]) if acc else None
-            if nxt is not None and nxt is not qkv:   # the next layer's q/k/v sum: its last reader has finished
+            # the next layer's q/k/v sum (its last reader has finished), whether or not this layer sums its own: a
+            # dense layer between two summing ones must clear the buffer they share
+            nxt = self._qkv_buf(li + 1, qkv.shape[1]) if self._cwic_qkv else None
+            if nxt is not None and nxt is not qkv:
                 clears.append(nxt)
             att = K.rope_attention(qkv, self.pos, self.cos, self.sin, self.kc[li], self.vc[li], w.n_heads,
                                    w.n_kv_heads, w.scaling, acc=acc, clear=clears)

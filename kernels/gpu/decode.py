@@ -205,9 +205,9 @@ def _rope_attn_kernel(QKV, KC, VC, O, POS, COS, SIN, sm_scale, stride_c, HQ, HKV
     h = tl.program_id(0)
     kvh = h // GROUP
     if BLOCK_CLR > 0:   # zero CLR1[:N1] and CLR2[:N2], a slice a program (buffers whose readers have finished)
-        offs = h * BLOCK_CLR + tl.arange(0, BLOCK_CLR)
-        tl.store(CLR1 + offs, tl.zeros((BLOCK_CLR,), dtype=tl.float32), mask=offs < N1)
-        tl.store(CLR2 + offs, tl.zeros((BLOCK_CLR,), dtype=tl.float32), mask=offs < N2)
+        co = h * BLOCK_CLR + tl.arange(0, BLOCK_CLR)   # (not `offs`: a name alive before the loop below would
+        tl.store(CLR1 + co, tl.zeros((BLOCK_CLR,), dtype=tl.float32), mask=co < N1)   # be carried through it)
+        tl.store(CLR2 + co, tl.zeros((BLOCK_CLR,), dtype=tl.float32), mask=co < N2)
     pos = tl.load(POS)
     d = tl.arange(0, HALF)
     qs = QKV + h * (2 * HALF)

@@ -34,7 +34,7 @@ def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         fn = torch.bmm if a.dim() == 3 else torch.mm
         try:
             return fn(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):   # no out_dtype overload in this torch: products in fp32
+        except (TypeError, NotImplementedError):   # no out_dtype overload in this torch: products in fp32
             pass
     return torch.matmul(a.float(), b.float())
 

@@ -26,10 +26,12 @@ Positions live in a device tensor, and a decode step (embedding → logits → a
 synchronisation, so it is captured once and replayed. On the CPU the engine runs the same code with the
 PyTorch twins of the kernels (`triton=True` runs the Triton kernels there under TRITON_INTERPRET=1).
 
-Prefill runs eagerly over all prompt tokens: up to `gemm_from - 1` tokens (default 16) with the same kernels
+Prefill runs eagerly over all prompt tokens: up to `gemm_from - 1` tokens (default 511) with the same kernels
 (the small-batch GEMV path, which skips what every token of a 16-token tile skips), from `gemm_from` tokens on
 (CWIC_PREFILL_GEMM=T; 0: never) with per-stripe GEMMs on masked, centred inputs (`cwic_kernels.gpu.prefill`:
-cuBLAS, the weights read once, the same product up to fp32 rounding), as a dense model's prefill would.
+cuBLAS, the weights read once, the same product up to fp32 rounding). On the H200 (1B-shaped, 3x APR,
+experiments/bench/gpu_prefill.py) the GEMM path was slower than the kernels up to 256 tokens (about 15 torch ops
+a matrix, eager) and slightly faster at 512 (31 vs 33 ms); both stay behind dense prefill (7.5 ms), launch-bound.
 """
 from __future__ import annotations
 
@@ -255,13 +257,15 @@ class DecodeEngine:
         # FFN sums once their readers have finished
         self.acc_ffn = os.environ.get("CWIC_ACC_FFN", "1") != "0"
         # one token, dense and CWIC alike: RoPE, the cache writes and the attention in one launch
-        # (`decode.rope_attention`; CWIC_FUSE_ATTN=0: rope_cache, then decode_attention, for A/B runs). With acc_qkv the
+        # (`decode.rope_attention`; CWIC_FUSE_ATTN=1; else rope_cache, then decode_attention). With acc_qkv the
         # q/k/v sums alternate between two buffers by layer parity, and each layer's launch clears the other one
         # (read by the previous layer's launch, finished by then) along with the o and FFN hand-off sums
-        self.fuse_attn = os.environ.get("CWIC_FUSE_ATTN", "1") != "0"
+        # Off by default: on the H200 (1B-shaped, 3x APR, two alternations) it made the dense engine 1.5 % faster
+        # (991.6 -> 1006.5 tok/s) and the CWIC engine 2.3 % slower (1755.9 -> 1713.9), 1.77x -> 1.70x
+        self.fuse_attn = os.environ.get("CWIC_FUSE_ATTN", "0") == "1"
         # from this many tokens on, CWIC products run as per-stripe GEMMs (`cwic_kernels.gpu.prefill`); 0: never
         if gemm_from is None:
-            gemm_from = int(os.environ.get("CWIC_PREFILL_GEMM", "17"))
+            gemm_from = int(os.environ.get("CWIC_PREFILL_GEMM", "512"))
         if gemm_from < 0:
             raise ValueError(f"gemm_from: a number of tokens >= 0 (0: never), got {gemm_from}")
         self.gemm_from = int(gemm_from)
@@ -295,8 +299,8 @@ class DecodeEngine:
         return gemv(x, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, residual=residual, norm_w=nw, eps=eps)
 
     def _gemm(self, x: torch.Tensor) -> bool:
-        """Whether CWIC products of these tokens run as GEMMs (`gemm_from`)."""
-        return 0 < self.gemm_from <= x.shape[0]
+        """Whether CWIC products of these tokens run as GEMMs (`gemm_from`; never one token: the decode step)."""
+        return 0 < self.gemm_from <= x.shape[0] and x.shape[0] > 1
 
     def _acc_buf(self, key: str, m: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A static (1, m) buffer: fp32 for `gemv_ex(acc_out=...)`, zeroed once, which its consumer (or, for the o
@@ -470,11 +474,13 @@ class DecodeEngine:
 
     # ------------------------------------------------------------------ generation
     def capture(self, warmup: int = 2):
-        """Compile every kernel and capture one decode step (the cache contents are scratch here)."""
+        """Compile every kernel and capture one decode step. The warm-up steps run at position 0: the cache row they
+        write and the token slot are restored afterwards, so a prefill before the first decode() stays valid."""
         if not self.use_graph or self.graph is not None:
             return
         self._clear_acc()
         saved = (self.pos.clone(), self.tok.clone())
+        rows = (self.kc[:, 0].clone(), self.vc[:, 0].clone(), self.tokens[:2].clone())
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -489,6 +495,10 @@ class DecodeEngine:
         self.graph = g
         self.pos.copy_(saved[0])
         self.tok.copy_(saved[1])
+        self.kc[:, 0].copy_(rows[0])
+        self.vc[:, 0].copy_(rows[1])
+        self.tokens[:2].copy_(rows[2])
+        self._clear_acc()
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:

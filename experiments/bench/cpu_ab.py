@@ -109,7 +109,7 @@ def main(argv=None):
     res = {k: {p: [] for p in PARTS + ("total", "reads")} for k in decs}
     for r in range(args.rounds):
         for k, d in decs.items():
-            d.prefill(prompt)
+            d.prefill(prompt, chunk=64 if hasattr(d._dec, "prefill") else 1)   # (older builds: token by token)
             d._dec.reset_reads()
             t0 = time.perf_counter()
             for t in forced:

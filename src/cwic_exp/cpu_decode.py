@@ -292,8 +292,6 @@ class CpuDecoder:
             raise RuntimeError(f"prompt of {ids.numel()} tokens: KV cache holds {self.max_len} positions")
         self.reset()
         nxt = None
-        if not hasattr(self._dec, "prefill"):   # an older build of the extension (cpu_ab --old): token by token
-            chunk = 1
         for c0 in range(0, ids.numel(), chunk):
             part = ids[c0:c0 + chunk]
             nxt = self._dec.step(int(part[0]), self.pos) if part.numel() == 1 else self._dec.prefill(part, self.pos)

@@ -19,7 +19,11 @@ is kept), empty input is ignored, /reset starts over, /exit or Ctrl-D quits. A c
 the context is trimmed from its oldest turns, with a notice.
 
 Decoding backends plug in through `DecodeBackend` (see `register_backend`): the plain Hugging Face
-incremental decoder with a `DynamicCache` is the reference and the default.
+incremental decoder with a `DynamicCache` is the reference and the default; `--backend cpu` runs the C++
+sparse kernels (`cwic_exp.cpu_decode`), so the reply comes at the sparse model's real CPU speed and each
+figure is what the kernels read for that token:
+
+    python -m cwic_exp.chat --backend cpu --dtype bfloat16
 """
 from __future__ import annotations
 
@@ -106,7 +110,57 @@ class HFBackend:
         return out.logits[0, -1].float(), stats.per_token.float().cpu().tolist()
 
 
-BACKENDS: dict[str, Callable] = {"hf": HFBackend}
+class CpuBackend:
+    """The C++ CPU decoder (`cwic_exp.cpu_decode.CpuDecoder`, mode="cwic"): the sparse kernels skip the (stripe,
+    input) pairs and FFN units that are off, so the chat runs at the sparse model's real speed. A token's figure
+    is what the kernels read for it (their per-step counters: the same convention as `active_parameters`), so
+    prompt tokens go one decode step each (a batched prefill would count the union of its tokens).
+
+    Weights in the model's dtype: float32 (the figures equal the Hugging Face recount up to fp32 summation
+    order at a threshold) or bfloat16 (the fast path: `--dtype bfloat16`)."""
+
+    def __init__(self, model, device: str | torch.device = "cpu", max_len: int | None = None, nthreads: int = 0):
+        from . import is_cwic
+        from .cpu_decode import CpuDecoder, dense_counts
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"the cpu backend runs on the CPU, not {device!r}: use --device cpu "
+                             "(or --backend hf for another device)")
+        if not is_cwic(model):
+            raise ValueError("not a CWIC model: load a CWIC checkpoint (AutoModelForCausalLM after "
+                             "`import cwic_exp`), or convert with cwic_exp.to_cwic")
+        dtype = next(model.parameters()).dtype
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"the cpu backend keeps float32 or bfloat16 weights, not {dtype}: "
+                             "use --dtype float32 or --dtype bfloat16")
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        positions = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
+        self.max_context = min(positions, int(max_len or 4096))   # the KV cache is allocated up front
+        self.model = model
+        self.dec = CpuDecoder(model, mode="cwic", dtype=dtype, max_len=self.max_context, nthreads=nthreads)
+        self.dense = float(dense_counts(model)["total"])
+
+    def reset(self) -> None:
+        self.dec.reset()
+
+    def cached(self) -> int:
+        return self.dec.pos
+
+    def truncate(self, length: int) -> None:
+        # positions past `length` are overwritten by the next steps and never attended to before that
+        self.dec.pos = max(0, min(int(length), self.dec.pos))
+
+    def forward(self, ids: list[int]) -> tuple[torch.Tensor, list[float]]:
+        if self.dec.pos + len(ids) > self.max_context:
+            raise RuntimeError(f"KV cache full: {self.dec.pos} + {len(ids)} tokens, {self.max_context} positions")
+        aps = []
+        for t in ids:
+            before = self.dec.weights_read()
+            self.dec.step(int(t))
+            aps.append(float(self.dec.weights_read() - before))
+        return self.dec.logits().float(), aps
+
+
+BACKENDS: dict[str, Callable] = {"hf": HFBackend, "cpu": CpuBackend}
 
 
 def register_backend(name: str, factory: Callable) -> None:
@@ -254,7 +308,7 @@ class ChatSession:
 
     def calibrate(self) -> ComputeScale:
         """Fix the colour scale from one pass over a stock exchange (no effect on the conversation)."""
-        ids = self._render(CALIBRATION, False)
+        ids = self._render(CALIBRATION, False)[:self.max_context]   # within the backend's positions
         self.backend.reset()
         _, aps = self.backend.forward(ids)
         self.backend.reset()
@@ -541,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--backend", default="hf", help=f"decoder: {', '.join(BACKENDS)}")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch, and the cpu backend's kernels)")
     return p
 
 
@@ -556,8 +610,17 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     name = args.model or default_model()
     if args.backend not in BACKENDS:
         raise SystemExit(f"unknown backend {args.backend!r}; available: {sorted(BACKENDS)}")
+    if args.backend == "cpu" and torch.device(args.device).type != "cpu":
+        raise SystemExit(f"--backend cpu: the C++ kernels run on the CPU, not {args.device!r}: use --device cpu "
+                         "(or --backend hf on that device)")
     model, tok = load(name, args.device, args.dtype)
-    backend = BACKENDS[args.backend](model, args.device)
+    try:
+        if args.backend == "cpu":
+            backend = BACKENDS["cpu"](model, args.device, max_len=args.max_context, nthreads=args.threads or 0)
+        else:
+            backend = BACKENDS[args.backend](model, args.device)
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"--backend {args.backend}: {e}")
     chat = ChatSession(backend, tok, system=args.system, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                        max_context=args.max_context, ignore_eos=args.ignore_eos, notice=view.notice)

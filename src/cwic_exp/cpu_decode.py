@@ -333,6 +333,11 @@ class CpuDecoder:
         names = ("glue", "qkv", "attention", "o", "ffn", "head")
         return {k: v / max(n, 1) for k, v in zip(names, self._dec.profile())}
 
+    def weights_read(self) -> int:
+        """Weights the kernels have read since the last reset (counted matrices: q, k, v, o, FFN, head)."""
+        a, f, h, _ = self._dec.reads()
+        return int(a + f + h)
+
     def reads_per_token(self) -> dict:
         _, _, _, n = self._dec.reads()
         return self._reads(max(n, 1))[0]

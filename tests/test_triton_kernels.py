@@ -347,6 +347,63 @@ def test_rope_attention_matches_rope_cache_then_attention(dtype, acc, p):
         D.rope_attention(a32, pos, cos, sin, kc, vc, hq, hkv, 0.25, acc=True, clear=[a32[0, 8:]])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("p,m,stripe,split,block_m,mean2d,bias", [
+    (0, 80, 16, 2, 16, False, True),      # first position; the last block of the second program is past m
+    (5, 72, 32, 3, 16, True, True),       # a partial last stripe, per-stripe means
+    (130, 96, 96, 1, 32, False, False),   # two key blocks of 128, one stripe, no bias
+    (9, 64, 64, 4, 16, False, True),
+])
+def test_attn_o_matches_attention_then_gemv(dtype, p, m, stripe, split, block_m, mean2d, bias):
+    """One token's attention and the CWIC o product of its output in one launch = decode_attention, then
+    gemv_ex(acc_out=...): the product (+ bias) is added into acc_out; the masks come from the attention output
+    rounded to q's dtype, as the two-kernel path stores it."""
+    g = _gen(40 + p)
+    hq, hkv, hd, L = 6, 2, 16, 160
+    n = hq * hd
+    q = (torch.randn(1, n, generator=g)).to(DEV, dtype)
+    pos = torch.tensor([p], device=DEV)
+    kc = torch.randn(L, hkv, hd, generator=g).to(DEV, dtype)
+    vc = (torch.randn(L, hkv, hd, generator=g) * 3).to(DEV, dtype)
+    k = -(-m // stripe)
+    wt = (torch.randn(n, m, generator=g) / n ** 0.5).to(DEV, dtype)
+    mean = (torch.randn(k if mean2d else 1, n, generator=g) * 0.1).to(DEV)
+    mean = mean if mean2d else mean[0]
+    thr = (torch.rand(k, n, generator=g) * 0.8).to(DEV)
+    b = torch.randn(m, generator=g).to(DEV) if bias else None
+    start = torch.randn(1, m, generator=g).to(DEV)
+    cfg = D.attn_o_config(m, stripe, hd, split=split, block_m=block_m)
+    assert cfg is not None and cfg["split"] == split
+    got = D.attn_o(q, kc, vc, pos, hq, 0.25, wt, mean, thr, b, stripe, start.clone(), config=cfg)
+    want = fb.attn_o_ref(q, kc, vc, pos, hq, 0.25, wt, mean, thr, b, stripe, start.clone())
+    att = D.decode_attention_ref(q, kc, vc, pos, hq, 0.25)
+    assert got.dtype == torch.float32
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+    assert not torch.allclose(want, start)                  # the product was added
+    # every pair on (θ = 0) is the dense product of the attention output; every pair off leaves acc_out + bias
+    dense = D.attn_o(q, kc, vc, pos, hq, 0.25, wt, mean, torch.zeros_like(thr), None, stripe,
+                     torch.zeros(1, m, device=DEV), config=cfg)
+    xc = att.float() - (mean if not mean2d else mean[0])
+    if not mean2d:
+        torch.testing.assert_close(dense, xc @ wt.float(), **tol)
+    off = D.attn_o(q, kc, vc, pos, hq, 0.25, wt, mean, torch.full_like(thr, float("inf")), b, stripe,
+                   start.clone(), config=cfg)
+    torch.testing.assert_close(off, start + (b if b is not None else 0), rtol=1e-6, atol=1e-6)
+
+
+def test_attn_o_config_refuses_what_it_cannot_tile():
+    assert D.attn_o_config(2048, 512, 64) == dict(split=4, m_per=512, BLOCK_M=128, NBLK=4)
+    assert D.attn_o_config(2048, 2048, 64, split=3)["split"] == 3
+    assert D.attn_o_config(2048, 96, 64)["BLOCK_M"] == 32  # blocks inside one stripe
+    assert D.attn_o_config(2048, 512, 48) is None           # head dim not a power of two
+    assert D.attn_o_config(2048, 520, 64) is None           # a stripe not a multiple of 16
+    with pytest.raises(ValueError):
+        D.attn_o(torch.zeros(1, 8 * 48), torch.zeros(4, 2, 48), torch.zeros(4, 2, 48), torch.zeros(1, dtype=torch.long),
+                 8, 0.1, torch.zeros(8 * 48, 64), torch.zeros(8 * 48), torch.zeros(1, 8 * 48), None, 64,
+                 torch.zeros(1, 64))
+
+
 # ---------------------------------------------------------------- custom ops registration
 
 def test_custom_ops_dispatch():
@@ -465,8 +522,14 @@ def test_engine_matches_hf(cwic, use_triton):
         eng.pos.fill_(9)
     if use_triton:   # RMSNorm as a separate kernel, RoPE in the q/k/v kernel's epilogue, q/k/v with its own
         # epilogue: the same step
+        if cwic:   # the attention and the o product in one launch (attn_o; off by default) applies here
+            L0, h1 = eng.w.layers[0], torch.zeros(1, eng.w.layers[0].o.out_features, device=DEV)
+            assert not eng.attn_o and not eng._o_fusable(L0, h1)
+            eng.attn_o = True
+            assert eng._o_fusable(L0, h1)
+            eng.attn_o = False
         for flag, on in (("fuse_norm", False), ("fuse_rope", True), ("acc_qkv", False), ("acc_o", False),
-                         ("acc_ffn", False), ("fuse_attn", True)):
+                         ("acc_ffn", False), ("fuse_attn", True), ("attn_o", True)):
             old = getattr(eng, flag)
             setattr(eng, flag, on)
             assert _rel(eng.forward(eng.tok).float(), want[9:10]) < 1e-5, flag
@@ -831,6 +894,25 @@ def test_ffn_y_acc_hands_the_product_on(norm, dtype):
         FF.ffn_gate_updown(x, *args, residual=None, norm_w=nw, y_acc=ya)
     with pytest.raises(ValueError):   # program 0 would write over the input the others read
         FF.ffn_gate_updown(x, *args, residual=x, norm_w=nw, x_acc=part.clone(), y_acc=ya, out=x)
+
+
+def test_engine_attn_o_steps_match_hf():
+    """attn_o on: several one-token steps (each layer's attention and o product in one launch, the o sum handed to
+    the FFN) give the model's logits, and every hand-off buffer is zero after each step."""
+    from cwic_exp.engine import DecodeEngine
+    model = _calibrated_tiny(True).to(DEV)
+    ids = torch.randint(0, 96, (10,), generator=_gen(6)).to(DEV)
+    with torch.no_grad():
+        want = model(ids[None]).logits[0].float()
+    eng = DecodeEngine(model, max_len=32, triton=True)
+    eng.attn_o = True
+    assert all(eng._o_fusable(L, ids[:1, None].float()) for L in eng.w.layers)
+    eng.prefill(ids[:7])
+    for i in range(7, 10):
+        eng.tok.fill_(int(ids[i]))
+        eng.pos.fill_(i)
+        assert _rel(eng.forward(eng.tok).float(), want[i:i + 1]) < 1e-5, i
+        assert _hand_offs_cleared(eng)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)

@@ -68,13 +68,15 @@ def backend(device: torch.device | str, triton: bool | None = None) -> SimpleNam
                                ffn_one_launch=G.ffn_one_launch,
                                rmsnorm=D.rmsnorm, rope_cache=D.rope_cache, rope_attention=D.rope_attention,
                                decode_attention=D.decode_attention, act_mul=D.act_mul,
-                               argmax=D.argmax, supports_stripe=G.supports_stripe)
+                               argmax=D.argmax, supports_stripe=G.supports_stripe,
+                               attn_o=D.attn_o, attn_o_config=D.attn_o_config)
+    from . import decode as D
     from . import fallback as R
     from .gemv import supports_stripe
     return SimpleNamespace(name="torch", gemv_ex=R.gemv_ex_ref, qkv_rope=R.gemv_qkv_rope_ref, ffn_up=R.ffn_up_ref,
                            ffn=R.ffn_ref,
                            rmsnorm=R.rmsnorm_ref, rope_cache=R.rope_cache_ref, rope_attention=R.rope_attention_ref,
                            decode_attention=R.decode_attention_ref, act_mul=R.act_mul_ref,
-                           argmax=R.argmax_ref,
+                           argmax=R.argmax_ref, attn_o=R.attn_o_ref, attn_o_config=D.attn_o_config,
                            supports_stripe=lambda stripe, m: True,
                            ffn_one_launch=lambda d, F, stripe: False)   # the twin forms an x_acc input first

@@ -6,6 +6,8 @@ captured once in a CUDA graph and replayed at every position.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -187,6 +189,108 @@ def decode_attention_ref(q, kc, vc, pos, hq, sm_scale, block_t=None):
     sc = sc.masked_fill(~allowed[:, None, :], float("-inf"))
     o = torch.einsum("thl,lhd->thd", sc.softmax(-1), v)
     return o.reshape(T, hq * hd).to(q.dtype)
+
+
+# ---------------------------------------------------- one token: attention + the CWIC o product, one launch
+
+
+@triton.jit
+def _attn_o_kernel(Q, KC, VC, POS, sm_scale, stride_c, WT, MEAN, THR, BIAS, Y, N, M, STRIPE, stride_mk, M_PER,
+                   GROUP: tl.constexpr, HD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+                   NBLK: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """Program (h, j): head h's attention output for one token (as `_attn_kernel`, rounded to q's dtype as that
+    kernel stores it), then its share of the CWIC o product: the head's HD inputs h·HD + d against output columns
+    [j·M_PER, (j+1)·M_PER), in NBLK blocks of BLOCK_M (each inside one stripe), masks from the rounded values, the
+    mean and the stripe's thresholds as `gemv._mask_x`; the fp32 partials (+ the folded bias, head 0) are added
+    into Y with atomics, as `gemv_ex(acc_out=...)` does. The attention output never goes to memory."""
+    h = tl.program_id(0)
+    j = tl.program_id(1)
+    kvh = h // GROUP
+    d = tl.arange(0, HD)
+    rows = h * HD + d
+    c_lo = j * M_PER
+    # the first block's constant operands (mean, thresholds) load before the PDL wait
+    r0 = c_lo // STRIPE
+    mu = tl.load(MEAN + r0 * stride_mk + rows, eviction_policy="evict_last")
+    t = tl.load(THR + r0 * N + rows, eviction_policy="evict_last")
+    _pdl_enter(USE_PDL)
+    last = tl.load(POS)
+    q = tl.load(Q + h * HD + d).to(tl.float32) * sm_scale
+    m_i = tl.max(tl.full((BLOCK_T,), float("-inf"), tl.float32), axis=0)
+    l_i = tl.sum(tl.zeros((BLOCK_T,), tl.float32), axis=0)
+    acc = tl.zeros((HD,), tl.float32)
+    for s0 in range(0, last + 1, BLOCK_T):
+        offs = s0 + tl.arange(0, BLOCK_T)
+        valid = offs <= last
+        kv_off = offs.to(tl.int64)[:, None] * stride_c + kvh * HD + d[None, :]
+        k = tl.load(KC + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
+        v = tl.load(VC + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
+        sc = tl.sum(k * q[None, :], axis=1)
+        sc = tl.where(valid, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+        p = tl.exp(sc - m_new)
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m_i = m_new
+    x = (acc / l_i).to(Q.dtype.element_ty).to(tl.float32)
+    for b in tl.static_range(NBLK):
+        c0 = c_lo + b * BLOCK_M
+        cols = c0 + tl.arange(0, BLOCK_M)
+        cmask = cols < M
+        if b > 0:
+            r = c0 // STRIPE
+            mu = tl.load(MEAN + r * stride_mk + rows, eviction_policy="evict_last")
+            t = tl.load(THR + r * N + rows, eviction_policy="evict_last")
+        xc = x - mu
+        on = tl.abs(xc) >= t
+        xc = tl.where(on, xc, 0.0)
+        w = tl.load(WT + rows.to(tl.int64)[:, None] * M + cols[None, :], mask=on[:, None] & cmask[None, :],
+                    other=0.0, eviction_policy="evict_first")
+        part = tl.sum(xc[:, None] * w.to(tl.float32), axis=0)
+        if HAS_BIAS:
+            part += tl.where(h == 0, tl.load(BIAS + cols, mask=cmask, other=0.0), 0.0)
+        tl.atomic_add(Y + cols, part, mask=cmask, sem="relaxed", scope="gpu")
+
+
+def attn_o_config(m: int, stripe: int, hd: int, split: int | None = None, block_m: int | None = None) -> dict | None:
+    """Tiles of `attn_o` for an o product of m outputs in stripes of `stripe`: `split` programs a head over the
+    outputs ($CWIC_ATTN_O_SPLIT, default 4), blocks of `block_m` outputs ($CWIC_ATTN_O_BLOCK, default 128; less
+    where the stripe needs it: each block lies inside one stripe). None where the shape does not fit (a head
+    dimension that is not a power of two, a stripe not a multiple of 16): the engine then keeps attention +
+    gemv_ex."""
+    split = int(split or os.environ.get("CWIC_ATTN_O_SPLIT", "4"))
+    block_m = int(block_m or os.environ.get("CWIC_ATTN_O_BLOCK", "128"))
+    block_m = min(block_m, triton.next_power_of_2(m))
+    if stripe < m:   # blocks inside one stripe: the largest power of two dividing it, at most block_m
+        block_m = min(block_m, stripe & -stripe)
+    if split < 1 or hd & (hd - 1) or block_m < 16:
+        return None
+    m_per = triton.cdiv(triton.cdiv(m, split), block_m) * block_m
+    return dict(split=triton.cdiv(m, m_per), m_per=m_per, BLOCK_M=block_m, NBLK=m_per // block_m)
+
+
+def attn_o(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor, hq: int, sm_scale: float,
+           wt: torch.Tensor, mean: torch.Tensor, thr: torch.Tensor, bias: torch.Tensor | None, stripe: int,
+           acc_out: torch.Tensor, block_t: int = 128, config: dict | None = None) -> torch.Tensor:
+    """One token: attention (`decode_attention`) and the CWIC o product of its output (`gemv_ex(att, wt, mean, thr,
+    bias, stripe, acc_out=acc_out)`) in one launch; the fp32 product (+ bias) is added into acc_out (1, m), which is
+    returned. q (1, hq·hd) after RoPE; wt (hq·hd, m) input-major; mean (n,) or per stripe (k, n) fp32; thr (k, n)."""
+    T = q.shape[0]
+    hkv, hd = kc.shape[1], kc.shape[2]
+    n, m = wt.shape
+    assert T == 1 and n == hq * hd and q.is_contiguous() and wt.is_contiguous()
+    assert acc_out.shape == (1, m) and acc_out.dtype == torch.float32 and acc_out.is_contiguous()
+    cfg = config or attn_o_config(m, stripe, hd)
+    if cfg is None:
+        raise ValueError(f"attn_o: no tiles for m={m}, stripe={stripe}, head_dim={hd} (see attn_o_config)")
+    stride_mk = mean.stride(0) if mean.dim() == 2 else 0
+    _attn_o_kernel[(hq, cfg["split"])](q, kc, vc, pos, sm_scale, kc.stride(0), wt, mean, thr,
+                                      bias if bias is not None else acc_out, acc_out, n, m, stripe, stride_mk,
+                                      cfg["m_per"], GROUP=hq // hkv, HD=hd, BLOCK_T=block_t,
+                                      BLOCK_M=cfg["BLOCK_M"], NBLK=cfg["NBLK"], HAS_BIAS=bias is not None,
+                                      num_warps=4, **pdl_args(q.device))
+    return acc_out
 
 
 # ---------------------------------------------------- one token: RoPE + cache write + attention, one launch

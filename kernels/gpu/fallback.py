@@ -11,7 +11,7 @@ from ..reference import ACTIVATIONS, gemv_reference
 from .decode import act_mul_ref, argmax_ref, decode_attention_ref, rmsnorm_ref, rope_attention_ref, rope_cache_ref
 from .gemv import MASK_NONE, MASK_NONZERO, MASK_THRESHOLD
 
-__all__ = ["gemv_ex_ref", "gemv_qkv_rope_ref", "ffn_up_ref", "ffn_ref", "rmsnorm_ref", "rope_cache_ref",
+__all__ = ["attn_o_ref", "gemv_ex_ref", "gemv_qkv_rope_ref", "ffn_up_ref", "ffn_ref", "rmsnorm_ref", "rope_cache_ref",
            "rope_attention_ref", "decode_attention_ref", "act_mul_ref", "argmax_ref"]
 
 
@@ -94,3 +94,9 @@ def gemv_qkv_rope_ref(x, wt, mean, thr, bias, stripe, pos, cos, sin, kc, vc, hq,
     """`gemv.gemv_qkv_rope`: the fused q/k/v product, then RoPE and the cache writes."""
     y = gemv_ex_ref(x, wt, mean, thr, bias, stripe, norm_w=norm_w, eps=eps)
     return rope_cache_ref(y, pos, cos, sin, kc, vc, hq, hkv)
+
+
+def attn_o_ref(q, kc, vc, pos, hq, sm_scale, wt, mean, thr, bias, stripe, acc_out, block_t=None, config=None):
+    """`decode.attn_o`: the attention output (rounded to q's dtype), then its CWIC o product added into acc_out."""
+    att = decode_attention_ref(q, kc, vc, pos, hq, sm_scale)
+    return gemv_ex_ref(att, wt, mean, thr, bias, stripe, acc_out=acc_out)

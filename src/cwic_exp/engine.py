@@ -263,6 +263,12 @@ class DecodeEngine:
         # Off by default: on the H200 (1B-shaped, 3x APR, two alternations) it made the dense engine 1.5 % faster
         # (991.6 -> 1006.5 tok/s) and the CWIC engine 2.3 % slower (1755.9 -> 1713.9), 1.77x -> 1.70x
         self.fuse_attn = os.environ.get("CWIC_FUSE_ATTN", "0") == "1"
+        # one token, where the o product hands its sum to the FFN (acc_o): the attention and the CWIC o product of
+        # its output in one launch (`decode.attn_o`: each head's programs multiply its own output into the o sum;
+        # the attention output never goes to memory). CWIC_ATTN_O=1 turns it on. Off by default: on the H200
+        # (1B-shaped, 3x APR) it made the CWIC engine slower at every split tried, 1.816x -> 1.48-1.51x (4 programs
+        # a head), 1.69x (8), 0.97x (1) (experiments/results/gpu_h200/attn_o_2026-12-03)
+        self.attn_o = os.environ.get("CWIC_ATTN_O", "0") == "1"
         # from this many tokens on, CWIC products run as per-stripe GEMMs (`cwic_kernels.gpu.prefill`); 0: never
         if gemm_from is None:
             gemm_from = int(os.environ.get("CWIC_PREFILL_GEMM", "512"))
@@ -366,10 +372,13 @@ class DecodeEngine:
         return self.acc_ffn and nxt is not None and self._hand_o_to_ffn(L, h) and self.fuse_norm \
             and self.acc_qkv and not self.fuse_rope and len(nxt.qkv) == 1 and self._one_token_cwic(nxt.qkv[0], h)
 
-    def _attend(self, li: int, qkv: torch.Tensor, acc: bool = False, clear: torch.Tensor | None = None):
+    def _attend(self, li: int, qkv: torch.Tensor, acc: bool = False, clear: torch.Tensor | None = None,
+                o_acc: tuple | None = None):
         """Layer li's attention output for its q/k/v (T, (hq + 2 hkv)·hd), RoPE and the cache writes included:
         one launch for one token (`fuse_attn`), else rope_cache then decode_attention. acc: qkv is the fp32 sum of
-        a summed q/k/v kernel; clear: the o and FFN hand-off sums to zero (their readers have finished)."""
+        a summed q/k/v kernel; clear: the o and FFN hand-off sums to zero (their readers have finished).
+        o_acc = (o, buffer) (`_o_fusable`): the attention and the o product in one launch (`attn_o`), whose sum goes
+        into the buffer; returns None."""
         w, K = self.w, self.K
         if self.fuse_attn and qkv.shape[0] == 1:
             clears = [clear] if clear is not None else []
@@ -385,7 +394,24 @@ class DecodeEngine:
             return att
         q = K.rope_cache(qkv, self.pos, self.cos, self.sin, self.kc[li], self.vc[li], w.n_heads, w.n_kv_heads,
                          acc=acc, clear=clear)
+        return self._attn_out(li, q, o_acc)
+
+    def _attn_out(self, li: int, q: torch.Tensor, o_acc: tuple | None):
+        """decode_attention of the rotated q, or with o_acc = (o, buffer) `attn_o` (returns None)."""
+        w, K = self.w, self.K
+        if o_acc is not None:
+            o, buf = o_acc
+            K.attn_o(q, self.kc[li], self.vc[li], self.pos, w.n_heads, w.scaling, o.wt, o.mean, o.thr, o.bias,
+                     o.stripe, acc_out=buf)
+            return None
         return K.decode_attention(q, self.kc[li], self.vc[li], self.pos, w.n_heads, w.scaling)
+
+    def _o_fusable(self, L: Layer, h: torch.Tensor) -> bool:
+        """Whether layer L's attention and o product run in one launch (`attn_o`): o hands its sum to the FFN
+        (`_hand_o_to_ffn`), no fused RoPE + attention launch, and `attn_o_config` tiles the o shape."""
+        o = L.o
+        return self.attn_o and not self.fuse_attn and self._hand_o_to_ffn(L, h) and \
+            self.K.attn_o_config(o.out_features, o.stripe, self.w.head_dim) is not None
 
     def _qkv_buf(self, li: int, m: int) -> torch.Tensor:
         """The fp32 buffer layer li (modulo the layers: li = L is the next step's layer 0) adds its q/k/v sum into:
@@ -398,10 +424,13 @@ class DecodeEngine:
         li %= n
         return self._acc_buf(f"qkv{2 if n % 2 and li == n - 1 and n > 1 else li % 2}", m)
 
-    def _attention(self, li: int, L: Layer, h: torch.Tensor, x_acc: torch.Tensor | None = None):
+    def _attention(self, li: int, L: Layer, h: torch.Tensor, x_acc: torch.Tensor | None = None,
+                   o_acc: tuple | None = None):
         """Layer li's attention output for the residual stream h (T, d), its rotated keys and values written to
         the cache, and h. x_acc (`_hand_ffn_to_qkv`): the residual stream is h + x_acc (the previous FFN's
-        product), formed and written to a static buffer by the q/k/v kernel, and returned."""
+        product), formed and written to a static buffer by the q/k/v kernel, and returned. o_acc = (o, buffer)
+        (`_o_fusable`): the o product of the attention output is added into the buffer in the attention's launch,
+        and None is returned in its place."""
         w, K = self.w, self.K
         lin = L.qkv[0]
         fused = self.fuse_norm and len(L.qkv) == 1      # one q/k/v matrix: RMSNorm inside the CWIC kernels
@@ -412,7 +441,7 @@ class DecodeEngine:
             # one token: norm, q/k/v product, RoPE and the cache writes in one CWIC launch
             q = K.qkv_rope(h, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, self.pos, self.cos, self.sin,
                            self.kc[li], self.vc[li], w.n_heads, w.n_kv_heads, norm_w=L.ln1, eps=w.eps)
-            return K.decode_attention(q, self.kc[li], self.vc[li], self.pos, w.n_heads, w.scaling), h
+            return self._attn_out(li, q, o_acc), h
         if one_cwic and self.acc_qkv:
             acc = self._qkv_buf(li, lin.out_features)
             clear = None
@@ -423,14 +452,14 @@ class DecodeEngine:
                           acc_out=acc, x_acc=x_acc, x_out=h)
             else:
                 K.gemv_ex(h, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, norm_w=L.ln1, eps=w.eps, acc_out=acc)
-            return self._attend(li, acc, acc=True, clear=clear), h
+            return self._attend(li, acc, acc=True, clear=clear, o_acc=o_acc), h
         if fused:   # (dense: a norm kernel before the product)
             qkv = self._lin(lin, h, norm=(L.ln1, w.eps))
         else:
             xn = K.rmsnorm(h, L.ln1, w.eps)
             qkv = [self._lin(q, xn) for q in L.qkv]
             qkv = qkv[0] if len(qkv) == 1 else torch.cat(qkv, 1)
-        return self._attend(li, qkv.contiguous()), h
+        return self._attend(li, qkv.contiguous(), o_acc=o_acc), h
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, last_only: bool = True) -> torch.Tensor:
@@ -440,15 +469,20 @@ class DecodeEngine:
         fuse = self.fuse_norm
         y_acc = None   # the previous FFN's product, handed on to this layer's q/k/v kernel
         for li, L in enumerate(w.layers):
-            att, h = self._attention(li, L, h, x_acc=y_acc)
+            hand_o = fuse and self._hand_o_to_ffn(L, h)
+            o_acc = None
+            if hand_o and self._o_fusable(L, h):   # the o product inside the attention's launch
+                o_acc = (L.o, self._hand_buf(L.o.out_features)[:, :L.o.out_features])
+            att, h = self._attention(li, L, h, x_acc=y_acc, o_acc=o_acc)
             y_acc = None
-            if fuse and self._hand_o_to_ffn(L, h):
+            if hand_o:
                 # one token: the o product's fp32 sum goes to the FFN kernel, which adds the residual itself, and
                 # (acc_ffn) the FFN's product to the next layer's q/k/v kernel
                 o = L.o
                 hand = self._hand_buf(o.out_features)
                 acc = hand[:, :o.out_features]
-                K.gemv_ex(att, o.wt, o.mean, o.thr, o.bias, o.stripe, acc_out=acc)
+                if o_acc is None:
+                    K.gemv_ex(att, o.wt, o.mean, o.thr, o.bias, o.stripe, acc_out=acc)
                 nxt = w.layers[li + 1] if li + 1 < len(w.layers) else None
                 if self._hand_ffn_to_qkv(L, nxt, h):
                     y_acc = hand[:, o.out_features:]

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ["experiments/bench/gpu_tune_decode.py", "--help"],
     ["experiments/bench/gpu_profile_step.py", "--help"],
     ["experiments/bench/gpu_prefill.py", "--help"],
+    ["experiments/bench/gpu_ffn_balance.py", "--help"],
 ])
 def test_bench_help_parses(argv):
     r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -41,3 +42,17 @@ def test_gpu_prefill_dry_run():
             assert row[f"{k}_ms"] > 0
         # the CPU computes both CWIC paths in fp32: the same logits up to summation order
         assert abs(row["gemm_err"] - row["kernels_err"]) <= 0.05 * row["kernels_err"] + 1e-4, row
+
+
+def test_gpu_ffn_balance_dry_run():
+    """The balance benchmark on tiny shapes on the CPU: the even spread puts round(p·BLOCK_U) active units (or one
+    more) in every program, the random one the same total; every case timed."""
+    import json
+    r = subprocess.run([sys.executable, "experiments/bench/gpu_ffn_balance.py", "--dry-run", "--fractions", "0.3"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = {row["kind"]: row for row in res["rows"]}
+    assert set(rows) == {"none", "random", "even", "all"} and all(row["us"] > 0 for row in res["rows"])
+    assert rows["even"]["busiest"] <= int(rows["even"]["mean"]) + 1 < rows["random"]["busiest"] <= 32
+    assert rows["none"]["busiest"] == 0 and rows["all"]["busiest"] == 32

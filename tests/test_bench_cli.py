@@ -45,8 +45,8 @@ def test_gpu_prefill_dry_run():
 
 
 def test_gpu_ffn_balance_dry_run():
-    """The balance benchmark on tiny shapes on the CPU: the even spread puts round(p·BLOCK_U) active units (or one
-    more) in every program, the random one the same total; every case timed."""
+    """The balance benchmark on tiny shapes on the CPU: the even spread puts the mean number of active units (rounded
+    down, or one more) in every program, the random one the same total unevenly; every case timed."""
     import json
     r = subprocess.run([sys.executable, "experiments/bench/gpu_ffn_balance.py", "--dry-run", "--fractions", "0.3"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)

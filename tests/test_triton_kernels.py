@@ -367,8 +367,8 @@ def test_attn_o_matches_attention_then_gemv(dtype, p, m, stripe, split, block_m,
     vc = (torch.randn(L, hkv, hd, generator=g) * 3).to(DEV, dtype)
     k = -(-m // stripe)
     wt = (torch.randn(n, m, generator=g) / n ** 0.5).to(DEV, dtype)
-    mean = (torch.randn(k if mean2d else 1, n, generator=g) * 0.1).to(DEV)
-    mean = mean if mean2d else mean[0]
+    mean = (torch.randn(k if mean2d else 1, n + 8, generator=g) * 0.1).to(DEV)[:, :n]   # rows n + 8 apart
+    mean = mean if mean2d else mean[0].contiguous()
     thr = (torch.rand(k, n, generator=g) * 0.8).to(DEV)
     b = torch.randn(m, generator=g).to(DEV) if bias else None
     start = torch.randn(1, m, generator=g).to(DEV)
@@ -384,20 +384,22 @@ def test_attn_o_matches_attention_then_gemv(dtype, p, m, stripe, split, block_m,
     # every pair on (θ = 0) is the dense product of the attention output; every pair off leaves acc_out + bias
     dense = D.attn_o(q, kc, vc, pos, hq, 0.25, wt, mean, torch.zeros_like(thr), None, stripe,
                      torch.zeros(1, m, device=DEV), config=cfg)
-    xc = att.float() - (mean if not mean2d else mean[0])
-    if not mean2d:
-        torch.testing.assert_close(dense, xc @ wt.float(), **tol)
+    rows = [slice(r * stripe, min(m, (r + 1) * stripe)) for r in range(k)]
+    xc = [att.float() - (mean[r] if mean2d else mean) for r in range(k)]
+    torch.testing.assert_close(dense, torch.cat([xc[r] @ wt.float()[:, sl] for r, sl in enumerate(rows)], 1), **tol)
     off = D.attn_o(q, kc, vc, pos, hq, 0.25, wt, mean, torch.full_like(thr, float("inf")), b, stripe,
                    start.clone(), config=cfg)
     torch.testing.assert_close(off, start + (b if b is not None else 0), rtol=1e-6, atol=1e-6)
 
 
 def test_attn_o_config_refuses_what_it_cannot_tile():
-    assert D.attn_o_config(2048, 512, 64) == dict(split=4, m_per=512, BLOCK_M=128, NBLK=4)
-    assert D.attn_o_config(2048, 2048, 64, split=3)["split"] == 3
-    assert D.attn_o_config(2048, 96, 64)["BLOCK_M"] == 32  # blocks inside one stripe
-    assert D.attn_o_config(2048, 512, 48) is None           # head dim not a power of two
-    assert D.attn_o_config(2048, 520, 64) is None           # a stripe not a multiple of 16
+    assert D.attn_o_config(2048, 512, 64, split=4, block_m=128) == dict(split=4, m_per=512, BLOCK_M=128, NBLK=4)
+    assert D.attn_o_config(2048, 2048, 64, split=3, block_m=128)["split"] == 3
+    assert D.attn_o_config(2048, 96, 64, split=4, block_m=128)["BLOCK_M"] == 32   # blocks inside one stripe
+    assert D.attn_o_config(2048, 512, 64, split=4, block_m=96)["BLOCK_M"] == 64   # a power of two
+    assert D.attn_o_config(2048, 512, 48, split=4, block_m=128) is None           # head dim not a power of two
+    assert D.attn_o_config(2048, 520, 64, split=4, block_m=128) is None           # a stripe not a multiple of 16
+    assert D.attn_o_config(2048, 512, 64, split=0, block_m=128) is None
     with pytest.raises(ValueError):
         D.attn_o(torch.zeros(1, 8 * 48), torch.zeros(4, 2, 48), torch.zeros(4, 2, 48), torch.zeros(1, dtype=torch.long),
                  8, 0.1, torch.zeros(8 * 48, 64), torch.zeros(8 * 48), torch.zeros(1, 8 * 48), None, 64,
@@ -524,7 +526,8 @@ def test_engine_matches_hf(cwic, use_triton):
         # epilogue: the same step
         if cwic:   # the attention and the o product in one launch (attn_o; off by default) applies here
             L0, h1 = eng.w.layers[0], torch.zeros(1, eng.w.layers[0].o.out_features, device=DEV)
-            assert not eng.attn_o and not eng._o_fusable(L0, h1)
+            eng.attn_o = False
+            assert not eng._o_fusable(L0, h1)
             eng.attn_o = True
             assert eng._o_fusable(L0, h1)
             eng.attn_o = False
@@ -913,6 +916,14 @@ def test_engine_attn_o_steps_match_hf():
         eng.pos.fill_(i)
         assert _rel(eng.forward(eng.tok).float(), want[i:i + 1]) < 1e-5, i
         assert _hand_offs_cleared(eng)
+    for flags in (dict(fuse_rope=True), dict(acc_qkv=False), dict(acc_ffn=False)):   # with the other switches
+        old = {f: getattr(eng, f) for f in flags}
+        for f, v in flags.items():
+            setattr(eng, f, v)
+        assert _rel(eng.forward(eng.tok).float(), want[9:10]) < 1e-5, flags
+        assert _hand_offs_cleared(eng)
+        for f, v in old.items():
+            setattr(eng, f, v)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)

@@ -7,7 +7,8 @@
 active ones) for one token, d = 2048, F = 8192 (Llama-3.2-1B), bf16, tuned tiles, weight copies cycled inside one
 CUDA graph as in gpu_kernels.py. For each fraction p of active units:
   random    p·F units active at random (as a token's units fall): the busiest program has more than the mean;
-  even      the same number spread evenly, round(p·BLOCK_U) or one more in every block: what balancing would give;
+  even      the same number spread evenly, ⌊p·F / programs⌋ or one more in every block: what balancing would give;
+"busiest" is the most active units any program holds, over all the weight copies' tokens (the worst token).
 and, as bounds, no unit active and every unit active. Table + last-line JSON.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .gemv import ACT_IDS, _act, _overlap, _pdl_enter, pdl_args
+from .gemv import ACT_IDS, MASK_THRESHOLD, _act, _overlap, _pdl_enter, check_args, pdl_args
 
 # ------------------------------------------------------------------------------------ RMSNorm
 
@@ -238,8 +238,8 @@ def _attn_o_kernel(Q, KC, VC, POS, sm_scale, stride_c, WT, MEAN, THR, BIAS, Y, N
         c0 = c_lo + b * BLOCK_M
         cols = c0 + tl.arange(0, BLOCK_M)
         cmask = cols < M
-        if b > 0:
-            r = c0 // STRIPE
+        if b > 0:   # (a block wholly past m, in the last program: its stripe row clamped, nothing loaded or added)
+            r = tl.minimum(c0, M - 1) // STRIPE
             mu = tl.load(MEAN + r * stride_mk + rows, eviction_policy="evict_last")
             t = tl.load(THR + r * N + rows, eviction_policy="evict_last")
         xc = x - mu
@@ -259,9 +259,11 @@ def attn_o_config(m: int, stripe: int, hd: int, split: int | None = None, block_
     where the stripe needs it: each block lies inside one stripe). None where the shape does not fit (a head
     dimension that is not a power of two, a stripe not a multiple of 16): the engine then keeps attention +
     gemv_ex."""
-    split = int(split or os.environ.get("CWIC_ATTN_O_SPLIT", "4"))
-    block_m = int(block_m or os.environ.get("CWIC_ATTN_O_BLOCK", "128"))
-    block_m = min(block_m, triton.next_power_of_2(m))
+    split = int(os.environ.get("CWIC_ATTN_O_SPLIT", "4") if split is None else split)
+    block_m = int(os.environ.get("CWIC_ATTN_O_BLOCK", "128") if block_m is None else block_m)
+    if block_m < 1:
+        return None
+    block_m = min(1 << (block_m.bit_length() - 1), triton.next_power_of_2(m))   # a power of two
     if stripe < m:   # blocks inside one stripe: the largest power of two dividing it, at most block_m
         block_m = min(block_m, stripe & -stripe)
     if split < 1 or hd & (hd - 1) or block_m < 16:
@@ -284,7 +286,7 @@ def attn_o(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tenso
     cfg = config or attn_o_config(m, stripe, hd)
     if cfg is None:
         raise ValueError(f"attn_o: no tiles for m={m}, stripe={stripe}, head_dim={hd} (see attn_o_config)")
-    stride_mk = mean.stride(0) if mean.dim() == 2 else 0
+    _, stripe, stride_mk, _ = check_args(q, wt, mean, thr, stripe, MASK_THRESHOLD, None, torch.float32)
     _attn_o_kernel[(hq, cfg["split"])](q, kc, vc, pos, sm_scale, kc.stride(0), wt, mean, thr,
                                       bias if bias is not None else acc_out, acc_out, n, m, stripe, stride_mk,
                                       cfg["m_per"], GROUP=hq // hkv, HD=hd, BLOCK_T=block_t,

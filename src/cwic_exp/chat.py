@@ -583,7 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a user turn, non-interactive (repeat for several turns)")
     p.add_argument("--system", default=None, help="system prompt (default: the chat template's own)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--max-context", type=int, default=None, help="default: the model's positions")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="default: the model's positions (--backend cpu: at most 4096, its KV cache is allocated up "
+                        "front)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)

@@ -381,6 +381,7 @@ class DecodeEngine:
         into the buffer; returns None."""
         w, K = self.w, self.K
         if self.fuse_attn and qkv.shape[0] == 1:
+            assert o_acc is None, "o_acc: not with the fused RoPE + attention launch (see _o_fusable)"
             clears = [clear] if clear is not None else []
             # the next layer's q/k/v sum (its last reader has finished), whether or not this layer sums its own: a
             # dense layer between two summing ones must clear the buffer they share

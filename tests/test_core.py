@@ -65,6 +65,28 @@ def test_statistics_move_only_in_statistics_mode():
     torch.testing.assert_close(std, x.std(0, unbiased=False), atol=1e-5, rtol=1e-5)
 
 
+def test_dtype_cast_keeps_running_statistics_fp32():
+    """model.to(bfloat16) casts the weights and θ/φ, not the running statistics (a bf16 step counter would stop at
+    256): they stay fp32 and bitwise unchanged, the bf16 model runs, and a cast back gives the same statistics."""
+    model = to_cwic(tiny_model())
+    ids, mask = rand_batch()
+    with torch.no_grad(), cwic_context(model, token_mask=mask, update_stats=True):
+        model(input_ids=ids, attention_mask=mask)
+    stats = {n: b.clone() for n, b in model.named_buffers() if "ema_" in n or "stat_steps" in n}
+    assert len(stats) == 3 * len(list(cwic_exp.iter_cwic_modules(model)))   # mean, std, steps of each
+    model.to(torch.bfloat16)
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.weight.dtype == q.theta.dtype == torch.bfloat16
+    for n, b in model.named_buffers():
+        if n in stats:
+            assert b.dtype == torch.float32 and torch.equal(b, stats[n]), n
+    assert q.running_stats()[0].dtype == torch.float32
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids, attention_mask=mask).logits.float()).all()
+    model.float()
+    assert all(torch.equal(b, stats[n]) for n, b in model.named_buffers() if n in stats)
+
+
 def test_padding_does_not_enter_statistics():
     ids, mask = rand_batch(pad_last=5)
     a, b = to_cwic(tiny_model()), to_cwic(tiny_model())

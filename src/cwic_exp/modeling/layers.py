@@ -50,6 +50,19 @@ class _RunningStats(nn.Module):
     def _ema(self, name: str) -> Tensor:
         return getattr(self, self._prefix + name)
 
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)`, `.half()`, ... leave the running statistics in fp32 (a bf16 step counter would stop
+        counting at 256 and a bf16 mean loses the low bits the thresholds are measured from): they follow the
+        module's device only."""
+        names = [self._prefix + n for n in ("ema_mean", "ema_std", "stat_steps")]
+        keep = {n: self._buffers[n] for n in names if self._buffers.get(n) is not None}
+        out = super()._apply(fn, recurse)
+        for n, old in keep.items():
+            new = self._buffers[n]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[n] = old.to(device=new.device)
+        return out
+
     def running_stats(self) -> tuple[Tensor, Tensor]:
         """(mean, std), fp32, bias-corrected; (0, 1) before any statistics were gathered."""
         # torch.where, not `if steps == 0`: no host synchronisation inside the forward

@@ -392,6 +392,23 @@ def test_attn_o_matches_attention_then_gemv(dtype, p, m, stripe, split, block_m,
     torch.testing.assert_close(off, start + (b if b is not None else 0), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 1), (6, 2)])
+def test_attn_o_any_group_size(hq, hkv):
+    """Grouped-query heads: a kv head shared by 1, 8 or 3 query heads."""
+    g = _gen(70 + hq)
+    hd, L, m, stripe = 16, 40, 64, 32
+    n = hq * hd
+    q, kc, vc = torch.randn(1, n, generator=g), torch.randn(L, hkv, hd, generator=g), torch.randn(L, hkv, hd, generator=g)
+    wt, mean = torch.randn(n, m, generator=g) / n ** 0.5, torch.randn(n, generator=g) * 0.1
+    thr, b = torch.rand(2, n, generator=g) * 0.8, torch.randn(m, generator=g)
+    args = [t.to(DEV) for t in (q, kc, vc)] + [torch.tensor([33], device=DEV), hq, 0.25] + \
+        [t.to(DEV) for t in (wt, mean, thr, b)] + [stripe]
+    cfg = D.attn_o_config(m, stripe, hd, split=2, block_m=16)
+    got = D.attn_o(*args, torch.zeros(1, m, device=DEV), config=cfg)
+    want = fb.attn_o_ref(*args, torch.zeros(1, m, device=DEV))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_attn_o_config_refuses_what_it_cannot_tile():
     assert D.attn_o_config(2048, 512, 64, split=4, block_m=128) == dict(split=4, m_per=512, BLOCK_M=128, NBLK=4)
     assert D.attn_o_config(2048, 2048, 64, split=3, block_m=128)["split"] == 3

@@ -470,18 +470,17 @@ class DecodeEngine:
         fuse = self.fuse_norm
         y_acc = None   # the previous FFN's product, handed on to this layer's q/k/v kernel
         for li, L in enumerate(w.layers):
+            o = L.o
             hand_o = fuse and self._hand_o_to_ffn(L, h)
-            o_acc = None
-            if hand_o and self._o_fusable(L, h):   # the o product inside the attention's launch
-                o_acc = (L.o, self._hand_buf(L.o.out_features)[:, :L.o.out_features])
+            hand = self._hand_buf(o.out_features) if hand_o else None
+            acc = hand[:, :o.out_features] if hand_o else None
+            # the o product inside the attention's launch (attn_o)
+            o_acc = (o, acc) if hand_o and self._o_fusable(L, h) else None
             att, h = self._attention(li, L, h, x_acc=y_acc, o_acc=o_acc)
             y_acc = None
             if hand_o:
                 # one token: the o product's fp32 sum goes to the FFN kernel, which adds the residual itself, and
                 # (acc_ffn) the FFN's product to the next layer's q/k/v kernel
-                o = L.o
-                hand = self._hand_buf(o.out_features)
-                acc = hand[:, :o.out_features]
                 if o_acc is None:
                     K.gemv_ex(att, o.wt, o.mean, o.thr, o.bias, o.stripe, acc_out=acc)
                 nxt = w.layers[li + 1] if li + 1 < len(w.layers) else None

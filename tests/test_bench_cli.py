@@ -56,3 +56,17 @@ def test_gpu_ffn_balance_dry_run():
     assert set(rows) == {"none", "random", "even", "all"} and all(row["us"] > 0 for row in res["rows"])
     assert rows["even"]["busiest"] <= int(rows["even"]["mean"]) + 1 < rows["random"]["busiest"] <= 32
     assert rows["none"]["busiest"] == 0 and rows["all"]["busiest"] == 32
+
+
+def test_gpu_chat_engine_dry_run():
+    """The chat-backend benchmark on a tiny model on the CPU: every way timed, the engine backend's figures comparable
+    with the HF backend's (sums within 1 %: bf16, so single figures may differ where a threshold flips)."""
+    import json
+    r = subprocess.run([sys.executable, "experiments/bench/gpu_chat_engine.py", "--dry-run"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [row["way"] for row in res["rows"]] == ["engine, graph, no count", "engine backend (counts)",
+                                                    "engine feed, count off", "hf backend"]
+    assert all(row["tokens_per_s"] > 0 for row in res["rows"])
+    assert res["figures_sum_rel_diff"] < 0.01 and 0 < res["mean_figure_engine"] < res["dense_per_token"]

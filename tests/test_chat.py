@@ -220,6 +220,23 @@ def test_analyses_read_a_run_config_with_hydra_interpolations(tmp_path):
     assert cfg["data"]["seq_len"] == 256 and "hydra" in cfg["run_name"]
 
 
+def _two_turn_figures(backend: str, ckpt, tmp_path):
+    """Two chat turns with `backend` (the second reusing the cache): (every fed token's figure, the Hugging Face
+    recount of the same tokens, the transcript)."""
+    run_chat(["--model", str(ckpt), "--backend", backend, "--prompt", PROMPT, "--prompt", "tell me more",
+              "--no-color", "--max-new-tokens", "12", "--ignore-eos", "--json", str(tmp_path / f"{backend}.json")])
+    tr = json.loads((tmp_path / f"{backend}.json").read_text())
+    t1, t2 = tr["turns"]
+    assert len(t1["reply"]) == len(t2["reply"]) == 12
+    cached = t2["summary"]["prompt_cached"]
+    assert cached > len(t1["prompt"])
+    ids1 = [t["id"] for t in t1["prompt"] + t1["reply"]]
+    ids = ids1[:cached] + [t["id"] for t in t2["prompt"] + t2["reply"]]
+    got = [t["ap"] for t in t1["prompt"] + t1["reply"]] + [t["ap"] for t in t2["prompt"] + t2["reply"]]
+    full = recount(ckpt, ids)
+    return got, full[:len(ids1)] + full[cached:], tr
+
+
 def _cpu_kernels_or_skip():
     from cwic_kernels import cpu
     if cpu.load() is None:
@@ -230,18 +247,7 @@ def test_cpu_backend_figures_are_the_kernels_reads_and_equal_recount(ckpt, tmp_p
     """--backend cpu: the C++ sparse decoder generates the reply; every token's figure is what its kernels read,
     which equals the Hugging Face recount of the same tokens (fp32 weights), over two turns with the cache."""
     _cpu_kernels_or_skip()
-    run_chat(["--model", str(ckpt), "--backend", "cpu", "--prompt", PROMPT, "--prompt", "tell me more",
-              "--no-color", "--max-new-tokens", "12", "--ignore-eos", "--json", str(tmp_path / "c.json")])
-    tr = json.loads((tmp_path / "c.json").read_text())
-    t1, t2 = tr["turns"]
-    assert len(t1["reply"]) == len(t2["reply"]) == 12
-    cached = t2["summary"]["prompt_cached"]
-    assert cached > len(t1["prompt"])
-    ids1 = [t["id"] for t in t1["prompt"] + t1["reply"]]
-    ids = ids1[:cached] + [t["id"] for t in t2["prompt"] + t2["reply"]]
-    got = [t["ap"] for t in t1["prompt"] + t1["reply"]] + [t["ap"] for t in t2["prompt"] + t2["reply"]]
-    full = recount(ckpt, ids)
-    want = full[:len(ids1)] + full[cached:]
+    got, want, tr = _two_turn_figures("cpu", ckpt, tmp_path)
     # a threshold comparison may flip where the two fp32 sums differ in the last bit: allow one token in 50
     same = sum(g == w for g, w in zip(got, want))
     assert len(got) == len(want) and same >= len(got) * 0.98, (same, len(got))
@@ -259,12 +265,17 @@ def recount_dense(path):
 def test_cpu_backend_generates_what_the_hf_backend_does(ckpt):
     """Greedy replies of the two backends agree (fp32 weights): the C++ step is the same model."""
     _cpu_kernels_or_skip()
+    from cwic_exp.chat import CpuBackend
+    _same_greedy_reply_as_hf(CpuBackend, ckpt)
+
+
+def _same_greedy_reply_as_hf(backend_cls, ckpt):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import cwic_exp  # noqa: F401
-    from cwic_exp.chat import ChatSession, CpuBackend, HFBackend
+    from cwic_exp.chat import ChatSession, HFBackend
     model, tok = AutoModelForCausalLM.from_pretrained(ckpt), AutoTokenizer.from_pretrained(ckpt)
     replies = []
-    for backend in (HFBackend(model), CpuBackend(model)):
+    for backend in (HFBackend(model), backend_cls(model)):
         chat = ChatSession(backend, tok, max_new_tokens=16, ignore_eos=True, notice=lambda m: None)
         replies.append([t.id for t in chat.turn(PROMPT).reply])
     assert replies[0] == replies[1]
@@ -276,3 +287,14 @@ def test_cpu_backend_refuses_what_it_cannot_run(ckpt):
         run_chat(["--model", str(ckpt), "--backend", "cpu", "--device", "cuda", "--prompt", "x"])
     with pytest.raises(SystemExit, match="float32 or bfloat16"):
         run_chat(["--model", str(ckpt), "--backend", "cpu", "--dtype", "float16", "--prompt", "x"])
+
+
+def test_engine_backend_figures_are_the_kernels_reads_and_equal_recount(ckpt, tmp_path):
+    """--backend engine: the decode engine (here its PyTorch twins on the CPU; Triton kernels and a CUDA graph on a
+    GPU) generates the reply; every token's figure is what its products counted for it, which equals the Hugging Face
+    recount of the same tokens, over two turns with the cache; greedy replies equal the HF backend's."""
+    got, want, tr = _two_turn_figures("engine", ckpt, tmp_path)
+    assert got == want
+    assert len(set(got)) > 3 and tr["dense"] == pytest.approx(recount_dense(ckpt))
+    from cwic_exp.chat import EngineBackend
+    _same_greedy_reply_as_hf(EngineBackend, ckpt)

@@ -983,3 +983,132 @@ def test_ffn_x_acc_equals_materialised_input(norm, dtype):
         acc = part.clone()
         got = fn(x, *args, residual=x, norm_w=nw, eps=1e-6, x_acc=acc, **kw)
         assert _rel(got, want) < (1e-5 if dtype == torch.float32 else 8e-3) and bool((acc == 0).all()), fn
+
+
+# ------------------------------------------------------------------------------ weights-read counters (count=)
+
+def _want_reads(x, mean, thr, stripe, m):
+    """Weights one token's granular product reads, from first principles: its active (stripe, input) pairs, each
+    worth the stripe's rows (the last stripe may be partial)."""
+    k = thr.shape[0]
+    mu = mean if mean.dim() == 2 else mean.expand(k, -1)
+    on = (x.float()[0][None, :] - mu.float()).abs() >= thr
+    rows = [min(stripe, m - r * stripe) for r in range(k)]
+    return sum(int(on[r].sum()) * rows[r] for r in range(k))
+
+
+COUNT_PATHS = {   # gemv_ex keyword arguments: the masked-load kernel's loops, split-K, the hand-off; the compact one
+    "masked": dict(compact=False),
+    "masked-pipe-split": dict(compact=False, config="pipe"),
+    "masked-acc-out": dict(compact=False, acc_out=True),
+    "compact": dict(compact=True),
+    "compact-fused": dict(compact=True, config="fused"),
+}
+
+
+@pytest.mark.parametrize("path", list(COUNT_PATHS))
+@pytest.mark.parametrize("n,m,stripe,mean2d", [(96, 80, 16, False), (200, 96, 32, True)])
+def test_gemv_count_is_the_weights_read(path, n, m, stripe, mean2d):
+    """count=: every one-token GEMV path adds exactly its active pairs × their stripes' rows (partial last stripe,
+    per-stripe means), accumulating over calls; the PyTorch twin counts the same; the product is unchanged."""
+    from cwic_kernels.gpu import gemv_compact as C
+    x, wt, mean, thr, bias = _inputs(1, n, m, stripe, torch.float32, seed=n + m, mean2d=mean2d)
+    want = _want_reads(x, mean, thr, stripe, m)
+    assert 0 < want < n * m
+    kw = dict(COUNT_PATHS[path])
+    if kw.get("config") == "pipe":
+        kw["config"] = G.gemv_config(1, n, m, stripe, x.device, block_m=16, block_n=32, max_split=2, pipe=True)
+    elif kw.get("config") == "fused":
+        kw["config"] = None
+        kw.pop("compact")
+        fn = lambda *a, **k: C.gemv_compact(*a, config=C.compact_config(n, m, stripe, x.device, fused=True,  # noqa
+                                                                          chunk=64), **k)
+    if kw.pop("acc_out", False):
+        kw["acc_out"] = torch.zeros(1, m, device=DEV)
+    fn = fn if path == "compact-fused" else G.gemv_ex
+    kw = {k: v for k, v in kw.items() if v is not None}
+    count = torch.zeros(1, dtype=torch.int64, device=DEV)
+    y = fn(x, wt, mean, thr, bias, stripe, count=count, **kw)
+    assert int(count) == want, (int(count), want)
+    plain = fn(x, wt, mean, thr, bias, stripe, **{k: (torch.zeros_like(v) if k == "acc_out" else v)
+                                                  for k, v in kw.items()})
+    assert torch.equal(y, plain)
+    fn(x, wt, mean, thr, bias, stripe, count=count, **{k: (torch.zeros_like(v) if k == "acc_out" else v)
+                                                       for k, v in kw.items()})
+    assert int(count) == 2 * want                       # added, not stored
+    twin = torch.zeros(1, dtype=torch.int64, device=DEV)
+    fb.gemv_ex_ref(x, wt, mean, thr, bias, stripe, count=twin)
+    assert int(twin) == want
+
+
+def test_count_refuses_batches_and_wrong_tensors():
+    x, wt, mean, thr, bias = _inputs(2, 64, 32, 16, torch.float32, seed=5)
+    c = torch.zeros(1, dtype=torch.int64, device=DEV)
+    with pytest.raises(ValueError, match="one token"):
+        G.gemv_ex(x, wt, mean, thr, bias, 16, count=c)
+    for bad in (torch.zeros(1, dtype=torch.int32, device=DEV), torch.zeros(2, dtype=torch.int64, device=DEV)):
+        with pytest.raises(ValueError, match="int64"):
+            G.gemv_ex(x[:1], wt, mean, thr, bias, 16, count=bad)
+    with pytest.raises(ValueError, match="one token"):
+        fb.gemv_ex_ref(x, wt, mean, thr, bias, 16, count=c)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_ffn_count_is_the_weights_read(norm):
+    """count= on the FFN paths of one token (one launch, three launches, the twin): the gate's active pairs × rows
+    plus 2·d for each active unit (its W_up row and W_downᵀ row)."""
+    from cwic_kernels.gpu import ffn_fused as FF
+    x, args, nw, part, h = _ffn_case(torch.float32, norm, seed=97)
+    gwt, gmean, gthr, gbias, stripe, up_w, down_wt, uthr, act = args
+    d, F_ = gwt.shape
+    xn = fb.rmsnorm_ref(x, nw, 1e-6) if norm else x
+    a = fb.gemv_ex_ref(xn, gwt, gmean, gthr, gbias, stripe, act=act, unit_thr=uthr)
+    units = int((a != 0).sum())
+    want = _want_reads(xn, gmean, gthr, stripe, F_) + 2 * d * units
+    assert 0 < units < F_
+    for fn, kw in ((FF.ffn_gate_updown, {}), (G.ffn, dict(fused=False)), (fb.ffn_ref, {})):
+        count = torch.zeros(1, dtype=torch.int64, device=DEV)
+        fn(x, *args, residual=x, norm_w=nw, eps=1e-6, count=count, **kw)
+        assert int(count) == want, (fn, int(count), want)
+
+
+@pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
+def test_engine_counts_each_tokens_reads(use_triton):
+    """DecodeEngine(count_reads=True): one-token steps (`feed`) add the weights their products read; each token's
+    figure equals the Hugging Face accounting of the same tokens (fp32; exact where the sums are summed in a fixed
+    order, as under the interpreter), also after moving back (truncation); the logits are the model's. A dense
+    model counts every weight; without count_reads nothing is counted."""
+    import cwic_exp
+    from cwic_exp.cpu_decode import dense_counts
+    from cwic_exp.engine import DecodeEngine
+    model = _calibrated_tiny(True).to(DEV)
+    ids = torch.randint(0, 96, (9,), generator=_gen(12)).tolist()
+    want = cwic_exp.active_parameters(model, torch.tensor([ids], device=DEV), per_token=True)["per_token"][0]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids], device=DEV)).logits[0].float()
+    eng = DecodeEngine(model, max_len=32, triton=use_triton, count_reads=True)
+    got, total = [], 0
+    for p, t in enumerate(ids[:6] + ids[4:6] + ids[6:]):       # positions 4 and 5 fed twice
+        pos = p if p < 6 else p - 2
+        out = eng.feed(t, pos).float()
+        assert _rel(out, logits[pos:pos + 1]) < 1e-5, pos
+        now = int(eng.reads.sum())
+        got.append(now - total)
+        total = now
+    redo, got = got[6:8], got[:6] + got[8:]
+    w = [int(v) for v in want.tolist()]
+    if DEV == "cuda":   # atomics add in a varying order: a threshold may flip in the last bit
+        assert sum(g == v for g, v in zip(got, w)) >= len(w) - 1 and sum(got) == pytest.approx(sum(w), rel=5e-3)
+        assert sum(redo) == pytest.approx(sum(got[4:6]), rel=5e-3)
+    else:
+        assert got == w and redo == got[4:6]
+    assert len(set(got)) > 2
+    dense = _calibrated_tiny(False).to(DEV)
+    eng = DecodeEngine(dense, max_len=32, triton=use_triton, count_reads=True)
+    eng.feed(3, 0)
+    assert int(eng.reads.sum()) == dense_counts(dense)["total"]
+    eng = DecodeEngine(model, max_len=32, triton=use_triton)
+    eng.feed(3, 0)
+    assert int(eng.reads.sum()) == 0
+    with pytest.raises(ValueError, match="position"):
+        eng.feed(3, 32)

@@ -9,16 +9,17 @@ import torch
 
 from ..reference import ACTIVATIONS, gemv_reference
 from .decode import act_mul_ref, argmax_ref, decode_attention_ref, rmsnorm_ref, rope_attention_ref, rope_cache_ref
-from .gemv import MASK_NONE, MASK_NONZERO, MASK_THRESHOLD
+from .gemv import MASK_NONE, MASK_NONZERO, MASK_THRESHOLD, check_count
 
-__all__ = ["attn_o_ref", "gemv_ex_ref", "gemv_qkv_rope_ref", "ffn_up_ref", "ffn_ref", "rmsnorm_ref", "rope_cache_ref",
+__all__ = ["attn_o_ref", "reads_ref", "gemv_ex_ref", "gemv_qkv_rope_ref", "ffn_up_ref", "ffn_ref", "rmsnorm_ref", "rope_cache_ref",
            "rope_attention_ref", "decode_attention_ref", "act_mul_ref", "argmax_ref"]
 
 
 def gemv_ex_ref(x, wt, mean, thr, bias, stripe, *, residual=None, act=None, unit_thr=None,
                 mask_mode=MASK_THRESHOLD, out_dtype=None, out=None, config=None, compact=None, norm_w=None,
-                eps=1e-6, acc_out=None, x_acc=None, x_out=None):
+                eps=1e-6, acc_out=None, x_acc=None, x_out=None, count=None):
     n, m = wt.shape
+    check_count(count, x)
     if x_acc is not None or x_out is not None:   # `gemv.gemv_ex(x_acc=..., x_out=...)`: the input is x + x_acc
         if acc_out is None:
             raise ValueError("x_acc / x_out: only with acc_out")
@@ -29,11 +30,13 @@ def gemv_ex_ref(x, wt, mean, thr, bias, stripe, *, residual=None, act=None, unit
     if acc_out is not None:   # `gemv.gemv_ex(acc_out=...)`: the fp32 product (+ bias) added into acc_out
         assert residual is None and act is None and out is None
         acc_out += gemv_ex_ref(x, wt, mean, thr, bias, stripe, mask_mode=mask_mode, out_dtype=torch.float32,
-                               norm_w=norm_w, eps=eps)
+                               norm_w=norm_w, eps=eps, count=count)
         return acc_out
     if norm_w is not None:
         x = rmsnorm_ref(x, norm_w, eps)
     xf = x.float()
+    if count is not None:
+        count += reads_ref(xf, m, mean, thr, stripe, mask_mode)
     if mask_mode == MASK_THRESHOLD:
         if mean.dim() == 2:     # per-stripe means (fused q/k/v): one reference call per stripe group
             k = thr.shape[0]
@@ -65,17 +68,33 @@ def gemv_ex_ref(x, wt, mean, thr, bias, stripe, *, residual=None, act=None, unit
     return y
 
 
+def reads_ref(xf, m, mean, thr, stripe, mask_mode=MASK_THRESHOLD):
+    """Weights one token's product reads (the kernels' `count`): its active (stripe, input) pairs × the stripe's
+    rows, from the same fp32 comparison as the kernels' masks; xf (1, n) fp32, the product's input."""
+    n = xf.shape[1]
+    if mask_mode == MASK_THRESHOLD:
+        k = thr.shape[0]
+        mu = mean if mean.dim() == 2 else mean.expand(k, -1)
+        on = (xf[0][None, :] - mu).abs() >= thr                           # (k, n)
+        rows = (m - torch.arange(k, device=xf.device) * stripe).clamp(max=stripe)
+        return (on.sum(1) * rows).sum()
+    if mask_mode == MASK_NONZERO:
+        return (xf[0] != 0).sum() * m
+    return torch.tensor(n * m, device=xf.device)
+
+
 def ffn_up_ref(x, up_w, a, config=None):
     return (x.float() @ up_w.float().T) * a.float()
 
 
 def ffn_ref(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt, unit_thr, act="silu",
-            residual=None, fused=None, norm_w=None, eps=1e-6, x_acc=None, y_acc=None, out_dtype=None):
+            residual=None, fused=None, norm_w=None, eps=1e-6, x_acc=None, y_acc=None, out_dtype=None, count=None):
+    check_count(count, x)
     if y_acc is not None:   # `ffn_fused.ffn_gate_updown(y_acc=...)`: the product into y_acc, the input returned
         assert residual is x
         xin = (x_acc + x.float()).to(x.dtype) if x_acc is not None else x
         y_acc += ffn_ref(xin, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt, unit_thr, act,
-                         norm_w=norm_w, eps=eps, out_dtype=torch.float32)
+                         norm_w=norm_w, eps=eps, out_dtype=torch.float32, count=count)
         return xin.clone()
     if x_acc is not None:   # `gemv.ffn(x_acc=...)`: the input and residual are (x_acc + x) in x's dtype
         assert residual is x
@@ -84,15 +103,18 @@ def ffn_ref(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt, u
     dtype = x.dtype if out_dtype is None else out_dtype
     if norm_w is not None:
         x = rmsnorm_ref(x, norm_w, eps)
-    a = gemv_ex_ref(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, act=act, unit_thr=unit_thr)
+    a = gemv_ex_ref(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, act=act, unit_thr=unit_thr, count=count)
+    if count is not None:   # the up rows and down rows of the active units
+        count += (a != 0).sum() * (2 * up_w.shape[1])
     h = ffn_up_ref(x, up_w, a)
     return gemv_ex_ref(h, down_wt, None, None, None, down_wt.shape[1], mask_mode=MASK_NONZERO,
                        residual=residual, out_dtype=dtype)
 
 
-def gemv_qkv_rope_ref(x, wt, mean, thr, bias, stripe, pos, cos, sin, kc, vc, hq, hkv, norm_w=None, eps=1e-6):
+def gemv_qkv_rope_ref(x, wt, mean, thr, bias, stripe, pos, cos, sin, kc, vc, hq, hkv, norm_w=None, eps=1e-6,
+                      count=None):
     """`gemv.gemv_qkv_rope`: the fused q/k/v product, then RoPE and the cache writes."""
-    y = gemv_ex_ref(x, wt, mean, thr, bias, stripe, norm_w=norm_w, eps=eps)
+    y = gemv_ex_ref(x, wt, mean, thr, bias, stripe, norm_w=norm_w, eps=eps, count=count)
     return rope_cache_ref(y, pos, cos, sin, kc, vc, hq, hkv)
 
 

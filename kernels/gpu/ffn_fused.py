@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import ACT_IDS, _act, _load_h, _overlap, _pdl_enter, _rstd_of, check_args, pdl_args
+from .gemv import ACT_IDS, _act, _load_h, _overlap, _pdl_enter, _rstd_of, check_args, check_count, pdl_args
 from .gemv_compact import _select_block, _select_pre, _select_x, _slot_products
 
 __all__ = ["ffn_updown", "ffn_gate_updown", "gate_fusable", "ffn_updown_config", "TUNED_UPDOWN"]
@@ -74,7 +74,7 @@ def _ffn_updown_kernel(X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
                        PIPE: tl.constexpr, USE_PDL: tl.constexpr = False):
     _pdl_enter(USE_PDL)
     _updown_body(tl.program_id(0), X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps, BLOCK_U, BLOCK_S,
-                 BLOCK_D, COPIES, HAS_RES, EVEN_D, NORM, PIPE, X, False, X, False, 1.0, False)
+                 BLOCK_D, COPIES, HAS_RES, EVEN_D, NORM, PIPE, X, False, X, False, 1.0, False, X, False, 0)
 
 
 @triton.jit
@@ -84,12 +84,14 @@ def _ffn_gate_updown_kernel(X, GWT, GMEAN, GTHR, GBIAS, UTHR, UP, DOWNT, A, RES,
                             BLOCK_G: tl.constexpr, COPIES: tl.constexpr, HAS_RES: tl.constexpr,
                             EVEN_D: tl.constexpr, EVEN_U: tl.constexpr, NORM: tl.constexpr, PIPE: tl.constexpr,
                             ACT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr = False,
-                            XACC=None, X_ACC: tl.constexpr = False, YOUT=None, Y_ACC: tl.constexpr = False):
+                            XACC=None, X_ACC: tl.constexpr = False, YOUT=None, Y_ACC: tl.constexpr = False,
+                            NREAD=None, COUNT: tl.constexpr = False):
     """The whole gated FFN of one token, a program per BLOCK_U units: the gate's BLOCK_U columns over every
     input (the stripe's active inputs compacted into a private scratch region, then only their rows read:
     `gemv_compact`'s fused mode with one chunk, so no split-K round trip), + folded bias, act, unit mask → a
     (also stored to A), then `_updown_body` on the same units. X_ACC: the input is x + XACC (`_load_h`), which
-    is also the residual; the last program zeroes XACC, except with Y_ACC (see `_updown_body`)."""
+    is also the residual; the last program zeroes XACC, except with Y_ACC (see `_updown_body`). COUNT: the weights
+    read are added into NREAD (the gate's: the stripe's active inputs × this block's units)."""
     p = tl.program_id(0)
     units = p * BLOCK_U + tl.arange(0, BLOCK_U)
     umask = units < F
@@ -123,8 +125,11 @@ def _ffn_gate_updown_kernel(X, GWT, GMEAN, GTHR, GBIAS, UTHR, UP, DOWNT, A, RES,
     av = tl.where(tl.abs(av) >= u_thr, av, 0.0)
     tl.store(A + units, av, mask=umask)
     tl.debug_barrier()                              # a is visible to all the block's threads
+    gate_reads = 0
+    if COUNT:
+        gate_reads = cnt.to(tl.int64) * tl.minimum(F - p * BLOCK_U, BLOCK_U)
     _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps, BLOCK_U, BLOCK_S, BLOCK_D, COPIES,
-                 HAS_RES, EVEN_D, NORM, PIPE, XACC, X_ACC, YOUT, Y_ACC, rstd, X_ACC)
+                 HAS_RES, EVEN_D, NORM, PIPE, XACC, X_ACC, YOUT, Y_ACC, rstd, X_ACC, NREAD, COUNT, gate_reads)
 
 
 @triton.jit
@@ -132,13 +137,14 @@ def _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
                  BLOCK_U: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                  COPIES: tl.constexpr, HAS_RES: tl.constexpr, EVEN_D: tl.constexpr, NORM: tl.constexpr,
                  PIPE: tl.constexpr, XACC, X_ACC: tl.constexpr, YOUT, Y_ACC: tl.constexpr, rstd_in,
-                 RSTD_IN: tl.constexpr):
+                 RSTD_IN: tl.constexpr, NREAD, COUNT: tl.constexpr, gate_reads):
     """Program p of the up/down projections: its units' a → active units → W_up and W_downᵀ rows → atomics.
     X_ACC: x is x + XACC (`_load_h`) and the residual is that x (RES = X); the last program zeroes XACC.
     Y_ACC (the hand-off to the next layer's q/k/v kernel): the programs add their sums into the caller's fp32
     YOUT and stop (no arrival, no epilogue, XACC left as it is); program 0 writes the input x (not normalised:
     the residual stream) to Y. RSTD_IN: rstd_in is the norm's scale of this x, already reduced by the caller (the
-    same values in the same layout: the same bits), so the block-wide reduction is not repeated."""
+    same values in the same layout: the same bits), so the block-wide reduction is not repeated. COUNT: gate_reads
+    plus the W_up and W_downᵀ rows of the active units (2·D each) are added into NREAD, one atomic a program."""
     units = p * BLOCK_U + tl.arange(0, BLOCK_U)
     umask = units < F
     a = tl.load(A + units, mask=umask, other=0.0)
@@ -146,6 +152,8 @@ def _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
     on_i = on.to(tl.int32)
     pos = tl.cumsum(on_i, axis=0) - on_i            # exclusive: slot of each active unit
     cnt = tl.sum(on_i, axis=0)
+    if COUNT:
+        tl.atomic_add(NREAD, gate_reads + cnt.to(tl.int64) * (2 * D), sem="relaxed", scope="gpu")
     base = p.to(tl.int64) * BLOCK_U
     tl.store(IDX + base + pos, units, mask=on)
     ds = tl.arange(0, BLOCK_D)
@@ -286,7 +294,7 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
                     out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
                     config: dict | None = None, norm_w: torch.Tensor | None = None, eps: float = 1e-6,
                     block_g: int | None = None, x_acc: torch.Tensor | None = None,
-                    y_acc: torch.Tensor | None = None) -> torch.Tensor:
+                    y_acc: torch.Tensor | None = None, count: torch.Tensor | None = None) -> torch.Tensor:
     """The whole CWIC gated FFN of one token in one launch (`gemv.ffn` semantics, B = 1): the gate's granular
     GEMV (thresholds, act, unit mask) for each program's BLOCK_U units, then their up/down rows as
     `ffn_updown` does. gate_wt (d, F) input-major; gate_mean (d,) or per stripe (k, d) fp32; gate_thr (k, d);
@@ -299,10 +307,12 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
     and the returned tensor is the input (x + x_acc rounded, not normalised): the residual stream, to which the
     consumer adds y_acc (`gemv.gemv_ex(x_acc=...)`). No arrival counter, no epilogue; x_acc is then NOT zeroed
     (its programs may still read it when others finish): the caller clears it after the launch, as the decode
-    engine's next RoPE kernel does (`decode.rope_cache(clear=...)`)."""
+    engine's next RoPE kernel does (`decode.rope_cache(clear=...)`).
+    count (1,) int64: the weights read (gate pairs × rows, 2·d an active unit) are added into it (`gemv.gemv_ex`)."""
     B, d = x.shape
     F_ = gate_wt.shape[1]
     assert B == 1, "ffn_gate_updown runs one token"
+    check_count(count, x)
     assert up_w.shape == (F_, d) and down_wt.shape == (F_, d) and up_w.is_contiguous() and down_wt.is_contiguous()
     assert unit_thr.shape == (F_,) and unit_thr.dtype == torch.float32
     k, stripe, stride_mk, _ = check_args(x, gate_wt, gate_mean, gate_thr, stripe, 0, act, torch.float32)
@@ -342,5 +352,6 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
         NORM=norm_w is not None, PIPE=cfg["PIPE"], ACT=ACT_IDS[act], HAS_BIAS=gate_bias is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(x.device),
         XACC=x_acc if x_acc is not None else x, X_ACC=x_acc is not None,
-        YOUT=y_acc if y_acc is not None else x, Y_ACC=y_acc is not None)
+        YOUT=y_acc if y_acc is not None else x, Y_ACC=y_acc is not None,
+        NREAD=count if count is not None else x, COUNT=count is not None)
     return y

@@ -211,7 +211,8 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
                 HAS_RES: tl.constexpr, ACT: tl.constexpr, EVEN_M: tl.constexpr,
                 DOT_F32: tl.constexpr, PIPE: tl.constexpr, NORM: tl.constexpr, NB: tl.constexpr,
                 USE_PDL: tl.constexpr = False, ROPE: tl.constexpr = False, ACC_OUT: tl.constexpr = False,
-                XACC=None, XOUT=None, X_ACC: tl.constexpr = False, X_OUT: tl.constexpr = False):
+                XACC=None, XOUT=None, X_ACC: tl.constexpr = False, X_OUT: tl.constexpr = False,
+                NREAD=None, COUNT: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -250,11 +251,15 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
         # current block is multiplied, so a program waits about one memory round trip per block, not two
         xc, on = _mask_x(x0, rows, n_hi, mu, t, nw, rstd, MASK_MODE, NORM)
         w = _load_rows(WT, rows, cols, M, on, cmask, EVEN_M)
+        if COUNT:
+            nact = tl.sum(on.to(tl.int32), axis=0)
         for n0 in range(n_lo + BLOCK_N, n_hi, BLOCK_N):
             rows2 = n0 + tl.arange(0, BLOCK_N)
             xc2, on2 = _mask1(X + pid_b * stride_xb, MEAN + r * stride_mk, THR + r * N, rows2, n_hi, MASK_MODE,
                               NW, rstd, NORM, XACC, X_ACC)
             w2 = _load_rows(WT, rows2, cols, M, on2, cmask, EVEN_M)
+            if COUNT:
+                nact += tl.sum(on2.to(tl.int32), axis=0)
             acc += tl.sum(xc[:, None] * w.to(tl.float32), axis=0)[None, :]
             xc = xc2
             w = w2
@@ -262,12 +267,16 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
     elif BLOCK_B == 1:
         xc, on = _mask_x(x0, rows, n_hi, mu, t, nw, rstd, MASK_MODE, NORM)
         w = _load_rows(WT, rows, cols, M, on, cmask, EVEN_M)
+        if COUNT:
+            nact = tl.sum(on.to(tl.int32), axis=0)
         mu, t, nw = _mask_pre(MEAN + r * stride_mk, THR + r * N, rows + BLOCK_N, n_hi, MASK_MODE, NW, NORM)
         acc += tl.sum(xc[:, None] * w.to(tl.float32), axis=0)[None, :]
         for n0 in range(n_lo + BLOCK_N, n_hi, BLOCK_N):
             rows = n0 + tl.arange(0, BLOCK_N)
             xc, on = _mask_post(X + pid_b * stride_xb, rows, n_hi, mu, t, nw, rstd, MASK_MODE, NORM, XACC, X_ACC)
             w = _load_rows(WT, rows, cols, M, on, cmask, EVEN_M)
+            if COUNT:
+                nact += tl.sum(on.to(tl.int32), axis=0)
             mu, t, nw = _mask_pre(MEAN + r * stride_mk, THR + r * N, rows + BLOCK_N, n_hi, MASK_MODE, NW, NORM)
             acc += tl.sum(xc[:, None] * w.to(tl.float32), axis=0)[None, :]
     else:
@@ -306,6 +315,10 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
                 acc = tl.dot(hi, w, acc)
                 acc = tl.dot(lo, w, acc)
 
+    if COUNT:   # (one token) weights read: this chunk's active inputs x this block's columns (every block of the
+        # stripe has the same mask, so the blocks of a stripe add up to its rows)
+        ncol = tl.minimum(M - col0, BLOCK_M)
+        tl.atomic_add(NREAD, nact.to(tl.int64) * ncol, sem="relaxed", scope="gpu")
     if ACC_OUT:   # the partial sums (+ the folded bias, once) go straight into the fp32 Y: no split-K arrival
         if HAS_BIAS:
             acc = tl.where(pid_k == 0, acc + eb[None, :], acc)
@@ -538,7 +551,7 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
             config: dict | None = None, compact: bool | None = None,
             norm_w: torch.Tensor | None = None, eps: float = 1e-6, rope: tuple | None = None,
             acc_out: torch.Tensor | None = None, x_acc: torch.Tensor | None = None,
-            x_out: torch.Tensor | None = None) -> torch.Tensor:
+            x_out: torch.Tensor | None = None, count: torch.Tensor | None = None) -> torch.Tensor:
     """y = epilogue(GMM(x; wt, mean, thr) + bias): the Triton kernel behind `cwic::gemv`.
 
     x (B, n) any float dtype; wt (n, m); mean (n,) or per stripe (k, n) fp32; thr (k, n) fp32;
@@ -567,9 +580,14 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
     x_acc (1, n) fp32, with acc_out: the input is (x + x_acc) rounded to x's dtype (x_acc: the fp32 sum handed on
     by the previous product, e.g. the one-launch FFN's `y_acc`); x_acc is read, not cleared. x_out (1, n), x's
     dtype, with acc_out: one program also writes that input there (the residual stream, for the layer's FFN).
+
+    count (1,) int64, one token: the weights this product reads (active (stripe, input) pairs × the stripe's
+    rows; `check_count`) are added into it on the device, one atomic a program (the decode engine's per-token
+    figures for the chat). No host synchronisation.
     """
     B, n = x.shape
     m = wt.shape[1]
+    check_count(count, x)
     if x_acc is not None or x_out is not None:
         if acc_out is None:
             raise ValueError("x_acc / x_out: only with acc_out (one token, the masked-load kernel)")
@@ -593,13 +611,17 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
     if B == 1 and compact is not False and (compact or config is None) and rope is None:
         if compact or (AUTO_COMPACT and (n, m) in _compact.TUNED_COMPACT):
             return _compact.gemv_compact(x, wt, mean, thr, bias, stripe, residual=residual, act=act, unit_thr=unit_thr,
-                                  mask_mode=mask_mode, out_dtype=out_dtype, out=out, norm_w=norm_w, eps=eps)
+                                  mask_mode=mask_mode, out_dtype=out_dtype, out=out, norm_w=norm_w, eps=eps,
+                                  count=count)
     k, stripe, stride_mk, out_dtype = check_args(x, wt, mean, thr, stripe, mask_mode, act, out_dtype)
     check_norm(x, norm_w)
     y = out if out is not None else torch.empty((B, m), dtype=out_dtype, device=x.device)
     if B == 0:
         return y
     cfg = config or gemv_config(B, n, m, stripe, x.device)
+    if count is not None and cfg["BLOCK_B"] != 1:
+        raise ValueError(f"count: a one-token tile (BLOCK_B = 1) is needed; the given config has BLOCK_B = "
+                         f"{cfg['BLOCK_B']}")
     if x_acc is not None and cfg["BLOCK_B"] != 1:
         raise ValueError("x_acc: a one-token tile (BLOCK_B = 1) is needed; the given config has "
                          f"BLOCK_B = {cfg['BLOCK_B']}")
@@ -637,13 +659,30 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
         NORM=norm_w is not None, NB=triton.next_power_of_2(n), ROPE=rope is not None, ACC_OUT=acc_out is not None,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **pdl_args(x.device),
         XACC=x_acc if x_acc is not None else x, XOUT=x_out if x_out is not None else x,
-        X_ACC=x_acc is not None, X_OUT=x_out is not None)
+        X_ACC=x_acc is not None, X_OUT=x_out is not None,
+        NREAD=count if count is not None else y, COUNT=count is not None)
     return y
+
+
+def check_count(count: torch.Tensor | None, x: torch.Tensor) -> None:
+    """A `count=` argument: a (1,) int64 tensor on x's device, and one token (a batch's products read the union of
+    its tokens' weights, not each token's own)."""
+    if count is None:
+        return
+    if not (isinstance(count, torch.Tensor) and count.dtype == torch.int64 and count.numel() == 1
+            and count.device == x.device):
+        raise ValueError(f"count: a (1,) int64 tensor on {x.device}, got "
+                         f"{getattr(count, 'dtype', type(count))} {tuple(getattr(count, 'shape', ()))} "
+                         f"on {getattr(count, 'device', '?')}")
+    if x.shape[0] != 1:
+        raise ValueError(f"count: one token at a time (got {x.shape[0]}): a batch reads the union of its tokens' "
+                         "weights, not each token's own")
 
 
 def gemv_qkv_rope(x: torch.Tensor, wt: torch.Tensor, mean, thr, bias, stripe: int, pos: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, hq: int, hkv: int,
-                  norm_w: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+                  norm_w: torch.Tensor | None = None, eps: float = 1e-6,
+                  count: torch.Tensor | None = None) -> torch.Tensor:
     """One token's fused q/k/v product (wt (n, (hq + 2·hkv)·hd)) followed by `decode.rope_cache`, in one launch:
     returns the rotated q (1, hq·hd) and writes k (rotated) and v into kc/vc (max_len, hkv, hd) at pos[0].
     The masked-load kernel with one head per output block does it in its epilogue; where a head is not a
@@ -658,11 +697,11 @@ def gemv_qkv_rope(x: torch.Tensor, wt: torch.Tensor, mean, thr, bias, stripe: in
     ov["block_m"] = hd
     cfg = gemv_config(1, n, m, stripe, x.device, **ov) if B == 1 else None
     if cfg is None or cfg["BLOCK_M"] != hd or not supports_stripe(stripe, m) or thr is None:
-        y = gemv_ex(x, wt, mean, thr, bias, stripe, norm_w=norm_w, eps=eps)
+        y = gemv_ex(x, wt, mean, thr, bias, stripe, norm_w=norm_w, eps=eps, count=count)
         return rope_cache(y, pos, cos, sin, kc, vc, hq, hkv)
     q = torch.empty((1, hq * hd), dtype=x.dtype, device=x.device)
     gemv_ex(x, wt, mean, thr, bias, stripe, norm_w=norm_w, eps=eps, config=cfg, compact=False,
-            rope=(pos, cos, sin, q, kc, vc, hq, hkv))
+            rope=(pos, cos, sin, q, kc, vc, hq, hkv), count=count)
     return q
 
 
@@ -716,7 +755,7 @@ def ffn_one_launch(d: int, F: int, stripe: int, fused: bool | None = None) -> bo
 def ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int, up_w, down_wt, unit_thr,
         act: str = "silu", residual: torch.Tensor | None = None, fused: bool | None = None,
         norm_w: torch.Tensor | None = None, eps: float = 1e-6, x_acc: torch.Tensor | None = None,
-        y_acc: torch.Tensor | None = None) -> torch.Tensor:
+        y_acc: torch.Tensor | None = None, count: torch.Tensor | None = None) -> torch.Tensor:
     """`cwic::ffn`: gate GMM with act + unit mask in its epilogue → active rows of W_up → active rows of
     W_downᵀ (+ residual). No host synchronisation. One token: one launch (`ffn_fused.ffn_gate_updown`: each
     program computes the gate for its own units, then their up and down rows; fp32 atomics, so the last bits
@@ -726,7 +765,10 @@ def ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int, up_w, down_wt, 
     x_acc (1, d) fp32, with residual x: the input (and residual) is (x_acc + x) rounded to x's dtype, x_acc the sum
     of a `gemv_ex(acc_out=...)` (the o product); the one-launch kernel reads it itself, other paths form it first.
     x_acc is left zeroed. y_acc: the one-launch kernel's hand-off (`ffn_fused.ffn_gate_updown`: the product
-    added into y_acc, the input returned, x_acc not cleared); other paths refuse it."""
+    added into y_acc, the input returned, x_acc not cleared); other paths refuse it.
+    count (1,) int64, one token: the weights read (the gate's active pairs × rows, 2·d a active unit) are added
+    into it (`gemv_ex`)."""
+    check_count(count, x)
     one = x.shape[0] == 1 and (FUSED_FFN if fused is None else fused)
     one_launch = one and gate_thr is not None and ffn_one_launch(x.shape[1], gate_wt.shape[1], stripe, fused)
     if y_acc is not None and not one_launch:
@@ -742,9 +784,11 @@ def ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int, up_w, down_wt, 
     if one_launch:
         return _fused.ffn_gate_updown(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt,
                                       unit_thr, act, residual=residual, out_dtype=x.dtype, norm_w=norm_w,
-                                      eps=eps, x_acc=x_acc, y_acc=y_acc)
+                                      eps=eps, x_acc=x_acc, y_acc=y_acc, count=count)
     a = gemv_ex(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, act=act, unit_thr=unit_thr,
-                norm_w=norm_w, eps=eps)
+                norm_w=norm_w, eps=eps, count=count)
+    if count is not None:   # the up rows and down rows of the active units
+        count += (a != 0).sum() * (2 * up_w.shape[1])
     if one:
         return _fused.ffn_updown(x, up_w, down_wt, a, residual=residual, out_dtype=x.dtype, norm_w=norm_w,
                                  eps=eps)

@@ -121,7 +121,7 @@ def _compact_gemv_kernel(X, MEAN, THR, IDX, VAL, CNT, WT, BIAS, RES, UTHR, Y, WS
                          SPLIT: tl.constexpr, MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                          HAS_RES: tl.constexpr, ACT: tl.constexpr, EVEN_M: tl.constexpr,
                          FUSED: tl.constexpr, USE_GDC: tl.constexpr, NORM: tl.constexpr, NB: tl.constexpr,
-                         USE_PDL: tl.constexpr = False):
+                         USE_PDL: tl.constexpr = False, NREAD=None, COUNT: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     col0 = pid_m * BLOCK_M
@@ -148,6 +148,8 @@ def _compact_gemv_kernel(X, MEAN, THR, IDX, VAL, CNT, WT, BIAS, RES, UTHR, Y, WS
         region = r * NCHUNK + pid_c
         base = region.to(tl.int64) * CHUNK
         cnt = tl.load(CNT + region)
+    if COUNT:   # weights read: the chunk's active inputs x this block's columns (see gemv._gmm_kernel)
+        tl.atomic_add(NREAD, cnt.to(tl.int64) * tl.minimum(M - col0, BLOCK_M), sem="relaxed", scope="gpu")
     # first block of slots: loaded with the count (a region is CHUNK ≥ BLOCK_N slots long), so the
     # weight loads are the second round trip; stale slots ≥ count are masked out
     acc2 = _slot_products(IDX, VAL, WT, base, slots, cnt, cols, cmask, M, EVEN_M)
@@ -244,14 +246,16 @@ def gemv_compact(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, t
                  act: str | None = None, unit_thr: torch.Tensor | None = None,
                  mask_mode: int = MASK_THRESHOLD, out_dtype: torch.dtype | None = None,
                  out: torch.Tensor | None = None, config: dict | None = None,
-                 norm_w: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+                 norm_w: torch.Tensor | None = None, eps: float = 1e-6,
+                 count: torch.Tensor | None = None) -> torch.Tensor:
     """`gemv.gemv_ex` with work ∝ density for one token (B > 1: `gemv_ex`, config ignored).
 
     x (1, n); wt (n, m) contiguous; mean (n,) or per stripe (k, n) fp32; thr (k, n) fp32; bias (m,)
     fp32 or None; residual (1, m); act + unit_thr: activation and unit mask in the epilogue (output
     fp32 unless out_dtype says otherwise). config: `compact_config(...)`. norm_w, eps: fused RMSNorm of x
-    (`gemv.gemv_ex`)."""
+    (`gemv.gemv_ex`). count: the weights read are added into it (`gemv.gemv_ex`)."""
     B, n = x.shape
+    G.check_count(count, x)
     if B != 1:
         return G.gemv_ex(x, wt, mean, thr, bias, stripe, residual=residual, act=act, unit_thr=unit_thr,
                          mask_mode=mask_mode, out_dtype=out_dtype, out=out, compact=False, norm_w=norm_w, eps=eps)
@@ -287,5 +291,6 @@ def gemv_compact(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, t
         MASK_MODE=mask_mode, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         ACT=ACT_IDS[act], EVEN_M=(m % cfg["BLOCK_M"] == 0), FUSED=cfg["fused"], USE_GDC=pdl,
         NORM=norm["NORM"] and cfg["fused"], NB=norm["NB"], USE_PDL=every,
+        NREAD=count if count is not None else y, COUNT=count is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
     return y

@@ -24,6 +24,11 @@ sparse kernels (`cwic_exp.cpu_decode`), so the reply comes at the sparse model's
 figure is what the kernels read for that token:
 
     python -m cwic_exp.chat --backend cpu --dtype bfloat16
+
+`--backend engine` does the same on a GPU: the decode engine (`cwic_exp.engine`: static KV cache, one CUDA graph
+a step, the Triton sparse kernels), whose kernels count what they read for each token:
+
+    python -m cwic_exp.chat --backend engine --device cuda --dtype bfloat16
 """
 from __future__ import annotations
 
@@ -160,7 +165,54 @@ class CpuBackend:
         return self.dec.logits().float(), aps
 
 
-BACKENDS: dict[str, Callable] = {"hf": HFBackend, "cpu": CpuBackend}
+class EngineBackend:
+    """The decode engine (`cwic_exp.engine.DecodeEngine`, count_reads=True): on a GPU one CUDA-graph replay a token
+    through the Triton sparse kernels, so the chat runs at the sparse model's real GPU speed. A token's figure is
+    what the kernels read for it: each kernel program adds its share to a device counter (one atomic), read after
+    the step, the same convention as `active_parameters` and the cpu backend; prompt tokens go one step each.
+    Elsewhere (the CPU) the engine runs the kernels' PyTorch twins, which count the same way: slow, for tests."""
+
+    def __init__(self, model, device: str | torch.device | None = None, max_len: int | None = None,
+                 triton: bool | None = None):   # (device: where the model is; the engine runs there)
+        from . import is_cwic
+        from .cpu_decode import dense_counts
+        from .engine import DecodeEngine
+        if not is_cwic(model):
+            raise ValueError("not a CWIC model: load a CWIC checkpoint (AutoModelForCausalLM after "
+                             "`import cwic_exp`), or convert with cwic_exp.to_cwic")
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        positions = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
+        self.max_context = min(positions, int(max_len or 4096))   # the KV cache is allocated up front
+        self.model = model
+        self.engine = DecodeEngine(model, max_len=self.max_context, triton=triton, count_reads=True)
+        self.dense = float(dense_counts(model)["total"])
+        self.pos = 0
+        self._total = 0
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def cached(self) -> int:
+        return self.pos
+
+    def truncate(self, length: int) -> None:
+        # positions past `length` are overwritten by the next steps and never attended to before that
+        self.pos = max(0, min(int(length), self.pos))
+
+    def forward(self, ids: list[int]) -> tuple[torch.Tensor, list[float]]:
+        if self.pos + len(ids) > self.max_context:
+            raise RuntimeError(f"KV cache full: {self.pos} + {len(ids)} tokens, {self.max_context} positions")
+        eng, aps, logits = self.engine, [], None
+        for t in ids:
+            logits = eng.feed(int(t), self.pos)
+            self.pos += 1
+            total = int(eng.reads.sum())     # (waits for the step)
+            aps.append(float(total - self._total))
+            self._total = total
+        return logits[-1].float().clone(), aps   # (a copy: the graph's buffer changes at the next step)
+
+
+BACKENDS: dict[str, Callable] = {"hf": HFBackend, "cpu": CpuBackend, "engine": EngineBackend}
 
 
 def register_backend(name: str, factory: Callable) -> None:
@@ -584,8 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt (default: the chat template's own)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-context", type=int, default=None,
-                   help="default: the model's positions (--backend cpu: at most 4096, its KV cache is allocated up "
-                        "front)")
+                   help="default: the model's positions (--backend cpu / engine: at most 4096, their KV cache is "
+                        "allocated up front)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
@@ -619,6 +671,8 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     try:
         if args.backend == "cpu":
             backend = BACKENDS["cpu"](model, args.device, max_len=args.max_context, nthreads=args.threads or 0)
+        elif args.backend == "engine":
+            backend = BACKENDS["engine"](model, args.device, max_len=args.max_context)
         else:
             backend = BACKENDS[args.backend](model, args.device)
     except (ValueError, RuntimeError) as e:

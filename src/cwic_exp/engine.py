@@ -219,7 +219,8 @@ class DecodeEngine:
     """Greedy decoding with a static KV cache; a decode step is one CUDA-graph replay on CUDA."""
 
     def __init__(self, model: nn.Module, max_len: int = 1024, dtype: torch.dtype | None = None,
-                 cuda_graph: bool = True, triton: bool | None = None, gemm_from: int | None = None):
+                 cuda_graph: bool = True, triton: bool | None = None, gemm_from: int | None = None,
+                 count_reads: bool = False):
         from cwic_kernels.gpu import backend
         self.device = next(model.parameters()).device
         self.w = prepare_decode(model, dtype)
@@ -278,6 +279,12 @@ class DecodeEngine:
         self._acc: dict = {}
         # whether any layer may sum its q/k/v into a hand-off buffer (one fused CWIC q/k/v matrix)
         self._cwic_qkv = any(len(L.qkv) == 1 and L.qkv[0].kind == "cwic" for L in self.w.layers)
+        # count_reads: every one-token step adds the weights its products read to `reads` (int64, [q/k/v and o, FFN,
+        # head]), on the device inside the kernels (one atomic a program; the kernels' `count=`); the chat's per-token
+        # figures. attn_o is then off (its o product does not count). Off by default: the benchmarks do not count
+        self.count_reads = bool(count_reads)
+        self.reads = torch.zeros(3, dtype=torch.int64, device=self.device)
+        self.logits = None   # the last step's logits (1, V); with a CUDA graph a static buffer, rewritten each replay
         self.graph = None
 
     def refresh(self) -> None:
@@ -285,11 +292,14 @@ class DecodeEngine:
         refresh_thresholds(self.w)
 
     # ------------------------------------------------------------------ the model
-    def _lin(self, lin: Linear, x, residual=None, norm=None):
+    def _lin(self, lin: Linear, x, residual=None, norm=None, count=None):
         """y = lin(x) (+ residual); norm = (w, eps): x is the residual stream and lin takes RMSNorm(x)·w,
-        fused into the CWIC kernels, a separate kernel before a dense matrix."""
+        fused into the CWIC kernels, a separate kernel before a dense matrix. count: one token's weights read are
+        added into it (a dense matrix: all of them)."""
         if norm is not None and lin.kind == "dense":
             x = self.K.rmsnorm(x, norm[0], norm[1])
+        if count is not None and lin.kind == "dense":
+            count += lin.w.numel()
         if lin.kind == "dense":
             if residual is not None and lin.bias is None:
                 return torch.addmm(residual, x, lin.w.t())
@@ -297,12 +307,14 @@ class DecodeEngine:
             return y if residual is None else y + residual
         if self._gemm(x):
             from cwic_kernels.gpu.prefill import masked_gemm
+            assert count is None, "count: one token at a time"
             if norm is not None:
                 x = self.K.rmsnorm(x, norm[0], norm[1])
             return masked_gemm(x, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, residual=residual)
         gemv = self.K.gemv_ex if self.K.supports_stripe(lin.stripe, lin.out_features) else _ref_gemv_ex
         nw, eps = norm if norm is not None else (None, 1e-6)
-        return gemv(x, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, residual=residual, norm_w=nw, eps=eps)
+        return gemv(x, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, residual=residual, norm_w=nw, eps=eps,
+                    count=count)
 
     def _gemm(self, x: torch.Tensor) -> bool:
         """Whether CWIC products of these tokens run as GEMMs (`gemm_from`; never one token: the decode step)."""
@@ -328,11 +340,13 @@ class DecodeEngine:
         """The o product's and the FFN's fp32 sums, (1, 2d) in one buffer, so that one kernel clears both."""
         return self._acc_buf("o+ffn", 2 * d)
 
-    def _ffn(self, f: FFN, x, residual, norm=None, x_acc=None, y_acc=None):
+    def _ffn(self, f: FFN, x, residual, norm=None, x_acc=None, y_acc=None, count=None):
         """FFN(RMSNorm(x)·w) + residual for norm = (w, eps), else FFN(x) + residual. x_acc (CWIC only): the
         input and residual are x + x_acc (the o product's fp32 sum), rounded; x_acc is left zeroed. y_acc (the
         one-launch FFN only): the product is added into y_acc and the input (x + x_acc) returned; x_acc is not
-        cleared (`_attention` has the next RoPE kernel do it)."""
+        cleared (`_attention` has the next RoPE kernel do it). count: as in `_lin`."""
+        if count is not None and f.kind == "dense":
+            count += f.gate_up.numel() + f.down.numel()
         if norm is not None and f.kind == "dense":
             x = self.K.rmsnorm(x, norm[0], norm[1])
         nw, eps = norm if norm is not None else (None, 1e-6)
@@ -343,7 +357,7 @@ class DecodeEngine:
         g = f.gate
         if self._gemm(x):
             from cwic_kernels.gpu.prefill import ffn_gemm
-            assert x_acc is None and y_acc is None, "x_acc / y_acc: one token only"
+            assert x_acc is None and y_acc is None and count is None, "x_acc / y_acc / count: one token only"
             if norm is not None:
                 x = self.K.rmsnorm(x, nw, eps)
             return ffn_gemm(x, g.wt, g.mean, g.thr, g.bias, g.stripe, f.up_w, f.down_wt, f.unit_thr, f.act,
@@ -351,9 +365,9 @@ class DecodeEngine:
         if not self.K.supports_stripe(g.stripe, g.out_features):
             from cwic_kernels.gpu.fallback import ffn_ref
             return ffn_ref(x, g.wt, g.mean, g.thr, g.bias, g.stripe, f.up_w, f.down_wt, f.unit_thr,
-                           f.act, residual=residual, norm_w=nw, eps=eps, x_acc=x_acc, y_acc=y_acc)
+                           f.act, residual=residual, norm_w=nw, eps=eps, x_acc=x_acc, y_acc=y_acc, count=count)
         return self.K.ffn(x, g.wt, g.mean, g.thr, g.bias, g.stripe, f.up_w, f.down_wt, f.unit_thr,
-                          f.act, residual=residual, norm_w=nw, eps=eps, x_acc=x_acc, y_acc=y_acc)
+                          f.act, residual=residual, norm_w=nw, eps=eps, x_acc=x_acc, y_acc=y_acc, count=count)
 
     def _one_token_cwic(self, lin: Linear, h: torch.Tensor) -> bool:
         """Whether lin runs as a one-token CWIC kernel (the cases where a hand-off or an epilogue fusion applies)."""
@@ -409,9 +423,10 @@ class DecodeEngine:
 
     def _o_fusable(self, L: Layer, h: torch.Tensor) -> bool:
         """Whether layer L's attention and o product run in one launch (`attn_o`): o hands its sum to the FFN
-        (`_hand_o_to_ffn`), no fused RoPE + attention launch, and `attn_o_config` tiles the o shape."""
+        (`_hand_o_to_ffn`), no fused RoPE + attention launch, `attn_o_config` tiles the o shape, and the engine does
+        not count reads (`attn_o` does not count its o product's)."""
         o = L.o
-        return self.attn_o and not self.fuse_attn and self._hand_o_to_ffn(L, h) and \
+        return self.attn_o and not self.count_reads and not self.fuse_attn and self._hand_o_to_ffn(L, h) and \
             self.K.attn_o_config(o.out_features, o.stripe, self.w.head_dim) is not None
 
     def _qkv_buf(self, li: int, m: int) -> torch.Tensor:
@@ -426,12 +441,12 @@ class DecodeEngine:
         return self._acc_buf(f"qkv{2 if n % 2 and li == n - 1 and n > 1 else li % 2}", m)
 
     def _attention(self, li: int, L: Layer, h: torch.Tensor, x_acc: torch.Tensor | None = None,
-                   o_acc: tuple | None = None):
+                   o_acc: tuple | None = None, count: torch.Tensor | None = None):
         """Layer li's attention output for the residual stream h (T, d), its rotated keys and values written to
         the cache, and h. x_acc (`_hand_ffn_to_qkv`): the residual stream is h + x_acc (the previous FFN's
         product), formed and written to a static buffer by the q/k/v kernel, and returned. o_acc = (o, buffer)
         (`_o_fusable`): the o product of the attention output is added into the buffer in the attention's launch,
-        and None is returned in its place."""
+        and None is returned in its place. count: the q/k/v products' reads are added into it (one token)."""
         w, K = self.w, self.K
         lin = L.qkv[0]
         fused = self.fuse_norm and len(L.qkv) == 1      # one q/k/v matrix: RMSNorm inside the CWIC kernels
@@ -441,7 +456,7 @@ class DecodeEngine:
         if one_cwic and self.fuse_rope:
             # one token: norm, q/k/v product, RoPE and the cache writes in one CWIC launch
             q = K.qkv_rope(h, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, self.pos, self.cos, self.sin,
-                           self.kc[li], self.vc[li], w.n_heads, w.n_kv_heads, norm_w=L.ln1, eps=w.eps)
+                           self.kc[li], self.vc[li], w.n_heads, w.n_kv_heads, norm_w=L.ln1, eps=w.eps, count=count)
             return self._attn_out(li, q, o_acc), h
         if one_cwic and self.acc_qkv:
             acc = self._qkv_buf(li, lin.out_features)
@@ -450,15 +465,16 @@ class DecodeEngine:
                 h_in, h = h, self._acc_buf("h", h.shape[1], h.dtype)
                 clear = self._hand_buf(h.shape[1])
                 K.gemv_ex(h_in, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, norm_w=L.ln1, eps=w.eps,
-                          acc_out=acc, x_acc=x_acc, x_out=h)
+                          acc_out=acc, x_acc=x_acc, x_out=h, count=count)
             else:
-                K.gemv_ex(h, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, norm_w=L.ln1, eps=w.eps, acc_out=acc)
+                K.gemv_ex(h, lin.wt, lin.mean, lin.thr, lin.bias, lin.stripe, norm_w=L.ln1, eps=w.eps, acc_out=acc,
+                          count=count)
             return self._attend(li, acc, acc=True, clear=clear, o_acc=o_acc), h
         if fused:   # (dense: a norm kernel before the product)
-            qkv = self._lin(lin, h, norm=(L.ln1, w.eps))
+            qkv = self._lin(lin, h, norm=(L.ln1, w.eps), count=count)
         else:
             xn = K.rmsnorm(h, L.ln1, w.eps)
-            qkv = [self._lin(q, xn) for q in L.qkv]
+            qkv = [self._lin(q, xn, count=count) for q in L.qkv]
             qkv = qkv[0] if len(qkv) == 1 else torch.cat(qkv, 1)
         return self._attend(li, qkv.contiguous(), o_acc=o_acc), h
 
@@ -468,6 +484,9 @@ class DecodeEngine:
         w, K = self.w, self.K
         h = F.embedding(ids, w.embed)                               # (T, d)
         fuse = self.fuse_norm
+        # one token with count_reads: its products add their weights read into reads[part]
+        ca, cf, ch = ((self.reads[0:1], self.reads[1:2], self.reads[2:3]) if self.count_reads and ids.shape[0] == 1
+                      else (None, None, None))
         y_acc = None   # the previous FFN's product, handed on to this layer's q/k/v kernel
         for li, L in enumerate(w.layers):
             o = L.o
@@ -476,31 +495,32 @@ class DecodeEngine:
             acc = hand[:, :o.out_features] if hand_o else None
             # the o product inside the attention's launch (attn_o)
             o_acc = (o, acc) if hand_o and self._o_fusable(L, h) else None
-            att, h = self._attention(li, L, h, x_acc=y_acc, o_acc=o_acc)
+            att, h = self._attention(li, L, h, x_acc=y_acc, o_acc=o_acc, count=ca)
             y_acc = None
             if hand_o:
                 # one token: the o product's fp32 sum goes to the FFN kernel, which adds the residual itself, and
                 # (acc_ffn) the FFN's product to the next layer's q/k/v kernel
                 if o_acc is None:
-                    K.gemv_ex(att, o.wt, o.mean, o.thr, o.bias, o.stripe, acc_out=acc)
+                    K.gemv_ex(att, o.wt, o.mean, o.thr, o.bias, o.stripe, acc_out=acc, count=ca)
                 nxt = w.layers[li + 1] if li + 1 < len(w.layers) else None
                 if self._hand_ffn_to_qkv(L, nxt, h):
                     y_acc = hand[:, o.out_features:]
-                h = self._ffn(L.ffn, h, h, norm=(L.ln2, w.eps), x_acc=acc, y_acc=y_acc)
+                h = self._ffn(L.ffn, h, h, norm=(L.ln2, w.eps), x_acc=acc, y_acc=y_acc, count=cf)
                 continue
-            h = self._lin(L.o, att, residual=h)
+            h = self._lin(L.o, att, residual=h, count=ca)
             if fuse:
-                h = self._ffn(L.ffn, h, h, norm=(L.ln2, w.eps))
+                h = self._ffn(L.ffn, h, h, norm=(L.ln2, w.eps), count=cf)
             else:
-                h = self._ffn(L.ffn, K.rmsnorm(h, L.ln2, w.eps), h)
+                h = self._ffn(L.ffn, K.rmsnorm(h, L.ln2, w.eps), h, count=cf)
         if last_only:
             h = h[-1:]
         if fuse:
-            return self._lin(w.head, h, norm=(w.norm, w.eps))
-        return self._lin(w.head, K.rmsnorm(h, w.norm, w.eps))
+            return self._lin(w.head, h, norm=(w.norm, w.eps), count=ch)
+        return self._lin(w.head, K.rmsnorm(h, w.norm, w.eps), count=ch)
 
     def _step(self):
         logits = self.forward(self.tok, last_only=True)
+        self.logits = logits
         nxt = self.K.argmax(logits)
         self.tokens.index_copy_(0, self.pos + 1, nxt)
         self.tok.copy_(nxt)
@@ -533,6 +553,7 @@ class DecodeEngine:
         self.vc[:, 0].copy_(rows[1])
         self.tokens[:2].copy_(rows[2])
         self._clear_acc()
+        self.reads.zero_()   # (the warm-up steps counted)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -549,6 +570,23 @@ class DecodeEngine:
         self.tok.copy_(nxt)
         self.pos.fill_(T)
         return logits
+
+    @torch.no_grad()
+    def feed(self, token: int, pos: int) -> torch.Tensor:
+        """One decode step of `token` at position `pos` (the cache row written, attention over positions 0..pos):
+        its logits (1, V), a static buffer with a CUDA graph (copy it to keep it). With count_reads, `reads` has grown
+        by the weights the step read. The caller owns the positions (e.g. a chat backend truncating after Ctrl-C)."""
+        if not 0 <= pos < self.max_len:
+            raise ValueError(f"position {pos} outside the engine's {self.max_len} (raise max_len)")
+        if self.use_graph and self.graph is None:
+            self.capture()
+        self.tok.fill_(int(token))
+        self.pos.fill_(int(pos))
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+        return self.logits
 
     @torch.no_grad()
     def decode(self, n: int):

@@ -298,3 +298,22 @@ def test_engine_backend_figures_are_the_kernels_reads_and_equal_recount(ckpt, tm
     assert len(set(got)) > 3 and tr["dense"] == pytest.approx(recount_dense(ckpt))
     from cwic_exp.chat import EngineBackend
     _same_greedy_reply_as_hf(EngineBackend, ckpt)
+
+
+def test_engine_backend_after_an_interrupted_step(ckpt):
+    """A step that ran (and counted) but whose figure was never taken (Ctrl-C while the host waits for it), then the
+    chat's truncate: the figures and logits that follow are those of a clean run (the counter is re-read, and the
+    hand-off buffers a half-done eager step may leave are cleared)."""
+    from transformers import AutoModelForCausalLM
+    import cwic_exp  # noqa: F401
+    from cwic_exp.chat import EngineBackend
+    be = EngineBackend(AutoModelForCausalLM.from_pretrained(ckpt))
+    ids = [5, 17, 42, 9, 77, 3]
+    clean_logits, clean = be.forward(ids)
+    be.reset()
+    be.forward(ids[:3])
+    be.engine.feed(ids[3], 3)                      # ran and counted, never reported
+    be.engine._acc_buf("qkv", 8).fill_(1.0)        # as a half-done eager step may leave a sum
+    be.truncate(3)
+    logits, again = be.forward(ids[3:])
+    assert again == clean[3:] and torch.equal(logits, clean_logits)

@@ -1000,6 +1000,8 @@ def _want_reads(x, mean, thr, stripe, m):
 COUNT_PATHS = {   # gemv_ex keyword arguments: the masked-load kernel's loops, split-K, the hand-off; the compact one
     "masked": dict(compact=False),
     "masked-pipe-split": dict(compact=False, config="pipe"),
+    "masked-loop": dict(compact=False, config="loop"),           # several blocks a program, not pipelined
+    "masked-loop-split": dict(compact=False, config="loop2"),
     "masked-acc-out": dict(compact=False, acc_out=True),
     "compact": dict(compact=True),
     "compact-fused": dict(compact=True, config="fused"),
@@ -1018,6 +1020,10 @@ def test_gemv_count_is_the_weights_read(path, n, m, stripe, mean2d):
     kw = dict(COUNT_PATHS[path])
     if kw.get("config") == "pipe":
         kw["config"] = G.gemv_config(1, n, m, stripe, x.device, block_m=16, block_n=32, max_split=2, pipe=True)
+    elif kw.get("config") in ("loop", "loop2"):
+        kw["config"] = G.gemv_config(1, n, m, stripe, x.device, block_m=16, block_n=32,
+                                     max_split=1 if kw["config"] == "loop" else 2)
+        assert kw["config"]["CHUNK_N"] > 32          # the loop runs
     elif kw.get("config") == "fused":
         kw["config"] = None
         kw.pop("compact")

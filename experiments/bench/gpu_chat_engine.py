@@ -10,7 +10,9 @@ Random weights (bf16), stripe 512, thresholds calibrated to the APR as in `gpu_d
 - `engine backend`: `cwic_exp.chat.EngineBackend.forward`, the chat's `--backend engine`: one CUDA-graph replay a
   token with the kernels counting what they read, the counter read back after each token (a host sync), the
   logits copied;
-- `engine backend, count off` (a control): the same loop through `DecodeEngine.feed` without counting;
+- `engine feed, count off` (a control): the same loop through `DecodeEngine.feed` without counting, with the same
+  wait for the step after each token (the difference to the row above: the counting atomics, the counter's
+  read-back and the logits copy);
 - `hf backend`: `cwic_exp.chat.HFBackend.forward`, the Hugging Face incremental decoder with masked dense
   products and the accounting hooks (the chat's default).
 
@@ -125,7 +127,8 @@ def main(argv=None):
             pos[0] += 1
 
     def c_one(t):
-        lg = eng2.feed(t, pos[0]).float().clone()
+        lg = eng2.feed(t, pos[0])
+        _sync()                                   # the backend waits for each step too
         pos[0] += 1
         return lg
 

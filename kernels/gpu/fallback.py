@@ -80,7 +80,7 @@ def reads_ref(xf, m, mean, thr, stripe, mask_mode=MASK_THRESHOLD):
         return (on.sum(1) * rows).sum()
     if mask_mode == MASK_NONZERO:
         return (xf[0] != 0).sum() * m
-    return torch.tensor(n * m, device=xf.device)
+    return xf.new_full((), n * m, dtype=torch.int64)   # (no host copy: capturable)
 
 
 def ffn_up_ref(x, up_w, a, config=None):

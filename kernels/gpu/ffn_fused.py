@@ -311,8 +311,8 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
     count (1,) int64: the weights read (gate pairs × rows, 2·d an active unit) are added into it (`gemv.gemv_ex`)."""
     B, d = x.shape
     F_ = gate_wt.shape[1]
-    assert B == 1, "ffn_gate_updown runs one token"
     check_count(count, x)
+    assert B == 1, "ffn_gate_updown runs one token"
     assert up_w.shape == (F_, d) and down_wt.shape == (F_, d) and up_w.is_contiguous() and down_wt.is_contiguous()
     assert unit_thr.shape == (F_,) and unit_thr.dtype == torch.float32
     k, stripe, stride_mk, _ = check_args(x, gate_wt, gate_mean, gate_thr, stripe, 0, act, torch.float32)

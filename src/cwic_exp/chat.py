@@ -190,14 +190,18 @@ class EngineBackend:
         self._total = 0
 
     def reset(self) -> None:
-        self.pos = 0
+        self.truncate(0)
 
     def cached(self) -> int:
         return self.pos
 
     def truncate(self, length: int) -> None:
-        # positions past `length` are overwritten by the next steps and never attended to before that
+        # positions past `length` are overwritten by the next steps and never attended to before that. After a
+        # Ctrl-C: a step may have counted without its figure being taken (the interrupt lands while the host waits
+        # for it), and an eager step (no CUDA graph) may have stopped half-way with a hand-off buffer non-zero
         self.pos = max(0, min(int(length), self.pos))
+        self.engine._clear_acc()
+        self._total = int(self.engine.reads.sum())
 
     def forward(self, ids: list[int]) -> tuple[torch.Tensor, list[float]]:
         if self.pos + len(ids) > self.max_context:
@@ -672,6 +676,9 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
         if args.backend == "cpu":
             backend = BACKENDS["cpu"](model, args.device, max_len=args.max_context, nthreads=args.threads or 0)
         elif args.backend == "engine":
+            if torch.device(args.device).type != "cuda":
+                view.notice(f"--backend engine on {args.device}: the engine runs its kernels' PyTorch twins there "
+                            "(slow; use --device cuda for the Triton kernels, or --backend cpu on a CPU)")
             backend = BACKENDS["engine"](model, args.device, max_len=args.max_context)
         else:
             backend = BACKENDS[args.backend](model, args.device)

@@ -279,7 +279,8 @@ class DecodeEngine:
         self._acc: dict = {}
         # whether any layer may sum its q/k/v into a hand-off buffer (one fused CWIC q/k/v matrix)
         self._cwic_qkv = any(len(L.qkv) == 1 and L.qkv[0].kind == "cwic" for L in self.w.layers)
-        # count_reads: every one-token step adds the weights its products read to `reads` (int64, [q/k/v and o, FFN,
+        # count_reads: every one-token forward (a decode step, or a one-token prefill; longer prompts are not counted)
+        # adds the weights its products read to `reads` (int64, [q/k/v and o, FFN,
         # head]), on the device inside the kernels (one atomic a program; the kernels' `count=`); the chat's per-token
         # figures. attn_o is then off (its o product does not count). Off by default: the benchmarks do not count
         self.count_reads = bool(count_reads)
@@ -577,7 +578,8 @@ class DecodeEngine:
         its logits (1, V), a static buffer with a CUDA graph (copy it to keep it). With count_reads, `reads` has grown
         by the weights the step read. The caller owns the positions (e.g. a chat backend truncating after Ctrl-C)."""
         if not 0 <= pos < self.max_len:
-            raise ValueError(f"position {pos} outside the engine's {self.max_len} (raise max_len)")
+            raise ValueError(f"position {pos} outside the engine's 0..{self.max_len - 1}"
+                             + (" (raise max_len)" if pos >= self.max_len else ""))
         if self.use_graph and self.graph is None:
             self.capture()
         self.tok.fill_(int(token))

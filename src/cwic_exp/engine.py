@@ -26,6 +26,10 @@ Positions live in a device tensor, and a decode step (embedding → logits → a
 synchronisation, so it is captured once and replayed. On the CPU the engine runs the same code with the
 PyTorch twins of the kernels (`triton=True` runs the Triton kernels there under TRITON_INTERPRET=1).
 
+For the chat (`cwic_exp.chat --backend engine`), `DecodeEngine(model, count_reads=True)` has the one-token kernels
+add the weights they read to a device counter (`reads`: q/k/v and o, FFN, head; one atomic a kernel program), and
+`feed(token, pos)` runs one step of a given token at a given position (the graph replayed) and returns its logits.
+
 Prefill runs eagerly over all prompt tokens: up to `gemm_from - 1` tokens (default 511) with the same kernels
 (the small-batch GEMV path, which skips what every token of a 16-token tile skips), from `gemm_from` tokens on
 (CWIC_PREFILL_GEMM=T; 0: never) with per-stripe GEMMs on masked, centred inputs (`cwic_kernels.gpu.prefill`:
@@ -490,17 +494,18 @@ class DecodeEngine:
                       else (None, None, None))
         y_acc = None   # the previous FFN's product, handed on to this layer's q/k/v kernel
         for li, L in enumerate(w.layers):
-            o = L.o
             hand_o = fuse and self._hand_o_to_ffn(L, h)
-            hand = self._hand_buf(o.out_features) if hand_o else None
-            acc = hand[:, :o.out_features] if hand_o else None
-            # the o product inside the attention's launch (attn_o)
-            o_acc = (o, acc) if hand_o and self._o_fusable(L, h) else None
+            o_acc = None
+            if hand_o and self._o_fusable(L, h):   # the o product inside the attention's launch
+                o_acc = (L.o, self._hand_buf(L.o.out_features)[:, :L.o.out_features])
             att, h = self._attention(li, L, h, x_acc=y_acc, o_acc=o_acc, count=ca)
             y_acc = None
             if hand_o:
                 # one token: the o product's fp32 sum goes to the FFN kernel, which adds the residual itself, and
                 # (acc_ffn) the FFN's product to the next layer's q/k/v kernel
+                o = L.o
+                hand = self._hand_buf(o.out_features)
+                acc = hand[:, :o.out_features]
                 if o_acc is None:
                     K.gemv_ex(att, o.wt, o.mean, o.thr, o.bias, o.stripe, acc_out=acc, count=ca)
                 nxt = w.layers[li + 1] if li + 1 < len(w.layers) else None

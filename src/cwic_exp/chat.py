@@ -67,14 +67,28 @@ class DecodeBackend(Protocol):
         ...
 
 
+def _require_cwic(model) -> None:
+    from . import is_cwic
+    if not is_cwic(model):
+        raise ValueError("not a CWIC model: load a CWIC checkpoint (AutoModelForCausalLM after "
+                         "`import cwic_exp`), or convert with cwic_exp.to_cwic")
+
+
+def _cache_positions_and_dense(model, max_len: int | None) -> tuple[int, float]:
+    """A kernel backend's KV-cache length (min(model positions, max_len or 4096): it is allocated up front) and the
+    dense weights a step reads (the figures' scale)."""
+    from .cpu_decode import dense_counts
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    positions = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
+    return min(positions, int(max_len or 4096)), float(dense_counts(model)["total"])
+
+
 class HFBackend:
     """Plain Hugging Face incremental decoding (`past_key_values`) under `cwic_context(track_ap=True)`."""
 
     def __init__(self, model, device: str | torch.device = "cpu"):
-        from . import gather_active, is_cwic
-        if not is_cwic(model):
-            raise ValueError("not a CWIC model: load a CWIC checkpoint (AutoModelForCausalLM after "
-                             "`import cwic_exp`), or convert with cwic_exp.to_cwic")
+        from . import gather_active
+        _require_cwic(model)
         self.model, self.device, self._gather = model, torch.device(device), gather_active
         cfg = model.config
         self.max_context = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
@@ -125,24 +139,18 @@ class CpuBackend:
     order at a threshold) or bfloat16 (the fast path: `--dtype bfloat16`)."""
 
     def __init__(self, model, device: str | torch.device = "cpu", max_len: int | None = None, nthreads: int = 0):
-        from . import is_cwic
-        from .cpu_decode import CpuDecoder, dense_counts
+        from .cpu_decode import CpuDecoder
         if torch.device(device).type != "cpu":
             raise ValueError(f"the cpu backend runs on the CPU, not {device!r}: use --device cpu "
                              "(or --backend hf for another device)")
-        if not is_cwic(model):
-            raise ValueError("not a CWIC model: load a CWIC checkpoint (AutoModelForCausalLM after "
-                             "`import cwic_exp`), or convert with cwic_exp.to_cwic")
+        _require_cwic(model)
         dtype = next(model.parameters()).dtype
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"the cpu backend keeps float32 or bfloat16 weights, not {dtype}: "
                              "use --dtype float32 or --dtype bfloat16")
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        positions = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
-        self.max_context = min(positions, int(max_len or 4096))   # the KV cache is allocated up front
+        self.max_context, self.dense = _cache_positions_and_dense(model, max_len)
         self.model = model
         self.dec = CpuDecoder(model, mode="cwic", dtype=dtype, max_len=self.max_context, nthreads=nthreads)
-        self.dense = float(dense_counts(model)["total"])
 
     def reset(self) -> None:
         self.dec.reset()
@@ -174,18 +182,11 @@ class EngineBackend:
 
     def __init__(self, model, device: str | torch.device | None = None, max_len: int | None = None,
                  triton: bool | None = None):   # (device: where the model is; the engine runs there)
-        from . import is_cwic
-        from .cpu_decode import dense_counts
         from .engine import DecodeEngine
-        if not is_cwic(model):
-            raise ValueError("not a CWIC model: load a CWIC checkpoint (AutoModelForCausalLM after "
-                             "`import cwic_exp`), or convert with cwic_exp.to_cwic")
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        positions = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
-        self.max_context = min(positions, int(max_len or 4096))   # the KV cache is allocated up front
+        _require_cwic(model)
+        self.max_context, self.dense = _cache_positions_and_dense(model, max_len)
         self.model = model
         self.engine = DecodeEngine(model, max_len=self.max_context, triton=triton, count_reads=True)
-        self.dense = float(dense_counts(model)["total"])
         self.pos = 0
         self._total = 0
 

@@ -6,7 +6,7 @@
 
 The same 1B-shaped random model and 3x-APR calibration as `gpu_tune_decode.py`; the engine runs without a
 CUDA graph (ncu profiles each launch), after a prefill and two decode steps. Prints nothing of its own but
-the APR.
+the APR. `--ffn '{"reg_sel": true}'` profiles the FFN with other tiles (`ffn_fused.ffn_updown_config`'s keys).
 """
 from __future__ import annotations
 
@@ -25,8 +25,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="1B")
     ap.add_argument("--apr", type=float, default=3.0)
+    ap.add_argument("--ffn", default=None, help='JSON overrides of the one-launch FFN tiles, e.g. \'{"reg_sel": true}\'')
     args = ap.parse_args(argv)
     ensure_imports()
+    if args.ffn:
+        import json
+        from cwic_kernels.gpu import ffn_fused
+        over = json.loads(args.ffn)
+        for key in list(ffn_fused.TUNED_UPDOWN) or [(2048, 8192)]:
+            ffn_fused.TUNED_UPDOWN[key] = {**ffn_fused.TUNED_UPDOWN.get(key, {}), **over}
     import cwic_exp
     from cwic_exp.engine import DecodeEngine
     dev = torch.device("cuda")

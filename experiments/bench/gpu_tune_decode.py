@@ -33,7 +33,7 @@ from gpu_decode import (CONFIGS, _sync, build_model, calibrate_density, collect_
                         kernel_breakdown, measure_apr)
 from gpu_kernels import ensure_imports, save_outputs  # noqa: E402
 
-QKV, O, HEAD, FFN, HAND = "qkv", "o", "head", "ffn", "hand"
+QKV, O, HEAD, FFN, FFNX, HAND = "qkv", "o", "head", "ffn", "ffnx", "hand"
 
 
 def variants(d: int, qkv_m: int, vocab: int, F: int) -> dict:
@@ -69,6 +69,16 @@ def variants(d: int, qkv_m: int, vocab: int, F: int) -> dict:
               "nw8": vary(num_warps=8), "bs2": vary(block_s=2), "bs8": vary(block_s=8),
               "bu16": vary(block_u=16), "bu64": vary(block_u=64), "copies4": vary(copies=4),
               "stages2": vary(num_stages=2), "nopipe": vary(pipe=False), "nopipe_bs8": vary(block_s=8, pipe=False)}
+    # the one-launch FFN's structure (`--groups ffnx`): active units picked in registers instead of through an index
+    # scratch (reg_sel), the gate's inputs read by masked loads instead of compacted first (gate_masked)
+    g[FFNX] = {"reg_sel": vary(reg_sel=True), "gate_masked": vary(gate_masked=True),
+               "gate_masked_bg256": vary(gate_masked=True, block_g=256),
+               "gate_masked_bg1024": vary(gate_masked=True, block_g=1024),
+               "both": vary(reg_sel=True, gate_masked=True),
+               "both_bg256": vary(reg_sel=True, gate_masked=True, block_g=256),
+               "both_nw8": vary(reg_sel=True, gate_masked=True, num_warps=8),
+               "both_bs8": vary(reg_sel=True, gate_masked=True, block_s=8),
+               "reg_sel_bs8_nopipe": vary(reg_sel=True, block_s=8, pipe=False)}
     # the engine's hand-offs of fp32 sums between kernels, each turned off (`--groups hand`: an in-process A/B)
     g[HAND] = {"acc_ffn_off": [("engine", "acc_ffn", False)], "acc_o_off": [("engine", "acc_o", False)],
                "acc_qkv_off": [("engine", "acc_qkv", False)], "fuse_attn_off": [("engine", "fuse_attn", False)]}

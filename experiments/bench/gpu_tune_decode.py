@@ -77,6 +77,8 @@ def variants(d: int, qkv_m: int, vocab: int, F: int) -> dict:
                "both": vary(reg_sel=True, gate_masked=True),
                "both_bg256": vary(reg_sel=True, gate_masked=True, block_g=256),
                "both_nw8": vary(reg_sel=True, gate_masked=True, num_warps=8),
+               "both_nw8_bg256": vary(reg_sel=True, gate_masked=True, num_warps=8, block_g=256),
+               "reg_sel_nw8_bg256": vary(reg_sel=True, num_warps=8, block_g=256),
                "both_bs8": vary(reg_sel=True, gate_masked=True, block_s=8),
                "reg_sel_bs8_nopipe": vary(reg_sel=True, block_s=8, pipe=False)}
     # the engine's hand-offs of fp32 sums between kernels, each turned off (`--groups hand`: an in-process A/B)

@@ -217,8 +217,6 @@ def _updown_ref(x, up_w, down_wt, a, res, dt=None):
     (64, 200, 0.4, dict(block_u=16, block_s=4, copies=3, num_stages=2)),   # spread accumulators
     (80, 100, 0.6, dict(block_u=32, block_s=4, pipe=True)),                  # pipelined steps
     (64, 96, 0.3, dict(block_u=32, block_s=16, pipe=True)),                  # pipelined, one step
-    (80, 100, 0.6, dict(block_u=32, block_s=4, pipe=True, reg_sel=True)),    # units picked in registers
-    (64, 200, 0.4, dict(block_u=16, block_s=4, reg_sel=True)),               # the same, unpipelined
 ])
 def test_ffn_updown_matches_two_kernel_path(d, F_, density, cfg, dtype):
     from cwic_kernels.gpu import ffn_fused as FF
@@ -750,9 +748,6 @@ def _ffn_gold(xn, gwt, gmean, gthr, gbias, stripe, up_w, down_wt, uthr, res):
     (64, 96, 32, {}, True, True),                               # per-stripe means over three stripes (padded rows)
     (64, 200, 200, dict(block_u=16, block_s=4, copies=3), False, False),  # one stripe (= F), spread accumulators
     (8, 64, 32, dict(block_u=16), False, False),                # d < 16: a gate step wider than the inputs
-    (80, 128, 64, dict(block_u=16, block_s=4, pipe=True, reg_sel=True), True, False),   # units picked in registers
-    (80, 128, 64, dict(block_u=16, block_g=32, gate_masked=True), True, True),          # gate by masked loads
-    (64, 80, 32, dict(block_s=4, pipe=True, block_g=16, gate_masked=True, reg_sel=True), False, False),  # both
 ])
 def test_ffn_gate_updown_matches_three_launches(d, F_, stripe, cfg, norm, mean2d, dtype):
     """The one-launch FFN (gate for each program's units, then their up/down rows) equals the gate GEMV followed
@@ -1077,9 +1072,7 @@ def test_ffn_count_is_the_weights_read(norm):
     units = int((a != 0).sum())
     want = _want_reads(xn, gmean, gthr, stripe, F_) + 2 * d * units
     assert 0 < units < F_
-    variants = FF.ffn_updown_config(d, F_, block_g=16, gate_masked=True, reg_sel=True, block_s=4, pipe=True)
-    for fn, kw in ((FF.ffn_gate_updown, {}), (FF.ffn_gate_updown, dict(config=variants)), (G.ffn, dict(fused=False)),
-                   (fb.ffn_ref, {})):
+    for fn, kw in ((FF.ffn_gate_updown, {}), (G.ffn, dict(fused=False)), (fb.ffn_ref, {})):
         count = torch.zeros(1, dtype=torch.int64, device=DEV)
         fn(x, *args, residual=x, norm_w=nw, eps=1e-6, count=count, **kw)
         assert int(count) == want, (fn, int(count), want)

@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import (ACT_IDS, _act, _load_h, _load_rows, _mask_pre, _mask_x, _overlap, _pdl_enter, _rstd_of, check_args,
-                   check_count, pdl_args)
+from .gemv import (ACT_IDS, EVICT_W, _act, _load_h, _overlap, _pdl_enter, _rstd_of, check_args, check_count,
+                   pdl_args)
 from .gemv_compact import _select_block, _select_pre, _select_x, _slot_products
 
 __all__ = ["ffn_updown", "ffn_gate_updown", "gate_fusable", "ffn_updown_config", "TUNED_UPDOWN"]
@@ -56,28 +56,8 @@ def _step_rows(IDX, A, UP, DOWNT, base, s0, slots, cnt, ds, dmask, D, EVEN_D: tl
         wm = sm[:, None]
     else:
         wm = sm[:, None] & dmask[None, :]
-    wu = tl.load(UP + roff, mask=wm, other=0.0, eviction_policy="evict_first")
-    wd = tl.load(DOWNT + roff, mask=wm, other=0.0, eviction_policy="evict_first")
-    return av, wu, wd
-
-
-@triton.jit
-def _step_rows_reg(units, a, on, pos, UP, DOWNT, s0, slots, cnt, ds, dmask, D, EVEN_D: tl.constexpr):
-    """`_step_rows` without the index scratch (REG_SEL): slot s's unit is picked from the program's BLOCK_U units in
-    registers, the one active unit whose exclusive prefix count is s (a (BLOCK_S, BLOCK_U) compare and sum: exact,
-    one term is non-zero), so no store → barrier → load round trip stands between a unit's a and its rows."""
-    want = s0 + slots
-    sel = on[None, :] & (pos[None, :] == want[:, None])
-    idx = tl.sum(tl.where(sel, units[None, :], 0), axis=1)
-    av = tl.sum(tl.where(sel, a[None, :], 0.0), axis=1)
-    sm = want < cnt
-    roff = idx.to(tl.int64)[:, None] * D + ds[None, :]
-    if EVEN_D:
-        wm = sm[:, None]
-    else:
-        wm = sm[:, None] & dmask[None, :]
-    wu = tl.load(UP + roff, mask=wm, other=0.0, eviction_policy="evict_first")
-    wd = tl.load(DOWNT + roff, mask=wm, other=0.0, eviction_policy="evict_first")
+    wu = tl.load(UP + roff, mask=wm, other=0.0, eviction_policy=EVICT_W)
+    wd = tl.load(DOWNT + roff, mask=wm, other=0.0, eviction_policy=EVICT_W)
     return av, wu, wd
 
 
@@ -92,11 +72,10 @@ def _step_sum(av, wu, wd, x):
 def _ffn_updown_kernel(X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
                        BLOCK_U: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                        COPIES: tl.constexpr, HAS_RES: tl.constexpr, EVEN_D: tl.constexpr, NORM: tl.constexpr,
-                       PIPE: tl.constexpr, USE_PDL: tl.constexpr = False, REG_SEL: tl.constexpr = False):
+                       PIPE: tl.constexpr, USE_PDL: tl.constexpr = False):
     _pdl_enter(USE_PDL)
     _updown_body(tl.program_id(0), X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps, BLOCK_U, BLOCK_S,
-                 BLOCK_D, COPIES, HAS_RES, EVEN_D, NORM, PIPE, X, False, X, False, 1.0, False, X, False, 0,
-                 0.0, False, REG_SEL)
+                 BLOCK_D, COPIES, HAS_RES, EVEN_D, NORM, PIPE, X, False, X, False, 1.0, False, X, False, 0)
 
 
 @triton.jit
@@ -107,8 +86,7 @@ def _ffn_gate_updown_kernel(X, GWT, GMEAN, GTHR, GBIAS, UTHR, UP, DOWNT, A, RES,
                             EVEN_D: tl.constexpr, EVEN_U: tl.constexpr, NORM: tl.constexpr, PIPE: tl.constexpr,
                             ACT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr = False,
                             XACC=None, X_ACC: tl.constexpr = False, YOUT=None, Y_ACC: tl.constexpr = False,
-                            NREAD=None, COUNT: tl.constexpr = False, REG_SEL: tl.constexpr = False,
-                            GATE_MASKED: tl.constexpr = False):
+                            NREAD=None, COUNT: tl.constexpr = False):
     """The whole gated FFN of one token, a program per BLOCK_U units: the gate's BLOCK_U columns over every
     input (the stripe's active inputs compacted into a private scratch region, then only their rows read:
     `gemv_compact`'s fused mode with one chunk, so no split-K round trip), + folded bias, act, unit mask → a
@@ -127,50 +105,32 @@ def _ffn_gate_updown_kernel(X, GWT, GMEAN, GTHR, GBIAS, UTHR, UP, DOWNT, A, RES,
     if HAS_BIAS:
         gb = tl.load(GBIAS + units, mask=umask, other=0.0)
     rstd = 1.0
-    if GATE_MASKED:   # no scratch: the inputs in blocks of BLOCK_G, an inactive input's row a masked load
+    if X_ACC:   # as _select_block, on x + XACC (loaded once for the norm and the mask)
+        rows = tl.arange(0, BLOCK_D)
+        xr = _load_h(X, XACC, rows, rows < D, True)
         if NORM:
-            rows = tl.arange(0, BLOCK_D)
-            rstd = _rstd_of(_load_h(X, XACC, rows, rows < D, X_ACC), D, eps)
-        acc = tl.zeros((BLOCK_U,), dtype=tl.float32)
-        cnt = 0
-        for c in tl.static_range(BLOCK_D // BLOCK_G):
-            rows_c = c * BLOCK_G + tl.arange(0, BLOCK_G)
-            xr_c = _load_h(X, XACC, rows_c, rows_c < D, X_ACC)
-            mu_c, t_c, w_c = _mask_pre(GMEAN + r * stride_mk, GTHR + r * D, rows_c, D, 0, NW, NORM)
-            xc_c, on_c = _mask_x(xr_c, rows_c, D, mu_c, t_c, w_c, rstd, 0, NORM)
-            wt = _load_rows(GWT, rows_c, units, F, on_c, umask, EVEN_U)
-            acc += tl.sum(xc_c[:, None] * wt.to(tl.float32), axis=0)
-            cnt += tl.sum(on_c.to(tl.int32), axis=0)
-        g = acc + gb
+            rstd = _rstd_of(xr, D, eps)
+        rows, xc, on, pos, cnt = _select_x(xr, rows, D, mu, t, w, rstd, 0, NORM)
     else:
-        if X_ACC:   # as _select_block, on x + XACC (loaded once for the norm and the mask)
-            rows = tl.arange(0, BLOCK_D)
-            xr = _load_h(X, XACC, rows, rows < D, True)
-            if NORM:
-                rstd = _rstd_of(xr, D, eps)
-            rows, xc, on, pos, cnt = _select_x(xr, rows, D, mu, t, w, rstd, 0, NORM)
-        else:
-            rows, xc, on, pos, cnt = _select_block(X, mu, t, w, 0, D, eps, BLOCK_D, 0, NORM, BLOCK_D)
-        gbase = p.to(tl.int64) * BLOCK_D
-        tl.store(GIDX + gbase + pos, rows, mask=on)
-        tl.store(GVAL + gbase + pos, xc, mask=on)
-        tl.debug_barrier()                          # the compacted inputs are visible to all the block's threads
-        slots = tl.arange(0, BLOCK_G)
-        acc2 = _slot_products(GIDX, GVAL, GWT, gbase, slots, cnt, units, umask, F, EVEN_U)
-        for j0 in range(BLOCK_G, cnt, BLOCK_G):
-            acc2 += _slot_products(GIDX, GVAL, GWT, gbase, j0 + slots, cnt, units, umask, F, EVEN_U)
-        g = tl.sum(acc2, axis=0) + gb               # as gemv._epi_finish: + bias, act, unit mask
+        rows, xc, on, pos, cnt = _select_block(X, mu, t, w, 0, D, eps, BLOCK_D, 0, NORM, BLOCK_D)
+    gbase = p.to(tl.int64) * BLOCK_D
+    tl.store(GIDX + gbase + pos, rows, mask=on)
+    tl.store(GVAL + gbase + pos, xc, mask=on)
+    tl.debug_barrier()                              # the compacted inputs are visible to all the block's threads
+    slots = tl.arange(0, BLOCK_G)
+    acc2 = _slot_products(GIDX, GVAL, GWT, gbase, slots, cnt, units, umask, F, EVEN_U)
+    for j0 in range(BLOCK_G, cnt, BLOCK_G):
+        acc2 += _slot_products(GIDX, GVAL, GWT, gbase, j0 + slots, cnt, units, umask, F, EVEN_U)
+    g = tl.sum(acc2, axis=0) + gb                   # as gemv._epi_finish: + bias, act, unit mask
     av = _act(g, ACT)
     av = tl.where(tl.abs(av) >= u_thr, av, 0.0)
     tl.store(A + units, av, mask=umask)
-    if not REG_SEL:
-        tl.debug_barrier()                          # a is visible to all the block's threads
+    tl.debug_barrier()                              # a is visible to all the block's threads
     gate_reads = 0
     if COUNT:
         gate_reads = cnt.to(tl.int64) * tl.minimum(F - p * BLOCK_U, BLOCK_U)
     _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps, BLOCK_U, BLOCK_S, BLOCK_D, COPIES,
-                 HAS_RES, EVEN_D, NORM, PIPE, XACC, X_ACC, YOUT, Y_ACC, rstd, X_ACC, NREAD, COUNT, gate_reads,
-                 av, REG_SEL, REG_SEL)
+                 HAS_RES, EVEN_D, NORM, PIPE, XACC, X_ACC, YOUT, Y_ACC, rstd, X_ACC, NREAD, COUNT, gate_reads)
 
 
 @triton.jit
@@ -178,23 +138,17 @@ def _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
                  BLOCK_U: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                  COPIES: tl.constexpr, HAS_RES: tl.constexpr, EVEN_D: tl.constexpr, NORM: tl.constexpr,
                  PIPE: tl.constexpr, XACC, X_ACC: tl.constexpr, YOUT, Y_ACC: tl.constexpr, rstd_in,
-                 RSTD_IN: tl.constexpr, NREAD, COUNT: tl.constexpr, gate_reads, av_in, AV_IN: tl.constexpr,
-                 REG_SEL: tl.constexpr):
+                 RSTD_IN: tl.constexpr, NREAD, COUNT: tl.constexpr, gate_reads):
     """Program p of the up/down projections: its units' a → active units → W_up and W_downᵀ rows → atomics.
     X_ACC: x is x + XACC (`_load_h`) and the residual is that x (RES = X); the last program zeroes XACC.
     Y_ACC (the hand-off to the next layer's q/k/v kernel): the programs add their sums into the caller's fp32
     YOUT and stop (no arrival, no epilogue, XACC left as it is); program 0 writes the input x (not normalised:
     the residual stream) to Y. RSTD_IN: rstd_in is the norm's scale of this x, already reduced by the caller (the
     same values in the same layout: the same bits), so the block-wide reduction is not repeated. COUNT: gate_reads
-    plus the W_up and W_downᵀ rows of the active units (2·D each) are added into NREAD, one atomic a program.
-    AV_IN: the units' a is av_in (the caller's registers: `_ffn_gate_updown_kernel`), not loaded from A. REG_SEL:
-    the active units are picked in registers (`_step_rows_reg`) instead of through the IDX scratch."""
+    plus the W_up and W_downᵀ rows of the active units (2·D each) are added into NREAD, one atomic a program."""
     units = p * BLOCK_U + tl.arange(0, BLOCK_U)
     umask = units < F
-    if AV_IN:
-        a = av_in
-    else:
-        a = tl.load(A + units, mask=umask, other=0.0)
+    a = tl.load(A + units, mask=umask, other=0.0)
     on = (a != 0.0) & umask
     on_i = on.to(tl.int32)
     pos = tl.cumsum(on_i, axis=0) - on_i            # exclusive: slot of each active unit
@@ -202,8 +156,7 @@ def _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
     if COUNT:
         tl.atomic_add(NREAD, gate_reads + cnt.to(tl.int64) * (2 * D), sem="relaxed", scope="gpu")
     base = p.to(tl.int64) * BLOCK_U
-    if not REG_SEL:
-        tl.store(IDX + base + pos, units, mask=on)
+    tl.store(IDX + base + pos, units, mask=on)
     ds = tl.arange(0, BLOCK_D)
     dmask = ds < D
     x = _load_h(X, XACC, ds, dmask, X_ACC)
@@ -218,20 +171,13 @@ def _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
             rstd = _rstd_of(x, D, eps)
         x = (x.to(tl.float32) * rstd * nw).to(X.dtype.element_ty)
     x = x.to(tl.float32)
-    if not REG_SEL:
-        tl.debug_barrier()                          # the block's slot stores are visible to all its threads
+    tl.debug_barrier()                              # the block's slot stores are visible to all its threads
     y = tl.zeros((BLOCK_D,), dtype=tl.float32)
     slots = tl.arange(0, BLOCK_S)
     if PIPE:   # two-stage software pipeline: the next step's rows are in flight while this step's are reduced
-        if REG_SEL:
-            av, wu, wd = _step_rows_reg(units, a, on, pos, UP, DOWNT, 0, slots, cnt, ds, dmask, D, EVEN_D)
-        else:
-            av, wu, wd = _step_rows(IDX, A, UP, DOWNT, base, 0, slots, cnt, ds, dmask, D, EVEN_D)
+        av, wu, wd = _step_rows(IDX, A, UP, DOWNT, base, 0, slots, cnt, ds, dmask, D, EVEN_D)
         for s0 in range(BLOCK_S, cnt, BLOCK_S):
-            if REG_SEL:
-                av2, wu2, wd2 = _step_rows_reg(units, a, on, pos, UP, DOWNT, s0, slots, cnt, ds, dmask, D, EVEN_D)
-            else:
-                av2, wu2, wd2 = _step_rows(IDX, A, UP, DOWNT, base, s0, slots, cnt, ds, dmask, D, EVEN_D)
+            av2, wu2, wd2 = _step_rows(IDX, A, UP, DOWNT, base, s0, slots, cnt, ds, dmask, D, EVEN_D)
             y += _step_sum(av, wu, wd, x)
             av = av2
             wu = wu2
@@ -239,10 +185,7 @@ def _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
         y += _step_sum(av, wu, wd, x)
     else:
         for s0 in range(0, cnt, BLOCK_S):
-            if REG_SEL:
-                av, wu, wd = _step_rows_reg(units, a, on, pos, UP, DOWNT, s0, slots, cnt, ds, dmask, D, EVEN_D)
-            else:
-                av, wu, wd = _step_rows(IDX, A, UP, DOWNT, base, s0, slots, cnt, ds, dmask, D, EVEN_D)
+            av, wu, wd = _step_rows(IDX, A, UP, DOWNT, base, s0, slots, cnt, ds, dmask, D, EVEN_D)
             y += _step_sum(av, wu, wd, x)
     if Y_ACC:     # handed on: the consumer adds the residual stream and rounds
         if cnt > 0:
@@ -282,12 +225,8 @@ def ffn_updown_config(d: int, F: int, **overrides) -> dict:
     num_warps (default: about 64 bf16 weights a thread a tile), num_stages (software pipelining of the
     step loop), copies (accumulators the programs' atomic additions are spread over; the last program
     sums them), pipe (the next step's rows loaded while this step's are reduced: twice the registers),
-    block_g (`ffn_gate_updown` only: the gate's active inputs gathered a step), reg_sel (the active units picked
-    in registers, `_step_rows_reg`, instead of through the index scratch and a barrier), gate_masked
-    (`ffn_gate_updown` only: the gate reads its inputs in blocks of block_g with masked loads instead of compacting
-    the active ones through a scratch region first)."""
-    p = dict(block_u=32, block_s=8, num_warps=None, num_stages=1, copies=1, pipe=False, block_g=256, reg_sel=False,
-             gate_masked=False)
+    block_g (`ffn_gate_updown` only: the gate's active inputs gathered a step)."""
+    p = dict(block_u=32, block_s=8, num_warps=None, num_stages=1, copies=1, pipe=False, block_g=256)
     p.update(TUNED_UPDOWN.get((d, F), {}) if not overrides else {})
     p.update(overrides)
     bd = triton.next_power_of_2(d)
@@ -296,8 +235,7 @@ def ffn_updown_config(d: int, F: int, **overrides) -> dict:
     nw = p["num_warps"] or max(1, min(16, bs * bd // (64 * 32)))
     return dict(BLOCK_U=bu, BLOCK_S=bs, BLOCK_D=bd, COPIES=int(p["copies"]), grid=(triton.cdiv(F, bu),),
                 num_warps=nw, num_stages=int(p["num_stages"]), PIPE=bool(p["pipe"]),
-                BLOCK_G=min(max(16, triton.next_power_of_2(int(p["block_g"]))), bd), REG_SEL=bool(p["reg_sel"]),
-                GATE_MASKED=bool(p["gate_masked"]))
+                BLOCK_G=min(max(16, triton.next_power_of_2(int(p["block_g"]))), bd))
 
 
 def _workspace(device: torch.device, d: int, F: int, cfg: dict) -> dict:
@@ -340,8 +278,7 @@ def ffn_updown(x: torch.Tensor, up_w: torch.Tensor, down_wt: torch.Tensor, a: to
                                     COPIES=cfg["COPIES"], HAS_RES=residual is not None,
                                     EVEN_D=cfg["BLOCK_D"] == d, NORM=norm_w is not None, PIPE=cfg["PIPE"],
                                     num_warps=cfg["num_warps"],
-                                    num_stages=cfg["num_stages"], REG_SEL=cfg.get("REG_SEL", False),
-                                    **pdl_args(x.device))
+                                    num_stages=cfg["num_stages"], **pdl_args(x.device))
     return y
 
 
@@ -417,6 +354,5 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(x.device),
         XACC=x_acc if x_acc is not None else x, X_ACC=x_acc is not None,
         YOUT=y_acc if y_acc is not None else x, Y_ACC=y_acc is not None,
-        NREAD=count if count is not None else x, COUNT=count is not None, REG_SEL=cfg.get("REG_SEL", False),
-        GATE_MASKED=cfg.get("GATE_MASKED", False))
+        NREAD=count if count is not None else x, COUNT=count is not None)
     return y

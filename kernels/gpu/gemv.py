@@ -33,6 +33,10 @@ FUSED_GATE = os.environ.get("CWIC_FFN_GATE_FUSED", "1") != "0"     # 0: the fuse
 ACT_IDS = {None: -1, "silu": 0, "gelu": 1, "gelu_pytorch_tanh": 2, "gelu_tanh": 2, "relu": 3}
 MASK_THRESHOLD, MASK_NONZERO, MASK_NONE = 0, 1, 2
 PDL = os.environ.get("CWIC_PDL", "1") != "0"   # 0: no programmatic dependent launches (A/B runs)
+# The L2 policy of the weight loads. "evict_first" costs instructions: ptxas rebuilds the cache-policy descriptor
+# for every load (six uniform-datapath instructions each; 604 → 565 instructions a gate step of the one-launch FFN
+# without it, sm_90 SASS). CWIC_EVICT_FIRST=0: plain loads (A/B runs).
+EVICT_W: tl.constexpr = tl.constexpr("evict_first" if os.environ.get("CWIC_EVICT_FIRST", "1") != "0" else "")
 
 try:  # programmatic dependent launch (Hopper+)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -198,7 +202,7 @@ def _load_rows(WT, rows, cols, M, on, cmask, EVEN_M: tl.constexpr):
     if not EVEN_M:
         wmask = wmask & cmask[None, :]
     return tl.load(WT + rows.to(tl.int64)[:, None] * M + cols[None, :], mask=wmask, other=0.0,
-                   eviction_policy="evict_first")
+                   eviction_policy=EVICT_W)
 
 
 @triton.jit
@@ -302,7 +306,7 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
             if not EVEN_M:
                 wmask = wmask & cmask[None, :]
             w = tl.load(WT + rows.to(tl.int64)[:, None] * M + cols[None, :], mask=wmask, other=0.0,
-                        eviction_policy="evict_first")
+                        eviction_policy=EVICT_W)
             if DOT_F32:   # fp32 weights, or the CPU interpreter (whose bf16 dot is unusable)
                 hi = xc.to(w.dtype).to(tl.float32)
                 lo = (xc - hi).to(w.dtype).to(tl.float32)

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ["experiments/bench/gpu_profile_step.py", "--help"],
     ["experiments/bench/gpu_prefill.py", "--help"],
     ["experiments/bench/gpu_ffn_balance.py", "--help"],
+    ["experiments/bench/sass_stats.py", "--help"],
 ])
 def test_bench_help_parses(argv):
     r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -70,3 +71,30 @@ def test_gpu_chat_engine_dry_run():
                                                     "engine feed, count off", "hf backend"]
     assert all(row["tokens_per_s"] > 0 for row in res["rows"])
     assert res["figures_sum_rel_diff"] < 0.01 and 0 < res["mean_figure_engine"] < res["dense_per_token"]
+
+
+def test_sass_stats_reads_the_compiled_ffn():
+    """The offline SASS count of the one-launch FFN (no GPU: Triton's own ptxas): the registers, the two step loops
+    (gate, up/down) with their instructions, and the programs an SM that the registers allow; 8 warps a program
+    spread the same tile over twice the threads, so each step's body is shorter. Bad overrides are refused."""
+    import json
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget  # noqa: F401  (the CUDA backend is installed)
+
+    def run(*tiles):
+        r = subprocess.run([sys.executable, "experiments/bench/sass_stats.py", *tiles], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    four, eight = run(), run("num_warps=8")
+    for res, warps in ((four, 4), (eight, 8)):
+        assert res["bench"] == "sass_stats" and 0 < res["registers"] <= 255
+        assert res["programs_per_sm"] == min(65536 // (res["registers"] * 32 * warps), 64 // warps) >= 1
+        assert len(res["loops"]) >= 2 and all(lp["instructions"] > 0 for lp in res["loops"])
+        assert res["instructions"] > sum(lp["instructions"] for lp in res["loops"])
+    assert eight["overrides"] == {"num_warps": 8}
+    assert max(lp["instructions"] for lp in eight["loops"]) < max(lp["instructions"] for lp in four["loops"])
+    bad = subprocess.run([sys.executable, "experiments/bench/sass_stats.py", "num_warps"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "key=value" in bad.stderr

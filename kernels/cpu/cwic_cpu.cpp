@@ -40,21 +40,22 @@ static int g_prefetch_rows = [] {
   return v > 0 ? v : 16;
 }();
 
-// A register tile is 256 outputs (AVX-512, batch 1), half of a 512-wide stripe, so a stripe's active rows used to
-// be walked twice, 512 B of each row a walk: two scattered reads of every row segment. Now a thread's first tile of
-// a stripe prefetches each row's whole segment of that stripe (all the thread's tiles of it), so the segment comes
-// from memory once, contiguously, and the later tiles read it from the L2 (only while the stripe's later segments
-// fit in g_pf_stripe_budget bytes, so dense walks are unchanged). On the 2-core AMD EPYC host (Zen 4, 1 MiB L2),
-// Llama-3.2-1B shapes, ~33 % of the pairs on: the LM head GEMV 10.2 / 12.2 / 9.5 -> 9.0 / 9.0 / 9.4 ms in alternated
-// processes; decode of the 1B-shaped model at 3x APR 2.03x / 2.10x -> 2.19x / 2.18x over our dense kernel
-// (bench_decode --device cpu --models llama1b --aprs 3, alternated). CWIC_CPU_PF_STRIPE=0 turns it off.
+// A register tile is 256 outputs (AVX-512, batch 1), half of a 512-wide stripe, and the FFN's down product walks
+// its active units once for every 256 of a thread's outputs, so a CWIC walk used to read each active row in
+// scattered 512 B pieces, one a pass over the list. Now a thread's first tile of a stripe (sparse walks only: the
+// dense walks, rows in order, are unchanged) prefetches each row's whole segment of that stripe, all the thread's
+// tiles of it: the segment comes from memory once, contiguously, and the later tiles read it from the L2, or from
+// the L3 to which the L2 spills. Only while the later segments, list length × bytes, fit in g_pf_stripe_budget
+// (default 8 MiB: a quarter of the 32 MiB L3 of the benchmark host). On the 2-core AMD EPYC host (Zen 4, 1 MiB L2),
+// 1B-shaped model at 3x APR: see experiments/results/cpu_amd_epyc_2026-12-03_pm/. CWIC_CPU_PF_STRIPE=0 turns it
+// off; CWIC_CPU_PF_STRIPE_BUDGET sets the budget in bytes.
 static int g_pf_stripe = [] {
   const char* e = std::getenv("CWIC_CPU_PF_STRIPE");
   return e ? std::atoi(e) : 1;
 }();
 static int64_t g_pf_stripe_budget = [] {
   const char* e = std::getenv("CWIC_CPU_PF_STRIPE_BUDGET");
-  return e ? (int64_t)std::atoll(e) : (int64_t)512 * 1024;
+  return e ? (int64_t)std::atoll(e) : (int64_t)8 << 20;
 }();
 static thread_local int64_t t_pf_span = 0;   // bytes the next tile prefetches a row (0: its own width)
 

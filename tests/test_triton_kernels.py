@@ -241,6 +241,14 @@ def test_ffn_updown_matches_two_kernel_path(d, F_, density, cfg, dtype):
     _check(yn, gold - res.double(), two - res, "no residual")
 
 
+def test_ffn_updown_config_refuses_unknown_keys():
+    """A misspelt tile key is an error, not a silently ignored override (the tune and profile scripts pass user keys)."""
+    from cwic_kernels.gpu import ffn_fused as FF
+    with pytest.raises(ValueError, match="unknown tile keys.*num_warp"):
+        FF.ffn_updown_config(64, 96, num_warp=8)
+    assert FF.ffn_updown_config(64, 96, num_warps=8)["num_warps"] == 8
+
+
 # ------------------------------------------------------------------------- decode kernels
 
 @pytest.mark.parametrize("V,block", [(1000, 128), (4096, 1024), (77, 64), (3000, 4096)])

@@ -6,7 +6,7 @@
 
 The same 1B-shaped random model and 3x-APR calibration as `gpu_tune_decode.py`; the engine runs without a
 CUDA graph (ncu profiles each launch), after a prefill and two decode steps. Prints nothing of its own but
-the APR. `--ffn '{"reg_sel": true}'` profiles the FFN with other tiles (`ffn_fused.ffn_updown_config`'s keys).
+the APR. `--ffn '{"num_warps": 8}'` profiles the FFN with other tiles (`ffn_fused.ffn_updown_config`'s keys).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_decode import build_model, calibrate_density, collect_calibration, measure_apr  # noqa: E402
+from gpu_decode import CONFIGS, build_model, calibrate_density, collect_calibration, measure_apr  # noqa: E402
 from gpu_kernels import ensure_imports  # noqa: E402
 
 
@@ -25,15 +25,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="1B")
     ap.add_argument("--apr", type=float, default=3.0)
-    ap.add_argument("--ffn", default=None, help='JSON overrides of the one-launch FFN tiles, e.g. \'{"reg_sel": true}\'')
+    ap.add_argument("--ffn", default=None, help='JSON overrides of the one-launch FFN tiles, e.g. \'{"num_warps": 8}\'')
     args = ap.parse_args(argv)
     ensure_imports()
     if args.ffn:
         import json
         from cwic_kernels.gpu import ffn_fused
         over = json.loads(args.ffn)
-        for key in list(ffn_fused.TUNED_UPDOWN) or [(2048, 8192)]:
-            ffn_fused.TUNED_UPDOWN[key] = {**ffn_fused.TUNED_UPDOWN.get(key, {}), **over}
+        c = CONFIGS[args.model]                         # the model's FFN shape is the table's key
+        key = (c["hidden_size"], c["intermediate_size"])
+        ffn_fused.ffn_updown_config(*key, **over)       # unknown keys: a clear error before the model is built
+        ffn_fused.TUNED_UPDOWN[key] = {**ffn_fused.TUNED_UPDOWN.get(key, {}), **over}
     import cwic_exp
     from cwic_exp.engine import DecodeEngine
     dev = torch.device("cuda")

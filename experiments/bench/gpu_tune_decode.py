@@ -69,12 +69,12 @@ def variants(d: int, qkv_m: int, vocab: int, F: int) -> dict:
               "nw8": vary(num_warps=8), "bs2": vary(block_s=2), "bs8": vary(block_s=8),
               "bu16": vary(block_u=16), "bu64": vary(block_u=64), "copies4": vary(copies=4),
               "stages2": vary(num_stages=2), "nopipe": vary(pipe=False), "nopipe_bs8": vary(block_s=8, pipe=False)}
-    # the one-launch FFN with 8 warps a program and at most 128 registers a thread, so that two programs (16 warps)
-    # share an SM (`--groups ffnx`): the kernel issues its instructions one warp at a time at two warps a scheduler
-    # (ncu), so halving each warp's share pays only where the registers leave room for the second program
+    # `--groups ffnx`: the one-launch FFN with 8 warps a program and gate steps that keep it at 128 registers a thread
+    # (Triton 3.6; `sass_stats.py` shows them), so that two programs (16 warps) share an SM. The kernel issues its
+    # instructions one warp at a time at two warps a scheduler (ncu), so halving each warp's share can pay only where
+    # the registers leave room for the second program
     g[FFNX] = {"nw8_bg256": vary(num_warps=8, block_g=256), "nw8_bg128": vary(num_warps=8, block_g=128),
-               "nw8_bg256_bs8_nopipe": vary(num_warps=8, block_g=256, block_s=8, pipe=False),
-               "nw8_bg512": vary(num_warps=8)}
+               "nw8_bg256_bs8_nopipe": vary(num_warps=8, block_g=256, block_s=8, pipe=False)}
     # the engine's hand-offs of fp32 sums between kernels, each turned off (`--groups hand`: an in-process A/B)
     g[HAND] = {"acc_ffn_off": [("engine", "acc_ffn", False)], "acc_o_off": [("engine", "acc_o", False)],
                "acc_qkv_off": [("engine", "acc_qkv", False)], "fuse_attn_off": [("engine", "fuse_attn", False)]}

@@ -67,6 +67,13 @@ def parse_value(v: str):
         return v
 
 
+def programs_per_sm(regs: int, warps: int) -> int:
+    """Programs (CTAs) of `warps` warps that fit an sm_90 SM by registers: 4 sub-partitions of 16384 registers,
+    allocated 256 at a time per warp; at most 64 warps and 32 programs an SM."""
+    per_warp = -(-regs * 32 // 256) * 256
+    return min((16384 // per_warp) * 4 // warps, 64 // warps, 32)
+
+
 def compile_ffn(overrides: dict, d: int = 2048, F: int = 8192, arch: int = 90):
     """The engine's one-launch FFN (`ffn_fused._ffn_gate_updown_kernel`) for sm_<arch>: (compiled kernel, config)."""
     import triton
@@ -132,13 +139,17 @@ def sass_stats(cubin: bytes) -> dict:
             body = ins[labels[m.group(1)]:i + 1]
             loops.append(dict(start=f"{body[0][0]:#x}", end=f"{body[-1][0]:#x}", instructions=len(body),
                               top=mix(body)))
+    if res.get("reg") is None or not ins:
+        raise SystemExit("sass_stats: could not read the registers or the instructions of the cubin (cuobjdump / "
+                         "nvdisasm output changed?)")
     return dict(registers=res.get("reg"), stack=res.get("stack"), instructions=len(ins), top=mix(ins), loops=loops)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("tiles", nargs="*", help="key=value overrides of ffn_fused.ffn_updown_config (e.g. num_warps=8)")
-    ap.add_argument("--arch", type=int, default=90, help="compute capability ×10 (90: H100/H200)")
+    ap.add_argument("--arch", type=int, default=90, choices=[90], help="compute capability ×10 (90: H100/H200; "
+                    "the programs-an-SM figure assumes sm_90's register file)")
     args = ap.parse_args(argv)
     over = {}
     for t in args.tiles:
@@ -152,8 +163,8 @@ def main(argv=None):
     k, cfg = compile_ffn(over, arch=args.arch)
     st = sass_stats(k.asm["cubin"])
     warps = cfg["num_warps"]
-    regs = st["registers"] or 0
-    per_sm = min(65536 // max(1, regs * 32 * warps), 64 // warps)
+    regs = st["registers"]
+    per_sm = programs_per_sm(regs, warps)
     lines = [f"# SASS of the one-launch FFN (sm_{args.arch}, Triton {triton.__version__}, Llama-3.2-1B shapes, bf16)",
              f"tiles: {json.dumps({k_: v for k_, v in cfg.items() if k_ != 'grid'})}",
              "", "| registers | stack | programs an SM (registers) | warps a program | instructions |",

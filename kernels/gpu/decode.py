@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .gemv import ACT_IDS, MASK_THRESHOLD, _act, _overlap, _pdl_enter, check_args, pdl_args
+from .gemv import ACT_IDS, EVICT_W, MASK_THRESHOLD, _act, _overlap, _pdl_enter, check_args, pdl_args
 
 # ------------------------------------------------------------------------------------ RMSNorm
 
@@ -250,7 +250,7 @@ def _attn_o_kernel(Q, KC, VC, POS, sm_scale, stride_c, WT, MEAN, THR, BIAS, Y, N
         on = tl.abs(xc) >= t
         xc = tl.where(on, xc, 0.0)
         w = tl.load(WT + rows.to(tl.int64)[:, None] * M + cols[None, :], mask=on[:, None] & cmask[None, :],
-                    other=0.0, eviction_policy="evict_first")
+                    other=0.0, eviction_policy=EVICT_W)
         part = tl.sum(xc[:, None] * w.to(tl.float32), axis=0)
         if HAS_BIAS:
             part += tl.where(h == 0, tl.load(BIAS + cols, mask=cmask, other=0.0), 0.0)

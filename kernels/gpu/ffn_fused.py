@@ -227,6 +227,9 @@ def ffn_updown_config(d: int, F: int, **overrides) -> dict:
     sums them), pipe (the next step's rows loaded while this step's are reduced: twice the registers),
     block_g (`ffn_gate_updown` only: the gate's active inputs gathered a step)."""
     p = dict(block_u=32, block_s=8, num_warps=None, num_stages=1, copies=1, pipe=False, block_g=256)
+    unknown = sorted(set(overrides) - set(p))
+    if unknown:
+        raise ValueError(f"ffn_updown_config: unknown tile keys {unknown}; known: {sorted(p)}")
     p.update(TUNED_UPDOWN.get((d, F), {}) if not overrides else {})
     p.update(overrides)
     bd = triton.next_power_of_2(d)

@@ -35,7 +35,8 @@ MASK_THRESHOLD, MASK_NONZERO, MASK_NONE = 0, 1, 2
 PDL = os.environ.get("CWIC_PDL", "1") != "0"   # 0: no programmatic dependent launches (A/B runs)
 # The L2 policy of the weight loads. "evict_first" costs instructions: ptxas rebuilds the cache-policy descriptor
 # for every load (six uniform-datapath instructions each; 604 → 565 instructions a gate step of the one-launch FFN
-# without it, sm_90 SASS). CWIC_EVICT_FIRST=0: plain loads (A/B runs).
+# without it, sm_90 SASS of Triton 3.6), yet decode on the H200 was 5 % slower without it
+# (experiments/results/gpu_h200/ffn_structure_2026-12-03/). CWIC_EVICT_FIRST=0: plain loads (A/B runs).
 EVICT_W: tl.constexpr = tl.constexpr("evict_first" if os.environ.get("CWIC_EVICT_FIRST", "1") != "0" else "")
 
 try:  # programmatic dependent launch (Hopper+)

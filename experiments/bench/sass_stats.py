@@ -28,26 +28,13 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # the one-launch FFN's pointer arguments and their element types in the decode engine (bf16 model)
 FFN_PTRS = dict(X="*bf16", GWT="*bf16", GMEAN="*fp32", GTHR="*fp32", GBIAS="*fp32", UTHR="*fp32", UP="*bf16",
                 DOWNT="*bf16", A="*fp32", RES="*bf16", Y="*bf16", GIDX="*i32", GVAL="*fp32", IDX="*i32",
                 YACC="*fp32", ARR="*i32", NW="*bf16", XACC="*fp32", YOUT="*fp32", NREAD="*i64")
 FFN_SCALARS = dict(D="i32", F="i32", STRIPE="i32", stride_mk="i32", eps="fp32")
-
-
-def _imports():
-    for p in (ROOT, os.path.join(ROOT, "src")):
-        if p not in sys.path:
-            sys.path.insert(0, p)
-    try:
-        import cwic_kernels  # noqa: F401
-    except ImportError:   # a checkout: kernels/ is the cwic_kernels package
-        import types
-        pkg = types.ModuleType("cwic_kernels")
-        pkg.__path__ = [os.path.join(ROOT, "kernels")]
-        sys.modules["cwic_kernels"] = pkg
 
 
 def _tool(name: str) -> str:
@@ -158,7 +145,8 @@ def main(argv=None):
         k, v = t.split("=", 1)
         over[k] = parse_value(v)
     os.environ.pop("TRITON_INTERPRET", None)   # compile for the GPU, not the CPU interpreter
-    _imports()
+    from gpu_kernels import ensure_imports
+    ensure_imports()
     import triton
     k, cfg = compile_ffn(over, arch=args.arch)
     st = sass_stats(k.asm["cubin"])

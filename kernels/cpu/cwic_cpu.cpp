@@ -57,7 +57,6 @@ static int64_t g_pf_stripe_budget = [] {
   const char* e = std::getenv("CWIC_CPU_PF_STRIPE_BUDGET");
   return e ? (int64_t)std::atoll(e) : (int64_t)8 << 20;
 }();
-static thread_local int64_t t_pf_span = 0;   // bytes the next tile prefetches a row (0: its own width)
 
 float round_bf16(float v) {
   uint32_t u;

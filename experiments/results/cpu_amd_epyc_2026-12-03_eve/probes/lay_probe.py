@@ -1,5 +1,7 @@
-"""SmolLM2 shapes, B=1, ~33% of (stripe, input) pairs: input-major vs stripe-major vs dense-own, per-call us
-(weights cycled over enough copies to exceed the L3); alternating rounds."""
+"""SmolLM2 shapes (or the 1B shapes with S=512), B=1, ~33% of (stripe, input) pairs: input-major CWIC GEMV without and
+with the row-span prefetch of patches/pfall.patch ($CWIC_PF_ALL read per call) vs dense-own vs nothing on, per-call us
+(weights cycled over enough copies to exceed the L3); alternating rounds. (Its first run also timed the stripe-major
+layout through gemv_layout; that code was removed after it.)"""
 import os as _os, sys as _sys
 _ROOT = _os.path.abspath(_os.path.join(_os.path.dirname(__file__), *[_os.pardir] * 4))
 _sys.path[:0] = [_ROOT, _os.path.join(_ROOT, 'src')]

@@ -1,13 +1,13 @@
 """Access pattern of a CWIC GEMV walk at one density (35 % of inputs on in every stripe; SmolLM2 o and gate shapes, B = 1,
 bf16, weights cycled over copies beyond the L3): random active inputs vs the first 35 % vs every third input, against
 our dense walk and a walk with nothing on (the fixed cost, Python call included). Prints median us a call."""
-import os as _os, sys as _sys
-_ROOT = _os.path.abspath(_os.path.join(_os.path.dirname(__file__), *[_os.pardir] * 4))
-_sys.path[:0] = [_ROOT, _os.path.join(_ROOT, 'src')]
-import sys, time, statistics, torch, json
-from cwic_kernels import cpu
-from cwic_exp.cpu_decode import HugePageArena
-ext = cpu.load(); torch.manual_seed(0); arena = HugePageArena()
+import statistics
+
+import common
+import torch
+
+ext, arena = common.load()
+torch.manual_seed(0)
 for name, n, m, copies in [("o", 576, 576, 120), ("gate", 576, 1536, 50)]:
     s = 192; k = m // s
     mean = torch.zeros(n); bias = torch.zeros(m)
@@ -17,13 +17,6 @@ for name, n, m, copies in [("o", 576, 576, 120), ("gate", 576, 1536, 50)]:
     xr = torch.full((1, n), 0.1); xr[0, torch.randperm(n)[:nact]] = 2.0      # random 35 %
     xs = torch.full((1, n), 0.1); xs[0, :nact] = 2.0                          # first 35 % contiguous
     x1 = torch.full((1, n), 0.1); x1[0, ::3] = 2.0                           # every third
-    def t(f, reps=3):
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            for c in range(copies): f(c)
-            ts.append((time.perf_counter() - t0) / copies)
-        return statistics.median(ts)
     fs = {"random": lambda c: ext.gemv(xr, W[c], mean, thr, bias, s, -1, 0),
           "contig": lambda c: ext.gemv(xs, W[c], mean, thr, bias, s, -1, 0),
           "every3": lambda c: ext.gemv(x1, W[c], mean, thr, bias, s, -1, 0),
@@ -31,5 +24,5 @@ for name, n, m, copies in [("o", 576, 576, 120), ("gate", 576, 1536, 50)]:
           "zero": lambda c: ext.gemv(xr, W[c], mean, thr * 100, bias, s, -1, 0)}
     r = {a: [] for a in fs}
     for _ in range(9):
-        for a, f in fs.items(): r[a].append(t(f) * 1e6)
+        for a, f in fs.items(): r[a].append(common.time_cycled(f, copies) * 1e6)
     print(name, {a: round(statistics.median(v), 1) for a, v in r.items()}, flush=True)

@@ -76,8 +76,10 @@ def test_gpu_chat_engine_dry_run():
 def test_sass_stats_reads_the_compiled_ffn():
     """The offline SASS count of the one-launch FFN (no GPU: Triton's own ptxas): the registers, the two step loops
     (gate, up/down) with their instructions, and the programs an SM that the registers allow; 8 warps a program
-    spread the same tile over twice the threads, so each step's body is shorter. Bad overrides are refused."""
+    spread the same tile over twice the threads, so each step's body is shorter; the weight tiles' layouts are read off
+    the TTGIR. Bad overrides are refused."""
     import json
+    import math
     import os
     triton = pytest.importorskip("triton")
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -100,6 +102,11 @@ def test_sass_stats_reads_the_compiled_ffn():
         assert res["programs_per_sm"] == programs_per_sm(res["registers"], warps) >= 1
         assert len(res["loops"]) >= 2 and all(lp["instructions"] > 0 for lp in res["loops"])
         assert res["instructions"] > sum(lp["instructions"] for lp in res["loops"])
+        # the weight tiles' layouts: the gate's (gate step × units) and the up/down's (units a step × d) tiles, each
+        # spread over all of the program's warps
+        lay = {tuple(t["shape"]): t for t in res["weight_layouts"]}
+        assert set(lay) == {(512, 32), (4, 2048)}, lay
+        assert all(math.prod(t["warpsPerCTA"]) == warps and math.prod(t["threadsPerWarp"]) == 32 for t in lay.values())
     assert eight["overrides"] == {"num_warps": 8}
     assert max(lp["instructions"] for lp in eight["loops"]) < max(lp["instructions"] for lp in four["loops"])
     bad = subprocess.run([sys.executable, "experiments/bench/sass_stats.py", "num_warps"], cwd=ROOT,

@@ -13,6 +13,13 @@ engine passes (Llama-3.2-1B shapes, bf16, fused norm, hand-offs on, PDL), the sa
 and pointers) that Triton gives it at run time, so with the device's Triton version (3.6 on the H200 box) the
 registers equal ncu's. Prints a table per kernel and, last, a JSON line.
 
+It also prints how Triton laid out the weight tiles (the `evict_first` loads of the TTGIR): which dimension the
+warps split decides whether a reduction over it crosses warps (shared memory and a barrier) or stays in one. The
+layout depends on the Triton version: a tile that Triton 3.9 split by rows, Triton 3.6 split by columns
+(`experiments/results/gpu_h200/warp_units_2026-12-03/`). To read what the H200 box compiles, run this with its
+Triton: `pip install --no-deps --target /tmp/t36 triton==3.6.0`, then `PYTHONPATH=/tmp/t36 python
+experiments/bench/sass_stats.py`.
+
 Static counts: a loop body's instructions run once per step, the rest once per program. Not a timing: a change that
 cuts instructions can still lose on the device (the evict_first policy costs 6 % of the FFN's loop instructions, yet
 decode was 5 % slower without it), so a candidate goes to `gpu_tune_decode.py` next.
@@ -132,6 +139,23 @@ def sass_stats(cubin: bytes) -> dict:
     return dict(registers=res.get("reg"), stack=res.get("stack"), instructions=len(ins), top=mix(ins), loops=loops)
 
 
+def weight_layouts(ttgir: str) -> list[dict]:
+    """The distinct (tile shape, blocked layout) pairs of the kernel's weight loads (`evict_first`) in its TTGIR."""
+    defs = {}
+    for m in re.finditer(r"^(#blocked\d*) = #ttg\.blocked<\{(.*?)\}>", ttgir, re.M):
+        defs[m.group(1)] = {k: [int(v) for v in vals.split(",")]
+                            for k, vals in re.findall(r"(\w+) = \[([\d, ]+)\]", m.group(2))}
+    seen, out = set(), []
+    for line in ttgir.splitlines():
+        if "tt.load" not in line or "evict_first" not in line:
+            continue
+        m = re.search(r"tensor<([\dx]+)x!tt\.ptr<(\w+)>, (#blocked\d*)>", line)
+        if m and (m.group(1), m.group(3)) not in seen:
+            seen.add((m.group(1), m.group(3)))
+            out.append(dict(shape=[int(v) for v in m.group(1).split("x")], dtype=m.group(2), **defs.get(m.group(3), {})))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("tiles", nargs="*", help="key=value overrides of ffn_fused.ffn_updown_config (e.g. num_warps=8)")
@@ -161,9 +185,14 @@ def main(argv=None):
              "| loop body | instructions a step | most frequent |", "|---|---|---|"]
     lines += [f"| {lp['start']}–{lp['end']} | {lp['instructions']} | "
               f"{', '.join(f'{o} {n}' for o, n in list(lp['top'].items())[:6])} |" for lp in st["loops"]]
+    lay = weight_layouts(k.asm["ttgir"])
+    lines += ["", "| weight tile | sizePerThread | threadsPerWarp | warpsPerCTA | order |", "|---|---|---|---|---|"]
+    lines += [f"| {'×'.join(map(str, t['shape']))} {t['dtype']} | {t.get('sizePerThread')} | {t.get('threadsPerWarp')} | "
+              f"{t.get('warpsPerCTA')} | {t.get('order')} |" for t in lay]
     print("\n".join(lines))
     print(json.dumps(dict(bench="sass_stats", kernel="_ffn_gate_updown_kernel", arch=args.arch,
-                          triton=triton.__version__, overrides=over, programs_per_sm=per_sm, **st)))
+                          triton=triton.__version__, overrides=over, programs_per_sm=per_sm, weight_layouts=lay,
+                          **st)))
     return st
 
 

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -40,9 +41,9 @@ static int g_prefetch_rows = [] {
   return v > 0 ? v : 16;
 }();
 
-// A register tile is 256 outputs (AVX-512, batch 1), half of a 512-wide stripe, and the FFN's down product walks
-// its active units once for every 256 of a thread's outputs, so a CWIC walk used to read each active row in
-// scattered 512 B pieces, one a pass over the list. Now a thread's first tile of a stripe (sparse walks only: the
+// A register tile is 256 outputs (AVX-512, batch 1), half of a 512-wide stripe, and a walk went over its list once
+// for every 256 of a thread's outputs, so a CWIC walk used to read each active row in scattered 512 B pieces, one a
+// pass over the list (the FFN's down product, which did the same, now walks each thread's own units: ffn_run). Now a thread's first tile of a stripe (sparse walks only: the
 // dense walks, rows in order, are unchanged) prefetches each row's whole segment of that stripe, all the thread's
 // tiles of it: the segment comes from memory once, contiguously, and the later tiles read it from the L2, or from
 // the L3 to which the L2 spills. Only while the later segments, list length × bytes, fit in g_pf_stripe_budget

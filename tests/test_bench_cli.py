@@ -112,3 +112,21 @@ def test_sass_stats_reads_the_compiled_ffn():
     bad = subprocess.run([sys.executable, "experiments/bench/sass_stats.py", "num_warps"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "key=value" in bad.stderr
+
+
+def test_cpu_decode_apr_correction_steps():
+    """The CPU decode benchmark moves its calibration target until the decode reads 1/APR: proportional after one
+    try, then secant steps in log space, which land on a log-linear relation in one step; a flat pair of tries
+    does not send the target to infinity."""
+    import math
+    sys.path.insert(0, str(ROOT / "experiments" / "bench"))
+    from cpu_decode import next_calibration_target as nxt
+    assert math.isclose(nxt([(3.0, 3.43)], 3.0), 3.0 * 3.0 / 3.43)
+    law = lambda t: 1.2 * t ** 1.9                                  # noqa: E731  decode APR of a calibration target
+    t1 = 2.5
+    t2 = nxt([(t1, law(t1))], 3.0)
+    t3 = nxt([(t1, law(t1)), (t2, law(t2))], 3.0)
+    assert math.isclose(law(t3), 3.0, rel_tol=1e-9)
+    assert math.isclose(nxt([(2.0, 2.5), (2.5, 2.5)], 3.0), 3.0)           # flat: proportional again
+    assert math.isclose(nxt([(2.0, 2.5), (2.0, 2.7)], 3.0), 2.0 * 3.0 / 2.7)
+    assert math.isclose(nxt([(2.0, 2.0), (2.1, 3.0 * 0.9)], 3.0), 2.1 * math.exp(math.log(3.0 / 2.7) / 4.0))  # clamped

@@ -202,6 +202,14 @@ def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtyp
         key = f"cwic-{apr:g}x"
         log(f"  {key}: calibrated APR {st['apr']:.2f} on {st['tokens']} tokens ({time.time() - t0:.0f} s)")
         target, first, tries = apr, None, []
+
+        def recalibrate(t):   # the decoder rebuilt on thresholds calibrated to target t (the old one freed first)
+            nonlocal dec, st
+            del dec
+            gc.collect()
+            st = calibrate_apr(model, calib_ids, t, attention_mask=calib_mask, stats=False, cache=cache)
+            dec = CpuDecoder(model, mode="cwic", dtype=dtype, max_len=max_len, nthreads=threads)
+
         if apr_correction:   # on what the decoder reads while decoding the prompt (untimed)
             first = dec.timed_decode(prompt_ids, new_tokens).apr
             tries.append((target, first))
@@ -209,10 +217,7 @@ def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtyp
                 if abs(tries[-1][1] / apr - 1) <= 0.02:
                     break
                 target = next_calibration_target(tries, apr)
-                del dec
-                gc.collect()
-                st = calibrate_apr(model, calib_ids, target, attention_mask=calib_mask, stats=False, cache=cache)
-                dec = CpuDecoder(model, mode="cwic", dtype=dtype, max_len=max_len, nthreads=threads)
+                recalibrate(target)
                 got = dec.timed_decode(prompt_ids, new_tokens).apr
                 tries.append((target, got))
                 log(f"  {key}: decode APR {tries[-2][1]:.2f}; recalibrated to {target:.2f} on the calibration "
@@ -220,10 +225,7 @@ def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtyp
             best_t = min(tries, key=lambda ta: abs(math.log(ta[1] / apr)))[0]
             if best_t != target:   # an earlier try was closer: rebuild it
                 target = best_t
-                del dec
-                gc.collect()
-                st = calibrate_apr(model, calib_ids, target, attention_mask=calib_mask, stats=False, cache=cache)
-                dec = CpuDecoder(model, mode="cwic", dtype=dtype, max_len=max_len, nthreads=threads)
+                recalibrate(target)
                 log(f"  {key}: back to the closest try, calibration target {target:.2f}")
         toks = dec.generate(prompt_ids, new_tokens)[len(prompt_ids):]
         runs = run_rounds({"dense-own": dense["dense-own"], key: dec}, prompt_ids, new_tokens, rounds, quiet, log)

@@ -43,8 +43,9 @@ static int g_prefetch_rows = [] {
 
 // A register tile is 256 outputs (AVX-512, batch 1), half of a 512-wide stripe, and a walk went over its list once
 // for every 256 of a thread's outputs, so a CWIC walk used to read each active row in scattered 512 B pieces, one a
-// pass over the list (the FFN's down product, which did the same, now walks each thread's own units: ffn_run). Now a thread's first tile of a stripe (sparse walks only: the
-// dense walks, rows in order, are unchanged) prefetches each row's whole segment of that stripe, all the thread's
+// pass over the list (the FFN's down product no longer walks this way: ffn_run). Now a thread's first tile of a
+// stripe (sparse walks only: the dense walks, rows in order, are unchanged) prefetches each row's whole segment of
+// that stripe, all the thread's
 // tiles of it: the segment comes from memory once, contiguously, and the later tiles read it from the L2, or from
 // the L3 to which the L2 spills. Only while the later segments, list length × bytes, fit in g_pf_stripe_budget
 // (default 8 MiB: a quarter of the 32 MiB L3 of the benchmark host). On the 2-core AMD EPYC host (Zen 4, 1 MiB L2),

@@ -2,6 +2,7 @@
 definition would otherwise only show on the GPU box. Nothing is timed here."""
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ["experiments/bench/gpu_prefill.py", "--help"],
     ["experiments/bench/gpu_ffn_balance.py", "--help"],
     ["experiments/bench/sass_stats.py", "--help"],
+    ["experiments/bench/gpu_ffn_clock.py", "--help"],
 ])
 def test_bench_help_parses(argv):
     r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -130,3 +132,43 @@ def test_cpu_decode_apr_correction_steps():
     assert math.isclose(nxt([(2.0, 2.5), (2.5, 2.5)], 3.0), 3.0)           # flat: proportional again
     assert math.isclose(nxt([(2.0, 2.5), (2.0, 2.7)], 3.0), 2.0 * 3.0 / 2.7)
     assert math.isclose(nxt([(2.0, 2.0), (2.1, 3.0 * 0.9)], 3.0), 2.1 * math.exp(math.log(3.0 / 2.7) / 4.0))  # clamped
+
+
+def test_gpu_ffn_clock_analysis(tmp_path):
+    """The FFN phase-clock analysis on clocks whose answer is known: each phase's duration, when the launch's programs
+    reach each point, the bytes a phase reads over its wall time, the SM and counts packed in the spare slot; a
+    recording saved as the probe saves it reloads through --load into the same table."""
+    import json
+    import numpy as np
+    sys.path.insert(0, str(ROOT / "experiments" / "bench"))
+    from gpu_ffn_clock import analyse
+    S, L, P = 2, 3, 8
+    dur = np.array([100, 2000, 5000, 700, 4000, 300])                  # ns a phase, every program
+    T = np.zeros((S, L, P, 16), np.int64)
+    start = 10_000 + 50 * np.arange(P)                                  # program p enters 50·p ns after the first
+    T[..., 0] = start
+    T[..., 1:7] = start[:, None] + np.cumsum(dur)[None, :]
+    T[..., 8:15] = 2 * (T[..., 0:7] - 10_000)                           # a 2 GHz clock64
+    T[..., 7] = (np.arange(P) // 2) * 65536 + 800                       # two programs an SM, 800 active inputs
+    T[..., 15] = 10                                                     # 10 active units a program
+    meta = dict(model="1B", d=2048, F=8192, layers=L, programs=P, apr_calibration=3.0, config=dict(BLOCK_U=32),
+                gpu="synthetic", torch="-", triton="-", pdl=True)
+    r = analyse(meta, T)
+    assert r["sm_clock_ghz"] == 2.0 and r["programs_per_sm"] == 2
+    assert [v["median_us"] for v in r["phases"].values()] == [0.1, 2.0, 5.0, 0.7, 4.0, 0.3]
+    assert all(v["median_us_from_cycles"] == v["median_us"] for v in r["phases"].values())
+    ev = r["events_from_first_entry"]
+    assert ev["entry"]["first_us"] == 0.0 and ev["entry"]["last_us"] == 0.35
+    assert ev["atomics issued"]["first_us"] == 12.1 and r["launch_us"] == 12.45
+    gate = r["bandwidth"]["gate"]                                       # 8 programs × 800 rows × 32 units × 2 B
+    assert gate["mb_per_launch"] == round(8 * 800 * 64 / 1e6, 3)
+    assert math.isclose(gate["tb_s_over_launch_wall"], round(8 * 800 * 64 / (5000 + 350) / 1e3, 3))
+    ud = r["bandwidth"]["up/down loop"]                                 # 8 × 10 units × (W_up + W_downᵀ rows)
+    assert ud["mb_per_launch"] == round(8 * 10 * 2 * 2048 * 2 / 1e6, 3)
+    assert r["active_inputs_median"] == 800 and r["active_units_median"] == 10
+    np.savez_compressed(tmp_path / "ffn_clock.npz", times=T, meta=json.dumps(meta))
+    out = subprocess.run([sys.executable, "experiments/bench/gpu_ffn_clock.py", "--load", str(tmp_path / "ffn_clock.npz"),
+                          "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["phases"] == r["phases"]
+    assert "| up/down loop | 4.0 |" in (tmp_path / "o" / "ffn_clock.md").read_text()

@@ -7,6 +7,8 @@ truncation, which alone doubles the output rounding error).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from kernel_checks import DEV, _check, _gen, _gold, _inputs, _rel  # before triton
 
@@ -922,6 +924,37 @@ def test_ffn_y_acc_hands_the_product_on(norm, dtype):
         FF.ffn_gate_updown(x, *args, residual=None, norm_w=nw, y_acc=ya)
     with pytest.raises(ValueError):   # program 0 would write over the input the others read
         FF.ffn_gate_updown(x, *args, residual=x, norm_w=nw, x_acc=part.clone(), y_acc=ya, out=x)
+
+
+def test_ffn_phase_clocks():
+    """times= (the one-launch FFN's phase clocks, a diagnostic) reads PTX registers: off a GPU (the interpreter, the CPU)
+    it is refused with a clear error. On a GPU a buffer of the wrong shape is refused; with the clocks the product is
+    the one without them (to the atomics' rounding), every program's seven clocks rise in order, and the counts it
+    stores are its stripe's active inputs and its active units."""
+    from cwic_kernels.gpu import ffn_fused as FF
+    x, args, nw, part, h = _ffn_case(torch.float32, True, seed=95)
+    grid = FF.ffn_updown_config(64, 128)["grid"][0]
+    T = torch.zeros((grid, 16), dtype=torch.int64, device=x.device)
+    if DEV != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        with pytest.raises(ValueError, match="CUDA device"):
+            FF.ffn_gate_updown(x, *args, residual=x, norm_w=nw, times=T)
+        return
+    with pytest.raises(ValueError, match="int64"):
+        FF.ffn_gate_updown(x, *args, residual=x, norm_w=nw, times=T[:, :8])
+    want = FF.ffn_gate_updown(x, *args, residual=x, norm_w=nw)
+    got = FF.ffn_gate_updown(x, *args, residual=x, norm_w=nw, times=T)
+    assert _rel(got, want) < 1e-5
+    t = T[:, :7]
+    assert bool((t[:, 0] > 0).all()) and bool((t.diff(dim=1) >= 0).all())
+    a = _workspace_a(x.device).reshape(grid, -1)
+    assert torch.equal(T[:, 15].cpu(), (a != 0).sum(1).cpu())
+    assert bool(((T[:, 7] % 65536) <= 64).all())
+
+
+def _workspace_a(device):
+    """The gated activation a of the last one-launch FFN on device (its workspace)."""
+    from cwic_kernels.gpu import ffn_fused as FF
+    return next(ws["a"] for k, ws in FF._WORKSPACES.items() if k[0] == device.type and "a" in ws and k[2:4] == (64, 128))
 
 
 def test_engine_attn_o_steps_match_hf():

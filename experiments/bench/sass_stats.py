@@ -40,7 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # the one-launch FFN's pointer arguments and their element types in the decode engine (bf16 model)
 FFN_PTRS = dict(X="*bf16", GWT="*bf16", GMEAN="*fp32", GTHR="*fp32", GBIAS="*fp32", UTHR="*fp32", UP="*bf16",
                 DOWNT="*bf16", A="*fp32", RES="*bf16", Y="*bf16", GIDX="*i32", GVAL="*fp32", IDX="*i32",
-                YACC="*fp32", ARR="*i32", NW="*bf16", XACC="*fp32", YOUT="*fp32", NREAD="*i64")
+                YACC="*fp32", ARR="*i32", NW="*bf16", XACC="*fp32", YOUT="*fp32", NREAD="*i64",
+                TIMES="*i64")
 FFN_SCALARS = dict(D="i32", F="i32", STRIPE="i32", stride_mk="i32", eps="fp32")
 
 
@@ -81,7 +82,7 @@ def compile_ffn(overrides: dict, d: int = 2048, F: int = 8192, arch: int = 90):
     const = dict(BLOCK_U=cfg["BLOCK_U"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"], BLOCK_G=cfg["BLOCK_G"],
                  COPIES=cfg["COPIES"], HAS_RES=True, EVEN_D=cfg["BLOCK_D"] == d, EVEN_U=F % cfg["BLOCK_U"] == 0,
                  NORM=True, PIPE=cfg["PIPE"], ACT=ACT_IDS["silu"], HAS_BIAS=True, USE_PDL=True, X_ACC=True,
-                 Y_ACC=True, COUNT=False)
+                 Y_ACC=True, COUNT=False, TIMED=False)
     unknown = [n for n in names if n not in const and n not in FFN_PTRS and n not in FFN_SCALARS]
     if unknown:
         raise SystemExit(f"sass_stats does not know the FFN kernel's arguments {unknown}: add them above")

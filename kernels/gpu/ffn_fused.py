@@ -34,6 +34,8 @@ used by two streams at once.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -43,6 +45,15 @@ from .gemv import (ACT_IDS, EVICT_W, _act, _load_h, _overlap, _pdl_enter, _rstd_
 from .gemv_compact import _select_block, _select_pre, _select_x, _slot_products
 
 __all__ = ["ffn_updown", "ffn_gate_updown", "gate_fusable", "ffn_updown_config", "TUNED_UPDOWN"]
+
+
+@triton.jit
+def _clk(TIMES, p, slot: tl.constexpr, TIMED: tl.constexpr):
+    """Phase clock (diagnostic): program p's %globaltimer (ns) into TIMES[p, slot], %clock64 into slot + 8."""
+    if TIMED:
+        tl.store(TIMES + p * 16 + slot, tl.extra.cuda.globaltimer().to(tl.int64))
+        tl.store(TIMES + p * 16 + 8 + slot, tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [],
+                                                                        dtype=tl.int64, is_pure=False, pack=1))
 
 
 @triton.jit
@@ -86,7 +97,7 @@ def _ffn_gate_updown_kernel(X, GWT, GMEAN, GTHR, GBIAS, UTHR, UP, DOWNT, A, RES,
                             EVEN_D: tl.constexpr, EVEN_U: tl.constexpr, NORM: tl.constexpr, PIPE: tl.constexpr,
                             ACT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr = False,
                             XACC=None, X_ACC: tl.constexpr = False, YOUT=None, Y_ACC: tl.constexpr = False,
-                            NREAD=None, COUNT: tl.constexpr = False):
+                            NREAD=None, COUNT: tl.constexpr = False, TIMES=None, TIMED: tl.constexpr = False):
     """The whole gated FFN of one token, a program per BLOCK_U units: the gate's BLOCK_U columns over every
     input (the stripe's active inputs compacted into a private scratch region, then only their rows read:
     `gemv_compact`'s fused mode with one chunk, so no split-K round trip), + folded bias, act, unit mask → a
@@ -94,12 +105,14 @@ def _ffn_gate_updown_kernel(X, GWT, GMEAN, GTHR, GBIAS, UTHR, UP, DOWNT, A, RES,
     is also the residual; the last program zeroes XACC, except with Y_ACC (see `_updown_body`). COUNT: the weights
     read are added into NREAD (the gate's: the stripe's active inputs × this block's units)."""
     p = tl.program_id(0)
+    _clk(TIMES, p, 0, TIMED)
     units = p * BLOCK_U + tl.arange(0, BLOCK_U)
     umask = units < F
     r = (p * BLOCK_U) // STRIPE                     # the units' stripe (BLOCK_U divides STRIPE)
     # constant operands before the PDL wait: the stripe's mean and thresholds, norm weights
     mu, t, w = _select_pre(GMEAN, GTHR, r, 0, D, stride_mk, NW, BLOCK_D, 0, NORM)
     _pdl_enter(USE_PDL)
+    _clk(TIMES, p, 1, TIMED)
     u_thr = tl.load(UTHR + units, mask=umask, other=0.0)
     gb = tl.zeros((BLOCK_U,), dtype=tl.float32)
     if HAS_BIAS:
@@ -117,6 +130,7 @@ def _ffn_gate_updown_kernel(X, GWT, GMEAN, GTHR, GBIAS, UTHR, UP, DOWNT, A, RES,
     tl.store(GIDX + gbase + pos, rows, mask=on)
     tl.store(GVAL + gbase + pos, xc, mask=on)
     tl.debug_barrier()                              # the compacted inputs are visible to all the block's threads
+    _clk(TIMES, p, 2, TIMED)
     slots = tl.arange(0, BLOCK_G)
     acc2 = _slot_products(GIDX, GVAL, GWT, gbase, slots, cnt, units, umask, F, EVEN_U)
     for j0 in range(BLOCK_G, cnt, BLOCK_G):
@@ -126,11 +140,15 @@ def _ffn_gate_updown_kernel(X, GWT, GMEAN, GTHR, GBIAS, UTHR, UP, DOWNT, A, RES,
     av = tl.where(tl.abs(av) >= u_thr, av, 0.0)
     tl.store(A + units, av, mask=umask)
     tl.debug_barrier()                              # a is visible to all the block's threads
+    _clk(TIMES, p, 3, TIMED)
+    if TIMED:
+        tl.store(TIMES + p * 16 + 7, cnt.to(tl.int64) + tl.extra.cuda.smid().to(tl.int64) * 65536)
     gate_reads = 0
     if COUNT:
         gate_reads = cnt.to(tl.int64) * tl.minimum(F - p * BLOCK_U, BLOCK_U)
     _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps, BLOCK_U, BLOCK_S, BLOCK_D, COPIES,
-                 HAS_RES, EVEN_D, NORM, PIPE, XACC, X_ACC, YOUT, Y_ACC, rstd, X_ACC, NREAD, COUNT, gate_reads)
+                 HAS_RES, EVEN_D, NORM, PIPE, XACC, X_ACC, YOUT, Y_ACC, rstd, X_ACC, NREAD, COUNT, gate_reads,
+                 TIMES, TIMED)
 
 
 @triton.jit
@@ -138,7 +156,8 @@ def _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
                  BLOCK_U: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                  COPIES: tl.constexpr, HAS_RES: tl.constexpr, EVEN_D: tl.constexpr, NORM: tl.constexpr,
                  PIPE: tl.constexpr, XACC, X_ACC: tl.constexpr, YOUT, Y_ACC: tl.constexpr, rstd_in,
-                 RSTD_IN: tl.constexpr, NREAD, COUNT: tl.constexpr, gate_reads):
+                 RSTD_IN: tl.constexpr, NREAD, COUNT: tl.constexpr, gate_reads, TIMES=None,
+                 TIMED: tl.constexpr = False):
     """Program p of the up/down projections: its units' a → active units → W_up and W_downᵀ rows → atomics.
     X_ACC: x is x + XACC (`_load_h`) and the residual is that x (RES = X); the last program zeroes XACC.
     Y_ACC (the hand-off to the next layer's q/k/v kernel): the programs add their sums into the caller's fp32
@@ -172,6 +191,9 @@ def _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
         x = (x.to(tl.float32) * rstd * nw).to(X.dtype.element_ty)
     x = x.to(tl.float32)
     tl.debug_barrier()                              # the block's slot stores are visible to all its threads
+    _clk(TIMES, p, 4, TIMED)
+    if TIMED:
+        tl.store(TIMES + p * 16 + 15, cnt.to(tl.int64))
     y = tl.zeros((BLOCK_D,), dtype=tl.float32)
     slots = tl.arange(0, BLOCK_S)
     if PIPE:   # two-stage software pipeline: the next step's rows are in flight while this step's are reduced
@@ -187,14 +209,19 @@ def _updown_body(p, X, UP, DOWNT, A, RES, Y, IDX, YACC, ARR, NW, D, F, eps,
         for s0 in range(0, cnt, BLOCK_S):
             av, wu, wd = _step_rows(IDX, A, UP, DOWNT, base, s0, slots, cnt, ds, dmask, D, EVEN_D)
             y += _step_sum(av, wu, wd, x)
+    _clk(TIMES, p, 5, TIMED)
     if Y_ACC:     # handed on: the consumer adds the residual stream and rounds
         if cnt > 0:
             tl.atomic_add(YOUT + ds, y, mask=dmask, sem="relaxed", scope="gpu")
+        if TIMED:
+            tl.debug_barrier()
+            _clk(TIMES, p, 6, TIMED)
     else:
         if cnt > 0:   # into one of COPIES accumulators: 1/COPIES of the programs contend for each address
             tl.atomic_add(YACC + (p % COPIES) * BLOCK_D + ds, y, mask=dmask, sem="relaxed", scope="gpu")
         tl.debug_barrier()                              # every thread's additions are issued ...
         done = tl.atomic_add(ARR, 1, sem="acq_rel", scope="gpu")   # ... before we arrive
+        _clk(TIMES, p, 6, TIMED)
         if done == tl.num_programs(0) - 1:              # last to arrive: finish
             tot = tl.zeros((BLOCK_D,), dtype=tl.float32)
             for c in tl.static_range(COPIES):           # unrolled: all loads in flight
@@ -298,7 +325,8 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
                     out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
                     config: dict | None = None, norm_w: torch.Tensor | None = None, eps: float = 1e-6,
                     block_g: int | None = None, x_acc: torch.Tensor | None = None,
-                    y_acc: torch.Tensor | None = None, count: torch.Tensor | None = None) -> torch.Tensor:
+                    y_acc: torch.Tensor | None = None, count: torch.Tensor | None = None,
+                    times: torch.Tensor | None = None) -> torch.Tensor:
     """The whole CWIC gated FFN of one token in one launch (`gemv.ffn` semantics, B = 1): the gate's granular
     GEMV (thresholds, act, unit mask) for each program's BLOCK_U units, then their up/down rows as
     `ffn_updown` does. gate_wt (d, F) input-major; gate_mean (d,) or per stripe (k, d) fp32; gate_thr (k, d);
@@ -312,7 +340,11 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
     consumer adds y_acc (`gemv.gemv_ex(x_acc=...)`). No arrival counter, no epilogue; x_acc is then NOT zeroed
     (its programs may still read it when others finish): the caller clears it after the launch, as the decode
     engine's next RoPE kernel does (`decode.rope_cache(clear=...)`).
-    count (1,) int64: the weights read (gate pairs × rows, 2·d an active unit) are added into it (`gemv.gemv_ex`)."""
+    count (1,) int64: the weights read (gate pairs × rows, 2·d an active unit) are added into it (`gemv.gemv_ex`).
+    times (programs, 16) int64, CUDA only (a diagnostic: `experiments/bench/gpu_ffn_clock.py`): each program stores
+    `%globaltimer` (ns) in columns 0-6 and `%clock64` in 8-14 at its entry, after the PDL wait, after the inputs'
+    compaction, the gate, the units' compaction, the up/down loop and its atomics; column 7 = SM · 65536 + the stripe's
+    active inputs, column 15 = its active units. Without it the kernel compiles as it does without the clocks."""
     B, d = x.shape
     F_ = gate_wt.shape[1]
     check_count(count, x)
@@ -338,6 +370,14 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
         if out is not None and (_overlap(out, x) or (x_acc is not None and _overlap(out, x_acc))):
             raise ValueError("y_acc: out must not share memory with x or x_acc (program 0 writes it while the "
                              "others still read them)")
+    if times is not None:
+        grid = cfg["grid"][0]
+        if x.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+            raise ValueError("times: the phase clocks read PTX registers; they need a CUDA device, not the interpreter")
+        if not (times.shape == (grid, 16) and times.dtype == torch.int64 and times.is_contiguous()
+                and times.device == x.device):
+            raise ValueError(f"times: a contiguous ({grid}, 16) int64 tensor on {x.device}, got "
+                             f"{tuple(times.shape)} {times.dtype} on {times.device}")
     y = out if out is not None else torch.empty((1, d), dtype=out_dtype or x.dtype, device=x.device)
     ws = _workspace(x.device, d, F_, cfg)
     if "a" not in ws:   # the gate part's scratch: each program's compacted inputs, and a
@@ -357,5 +397,6 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(x.device),
         XACC=x_acc if x_acc is not None else x, X_ACC=x_acc is not None,
         YOUT=y_acc if y_acc is not None else x, Y_ACC=y_acc is not None,
-        NREAD=count if count is not None else x, COUNT=count is not None)
+        NREAD=count if count is not None else x, COUNT=count is not None,
+        TIMES=times if times is not None else x, TIMED=times is not None)
     return y

@@ -60,6 +60,10 @@ def record(args) -> dict:
     z = collect_calibration(model, calib)
     calibrate_density(model, z, calib, args.apr)
     apr = measure_apr(model, calib)["apr"]
+    if args.ffn:   # the model's FFN shape is the table's key (unknown keys: a clear error here)
+        over = json.loads(args.ffn)
+        ffn_fused.ffn_updown_config(d, F, **over)
+        ffn_fused.TUNED_UPDOWN[(d, F)] = {**ffn_fused.TUNED_UPDOWN.get((d, F), {}), **over}
     fcfg = ffn_fused.ffn_updown_config(d, F)
     P = fcfg["grid"][0]
     times = torch.zeros((L, P, 16), dtype=torch.int64, device=dev)
@@ -85,7 +89,7 @@ def record(args) -> dict:
     res = dict(model=args.model, d=d, F=F, layers=L, programs=P, apr_calibration=apr,
                config={k: v for k, v in fcfg.items() if k != "grid"}, gpu=torch.cuda.get_device_name(),
                torch=torch.__version__, triton=triton.__version__,
-               pdl=os.environ.get("CWIC_PDL", "1") != "0")
+               pdl=os.environ.get("CWIC_PDL", "1") != "0", ffn_overrides=args.ffn)
     if args.timed_vs_plain:
         eng = DecodeEngine(model, max_len=len(prompt) + 128)
         eng.generate(prompt, 8)
@@ -207,6 +211,8 @@ def main(argv=None):
     ap.add_argument("--model", default="1B")
     ap.add_argument("--apr", type=float, default=3.0)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--ffn", default=None,
+                    help='JSON overrides of the one-launch FFN tiles (ffn_updown_config keys), e.g. \'{"num_warps": 8}\'')
     ap.add_argument("--timed-vs-plain", action="store_true", help="also time the decode with and without clocks")
     ap.add_argument("--plot-layer", type=int, default=5, help="the layer whose last recorded launch is plotted")
     ap.add_argument("--load", default=None, help="an ffn_clock.npz to analyse instead of recording")

@@ -1,0 +1,48 @@
+"""The checkout's `kernels/` directory must not shadow the Hugging Face `kernels` package, which transformers >= 5.25
+imports at load time: with the repo root first on sys.path (`python -m pytest`, `python train.py`) an `import kernels`
+has to reach the installed package, and this project's kernels stay importable as `cwic_kernels`."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROBE = """
+import sys
+sys.path[:0] = [{root!r}, {other!r}]
+import kernels, cwic_kernels
+from kernels import CUDAProperties
+print(kernels.__file__)
+print(cwic_kernels.__name__)
+"""
+
+
+def test_import_kernels_reaches_the_installed_package(tmp_path):
+    other = tmp_path / "site"
+    (other / "kernels").mkdir(parents=True)
+    (other / "kernels" / "__init__.py").write_text("CUDAProperties = object\n")
+    r = subprocess.run([sys.executable, "-c", PROBE.format(root=str(ROOT), other=str(other))], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    file, name = r.stdout.split()
+    assert Path(file).resolve() == (other / "kernels" / "__init__.py").resolve()
+    assert name == "cwic_kernels"
+
+
+def test_import_kernels_in_this_environment():
+    """With the repo root first: `import kernels` is the installed Hugging Face package where this environment has one
+    (transformers >= 5.25 depends on it), else this checkout's empty module; either way transformers' hub-kernel
+    integration imports."""
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+            "import importlib.metadata as md\n"
+            "try:\n    md.distribution('kernels'); installed = True\n"
+            "except md.PackageNotFoundError:\n    installed = False\n"
+            "import kernels, transformers.integrations.hub_kernels\n"
+            "print(installed, kernels.__file__)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    installed, file = r.stdout.split()
+    ours = Path(file).resolve() == (ROOT / "kernels" / "__init__.py").resolve()
+    assert ours != (installed == "True"), r.stdout

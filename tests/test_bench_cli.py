@@ -116,13 +116,15 @@ def test_sass_stats_reads_the_compiled_ffn():
     assert bad.returncode != 0 and "key=value" in bad.stderr
 
 
-def test_cpu_decode_apr_correction_steps():
-    """The CPU decode benchmark moves its calibration target until the decode reads 1/APR: proportional after one
+def test_decode_apr_correction_steps():
+    """The decode benchmarks (CPU and GPU) move their calibration target until the decode reads 1/APR: proportional after one
     try, then secant steps in log space, which land on a log-linear relation in one step; a flat pair of tries
     does not send the target to infinity."""
     import math
     sys.path.insert(0, str(ROOT / "experiments" / "bench"))
-    from cpu_decode import next_calibration_target as nxt
+    from apr_correction import closest_try
+    from apr_correction import next_calibration_target as nxt
+    assert closest_try([(2.0, 2.5), (2.4, 3.3), (2.2, 2.8)], 3.0) == (2.2, 2.8)
     assert math.isclose(nxt([(3.0, 3.43)], 3.0), 3.0 * 3.0 / 3.43)
     law = lambda t: 1.2 * t ** 1.9                                  # noqa: E731  decode APR of a calibration target
     t1 = 2.5
@@ -172,3 +174,19 @@ def test_gpu_ffn_clock_analysis(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["phases"] == r["phases"]
     assert "| up/down loop | 4.0 |" in (tmp_path / "o" / "ffn_clock.md").read_text()
+
+
+def test_gpu_decode_dry_run_corrects_the_apr(tmp_path):
+    """The GPU decode benchmark (tiny model, CPU, interpreter) corrects each target's thresholds on the engine's own
+    decode: every CWIC row keeps its tries (1 / density, decode APR), at most four, and times the closest one."""
+    import json
+    r = subprocess.run([sys.executable, "experiments/bench_decode.py", "--device", "cuda", "--dry-run", "--aprs", "2,3",
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [x for x in json.loads((tmp_path / "gpu_decode.json").read_text())["rows"] if "apr_target" in x]
+    assert [x["apr_target"] for x in rows] == [2.0, 3.0]
+    for x in rows:
+        tries = x["apr_corrections"]
+        assert 1 <= len(tries) <= 4 and all(t > 1.0 and a > 1.0 for t, a in tries)
+        best = min(abs(math.log(a / x["apr_target"])) for _, a in tries)
+        assert abs(math.log(x["apr"] / x["apr_target"])) <= best + 1e-3, (x["apr"], tries)

@@ -39,6 +39,11 @@ import time
 
 import torch
 
+try:   # as experiments.bench.cpu_decode (bench_decode.py) or as a top-level module with this folder on sys.path
+    from .apr_correction import closest_try, next_calibration_target
+except ImportError:
+    from apr_correction import closest_try, next_calibration_target
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CALIB_TEXTS = [
@@ -151,19 +156,6 @@ def summarise(res: dict) -> dict:
     return s
 
 
-def next_calibration_target(tries: list, apr: float) -> float:
-    """The next calibration target from the tries so far, [(calibration target, decode APR), ...]: scaled by
-    apr / decode APR after one try, then a secant step in log space over the last two (slope clamped to
-    [1/4, 4]; 1 where the two tries do not differ)."""
-    if len(tries) == 1:
-        t, a = tries[0]
-        return t * apr / a
-    (t1, a1), (t2, a2) = tries[-2], tries[-1]
-    slope = (math.log(a2) - math.log(a1)) / (math.log(t2) - math.log(t1)) if t1 != t2 and a1 != a2 else 1.0
-    slope = min(max(slope, 0.25), 4.0)
-    return t2 * math.exp((math.log(apr) - math.log(a2)) / slope)
-
-
 def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtype, threads, quiet, log,
                 calib, prompt_ids, hf_check: bool, apr_correction: bool = True):
     import cwic_exp
@@ -222,7 +214,7 @@ def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtyp
                 tries.append((target, got))
                 log(f"  {key}: decode APR {tries[-2][1]:.2f}; recalibrated to {target:.2f} on the calibration "
                     f"tokens (APR {st['apr']:.2f} there): decode APR {got:.2f} ({time.time() - t0:.0f} s)")
-            best_t = min(tries, key=lambda ta: abs(math.log(ta[1] / apr)))[0]
+            best_t = closest_try(tries, apr)[0]
             if best_t != target:   # an earlier try was closer: rebuild it
                 target = best_t
                 recalibrate(target)

@@ -1,0 +1,24 @@
+"""The decode benchmarks' APR correction: thresholds are calibrated on calibration tokens, but the APR a decode
+reads depends on the text it generates, so both benchmarks move their calibration target until the decode reads
+the APR asked for (`cpu_decode.py`, `gpu_decode.py`)."""
+from __future__ import annotations
+
+import math
+
+
+def next_calibration_target(tries: list, apr: float) -> float:
+    """The next calibration target from the tries so far, [(calibration target, decode APR), ...]: scaled by
+    apr / decode APR after one try, then a secant step in log space over the last two (slope clamped to
+    [1/4, 4]; 1 where the two tries do not differ)."""
+    if len(tries) == 1:
+        t, a = tries[0]
+        return t * apr / a
+    (t1, a1), (t2, a2) = tries[-2], tries[-1]
+    slope = (math.log(a2) - math.log(a1)) / (math.log(t2) - math.log(t1)) if t1 != t2 and a1 != a2 else 1.0
+    slope = min(max(slope, 0.25), 4.0)
+    return t2 * math.exp((math.log(apr) - math.log(a2)) / slope)
+
+
+def closest_try(tries: list, apr: float) -> tuple:
+    """The (calibration target, decode APR) try whose decode APR is nearest apr (in log terms)."""
+    return min(tries, key=lambda ta: abs(math.log(ta[1] / apr)))

@@ -111,6 +111,34 @@ def calibrate_density(model, z: dict, calib, target: float) -> tuple[float, floa
     return d, first
 
 
+def ffn_tile_overrides(size: str, text: str | None) -> dict:
+    """`--ffn` of the profiling scripts: JSON overrides of the one-launch FFN's tiles (`ffn_fused.ffn_updown_config`
+    keys), merged into its tuned table for the `size` model's FFN shape; unknown keys are a clear error here, before
+    any model is built."""
+    if not text:
+        return {}
+    from cwic_kernels.gpu import ffn_fused
+    over = json.loads(text)
+    key = (CONFIGS[size]["hidden_size"], CONFIGS[size]["intermediate_size"])
+    ffn_fused.ffn_updown_config(*key, **over)
+    ffn_fused.TUNED_UPDOWN[key] = {**ffn_fused.TUNED_UPDOWN.get(key, {}), **over}
+    return over
+
+
+def calibrated_model(size: str, dev, apr: float, prompt_len: int = 32, stripe: int = 512):
+    """The tuning and profiling scripts' setup: the `size`-shaped random model converted to CWIC and calibrated to
+    `apr` (`calibrate_density`) on 256 random tokens: (model, prompt (prompt_len,), calibration tokens (1, 256))."""
+    import cwic_exp
+    model = build_model(size, dev)
+    V = model.config.vocab_size
+    g = torch.Generator(device="cpu").manual_seed(1)
+    prompt = torch.randint(0, V, (prompt_len,), generator=g).to(dev)
+    calib = torch.randint(0, V, (1, 256), generator=g).to(dev)
+    cwic_exp.to_cwic(model, stripe_size=stripe)
+    calibrate_density(model, collect_calibration(model, calib), calib, apr)
+    return model, prompt, calib
+
+
 def measure_apr(model, ids) -> dict:
     import cwic_exp
     s = cwic_exp.active_parameters(model, ids)

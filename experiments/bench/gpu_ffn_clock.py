@@ -39,31 +39,20 @@ EVENTS = ["entry", "after PDL wait", "inputs compacted", "gate done", "units com
 
 def record(args) -> dict:
     import torch
-    from gpu_decode import build_model, calibrate_density, collect_calibration, measure_apr
+    from gpu_decode import calibrated_model, ffn_tile_overrides, measure_apr
     from gpu_kernels import ensure_imports
     ensure_imports()
     import triton
-    import cwic_exp
     from cwic_exp.engine import DecodeEngine
     from cwic_kernels.gpu import ffn_fused
     if not torch.cuda.is_available():
         raise SystemExit("gpu_ffn_clock: recording needs a CUDA GPU (use --load to analyse a recording)")
+    ffn_tile_overrides(args.model, args.ffn)
     dev = torch.device("cuda")
-    model = build_model(args.model, dev)
+    model, prompt, calib = calibrated_model(args.model, dev, args.apr)
     cfg = model.config
     d, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    V = cfg.vocab_size
-    g = torch.Generator(device="cpu").manual_seed(1)
-    prompt = torch.randint(0, V, (32,), generator=g).to(dev)
-    calib = torch.randint(0, V, (1, 256), generator=g).to(dev)
-    cwic_exp.to_cwic(model, stripe_size=512)
-    z = collect_calibration(model, calib)
-    calibrate_density(model, z, calib, args.apr)
     apr = measure_apr(model, calib)["apr"]
-    if args.ffn:   # the model's FFN shape is the table's key (unknown keys: a clear error here)
-        over = json.loads(args.ffn)
-        ffn_fused.ffn_updown_config(d, F, **over)
-        ffn_fused.TUNED_UPDOWN[(d, F)] = {**ffn_fused.TUNED_UPDOWN.get((d, F), {}), **over}
     fcfg = ffn_fused.ffn_updown_config(d, F)
     P = fcfg["grid"][0]
     times = torch.zeros((L, P, 16), dtype=torch.int64, device=dev)

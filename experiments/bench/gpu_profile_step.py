@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_decode import CONFIGS, build_model, calibrate_density, collect_calibration, measure_apr  # noqa: E402
+from gpu_decode import calibrated_model, ffn_tile_overrides, measure_apr  # noqa: E402
 from gpu_kernels import ensure_imports  # noqa: E402
 
 
@@ -28,25 +28,9 @@ def main(argv=None):
     ap.add_argument("--ffn", default=None, help='JSON overrides of the one-launch FFN tiles, e.g. \'{"num_warps": 8}\'')
     args = ap.parse_args(argv)
     ensure_imports()
-    if args.ffn:
-        import json
-        from cwic_kernels.gpu import ffn_fused
-        over = json.loads(args.ffn)
-        c = CONFIGS[args.model]                         # the model's FFN shape is the table's key
-        key = (c["hidden_size"], c["intermediate_size"])
-        ffn_fused.ffn_updown_config(*key, **over)       # unknown keys: a clear error before the model is built
-        ffn_fused.TUNED_UPDOWN[key] = {**ffn_fused.TUNED_UPDOWN.get(key, {}), **over}
-    import cwic_exp
+    ffn_tile_overrides(args.model, args.ffn)
     from cwic_exp.engine import DecodeEngine
-    dev = torch.device("cuda")
-    model = build_model(args.model, dev)
-    V = model.config.vocab_size
-    g = torch.Generator(device="cpu").manual_seed(1)
-    prompt = torch.randint(0, V, (32,), generator=g).to(dev)
-    calib = torch.randint(0, V, (1, 256), generator=g).to(dev)
-    cwic_exp.to_cwic(model, stripe_size=512)
-    z = collect_calibration(model, calib)
-    calibrate_density(model, z, calib, args.apr)
+    model, prompt, calib = calibrated_model(args.model, torch.device("cuda"), args.apr)
     eng = DecodeEngine(model, max_len=64, cuda_graph=False)
     eng.prefill(prompt)
     eng.decode(2)

@@ -933,7 +933,8 @@ def test_ffn_phase_clocks():
     stores are its stripe's active inputs and its active units."""
     from cwic_kernels.gpu import ffn_fused as FF
     x, args, nw, part, h = _ffn_case(torch.float32, True, seed=95)
-    grid = FF.ffn_updown_config(64, 128)["grid"][0]
+    cfg = FF.ffn_updown_config(64, 128)
+    grid = cfg["grid"][0]
     T = torch.zeros((grid, 16), dtype=torch.int64, device=x.device)
     if DEV != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         with pytest.raises(ValueError, match="CUDA device"):
@@ -946,15 +947,9 @@ def test_ffn_phase_clocks():
     assert _rel(got, want) < 1e-5
     t = T[:, :7]
     assert bool((t[:, 0] > 0).all()) and bool((t.diff(dim=1) >= 0).all())
-    a = _workspace_a(x.device).reshape(grid, -1)
+    a = FF._workspace(x.device, 64, 128, cfg)["a"].reshape(grid, -1)
     assert torch.equal(T[:, 15].cpu(), (a != 0).sum(1).cpu())
     assert bool(((T[:, 7] % 65536) <= 64).all())
-
-
-def _workspace_a(device):
-    """The gated activation a of the last one-launch FFN on device (its workspace)."""
-    from cwic_kernels.gpu import ffn_fused as FF
-    return next(ws["a"] for k, ws in FF._WORKSPACES.items() if k[0] == device.type and "a" in ws and k[2:4] == (64, 128))
 
 
 def test_engine_attn_o_steps_match_hf():

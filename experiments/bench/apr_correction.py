@@ -22,3 +22,25 @@ def next_calibration_target(tries: list, apr: float) -> float:
 def closest_try(tries: list, apr: float) -> tuple:
     """The (calibration target, decode APR) try whose decode APR is nearest apr (in log terms)."""
     return min(tries, key=lambda ta: abs(math.log(ta[1] / apr)))
+
+
+def correct_calibration(apr: float, target: float, decode_apr, recalibrate, steps: int = 3, tol: float = 0.02,
+                        on_step=None) -> tuple[list, float]:
+    """Move the calibration target until the decode reads `apr`: `decode_apr()` measures the decode at the current
+    calibration (first at `target`), `recalibrate(t)` sets calibration target t. While the last try misses apr by more
+    than `tol` (relative), at most `steps` times, the next target comes from `next_calibration_target`
+    (`on_step(tries)` after each). The closest try is left set. Returns (tries [(target, decode APR), ...], the
+    target left set)."""
+    tries = [(target, decode_apr())]
+    for _ in range(steps):
+        if abs(tries[-1][1] / apr - 1) <= tol:
+            break
+        t = next_calibration_target(tries, apr)
+        recalibrate(t)
+        tries.append((t, decode_apr()))
+        if on_step is not None:
+            on_step(tries)
+    best = closest_try(tries, apr)[0]
+    if best != tries[-1][0]:
+        recalibrate(best)
+    return tries, best

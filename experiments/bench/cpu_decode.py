@@ -39,9 +39,9 @@ import time
 import torch
 
 try:   # as experiments.bench.cpu_decode (bench_decode.py) or as a top-level module with this folder on sys.path
-    from .apr_correction import closest_try, next_calibration_target
+    from .apr_correction import correct_calibration
 except ImportError:
-    from apr_correction import closest_try, next_calibration_target
+    from apr_correction import correct_calibration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -202,21 +202,14 @@ def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtyp
             dec = CpuDecoder(model, mode="cwic", dtype=dtype, max_len=max_len, nthreads=threads)
 
         if apr_correction:   # on what the decoder reads while decoding the prompt (untimed)
-            first = dec.timed_decode(prompt_ids, new_tokens).apr
-            tries.append((target, first))
-            for _ in range(3):
-                if abs(tries[-1][1] / apr - 1) <= 0.02:
-                    break
-                target = next_calibration_target(tries, apr)
-                recalibrate(target)
-                got = dec.timed_decode(prompt_ids, new_tokens).apr
-                tries.append((target, got))
-                log(f"  {key}: decode APR {tries[-2][1]:.2f}; recalibrated to {target:.2f} on the calibration "
-                    f"tokens (APR {st['apr']:.2f} there): decode APR {got:.2f} ({time.time() - t0:.0f} s)")
-            best_t = closest_try(tries, apr)[0]
-            if best_t != target:   # an earlier try was closer: rebuild it
-                target = best_t
-                recalibrate(target)
+            def report(tr):
+                log(f"  {key}: decode APR {tr[-2][1]:.2f}; recalibrated to {tr[-1][0]:.2f} on the calibration "
+                    f"tokens (APR {st['apr']:.2f} there): decode APR {tr[-1][1]:.2f} ({time.time() - t0:.0f} s)")
+
+            tries, target = correct_calibration(apr, target, lambda: dec.timed_decode(prompt_ids, new_tokens).apr,
+                                                recalibrate, on_step=report)
+            first = tries[0][1]
+            if target != tries[-1][0]:   # an earlier try was closer: rebuilt on it
                 log(f"  {key}: back to the closest try, calibration target {target:.2f}")
         toks = dec.generate(prompt_ids, new_tokens)[len(prompt_ids):]
         runs = run_rounds({"dense-own": dense["dense-own"], key: dec}, prompt_ids, new_tokens, rounds, quiet, log)

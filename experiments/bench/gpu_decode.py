@@ -26,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from apr_correction import closest_try, next_calibration_target  # noqa: E402
+from apr_correction import correct_calibration  # noqa: E402
 from gpu_kernels import ensure_imports, save_outputs  # noqa: E402
 
 CONFIGS = {
@@ -162,6 +162,23 @@ def time_engine(eng, prompt, new_tokens, repeats=3):
         pre.append((t1 - t0) * 1e3)
     T = prompt.numel()
     return statistics.median(tps), statistics.median(pre), eng.tokens[:T + new_tokens].clone()
+
+
+def time_step(eng, prompt, tokens: int, repeats: int) -> float:
+    """Median decode tokens/s over `repeats` runs of `tokens` steps, after a fresh capture."""
+    eng.graph = None
+    eng.capture()
+    eng.prefill(prompt)
+    eng.decode(8)
+    tps = []
+    for _ in range(repeats):
+        eng.prefill(prompt)
+        _sync()
+        t0 = time.perf_counter()
+        eng.decode(tokens)
+        _sync()
+        tps.append(tokens / (time.perf_counter() - t0))
+    return statistics.median(tps)
 
 
 def kernel_breakdown(eng, n=16) -> dict:
@@ -327,20 +344,13 @@ def main(argv=None):
             ceng.refresh()                                   # same weights, new thresholds: graph kept
         # then on what the engine generates, until it reads the target APR: (1 / density, decode APR) tries, the
         # first step proportional, then secant steps in log space, at most 3; the closest try is timed
-        tries = []
-        for step in range(4):
-            toks = ceng.generate(prompt, args.new_tokens)
-            tries.append((1.0 / d, measure_apr(model, toks[None])["apr"]))
-            if step == 3 or abs(tries[-1][1] / target - 1) <= 0.02:
-                break
-            d = min(1.0, 1.0 / next_calibration_target(tries, target))
-            set_density(z, d)
+        def recalibrate(t):
+            set_density(z, min(1.0, 1.0 / t))
             ceng.refresh()
-        best = closest_try(tries, target)
-        if 1.0 / best[0] != d:
-            d = 1.0 / best[0]
-            set_density(z, d)
-            ceng.refresh()
+
+        tries, _ = correct_calibration(
+            target, 1.0 / d, lambda: measure_apr(model, ceng.generate(prompt, args.new_tokens)[None])["apr"],
+            recalibrate)
         tps, pre, toks = time_engine(ceng, prompt, args.new_tokens)
         apr = measure_apr(model, toks[None])
         # accuracy: engine (bf16) and HF's CWIC forward (bf16) against the same model in fp32
@@ -375,7 +385,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         model.generate(prompt[None], max_new_tokens=16, min_new_tokens=16, do_sample=False)
         _sync()
-        rows.append(dict(config=f"HF generate (CWIC, last APR, PyTorch masked matmuls)", apr=rows[-1]["apr"],
+        rows.append(dict(config="HF generate (CWIC, last APR, PyTorch masked matmuls)", apr=rows[-1]["apr"],
                          tokens_per_s=16 / (time.perf_counter() - t0)))
 
     lines = [f"# Decode, batch 1 — {result['model']} — {gpu}, torch {torch.__version__}",

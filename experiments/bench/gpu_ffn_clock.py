@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 
@@ -37,9 +35,9 @@ PHASES = ["PDL wait", "inputs compacted", "gate", "units compacted", "up/down lo
 EVENTS = ["entry", "after PDL wait", "inputs compacted", "gate done", "units compacted", "loop done", "atomics issued"]
 
 
-def record(args) -> dict:
+def record(args) -> tuple[dict, np.ndarray]:
     import torch
-    from gpu_decode import calibrated_model, ffn_tile_overrides, measure_apr
+    from gpu_decode import calibrated_model, ffn_tile_overrides, measure_apr, time_step
     from gpu_kernels import ensure_imports
     ensure_imports()
     import triton
@@ -64,32 +62,20 @@ def record(args) -> dict:
         calls[0] += 1
         return orig(*a, times=times[i], **k)
 
-    def tok_s(eng, n=100, reps=5):
-        out = []
-        for _ in range(reps):
-            eng.prefill(prompt)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            eng.decode(n)
-            torch.cuda.synchronize()
-            out.append(n / (time.perf_counter() - t0))
-        return statistics.median(out)
-
     res = dict(model=args.model, d=d, F=F, layers=L, programs=P, apr_calibration=apr,
                config={k: v for k, v in fcfg.items() if k != "grid"}, gpu=torch.cuda.get_device_name(),
                torch=torch.__version__, triton=triton.__version__,
                pdl=os.environ.get("CWIC_PDL", "1") != "0", ffn_overrides=args.ffn)
     if args.timed_vs_plain:
         eng = DecodeEngine(model, max_len=len(prompt) + 128)
-        eng.generate(prompt, 8)
-        res["tok_s_plain"] = tok_s(eng)
+        res["tok_s_plain"] = time_step(eng, prompt, 100, 5)
         del eng
     ffn_fused.ffn_gate_updown = timed
     try:
         eng = DecodeEngine(model, max_len=len(prompt) + 128)
         eng.generate(prompt, 8)                      # capture (whole steps: the layers' rows stay aligned)
         if args.timed_vs_plain:
-            res["tok_s_timed"] = tok_s(eng)
+            res["tok_s_timed"] = time_step(eng, prompt, 100, 5)
         eng.prefill(prompt)
         steps = []
         for _ in range(args.steps):

@@ -29,8 +29,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_decode import (CONFIGS, _sync, build_model, calibrate_density, collect_calibration,  # noqa: E402
-                        kernel_breakdown, measure_apr)
+from gpu_decode import (CONFIGS, build_model, calibrate_density, collect_calibration,  # noqa: E402
+                        kernel_breakdown, measure_apr, time_step)
 from gpu_kernels import ensure_imports, save_outputs  # noqa: E402
 
 QKV, O, HEAD, FFN, FFNX, HAND = "qkv", "o", "head", "ffn", "ffnx", "hand"
@@ -118,23 +118,6 @@ class Tables:
 
 
 DRY_RUN = False
-
-
-def time_step(eng, prompt, tokens: int, repeats: int) -> float:
-    """Median decode tokens/s over `repeats` runs of `tokens` steps, after a fresh capture."""
-    eng.graph = None
-    eng.capture()
-    eng.prefill(prompt)
-    eng.decode(8)
-    tps = []
-    for _ in range(repeats):
-        eng.prefill(prompt)
-        _sync()
-        t0 = time.perf_counter()
-        eng.decode(tokens)
-        _sync()
-        tps.append(tokens / (time.perf_counter() - t0))
-    return statistics.median(tps)
 
 
 def main(argv=None):

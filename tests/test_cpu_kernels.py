@@ -274,6 +274,29 @@ def test_ffn_any_thread_count(ext, B):
     assert len({r for _, r in outs.values()}) == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [1, 3])
+def test_ffn_up_down_side_by_side_same_bits(ext, dtype, B):
+    """The decoder keeps unit j's up row and down row side by side in one (F, 2d) block and passes its halves (rows
+    2d apart): in every ISA, the same bits and the same weights read as the separate contiguous matrices, without a
+    copy. Rows that are not contiguous, or overlap, are refused with a clear error."""
+    x, gw, gm, gt, gb, s, up, dn, ut = _ffn_inputs(B, 100, 203, 20, dtype, seed=5 + B)
+    d = up.shape[1]
+    block = torch.cat([up, dn], dim=1)
+    up2, dn2 = block[:, :d], block[:, d:]
+    assert not up2.is_contiguous() and C._rows(up2) is up2 and C._rows(dn2) is dn2
+    for i in C.supported_isas():
+        want = ext.ffn(x, gw, gm, gt, gb, s, up, dn, ut, "silu", C.isa_id(i), 0)
+        got = ext.ffn(x, gw, gm, gt, gb, s, up2, dn2, ut, "silu", C.isa_id(i), 0)
+        assert torch.equal(got[0], want[0]) and got[1] == want[1], i
+    torch.testing.assert_close(C.ffn(x, gw, gm, gt, gb, s, up2, dn2, ut).float(),
+                               R.ffn_reference(x, gw, gm, gt, gb, s, up, dn, ut).float(), rtol=2e-2, atol=2e-2)
+    with pytest.raises(RuntimeError, match="contiguous rows"):       # columns apart: not rows
+        ext.ffn(x, gw, gm, gt, gb, s, up.t().contiguous().t(), dn, ut, "silu", -1, 0)
+    with pytest.raises(RuntimeError, match="contiguous rows"):       # rows overlapping
+        ext.ffn(x, gw, gm, gt, gb, s, block.as_strided((203, d), (d // 2, 1)), dn, ut, "silu", -1, 0)
+
+
 def test_registered_ops_use_the_cpu_kernels(ext):
     from cwic_kernels import ops
     assert ops.load_backends().get("cpu") is True
@@ -419,6 +442,42 @@ def test_decode_cwic_matches_model_and_counts(ext):
     # the same model decoded densely ignores the thresholds
     dd = CpuDecoder(m, mode="dense", dtype=torch.float32, max_len=64)
     torch.testing.assert_close(_step_logits(dd, ids), dense_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_keeps_up_and_down_side_by_side(ext, monkeypatch):
+    """The CWIC decoder stores each FFN unit's up row and down row side by side (one contiguous span a unit, up and down
+    in one pass) and decodes to the same bits as with the two matrices apart (up rows, then down rows), which is what
+    it builds for longer rows and for a kernel build that predates row strides (cpu_ab's old side)."""
+    import cwic_exp
+    import cwic_exp.cpu_decode as CD
+    m = _tiny()
+    cwic_exp.to_cwic(m, stripe_size=16)
+    CD.calibrate_apr(m, torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(4)), apr=2.5)
+    ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(5))
+    mlp = m.model.layers[0].mlp
+    d = mlp.up_proj.in_features
+    f = CD._ffn(ext, mlp, "cwic", torch.bfloat16, "own", "silu")
+    assert f.up_w.stride() == (2 * d, 1) and f.down_wt.stride() == (2 * d, 1)
+    assert f.down_wt.data_ptr() - f.up_w.data_ptr() == d * 2                   # bf16: d elements on
+    assert torch.equal(f.up_w, mlp.up_proj.weight.bfloat16())
+    assert torch.equal(f.down_wt, mlp.down_proj.weight.t().bfloat16())
+    side = _step_logits(CD.CpuDecoder(m, mode="cwic", dtype=torch.bfloat16, max_len=16), ids)
+
+    class OlderBuild:
+        def __getattr__(self, name):
+            if name == "ffn_row_strides":
+                raise AttributeError(name)
+            return getattr(ext, name)
+    monkeypatch.setattr(CD, "_ext", lambda: OlderBuild())
+    f2 = CD._ffn(OlderBuild(), mlp, "cwic", torch.bfloat16, "own", "silu")
+    assert f2.up_w.is_contiguous() and f2.down_wt.is_contiguous()
+    apart = _step_logits(CD.CpuDecoder(m, mode="cwic", dtype=torch.bfloat16, max_len=16), ids)
+    assert torch.equal(side, apart)
+    monkeypatch.undo()
+    monkeypatch.setattr(CD, "SIDE_BY_SIDE_MAX_ROW", 2 * d - 1)                   # bf16 rows of 2d bytes: too long
+    f3 = CD._ffn(ext, mlp, "cwic", torch.bfloat16, "own", "silu")
+    assert f3.up_w.is_contiguous() and f3.down_wt.is_contiguous()
+    assert torch.equal(_step_logits(CD.CpuDecoder(m, mode="cwic", dtype=torch.bfloat16, max_len=16), ids), side)
 
 
 @pytest.mark.parametrize("mode,dense,dtype", [("cwic", "own", torch.float32), ("cwic", "own", torch.bfloat16),

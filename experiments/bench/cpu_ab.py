@@ -3,6 +3,7 @@
     python -m experiments.bench.cpu_ab --old 2e070bf                 # SmolLM2, 3× APR, 8 rounds
     python -m experiments.bench.cpu_ab --old HEAD~1 --apr 4 --rounds 12 --tokens 48
     python -m experiments.bench.cpu_ab --huge-pages                  # this tree: 4 KiB pages (old) vs huge (new)
+    python -m experiments.bench.cpu_ab --old HEAD --model llama1b --tokens 12 --rounds 6
 
 Why: on a shared 2-core host the speed of separate benchmark runs swings by ±15 %, more than most kernel
 changes. Here both builds run in the same process, interleaved run by run (dense-old, dense-new, cwic-old,
@@ -14,9 +15,9 @@ decoder without (old side) and with (new side) its huge-page weight arena (`CpuD
 text: the prompt, then the dense model's greedy continuation fed token by token (teacher forcing), so the
 two builds do the same work even where rounding differences would make them generate different tokens (a
 calibrated, not trained, model is sensitive to that, and its decode-time APR depends on the text). Dense is
-our kernel with every pair on; CWIC is SmolLM2-135M-Instruct converted with stripe 192 and calibrated to
---apr (as bench_decode.py --device cpu does). Prints a table of ms/token by part (medians) and a last-line
-JSON.
+our kernel with every pair on; CWIC is SmolLM2-135M-Instruct converted with stripe 192 (or, with --model llama1b,
+the Llama-3.2-1B-shaped random model with stripe 512) and calibrated to --apr (as bench_decode.py --device cpu
+does). Prints a table of ms/token by part (medians) and a last-line JSON.
 """
 from __future__ import annotations
 
@@ -62,6 +63,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32, help="forced tokens timed per run")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--model", choices=("smollm2", "llama1b"), default="smollm2",
+                    help="llama1b: bench_decode.py's Llama-3.2-1B-shaped random model (stripe 512)")
+    ap.add_argument("--layers", type=int, default=16, help="llama1b: layers (fewer: a quicker, smaller stand-in)")
     args = ap.parse_args(argv)
     if args.huge_pages == (args.old is not None):
         ap.error("give either --old REV or --huge-pages")
@@ -72,7 +76,7 @@ def main(argv=None):
 
     import cwic_exp
     import cwic_exp.cpu_decode as CD
-    from experiments.bench.cpu_decode import PROMPT, calib_batch, chat_ids
+    from experiments.bench.cpu_decode import PROMPT, calib_batch, chat_ids, llama1b_shaped
     from experiments.bench.cpu_kernels import machine
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -81,9 +85,18 @@ def main(argv=None):
     old_ext = new_ext if args.huge_pages else load_old(args.old, tmp)
     okw, nkw = (dict(huge_pages=False), dict(huge_pages=True)) if args.huge_pages else ({}, {})
     label = "this tree, 4 KiB pages" if args.huge_pages else args.old
-    model, tok = cwic_exp.load_teacher("smollm2-135m-instruct")
-    model = model.float().eval()
-    prompt = chat_ids(tok, PROMPT)
+    if args.model == "smollm2":
+        model, tok = cwic_exp.load_teacher("smollm2-135m-instruct")
+        model = model.float().eval()
+        prompt = chat_ids(tok, PROMPT)
+        ids, mask = calib_batch(tok)
+        stripe, name = 192, "SmolLM2-135M"
+    else:   # as bench_decode.py --device cpu builds and calibrates it
+        model = llama1b_shaped(layers=args.layers)
+        g = torch.Generator().manual_seed(1)
+        prompt = torch.randint(0, 128256, (24,), generator=g).tolist()
+        ids, mask = torch.randint(0, 128256, (2, 64), generator=g), torch.ones(2, 64, dtype=torch.long)
+        stripe, name = 512, f"Llama-3.2-1B-shaped random ({args.layers} layers)"
     max_len = len(prompt) + args.tokens + 8
 
     def build(ext, **kw):   # CpuDecoder takes its extension from CD._ext()
@@ -97,12 +110,11 @@ def main(argv=None):
     decs = {"dense-old": build(old_ext, mode="dense", dense="own", **okw),
             "dense-new": build(new_ext, mode="dense", dense="own", **nkw)}
     forced = decs["dense-new"].generate(prompt, args.tokens)[len(prompt):]
-    cwic_exp.to_cwic(model, stripe_size=192)
-    ids, mask = calib_batch(tok)
+    cwic_exp.to_cwic(model, stripe_size=stripe)
     st = CD.calibrate_apr(model, ids, args.apr, attention_mask=mask, stats=True, cache={})
     decs["cwic-old"] = build(old_ext, mode="cwic", **okw)
     decs["cwic-new"] = build(new_ext, mode="cwic", **nkw)
-    print(f"A/B {label} (old) vs this tree (new): SmolLM2-135M, CWIC calibrated to APR {st['apr']:.2f}, "
+    print(f"A/B {label} (old) vs this tree (new): {name}, CWIC calibrated to APR {st['apr']:.2f}, "
           f"{len(prompt)}-token prompt + {len(forced)} forced tokens, {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads", flush=True)
 
@@ -128,9 +140,9 @@ def main(argv=None):
     print("|---" * (len(cols) + 1) + "|")
     for k in decs:
         print(f"| {k} | " + " | ".join(f"{med[k][c]:.3f}" for c in cols) + " |")
-    out = {"bench": "cpu_ab", "old": label, "huge_pages_new": decs["cwic-new"].arena is not None and
-           decs["cwic-new"].arena.bytes_advised > 0, "apr_calib": st["apr"], "rounds": args.rounds,
-           "forced_tokens": len(forced), "machine": machine(), "ms_per_token": med}
+    out = {"bench": "cpu_ab", "old": label, "model": name, "stripe": stripe,
+           "huge_pages_new": decs["cwic-new"].arena is not None and decs["cwic-new"].arena.bytes_advised > 0,
+           "apr_calib": st["apr"], "rounds": args.rounds, "forced_tokens": len(forced), "machine": machine(), "ms_per_token": med}
     for side in ("old", "new"):
         d, c = res[f"dense-{side}"]["total"], res[f"cwic-{side}"]["total"]
         out[f"speedup_{side}"] = statistics.median(d) / statistics.median(c)

@@ -13,8 +13,8 @@ with one warning line when no C++ compiler works; every function below then runs
     ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt, unit_thr, act, isa=None)
 
 `isa`: None (best this CPU runs, or $CWIC_CPU_ISA), "avx512", "avx2" or "scalar" (the scalar twin).
-Weights: fp32 or bf16, input-major (`wt` (n, m) = Wᵀ; `up_w`, `down_wt` (F, d)); other dtypes (fp16)
-go to the reference.
+Weights: fp32 or bf16, input-major (`wt` (n, m) = Wᵀ; `up_w`, `down_wt` (F, d), each row contiguous, rows any
+stride apart); other dtypes (fp16) go to the reference.
 """
 from __future__ import annotations
 
@@ -129,6 +129,13 @@ def gemv(x, wt, mean, thr, bias, stripe: int, isa=None, nthreads: int = 0, retur
     return (y, reads) if return_reads else y
 
 
+def _rows(t):
+    """t itself where each row is contiguous (rows may lie further apart: the halves of an (F, 2d) block), else a
+    contiguous copy."""
+    ok = t.dim() == 2 and (t.size(1) <= 1 or t.stride(1) == 1) and (t.size(0) <= 1 or t.stride(0) >= t.size(1))
+    return t if ok else t.contiguous()
+
+
 def ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int, up_w, down_wt, unit_thr, act: str = "silu",
         isa=None, nthreads: int = 0, return_reads: bool = False):
     """y (B, d) in x's dtype: the fused CWIC gated FFN (reference semantics)."""
@@ -139,8 +146,8 @@ def ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int, up_w, down_wt, 
         from ..reference import ffn_reference
         y = ffn_reference(x2, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt, unit_thr, act)
         return (y, -1) if return_reads else y
-    y, reads = ext.ffn(x2, gate_wt.contiguous(), gate_mean, gate_thr, gate_bias, int(stripe), up_w.contiguous(),
-                       down_wt.contiguous(), unit_thr, act, isa_id(isa), int(nthreads))
+    y, reads = ext.ffn(x2, gate_wt.contiguous(), gate_mean, gate_thr, gate_bias, int(stripe), _rows(up_w),
+                       _rows(down_wt), unit_thr, act, isa_id(isa), int(nthreads))
     y = y.to(x.dtype)
     return (y, reads) if return_reads else y
 

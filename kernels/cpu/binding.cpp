@@ -145,6 +145,12 @@ std::tuple<at::Tensor, int64_t> gemv_layout(const at::Tensor& x, const at::Tenso
   return {y, reads};
 }
 
+// (F, d) with each row contiguous, rows any stride >= d apart (an (F, 2d) block's halves, say)
+static bool rows_ok(const at::Tensor& t, int64_t F, int64_t d) {
+  return t.dim() == 2 && t.size(0) == F && t.size(1) == d && (d <= 1 || t.stride(1) == 1) &&
+         (F <= 1 || t.stride(0) >= d);
+}
+
 std::tuple<at::Tensor, int64_t> ffn(const at::Tensor& x, const at::Tensor& gate_wt,
                                     const std::optional<at::Tensor>& gate_mean,
                                     const std::optional<at::Tensor>& gate_thr,
@@ -157,13 +163,14 @@ std::tuple<at::Tensor, int64_t> ffn(const at::Tensor& x, const at::Tensor& gate_
   cwic_cpu::FfnArgs a;
   a.gate = gemv_args(x32, gate_wt, gate_mean, gate_thr, gate_bias, stripe, keep);
   const int F = a.gate.m, d = a.gate.n;
-  TORCH_CHECK(up_w.is_contiguous() && down_wt.is_contiguous() && up_w.size(0) == F && up_w.size(1) == d &&
-                  down_wt.size(0) == F && down_wt.size(1) == d,
-              "cwic_cpu: up_w and down_wt must be contiguous (F, d)");
+  TORCH_CHECK(rows_ok(up_w, F, d) && rows_ok(down_wt, F, d),
+              "cwic_cpu: up_w and down_wt must be (F, d) with contiguous rows (a row stride >= d)");
   TORCH_CHECK(up_w.scalar_type() == gate_wt.scalar_type() && down_wt.scalar_type() == gate_wt.scalar_type(),
               "cwic_cpu: FFN weights must share one dtype");
   a.up_w = up_w.data_ptr();
   a.down_wt = down_wt.data_ptr();
+  a.up_ld = up_w.stride(0);
+  a.down_ld = down_wt.stride(0);
   at::Tensor ut;
   a.unit_thr = opt_ptr(unit_thr, ut);
   if (a.unit_thr) TORCH_CHECK(ut.numel() == F, "cwic_cpu: unit_thr must be (F,)");
@@ -213,7 +220,14 @@ class Decoder {
     int64_t total = 0;
     for (auto& q : qkv) { q = check(q); total += q.m(); }
     TORCH_CHECK(total == (int64_t)(nh_ + 2 * nkv_) * hd_, "qkv must have (n_heads + 2 n_kv) * head_dim outputs");
-    if (ffn.cwic) ffn.gate = check(ffn.gate);
+    if (ffn.cwic) {
+      ffn.gate = check(ffn.gate);
+      TORCH_CHECK(ffn.up_w.defined() && ffn.down_wt.defined() && rows_ok(ffn.up_w, ffn.gate.m(), d_) &&
+                      rows_ok(ffn.down_wt, ffn.gate.m(), d_) &&
+                      ffn.up_w.scalar_type() == ffn.gate.w.scalar_type() &&
+                      ffn.down_wt.scalar_type() == ffn.gate.w.scalar_type(),
+                  "cwic_cpu: the FFN's up_w and down_wt must be (F, d) in the gate's dtype with contiguous rows");
+    }
     else { ffn.gate_up = check(ffn.gate_up); ffn.down = check(ffn.down); }
     if (ffn.unit_thr.defined()) ffn.unit_thr = f32c(ffn.unit_thr);
     layers_.push_back({ln1.contiguous(), ln2.contiguous(), qkv, check(o), ffn});
@@ -451,6 +465,8 @@ class Decoder {
       a.gate.stripe = g.stripe > 0 ? (int)g.stripe : a.gate.m;
       a.up_w = f.up_w.data_ptr();
       a.down_wt = f.down_wt.data_ptr();
+      a.up_ld = f.up_w.stride(0);
+      a.down_ld = f.down_wt.stride(0);
       a.unit_thr = f.unit_thr.defined() ? f.unit_thr.data_ptr<float>() : nullptr;
       a.act = act_id(f.act);
       a.residual = h;
@@ -490,6 +506,7 @@ class Decoder {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CWIC CPU kernels (granular sparse GEMV, fused FFN, C++ decode step)";
+  m.attr("ffn_row_strides") = true;   // up_w / down_wt may be an (F, 2d) block's halves (older builds: no)
   m.def("best_isa", &cwic_cpu::best_isa);
   m.def("resolve_isa", &cwic_cpu::resolve_isa);
   m.def("isa_name", [](int64_t isa) { return std::string(cwic_cpu::isa_name((int)isa)); });

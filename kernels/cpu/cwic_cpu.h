@@ -52,8 +52,13 @@ int64_t gemv(const GemvArgs& a, int nthreads, int isa);
 
 struct FfnArgs {
   GemvArgs gate;                 // gate.y ignored; gate.m = F units
-  const void* up_w = nullptr;    // (F, d), same dtype as gate.wt
-  const void* down_wt = nullptr; // (F, d)
+  const void* up_w = nullptr;    // (F, d) rows up_ld apart, same dtype as gate.wt
+  const void* down_wt = nullptr; // (F, d) rows down_ld apart
+  // Row strides in elements (0: d, i.e. contiguous). Where unit j's up row and down row lie side by side (one (F, 2d)
+  // block: up_w = block, down_wt = block + d, both ld 2d), one token reads an active unit as one contiguous span of
+  // 2d weights, up and down in one pass (ffn_units).
+  int64_t up_ld = 0;
+  int64_t down_ld = 0;
   const float* unit_thr = nullptr; // (F) or null: every unit on
   int act = ACT_SILU;
   bool round_gate_bf16 = false;  // round g to bf16 before act (what a bf16 model / the reference does)

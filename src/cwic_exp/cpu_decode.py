@@ -175,6 +175,13 @@ def _lins(ext, mods, mode, dtype, impl):
     return [_lin_dense(ext, mods, dtype, impl)]
 
 
+# The CWIC FFN's up and down rows go side by side (one span a unit, up and down in one pass) for rows up to this many
+# bytes. On the 2-core AMD EPYC host (experiments/results/cpu_amd_epyc_2026-12-03_updown/, cpu_ab in one process
+# against the separate matrices): SmolLM2's 1152 B rows, CWIC decode 1.069x (FFN 3.24 -> 2.87 ms a token); the
+# 1B shape's 4096 B rows, 0.938x (FFN 24.2 -> 28.0 ms). Where between the two the cut belongs was not measured.
+SIDE_BY_SIDE_MAX_ROW = 2048
+
+
 def _ffn(ext, mlp, mode, dtype, impl, act, place=lambda t: t):
     f = ext.Ffn()
     if mode == "cwic" and isinstance(mlp, CwicGatedMLP):
@@ -182,8 +189,14 @@ def _ffn(ext, mlp, mode, dtype, impl, act, place=lambda t: t):
         f.cwic = True
         f.act = mlp.act_name
         f.gate = _place_lin(_lin_cwic(ext, [mlp.gate_proj], dtype), place)
-        f.up_w = place(mlp.up_proj.weight.detach().to(dtype).contiguous())
-        f.down_wt = place(mlp.down_proj.weight.detach().t().to(dtype).contiguous())
+        up = mlp.up_proj.weight.detach().to(dtype)
+        down_t = mlp.down_proj.weight.detach().t().to(dtype)
+        if getattr(ext, "ffn_row_strides", False) and up.shape[1] * up.element_size() <= SIDE_BY_SIDE_MAX_ROW:
+            # unit j's up row and down row side by side, (F, 2d): one token reads an active unit as one span
+            ud = place(torch.cat([up, down_t], dim=1).contiguous())
+            f.up_w, f.down_wt = ud[:, :up.shape[1]], ud[:, up.shape[1]:]
+        else:   # an older build of the kernels (cpu_ab's A side): separate contiguous matrices
+            f.up_w, f.down_wt = place(up.contiguous()), place(down_t.contiguous())
         f.unit_thr = place(mlp.unit_thresholds().detach().float().contiguous())
         return f
     f.cwic = False

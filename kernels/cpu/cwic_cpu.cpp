@@ -3,6 +3,9 @@
 #include "cwic_cpu.h"
 
 #include <omp.h>
+#if defined(__unix__)
+#include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -58,6 +61,26 @@ static int g_pf_stripe = [] {
 static int64_t g_pf_stripe_budget = [] {
   const char* e = std::getenv("CWIC_CPU_PF_STRIPE_BUDGET");
   return e ? (int64_t)std::atoll(e) : (int64_t)8 << 20;
+}();
+
+// Groups of stripes (input-major sparse walks). In the input-major layout a row's outputs of all stripes are
+// contiguous, yet a thread walks its stripes one after the other, so with small stripes (SmolLM2: 192 outputs, 384 B
+// of bf16) it read each active row in separate 384 B pieces, one a pass; two cores read such pieces at about half the
+// rate of 2304 B ones (experiments/results/cpu_amd_epyc_2026-12-03_updown/probes/seg.cpp). Now the first pass of a
+// group of the thread's stripes prefetches each of its rows' whole span over the group, and the group takes as many
+// whole stripes as keep list length x span within g_pf_group_budget (default a quarter of the L2), so the later
+// passes find the rows that are on in them too (mostly the same rows) in the L2. Where not even one stripe fits (the
+// 1B shapes' 512-wide stripes) the stripe prefetch above applies. On the 2-core AMD EPYC host, SmolLM2 at 3x APR:
+// see experiments/results/cpu_amd_epyc_2026-12-03_updown/. CWIC_CPU_PF_GROUP_BUDGET sets the budget in bytes (0:
+// off).
+static int64_t g_pf_group_budget = [] {
+  const char* e = std::getenv("CWIC_CPU_PF_GROUP_BUDGET");
+  if (e) return (int64_t)std::atoll(e);
+  long l2 = 0;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+  l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+  return (int64_t)(l2 > 0 ? l2 : 1L << 20) / 4;
 }();
 
 float round_bf16(float v) {

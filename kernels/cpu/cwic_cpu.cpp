@@ -72,7 +72,7 @@ static int64_t g_pf_stripe_budget = [] {
 // passes find the rows that are on in them too (mostly the same rows) in the L2. Where not even one stripe fits (the
 // 1B shapes' 512-wide stripes) the stripe prefetch above applies. On the 2-core AMD EPYC host, SmolLM2 at 3x APR:
 // see experiments/results/cpu_amd_epyc_2026-12-03_updown/. CWIC_CPU_PF_GROUP_BUDGET sets the budget in bytes (0:
-// off).
+// off); CWIC_CPU_PF_STRIPE=0 turns off both.
 static int64_t g_pf_group_budget = [] {
   const char* e = std::getenv("CWIC_CPU_PF_GROUP_BUDGET");
   if (e) return (int64_t)std::atoll(e);

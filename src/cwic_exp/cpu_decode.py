@@ -195,7 +195,7 @@ def _ffn(ext, mlp, mode, dtype, impl, act, place=lambda t: t):
             # unit j's up row and down row side by side, (F, 2d): one token reads an active unit as one span
             ud = place(torch.cat([up, down_t], dim=1).contiguous())
             f.up_w, f.down_wt = ud[:, :up.shape[1]], ud[:, up.shape[1]:]
-        else:   # an older build of the kernels (cpu_ab's A side): separate contiguous matrices
+        else:   # longer rows, or a build without row strides (cpu_ab's old side): separate contiguous matrices
             f.up_w, f.down_wt = place(up.contiguous()), place(down_t.contiguous())
         f.unit_thr = place(mlp.unit_thresholds().detach().float().contiguous())
         return f

@@ -514,6 +514,35 @@ def test_batched_prefill_matches_token_by_token(ext, mode, dense, dtype):
         b._dec.prefill(torch.tensor([0, 96]), 0)          # token id out of range
 
 
+def test_huge_page_arena_drops_reused_pages():
+    """A block may reuse memory the allocator had handed out before (freed after a calibration): its 4 KiB
+    pages would stay 4 KiB whatever the advice. So each block is advised MADV_HUGEPAGE and then MADV_DONTNEED
+    (dropped, refaulted fresh on the copy), over the same 2 MiB-aligned range, and the copies keep their values."""
+    import sys
+
+    from cwic_exp import cpu_decode as CD
+    if not sys.platform.startswith("linux"):
+        pytest.skip("madvise: Linux only")
+    a = CD.HugePageArena(block_bytes=2 << 20)
+    real, calls = a._madvise, []
+
+    def rec(p, n, advice):
+        calls.append((p.value, n, advice))
+        return real(p, n, advice)
+
+    a._madvise = rec
+    junk = torch.full((4 << 20,), 7, dtype=torch.uint8)   # touched memory, freed: the next block may reuse it
+    del junk
+    ts = [torch.randn(300, 1000), torch.randn(250, 1000)]   # 1.2 MB + 1.0 MB: two blocks
+    vs = [a.put(t) for t in ts]
+    assert all(torch.equal(t, v) for t, v in zip(ts, vs))
+    assert [c[2] for c in calls] == [CD._MADV_HUGEPAGE, CD._MADV_DONTNEED] * 2
+    for adv, drop in zip(calls[::2], calls[1::2]):
+        assert adv[:2] == drop[:2] and adv[0] % (2 << 20) == 0
+    assert [b[0] for b in a.blocks] == [c[0] for c in calls[::2]]
+    assert 0 <= a.huge_bytes() <= a.bytes_advised == 2 * (2 << 20)
+
+
 def test_huge_page_arena_copies_and_decoder_bits(ext):
     """Weights placed in the MADV_HUGEPAGE arena: same values (views of 2 MiB-aligned blocks, a new block
     when one is full), and a decoder built on it gives bit-identical logits."""

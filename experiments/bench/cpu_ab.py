@@ -66,6 +66,9 @@ def main(argv=None):
     ap.add_argument("--model", choices=("smollm2", "llama1b"), default="smollm2",
                     help="llama1b: bench_decode.py's Llama-3.2-1B-shaped random model (stripe 512)")
     ap.add_argument("--layers", type=int, default=16, help="llama1b: layers (fewer: a quicker, smaller stand-in)")
+    ap.add_argument("--fixed-order", action="store_true",
+                    help="every round in the order dense-old, dense-new, cwic-old, cwic-new (the default "
+                         "alternates: odd rounds run new before old)")
     args = ap.parse_args(argv)
     if args.huge_pages == (args.old is not None):
         ap.error("give either --old REV or --huge-pages")
@@ -114,13 +117,19 @@ def main(argv=None):
     st = CD.calibrate_apr(model, ids, args.apr, attention_mask=mask, stats=True, cache={})
     decs["cwic-old"] = build(old_ext, mode="cwic", **okw)
     decs["cwic-new"] = build(new_ext, mode="cwic", **nkw)
+    print("weights on huge pages: " + ", ".join(
+        f"{k} {d.arena.huge_bytes() / 2**20:.0f} MiB" if d.arena is not None else f"{k} off" for k, d in decs.items()))
     print(f"A/B {label} (old) vs this tree (new): {name}, CWIC calibrated to APR {st['apr']:.2f}, "
           f"{len(prompt)}-token prompt + {len(forced)} forced tokens, {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads", flush=True)
 
     res = {k: {p: [] for p in PARTS + ("total", "reads")} for k in decs}
     for r in range(args.rounds):
-        for k, d in decs.items():
+        # odd rounds run each pair new before old: a place-in-round effect cancels in the medians
+        order = list(decs) if r % 2 == 0 or args.fixed_order else [
+            "dense-new", "dense-old", "cwic-new", "cwic-old"]
+        for k in order:
+            d = decs[k]
             d.prefill(prompt, chunk=64 if hasattr(d._dec, "prefill") else 1)   # (older builds: token by token)
             d._dec.reset_reads()
             t0 = time.perf_counter()
@@ -132,7 +141,7 @@ def main(argv=None):
                 res[k][p].append(v * 1e3)
             res[k]["total"].append(dt / len(forced) * 1e3)
             res[k]["reads"].append((a + f + h) / n / 1e6)
-        print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {res[k]['total'][-1]:.2f} ms" for k in decs),
+        print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {res[k]['total'][-1]:.2f} ms" for k in order),
               flush=True)
     med = {k: {p: statistics.median(v) for p, v in res[k].items()} for k in decs}
     cols = PARTS + ("total", "reads")
@@ -142,6 +151,7 @@ def main(argv=None):
         print(f"| {k} | " + " | ".join(f"{med[k][c]:.3f}" for c in cols) + " |")
     out = {"bench": "cpu_ab", "old": label, "model": name, "stripe": stripe,
            "huge_pages_new": decs["cwic-new"].arena is not None and decs["cwic-new"].arena.bytes_advised > 0,
+           "huge_page_mb": {k: (d.arena.huge_bytes() / 2**20 if d.arena is not None else 0.0) for k, d in decs.items()},
            "apr_calib": st["apr"], "rounds": args.rounds, "forced_tokens": len(forced), "machine": machine(), "ms_per_token": med}
     for side in ("old", "new"):
         d, c = res[f"dense-{side}"]["total"], res[f"cwic-{side}"]["total"]

@@ -155,6 +155,11 @@ def summarise(res: dict) -> dict:
     return s
 
 
+def huge_mb(dec) -> float:
+    """MiB of the decoder's weight copies on huge pages (0 without its arena)."""
+    return round(dec.arena.huge_bytes() / 2**20, 1) if dec.arena is not None else 0.0
+
+
 def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtype, threads, quiet, log,
                 calib, prompt_ids, hf_check: bool, apr_correction: bool = True):
     import cwic_exp
@@ -181,6 +186,7 @@ def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtyp
     log("  timing dense-own vs dense-torch")
     runs = run_rounds(dense, prompt_ids, new_tokens, rounds, quiet, log)
     summary = summarise(runs)
+    summary["dense-own"]["huge_page_mb"] = huge_mb(dense["dense-own"])
     del dense["dense-torch"]
     gc.collect()
     cwic_exp.to_cwic(model, stripe_size=stripe)
@@ -217,6 +223,7 @@ def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtyp
         summary.setdefault("dense-own-repeats", []).append(sm["dense-own"]["tokens_per_s"])
         summary[key] = sm[key]
         summary[key].update({"apr_target": apr, "apr_calib": st["apr"], "density_calib": st["density"],
+                             "huge_page_mb": huge_mb(dec),
                              "calib_target": target, "apr_decode_first_calibration": first,
                              "apr_corrections": [[round(t, 4), round(a, 4)] for t, a in tries],
                              "dense_own_same_rounds": sm["dense-own"]["tokens_per_s"],

@@ -63,6 +63,7 @@ def _text_config(model):
 
 _HUGE = 2 << 20
 _MADV_HUGEPAGE = 14          # Linux
+_MADV_DONTNEED = 4
 
 
 def _madvise():
@@ -89,6 +90,7 @@ class HugePageArena:
         self._buf = None
         self._off = self._end = 0
         self.bytes_advised = 0
+        self.blocks: list[tuple[int, int]] = []   # (address, bytes) of each advised block
 
     def _new_block(self, n: int) -> None:
         size = -(-max(self.block_bytes, n) // _HUGE) * _HUGE
@@ -97,7 +99,32 @@ class HugePageArena:
         off = -(-p // _HUGE) * _HUGE - p
         if self._madvise(ctypes.c_void_p(p + off), size, _MADV_HUGEPAGE) == 0:
             self.bytes_advised += size
+            # the allocator may hand back memory that was touched before (a large tensor freed earlier, such as
+            # a calibration's): those pages stay 4 KiB whatever the advice. Dropping them (the block is about to
+            # be written anyway) makes the first write fault fresh, huge pages.
+            self._madvise(ctypes.c_void_p(p + off), size, _MADV_DONTNEED)
+            self.blocks.append((p + off, size))
         self._buf, self._off, self._end = buf, off, off + size
+
+    def huge_bytes(self) -> int:
+        """Bytes of the advised blocks that the kernel backs with huge pages now: AnonHugePages of the mappings
+        they overlap, from /proc/self/smaps (an upper bound where a block shares a mapping), at most
+        `bytes_advised`; 0 where smaps cannot be read."""
+        if not self.blocks:
+            return 0
+        total, cur = 0, None
+        try:
+            with open("/proc/self/smaps") as f:
+                for line in f:
+                    head = line.split(" ", 1)[0]
+                    if "-" in head and ":" not in head:
+                        lo, hi = (int(v, 16) for v in head.split("-"))
+                        cur = (lo, hi) if any(lo < a + n and a < hi for a, n in self.blocks) else None
+                    elif cur is not None and line.startswith("AnonHugePages:"):
+                        total += int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            return 0
+        return min(total, self.bytes_advised)   # a block inside a larger mapping: that mapping's count
 
     def put(self, t: torch.Tensor) -> torch.Tensor:
         if self._madvise is None or not isinstance(t, torch.Tensor) or t.numel() == 0 or not t.is_contiguous():

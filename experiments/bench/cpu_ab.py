@@ -79,7 +79,7 @@ def main(argv=None):
 
     import cwic_exp
     import cwic_exp.cpu_decode as CD
-    from experiments.bench.cpu_decode import PROMPT, calib_batch, chat_ids, llama1b_shaped
+    from experiments.bench.cpu_decode import PROMPT, calib_batch, chat_ids, huge_mb, llama1b_shaped
     from experiments.bench.cpu_kernels import machine
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -117,8 +117,8 @@ def main(argv=None):
     st = CD.calibrate_apr(model, ids, args.apr, attention_mask=mask, stats=True, cache={})
     decs["cwic-old"] = build(old_ext, mode="cwic", **okw)
     decs["cwic-new"] = build(new_ext, mode="cwic", **nkw)
-    print("weights on huge pages: " + ", ".join(
-        f"{k} {d.arena.huge_bytes() / 2**20:.0f} MiB" if d.arena is not None else f"{k} off" for k, d in decs.items()))
+    huge = {k: huge_mb(d) for k, d in decs.items()}
+    print("weights on huge pages: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in huge.items()))
     print(f"A/B {label} (old) vs this tree (new): {name}, CWIC calibrated to APR {st['apr']:.2f}, "
           f"{len(prompt)}-token prompt + {len(forced)} forced tokens, {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads", flush=True)
@@ -151,7 +151,7 @@ def main(argv=None):
         print(f"| {k} | " + " | ".join(f"{med[k][c]:.3f}" for c in cols) + " |")
     out = {"bench": "cpu_ab", "old": label, "model": name, "stripe": stripe,
            "huge_pages_new": decs["cwic-new"].arena is not None and decs["cwic-new"].arena.bytes_advised > 0,
-           "huge_page_mb": {k: (d.arena.huge_bytes() / 2**20 if d.arena is not None else 0.0) for k, d in decs.items()},
+           "huge_page_mb": huge,
            "apr_calib": st["apr"], "rounds": args.rounds, "forced_tokens": len(forced), "machine": machine(), "ms_per_token": med}
     for side in ("old", "new"):
         d, c = res[f"dense-{side}"]["total"], res[f"cwic-{side}"]["total"]

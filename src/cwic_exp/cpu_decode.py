@@ -112,15 +112,15 @@ class HugePageArena:
         `bytes_advised`; 0 where smaps cannot be read."""
         if not self.blocks:
             return 0
-        total, cur = 0, None
+        total, inside = 0, False   # inside: the current mapping overlaps a block
         try:
             with open("/proc/self/smaps") as f:
                 for line in f:
                     head = line.split(" ", 1)[0]
                     if "-" in head and ":" not in head:
                         lo, hi = (int(v, 16) for v in head.split("-"))
-                        cur = (lo, hi) if any(lo < a + n and a < hi for a, n in self.blocks) else None
-                    elif cur is not None and line.startswith("AnonHugePages:"):
+                        inside = any(lo < a + n and a < hi for a, n in self.blocks)
+                    elif inside and line.startswith("AnonHugePages:"):
                         total += int(line.split()[1]) * 1024
         except (OSError, ValueError):
             return 0

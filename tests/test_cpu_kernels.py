@@ -433,6 +433,12 @@ def test_decode_cwic_matches_model_and_counts(ext):
     ap = cwic_exp.active_parameters(m, ids, per_token=True)
     reads = dec.reads_per_token()["total"] * ids.shape[1]
     assert abs(reads - float(ap["per_token"].sum())) < 1e-3 * reads
+    # by matrix (cpu_cost_model's counters): q/k/v + o is the attention's count, and o's reads are o's density
+    pr = dec._dec.part_reads()
+    assert pr["qkv"] + pr["o"] == dec._dec.reads()[0] and pr["o"] > 0 and pr["qkv"] > 0
+    dense_o = sum(mod.dense_params for mod in cwic_exp.iter_cwic_modules(m) if mod.kind == "o")
+    o_ref = ap["density"]["o"] * dense_o * ids.shape[1]
+    assert abs(pr["o"] - o_ref) < 1e-3 * o_ref
     # bf16 weights: dense decoding stays tight; with thresholds, rounding the weights flips some masks
     # (rounding this tiny model's weights to bf16 alone moves its fp32 logits by ~6 %)
     dd16 = CpuDecoder(m, mode="dense", dtype=torch.bfloat16, max_len=64)   # (and a bf16 KV cache)

@@ -79,7 +79,7 @@ def main(argv=None):
 
     import cwic_exp
     import cwic_exp.cpu_decode as CD
-    from experiments.bench.cpu_decode import PROMPT, calib_batch, chat_ids, huge_mb, llama1b_shaped
+    from experiments.bench.cpu_decode import forced_setup, huge_mb
     from experiments.bench.cpu_kernels import machine
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -88,18 +88,7 @@ def main(argv=None):
     old_ext = new_ext if args.huge_pages else load_old(args.old, tmp)
     okw, nkw = (dict(huge_pages=False), dict(huge_pages=True)) if args.huge_pages else ({}, {})
     label = "this tree, 4 KiB pages" if args.huge_pages else args.old
-    if args.model == "smollm2":
-        model, tok = cwic_exp.load_teacher("smollm2-135m-instruct")
-        model = model.float().eval()
-        prompt = chat_ids(tok, PROMPT)
-        ids, mask = calib_batch(tok)
-        stripe, name = 192, "SmolLM2-135M"
-    else:   # as bench_decode.py --device cpu builds and calibrates it
-        model = llama1b_shaped(layers=args.layers)
-        g = torch.Generator().manual_seed(1)
-        prompt = torch.randint(0, 128256, (24,), generator=g).tolist()
-        ids, mask = torch.randint(0, 128256, (2, 64), generator=g), torch.ones(2, 64, dtype=torch.long)
-        stripe, name = 512, f"Llama-3.2-1B-shaped random ({args.layers} layers)"
+    model, prompt, ids, mask, stripe, name = forced_setup(args.model, args.layers)
     max_len = len(prompt) + args.tokens + 8
 
     def build(ext, **kw):   # CpuDecoder takes its extension from CD._ext()

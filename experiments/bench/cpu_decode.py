@@ -121,6 +121,22 @@ def llama1b_shaped(seed=0, layers=16):
     return model.eval()
 
 
+def forced_setup(which: str, layers: int = 16):
+    """cpu_ab's and cpu_cost_model's model and text: (fp32 model, prompt ids, calibration ids and mask, stripe,
+    label). "smollm2": SmolLM2-135M-Instruct, the chat prompt, stripe 192; "llama1b": the 1B-shaped random model
+    with `layers` layers, 24 random prompt tokens, stripe 512 (as this benchmark builds and calibrates them)."""
+    import cwic_exp
+    if which == "smollm2":
+        model, tok = cwic_exp.load_teacher("smollm2-135m-instruct")
+        ids, mask = calib_batch(tok)
+        return model.float().eval(), chat_ids(tok, PROMPT), ids, mask, 192, "SmolLM2-135M-Instruct"
+    model = llama1b_shaped(layers=layers)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 128256, (24,), generator=g).tolist()
+    ids, mask = torch.randint(0, 128256, (2, 64), generator=g), torch.ones(2, 64, dtype=torch.long)
+    return model, prompt, ids, mask, 512, f"Llama-3.2-1B-shaped random ({layers} layers)"
+
+
 def run_rounds(configs: dict, prompt, new_tokens: int, rounds: int, quiet, log) -> dict:
     """Interleaved timed runs: {name: {'tps': [...], 'stats': DecodeStats of the last run}}."""
     from experiments.bench.cpu_kernels import involuntary_switches

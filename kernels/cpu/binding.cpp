@@ -12,7 +12,9 @@
 #include <torch/python.h>
 
 #include <chrono>
+#include <map>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "cwic_cpu.h"
@@ -262,8 +264,12 @@ class Decoder {
   at::Tensor logits() const { return logits_.clone(); }
   // cumulative weights read by [attention (q,k,v,o), FFN, head] and the number of steps
   std::vector<int64_t> reads() const { return {reads_[0], reads_[1], reads_[2], tokens_}; }
+  // the same by matrix: {"qkv", "o", "ffn", "head"} (qkv + o = the attention's count above)
+  std::map<std::string, int64_t> part_reads() const {
+    return {{"qkv", reads_[0] - reads_o_}, {"o", reads_o_}, {"ffn", reads_[1]}, {"head", reads_[2]}};
+  }
   void reset_reads() {
-    reads_[0] = reads_[1] = reads_[2] = 0;
+    reads_[0] = reads_[1] = reads_[2] = reads_o_ = 0;
     tokens_ = 0;
     for (auto& p : prof_) p = 0.0;
   }
@@ -382,7 +388,9 @@ class Decoder {
                             (int)(pos0 + b) + 1, nh_, nkv_, hd_, scaling_, att + b * att_w,
                             scores_.data_ptr<float>(), nthreads_, isa_);
       tk.lap(P_ATTN);
-      reads_[0] += apply(L.o, att, h, h, B);
+      const int64_t ro = apply(L.o, att, h, h, B);
+      reads_[0] += ro;
+      reads_o_ += ro;
       tk.lap(P_O);
       cwic_cpu::rmsnorm(h, B, d, L.ln2.data_ptr(), wdtype_of(L.ln2), eps_, xn);
       tk.lap(P_GLUE);
@@ -497,6 +505,7 @@ class Decoder {
   Lin head_;
   at::Tensor kc_, vc_, h_, xn_, qkv_, att_, ffb_, logits_, scores_;
   int64_t reads_[3] = {0, 0, 0};
+  int64_t reads_o_ = 0;
   double prof_[P_N] = {0, 0, 0, 0, 0, 0};
   int64_t tokens_ = 0;
   int64_t bmax_ = 0;
@@ -550,6 +559,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("prefill", &Decoder::prefill)
       .def("logits", &Decoder::logits)
       .def("reads", &Decoder::reads)
+      .def("part_reads", &Decoder::part_reads)
       .def("reset_reads", &Decoder::reset_reads)
       .def("profile", &Decoder::profile)
       .def("set_threads", &Decoder::set_threads)

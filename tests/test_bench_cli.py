@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ["experiments/bench_decode.py", "--device", "cpu", "--help"],
     ["experiments/bench_decode.py", "--device", "cuda", "--help"],
     ["-m", "experiments.bench.cpu_ab", "--help"],
+    ["-m", "experiments.bench.cpu_cost_model", "--help"],
+    ["experiments/bench/gpu_cost_model.py", "--help"],
     ["experiments/bench/gpu_tune_decode.py", "--help"],
     ["experiments/bench/gpu_profile_step.py", "--help"],
     ["experiments/bench/gpu_prefill.py", "--help"],
@@ -190,3 +192,25 @@ def test_gpu_decode_dry_run_corrects_the_apr(tmp_path):
         assert 1 <= len(tries) <= 4 and all(t > 1.0 and a > 1.0 for t, a in tries)
         best = min(abs(math.log(a / x["apr_target"])) for _, a in tries)
         assert abs(math.log(x["apr"] / x["apr_target"])) <= best + 1e-3, (x["apr"], tries)
+
+
+def test_cost_model_fit_recovers_a_line():
+    from experiments.bench.cpu_cost_model import fit
+    a, b, r2 = fit([0.0, 10.0, 20.0, 40.0], [0.5 + 0.25 * x for x in (0.0, 10.0, 20.0, 40.0)])
+    assert abs(a - 0.5) < 1e-12 and abs(b - 0.25) < 1e-12 and abs(r2 - 1.0) < 1e-12
+    a, b, r2 = fit([1.0, 2.0, 3.0], [1.0, 3.0, 2.0])
+    assert abs(b - 0.5) < 1e-12 and r2 < 0.5
+
+
+def test_gpu_cost_model_dry_run(tmp_path):
+    """The GPU cost model end to end on a tiny model on the CPU: every configuration timed, 'off' reads nothing."""
+    import json
+    r = subprocess.run([sys.executable, "experiments/bench/gpu_cost_model.py", "--dry-run", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "cost_model_gpu.json").read_text())
+    assert set(res["us_per_step"]) == {"dense", "d=0.5", "d=0.333", "d=0.25", "d=0.167", "off"}
+    assert res["gb_per_token"]["off"] == 0.0 and res["apr"]["off"] is None
+    assert all(res["apr"][k] > 1.0 for k in ("d=0.5", "d=0.333", "d=0.25", "d=0.167"))
+    assert res["apr"]["d=0.167"] > res["apr"]["d=0.5"]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["bench"] == "gpu_cost_model"

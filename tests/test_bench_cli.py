@@ -203,14 +203,16 @@ def test_cost_model_fit_recovers_a_line():
 
 
 def test_gpu_cost_model_dry_run(tmp_path):
-    """The GPU cost model end to end on a tiny model on the CPU: every configuration timed, 'off' reads nothing."""
+    """The GPU cost model end to end on a tiny model on the CPU: every configuration timed, 'off' reads nothing, and
+    the first density's thresholds come back after 'off'."""
     import json
     r = subprocess.run([sys.executable, "experiments/bench/gpu_cost_model.py", "--dry-run", "--out", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "cost_model_gpu.json").read_text())
     assert set(res["us_per_step"]) == {"dense", "d=0.5", "d=0.333", "d=0.25", "d=0.167", "off"}
-    assert res["gb_per_token"]["off"] == 0.0 and res["apr"]["off"] is None
+    assert res["active_off"] == 0.0                      # HF's accounting of the engine's 'off' tokens: nothing on
+    assert res["apr_recheck"] == res["apr"]["d=0.5"]      # set_density undoes set_off exactly
     assert all(res["apr"][k] > 1.0 for k in ("d=0.5", "d=0.333", "d=0.25", "d=0.167"))
     assert res["apr"]["d=0.167"] > res["apr"]["d=0.5"]
     assert json.loads(r.stdout.strip().splitlines()[-1])["bench"] == "gpu_cost_model"

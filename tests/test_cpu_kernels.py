@@ -436,6 +436,8 @@ def test_decode_cwic_matches_model_and_counts(ext):
     # by matrix (cpu_cost_model's counters): q/k/v + o is the attention's count, and o's reads are o's density
     pr = dec._dec.part_reads()
     assert pr["qkv"] + pr["o"] == dec._dec.reads()[0] and pr["o"] > 0 and pr["qkv"] > 0
+    _step_logits(dec, ids)                              # the same tokens again after a reset: the same counts
+    assert dec._dec.part_reads() == pr
     dense_o = sum(mod.dense_params for mod in cwic_exp.iter_cwic_modules(m) if mod.kind == "o")
     o_ref = ap["density"]["o"] * dense_o * ids.shape[1]
     assert abs(pr["o"] - o_ref) < 1e-3 * o_ref

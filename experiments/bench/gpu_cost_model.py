@@ -8,12 +8,13 @@ model densely and as CWIC with thresholds set (as gpu_decode.py's `set_density`,
 several densities, plus once with every threshold at infinity ("off": no row read; what remains is the launches,
 the selections, the norms, the attention and every kernel's fixed latency). Rounds alternate the configurations; a
 configuration's figure is the median of its rounds. The weights each CWIC configuration reads per token come from
-its measured APR on the tokens it generates. The step time is fitted over the CWIC configurations as
-µs = fixed + bytes / rate (least squares), and set against the dense engine's own bytes / µs. `speedup_3x_at_peak`:
-the speedup over the dense engine at 3x APR if CWIC kept its nothing-on step and streamed a third of the dense
-bytes at the HBM peak (--peak-tb-s), an upper bound for this kernel structure; `fixed_us_for_2p5x_at_peak`: the
-nothing-on step that 2.5x would need even then. Prints a table and a last-line JSON (`--out`: also
-cost_model_gpu.json and .md).
+its APR by HF's accounting (`active_parameters`) on the prompt plus up to 64 tokens the engine generates. The step
+time is fitted over the CWIC configurations as µs = fixed + bytes / rate (least squares), and set against the dense
+engine's own bytes / µs. `speedup_3x_at_peak`: the speedup over the dense engine at 3x APR if CWIC kept its
+nothing-on step and streamed a third of the dense bytes at the HBM peak (--peak-tb-s): a bound under the model that
+the fixed step and the streaming add up (the fit's intercept, close to the measured nothing-on step, supports it),
+not a strict limit; `fixed_us_for_2p5x_at_peak`: the nothing-on step that 2.5x would need even then. Prints a table
+and a last-line JSON (`--out`: also cost_model_gpu.json and .md; nan and infinity as null).
 """
 from __future__ import annotations
 
@@ -27,10 +28,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_decode as GD  # noqa: E402
-from cpu_cost_model import fit  # noqa: E402
+from cpu_cost_model import finite, fit  # noqa: E402
 from gpu_kernels import ensure_imports  # noqa: E402
 
-PEAK_TB_S = {"H200": 4.8, "H100": 3.35}   # HBM bandwidth of the SXM parts, from NVIDIA's data sheets
+# HBM bandwidth from NVIDIA's data sheets, matched in order against the device name (SXM last)
+PEAK_TB_S = (("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35), ("H200", 4.8))
 
 
 @torch.no_grad()
@@ -81,20 +83,29 @@ def main(argv=None):
     cwic_exp.to_cwic(model, stripe_size=stripe)
     z = GD.collect_calibration(model, calib)
     ceng = DecodeEngine(model, max_len=max_len)
-    names = [f"d={d:.3g}" for d in dens] + ["off"]
+    density = {f"d={d:.3g}": d for d in dens}
+    if len(density) < len(dens):
+        ap.error("--densities: two values print alike (3 significant digits)")
+    names = list(density) + ["off"]
 
     def setup(name):
         if name == "off":
             set_off(model)
         else:
-            GD.set_density(z, float(name[2:]))
+            GD.set_density(z, density[name])
         ceng.refresh()
 
-    apr = {}
-    for name in names:   # the APR each setting reads on the tokens it generates
+    def active_apr(name):   # HF's accounting (active_parameters) on the prompt + up to 64 tokens the engine generates
         setup(name)
-        apr[name] = float("inf") if name == "off" else GD.measure_apr(
-            model, ceng.generate(prompt, min(args.tokens, 64))[None])["apr"]
+        s = cwic_exp.active_parameters(model, ceng.generate(prompt, min(args.tokens, 64))[None])
+        return s["active"], s["apr"]
+
+    apr, active_off = {}, None
+    for name in names:
+        act, a = active_apr(name)
+        if name == "off":
+            active_off = act
+        apr[name] = float("inf") if name == "off" else a
     us = {k: [] for k in ["dense"] + names}
     for r in range(args.rounds):
         order = ["dense"] + names if r % 2 == 0 else names[::-1] + ["dense"]
@@ -107,18 +118,21 @@ def main(argv=None):
         print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {us[k][-1]:.1f}" for k in order) + " µs a step",
               flush=True)
     med = {k: statistics.median(v) for k, v in us.items()}
+    apr_recheck = active_apr(names[0])[1]   # the first setting again after all the others: the same thresholds
     gb = {k: (0.0 if k == "off" else dense_gb / apr[k]) for k in names}
     a, b, r2 = fit([gb[k] * 1e3 for k in names], [med[k] for k in names])   # MB vs µs: slope µs/MB
     rate = 1.0 / b if b > 0 else float("inf")            # MB/µs = TB/s
     dense_rate = dense_gb / med["dense"] * 1e3           # GB/ms = TB/s
-    stream_rate = {k: gb[k] / (med[k] - med["off"]) * 1e3 for k in names if k != "off"}   # TB/s past nothing-on
+    stream_rate = {k: gb[k] / (med[k] - med["off"]) * 1e3 if med[k] > med["off"] else float("nan")
+                   for k in names if k != "off"}   # TB/s past the nothing-on step (nan: no slower than it)
     gb3 = dense_gb / 3.0
     fit_3x = med["dense"] / (a + gb3 / rate * 1e3)
-    peak = args.peak_tb_s if args.peak_tb_s > 0 else next((v for n, v in PEAK_TB_S.items() if n in gpu), 0.0)
+    peak = args.peak_tb_s if args.peak_tb_s > 0 else next((v for n, v in PEAK_TB_S if n in gpu), 0.0)
     at_peak = med["dense"] / (med["off"] + gb3 / peak * 1e3) if peak > 0 else None
     fixed_for_goal = med["dense"] / 2.5 - gb3 / peak * 1e3 if peak > 0 else None
     lines = [f"# GPU decode step cost model — {args.model}-shaped random bf16, {gpu}, torch {torch.__version__}", "",
-             f"{args.rounds} rounds × 3 runs of {args.tokens} steps (CUDA graph); dense matrices {dense_gb:.3f} GB a token",
+             f"{args.rounds} rounds × 3 runs of {args.tokens} steps (CUDA graph); dense matrices {dense_gb:.3f} GB "
+             "a token",
              "", "| config | APR (decode) | GB read a token | µs a step | × dense | TB/s past the nothing-on step |",
              "|---|---|---|---|---|---|",
              f"| dense engine | 1.00 | {dense_gb:.3f} | {med['dense']:.1f} | 1.00 | {dense_rate:.2f} (whole step) |"]
@@ -136,9 +150,11 @@ def main(argv=None):
                us_per_step=med, runs=us, gb_per_token=gb,
                fit=dict(fixed_us=a, rate_tb_s=rate, r2=r2), dense_rate_tb_s=dense_rate,
                stream_rate_tb_s=stream_rate, speedup_3x_fit=fit_3x, peak_tb_s=peak, speedup_3x_at_peak=at_peak,
-               fixed_us_for_2p5x_at_peak=fixed_for_goal)
+               fixed_us_for_2p5x_at_peak=fixed_for_goal, active_off=active_off, apr_recheck=apr_recheck)
     if not args.no_breakdown:
-        for name in ("d=0.333", "off"):
+        pdl_off = os.environ.get("CWIC_PDL", "1") == "0"
+        third = min(density, key=lambda k: abs(density[k] - 1 / 3))
+        for name in (third, "off"):
             if name in names:
                 setup(name)
                 ceng.graph = None
@@ -147,7 +163,9 @@ def main(argv=None):
                 res[f"breakdown_{name}"] = GD.kernel_breakdown(ceng)
                 bd = res[f"breakdown_{name}"]
                 if "kernels" in bd:
-                    lines += ["", f"Kernels, CWIC {name} (µs a token, PDL waits included):", "",
+                    how = ("PDL off: each kernel's own time" if pdl_off
+                           else "PDL on: waits for the previous kernel included")
+                    lines += ["", f"Kernels, CWIC {name} (µs a token, {how}):", "",
                               "| kernel | µs | launches |", "|---|---|---|"]
                     lines += [f"| `{k}` | {v['us_per_token']:.1f} | {v['calls_per_token']:.0f} |"
                               for k, v in bd["kernels"].items()]
@@ -156,12 +174,12 @@ def main(argv=None):
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "cost_model_gpu.json"), "w") as f:
-            json.dump(res, f, indent=1)
+            json.dump(finite(res), f, indent=1)
         with open(os.path.join(args.out, "cost_model_gpu.md"), "w") as f:
             f.write(text + "\n")
-    print(json.dumps({k: res[k] for k in ("bench", "gpu", "us_per_step", "apr", "fit", "dense_rate_tb_s",
+    print(json.dumps(finite({k: res[k] for k in ("bench", "gpu", "us_per_step", "apr", "fit", "dense_rate_tb_s",
                                           "stream_rate_tb_s", "speedup_3x_fit", "speedup_3x_at_peak",
-                                          "fixed_us_for_2p5x_at_peak")}))
+                                          "fixed_us_for_2p5x_at_peak")})))
     return res
 
 

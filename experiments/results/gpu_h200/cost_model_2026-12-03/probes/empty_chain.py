@@ -1,7 +1,7 @@
 """The floor of a decode step built from kernel launches: a CUDA graph of N back-to-back Triton kernels that do
 (almost) nothing, with and without PDL, at the decode engine's grid sizes. µs a graph replay, median of 50.
 
-    python probes/empty_chain.py            # N = 83: one step of the 1B-shaped CWIC engine has 83 launches
+    python probes/empty_chain.py            # N = 88: one step of the 1B-shaped CWIC engine has 88 launches
 """
 import json
 import statistics
@@ -56,7 +56,7 @@ def chain(n_kernels: int, grid: int, pdl: bool, warps: int = 4):
 
 
 def main():
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 83
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 88
     res = {}
     print(f"{torch.cuda.get_device_name()}: a graph of {n} dependent one-load kernels, µs a replay")
     for grid in (32, 132, 264, 512):

@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 ARGS     ?=
 
 .PHONY: setup test test-slow test-triton train smoke sweep-apr eval teal reproduce-mini \
-        bench-cpu bench-gpu tune-gpu chat analyses gpu-bundle clean
+        bench-cpu bench-gpu tune-gpu cost-model-cpu cost-model-gpu chat analyses gpu-bundle clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,12 @@ bench-gpu:                      ## on a CUDA machine with torch + triton install
 
 tune-gpu:                       ## on a CUDA machine: tile variants timed as the whole decode step (ARGS="--groups ffn")
 	$(PY) experiments/bench/gpu_tune_decode.py $(ARGS)
+
+cost-model-cpu: setup           ## CPU decode time = fixed part + bytes / rate, by part (ARGS="--model llama1b ...")
+	$(BIN)/python -m experiments.bench.cpu_cost_model $(ARGS)
+
+cost-model-gpu:                 ## on a CUDA machine: the decode step's fixed part and streaming rate, and the bound
+	$(PY) experiments/bench/gpu_cost_model.py $(ARGS)
 
 # reproduce-mini on one GPU (needs torch, triton, transformers, lightning, hydra-core, lm-eval; an offline
 # box: `make gpu-bundle` here, then README "On an offline GPU machine"). Each stage skips what is done.

@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PARTS = ("glue", "qkv", "attention", "o", "ffn", "head")
@@ -79,7 +78,7 @@ def main(argv=None):
 
     import cwic_exp
     import cwic_exp.cpu_decode as CD
-    from experiments.bench.cpu_decode import forced_setup, huge_mb
+    from experiments.bench.cpu_decode import forced_setup, huge_mb, timed_forced
     from experiments.bench.cpu_kernels import machine
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -118,17 +117,9 @@ def main(argv=None):
         order = list(decs) if r % 2 == 0 or args.fixed_order else [
             "dense-new", "dense-old", "cwic-new", "cwic-old"]
         for k in order:
-            d = decs[k]
-            d.prefill(prompt, chunk=64 if hasattr(d._dec, "prefill") else 1)   # (older builds: token by token)
-            d._dec.reset_reads()
-            t0 = time.perf_counter()
-            for t in forced:
-                d.step(t)
-            dt = time.perf_counter() - t0
-            a, f, h, n = d._dec.reads()
-            for p, v in d.profile().items():
-                res[k][p].append(v * 1e3)
-            res[k]["total"].append(dt / len(forced) * 1e3)
+            for p, v in timed_forced(decs[k], prompt, forced).items():
+                res[k][p].append(v)
+            a, f, h, n = decs[k]._dec.reads()
             res[k]["reads"].append((a + f + h) / n / 1e6)
         print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {res[k]['total'][-1]:.2f} ms" for k in order),
               flush=True)

@@ -27,7 +27,6 @@ import math
 import os
 import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PARTS = ("glue", "qkv", "attention", "o", "ffn", "head")
@@ -41,6 +40,17 @@ def finite(o):
     if isinstance(o, (list, tuple)):
         return [finite(v) for v in o]
     return None if isinstance(o, float) and not math.isfinite(o) else o
+
+
+def set_off(model):
+    """Every threshold at infinity: no (stripe, input) pair and no FFN unit is on (the "off" configuration)."""
+    import torch
+
+    import cwic_exp
+    from cwic_exp import CwicLinear
+    with torch.no_grad():
+        for m in cwic_exp.iter_cwic_modules(model):
+            (m.theta if isinstance(m, CwicLinear) else m.phi).fill_(float("inf"))
 
 
 def fit(xs, ys):
@@ -72,8 +82,7 @@ def main(argv=None):
 
     import cwic_exp
     import cwic_exp.cpu_decode as CD
-    from cwic_exp.modeling import CwicLinear
-    from experiments.bench.cpu_decode import forced_setup, huge_mb
+    from experiments.bench.cpu_decode import forced_setup, huge_mb, timed_forced
     from experiments.bench.cpu_kernels import machine
 
     aprs = [float(a) for a in args.aprs.split(",") if a]
@@ -90,9 +99,7 @@ def main(argv=None):
         st = CD.calibrate_apr(model, ids, a, attention_mask=mask, stats=not cache, cache=cache)
         apr_calib[f"cwic-{a:g}x"] = st["apr"]
         decs[f"cwic-{a:g}x"] = CD.CpuDecoder(model, mode="cwic", dtype=torch.bfloat16, max_len=max_len)
-    with torch.no_grad():   # every threshold at infinity: nothing on
-        for m in cwic_exp.iter_cwic_modules(model):
-            (m.theta if isinstance(m, CwicLinear) else m.phi).fill_(float("inf"))
+    set_off(model)
     decs["cwic-off"] = CD.CpuDecoder(model, mode="cwic", dtype=torch.bfloat16, max_len=max_len)
     print("weights on huge pages: " + ", ".join(f"{k} {huge_mb(d):.0f} MiB" for k, d in decs.items()))
     print(f"{name}, stripe {stripe}, {len(prompt)}-token prompt + {len(forced)} forced tokens, {args.rounds} rounds, "
@@ -104,17 +111,9 @@ def main(argv=None):
     for r in range(args.rounds):
         order = names if r % 2 == 0 else names[::-1]
         for k in order:
-            d = decs[k]
-            d.prefill(prompt, chunk=64)
-            d._dec.reset_reads()
-            t0 = time.perf_counter()
-            for t in forced:
-                d.step(t)
-            dt = time.perf_counter() - t0
-            for p, v in d.profile().items():
-                res[k][p].append(v * 1e3)
-            res[k]["total"].append(dt / len(forced) * 1e3)
-            reads[k] = d._dec.part_reads()
+            for p, v in timed_forced(decs[k], prompt, forced).items():
+                res[k][p].append(v)
+            reads[k] = decs[k]._dec.part_reads()
         print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {res[k]['total'][-1]:.2f}" for k in order) + " ms",
               flush=True)
     n = len(forced)
@@ -122,14 +121,14 @@ def main(argv=None):
     # weights read per token by part (the C++ counters: q/k/v, o, FFN, head), in MB of bf16
     mb = {k: {p: reads[k][p] / n * 2 / 1e6 for p in MATS} for k in decs}
     cw = [k for k in decs if k.startswith("cwic-")]
-    dense_mb = sum(mb["dense"].values())
-    apr_decode = {k: dense_mb / sum(mb[k].values()) if sum(mb[k].values()) > 0 else None for k in decs}
+    total_mb = {k: sum(v.values()) for k, v in mb.items()}
+    apr_decode = {k: total_mb["dense"] / total_mb[k] if total_mb[k] > 0 else None for k in decs}
     print("\n| config | " + " | ".join(f"{p} ms" for p in PARTS) + " | total ms | MB read | decode APR | tok/s |")
     print("|---" * (len(PARTS) + 5) + "|")
     for k in decs:
         da = "-" if apr_decode[k] is None else f"{apr_decode[k]:.2f}"
         print(f"| {k} | " + " | ".join(f"{med[k][p]:.3f}" for p in PARTS) +
-              f" | {med[k]['total']:.3f} | {sum(mb[k].values()):.1f} | {da} | {1e3 / med[k]['total']:.1f} |")
+              f" | {med[k]['total']:.3f} | {total_mb[k]:.1f} | {da} | {1e3 / med[k]['total']:.1f} |")
     fits, rates = {}, {}
     off = med["cwic-off"]
     sp = [k for k in cw if k != "cwic-off"]

@@ -137,6 +137,21 @@ def forced_setup(which: str, layers: int = 16):
     return model, prompt, ids, mask, 512, f"Llama-3.2-1B-shaped random ({layers} layers)"
 
 
+def timed_forced(dec, prompt, forced) -> dict:
+    """Prefill `prompt`, then feed the `forced` tokens one step each, timed: ms a token, in total and by part
+    (the decoder's C++ clocks: glue, qkv, attention, o, ffn, head). The decoder's read counters cover the forced
+    tokens only. Builds without batched prefill (cpu_ab's older revisions) take the prompt token by token."""
+    dec.prefill(prompt, chunk=64 if hasattr(dec._dec, "prefill") else 1)
+    dec._dec.reset_reads()
+    t0 = time.perf_counter()
+    for t in forced:
+        dec.step(t)
+    dt = time.perf_counter() - t0
+    out = {p: v * 1e3 for p, v in dec.profile().items()}
+    out["total"] = dt / len(forced) * 1e3
+    return out
+
+
 def run_rounds(configs: dict, prompt, new_tokens: int, rounds: int, quiet, log) -> dict:
     """Interleaved timed runs: {name: {'tps': [...], 'stats': DecodeStats of the last run}}."""
     from experiments.bench.cpu_kernels import involuntary_switches

@@ -28,20 +28,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_decode as GD  # noqa: E402
-from cpu_cost_model import finite, fit  # noqa: E402
-from gpu_kernels import ensure_imports  # noqa: E402
+from cpu_cost_model import finite, fit, set_off  # noqa: E402
+from gpu_kernels import ensure_imports, save_outputs  # noqa: E402
 
 # HBM bandwidth from NVIDIA's data sheets, matched in order against the device name (SXM last)
 PEAK_TB_S = (("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35), ("H200", 4.8))
-
-
-@torch.no_grad()
-def set_off(model):
-    """Every threshold at infinity: no (stripe, input) pair and no FFN unit is on."""
-    import cwic_exp
-    from cwic_exp import CwicLinear
-    for m in cwic_exp.iter_cwic_modules(model):
-        (m.theta if isinstance(m, CwicLinear) else m.phi).fill_(float("inf"))
 
 
 def main(argv=None):
@@ -68,6 +59,7 @@ def main(argv=None):
     import cwic_exp
     from cwic_exp.engine import DecodeEngine, weight_bytes
     from cwic_kernels.gpu import register
+    from cwic_kernels.gpu.gemv import use_pdl
     register()
     dev = torch.device("cpu" if args.dry_run else "cuda")
     gpu = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(dev)
@@ -152,7 +144,6 @@ def main(argv=None):
                stream_rate_tb_s=stream_rate, speedup_3x_fit=fit_3x, peak_tb_s=peak, speedup_3x_at_peak=at_peak,
                fixed_us_for_2p5x_at_peak=fixed_for_goal, active_off=active_off, apr_recheck=apr_recheck)
     if not args.no_breakdown:
-        pdl_off = os.environ.get("CWIC_PDL", "1") == "0"
         third = min(density, key=lambda k: abs(density[k] - 1 / 3))
         for name in (third, "off"):
             if name in names:
@@ -163,20 +154,15 @@ def main(argv=None):
                 res[f"breakdown_{name}"] = GD.kernel_breakdown(ceng)
                 bd = res[f"breakdown_{name}"]
                 if "kernels" in bd:
-                    how = ("PDL off: each kernel's own time" if pdl_off
-                           else "PDL on: waits for the previous kernel included")
+                    how = ("PDL on: waits for the previous kernel included" if use_pdl(dev)
+                           else "PDL off: each kernel's own time")
                     lines += ["", f"Kernels, CWIC {name} (µs a token, {how}):", "",
                               "| kernel | µs | launches |", "|---|---|---|"]
                     lines += [f"| `{k}` | {v['us_per_token']:.1f} | {v['calls_per_token']:.0f} |"
                               for k, v in bd["kernels"].items()]
     text = "\n".join(lines)
     print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "cost_model_gpu.json"), "w") as f:
-            json.dump(finite(res), f, indent=1)
-        with open(os.path.join(args.out, "cost_model_gpu.md"), "w") as f:
-            f.write(text + "\n")
+    save_outputs(args.out, "cost_model_gpu", text, finite(res))
     print(json.dumps(finite({k: res[k] for k in ("bench", "gpu", "us_per_step", "apr", "fit", "dense_rate_tb_s",
                                           "stream_rate_tb_s", "speedup_3x_fit", "speedup_3x_at_peak",
                                           "fixed_us_for_2p5x_at_peak")})))

@@ -121,7 +121,7 @@ def test_sass_stats_reads_the_compiled_ffn():
 def test_decode_apr_correction_steps():
     """The decode benchmarks (CPU and GPU) move their calibration target until the decode reads 1/APR: proportional after one
     try, then secant steps in log space, which land on a log-linear relation in one step; a flat pair of tries
-    does not send the target to infinity."""
+    does not send the target to infinity, a falling pair does not send it far, and a bracket of the APR is kept."""
     import math
     sys.path.insert(0, str(ROOT / "experiments" / "bench"))
     from apr_correction import closest_try
@@ -136,6 +136,15 @@ def test_decode_apr_correction_steps():
     assert math.isclose(nxt([(2.0, 2.5), (2.5, 2.5)], 3.0), 3.0)           # flat: proportional again
     assert math.isclose(nxt([(2.0, 2.5), (2.0, 2.7)], 3.0), 2.0 * 3.0 / 2.7)
     assert math.isclose(nxt([(2.0, 2.0), (2.1, 3.0 * 0.9)], 3.0), 2.1 * math.exp(math.log(3.0 / 2.7) / 4.0))  # clamped
+    # the decode APR need not rise with the target (the text changes): a falling pair steps proportionally ...
+    assert math.isclose(nxt([(2.0, 2.6), (2.2, 2.4)], 3.0), 2.2 * 3.0 / 2.4)
+    # ... and once tries bracket the APR, the next target stays between the highest one below and the lowest above
+    # (a SmolLM2 run's tries: the old rule sent the fourth target to 4.76)
+    tries = [(3.0, 3.3799), (2.6628, 2.8723), (2.7491, 2.6147)]
+    t4 = nxt(tries, 3.0)
+    assert 2.7491 < t4 < 3.0
+    assert math.isclose(t4, 2.7491 * math.exp(math.log(3.0 / 2.6147) * math.log(3.0 / 2.7491) / math.log(3.3799 / 2.6147)))
+    assert math.isclose(nxt([(2.0, 2.0), (2.1, 30.0)], 3.0), math.sqrt(2.0 * 2.1))   # slope clamped past the bracket
 
 
 def test_gpu_ffn_clock_analysis(tmp_path):

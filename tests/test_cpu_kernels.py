@@ -522,6 +522,35 @@ def test_batched_prefill_matches_token_by_token(ext, mode, dense, dtype):
         b._dec.prefill(torch.tensor([0, 96]), 0)          # token id out of range
 
 
+def test_timed_decode_forced_feeds_the_given_text(ext):
+    """timed_decode(forced=...) feeds the given tokens instead of its own greedy choices (bench_decode --forced: every
+    config decodes the dense model's text): a CWIC decoder then reads exactly what stepping those tokens by hand reads
+    (same counters, same last logits), not what its own greedy text reads; too short a text is refused."""
+    import cwic_exp
+    from cwic_exp.cpu_decode import CpuDecoder, calibrate_apr
+    m = _tiny()
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, 96, (6,), generator=g).tolist()
+    text = torch.randint(0, 96, (8,), generator=g).tolist()
+    cwic_exp.to_cwic(m, stripe_size=16)
+    calibrate_apr(m, torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(8)), apr=3.0)
+    a = CpuDecoder(m, mode="cwic", dtype=torch.float32, max_len=32)
+    b = CpuDecoder(m, mode="cwic", dtype=torch.float32, max_len=32)
+    st = a.timed_decode(prompt, 8, forced=text)
+    b.prefill(prompt)
+    b._dec.reset_reads()
+    for t in text:
+        b.step(t)
+    assert st.tokens == 8 and a.pos == b.pos == len(prompt) + 8
+    assert a.weights_read() == b.weights_read() > 0
+    torch.testing.assert_close(a.logits(), b.logits(), rtol=0, atol=0)
+    own = a.timed_decode(prompt, 8)                       # its own greedy text: other tokens, other reads
+    assert own.tokens == 8 and a.generate(prompt, 8)[len(prompt):] != text
+    assert own.reads_per_token["total"] != st.reads_per_token["total"]
+    with pytest.raises(ValueError, match="forced"):
+        a.timed_decode(prompt, 9, forced=text)
+
+
 def test_huge_page_arena_drops_reused_pages():
     """A block may reuse memory the allocator had handed out before (freed after a calibration): its 4 KiB
     pages would stay 4 KiB whatever the advice. So each block is advised MADV_HUGEPAGE and then MADV_DONTNEED

@@ -12,15 +12,19 @@ vocab 128,256, tied head; stripe 512). Each is converted with `to_cwic` and its 
 2×, 3× and 4× APR: stand-ins for trained CWIC checkpoints, since only speed is measured here. As the GPU
 benchmark does, the calibration is then corrected on what the decoder itself reads: while the APR of an
 untimed decode of the prompt differs from the target by more than 2 %, the calibration target is moved (first
-scaled by target / that APR, then secant steps in log APR over the last two tries, at most 3 corrections) and
-the decoder rebuilt; the try closest to the target is timed (`--no-apr-correction`: calibration tokens only). One
-step was not enough: the greedy text, and with it the decode's APR, changes with the thresholds (SmolLM2 at 3×:
-3.43 on the first calibration, 2.66 after one proportional step).
+scaled by target / that APR, then log-linear steps that stay inside a bracket of the target once tries straddle it,
+at most 3 corrections: `apr_correction.py`) and the decoder rebuilt; the try closest to the target is timed
+(`--no-apr-correction`: calibration tokens only). One step was not enough: the greedy text, and with it the decode's
+APR, changes with the thresholds (SmolLM2 at 3×: 3.43 on the first calibration, 2.66 after one proportional step;
+on 2026-12-04 targets 2.66 / 2.75 / 2.88 / 3.0 read 2.87 / 2.61 / 3.23 / 3.38, so no try came within 2 %).
+`--forced` removes that noise: every configuration decodes the same text, the dense model's greedy continuation fed
+token by token (teacher forcing; each step is the same one-token decode step as in generation), and the correction
+measures exactly the text that is timed.
 
 Every configuration runs in `cwic_exp.cpu_decode.CpuDecoder` (one C++ call per token, bf16 weights and KV
 cache, fp32 activations): dense with our kernel ("dense-own": every (stripe, input) pair on), dense with
 ATen `at::linear` ("dense-torch": what F.linear runs), and CWIC. The prompt is fed untimed; then
---new-tokens greedy steps are timed. Configurations are interleaved round-robin (--rounds), each run
+--new-tokens greedy steps (or forced steps, `--forced`) are timed. Configurations are interleaved round-robin (--rounds), each run
 waiting for idle CPUs first (the machine is shared); medians. The speedup is against the FASTER dense
 configuration. APR is counted as the project does (q, k, v, o, FFN, head; not embeddings or attention):
 `apr_calib` on the calibration tokens, `apr_decode` = dense weights / weights the kernels actually read
@@ -152,8 +156,9 @@ def timed_forced(dec, prompt, forced) -> dict:
     return out
 
 
-def run_rounds(configs: dict, prompt, new_tokens: int, rounds: int, quiet, log) -> dict:
-    """Interleaved timed runs: {name: {'tps': [...], 'stats': DecodeStats of the last run}}."""
+def run_rounds(configs: dict, prompt, new_tokens: int, rounds: int, quiet, log, forced=None) -> dict:
+    """Interleaved timed runs: {name: {'tps': [...], 'stats': DecodeStats of the last run}}. forced: the tokens every
+    config is fed instead of its own greedy choices (`CpuDecoder.timed_decode`)."""
     from experiments.bench.cpu_kernels import involuntary_switches
     out = {k: {"tps": [], "quiet": 0, "preempted": [], "prefill_ms": []} for k in configs}
     for r in range(rounds):
@@ -161,7 +166,7 @@ def run_rounds(configs: dict, prompt, new_tokens: int, rounds: int, quiet, log) 
             ok = quiet()
             dec.prefill(prompt[:4])          # wake the threads and caches up after the wait
             c0 = involuntary_switches()
-            st = dec.timed_decode(prompt, new_tokens)
+            st = dec.timed_decode(prompt, new_tokens, forced=forced)
             out[name]["preempted"].append(involuntary_switches() - c0)
             out[name]["tps"].append((st.tokens_per_s, ok))
             out[name]["prefill_ms"].append(st.prefill_seconds * 1e3)
@@ -192,10 +197,14 @@ def huge_mb(dec) -> float:
 
 
 def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtype, threads, quiet, log,
-                calib, prompt_ids, hf_check: bool, apr_correction: bool = True):
+                calib, prompt_ids, hf_check: bool, apr_correction: bool = True, forced: bool = False):
+    """One model's rows. forced: every config decodes the dense model's greedy continuation (teacher-forced), so all
+    time the same text and the APR correction measures the text that is timed (with generated text, each threshold
+    setting generates other tokens, and the decode APR jumps by several % between close calibration targets)."""
     import cwic_exp
     from cwic_exp.cpu_decode import CpuDecoder, calibrate_apr, dense_counts
     res = {"model": name, "stripe": stripe, "new_tokens": new_tokens, "rounds": rounds,
+           "text": "forced (the dense model's greedy continuation)" if forced else "generated (each config's own greedy)",
            "prompt_tokens": len(prompt_ids), "dense_params_per_token": dense_counts(model)}
     max_len = len(prompt_ids) + new_tokens + 8
     if hf_check:   # the C++ dense path reproduces Hugging Face's greedy decoding
@@ -215,7 +224,8 @@ def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtyp
     log(f"  dense decoders built ({time.time() - t0:.0f} s)")
     dense_tokens = dense["dense-own"].generate(prompt_ids, new_tokens)[len(prompt_ids):]
     log("  timing dense-own vs dense-torch")
-    runs = run_rounds(dense, prompt_ids, new_tokens, rounds, quiet, log)
+    text = dense_tokens if forced else None
+    runs = run_rounds(dense, prompt_ids, new_tokens, rounds, quiet, log, forced=text)
     summary = summarise(runs)
     summary["dense-own"]["huge_page_mb"] = huge_mb(dense["dense-own"])
     del dense["dense-torch"]
@@ -243,13 +253,15 @@ def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtyp
                 log(f"  {key}: decode APR {tr[-2][1]:.2f}; recalibrated to {tr[-1][0]:.2f} on the calibration "
                     f"tokens (APR {st['apr']:.2f} there): decode APR {tr[-1][1]:.2f} ({time.time() - t0:.0f} s)")
 
-            tries, target = correct_calibration(apr, target, lambda: dec.timed_decode(prompt_ids, new_tokens).apr,
-                                                recalibrate, on_step=report)
+            tries, target = correct_calibration(
+                apr, target, lambda: dec.timed_decode(prompt_ids, new_tokens, forced=text).apr, recalibrate,
+                on_step=report)
             first = tries[0][1]
             if target != tries[-1][0]:   # an earlier try was closer: rebuilt on it
                 log(f"  {key}: back to the closest try, calibration target {target:.2f}")
         toks = dec.generate(prompt_ids, new_tokens)[len(prompt_ids):]
-        runs = run_rounds({"dense-own": dense["dense-own"], key: dec}, prompt_ids, new_tokens, rounds, quiet, log)
+        runs = run_rounds({"dense-own": dense["dense-own"], key: dec}, prompt_ids, new_tokens, rounds, quiet, log,
+                          forced=text)
         sm = summarise(runs)
         summary.setdefault("dense-own-repeats", []).append(sm["dense-own"]["tokens_per_s"])
         summary[key] = sm[key]
@@ -281,8 +293,10 @@ def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtyp
 
 def table(res: dict) -> str:
     c = res["configs"]
+    forced = res.get("text", "").startswith("forced")
     lines = [f"### {res['model']} (stripe {res['stripe']}, {res['prompt_tokens']}-token prompt, "
-             f"{res['new_tokens']} timed tokens, {res['rounds']} rounds)", "",
+             f"{res['new_tokens']} timed tokens{' of the dense model’s text, forced' if forced else ''}, "
+             f"{res['rounds']} rounds)", "",
              "| config | tokens/s | APR (calib / decode) | speedup vs best dense | vs dense-own | vs dense-torch | "
              "prefill ms |", "|---|---|---|---|---|---|---|"]
     for k in ("dense-own", "dense-torch"):
@@ -315,6 +329,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="SmolLM2 only, 3× APR, 32 tokens, 3 rounds")
     ap.add_argument("--no-apr-correction", action="store_true",
                     help="thresholds from the calibration tokens only (no correction on the decoded tokens)")
+    ap.add_argument("--forced", action="store_true",
+                    help="every config decodes the dense model's greedy continuation (teacher-forced): the same text "
+                         "for all, and the APR correction settles on the text that is timed")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     ensure_imports()
@@ -334,7 +351,8 @@ def main(argv=None):
     print(f"CPU decode: {info.get('cpu', '?')}, {info['cpus']} CPUs, {threads} threads, ISA {info['isa']}, "
           f"weights {args.dtype}, load {info.get('loadavg_start')}")
     results = {}
-    md = ["# CPU decode benchmark (greedy, batch 1, KV cache, one C++ call per token)", "",
+    md = ["# CPU decode benchmark (" + ("the dense model's greedy text, teacher-forced" if args.forced else "greedy")
+          + ", batch 1, KV cache, one C++ call per token)", "",
           f"Machine: {info.get('cpu', '?')}, {info['cpus']} CPUs, {threads} threads, ISA {info['isa']}, "
           f"torch {torch.__version__}; weights and KV cache {args.dtype}, activations fp32. APR counts q, k, v, "
           "o, FFN and head (not embeddings or attention scores); thresholds calibrated, not trained"
@@ -363,7 +381,7 @@ def main(argv=None):
             raise SystemExit(f"unknown model {name!r}")
         print(f"{label}: loaded ({time.time() - t0:.0f} s)")
         res = bench_model(label, model, None, stripe, aprs, new_tokens, rounds, dtype, threads, quiet, print,
-                          calib, prompt, hf_check, apr_correction=not args.no_apr_correction)
+                          calib, prompt, hf_check, apr_correction=not args.no_apr_correction, forced=args.forced)
         res["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         res["loadavg_after"] = os.getloadavg()
         results[name] = res

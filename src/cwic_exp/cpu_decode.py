@@ -350,15 +350,18 @@ class CpuDecoder:
             nxt = self.step(nxt)
         return out
 
-    def timed_decode(self, ids, new_tokens: int = 32) -> DecodeStats:
-        """Prefill (timed apart), then time `new_tokens` greedy decode steps (no early stop)."""
+    def timed_decode(self, ids, new_tokens: int = 32, forced=None) -> DecodeStats:
+        """Prefill (timed apart), then time `new_tokens` greedy decode steps (no early stop). forced: tokens fed in
+        place of the greedy choices, one a step (teacher forcing), so that several decoders time the same text."""
+        if forced is not None and len(forced) < new_tokens:
+            raise ValueError(f"forced: {len(forced)} tokens for {new_tokens} steps")
         t0 = time.perf_counter()
         nxt = self.prefill(ids)
         t_pre = time.perf_counter() - t0
         self._dec.reset_reads()
         t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            nxt = self.step(nxt)
+        for i in range(new_tokens):
+            nxt = self.step(nxt if forced is None else forced[i])
         dt = time.perf_counter() - t0
         return DecodeStats(new_tokens, dt, *self._reads(new_tokens), prefill_seconds=t_pre)
 

@@ -144,7 +144,13 @@ def test_decode_apr_correction_steps():
     t4 = nxt(tries, 3.0)
     assert 2.7491 < t4 < 3.0
     assert math.isclose(t4, 2.7491 * math.exp(math.log(3.0 / 2.6147) * math.log(3.0 / 2.7491) / math.log(3.3799 / 2.6147)))
-    assert math.isclose(nxt([(2.0, 2.0), (2.1, 30.0)], 3.0), math.sqrt(2.0 * 2.1))   # slope clamped past the bracket
+    # inside a bracket the interpolation is not clamped: a steep pair lands inside it, a flat one too
+    assert math.isclose(nxt([(2.0, 2.0), (2.1, 30.0)], 3.0), 2.0 * (2.1 / 2.0) ** (math.log(1.5) / math.log(15.0)))
+    assert math.isclose(nxt([(2.0, 2.99), (4.0, 3.01)], 3.0), 2.0 * 2.0 ** (math.log(3.0 / 2.99) / math.log(3.01 / 2.99)))
+    # a bracket among earlier tries counts even when the highest target below lies above the lowest one above
+    t = nxt([(2.0, 2.5), (2.2, 3.2), (2.5, 2.8)], 3.0)
+    assert 2.0 < t < 2.2
+    assert math.isclose(nxt([(3.0, 2.7), (3.3, 3.0)], 3.0), 3.3 * math.exp(0.0))   # an exact hit: stays
 
 
 def test_gpu_ffn_clock_analysis(tmp_path):

@@ -551,6 +551,34 @@ def test_timed_decode_forced_feeds_the_given_text(ext):
         a.timed_decode(prompt, 9, forced=text)
 
 
+@pytest.mark.parametrize("forced", [False, True])
+def test_decode_bench_forced_reaches_every_timed_decode(ext, monkeypatch, forced):
+    """bench_decode --device cpu --forced: the dense timing, the APR correction and the CWIC timing all decode the
+    dense model's greedy text (every timed_decode gets it); without --forced none does. The row records which."""
+    from cwic_exp.cpu_decode import CpuDecoder
+    from experiments.bench.cpu_decode import bench_model
+    seen, real = [], CpuDecoder.timed_decode
+
+    def spy(self, ids, new_tokens=32, forced=None):
+        seen.append(None if forced is None else list(forced))
+        return real(self, ids, new_tokens, forced=forced)
+
+    monkeypatch.setattr(CpuDecoder, "timed_decode", spy)
+    g = torch.Generator().manual_seed(9)
+    calib = (torch.randint(0, 96, (2, 24), generator=g), torch.ones(2, 24, dtype=torch.long))
+    prompt = torch.randint(0, 96, (6,), generator=g).tolist()
+    res = bench_model("tiny", _tiny(), None, 16, [2.0], 5, 1, torch.float32, 0, lambda: True, lambda *a: None,
+                      calib, prompt, hf_check=False, forced=forced)
+    text = CpuDecoder(_tiny(), mode="dense", dtype=torch.float32, max_len=16).generate(prompt, 5)[len(prompt):]
+    assert len(seen) >= 5   # dense-own, dense-torch, the correction's tries, dense-own and CWIC again
+    assert all(f == (text if forced else None) for f in seen)
+    row = res["configs"]["cwic-2x"]
+    assert res["text"].startswith("forced" if forced else "generated")
+    assert ("next_token_agreement_forced" in row) == forced
+    if forced:
+        assert 0.0 <= row["next_token_agreement_forced"] <= 1.0
+
+
 def test_huge_page_arena_drops_reused_pages():
     """A block may reuse memory the allocator had handed out before (freed after a calibration): its 4 KiB
     pages would stay 4 KiB whatever the advice. So each block is advised MADV_HUGEPAGE and then MADV_DONTNEED

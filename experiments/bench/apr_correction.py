@@ -10,35 +10,25 @@ def next_calibration_target(tries: list, apr: float) -> float:
     """The next calibration target from the tries so far, [(calibration target, decode APR), ...].
 
     After one try: scaled by apr / decode APR. Later, when the tries bracket apr (a target whose decode read less than
-    apr below a target whose decode read more), a log-linear interpolation between the highest such target below and
-    the lowest above (their log-midpoint if the clamped slope would leave the bracket); otherwise a secant step in log
-    space over the last two (slope clamped to [1/4, 4]), or the proportional step from the last try where those two
-    do not rise. The decoded text changes with the thresholds, so the decode APR need not rise with the target: a
-    falling pair used to be clamped to a slope of 1/4, a step four times too long (a SmolLM2 run went from target 2.75,
-    between the tries at 2.66 and 3.0 that bracketed 3x, to 4.76)."""
+    apr below a target whose decode read more; of all such pairs the one with the closest targets), a log-linear
+    interpolation between the two, which lands strictly inside the bracket; otherwise a secant step in log space over
+    the last two (slope clamped to [1/4, 4]), or the proportional step from the last try where those two do not rise.
+    The decoded text changes with the thresholds, so the decode APR need not rise with the target: a falling pair used
+    to be clamped to a slope of 1/4, a step four times too long (a SmolLM2 run went from target 2.75, between the tries
+    at 2.66 and 3.0 that bracketed 3x, to 4.76)."""
     if len(tries) == 1:
         t, a = tries[0]
         return t * apr / a
-
-    def log_step(p, q):   # through (p, q) in log space to apr; None where the pair does not rise
-        (t1, a1), (t2, a2) = p, q
-        if t1 == t2 or a1 == a2:
-            return None
-        slope = (math.log(a2) - math.log(a1)) / (math.log(t2) - math.log(t1))
-        if slope <= 0:
-            return None
-        return t2 * math.exp((math.log(apr) - math.log(a2)) / min(max(slope, 0.25), 4.0))
-
-    below = [ta for ta in tries if ta[1] < apr]
-    above = [ta for ta in tries if ta[1] > apr]
-    if below and above:
-        lo = max(below, key=lambda ta: ta[0])      # the highest target that read too little ...
-        hi = min(above, key=lambda ta: ta[0])      # ... and the lowest that read too much
-        if lo[0] < hi[0]:   # (then the pair rises: log_step is defined)
-            t = log_step(lo, hi)
-            return t if lo[0] < t < hi[0] else math.sqrt(lo[0] * hi[0])
-    t = log_step(tries[-2], tries[-1])
-    return t if t is not None else tries[-1][0] * apr / tries[-1][1]
+    brackets = [(lo, hi) for lo in tries for hi in tries if lo[0] < hi[0] and lo[1] < apr < hi[1]]
+    if brackets:
+        (t1, a1), (t2, a2) = min(brackets, key=lambda p: math.log(p[1][0] / p[0][0]))
+        t = t1 * math.exp(math.log(t2 / t1) * math.log(apr / a1) / math.log(a2 / a1))
+        return t if t1 < t < t2 else math.sqrt(t1 * t2)   # (a floating-point guard)
+    (t1, a1), (t2, a2) = tries[-2], tries[-1]
+    if t1 == t2 or a1 == a2 or (math.log(a2) - math.log(a1)) / (math.log(t2) - math.log(t1)) <= 0:
+        return t2 * apr / a2
+    slope = (math.log(a2) - math.log(a1)) / (math.log(t2) - math.log(t1))
+    return t2 * math.exp((math.log(apr) - math.log(a2)) / min(max(slope, 0.25), 4.0))
 
 
 def closest_try(tries: list, apr: float) -> tuple:

@@ -343,7 +343,8 @@ def main(argv=None):
         else:
             ceng.refresh()                                   # same weights, new thresholds: graph kept
         # then on what the engine generates, until it reads the target APR: (1 / density, decode APR) tries, the
-        # first step proportional, then secant steps in log space, at most 3; the closest try is timed
+        # first step proportional, then log-linear steps (inside a bracket of the target once tries straddle it:
+        # apr_correction.next_calibration_target), at most 3; the closest try is timed
         def recalibrate(t):
             set_density(z, min(1.0, 1.0 / t))
             ceng.refresh()

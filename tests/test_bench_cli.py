@@ -143,10 +143,12 @@ def test_decode_apr_correction_steps():
     tries = [(3.0, 3.3799), (2.6628, 2.8723), (2.7491, 2.6147)]
     t4 = nxt(tries, 3.0)
     assert 2.7491 < t4 < 3.0
-    assert math.isclose(t4, 2.7491 * math.exp(math.log(3.0 / 2.6147) * math.log(3.0 / 2.7491) / math.log(3.3799 / 2.6147)))
+    lo, hi = (2.7491, 2.6147), (3.0, 3.3799)                           # the tightest bracket: interpolated inside
+    assert math.isclose(t4, lo[0] * math.exp(math.log(hi[0] / lo[0]) * math.log(3.0 / lo[1]) / math.log(hi[1] / lo[1])))
     # inside a bracket the interpolation is not clamped: a steep pair lands inside it, a flat one too
     assert math.isclose(nxt([(2.0, 2.0), (2.1, 30.0)], 3.0), 2.0 * (2.1 / 2.0) ** (math.log(1.5) / math.log(15.0)))
-    assert math.isclose(nxt([(2.0, 2.99), (4.0, 3.01)], 3.0), 2.0 * 2.0 ** (math.log(3.0 / 2.99) / math.log(3.01 / 2.99)))
+    flat = 2.0 * 2.0 ** (math.log(3.0 / 2.99) / math.log(3.01 / 2.99))
+    assert math.isclose(nxt([(2.0, 2.99), (4.0, 3.01)], 3.0), flat)
     # a bracket among earlier tries counts even when the highest target below lies above the lowest one above
     t = nxt([(2.0, 2.5), (2.2, 3.2), (2.5, 2.8)], 3.0)
     assert 2.0 < t < 2.2

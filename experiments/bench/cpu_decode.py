@@ -24,9 +24,9 @@ measures exactly the text that is timed.
 Every configuration runs in `cwic_exp.cpu_decode.CpuDecoder` (one C++ call per token, bf16 weights and KV
 cache, fp32 activations): dense with our kernel ("dense-own": every (stripe, input) pair on), dense with
 ATen `at::linear` ("dense-torch": what F.linear runs), and CWIC. The prompt is fed untimed; then
---new-tokens greedy steps (or forced steps, `--forced`) are timed. Configurations are interleaved round-robin (--rounds), each run
-waiting for idle CPUs first (the machine is shared); medians. The speedup is against the FASTER dense
-configuration. APR is counted as the project does (q, k, v, o, FFN, head; not embeddings or attention):
+--new-tokens greedy steps (or forced steps, `--forced`) are timed. Configurations are interleaved round-robin
+(--rounds), each run waiting for idle CPUs first (the machine is shared); medians. The speedup is against the
+FASTER dense configuration. APR is counted as the project does (q, k, v, o, FFN, head; not embeddings or attention):
 `apr_calib` on the calibration tokens, `apr_decode` = dense weights / weights the kernels actually read
 on the decoded tokens. The LAST line is one JSON object.
 """
@@ -204,7 +204,8 @@ def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtyp
     import cwic_exp
     from cwic_exp.cpu_decode import CpuDecoder, calibrate_apr, dense_counts
     res = {"model": name, "stripe": stripe, "new_tokens": new_tokens, "rounds": rounds,
-           "text": "forced (the dense model's greedy continuation)" if forced else "generated (each config's own greedy)",
+           "text": ("forced (the dense model's greedy continuation)" if forced
+                    else "generated (each config's own greedy)"),
            "prompt_tokens": len(prompt_ids), "dense_params_per_token": dense_counts(model)}
     max_len = len(prompt_ids) + new_tokens + 8
     if hf_check:   # the C++ dense path reproduces Hugging Face's greedy decoding

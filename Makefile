@@ -51,9 +51,9 @@ chat: setup                     ## chat with the latest trained checkpoint (ARGS
 analyses: setup                 ## Fig. 4-9 analogues for a checkpoint (ARGS="--checkpoint runs/.../hf/final")
 	$(BIN)/python experiments/analyses/run_all.py $(ARGS)
 
-bench-cpu: setup                ## CPU kernel and decode benchmarks (tables + last-line JSON)
+bench-cpu: setup                ## CPU kernel and decode benchmarks (tables + last-line JSON; DECODE_ARGS=--forced: decode only)
 	$(BIN)/python experiments/bench_kernels.py --device cpu $(ARGS)
-	$(BIN)/python experiments/bench_decode.py --device cpu $(ARGS)
+	$(BIN)/python experiments/bench_decode.py --device cpu $(ARGS) $(DECODE_ARGS)
 
 bench-gpu:                      ## on a CUDA machine with torch + triton installed
 	$(PY) experiments/bench_kernels.py --device cuda $(ARGS)

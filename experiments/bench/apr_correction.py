@@ -25,9 +25,9 @@ def next_calibration_target(tries: list, apr: float) -> float:
         t = t1 * math.exp(math.log(t2 / t1) * math.log(apr / a1) / math.log(a2 / a1))
         return t if t1 < t < t2 else math.sqrt(t1 * t2)   # (a floating-point guard)
     (t1, a1), (t2, a2) = tries[-2], tries[-1]
-    if t1 == t2 or a1 == a2 or (math.log(a2) - math.log(a1)) / (math.log(t2) - math.log(t1)) <= 0:
+    slope = (math.log(a2) - math.log(a1)) / (math.log(t2) - math.log(t1)) if t1 != t2 and a1 != a2 else 0.0
+    if slope <= 0:   # flat or falling: proportional from the last try
         return t2 * apr / a2
-    slope = (math.log(a2) - math.log(a1)) / (math.log(t2) - math.log(t1))
     return t2 * math.exp((math.log(apr) - math.log(a2)) / min(max(slope, 0.25), 4.0))
 
 

@@ -82,7 +82,7 @@ def main(argv=None):
 
     import cwic_exp
     import cwic_exp.cpu_decode as CD
-    from experiments.bench.cpu_decode import forced_setup, huge_mb, timed_forced
+    from experiments.bench.cpu_decode import forced_rounds, forced_setup, huge_mb
     from experiments.bench.cpu_kernels import machine
 
     aprs = [float(a) for a in args.aprs.split(",") if a]
@@ -105,17 +105,7 @@ def main(argv=None):
     print(f"{name}, stripe {stripe}, {len(prompt)}-token prompt + {len(forced)} forced tokens, {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads", flush=True)
 
-    res = {k: {p: [] for p in PARTS + ("total",)} for k in decs}
-    reads = {k: {} for k in decs}
-    names = list(decs)
-    for r in range(args.rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for k in order:
-            for p, v in timed_forced(decs[k], prompt, forced).items():
-                res[k][p].append(v)
-            reads[k] = decs[k]._dec.part_reads()
-        print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {res[k]['total'][-1]:.2f}" for k in order) + " ms",
-              flush=True)
+    res, reads = forced_rounds(decs, prompt, forced, args.rounds)
     n = len(forced)
     med = {k: {p: statistics.median(v) for p, v in res[k].items()} for k in decs}
     # weights read per token by part (the C++ counters: q/k/v, o, FFN, head), in MB of bf16

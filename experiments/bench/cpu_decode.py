@@ -156,6 +156,23 @@ def timed_forced(dec, prompt, forced) -> dict:
     return out
 
 
+def forced_rounds(decs: dict, prompt, forced, rounds: int) -> tuple[dict, dict]:
+    """`timed_forced` of every decoder, `rounds` times, the order reversed every other round (cpu_cost_model and the
+    stripe probe): ({name: {part: [ms a token, one a round]}}, {name: its last `part_reads()`}). Prints each round."""
+    names = list(decs)
+    res = {k: {} for k in names}
+    reads = {}
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for k in order:
+            for p, v in timed_forced(decs[k], prompt, forced).items():
+                res[k].setdefault(p, []).append(v)
+            reads[k] = decs[k]._dec.part_reads()
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {res[k]['total'][-1]:.2f}" for k in order) + " ms",
+              flush=True)
+    return res, reads
+
+
 def run_rounds(configs: dict, prompt, new_tokens: int, rounds: int, quiet, log, forced=None) -> dict:
     """Interleaved timed runs: {name: {'tps': [...], 'stats': DecodeStats of the last run}}. forced: the tokens every
     config is fed instead of its own greedy choices (`CpuDecoder.timed_decode`)."""

@@ -25,10 +25,9 @@ import torch  # noqa: E402
 
 import cwic_exp  # noqa: E402
 import cwic_exp.cpu_decode as CD  # noqa: E402
-from experiments.bench.cpu_decode import forced_setup, huge_mb, timed_forced  # noqa: E402
+from experiments.bench.cpu_cost_model import MATS, PARTS  # noqa: E402
+from experiments.bench.cpu_decode import forced_rounds, forced_setup, huge_mb, timed_forced  # noqa: E402
 
-PARTS = ("glue", "qkv", "attention", "o", "ffn", "head")
-MATS = ("qkv", "o", "ffn", "head")
 
 
 def decode_apr(dec, dense_reads, prompt, forced):
@@ -75,16 +74,7 @@ def main():
         decs[f"cwic-s{s}"] = best[2]
         info[f"cwic-s{s}"] = {"stripe": s, "calibration_tries": tries, "huge_page_mb": huge_mb(best[2])}
     names = list(decs)
-    res = {k: {p: [] for p in PARTS + ("total",)} for k in names}
-    reads = {}
-    for r in range(args.rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for k in order:
-            for p, v in timed_forced(decs[k], prompt, forced).items():
-                res[k][p].append(v)
-            reads[k] = decs[k]._dec.part_reads()
-        print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {res[k]['total'][-1]:.2f}" for k in order)
-              + " ms", flush=True)
+    res, reads = forced_rounds(decs, prompt, forced, args.rounds)
     n = len(forced)
     med = {k: {p: statistics.median(v) for p, v in res[k].items()} for k in names}
     mb = {k: {p: reads[k][p] / n * 2 / 1e6 for p in MATS} for k in names}

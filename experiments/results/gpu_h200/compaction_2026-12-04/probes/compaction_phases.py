@@ -183,7 +183,6 @@ def main():
                     launch(v)
         torch.cuda.synchronize()
         graphs[v] = gr
-    cnt_on = None
     times = {v: [] for v in range(13)}
     for r in range(7):                                  # variants alternated, 7 rounds
         for v in range(13):

@@ -178,6 +178,72 @@ def test_ap_loss_uses_the_whole_step_under_accumulation():
     assert checked > 5
 
 
+def _stats(mod):
+    return {n: b.clone() for n, b in mod.student.named_buffers() if n.endswith(("ema_mean", "ema_std", "stat_steps"))}
+
+
+def test_statistics_move_once_per_step_under_accumulation():
+    """METHOD.md §2/§11: the running statistics take one step per optimizer step, from the whole step's batch,
+    whatever the micro-batch size (they used to move once per micro-batch: β^8 a step with 8 of them)."""
+    runs = {}
+    for micro in (4, 2, 1):
+        mod, batch = _module(micro)
+        before = _stats(mod)
+        mod.accumulate_gradients(batch, 3.0, update_stats=True)
+        runs[micro] = (before, _stats(mod), _grads(mod))
+    for micro, (before, after, _) in runs.items():
+        steps = [n for n in after if n.endswith("stat_steps")]
+        assert steps and all(float(after[n]) == float(before[n]) + 1 for n in steps), micro
+    # two and four micro-batches pool the same tokens: the same statistics and the same gradients
+    for n in runs[2][1]:
+        torch.testing.assert_close(runs[1][1][n], runs[2][1][n], rtol=1e-5, atol=1e-7)
+    for n in runs[2][2]:
+        torch.testing.assert_close(runs[1][2][n], runs[2][2][n], rtol=1e-4, atol=1e-6)
+    # the first layer's q input does not depend on any statistic: pooled = one batch of all the rows
+    q0 = "model.layers.0.self_attn.q_proj."
+    for b in ("ema_mean", "ema_std"):
+        torch.testing.assert_close(runs[1][1][q0 + b], runs[4][1][q0 + b], rtol=1e-5, atol=1e-7)
+        assert not torch.equal(runs[4][0][q0 + b], runs[4][1][q0 + b])      # they did move
+
+
+def _ddp_worker(rank, world, path):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["CWIC_TEST_PORT"])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mod, batch = _module(1)
+        half = {k: v[2 * rank:2 * rank + 2] for k, v in batch.items()}
+        mod.accumulate_gradients(half, 3.0, update_stats=True)
+        grads = _grads(mod)
+        for g in grads.values():       # what DistributedDataParallel does: the ranks' mean
+            dist.all_reduce(g)
+            g /= world
+        if rank == 0:
+            torch.save({"grads": grads, "stats": _stats(mod)}, path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_step_equals_one_process_on_the_whole_batch(tmp_path):
+    """Two gloo ranks, each with half the rows: the averaged gradients and every rank's statistics are those of
+    one process on all the rows (global APR for the AP loss, global token count, statistics pooled over ranks)."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        os.environ["CWIC_TEST_PORT"] = str(sock.getsockname()[1])
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "r0.pt")), nprocs=2, join=True)
+    got = torch.load(tmp_path / "r0.pt")
+    mod, batch = _module(1)
+    mod.accumulate_gradients(batch, 3.0, update_stats=True)
+    ref_g, ref_s = _grads(mod), _stats(mod)
+    assert set(got["grads"]) == set(ref_g) and len(ref_g) > 5
+    for n in ref_g:
+        torch.testing.assert_close(got["grads"][n], ref_g[n], rtol=1e-4, atol=1e-6)
+    for n in ref_s:
+        torch.testing.assert_close(got["stats"][n], ref_s[n], rtol=1e-5, atol=1e-7)
+
+
 def _fit(mod, batch, steps):
     import lightning as L
     from cwic_exp.callbacks import ThetaClamp
@@ -252,6 +318,37 @@ def test_experiments_compose():
     assert _compose(["run_name=x", "+experiment=ablation_noste"]).cwic.ste is False
     assert _compose(["run_name=x", "+experiment=ablation_mse"]).cwic.mse_weight > 0
     assert _compose(["run_name=x", "+experiment=paper_1b"]).cwic.stripe_size == 512
+    # Table 5's learning rates: the model's own rate wins over the trainer's generic one (it used to lose)
+    assert _compose(["run_name=x", "+experiment=paper_1b"]).optim.lr == pytest.approx(5e-5)
+    assert _compose(["run_name=x", "+experiment=paper_3b"]).optim.lr == pytest.approx(3e-5)
+    assert _compose(["run_name=x", "+experiment=mini"]).optim.lr == pytest.approx(1e-4)   # SmolLM2: the trainer's
+    assert _compose(["run_name=x", "model=llama3_2_1b", "cwic=nostripes"]).cwic.stripe_size is None
+    assert _compose(["run_name=x", "+experiment=paper_1b", "optim.lr=2e-5"]).optim.lr == pytest.approx(2e-5)
+
+
+def test_paper_mix_rows_map_to_conversations(monkeypatch):
+    from cwic_exp import data
+    arc = {"id": "x", "question": "Which is a gas?", "answerKey": "B",
+           "choices": {"text": ["iron", "oxygen"], "label": ["A", "B"]}}
+    assert data._to_messages(arc) == [{"role": "user", "content": "Which is a gas?\nA. iron\nB. oxygen"},
+                                      {"role": "assistant", "content": "B"}]
+    mmlu = {"question": "2+2?", "subject": "", "choices": ["3", "4", "5", "6"], "answer": 1}
+    assert data._to_messages(mmlu)[1]["content"] == "B"
+    assert data._to_messages({"train": mmlu}) == data._to_messages(mmlu)     # auxiliary_train's nested rows
+    wino = {"sentence": "The cup _ fell.", "option1": "A", "option2": "B", "answer": "2"}
+    assert data._to_messages(wino)[1]["content"] == "B"
+
+    class FakeDatasets:   # a source whose schema nothing maps must stop the run, not vanish from the mix
+        @staticmethod
+        def load_dataset(name, cfg, split, streaming):
+            return [{"unknown": 1}, {"unknown": 2}] if "arc" in name else [arc]
+    monkeypatch.setitem(sys.modules, "datasets", FakeDatasets)
+    with pytest.raises(RuntimeError, match="ai2_arc.*row keys \\['unknown'\\]"):
+        list(data.paper_mix_conversations())
+    monkeypatch.setattr(data, "PAPER_MIX", [("allenai/ai2_arc", "ARC-Easy", "train", 5)])
+    monkeypatch.setitem(sys.modules, "datasets", type("D", (), {"load_dataset": staticmethod(
+        lambda name, cfg, split, streaming: [arc])}))
+    assert len(list(data.paper_mix_conversations())) == 5
 
 
 def _smoke_cfg(tmp, steps, extra=()):

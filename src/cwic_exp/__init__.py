@@ -10,12 +10,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .accounting import ActiveStats, active_parameters, ap_loss, gather_active
 from .modeling import (CwicConfig, CwicForCausalLM, CwicGatedMLP, CwicLinear, CwicOptions,
-                       clamp_thresholds, cwic_context, cwic_options, is_cwic, iter_cwic_modules, to_cwic)
+                       clamp_thresholds, commit_statistics, cwic_context, cwic_options, is_cwic,
+                       iter_cwic_modules, to_cwic)
 from .teacher import load_teacher
 
 AutoConfig.register("cwic", CwicConfig, exist_ok=True)
 AutoModelForCausalLM.register(CwicConfig, CwicForCausalLM, exist_ok=True)
 
 __all__ = ["ActiveStats", "CwicConfig", "CwicForCausalLM", "CwicGatedMLP", "CwicLinear", "CwicOptions",
-           "active_parameters", "ap_loss", "clamp_thresholds", "cwic_context", "cwic_options",
+           "active_parameters", "ap_loss", "clamp_thresholds", "commit_statistics", "cwic_context", "cwic_options",
            "gather_active", "is_cwic", "iter_cwic_modules", "load_teacher", "to_cwic"]

@@ -107,6 +107,8 @@ PAPER_MIX = [  # (hub dataset, config, split, repeat) — METHOD.md §8; the eva
 
 def _to_messages(row: dict) -> list[dict] | None:
     """Best-effort mapping of the paper-mix schemas to chat messages."""
+    if len(row) == 1 and isinstance(row.get("train"), dict):          # cais/mmlu auxiliary_train nests its rows
+        row = row["train"]
     for key in ("conversations", "messages", "conversation"):
         conv = row.get(key)
         if isinstance(conv, str):
@@ -122,7 +124,7 @@ def _to_messages(row: dict) -> list[dict] | None:
                 if role and isinstance(content, str) and content.strip():
                     msgs.append({"role": role, "content": content})
             return msgs or None
-    if "question" in row and "choices" in row and "answer" in row:        # MMLU / ARC
+    if "question" in row and "choices" in row and ("answer" in row or "answerKey" in row):   # MMLU / ARC
         ch = row["choices"]
         labels, texts = (ch["label"], ch["text"]) if isinstance(ch, dict) else ("ABCD"[:len(ch)], ch)
         ans = row["answer"] if "answer" in row else row.get("answerKey")
@@ -150,13 +152,17 @@ def paper_mix_conversations(max_per_source: int | None = None):
         except Exception as e:  # noqa: BLE001 - network/gated datasets: say which and go on
             raise RuntimeError(f"data=paper_mix needs the Hugging Face hub: loading {name} failed ({e}). "
                                f"Offline, use data=sharegpt") from e
-        rows = []
+        rows, seen, keys = [], 0, None
         for j, row in enumerate(ds):
             if max_per_source is not None and j >= max_per_source:
                 break
+            seen, keys = seen + 1, keys or sorted(row)
             msgs = _to_messages(row)
             if msgs:
                 rows.append(msgs)
+        if seen and not rows:   # a schema _to_messages does not know would silently drop the source from the mix
+            raise RuntimeError(f"data=paper_mix: none of the {seen} rows of {name} ({cfg}, {split}) maps to a "
+                               f"conversation (row keys {keys}); extend cwic_exp.data._to_messages")
         for _ in range(repeat):
             yield from rows
 

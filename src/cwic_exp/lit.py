@@ -7,6 +7,14 @@ pre-pass measures A_tot first, then each micro-batch backpropagates c·A_j with 
 (exactly the step-level gradient, unlike per-micro-batch AP losses). With one micro-batch the
 loss is formed directly.
 
+The running statistics move once per optimizer step, as if the step were one batch: with several
+micro-batches (or data-parallel ranks) the same no-grad pre-pass pools every real token's moments
+(`cwic_context(accumulate_stats=True)`), `commit_statistics` moves them once (summed over the ranks), and
+the gradient passes then use them, with ε from the pooled batch's std too. A_tot is measured in that pre-pass, before the statistics move (by
+1 − β_dist of the way). Under data parallelism A_tot and the token count are summed over the ranks and
+each rank's losses are scaled by the world size, so the ranks' averaged gradients are those of the
+global batch.
+
 Manual optimisation keeps this explicit; callbacks set the APR target, statistics mode and θ clamp.
 """
 from __future__ import annotations
@@ -21,7 +29,19 @@ from torch import nn
 from .accounting import ActiveStats, ap_loss, gather_active
 from .data import model_inputs
 from .distill import hidden_mse, kl_parts
-from .modeling import CwicGatedMLP, CwicLinear, cwic_context, iter_cwic_modules
+from .modeling import CwicGatedMLP, CwicLinear, commit_statistics, cwic_context, iter_cwic_modules
+
+
+def _world_size() -> int:
+    d = torch.distributed
+    return d.get_world_size() if d.is_available() and d.is_initialized() else 1
+
+
+def _sum_over_ranks(values: list[float], device) -> list[float]:
+    """Σ over the data-parallel ranks of a few numbers (fp64, one all-reduce)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
 
 
 def threshold_param_groups(student: nn.Module, lr: float, eta_theta: float) -> list[dict]:
@@ -87,9 +107,11 @@ class CwicDistillModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ forward pieces
-    def _student(self, batch: dict, mask: torch.Tensor, update_stats: bool, hidden: bool = False):
+    def _student(self, batch: dict, mask: torch.Tensor, update_stats: bool, hidden: bool = False,
+                 accumulate_stats: bool = False, pooled_eps: bool = False):
         dtype = next(self.student.parameters()).dtype
-        with cwic_context(self.student, token_mask=mask, update_stats=update_stats, track_ap=True):
+        with cwic_context(self.student, token_mask=mask, update_stats=update_stats, track_ap=True,
+                          accumulate_stats=accumulate_stats, pooled_eps=pooled_eps):
             out = self.student(**model_inputs(batch, dtype), output_hidden_states=hidden)
             stats = gather_active(self.student, mask)
         return out, stats
@@ -118,34 +140,48 @@ class CwicDistillModule(L.LightningModule):
         lam, mse_w = float(c["lambda_ap"]), float(c["mse_weight"])
         chunks = list(self._chunks(batch, int(self.cfg["trainer"]["micro_batch_size"])))
         n_real = int((batch["segment_ids"] > 0).sum())
+        world = _world_size()
+        dev = batch["input_ids"].device
+        n_all = n_real if world == 1 else _sum_over_ranks([n_real], dev)[0]   # the step's tokens, every rank
+        split = len(chunks) > 1 or world > 1
+        pooled = update_stats and split        # statistics from the whole step's batch, moved once
         coef = None
-        if len(chunks) > 1 and lam > 0:
-            # pre-pass: the step's total active parameters, to differentiate L_AP(APR(A_tot))
+        if split and (lam > 0 or pooled):
+            # pre-pass: the step's pooled statistics, and its total active parameters (to differentiate
+            # L_AP(APR(A_tot)))
             with torch.no_grad():
                 tot = None
                 for ch in chunks:
-                    _, st = self._student(ch, ch["segment_ids"] > 0, update_stats=False)
+                    _, st = self._student(ch, ch["segment_ids"] > 0, update_stats=False, accumulate_stats=pooled)
                     tot = st if tot is None else tot + st
-            a_tot = tot.active.detach().float().clone().requires_grad_(True)
-            l_ap = ap_loss(tot.dense * tot.tokens / a_tot, target)
-            (coef,) = torch.autograd.grad(l_ap, a_tot)
+            if pooled:
+                commit_statistics(self.student)
+            if lam > 0:
+                active, tokens = float(tot.active), float(tot.tokens)
+                if world > 1:
+                    active, tokens = _sum_over_ranks([active, tokens], dev)
+                a_tot = torch.tensor(active, dtype=torch.float32, requires_grad=True)
+                l_ap = ap_loss(tot.dense * tokens / a_tot, target)
+                (coef,) = torch.autograd.grad(l_ap, a_tot)
         fkl_sum = rkl_sum = mse_sum = 0.0
         step_stats: ActiveStats | None = None
         for ch in chunks:
             mask = ch["segment_ids"] > 0
             t_out = self._teacher(ch, hidden=mse_w > 0)
-            s_out, st = self._student(ch, mask, update_stats=update_stats, hidden=mse_w > 0)
+            s_out, st = self._student(ch, mask, update_stats=update_stats and not pooled, hidden=mse_w > 0,
+                                      pooled_eps=pooled)
             fkl, rkl, _ = kl_parts(s_out.logits, t_out.logits, mask)
-            loss = 0.5 * (fkl + rkl) / n_real
+            # × world: data parallelism averages the ranks' gradients, and the objective is the global sum
+            loss = 0.5 * (fkl + rkl) * world / n_all
             if mse_w > 0:
                 mse = hidden_mse(s_out.hidden_states[-1], t_out.hidden_states[-1], mask)
-                loss = loss + mse_w * mse / n_real
+                loss = loss + mse_w * mse * world / n_all
                 mse_sum += float(mse.detach())
             if lam > 0:
-                if coef is None:       # one micro-batch: the step's APR is this one's
+                if coef is None:       # one micro-batch, one process: the step's APR is this one's
                     loss = loss + lam * ap_loss(st.apr, target)
                 else:
-                    loss = loss + lam * coef.to(st.active.device) * st.active
+                    loss = loss + lam * world * coef.to(st.active.device) * st.active
             self._backward(loss)
             fkl_sum += float(fkl.detach())
             rkl_sum += float(rkl.detach())

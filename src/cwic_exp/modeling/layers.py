@@ -26,6 +26,8 @@ class CwicRuntime:
         self.track_ap = False       # record per-token active-parameter counts in `module.ap_tokens`
         self.token_mask: Tensor | None = None   # (N,) bool over flattened tokens: real (not padding)
         self.batch_id = 0           # bumped per context entry: statistics update at most once per batch
+        self.accumulate_stats = False   # pool the real tokens' moments for one update per optimizer step
+        self.pooled_eps = False     # ε from the std of the batch pooled at the last commit, not this forward's
 
     def real_tokens(self, x2: Tensor) -> Tensor:
         if self.token_mask is None:
@@ -46,6 +48,8 @@ class _RunningStats(nn.Module):
         self.register_buffer(prefix + "ema_std", torch.zeros(n, device=device))
         self.register_buffer(prefix + "stat_steps", torch.zeros((), device=device))
         self._stats_batch = -1
+        self._stats_acc: Tensor | None = None   # (1 + 2n,) fp64: token count, Σx, Σx² (accumulate mode)
+        self._pooled_std: Tensor | None = None  # the pooled batch's std at the last commit (ε under pooled_eps)
 
     def _ema(self, name: str) -> Tensor:
         return getattr(self, self._prefix + name)
@@ -74,6 +78,37 @@ class _RunningStats(nn.Module):
         return mean, std
 
     @torch.no_grad()
+    def _accumulate_stats(self, real: Tensor) -> None:
+        """Accumulate mode: add this forward's real tokens to the step's pooled moments (nothing moves yet)."""
+        x = real.detach().double()
+        acc = torch.cat([x.new_tensor([float(x.shape[0])]), x.sum(0), (x * x).sum(0)])
+        self._stats_acc = acc if self._stats_acc is None else self._stats_acc + acc
+
+    def _take_moments(self) -> Tensor:
+        """The pooled moments gathered since the last commit (zeros if none), and a fresh start."""
+        acc, self._stats_acc = self._stats_acc, None
+        if acc is None:
+            acc = torch.zeros(1 + 2 * self._ema("ema_mean").numel(), dtype=torch.float64,
+                              device=self._ema("ema_mean").device)
+        return acc
+
+    @torch.no_grad()
+    def _commit_moments(self, acc: Tensor) -> None:
+        """One moving-average step from pooled moments (count, Σx, Σx²), as `_update_stats` takes from a batch."""
+        n = int(self._ema("ema_mean").numel())
+        cnt = acc[0]
+        self._pooled_std = None
+        if float(cnt) <= 0:
+            return
+        mean = acc[1:1 + n] / cnt
+        std = (acc[1 + n:] / cnt - mean * mean).clamp_min(0).sqrt()
+        self._pooled_std = std.float()
+        b = self.beta_dist
+        self._ema("ema_mean").mul_(b).add_(mean.float(), alpha=1 - b)
+        self._ema("ema_std").mul_(b).add_(std.float(), alpha=1 - b)
+        self._ema("stat_steps").add_(1)
+
+    @torch.no_grad()
     def _update_stats(self, real: Tensor, batch_id: int) -> tuple[Tensor, Tensor]:
         mean, std = real.float().mean(0), real.float().std(0, unbiased=False)
         if self._stats_batch != batch_id:  # once per batch, even if a forward is recomputed
@@ -83,6 +118,12 @@ class _RunningStats(nn.Module):
             self._ema("ema_std").mul_(b).add_(std, alpha=1 - b)
             self._ema("stat_steps").add_(1)
         return mean, std
+
+    def _eps_std(self, real: Tensor, rt: "CwicRuntime") -> Tensor:
+        """The batch std that sets ε: this forward's real tokens, or the pooled step's (`pooled_eps`)."""
+        if rt.pooled_eps and self._pooled_std is not None:
+            return self._pooled_std
+        return real.detach().float().std(0, unbiased=False)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -148,15 +189,17 @@ class CwicLinear(_RunningStats):
         rt = self.runtime
         grad = torch.is_grad_enabled() and (x.requires_grad or self.theta.requires_grad
                                             or self.weight.requires_grad)
-        need_batch = grad or rt.update_stats
+        need_batch = grad or rt.update_stats or rt.accumulate_stats
         if need_batch:
             real = rt.real_tokens(x2)
             if real.shape[0] == 0:
                 need_batch = False
+        if rt.accumulate_stats and need_batch:
+            self._accumulate_stats(real)
         if rt.update_stats and need_batch:
             _, batch_std = self._update_stats(real, rt.batch_id)
-        elif need_batch:
-            batch_std = real.detach().float().std(0, unbiased=False)
+        elif need_batch and grad:
+            batch_std = self._eps_std(real, rt)
         mean, std = self.running_stats()
         thr = self.theta * std                                        # (k, n), grad to θ
         cdt = _compute_dtype(x2)
@@ -223,15 +266,17 @@ class CwicGatedMLP(_RunningStats):
         a2 = a.reshape(-1, self.intermediate_size)
         rt = self.runtime
         grad = torch.is_grad_enabled() and (a.requires_grad or self.phi.requires_grad)
-        need_batch = grad or rt.update_stats
+        need_batch = grad or rt.update_stats or rt.accumulate_stats
         if need_batch:
             real = rt.real_tokens(a2)
             need_batch = real.shape[0] > 0
+        if rt.accumulate_stats and need_batch:
+            self._accumulate_stats(real)
         if rt.update_stats and need_batch:
             # std of act(g) around zero mean would also do; the std is what scales the threshold
             _, batch_std = self._update_stats(real, rt.batch_id)
-        elif need_batch:
-            batch_std = real.detach().float().std(0, unbiased=False)
+        elif need_batch and grad:
+            batch_std = self._eps_std(real, rt)
         thr = self.unit_thresholds()
         if grad:
             scale = self.running_stats()[1]

@@ -125,22 +125,50 @@ def cwic_options(model: nn.Module) -> CwicOptions:
 
 @contextmanager
 def cwic_context(model: nn.Module, token_mask: torch.Tensor | None = None, update_stats: bool = False,
-                 track_ap: bool = False):
+                 track_ap: bool = False, accumulate_stats: bool = False, pooled_eps: bool = False):
     """Switches for the forward passes inside the block.
 
     token_mask: (batch, seq) bool/int, 1 for real tokens: only they feed the statistics, ε and the
-    AP counts. update_stats: statistics mode (the running mean/std move). track_ap: every CWIC module
-    records its per-token active-parameter count in `.ap_tokens` (differentiable under grad).
+    AP counts. update_stats: statistics mode (the running mean/std move, once per block, from this
+    batch). accumulate_stats: every CWIC module adds its real inputs' moments to a pool instead, and
+    `commit_statistics(model)` then moves the statistics once from all the pooled batches (one optimizer
+    step split into micro-batches, or over data-parallel ranks). pooled_eps: the STE bandwidth ε comes
+    from the std of the batch pooled at the last commit instead of this forward's tokens (the gradient
+    passes of such a step). track_ap: every CWIC module records its per-token active-parameter count in
+    `.ap_tokens` (differentiable under grad).
     """
+    if update_stats and accumulate_stats:
+        raise ValueError("cwic_context: update_stats and accumulate_stats exclude each other")
     rt = model._cwic_runtime
-    prev = (rt.update_stats, rt.track_ap, rt.token_mask)
-    rt.update_stats, rt.track_ap = bool(update_stats), bool(track_ap)
+    prev = (rt.update_stats, rt.track_ap, rt.token_mask, rt.accumulate_stats, rt.pooled_eps)
+    rt.update_stats, rt.track_ap, rt.accumulate_stats = bool(update_stats), bool(track_ap), bool(accumulate_stats)
+    rt.pooled_eps = bool(pooled_eps)
     rt.token_mask = None if token_mask is None else token_mask.reshape(-1).bool()
     rt.batch_id += 1
     try:
         yield rt
     finally:
-        rt.update_stats, rt.track_ap, rt.token_mask = prev
+        rt.update_stats, rt.track_ap, rt.token_mask, rt.accumulate_stats, rt.pooled_eps = prev
+
+
+@torch.no_grad()
+def commit_statistics(model: nn.Module) -> None:
+    """Move every running statistic once, from the moments pooled under `cwic_context(accumulate_stats=True)`
+    since the last commit: the same moving-average step that one batch holding all those tokens would take.
+    In an initialised torch.distributed group the pools of every rank are summed first (one all-reduce), so
+    every rank's statistics move the same way from the global batch. Every rank must call it."""
+    mods = list(iter_cwic_modules(model))
+    if not mods:
+        return
+    flat = torch.cat([m._take_moments() for m in mods])
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(flat)
+    off = 0
+    for m in mods:
+        n = 1 + 2 * m._ema("ema_mean").numel()
+        m._commit_moments(flat[off:off + n])
+        off += n
 
 
 @torch.no_grad()

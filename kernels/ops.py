@@ -16,14 +16,23 @@ import torch
 from . import reference as ref
 
 
+def check_input(x: torch.Tensor, n: int) -> None:
+    """The ops take one row per token, x (B, n): every backend and the fake kernel refuse anything else (a
+    (batch, seq, n) input used to give (batch, m) under the fake kernel and (batch·seq, m) on the CPU)."""
+    if x.dim() != 2 or x.shape[1] != n:
+        raise ValueError(f"cwic ops take x of shape (B, {n}), got {tuple(x.shape)}: flatten the leading dims")
+
+
 @torch.library.custom_op("cwic::gemv", mutates_args=())
 def gemv(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor, thr: torch.Tensor,
          bias: torch.Tensor, stripe: int) -> torch.Tensor:
+    check_input(x, wt.shape[0])
     return ref.gemv_reference(x, wt, mean, thr, bias, stripe)
 
 
 @gemv.register_fake
 def _(x, wt, mean, thr, bias, stripe):
+    check_input(x, wt.shape[0])
     return x.new_empty((x.shape[0], wt.shape[1]))
 
 
@@ -31,12 +40,14 @@ def _(x, wt, mean, thr, bias, stripe):
 def ffn(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Tensor, gate_thr: torch.Tensor,
         gate_bias: torch.Tensor, stripe: int, up_w: torch.Tensor, down_wt: torch.Tensor,
         unit_thr: torch.Tensor, act: str) -> torch.Tensor:
+    check_input(x, gate_wt.shape[0])
     return ref.ffn_reference(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt,
                              unit_thr, act)
 
 
 @ffn.register_fake
 def _(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt, unit_thr, act):
+    check_input(x, gate_wt.shape[0])
     return x.new_empty((x.shape[0], down_wt.shape[1]))
 
 

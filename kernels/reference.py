@@ -64,9 +64,14 @@ def ffn_reference(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int,
     return (h @ down_wt.float()).to(x.dtype)
 
 
-def gemv_active_params(x, mean, thr, out_features: int, stripe: int) -> torch.Tensor:
-    """(B,) weights actually read per token: Σ over active (stripe, input) pairs of the stripe's rows."""
+def gemv_active_params(x, mean, thr, out_features: int, stripe: int, union: bool = False) -> torch.Tensor:
+    """(B,) weights actually read per token: Σ over active (stripe, input) pairs of the stripe's rows. union:
+    one scalar, the weights a batched kernel reads once for the whole batch (pairs on for any token)."""
     k = thr.shape[0]
     rows = torch.full((k,), float(stripe), device=x.device)
     rows[-1] = out_features - stripe * (k - 1)
-    return (granular_mask(x, mean, thr).float() * rows[None, :, None]).sum((1, 2))
+    g = granular_mask(x, mean, thr)
+    if union:
+        g = g.any(0, keepdim=True)
+    out = (g.float() * rows[None, :, None]).sum((1, 2))
+    return out[0] if union else out

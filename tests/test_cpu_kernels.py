@@ -310,6 +310,33 @@ def test_registered_ops_use_the_cpu_kernels(ext):
                                R.gemv_reference(xh, wth, mean, thr, bias, 64).float())
 
 
+def test_bad_inputs_are_refused_or_empty_not_misread(ext):
+    """An empty batch gives an empty result (it used to kill the process: a division by zero in the SIMD tiling);
+    a transposed thr of the same size, a short mean or a 2-D bias are refused (they were read as if right); the
+    ops take (B, n) only (the fake kernel said (B, m) for (B, T, n), the CPU kernel gave (B·T, m)); the fallback
+    counts the weights read as the C++ does, once for the whole batch."""
+    from cwic_kernels import ops
+    x, wt, mean, thr, bias = _inputs(2, 64, 128, 32, torch.float32)
+    args = _ffn_inputs(1, 64, 160, 32, torch.float32)
+    for isa in C.supported_isas():
+        y, reads = C.gemv(x[:0], wt, mean, thr, bias, 32, isa=isa, return_reads=True)
+        assert y.shape == (0, 128) and reads == 0
+        assert C.ffn(args[0][:0], *args[1:], act="silu", isa=isa).shape == (0, 64)
+    with pytest.raises(RuntimeError, match="thr must be"):
+        C.gemv(x, wt, mean, thr.t().contiguous(), bias, 32)
+    with pytest.raises(RuntimeError, match="mean must be"):
+        C.gemv(x, wt, mean[:32], thr, bias, 32)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        C.gemv(x, wt, mean, thr, bias.view(2, 64), 32)
+    assert ops.load_backends().get("cpu") is True
+    with pytest.raises(ValueError, match="flatten"):
+        torch.ops.cwic.gemv(x.view(1, 2, 64), wt, mean, thr, bias, 32)
+    x3, wt3, mean3, thr3, bias3 = _inputs(3, 64, 128, 32, torch.float32)
+    _, own = C.gemv(x3, wt3, mean3, thr3, bias3, 32, return_reads=True)
+    _, ref = C.gemv(x3, wt3.half(), mean3, thr3, bias3, 32, return_reads=True)     # fp16: the reference path
+    assert own == ref > 0
+
+
 def test_no_compiler_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(C, "_EXT", None)
     monkeypatch.setattr(C, "_ERR", None)
@@ -353,6 +380,25 @@ def test_decode_dense_matches_hf(ext):
     with torch.no_grad():
         hf = m.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0].tolist()
     assert dec.generate(ids[0], max_new_tokens=8) == hf
+
+
+def test_decoder_refuses_bad_token_ids_and_widths(ext):
+    """A token id outside the vocabulary is refused by step() (it read past the embedding, or crashed) as prefill()
+    refuses it; a matrix whose input width is not the model's is refused when it is added (it was read out of
+    bounds)."""
+    from cwic_exp.cpu_decode import CpuDecoder
+    m = _tiny()
+    dec = CpuDecoder(m, mode="dense", dtype=torch.float32, max_len=16)
+    V = m.config.vocab_size
+    for bad in (V, -1, 10 ** 11):
+        with pytest.raises(RuntimeError, match="token id"):
+            dec._dec.step(bad, 0)
+    dec._dec.step(V - 1, 0)
+    lin = ext.Lin()
+    lin.kind = 0
+    lin.w = torch.zeros(4 * m.config.hidden_size, V)      # 4·d inputs where the head takes d
+    with pytest.raises(RuntimeError, match="head must have"):
+        dec._dec.set_head(lin)
 
 
 @pytest.mark.parametrize("T", [1, 7, 16, 37, 200])

@@ -148,7 +148,8 @@ def test_compact_batch_falls_back_to_gemv_ex():
 
 def test_compact_config_defaults_h100(monkeypatch):
     """The H100 heuristic (132 SMs) on the Llama-3.2-1B decode shapes: power-of-two chunks, output
-    blocks inside a stripe, ~4 programs per SM, one slot block per program at 66% sparsity."""
+    blocks inside a stripe, ~4 programs per SM, slot blocks of half a chunk up to 128 (measured faster
+    than 256 on both GPUs)."""
     monkeypatch.setitem(G._NUM_SMS, ("cuda", 0), 132)
     monkeypatch.setattr(C, "TUNED_COMPACT", {})        # the heuristic itself, not the measured table
     dev = torch.device("cuda", 0)
@@ -158,7 +159,7 @@ def test_compact_config_defaults_h100(monkeypatch):
         assert c["BLOCK_N"] <= c["CHUNK"] and c["SPLIT"] == -(-n // c["CHUNK"])
         programs = c["grid"][0] * c["grid"][1]
         assert 132 <= programs <= 8 * 132, (n, m, c)
-        assert 0.34 * c["CHUNK"] <= c["BLOCK_N"], (n, m, c)
+        assert c["BLOCK_N"] == max(16, min(128, c["CHUNK"] // 2)), (n, m, c)
 
 
 def test_gemv_ex_sends_one_token_of_a_tuned_shape_to_the_compact_kernel(monkeypatch):

@@ -99,4 +99,6 @@ def test_operand_split_on_the_cpu(monkeypatch):
     monkeypatch.setattr(P, "_low_precision", lambda t: False)
     f_full = P.ffn_gemm(*args, out_dtype=torch.float32)
     monkeypatch.setattr(P, "_low_precision", lambda t: True)
-    assert _rel(P.ffn_gemm(*args, out_dtype=torch.float32), f_full) < 1e-4
+    # the gate's output is rounded to bf16 (as the model rounds it): a g within ~1e-6 of a rounding boundary takes
+    # the other bf16 neighbour under the other sum, which moves that unit by one bf16 step (2^-8)
+    assert _rel(P.ffn_gemm(*args, out_dtype=torch.float32), f_full) < 3e-4

@@ -113,6 +113,41 @@ def test_gemv_repeated_launches_are_deterministic():
 
 # ------------------------------------------------------------------------------------ FFN
 
+@pytest.mark.parametrize("fused", [False, None], ids=["three_launches", "default"])
+@pytest.mark.parametrize("B", [1, 3])
+def test_ffn_unit_mask_sees_the_gate_in_x_dtype(B, fused):
+    """The unit mask is decided on act(g) with g rounded to x's dtype, as `ffn_reference`, the C++ kernel and the
+    model have it. A unit whose threshold lies between |act(bf16(g))| and |act(g)| follows the former in every
+    path: the gate's epilogue, the twin, and the FFN (the Triton kernels used to take g in fp32 and flip it)."""
+    d, F_, s = 32, 64, 32
+    g = _gen(40 + B)
+    x = torch.randn(B, d, generator=g).bfloat16()
+    gw = (torch.randn(d, F_, generator=g) / 4).bfloat16()
+    mean, thr = torch.zeros(d), torch.rand(F_ // s, d, generator=g) * 0.5
+    gb = torch.randn(F_, generator=g) * 0.1
+    up = (torch.randn(F_, d, generator=g) / 4).bfloat16()
+    dn = (torch.randn(F_, d, generator=g) / 4).bfloat16()
+    g32 = ref.gemv_reference(x.float(), gw.float(), mean, thr, gb, s)
+    a16 = ref.ACTIVATIONS["silu"](g32.bfloat16().float()).abs()
+    a32 = ref.ACTIVATIONS["silu"](g32).abs()
+    b, j = divmod(int((a16 - a32).abs().argmax()), F_)
+    assert abs(float(a16[b, j] - a32[b, j])) > 1e-3 * float(a32[b, j])      # rounding moves this unit's |a|
+    ut = torch.zeros(F_)
+    ut[j] = (a16[b, j] + a32[b, j]) / 2
+    on = bool(a16[b, j] >= ut[j])
+    dev = [t.to(DEV) for t in (x, gw, mean, thr, gb, up, dn, ut)]
+    x, gw, mean, thr, gb, up, dn, ut = dev
+    a = G.gemv_ex(x, gw, mean, thr, gb, s, act="silu", unit_thr=ut)
+    assert bool(a[b, j] != 0) == on
+    assert bool(fb.gemv_ex_ref(x, gw, mean, thr, gb, s, act="silu", unit_thr=ut)[b, j] != 0) == on
+    want = ref.ffn_reference(x, gw, mean, thr, gb, s, up, dn, ut).float()
+    flipped = ut.clone()
+    flipped[j] = 0.0 if not on else float("inf")
+    other = ref.ffn_reference(x, gw, mean, thr, gb, s, up, dn, flipped).float()
+    got = G.ffn(x, gw, mean, thr, gb, s, up, dn, ut, "silu", fused=fused).float()
+    assert (got - want).norm() < 0.25 * (other - want).norm(), (got - want).norm()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("B", [1, 4, 17])
 def test_ffn_matches_reference(B, dtype):
@@ -515,6 +550,22 @@ def test_engine_fused_attention_any_layer_count(layers, dense_qkv):
     gen = eng.generate(ids[:4], 4)
     hf = model.generate(ids[:4][None], max_new_tokens=4, min_new_tokens=4, do_sample=False)[0]
     assert gen.tolist() == hf.tolist()
+
+
+def test_engine_decode_refuses_to_pass_max_len():
+    """decode(n) checks its positions on the host before it runs: a step at max_len would write its K/V into the
+    next layer's cache rows (and read RoPE tables out of bounds); feed() and prefill() set where it stands."""
+    from cwic_exp.engine import DecodeEngine
+    model = _calibrated_tiny(False).to(DEV)
+    eng = DecodeEngine(model, max_len=12, triton=False)
+    eng.prefill(torch.arange(8, device=DEV))
+    eng.decode(4)                                            # positions 8..11: the last rows
+    with pytest.raises(ValueError, match="max_len"):
+        eng.decode(1)
+    eng.feed(3, 5)
+    eng.decode(6)                                            # after feed at 5: 6..11
+    with pytest.raises(ValueError, match="max_len"):
+        eng.decode(1)
 
 
 @pytest.mark.parametrize("cwic", [False, True], ids=["dense", "cwic"])

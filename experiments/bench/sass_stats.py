@@ -71,17 +71,18 @@ def programs_per_sm(regs: int, warps: int) -> int:
 
 def compile_ffn(overrides: dict, d: int = 2048, F: int = 8192, arch: int = 90):
     """The engine's one-launch FFN (`ffn_fused._ffn_gate_updown_kernel`) for sm_<arch>: (compiled kernel, config)."""
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from cwic_kernels.gpu import ffn_fused as FF
-    from cwic_kernels.gpu.gemv import ACT_IDS
+    from cwic_kernels.gpu.gemv import act_code
     cfg = FF.ffn_updown_config(d, F, **{**FF.TUNED_UPDOWN.get((d, F), {}), **overrides})
     kern = FF._ffn_gate_updown_kernel
     names = list(kern.arg_names)
     const = dict(BLOCK_U=cfg["BLOCK_U"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"], BLOCK_G=cfg["BLOCK_G"],
                  COPIES=cfg["COPIES"], HAS_RES=True, EVEN_D=cfg["BLOCK_D"] == d, EVEN_U=F % cfg["BLOCK_U"] == 0,
-                 NORM=True, PIPE=cfg["PIPE"], ACT=ACT_IDS["silu"], HAS_BIAS=True, USE_PDL=True, X_ACC=True,
+                 NORM=True, PIPE=cfg["PIPE"], ACT=act_code("silu", torch.bfloat16), HAS_BIAS=True, USE_PDL=True, X_ACC=True,
                  Y_ACC=True, COUNT=False, TIMED=False)
     unknown = [n for n in names if n not in const and n not in FFN_PTRS and n not in FFN_SCALARS]
     if unknown:

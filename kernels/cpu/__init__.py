@@ -120,9 +120,8 @@ def gemv(x, wt, mean, thr, bias, stripe: int, isa=None, nthreads: int = 0, retur
     if ext is None or not _ok_dtype(wt) or x.device.type != "cpu":
         from ..reference import gemv_active_params, gemv_reference
         y = gemv_reference(x2, wt, mean, thr, bias, stripe)
-        if return_reads:
-            return y, int(gemv_active_params(x2[:1] if x2.shape[0] == 1 else x2, mean, thr, wt.shape[1],
-                                             stripe).max().item())
+        if return_reads:   # as the C++ counts: each (stripe, input) pair on for any token of the batch, once
+            return y, int(gemv_active_params(x2, mean, thr, wt.shape[1], stripe, union=True).item())
         return y
     y, reads = ext.gemv(x2, wt.contiguous(), mean, thr, bias, int(stripe), isa_id(isa), int(nthreads))
     y = y.to(x.dtype)
@@ -162,12 +161,14 @@ def register() -> bool:
         return True
     if load() is None:
         return False
-    from .. import ops  # noqa: F401  (defines the ops)
+    from .. import ops  # (defines the ops)
 
     def _gemv_cpu(x, wt, mean, thr, bias, stripe):
+        ops.check_input(x, wt.shape[0])
         return gemv(x, wt, mean, thr, bias, stripe)
 
     def _ffn_cpu(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt, unit_thr, act):
+        ops.check_input(x, gate_wt.shape[0])
         return ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt, unit_thr, act)
 
     torch.library.register_kernel("cwic::gemv", "cpu", _gemv_cpu)

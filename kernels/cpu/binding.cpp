@@ -65,13 +65,18 @@ GemvArgs gemv_args(const at::Tensor& x32, const at::Tensor& wt, const std::optio
   keep.resize(3);
   a.mean = opt_ptr(mean, keep[0]);
   if (a.mean) {
-    TORCH_CHECK(keep[0].numel() == a.n || keep[0].numel() == (int64_t)k * a.n, "cwic_cpu: mean must be (n,) or (k, n)");
-    a.mean_rows = keep[0].numel() == a.n ? 1 : k;
+    const at::Tensor& t = keep[0];
+    TORCH_CHECK((t.dim() == 1 && t.size(0) == a.n) || (t.dim() == 2 && t.size(0) == k && t.size(1) == a.n),
+                "cwic_cpu: mean must be (n,) or (k, n) with n = ", a.n, ", k = ", k, ", got ", t.sizes());
+    a.mean_rows = t.dim() == 1 ? 1 : k;
   }
   a.thr = opt_ptr(thr, keep[1]);
-  if (a.thr) TORCH_CHECK(keep[1].numel() == (int64_t)k * a.n, "cwic_cpu: thr must be (k, n), k = ", k);
+  if (a.thr)   // (k, n) exactly: a transposed (n, k) of the same size used to pass and give wrong sums
+    TORCH_CHECK((keep[1].dim() == 2 && keep[1].size(0) == k && keep[1].size(1) == a.n) ||
+                    (k == 1 && keep[1].dim() == 1 && keep[1].size(0) == a.n),
+                "cwic_cpu: thr must be (k, n) with k = ", k, ", n = ", a.n, ", got ", keep[1].sizes());
   a.bias = opt_ptr(bias, keep[2]);
-  if (a.bias) TORCH_CHECK(keep[2].numel() == a.m, "cwic_cpu: bias must be (m,)");
+  if (a.bias) TORCH_CHECK(keep[2].dim() == 1 && keep[2].numel() == a.m, "cwic_cpu: bias must be (m,), m = ", a.m);
   return a;
 }
 
@@ -175,7 +180,7 @@ std::tuple<at::Tensor, int64_t> ffn(const at::Tensor& x, const at::Tensor& gate_
   a.down_ld = down_wt.stride(0);
   at::Tensor ut;
   a.unit_thr = opt_ptr(unit_thr, ut);
-  if (a.unit_thr) TORCH_CHECK(ut.numel() == F, "cwic_cpu: unit_thr must be (F,)");
+  if (a.unit_thr) TORCH_CHECK(ut.dim() == 1 && ut.numel() == F, "cwic_cpu: unit_thr must be (F,), F = ", F);
   a.act = act_id(act);
   a.round_gate_bf16 = x.scalar_type() == at::kBFloat16;   // the reference rounds g to x's dtype
   at::Tensor y = at::empty({a.gate.B, d}, x32.options());
@@ -219,29 +224,45 @@ class Decoder {
 
   // qkv: one fused matrix or several whose outputs concatenate to q | k | v
   void add_layer(at::Tensor ln1, at::Tensor ln2, std::vector<Lin> qkv, Lin o, Ffn ffn) {
+    const int64_t qkv_out = (int64_t)(nh_ + 2 * nkv_) * hd_, attn = (int64_t)nh_ * hd_;
     int64_t total = 0;
-    for (auto& q : qkv) { q = check(q); total += q.m(); }
-    TORCH_CHECK(total == (int64_t)(nh_ + 2 * nkv_) * hd_, "qkv must have (n_heads + 2 n_kv) * head_dim outputs");
+    for (auto& q : qkv) { q = check(q, d_, "qkv"); total += q.m(); }
+    TORCH_CHECK(total == qkv_out, "qkv must have (n_heads + 2 n_kv) * head_dim outputs");
+    TORCH_CHECK(ln1.numel() == d_ && ln2.numel() == d_, "cwic_cpu: the layer norms must have d = ", d_, " weights");
+    o = check(o, attn, "o");
+    TORCH_CHECK(o.m() == d_, "cwic_cpu: o must have d = ", d_, " outputs, got ", o.m());
     if (ffn.cwic) {
-      ffn.gate = check(ffn.gate);
+      ffn.gate = check(ffn.gate, d_, "gate");
       TORCH_CHECK(ffn.up_w.defined() && ffn.down_wt.defined() && rows_ok(ffn.up_w, ffn.gate.m(), d_) &&
                       rows_ok(ffn.down_wt, ffn.gate.m(), d_) &&
                       ffn.up_w.scalar_type() == ffn.gate.w.scalar_type() &&
                       ffn.down_wt.scalar_type() == ffn.gate.w.scalar_type(),
                   "cwic_cpu: the FFN's up_w and down_wt must be (F, d) in the gate's dtype with contiguous rows");
     }
-    else { ffn.gate_up = check(ffn.gate_up); ffn.down = check(ffn.down); }
-    if (ffn.unit_thr.defined()) ffn.unit_thr = f32c(ffn.unit_thr);
-    layers_.push_back({ln1.contiguous(), ln2.contiguous(), qkv, check(o), ffn});
+    else {
+      ffn.gate_up = check(ffn.gate_up, d_, "gate_up");
+      TORCH_CHECK(ffn.gate_up.m() % 2 == 0, "cwic_cpu: gate_up must have 2 F outputs");
+      ffn.down = check(ffn.down, ffn.gate_up.m() / 2, "down");
+      TORCH_CHECK(ffn.down.m() == d_, "cwic_cpu: down must have d = ", d_, " outputs, got ", ffn.down.m());
+    }
+    if (ffn.unit_thr.defined()) {
+      ffn.unit_thr = f32c(ffn.unit_thr);
+      TORCH_CHECK(ffn.cwic && ffn.unit_thr.numel() == ffn.gate.m(), "cwic_cpu: unit_thr must be (F,)");
+    }
+    layers_.push_back({ln1.contiguous(), ln2.contiguous(), qkv, o, ffn});
     kc_ = at::zeros({(int64_t)layers_.size(), max_len_, nkv_, hd_}, kv_bf16() ? at::kBFloat16 : at::kFloat);
     vc_ = at::zeros_like(kc_);
   }
 
-  void set_head(Lin head) { head_ = check(head); }
+  void set_head(Lin head) {
+    head_ = check(head, d_, "head");
+  }
 
   // one token at position pos: writes the cache, returns the argmax of the logits
   int64_t step(int64_t token, int64_t pos) {
     TORCH_CHECK(pos >= 0 && pos < max_len_, "position out of range");
+    TORCH_CHECK(token >= 0 && token < embed_.size(0), "step: token id ", token, " out of range [0, ",
+                embed_.size(0), ")");
     pybind11::gil_scoped_release nogil;
     return run(&token, 1, pos);
   }
@@ -302,13 +323,27 @@ class Decoder {
     return (uint16_t)(u >> 16);
   }
 
-  static Lin check(Lin L) {
+  // a matrix of `n_in` inputs, with mean (n,) or (k, n), thr (k, n) and bias (m,) when given
+  static Lin check(Lin L, int64_t n_in, const char* what) {
     TORCH_CHECK(L.w.defined() && L.w.dim() == 2 && L.w.is_contiguous(), "Lin.w must be a contiguous matrix");
     TORCH_CHECK(L.kind >= 0 && L.kind <= 2, "Lin.kind must be 0, 1 or 2");
+    TORCH_CHECK(L.n() == n_in, "cwic_cpu: ", what, " must have ", n_in, " inputs, got ", L.n(),
+                L.kind == 2 ? " (kind 2: w is (m, n))" : " (kinds 0, 1: w is (n, m), input-major)");
+    const int64_t m = L.m(), n = L.n();
+    if (L.bias.defined()) TORCH_CHECK(L.bias.numel() == m, "cwic_cpu: ", what, "'s bias must be (m,), m = ", m);
     if (L.kind != 2) {
       wdtype_of(L.w);
-      if (L.mean.defined()) L.mean = f32c(L.mean);
-      if (L.thr.defined()) L.thr = f32c(L.thr);
+      const int64_t s = L.stripe > 0 ? std::min<int64_t>(L.stripe, m) : m, k = (m + s - 1) / s;
+      if (L.mean.defined()) {
+        L.mean = f32c(L.mean);
+        TORCH_CHECK(L.mean.numel() == n || (L.mean.dim() == 2 && L.mean.size(0) == k && L.mean.size(1) == n),
+                    "cwic_cpu: ", what, "'s mean must be (n,) or (k, n)");
+      }
+      if (L.thr.defined()) {
+        L.thr = f32c(L.thr);
+        TORCH_CHECK(L.thr.numel() == k * n && (L.thr.dim() != 2 || (L.thr.size(0) == k && L.thr.size(1) == n)),
+                    "cwic_cpu: ", what, "'s thr must be (k, n) with k = ", k, ", n = ", n);
+      }
       if (L.bias.defined()) L.bias = f32c(L.bias);
     }
     return L;

@@ -189,9 +189,16 @@ const char* isa_name(int isa) {
 #define CWIC_DISPATCH(isa, call) return isa_scalar::call;
 #endif
 
-int64_t gemv(const GemvArgs& a, int nthreads, int isa) { CWIC_DISPATCH(isa, gemv_run(a, nthreads)) }
+// an empty batch or matrix reads and writes nothing (the SIMD tiling assumes at least one token and output)
+int64_t gemv(const GemvArgs& a, int nthreads, int isa) {
+  if (a.B <= 0 || a.m <= 0) return 0;
+  CWIC_DISPATCH(isa, gemv_run(a, nthreads))
+}
 
-int64_t ffn(const FfnArgs& a, int nthreads, int isa) { CWIC_DISPATCH(isa, ffn_run(a, nthreads)) }
+int64_t ffn(const FfnArgs& a, int nthreads, int isa) {
+  if (a.gate.B <= 0 || a.gate.n <= 0) return 0;
+  CWIC_DISPATCH(isa, ffn_run(a, nthreads))
+}
 
 // ---- decode glue (small: plain loops, vectorised by the compiler) ------------------------------
 

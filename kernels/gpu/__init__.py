@@ -25,7 +25,7 @@ def register() -> bool:
     global _REGISTERED
     if _REGISTERED:
         return True
-    from .. import ops  # noqa: F401  (defines the ops)
+    from .. import ops  # (defines the ops)
     from ..reference import ffn_reference, gemv_reference
     from . import gemv as G
 
@@ -36,6 +36,7 @@ def register() -> bool:
         return out, any(a is not b for a, b in zip(out, ts))
 
     def _gemv_cuda(x, wt, mean, thr, bias, stripe):
+        ops.check_input(x, wt.shape[0])
         if not G.supports_stripe(stripe, wt.shape[1]):
             return gemv_reference(x, wt, mean, thr, bias, stripe)
         (mean, thr, bias), fresh = _consts(mean, thr, bias)
@@ -43,6 +44,7 @@ def register() -> bool:
             return G.gemv_ex(x.contiguous(), wt.contiguous(), mean, thr, bias, stripe)
 
     def _ffn_cuda(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt, unit_thr, act):
+        ops.check_input(x, gate_wt.shape[0])
         if not G.supports_stripe(stripe, gate_wt.shape[1]) or act not in G.ACT_IDS:
             return ffn_reference(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt,
                                  unit_thr, act)

@@ -55,6 +55,8 @@ def gemv_ex_ref(x, wt, mean, thr, bias, stripe, *, residual=None, act=None, unit
     if bias is not None:
         y = y + bias.float()
     if act is not None:
+        if x.dtype in (torch.bfloat16, torch.float16):   # the gate's output in x's dtype, as ffn_reference has it
+            y = y.to(x.dtype).float()
         a = ACTIVATIONS[act](y)
         y = a * (a.abs() >= unit_thr.float())
     if residual is not None:

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import (ACT_IDS, EVICT_W, _act, _load_h, _overlap, _pdl_enter, _rstd_of, check_args, check_count,
+from .gemv import (EVICT_W, _act, act_code, _load_h, _overlap, _pdl_enter, _rstd_of, check_args, check_count,
                    pdl_args)
 from .gemv_compact import _select_block, _select_pre, _select_x, _slot_products
 
@@ -393,7 +393,7 @@ def ffn_gate_updown(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Ten
         norm_w if norm_w is not None else x, d, F_, stripe, stride_mk, float(eps),
         BLOCK_U=cfg["BLOCK_U"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"], BLOCK_G=bg, COPIES=cfg["COPIES"],
         HAS_RES=residual is not None, EVEN_D=cfg["BLOCK_D"] == d, EVEN_U=F_ % cfg["BLOCK_U"] == 0,
-        NORM=norm_w is not None, PIPE=cfg["PIPE"], ACT=ACT_IDS[act], HAS_BIAS=gate_bias is not None,
+        NORM=norm_w is not None, PIPE=cfg["PIPE"], ACT=act_code(act, x.dtype), HAS_BIAS=gate_bias is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(x.device),
         XACC=x_acc if x_acc is not None else x, X_ACC=x_acc is not None,
         YOUT=y_acc if y_acc is not None else x, Y_ACC=y_acc is not None,

@@ -103,16 +103,34 @@ def _pdl_enter(USE_PDL: tl.constexpr):
 
 @triton.jit
 def _act(y, ACT: tl.constexpr):
-    if ACT == 0:
+    """act(y) for the codes of `act_code`: + 16 / + 32 round y to bf16 / fp16 first (the gate's output in the
+    model's dtype, as `ffn_reference`, the C++ kernel and the model compute it)."""
+    if ACT >= 32:
+        y = y.to(tl.float16).to(tl.float32)
+    elif ACT >= 16:   # to nearest even in integer ops: Triton's interpreter truncates an fp32 -> bf16 cast
+        u = y.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        y = u.to(tl.float32, bitcast=True)
+    A: tl.constexpr = ACT % 16
+    if A == 0:
         y = y * tl.sigmoid(y)
-    elif ACT == 1:
+    elif A == 1:
         y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
-    elif ACT == 2:
+    elif A == 2:
         inner = 0.7978845608028654 * (y + 0.044715 * y * y * y)
         y = y * tl.sigmoid(2.0 * inner)          # 0.5·(1 + tanh(u)) = sigmoid(2u)
-    elif ACT == 3:
+    elif A == 3:
         y = tl.maximum(y, 0.0)
     return y
+
+
+def act_code(act: str | None, x_dtype: torch.dtype) -> int:
+    """The kernels' ACT constexpr: the activation's id, + 16 (bf16 x) or + 32 (fp16 x) so that the gate's fp32 sum
+    is rounded to x's dtype before the activation and the unit mask; -1 without an activation."""
+    base = ACT_IDS[act]
+    if base < 0:
+        return base
+    return base + {torch.bfloat16: 16, torch.float16: 32}.get(x_dtype, 0)
 
 
 @triton.jit
@@ -520,17 +538,23 @@ def gemv_config(B: int, n: int, m: int, stripe: int, device: torch.device, **ove
                 num_warps=p["num_warps"], num_stages=p["num_stages"], pipe=bool(p["pipe"]) and bb == 1)
 
 
-def check_args(x, wt, mean, thr, stripe: int, mask_mode: int, act, out_dtype):
+def check_args(x, wt, mean, thr, stripe: int, mask_mode: int, act, out_dtype, bias=None, unit_thr=None):
     """Shapes, layouts and dtypes of a `gemv_ex` / `gemv_compact` call -> (stripes k, stripe, mean's
-    stripe stride, output dtype); without thresholds (MASK_NONZERO, MASK_NONE) one stripe of width m."""
+    stripe stride, output dtype); without thresholds (MASK_NONZERO, MASK_NONE) one stripe of width m.
+    bias (m,) and unit_thr (m,) are read as contiguous vectors: a strided or short one is refused."""
     n, m = x.shape[1], wt.shape[1]
     assert wt.shape[0] == n, (x.shape, wt.shape)
     assert x.stride(1) == 1 and wt.is_contiguous()
+    for name, v in (("bias", bias), ("unit_thr", unit_thr)):
+        assert v is None or (v.dim() == 1 and v.shape[0] == m and v.stride(0) == 1), \
+            f"{name} must be a contiguous ({m},) vector, got {tuple(v.shape)} strides {v.stride()}"
     if mask_mode == MASK_THRESHOLD:
         assert thr is not None and mean is not None
         k = thr.shape[0]
         assert k == triton.cdiv(m, stripe) and thr.shape[1] == n and thr.is_contiguous(), (thr.shape, m, stripe)
         assert mean.dtype == torch.float32 and thr.dtype == torch.float32
+        assert mean.shape[-1] == n and (mean.dim() == 1 or (mean.dim() == 2 and mean.shape[0] == k)), \
+            f"mean must be ({n},) or ({k}, {n}), got {tuple(mean.shape)}"
         stride_mk = 0 if mean.dim() == 1 else mean.stride(0)
         assert mean.stride(-1) == 1
     else:
@@ -565,8 +589,9 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
     |act(y)| ≥ unit_thr (output fp32 unless out_dtype says otherwise). residual (B, m) is added last.
 
     compact: one token through `gemv_compact` (work ∝ density: select the active rows, then read only
-    them). None (default): for the shapes of `gemv_compact.TUNED_COMPACT`, where the H100 sweep found it
-    faster than this kernel at 66% sparsity (experiments/results/gpu_kernels_compact.md), unless a
+    them). None (default): for the shapes of `gemv_compact.TUNED_COMPACT`, where the H100 or H200 sweep found
+    it faster than this kernel at 66% sparsity (experiments/results/gpu_kernels_compact.md,
+    experiments/results/gpu_h200/kernels_2026-12-04/), unless a
     `config` for this kernel is given, or the environment sets CWIC_GEMV_COMPACT=0 (A/B runs); False:
     never; True: always (B == 1; a `config` for this kernel is then ignored).
 
@@ -618,7 +643,8 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
             return _compact.gemv_compact(x, wt, mean, thr, bias, stripe, residual=residual, act=act, unit_thr=unit_thr,
                                   mask_mode=mask_mode, out_dtype=out_dtype, out=out, norm_w=norm_w, eps=eps,
                                   count=count)
-    k, stripe, stride_mk, out_dtype = check_args(x, wt, mean, thr, stripe, mask_mode, act, out_dtype)
+    k, stripe, stride_mk, out_dtype = check_args(x, wt, mean, thr, stripe, mask_mode, act, out_dtype, bias,
+                                                 unit_thr)
     check_norm(x, norm_w)
     y = out if out is not None else torch.empty((B, m), dtype=out_dtype, device=x.device)
     if B == 0:
@@ -659,7 +685,7 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
         x.stride(0), stride_mk, residual.stride(0) if residual is not None else 0, y.stride(0), float(eps),
         *rope_args, BLOCK_B=cfg["BLOCK_B"], BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], SPLIT=split,
         MASK_MODE=mask_mode, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        ACT=ACT_IDS[act], EVEN_M=(m % cfg["BLOCK_M"] == 0),
+        ACT=act_code(act, x.dtype), EVEN_M=(m % cfg["BLOCK_M"] == 0),
         DOT_F32=(INTERPRET or wt.dtype == torch.float32), PIPE=cfg.get("pipe", False),
         NORM=norm_w is not None, NB=triton.next_power_of_2(n), ROPE=rope is not None, ACC_OUT=acc_out is not None,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **pdl_args(x.device),

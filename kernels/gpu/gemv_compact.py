@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from . import gemv as G
-from .gemv import (ACT_IDS, INTERPRET, MASK_NONE, MASK_NONZERO, MASK_THRESHOLD, _epi_finish, _epi_loads, _load_rows,
+from .gemv import (INTERPRET, MASK_NONE, MASK_NONZERO, MASK_THRESHOLD, _epi_finish, _epi_loads, _load_rows,
                    _mask_pre, _mask_x, _pdl_enter, _rstd, gdc_launch_dependents, gdc_wait, pdl_kw, use_pdl)
 
 __all__ = ["gemv_compact", "compact_config", "TUNED_COMPACT", "MASK_THRESHOLD", "MASK_NONZERO", "MASK_NONE"]
@@ -180,10 +180,17 @@ def _compact_gemv_kernel(X, MEAN, THR, IDX, VAL, CNT, WT, BIAS, RES, UTHR, Y, WS
 # Timed with thresholds at stripe 512. The engine's down projection runs in MASK_NONZERO mode with one
 # stripe; there too the down tiles below were the fastest variant (experiments/results/gpu_down_nonzero.md).
 # (2048, 8192) is the gate in the engine (its up projection has its own kernel), and any up run here.
-TUNED_COMPACT: dict = {
-    (2048, 8192): dict(fused=True, chunk=1024),      # gate/up shape: 10.04 µs vs 11.58 (cuBLAS 14.05)
-    (8192, 2048): dict(fused=True, chunk=1024),      # down: 10.26 µs vs 11.78 (cuBLAS 16.29)
-    (2048, 128256): dict(chunk=2048),                # LM head: 73.0 µs vs 90.1 (cuBLAS 188.8)
+TUNED_COMPACT: dict = {   # at 66 % sparsity: compact µs vs the masked-load kernel's (cuBLAS dense)
+    # H100 (experiments/results/gpu_kernels_compact.md)
+    (2048, 8192): dict(fused=True, chunk=1024, block_n=256),      # gate/up shape: 10.04 vs 11.58 (14.05)
+    (8192, 2048): dict(fused=True, chunk=1024, block_n=256),      # down: 10.26 vs 11.78 (16.29)
+    (2048, 128256): dict(chunk=2048, block_n=256),                # LM head: 73.0 vs 90.1 (188.8)
+    # H200 (experiments/results/gpu_h200/kernels_2026-12-04/): Llama-3.2-3B, and the paper's 4096 × 14336
+    (3072, 128256): dict(block_n=128),                            # 3B LM head: 85.6 vs 126.1 (180.1)
+    (3072, 8192): dict(fused=True, chunk=2048, block_n=256),      # 3B gate/up: 10.75 vs 14.42 (14.79)
+    (8192, 3072): dict(fused=True, chunk=2048, block_n=256),      # 3B down: 10.70 vs 15.55 (18.15)
+    (4096, 14336): dict(block_n=128),                             # up: 18.79 vs 25.01 (30.38)
+    (14336, 4096): dict(block_n=128),                             # down: 18.82 vs 33.46 (31.44)
 }
 _WORKSPACES: dict = {}
 
@@ -195,10 +202,11 @@ def compact_config(n: int, m: int, stripe: int, device: torch.device, **override
     Default: output blocks of 64 (a 128-byte bf16 row segment per input), chunks sized so that about
     `waves` × SMs programs exist (4 × 132 on an H100: several resident programs per SM, every weight
     load of the layer in flight at once), CHUNK a power of two in [64, 1024] with at most `max_split`
-    chunks, and BLOCK_N = CHUNK / 2 (≤ 256): one block of slots covers a chunk up to 50% density, so
-    at the target sparsities each program issues all its weight loads in one round trip, while a
-    dense chunk takes 2+ pipelined iterations; 8 warps when the (BLOCK_N, BLOCK_M) fp32 accumulator
-    would exceed 64 registers a thread with 4."""
+    chunks, and BLOCK_N = CHUNK / 2 (≤ 128): slot blocks of at most 128 rows, pipelined. A cap of 256
+    (one slot block for a chunk of 1024 up to 50 % density: every weight load of a program in one round
+    trip) was 16-33 % slower wherever it applied, on the H100 and the H200 alike (the sweeps'
+    `block_n` 128 rows); 8 warps when the (BLOCK_N, BLOCK_M) fp32 accumulator would exceed 64 registers
+    a thread with 4."""
     p = dict(block_m=64, chunk=None, block_n=None, waves=4.0, max_split=64, num_warps=None, num_stages=3,
              select_warps=None, fused=False, pdl=False)
     p.update(TUNED_COMPACT.get((n, m), {}) if not overrides else {})
@@ -215,7 +223,7 @@ def compact_config(n: int, m: int, stripe: int, device: torch.device, **override
             chunk *= 2
         chunk = min(chunk, max(16, triton.next_power_of_2(n)))
     assert chunk & (chunk - 1) == 0, f"chunk {chunk} must be a power of two"
-    bn = min(p["block_n"] or max(16, min(256, chunk // 2)), chunk)
+    bn = min(p["block_n"] or max(16, min(128, chunk // 2)), chunk)
     nw = p["num_warps"] or (4 if bn * bm <= 8192 else 8)     # ≤ 64 fp32 accumulator registers a thread
     split = triton.cdiv(n, chunk)
     sw = p["select_warps"] or max(1, min(4, chunk // 256))
@@ -263,7 +271,8 @@ def gemv_compact(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, t
     norm = dict(NORM=norm_w is not None, NB=triton.next_power_of_2(n))
     nw_ = norm_w if norm_w is not None else x
     m = wt.shape[1]
-    k, stripe, stride_mk, out_dtype = G.check_args(x, wt, mean, thr, stripe, mask_mode, act, out_dtype)
+    k, stripe, stride_mk, out_dtype = G.check_args(x, wt, mean, thr, stripe, mask_mode, act, out_dtype, bias,
+                                                   unit_thr)
     y = out if out is not None else torch.empty((1, m), dtype=out_dtype, device=x.device)
     if residual is not None:
         assert residual.shape == (1, m) and residual.stride(1) == 1
@@ -289,7 +298,7 @@ def gemv_compact(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, t
         n, m, stripe, split, stride_mk, float(eps),
         CHUNK=cfg["CHUNK"], BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], SPLIT=split,
         MASK_MODE=mask_mode, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        ACT=ACT_IDS[act], EVEN_M=(m % cfg["BLOCK_M"] == 0), FUSED=cfg["fused"], USE_GDC=pdl,
+        ACT=G.act_code(act, x.dtype), EVEN_M=(m % cfg["BLOCK_M"] == 0), FUSED=cfg["fused"], USE_GDC=pdl,
         NORM=norm["NORM"] and cfg["fused"], NB=norm["NB"], USE_PDL=every,
         NREAD=count if count is not None else y, COUNT=count is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)

@@ -110,6 +110,8 @@ def ffn_gemm(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Tensor, ga
     if act not in ACTIVATIONS:
         raise ValueError(f"ffn_gemm: activation {act!r} not in {sorted(ACTIVATIONS)}")
     g = masked_gemm(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, out_dtype=torch.float32, exact=exact)
+    if x.dtype in (torch.bfloat16, torch.float16):       # the gate's output in x's dtype, as ffn_reference has it
+        g = g.to(x.dtype).float()
     a = ACTIVATIONS[act](g)
     a = torch.where(a.abs() >= unit_thr.float(), a, 0.0)
     h = mm_f32(x.float(), up_w.t(), exact=False, dtype=x.dtype) * a     # x is exact in its own dtype

@@ -242,6 +242,7 @@ class DecodeEngine:
         self.cos = cos[0, :, :half].float().contiguous()
         self.sin = sin[0, :, :half].float().contiguous()
         self.pos = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self._pos_host = 0      # the host's copy of pos (prefill, feed and decode keep it): decode() checks it
         self.tok = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.tokens = torch.zeros(self.max_len + 1, dtype=torch.int64, device=self.device)
         self.use_graph = cuda_graph and self.device.type == "cuda"
@@ -575,6 +576,7 @@ class DecodeEngine:
         self.tokens[T:T + 1] = nxt
         self.tok.copy_(nxt)
         self.pos.fill_(T)
+        self._pos_host = T
         return logits
 
     @torch.no_grad()
@@ -589,6 +591,7 @@ class DecodeEngine:
             self.capture()
         self.tok.fill_(int(token))
         self.pos.fill_(int(pos))
+        self._pos_host = int(pos) + 1
         if self.graph is not None:
             self.graph.replay()
         else:
@@ -597,7 +600,12 @@ class DecodeEngine:
 
     @torch.no_grad()
     def decode(self, n: int):
-        """n more greedy tokens after the current one (no host synchronisation)."""
+        """n more greedy tokens after the current one (no host synchronisation). Refused, before anything runs,
+        when they would pass max_len: a step there would write past its layer's cache rows."""
+        if self._pos_host + n > self.max_len:
+            raise ValueError(f"decode({n}) from position {self._pos_host} would pass the engine's max_len "
+                             f"{self.max_len} (raise max_len)")
+        self._pos_host += max(int(n), 0)
         if self.use_graph and self.graph is None:
             self.capture()
         for _ in range(n):

@@ -337,6 +337,27 @@ def test_bad_inputs_are_refused_or_empty_not_misread(ext):
     assert own == ref > 0
 
 
+def test_stale_build_lock_is_removed_a_live_one_kept(tmp_path, monkeypatch):
+    """A build killed part-way leaves torch's lock file, and the next load() would wait on it forever: one older than
+    STALE_LOCK_S is removed (with a warning), a fresh one (a build running now) is left alone."""
+    import os
+    import time
+    import torch.utils.cpp_extension as X
+    monkeypatch.setattr(X, "_get_build_directory", lambda name, verbose: str(tmp_path / name))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    old, fresh = tmp_path / "a" / "lock", tmp_path / "b" / "lock"
+    old.write_text("")
+    fresh.write_text("")
+    t = time.time() - C.STALE_LOCK_S - 60
+    os.utime(old, (t, t))
+    with pytest.warns(RuntimeWarning, match="interrupted build"):
+        assert C._clear_stale_lock("a") is True
+    assert not old.exists()
+    assert C._clear_stale_lock("b") is False and fresh.exists()
+    assert C._clear_stale_lock("missing") is False
+
+
 def test_no_compiler_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(C, "_EXT", None)
     monkeypatch.setattr(C, "_ERR", None)

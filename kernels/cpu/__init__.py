@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 import warnings
 
 import torch
@@ -38,6 +39,30 @@ _REGISTERED = False
 def _compiler() -> str | None:
     cxx = os.environ.get("CXX", "c++")
     return shutil.which(cxx) or shutil.which("g++") or shutil.which("clang++")
+
+
+STALE_LOCK_S = float(os.environ.get("CWIC_CPU_BUILD_LOCK_S", 600))
+
+
+def _clear_stale_lock(name: str) -> bool:
+    """Remove the build lock of `name` if it is older than STALE_LOCK_S: a build killed part-way (SIGKILL, a lost
+    machine) leaves it behind, and torch's loader would then wait for it forever, silently. A live build finishes in
+    a minute or two; True when a lock was removed."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+        lock = os.path.join(_get_build_directory(name, False), "lock")
+        age = time.time() - os.path.getmtime(lock)
+    except (ImportError, OSError):
+        return False
+    if age <= STALE_LOCK_S:
+        return False
+    try:
+        os.remove(lock)
+    except OSError:
+        return False
+    warnings.warn(f"cwic_kernels.cpu: removed a build lock {age:.0f} s old, left by an interrupted build ({lock})",
+                  RuntimeWarning, stacklevel=3)
+    return True
 
 
 def load(verbose: bool = False):
@@ -62,6 +87,7 @@ def load(verbose: bool = False):
                 with open(os.path.join(_HERE, f), "rb") as fh:
                     h.update(fh.read())
             name = f"cwic_cpu_{h.hexdigest()[:10]}"
+            _clear_stale_lock(name)
             _EXT = _load(name=name, sources=[os.path.join(_HERE, f) for f in SOURCES],
                          extra_include_paths=[_HERE],
                          extra_cflags=["-O3", "-std=c++17", "-fopenmp", "-Wno-maybe-uninitialized",

@@ -36,7 +36,7 @@ train: setup                    ## the main job: distil SmolLM2-135M-Instruct on
 smoke: setup                    ## tiny random model, tiny data: < 1 min
 	$(BIN)/python train.py +experiment=smoke $(ARGS)
 
-sweep-apr: setup                ## Hydra multirun over final APR targets (documented in README)
+sweep-apr: setup                ## Hydra multirun over final APR targets (a GPU; on a CPU: ARGS=trainer=cpu)
 	$(BIN)/python train.py -m +experiment=mini cwic.apr_final=2.0,3.0,4.0 $(ARGS)
 
 eval: setup                     ## one model on the seven tasks: make eval ARGS="method=teal sparsity=0.5 limit=50"

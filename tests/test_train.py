@@ -292,10 +292,20 @@ def test_training_steps_move_the_apr_towards_its_target():
     ("model.name=/no/such/model", "model.name"),
     ("data.path=/no/such/file.json", "data.path"),
     ("trainer.micro_batch_size=3", "multiple"),
+    ("trainer.ckpt_every=0", "ckpt_every"),
+    ("trainer.max_minutes=-1", "max_minutes"),
+    ("optim.grad_clip=-1", "grad_clip"),
+    ("trainer.precision=bf16_mixed", "precision"),
+    ("trainer.accelerator=tpu", "accelerator"),
+    ("trainer.strategy=ddpp", "strategy"),
+    ("model.teacher_dtype=bf16", "teacher_dtype"),
+    ("data.val_rows=0", "val_rows"),
+    ("data.val_fraction=1", "val_fraction"),
+    ("trainer=fsdp optim.grad_clip=1.0", "fsdp"),
 ])
 def test_config_errors_are_one_line_and_early(override, needle):
     from cwic_exp.config import ConfigError, validate
-    cfg = _compose(["run_name=x", override])
+    cfg = _compose(["run_name=x", *override.split()])
     with pytest.raises(ConfigError, match=needle) as e:
         validate(cfg)
     assert "\n" not in str(e.value)
@@ -307,6 +317,17 @@ def test_config_error_from_the_command_line():
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("config error: cwic.stripe_size")
     assert "Loading weights" not in r.stderr
+
+
+def test_multirun_sweep_gets_one_folder_per_member(tmp_path):
+    """`python train.py -m ...` used to stop before any job (the sweep folder named by ${run_name}, whose ${hydra:...}
+    parts cannot resolve there), and members differing only in their experiment shared one folder (and would
+    resume each other's checkpoints). A config error in the first member shows that the jobs now start, in a
+    folder named by every override."""
+    r = subprocess.run([sys.executable, "train.py", "-m", "cwic.stripe_size=-4,-8", "+experiment=ablation_mse",
+                        f"out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.stderr.strip().splitlines()[-1].startswith("config error: cwic.stripe_size"), r.stderr[-2000:]
+    assert (tmp_path / "sweeps" / "+experiment=ablation_mse,cwic.stripe_size=-4").is_dir()
 
 
 def test_experiments_compose():
@@ -387,10 +408,50 @@ def test_time_limit_stop_saves_and_resumes_the_same_trajectory(tmp_path):
             tmp_path / "b" / "t")
     assert 0 < s["steps"] < 5 and not s["finished"]
     assert (tmp_path / "b" / "t" / "checkpoints" / "last.ckpt").exists()
+    # the same command again makes progress: the limit counts from each start (Lightning's own timer restored the
+    # time already spent, and the rerun stopped at once)
+    s2 = run(_smoke_cfg(tmp_path / "b", 5, ["trainer.ckpt_every=100", "trainer.max_minutes=0.0001"]),
+             tmp_path / "b" / "t")
+    assert s2["steps"] > s["steps"]
     b = run(_smoke_cfg(tmp_path / "b", 5, ["trainer.ckpt_every=100"]), tmp_path / "b" / "t")
     assert b["steps"] == 5 and b["finished"] and b["tokens"] == a["tokens"]
     assert b["train_kl"] == pytest.approx(a["train_kl"], rel=1e-3, abs=1e-6)
     assert b["train_apr"] == pytest.approx(a["train_apr"], rel=1e-4)
+
+
+def test_ctrl_c_stops_after_the_step_and_the_rerun_loses_nothing(tmp_path, monkeypatch):
+    """Ctrl-C during a run: the step finishes, last.ckpt holds it (it used to keep only the last periodic one), no
+    export; the same command resumes there, finishes at a max_steps that is no multiple of ckpt_every with a
+    checkpoint of that very step, and metrics.csv keeps the rows from before the resume. A different command on the
+    same folder is refused instead of resuming a run with other settings."""
+    import signal
+    from cwic_exp import callbacks
+    from cwic_exp.config import ConfigError
+    from cwic_exp.train import run
+    import pandas
+    sent = []
+    orig = callbacks.ThetaClamp.on_train_batch_end
+
+    def ctrl_c_at_step_2(self, trainer, *a):
+        orig(self, trainer, *a)
+        if trainer.global_step == 2 and not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(callbacks.ThetaClamp, "on_train_batch_end", ctrl_c_at_step_2)
+    before = signal.getsignal(signal.SIGINT)
+    s = run(_smoke_cfg(tmp_path, 5), tmp_path / "t")
+    assert s["interrupted"] == "SIGINT" and s["steps"] == 2 and not s["finished"]
+    assert signal.getsignal(signal.SIGINT) is before                    # the handler is put back
+    ck = tmp_path / "t" / "checkpoints" / "last.ckpt"
+    assert torch.load(ck, weights_only=False)["global_step"] == 2
+    assert not (tmp_path / "t" / "hf" / "final").exists()
+    b = run(_smoke_cfg(tmp_path, 5), tmp_path / "t")
+    assert b["steps"] == 5 and b["finished"]
+    assert torch.load(ck, weights_only=False)["global_step"] == 5      # 5: no multiple of ckpt_every=3
+    steps = set(pandas.read_csv(tmp_path / "t" / "logs" / "metrics.csv")["step"].dropna().astype(int))
+    assert {0, 1, 2, 3, 4} <= steps, steps
+    with pytest.raises(ConfigError, match="cwic.lambda_ap: 10.0 → 1.0"):
+        run(_smoke_cfg(tmp_path, 6, ["cwic.lambda_ap=1"]), tmp_path / "t")
 
 
 @pytest.mark.slow

@@ -1,14 +1,23 @@
 """Training callbacks: APR-target warm-up, θ clamp, statistics mode, milestone exports, atomic checkpoints."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .modeling import clamp_thresholds
 
@@ -21,16 +30,77 @@ def apr_target_at(step: int, start: float, final: float, warmup_steps: int) -> f
 
 
 class CheckpointOnStop(L.Callback):
-    """When a run stops before max_steps (the time limit, `trainer.max_minutes`), save last.ckpt so the
-    next start resumes at that step instead of at the last periodic checkpoint (Lightning's timer state,
-    the time already spent, goes with it)."""
+    """Save last.ckpt whenever training ends, so the next start resumes at that very step, not at the last periodic
+    checkpoint: at max_steps (which need not be a multiple of ckpt_every), at the time limit (`trainer.max_minutes`),
+    on Ctrl-C and on SIGTERM.
+
+    Ctrl-C becomes a stop at the end of the current step (the step is never cut in half); a second Ctrl-C interrupts
+    at once and keeps the last checkpoint written. Lightning raises its SIGTERM exception between steps, and the
+    checkpoint is written then. `interrupted` names the signal ("SIGINT", "SIGTERM") or is None."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.interrupted: str | None = None
+        self._orig = self._handler = None
+
+    def on_fit_start(self, trainer, pl_module):
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def stop_after_this_step(signum, frame):
+            self.interrupted = "SIGINT"
+            trainer.should_stop = True
+            signal.signal(signal.SIGINT, self._orig)    # a second Ctrl-C: Python's KeyboardInterrupt, at once
+            print("\nCtrl-C: stopping after this step, with a checkpoint (Ctrl-C again: stop now, no checkpoint)",
+                  file=sys.stderr, flush=True)
+        self._orig, self._handler = signal.getsignal(signal.SIGINT), stop_after_this_step
+        signal.signal(signal.SIGINT, stop_after_this_step)
+
+    def release(self):
+        """Put back the SIGINT handler from before the run. Call it after `trainer.fit`: Lightning's teardown
+        reinstates the handlers it found when the fit began, this one among them."""
+        if self._handler is not None and signal.getsignal(signal.SIGINT) is self._handler:
+            signal.signal(signal.SIGINT, self._orig)
+        self._handler = None
 
     def on_train_end(self, trainer, pl_module):
-        if 0 < trainer.global_step < (trainer.max_steps or 0):
+        if trainer.global_step > 0:
             trainer.save_checkpoint(str(self.path))
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, SIGTERMException) and trainer.global_step > 0:
+            self.interrupted = "SIGTERM"
+            trainer.save_checkpoint(str(self.path))
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing metrics.csv (the run being resumed) is continued: Lightning's
+    deletes it, and a resumed run's log then starts at the resumed step."""
+
+    def _check_log_dir_exists(self):
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class ResumableCSVLogger(CSVLogger):
+    """`CSVLogger` whose metrics.csv survives a resume (rows are appended)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class InvocationTimer(Timer):
+    """`trainer.max_minutes` counted from this start: Lightning's own timer restores the time already spent from the
+    checkpoint, so the same command run again after a time-limited stop would stop at once, every time."""
+
+    def load_state_dict(self, state_dict):
+        pass
 
 
 class AprWarmup(L.Callback):

@@ -109,6 +109,9 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="cwic_schema", node=TrainConfig)
 
 
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+
+
 def validate(cfg) -> None:
     """One-line errors for values the types cannot catch. Loads nothing."""
     from .teacher import resolve_model_source
@@ -136,6 +139,28 @@ def validate(cfg) -> None:
     if t.sequences_per_step % t.micro_batch_size:
         raise ConfigError(f"trainer.sequences_per_step ({t.sequences_per_step}) must be a multiple of "
                           f"trainer.micro_batch_size ({t.micro_batch_size})")
+    if t.val_every < 1 or t.ckpt_every < 1 or t.log_every < 1:
+        raise ConfigError("trainer.val_every, ckpt_every and log_every must be ≥ 1 (ckpt_every=0 would silently "
+                          f"turn checkpoints off), got {t.val_every}, {t.ckpt_every}, {t.log_every}")
+    if t.max_minutes is not None and t.max_minutes <= 0:
+        raise ConfigError(f"trainer.max_minutes must be > 0 or null, got {t.max_minutes}")
+    if o.get("grad_clip") is not None and o.grad_clip <= 0:
+        raise ConfigError(f"optim.grad_clip must be > 0 or null (no clipping), got {o.grad_clip}")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    if t.accelerator not in ("cpu", "gpu", "cuda", "auto"):
+        raise ConfigError(f"trainer.accelerator must be cpu, gpu or auto, got {t.accelerator!r}")
+    if t.strategy not in ("auto", "ddp", "fsdp", "ddp_spawn", "deepspeed", "single_device"):
+        raise ConfigError(f"trainer.strategy must be auto, ddp or fsdp, got {t.strategy!r}")
+    if t.strategy == "fsdp" and o.get("grad_clip"):
+        raise ConfigError("trainer.strategy=fsdp cannot clip gradients through Lightning's clip_gradients: set "
+                          "optim.grad_clip=null")
+    if cfg.model.teacher_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.teacher_dtype must be auto, float32, bfloat16 or float16, got "
+                          f"{cfg.model.teacher_dtype!r}")
+    if d.val_rows < 1 or not 0 < d.val_fraction < 1:
+        raise ConfigError(f"data.val_rows must be ≥ 1 and data.val_fraction in (0, 1), got {d.val_rows}, "
+                          f"{d.val_fraction}")
     if d.seq_len < 8:
         raise ConfigError(f"data.seq_len must be ≥ 8, got {d.seq_len}")
     if d.source not in ("sharegpt", "paper_mix", "packed"):

@@ -319,7 +319,7 @@ def build_packed(tok, source: str = "sharegpt", seq_len: int = 1024, max_len: in
     log.info("data: %s", info)
     if cache:
         fname.parent.mkdir(parents=True, exist_ok=True)
-        tmp = fname.with_suffix(".tmp")
+        tmp = fname.with_suffix(f".tmp-{os.getpid()}")   # each data-parallel rank its own, then one atomic rename
         torch.save({"train": vars(train), "val": vars(val)}, tmp)
         os.replace(tmp, fname)
     return train, val

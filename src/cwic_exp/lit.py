@@ -187,7 +187,8 @@ class CwicDistillModule(L.LightningModule):
             rkl_sum += float(rkl.detach())
             st = st.detach()
             step_stats = st if step_stats is None else step_stats + st
-        return {"fkl": fkl_sum, "rkl": rkl_sum, "mse": mse_sum, "n_real": n_real, "stats": step_stats}
+        return {"fkl": fkl_sum, "rkl": rkl_sum, "mse": mse_sum, "n_real": n_real, "n_all": int(n_all),
+                "stats": step_stats}
 
     def training_step(self, batch, batch_idx):
         t0 = time.perf_counter()
@@ -200,9 +201,10 @@ class CwicDistillModule(L.LightningModule):
         if clip:
             self.clip_gradients(opt, gradient_clip_val=float(clip), gradient_clip_algorithm="norm")
         opt.step()
+        lr = sched.get_last_lr()[0]            # the rate this step used (after sched.step() it is the next one's)
         sched.step()
-        n_real = parts["n_real"]
-        self.tokens_seen += n_real
+        n_real = parts["n_real"]               # this rank's tokens (its KL sums are over them)
+        self.tokens_seen += parts["n_all"]     # every rank's
         # ----------------------------------------------------------------- logging
         dt = time.perf_counter() - t0
         step_stats = parts["stats"]
@@ -212,8 +214,8 @@ class CwicDistillModule(L.LightningModule):
         m = {"train/kl": kl, "train/fkl": parts["fkl"] / n_real, "train/rkl": parts["rkl"] / n_real,
              "train/apr": apr, "train/apr_target": target,
              "train/ap_loss": float(ap_loss(torch.tensor(apr), target)),
-             "train/tokens_per_s": n_real / dt, "train/tokens": float(self.tokens_seen),
-             "train/lr": sched.get_last_lr()[0]}
+             "train/tokens_per_s": parts["n_all"] / dt, "train/tokens": float(self.tokens_seen),
+             "train/lr": lr}
         if self.cfg["cwic"]["mse_weight"] > 0:
             m["train/mse"] = parts["mse"] / n_real
         m.update({f"density/{k}": v for k, v in summ["density"].items()})

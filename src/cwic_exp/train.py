@@ -35,17 +35,63 @@ def _accelerator(cfg) -> str:
     return "gpu" if acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available()) else acc
 
 
-def run(cfg, run_dir: str | Path | None = None) -> dict:
-    """Train as configured; returns the final summary (also printed as the last JSON line)."""
+# settings a resumed run may change (a longer horizon, another time limit, logging); any other difference
+# between the command and the run it would resume is refused
+RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.max_minutes", "trainer.val_every", "trainer.ckpt_every",
+                     "trainer.log_every", "trainer.threads", "trainer.devices", "data.num_workers", "data.cache",
+                     "logger.", "resume", "out_dir", "run_name", "export_milestones")
+
+
+def _flat(d, prefix="") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """`key: old → new` for every setting that differs, except RESUME_MAY_CHANGE."""
+    a, b = _flat(old), _flat(new)
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if any(k == m or (m.endswith(".") and k.startswith(m)) for m in RESUME_MAY_CHANGE):
+            continue
+        if a.get(k, "(unset)") != b.get(k, "(unset)"):
+            out.append(f"{k}: {a.get(k, '(unset)')} → {b.get(k, '(unset)')}")
+    return out
+
+
+def _rank0() -> bool:
+    """Rank 0 of a data-parallel launch (Lightning's DDP starts the script again in every rank), or no launch."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0 and \
+        int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def _wandb_credentials() -> bool:
+    """An API key in the environment or from `wandb login` (~/.netrc)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None) -> dict:
+    """Train as configured; returns the final summary (also printed as the last JSON line). sweep_member: the
+    overrides naming this job of a Hydra multirun (its wandb run name)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-    from lightning.pytorch.loggers import CSVLogger
     from omegaconf import OmegaConf
 
     from .accounting import active_parameters  # noqa: F401  (public API sanity)
-    from .callbacks import (AprWarmup, AtomicCheckpointIO, CheckpointOnStop, MilestoneExport, StatisticsMode, ThetaClamp,
-                            apr_target_at)
-    from .config import validate
+    from .callbacks import (AprWarmup, AtomicCheckpointIO, CheckpointOnStop, InvocationTimer, MilestoneExport,
+                            ResumableCSVLogger, StatisticsMode, ThetaClamp, apr_target_at)
+    from .config import ConfigError, validate
     from .data import ChatDataModule
     from .lit import CwicDistillModule
     from .modeling import to_cwic
@@ -63,7 +109,16 @@ def run(cfg, run_dir: str | Path | None = None) -> dict:
         saved = OmegaConf.to_yaml(cfg, resolve=True)
     except Exception:                              # noqa: BLE001  (a resolver only Hydra provides)
         saved = OmegaConf.to_yaml(cfg)
-    (run_dir / "config.yaml").write_text(saved)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if cfg.resume and last.exists() and (run_dir / "config.yaml").exists():
+        import yaml
+        changed = config_changes(yaml.safe_load((run_dir / "config.yaml").read_text()), yaml.safe_load(saved))
+        if changed:   # the same folder, another experiment: resuming would mix the two silently
+            raise ConfigError(f"{run_dir} holds a run with other settings ({'; '.join(changed[:3])}"
+                              f"{' …' if len(changed) > 3 else ''}): give this one another run_name, or "
+                              f"resume=false to start that run over")
+    if _rank0():
+        (run_dir / "config.yaml").write_text(saved)
 
     # ---------------------------------------------------------------- models
     teacher, tok = load_teacher(cfg.model.name, dtype=torch.float32)
@@ -96,28 +151,50 @@ def run(cfg, run_dir: str | Path | None = None) -> dict:
                  ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=t.ckpt_every, enable_version_counter=False),
                  CheckpointOnStop(ckpt_dir / "last.ckpt"), TQDMProgressBar(refresh_rate=1)]
-    loggers = [CSVLogger(str(run_dir), name="logs", version="")] if cfg.logger.csv else []
+    stopper = callbacks[-2]
+    callbacks.append(InvocationTimer(duration={"minutes": float(t.max_minutes)} if t.max_minutes else None,
+                                     interval="step"))
+    loggers = [ResumableCSVLogger(str(run_dir), name="logs", version="")] if cfg.logger.csv else []
     if cfg.logger.wandb:
+        import hashlib
         from lightning.pytorch.loggers import WandbLogger
-        offline = not os.environ.get("WANDB_API_KEY")
-        loggers.append(WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.run_name,
+        offline = not _wandb_credentials()
+        if offline and _rank0():
+            print("wandb: no API key and no `wandb login` found: logging offline (`wandb sync` uploads it later)",
+                  file=sys.stderr)
+        # one wandb run per run folder, continued on resume; a sweep's members grouped, named by their overrides
+        run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+        loggers.append(WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity,
+                                   name=f"{cfg.run_name}:{sweep_member}" if sweep_member else cfg.run_name,
+                                   group=cfg.run_name if sweep_member else None, id=run_id, resume="allow",
                                    save_dir=str(run_dir), offline=offline, tags=list(cfg.logger.tags),
                                    config=OmegaConf.to_container(cfg, resolve=True)))
     trainer = L.Trainer(accelerator=acc, devices=t.devices, strategy=t.strategy, precision=t.precision,
-                        max_steps=t.max_steps, max_epochs=-1,
-                        max_time=None if not t.max_minutes else {"minutes": float(t.max_minutes)}, log_every_n_steps=t.log_every,
+                        max_steps=t.max_steps, max_epochs=-1, log_every_n_steps=t.log_every,
                         val_check_interval=t.val_every, check_val_every_n_epoch=None,
                         num_sanity_val_steps=0, callbacks=callbacks, logger=loggers or False,
                         plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
                         enable_model_summary=False, default_root_dir=str(run_dir))
-    last = ckpt_dir / "last.ckpt"
     ckpt_path = str(last) if cfg.resume and last.exists() else None
     if ckpt_path:
         print(f"resuming from {ckpt_path}", file=sys.stderr)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    finally:
+        stopper.release()
+
+    steps = trainer.global_step
+    if stopper.interrupted:   # Ctrl-C: the step finished and last.ckpt holds it; no validation, no export
+        summary = {"steps": steps, "tokens": int(module.tokens_seen), "interrupted": stopper.interrupted,
+                   "finished": False, "checkpoint": str(last), "run_dir": str(run_dir),
+                   "wall_s": round(time.time() - t_start, 1)}
+        if trainer.global_rank == 0:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            print(f"\ninterrupted at step {steps}: saved {last}; the same command resumes there", file=sys.stderr)
+            print(json.dumps(summary), flush=True)
+        return summary
 
     # ---------------------------------------------------------------- final measurement + export
-    steps = trainer.global_step
     trainer.validate(module, datamodule=dm, verbose=False)
     vm = getattr(module, "val_metrics", {})
     target = apr_target_at(max(steps - 1, 0), c.apr_start, c.apr_final, c.apr_warmup_steps)
@@ -132,7 +209,8 @@ def run(cfg, run_dir: str | Path | None = None) -> dict:
         path = exporter.export_final(module, {**summary, "note": "APR counts q,k,v,o,gate,up+down,head; "
                                                                   "not embeddings or attention scores"})
     summary["checkpoint"] = str(path) if path else None
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if trainer.global_rank == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     for lg in loggers:
         if type(lg).__name__ == "WandbLogger":
             import wandb
@@ -155,12 +233,16 @@ def main_from_hydra(cfg) -> None:
 
     from .config import ConfigError
     logging.getLogger("cwic_exp").setLevel(logging.INFO)
+    member = None
     try:
-        out = HydraConfig.get().runtime.output_dir
+        hc = HydraConfig.get()
+        out = hc.runtime.output_dir
+        if str(hc.mode) == "RunMode.MULTIRUN":
+            member = hc.job.override_dirname or f"job{hc.job.num}"
     except ValueError:
         out = None
     try:
-        run(cfg, out)
+        run(cfg, out, sweep_member=member)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)

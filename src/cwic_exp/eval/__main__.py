@@ -24,13 +24,13 @@ def main(cfg: DictConfig) -> dict:
     import torch
     from ..teal import teal_disabled
     from .run import build_model, evaluate_model
-    from .table import compute_table, table3
+    from .table import compute_table, metric_of, table3
     c = OmegaConf.to_container(cfg, resolve=True)
     torch.manual_seed(0)
     model, tok, info = build_model(c["model"], c["method"], c["sparsity"], c["checkpoint"],
                                    c["teal"],
                                    c["device"], c["dtype"])
-    teacher = None
+    teacher = model if c["method"] == "dense" else None     # the dense model is the teacher: its KL is 0
     if c["method"] == "teal":
         def teacher(ids, am):
             with teal_disabled(model):
@@ -56,10 +56,10 @@ def main(cfg: DictConfig) -> dict:
           table3([row]), "", compute_table([row]), ""]
     (out / f"{name}.md").write_text("\n".join(md))
     print(table3([row]))
-    summary = {t: v.get("acc_norm") for t, v in res["tasks"].items()}
+    summary = {t: v.get(metric_of(t, "acc_norm")) for t, v in res["tasks"].items()}
     summary.update({"all": res["all"], "apr": res["apr"]})
     if "chat" in res:
-        summary.update({"kl": res["chat"]["kl_fwd"], "ppl": res["chat"]["ppl"]})
+        summary.update({"kl": res["chat"].get("kl_fwd"), "ppl": res["chat"]["ppl"]})
     print(json.dumps(summary))
     return summary
 

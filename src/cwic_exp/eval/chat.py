@@ -46,7 +46,12 @@ def calibration_rows(tok, rows: int = 64, seq_len: int = 512, path=None) -> Tens
 
 def heldout_rows(tok, conversations: int = 64, seq_len: int = 1024, path=None) -> tuple[Tensor, Tensor]:
     """The last `conversations` ShareGPT conversations, one per row, cut to `seq_len` tokens and
-    right-padded: (input_ids, attention_mask)."""
+    right-padded: (input_ids, attention_mask). From the packaged set at most HELDOUT_TAIL: training keeps
+    only those out of its data."""
+    from ..data import HELDOUT_TAIL
+    if path is None and conversations > HELDOUT_TAIL:
+        raise ValueError(f"only the last {HELDOUT_TAIL} ShareGPT conversations are held out of training "
+                         f"(cwic_exp.data.HELDOUT_TAIL); {conversations} would score trained ones")
     seqs = [s for s in (_render(tok, m) for m in _tail(conversations, path)) if s]
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     T = min(seq_len, max(len(s) for s in seqs))

@@ -112,12 +112,19 @@ class CwicLM(TemplateLM):
         self.group_tokens: dict = {}
         self.dense = None
 
-    # --- tokenisation, as lm-eval's HFLM (no BOS for these models)
+    # --- tokenisation, as lm-eval's HFLM
     @property
     def eot_token_id(self) -> int:
         return self.tokenizer.eos_token_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kw) -> list[int]:
+        """As HFLM.tok_encode: None leaves the tokenizer's own default (Llama 3 prepends <|begin_of_text|>, SmolLM2
+        adds nothing), except for a string that already starts with the BOS text."""
+        if add_special_tokens is None:
+            bos = getattr(self.tokenizer, "bos_token", None)
+            if bos and string.startswith(bos):
+                return self.tokenizer.encode(string, add_special_tokens=False)
+            return self.tokenizer.encode(string)
         return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
 
     def tok_decode(self, tokens, **kw) -> str:

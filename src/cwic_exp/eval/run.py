@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -67,8 +68,13 @@ def build_model(model: str = "smollm2-135m-instruct", method: str = "dense", spa
         net = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dt).to(device).eval()
         try:
             tok = AutoTokenizer.from_pretrained(checkpoint)
-        except (OSError, ValueError):
+        except (OSError, ValueError):   # a checkpoint saved without its tokenizer: the teacher's, if it fits
             tok = load_teacher(model, dtype=dt)[1]
+            if len(tok) > net.config.vocab_size or net.config.vocab_size - len(tok) > 1024:
+                raise ValueError(f"{checkpoint} has no tokenizer, and model={model}'s ({len(tok)} tokens) does not "
+                                 f"fit its vocabulary ({net.config.vocab_size}): pass model=<the teacher it was "
+                                 f"trained from>")
+            warnings.warn(f"{checkpoint} has no tokenizer: using model={model}'s", stacklevel=2)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         info["checkpoint"] = checkpoint
@@ -120,9 +126,11 @@ def evaluate_model(model, tok, tasks, limit=None, batch_tokens: int = 8192, row_
         from .chat import heldout_rows
         from .scoring import token_ppl_kl
         ids, mask = heldout_rows(tok, chat.get("conversations", 64), chat.get("seq_len", 1024))
+        # no teacher: perplexity only (the model against itself would report a KL of 0)
+        res["chat"] = token_ppl_kl(model, teacher if teacher is not None else model, ids, mask,
+                                   batch_rows=chat.get("batch_rows", 4))
         if teacher is None:
-            teacher = model
-        res["chat"] = token_ppl_kl(model, teacher, ids, mask, batch_rows=chat.get("batch_rows", 4))
+            res["chat"] = {k: v for k, v in res["chat"].items() if not k.startswith("kl")}
         res["chat"]["conversations"] = int(ids.shape[0])
     res["seconds"] = time.time() - t0
     return res

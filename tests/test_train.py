@@ -454,6 +454,15 @@ def test_ctrl_c_stops_after_the_step_and_the_rerun_loses_nothing(tmp_path, monke
         run(_smoke_cfg(tmp_path, 6, ["cwic.lambda_ap=1"]), tmp_path / "t")
 
 
+def test_atomic_checkpoint_removes_what_a_killed_write_left(tmp_path):
+    from cwic_exp.callbacks import AtomicCheckpointIO
+    stale = tmp_path / ".last.ckpt.tmp-99999"
+    stale.write_bytes(b"x" * 10)
+    AtomicCheckpointIO().save_checkpoint({"a": 1}, tmp_path / "last.ckpt")
+    assert torch.load(tmp_path / "last.ckpt")["a"] == 1 and not stale.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
 def test_sigterm_saves_the_step_it_stopped_at(tmp_path, monkeypatch):
     """SIGTERM (a scheduler's preemption): Lightning raises between steps, and last.ckpt then holds that step, not
     the last periodic checkpoint."""

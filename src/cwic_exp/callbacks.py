@@ -208,7 +208,8 @@ class MilestoneExport(L.Callback):
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints are written to a temporary file, fsynced, then renamed over the previous one: a kill
-    during the write leaves the last good checkpoint in place."""
+    during the write leaves the last good checkpoint in place (and the temporary file, which the next
+    successful write removes)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
@@ -219,3 +220,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):    # left by a write that was killed
+            stale.unlink(missing_ok=True)

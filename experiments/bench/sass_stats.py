@@ -82,8 +82,8 @@ def compile_ffn(overrides: dict, d: int = 2048, F: int = 8192, arch: int = 90):
     names = list(kern.arg_names)
     const = dict(BLOCK_U=cfg["BLOCK_U"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"], BLOCK_G=cfg["BLOCK_G"],
                  COPIES=cfg["COPIES"], HAS_RES=True, EVEN_D=cfg["BLOCK_D"] == d, EVEN_U=F % cfg["BLOCK_U"] == 0,
-                 NORM=True, PIPE=cfg["PIPE"], ACT=act_code("silu", torch.bfloat16), HAS_BIAS=True, USE_PDL=True, X_ACC=True,
-                 Y_ACC=True, COUNT=False, TIMED=False)
+                 NORM=True, PIPE=cfg["PIPE"], ACT=act_code("silu", torch.bfloat16), HAS_BIAS=True, USE_PDL=True,
+                 X_ACC=True, Y_ACC=True, COUNT=False, TIMED=False)
     unknown = [n for n in names if n not in const and n not in FFN_PTRS and n not in FFN_SCALARS]
     if unknown:
         raise SystemExit(f"sass_stats does not know the FFN kernel's arguments {unknown}: add them above")

@@ -48,6 +48,17 @@ const float* opt_ptr(const std::optional<at::Tensor>& t, at::Tensor& keep) {
   return keep.data_ptr<float>();
 }
 
+// mean (n,) or (k, n) and thr (k, n) ((n,) when k == 1), either undefined: checked by shape, not by element count (a
+// transposed thr of the same size used to pass, and was read as if right)
+void check_mean_thr(const at::Tensor& mean, const at::Tensor& thr, int64_t k, int64_t n, const char* what) {
+  if (mean.defined())
+    TORCH_CHECK((mean.dim() == 1 && mean.size(0) == n) || (mean.dim() == 2 && mean.size(0) == k && mean.size(1) == n),
+                "cwic_cpu: ", what, "'s mean must be (n,) or (k, n) with n = ", n, ", k = ", k, ", got ", mean.sizes());
+  if (thr.defined())
+    TORCH_CHECK((thr.dim() == 2 && thr.size(0) == k && thr.size(1) == n) || (k == 1 && thr.dim() == 1 && thr.size(0) == n),
+                "cwic_cpu: ", what, "'s thr must be (k, n) with k = ", k, ", n = ", n, ", got ", thr.sizes());
+}
+
 GemvArgs gemv_args(const at::Tensor& x32, const at::Tensor& wt, const std::optional<at::Tensor>& mean,
                    const std::optional<at::Tensor>& thr, const std::optional<at::Tensor>& bias, int64_t stripe,
                    std::vector<at::Tensor>& keep) {
@@ -64,17 +75,9 @@ GemvArgs gemv_args(const at::Tensor& x32, const at::Tensor& wt, const std::optio
   const int k = (a.m + a.stripe - 1) / a.stripe;
   keep.resize(3);
   a.mean = opt_ptr(mean, keep[0]);
-  if (a.mean) {
-    const at::Tensor& t = keep[0];
-    TORCH_CHECK((t.dim() == 1 && t.size(0) == a.n) || (t.dim() == 2 && t.size(0) == k && t.size(1) == a.n),
-                "cwic_cpu: mean must be (n,) or (k, n) with n = ", a.n, ", k = ", k, ", got ", t.sizes());
-    a.mean_rows = t.dim() == 1 ? 1 : k;
-  }
   a.thr = opt_ptr(thr, keep[1]);
-  if (a.thr)   // (k, n) exactly: a transposed (n, k) of the same size used to pass and give wrong sums
-    TORCH_CHECK((keep[1].dim() == 2 && keep[1].size(0) == k && keep[1].size(1) == a.n) ||
-                    (k == 1 && keep[1].dim() == 1 && keep[1].size(0) == a.n),
-                "cwic_cpu: thr must be (k, n) with k = ", k, ", n = ", a.n, ", got ", keep[1].sizes());
+  check_mean_thr(keep[0], keep[1], k, a.n, "the GEMV");
+  if (a.mean) a.mean_rows = keep[0].dim() == 1 ? 1 : k;
   a.bias = opt_ptr(bias, keep[2]);
   if (a.bias) TORCH_CHECK(keep[2].dim() == 1 && keep[2].numel() == a.m, "cwic_cpu: bias must be (m,), m = ", a.m);
   return a;
@@ -254,9 +257,7 @@ class Decoder {
     vc_ = at::zeros_like(kc_);
   }
 
-  void set_head(Lin head) {
-    head_ = check(head, d_, "head");
-  }
+  void set_head(Lin head) { head_ = check(head, d_, "head"); }
 
   // one token at position pos: writes the cache, returns the argmax of the logits
   int64_t step(int64_t token, int64_t pos) {
@@ -333,17 +334,10 @@ class Decoder {
     if (L.bias.defined()) TORCH_CHECK(L.bias.numel() == m, "cwic_cpu: ", what, "'s bias must be (m,), m = ", m);
     if (L.kind != 2) {
       wdtype_of(L.w);
-      const int64_t s = L.stripe > 0 ? std::min<int64_t>(L.stripe, m) : m, k = (m + s - 1) / s;
-      if (L.mean.defined()) {
-        L.mean = f32c(L.mean);
-        TORCH_CHECK(L.mean.numel() == n || (L.mean.dim() == 2 && L.mean.size(0) == k && L.mean.size(1) == n),
-                    "cwic_cpu: ", what, "'s mean must be (n,) or (k, n)");
-      }
-      if (L.thr.defined()) {
-        L.thr = f32c(L.thr);
-        TORCH_CHECK(L.thr.numel() == k * n && (L.thr.dim() != 2 || (L.thr.size(0) == k && L.thr.size(1) == n)),
-                    "cwic_cpu: ", what, "'s thr must be (k, n) with k = ", k, ", n = ", n);
-      }
+      const int64_t s = L.stripe > 0 ? std::min<int64_t>(L.stripe, m) : m;
+      if (L.mean.defined()) L.mean = f32c(L.mean);
+      if (L.thr.defined()) L.thr = f32c(L.thr);
+      check_mean_thr(L.mean, L.thr, (m + s - 1) / s, n, what);
       if (L.bias.defined()) L.bias = f32c(L.bias);
     }
     return L;

@@ -10,10 +10,10 @@ loss is formed directly.
 The running statistics move once per optimizer step, as if the step were one batch: with several
 micro-batches (or data-parallel ranks) the same no-grad pre-pass pools every real token's moments
 (`cwic_context(accumulate_stats=True)`), `commit_statistics` moves them once (summed over the ranks), and
-the gradient passes then use them, with ε from the pooled batch's std too. A_tot is measured in that pre-pass, before the statistics move (by
-1 − β_dist of the way). Under data parallelism A_tot and the token count are summed over the ranks and
-each rank's losses are scaled by the world size, so the ranks' averaged gradients are those of the
-global batch.
+the gradient passes then use them, with ε from the pooled batch's std too. A_tot is measured in that
+pre-pass, before the statistics move (by 1 − β_dist of the way). Under data parallelism A_tot and the
+token count are summed over the ranks and each rank's losses are scaled by the world size, so the ranks'
+averaged gradients are those of the global batch.
 
 Manual optimisation keeps this explicit; callbacks set the APR target, statistics mode and θ clamp.
 """

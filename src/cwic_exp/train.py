@@ -146,14 +146,14 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
     exporter = MilestoneExport(run_dir, tok, c.apr_start, c.apr_final, c.apr_warmup_steps, latest,
                                enabled=cfg.export_milestones)
     ckpt_dir = run_dir / "checkpoints"
+    stopper = CheckpointOnStop(last)
     callbacks = [AprWarmup(c.apr_start, c.apr_final, c.apr_warmup_steps), ThetaClamp(), StatisticsMode(),
                  exporter,
                  ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=t.ckpt_every, enable_version_counter=False),
-                 CheckpointOnStop(ckpt_dir / "last.ckpt"), TQDMProgressBar(refresh_rate=1)]
-    stopper = callbacks[-2]
-    callbacks.append(InvocationTimer(duration={"minutes": float(t.max_minutes)} if t.max_minutes else None,
-                                     interval="step"))
+                 stopper, TQDMProgressBar(refresh_rate=1),
+                 InvocationTimer(duration={"minutes": float(t.max_minutes)} if t.max_minutes else None,
+                                 interval="step")]
     loggers = [ResumableCSVLogger(str(run_dir), name="logs", version="")] if cfg.logger.csv else []
     if cfg.logger.wandb:
         import hashlib

@@ -54,5 +54,6 @@ def compute_table(rows: list[dict]) -> str:
 
 def mean_all(tasks: dict, metric: str = "acc_norm") -> float | None:
     """Mean over the tasks present (the paper's "all" when all seven are there)."""
-    vals = [tasks[t][metric_of(t, metric)] for t in ORDER if t in tasks and tasks[t].get(metric_of(t, metric)) is not None]
+    vals = [tasks[t].get(metric_of(t, metric)) for t in ORDER if t in tasks]
+    vals = [v for v in vals if v is not None]
     return sum(vals) / len(vals) if vals else None

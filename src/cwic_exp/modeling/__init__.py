@@ -5,5 +5,5 @@ from .modeling_cwic import (CwicForCausalLM, CwicOptions, clamp_thresholds, comm
                             cwic_options, is_cwic, iter_cwic_modules, to_cwic)
 
 __all__ = ["CwicConfig", "CwicForCausalLM", "CwicGatedMLP", "CwicLinear", "CwicOptions", "CwicRuntime",
-           "KINDS", "clamp_thresholds", "commit_statistics", "cwic_context", "cwic_options", "is_cwic", "iter_cwic_modules",
-           "to_cwic"]
+           "KINDS", "clamp_thresholds", "commit_statistics", "cwic_context", "cwic_options", "is_cwic",
+           "iter_cwic_modules", "to_cwic"]

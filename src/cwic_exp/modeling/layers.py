@@ -103,21 +103,21 @@ class _RunningStats(nn.Module):
         mean = acc[1:1 + n] / cnt
         std = (acc[1 + n:] / cnt - mean * mean).clamp_min(0).sqrt()
         self._pooled_std = std.float()
-        b = self.beta_dist
-        self._ema("ema_mean").mul_(b).add_(mean.float(), alpha=1 - b)
-        self._ema("ema_std").mul_(b).add_(std.float(), alpha=1 - b)
-        self._ema("stat_steps").add_(1)
+        self._ema_step(mean.float(), self._pooled_std)
 
     @torch.no_grad()
     def _update_stats(self, real: Tensor, batch_id: int) -> tuple[Tensor, Tensor]:
         mean, std = real.float().mean(0), real.float().std(0, unbiased=False)
         if self._stats_batch != batch_id:  # once per batch, even if a forward is recomputed
             self._stats_batch = batch_id
-            b = self.beta_dist
-            self._ema("ema_mean").mul_(b).add_(mean, alpha=1 - b)
-            self._ema("ema_std").mul_(b).add_(std, alpha=1 - b)
-            self._ema("stat_steps").add_(1)
+            self._ema_step(mean, std)
         return mean, std
+
+    def _ema_step(self, mean: Tensor, std: Tensor) -> None:
+        b = self.beta_dist
+        self._ema("ema_mean").mul_(b).add_(mean, alpha=1 - b)
+        self._ema("ema_std").mul_(b).add_(std, alpha=1 - b)
+        self._ema("stat_steps").add_(1)
 
     def _eps_std(self, real: Tensor, rt: "CwicRuntime") -> Tensor:
         """The batch std that sets ε: this forward's real tokens, or the pooled step's (`pooled_eps`)."""

@@ -69,12 +69,15 @@ cost-model-cpu: setup           ## CPU decode time = fixed part + bytes / rate, 
 cost-model-gpu:                 ## on a CUDA machine: the decode step's fixed part and streaming rate, and the bound
 	$(PY) experiments/bench/gpu_cost_model.py $(ARGS)
 
-# reproduce-mini on one GPU (needs torch, triton, transformers, lightning, hydra-core, lm-eval; an offline
-# box: `make gpu-bundle` here, then README "On an offline GPU machine"). Each stage skips what is done.
+# reproduce-mini on one GPU (the system python needs torch, triton, transformers, lightning, hydra-core,
+# lm-eval; an offline box: `make gpu-bundle` here, then README "On an offline GPU machine"). The packed data and
+# the evaluation bundle are built first (each skipped when present); every stage skips what is done.
 MINI_OUT ?= runs/mini_scores
-reproduce-mini:                 ## the paper's claims at small scale: train, ablate, TEAL, evaluate, plot
-	$(PY) experiments/reproduce_mini.py gpu --group all --minutes 30 --out $(MINI_OUT) $(ARGS)
-	$(PY) experiments/reproduce_mini.py finish --scores $(MINI_OUT)
+reproduce-mini: setup           ## the paper's claims at small scale: train, ablate, TEAL, evaluate, plot
+	$(BIN)/python experiments/gpu_bundle.py --skip-teacher --skip-wheels
+	PYTHONPATH=$(CURDIR)/src:$(CURDIR):$$PYTHONPATH CWIC_DATA=$(CURDIR)/.gpu/data/sharegpt-1024.pt \
+	  $(PY) experiments/reproduce_mini.py gpu --group all --minutes 30 --out $(MINI_OUT) $(ARGS)
+	$(BIN)/python experiments/reproduce_mini.py finish --scores $(MINI_OUT)
 
 gpu-bundle: setup             ## .gpu/: everything an offline GPU box needs (teacher parts, data, wheels)
 	$(BIN)/python experiments/gpu_bundle.py $(ARGS)

@@ -392,7 +392,7 @@ def _markdown(doc, rows) -> str:
               "block-wise search (TEAL's, step 0.05 / relative size, error on the last 25% of positions) on "
               "the first 16 rows; thresholds re-fitted on all rows with upstream sparsity in place so the "
               "realised sparsity matches the target; every token sparsified (no dense prefill half).",
-              "- Timing (s, GPU): " + ", ".join(f"{k} {v:.0f}" for k, v in doc["timing"].items()) + ".",
+              "- Timing (s): " + ", ".join(f"{k} {v:.0f}" for k, v in doc["timing"].items()) + ".",
               f"- Self-check on the GPU, packed trees vs separate passes (fp32 with TF32 matmuls), max |Δ log p| "
               f"over 8 requests: {doc['check']['max_abs_logprob_diff_vs_unpacked_fp32']:.2e}."]
     for k, v in (doc.get("crosscheck") or {}).items():
@@ -452,12 +452,16 @@ def main(argv=None):
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--tasks", nargs="+", default=list(TASK_ORDER))
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--out", default=str(ROOT / ".gpu" / "evalbundle"))
+    p.add_argument("--out", default=None,
+                   help="prepare: the bundle folder (default .gpu/evalbundle); all: its work folder "
+                        "(default runs/eval_table/bundle, so that a --limit run replaces no full bundle)")
     p.add_argument("--bundle", default=str(ROOT / ".gpu" / "evalbundle"))
     p.add_argument("--scores", default=None)
     p.add_argument("--gpu-scores", dest="gpu_scores", default=str(ROOT / ".gpu" / "evalscores"))
     p.add_argument("--gpu-bundle", dest="gpu_bundle", default=str(ROOT / ".gpu" / "evalbundle"))
-    p.add_argument("--results", default=str(ROOT / "experiments" / "results" / "eval_smollm2"))
+    p.add_argument("--results", default=None,
+                   help="results stem (default experiments/results/eval_smollm2, the committed table; all: "
+                        "runs/eval_table/eval_smollm2, so that a quick run overwrites nothing committed)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--batch-tokens", dest="batch_tokens", type=int, default=8192)
@@ -480,6 +484,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quick = args.stage == "all"      # `make teal`: its own folders under runs/, never the committed ones
+    if args.out is None:
+        args.out = str(ROOT / "runs" / "eval_table" / "bundle" if quick else ROOT / ".gpu" / "evalbundle")
+    if args.results is None:
+        args.results = str(ROOT / "runs" / "eval_table" / "eval_smollm2" if quick
+                           else ROOT / "experiments" / "results" / "eval_smollm2")
     if args.scores is None:
         args.scores = args.out
     {"prepare": prepare, "score": score, "finish": finish, "all": run_all, "render": render,

@@ -76,10 +76,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--skip-teacher", action="store_true")
     ap.add_argument("--skip-eval", action="store_true", help="no evaluation bundle (training only)")
+    ap.add_argument("--skip-wheels", action="store_true", help="no wheels (a machine that has the packages)")
     a = ap.parse_args(argv)
     gpu = Path(a.out)
     gpu.mkdir(parents=True, exist_ok=True)
-    wheels(gpu / "whl")
+    if not a.skip_wheels:
+        wheels(gpu / "whl")
     d = data(gpu / "data", a.seq_len)
     if not a.skip_eval:
         evalbundle(gpu / "evalbundle")

@@ -51,7 +51,9 @@ def tiny():
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("CWIC_RUN_SLOW") == "1":
         return
+    if "slow" in (config.getoption("-m") or ""):   # `-m slow` asks for them; `-m "not gpu"` (make test) does not
+        return
     skip = pytest.mark.skip(reason="slow: set CWIC_RUN_SLOW=1 or run `make test-slow`")
     for item in items:
-        if "slow" in item.keywords and not config.getoption("-m"):
+        if "slow" in item.keywords:
             item.add_marker(skip)

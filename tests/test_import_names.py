@@ -46,3 +46,22 @@ def test_import_kernels_in_this_environment():
     installed, file = r.stdout.split()
     ours = Path(file).resolve() == (ROOT / "kernels" / "__init__.py").resolve()
     assert ours != (installed == "True"), r.stdout
+
+
+def test_pyproject_lists_every_package_and_kernel_source():
+    """A plain `pip install .` (not the Makefile's editable one) must carry every subpackage (cwic_exp.eval was
+    missing), the evaluation's task files and every C++ source the CPU kernels compile (the .inc was missing)."""
+    import tomllib
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    for base, name in ((root / "src" / "cwic_exp", "cwic_exp"), (root / "kernels", "cwic_kernels")):
+        for init in base.rglob("__init__.py"):
+            rel = init.parent.relative_to(base).parts
+            assert ".".join((name, *rel)) in listed, init
+    data = cfg["package-data"]
+    assert "eval/tasks/*" in data["cwic_exp"]
+    from cwic_kernels import cpu
+    for f in cpu.SOURCES + cpu.DEPENDS:
+        assert any(Path("cpu", f).match(pat) for pat in data["cwic_kernels"]), f

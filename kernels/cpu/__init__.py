@@ -79,6 +79,12 @@ def load(verbose: bool = False):
                 raise RuntimeError("no C++ compiler found (set CXX or install g++)")
             if "CXX" not in os.environ and shutil.which("c++") is None:
                 os.environ["CXX"] = cxx
+            if shutil.which("ninja") is None:   # torch calls `ninja` from PATH: the pip wheel's, if installed
+                try:
+                    import ninja
+                    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+                except ImportError:
+                    pass
             from torch.utils.cpp_extension import load as _load
             # the build hash covers SOURCES and flags only: fold the headers' contents into the name
             import hashlib

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -78,12 +79,15 @@ def _load_gguf(path: str, dtype: torch.dtype):
             del config.quantization_config
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(model.state_dict())
-        tmp = cached.with_name(cached.name + ".tmp")
+        tmp = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")   # each process its own (parallel first runs)
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
-        os.replace(tmp, cached) if not cached.exists() else None
+        try:
+            os.rename(tmp, cached)                # atomic; fails if another process got there first
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
     return _load_folder(str(cached), dtype)
 
 

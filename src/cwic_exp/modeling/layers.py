@@ -58,7 +58,7 @@ class _RunningStats(nn.Module):
         """`.to(dtype)`, `.half()`, ... leave the running statistics in fp32 (a bf16 step counter would stop
         counting at 256 and a bf16 mean loses the low bits the thresholds are measured from): they follow the
         module's device only."""
-        names = [self._prefix + n for n in ("ema_mean", "ema_std", "stat_steps")]
+        names = [self._prefix + n for n in ("ema_mean", "ema_std", "stat_steps")] + ["_rows"]   # counts: 257 ≠ 256
         keep = {n: self._buffers[n] for n in names if self._buffers.get(n) is not None}
         out = super()._apply(fn, recurse)
         for n, old in keep.items():

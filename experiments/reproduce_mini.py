@@ -590,7 +590,7 @@ def plots(rows, path: Path, scope: str) -> None:
     chance = 100 * float(np.mean([1 / CHOICES.get(t, 4) for t in rows[0]["tasks"]])) if rows else None
     if chance:
         ax[0].axhline(chance, color="gray", lw=1, ls=":", label=f"chance ({chance:.1f})")
-    ax[0].set(xlabel="measured APR (×)", ylabel="mean acc_norm, 7 tasks (%)",
+    ax[0].set(xlabel="measured APR (×)", ylabel="mean acc_norm (wg: acc), 7 tasks (%)",
               title=f"Score vs APR (Fig. 1 analog), {scope}")
     ax[1].set(xlabel="measured APR on the held-out chat (×)", ylabel="½(FKL+RKL) per token",
               title="KL to the teacher vs APR (held-out chat)",

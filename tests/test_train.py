@@ -452,6 +452,19 @@ def test_ctrl_c_stops_after_the_step_and_the_rerun_loses_nothing(tmp_path, monke
     assert {0, 1, 2, 3, 4} <= steps, steps
     with pytest.raises(ConfigError, match="cwic.lambda_ap: 10.0 → 1.0"):
         run(_smoke_cfg(tmp_path, 6, ["cwic.lambda_ap=1"]), tmp_path / "t")
+    # resume=false starts over in the same folder: the old run's log and checkpoint go rather than mix in
+    c = run(_smoke_cfg(tmp_path, 2, ["cwic.lambda_ap=1", "resume=false"]), tmp_path / "t")
+    assert c["steps"] == 2
+    assert set(pandas.read_csv(tmp_path / "t" / "logs" / "metrics.csv")["step"].dropna().astype(int)) <= {0, 1, 2}
+    assert torch.load(ck, weights_only=False)["global_step"] == 2
+
+
+def test_config_changes_compare_the_old_runs_settings_only():
+    from cwic_exp.train import config_changes
+    old = {"cwic": {"lambda_ap": 10.0}, "trainer": {"max_steps": 5, "micro_batch_size": 8}}
+    new = {"cwic": {"lambda_ap": 10.0, "added_later": 3}, "trainer": {"max_steps": 9, "micro_batch_size": 4}}
+    assert config_changes(old, new) == []                  # a longer horizon, a memory knob, a newer schema key
+    assert config_changes(old, {**new, "cwic": {"lambda_ap": 1.0}}) == ["cwic.lambda_ap: 10.0 → 1.0"]
 
 
 def test_atomic_checkpoint_removes_what_a_killed_write_left(tmp_path):

@@ -34,22 +34,23 @@ class CheckpointOnStop(L.Callback):
     checkpoint: at max_steps (which need not be a multiple of ckpt_every), at the time limit (`trainer.max_minutes`),
     on Ctrl-C and on SIGTERM.
 
-    Ctrl-C becomes a stop at the end of the current step (the step is never cut in half); a second Ctrl-C interrupts
-    at once and keeps the last checkpoint written. Lightning raises its SIGTERM exception between steps, and the
-    checkpoint is written then. `interrupted` names the signal ("SIGINT", "SIGTERM") or is None."""
+    Ctrl-C becomes a stop at the end of the current step (the step is never cut in half; every data-parallel rank
+    stops at the same one; no validation pass first); a second Ctrl-C interrupts at once and keeps the last
+    checkpoint written. Lightning raises its SIGTERM exception between steps, and the checkpoint is written then.
+    `interrupted` names the signal ("SIGINT", "SIGTERM") or is None."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.interrupted: str | None = None
         self._orig = self._handler = None
+        self._sigint = False
 
     def on_fit_start(self, trainer, pl_module):
         if threading.current_thread() is not threading.main_thread():
             return
 
         def stop_after_this_step(signum, frame):
-            self.interrupted = "SIGINT"
-            trainer.should_stop = True
+            self._sigint = True
             signal.signal(signal.SIGINT, self._orig)    # a second Ctrl-C: Python's KeyboardInterrupt, at once
             print("\nCtrl-C: stopping after this step, with a checkpoint (Ctrl-C again: stop now, no checkpoint)",
                   file=sys.stderr, flush=True)
@@ -63,8 +64,16 @@ class CheckpointOnStop(L.Callback):
             signal.signal(signal.SIGINT, self._orig)
         self._handler = None
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # any rank's Ctrl-C stops every rank after this step (one rank stopping a step later would hang the others)
+        if trainer.strategy.reduce_boolean_decision(self._sigint, all=False):
+            self.interrupted = "SIGINT"
+            trainer.should_stop = True
+            trainer.limit_val_batches = 0     # Lightning validates whenever should_stop is set: not on a Ctrl-C
+
     def on_train_end(self, trainer, pl_module):
-        if trainer.global_step > 0:
+        saved = getattr(trainer.checkpoint_callback, "_last_global_step_saved", None)
+        if trainer.global_step > 0 and saved != trainer.global_step:   # the periodic save may have just written it
             trainer.save_checkpoint(str(self.path))
 
     def on_exception(self, trainer, pl_module, exception):

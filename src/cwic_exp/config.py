@@ -149,9 +149,10 @@ def validate(cfg) -> None:
     if t.precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     if t.accelerator not in ("cpu", "gpu", "cuda", "auto"):
-        raise ConfigError(f"trainer.accelerator must be cpu, gpu or auto, got {t.accelerator!r}")
+        raise ConfigError(f"trainer.accelerator must be cpu, gpu, cuda or auto, got {t.accelerator!r}")
     if t.strategy not in ("auto", "ddp", "fsdp", "ddp_spawn", "deepspeed", "single_device"):
-        raise ConfigError(f"trainer.strategy must be auto, ddp or fsdp, got {t.strategy!r}")
+        raise ConfigError(f"trainer.strategy must be auto, ddp, fsdp, ddp_spawn, deepspeed or single_device, got "
+                          f"{t.strategy!r}")
     if t.strategy == "fsdp" and o.get("grad_clip"):
         raise ConfigError("trainer.strategy=fsdp cannot clip gradients through Lightning's clip_gradients: set "
                           "optim.grad_clip=null")

@@ -7,13 +7,16 @@ pre-pass measures A_tot first, then each micro-batch backpropagates c·A_j with 
 (exactly the step-level gradient, unlike per-micro-batch AP losses). With one micro-batch the
 loss is formed directly.
 
-The running statistics move once per optimizer step, as if the step were one batch: with several
+The running statistics move once per optimizer step, from the whole step's tokens: with several
 micro-batches (or data-parallel ranks) the same no-grad pre-pass pools every real token's moments
 (`cwic_context(accumulate_stats=True)`), `commit_statistics` moves them once (summed over the ranks), and
 the gradient passes then use them, with ε from the pooled batch's std too. A_tot is measured in that
-pre-pass, before the statistics move (by 1 − β_dist of the way). Under data parallelism A_tot and the
-token count are summed over the ranks and each rank's losses are scaled by the world size, so the ranks'
-averaged gradients are those of the global batch.
+pre-pass, before the statistics move (by 1 − β_dist of the way). The pre-pass computes every layer's
+input with the statistics from before the step, so past the first layer the update differs slightly from
+one forward over all rows (which updates layer by layer): the micro-batch size no longer changes it, the
+choice between one chunk and several still does, by about 1 % of σ a step. Under data parallelism A_tot
+and the token count are summed over the ranks and each rank's losses are scaled by the world size, so the
+ranks' averaged gradients are those of the global batch.
 
 Manual optimisation keeps this explicit; callbacks set the APR target, statistics mode and θ clamp.
 """
@@ -30,11 +33,7 @@ from .accounting import ActiveStats, ap_loss, gather_active
 from .data import model_inputs
 from .distill import hidden_mse, kl_parts
 from .modeling import CwicGatedMLP, CwicLinear, commit_statistics, cwic_context, iter_cwic_modules
-
-
-def _world_size() -> int:
-    d = torch.distributed
-    return d.get_world_size() if d.is_available() and d.is_initialized() else 1
+from .modeling.modeling_cwic import world_size
 
 
 def _sum_over_ranks(values: list[float], device) -> list[float]:
@@ -140,7 +139,7 @@ class CwicDistillModule(L.LightningModule):
         lam, mse_w = float(c["lambda_ap"]), float(c["mse_weight"])
         chunks = list(self._chunks(batch, int(self.cfg["trainer"]["micro_batch_size"])))
         n_real = int((batch["segment_ids"] > 0).sum())
-        world = _world_size()
+        world = world_size()
         dev = batch["input_ids"].device
         n_all = n_real if world == 1 else _sum_over_ranks([n_real], dev)[0]   # the step's tokens, every rank
         split = len(chunks) > 1 or world > 1
@@ -203,7 +202,7 @@ class CwicDistillModule(L.LightningModule):
         opt.step()
         lr = sched.get_last_lr()[0]            # the rate this step used (after sched.step() it is the next one's)
         sched.step()
-        n_real = parts["n_real"]               # this rank's tokens (its KL sums are over them)
+        n_real = max(parts["n_real"], 1)       # this rank's tokens (its KL sums are over them)
         self.tokens_seen += parts["n_all"]     # every rank's
         # ----------------------------------------------------------------- logging
         dt = time.perf_counter() - t0

@@ -10,6 +10,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,8 @@ def _accelerator(cfg) -> str:
 # settings a resumed run may change (a longer horizon, another time limit, logging); any other difference
 # between the command and the run it would resume is refused
 RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.max_minutes", "trainer.val_every", "trainer.ckpt_every",
-                     "trainer.log_every", "trainer.threads", "trainer.devices", "data.num_workers", "data.cache",
+                     "trainer.log_every", "trainer.threads", "trainer.devices", "trainer.micro_batch_size",
+                     "trainer.precision", "model.attn_implementation", "data.num_workers", "data.cache",
                      "logger.", "resume", "out_dir", "run_name", "export_milestones")
 
 
@@ -53,10 +55,11 @@ def _flat(d, prefix="") -> dict:
 
 
 def config_changes(old: dict, new: dict) -> list[str]:
-    """`key: old → new` for every setting that differs, except RESUME_MAY_CHANGE."""
+    """`key: old → new` for every setting of the old run that differs, except RESUME_MAY_CHANGE (settings the old
+    config.yaml does not have, from a later version of the schema, are not compared)."""
     a, b = _flat(old), _flat(new)
     out = []
-    for k in sorted(set(a) | set(b)):
+    for k in sorted(a):
         if any(k == m or (m.endswith(".") and k.startswith(m)) for m in RESUME_MAY_CHANGE):
             continue
         if a.get(k, "(unset)") != b.get(k, "(unset)"):
@@ -117,8 +120,15 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
             raise ConfigError(f"{run_dir} holds a run with other settings ({'; '.join(changed[:3])}"
                               f"{' …' if len(changed) > 3 else ''}): give this one another run_name, or "
                               f"resume=false to start that run over")
-    if _rank0():
-        (run_dir / "config.yaml").write_text(saved)
+    if _rank0():   # atomically: the other ranks of a launch read it for the same check
+        tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"
+        tmp.write_text(saved)
+        os.replace(tmp, run_dir / "config.yaml")
+    if not (cfg.resume and last.exists()) and _rank0():
+        # a fresh start in a used folder (resume=false): the old run's log and checkpoints go, not mixed in
+        (run_dir / "logs" / "metrics.csv").unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        (run_dir / "wandb_id").unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- models
     teacher, tok = load_teacher(cfg.model.name, dtype=torch.float32)
@@ -162,8 +172,12 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
         if offline and _rank0():
             print("wandb: no API key and no `wandb login` found: logging offline (`wandb sync` uploads it later)",
                   file=sys.stderr)
-        # one wandb run per run folder, continued on resume; a sweep's members grouped, named by their overrides
-        run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+        # one wandb run per run (its id kept in the folder), continued on resume; a sweep's members grouped and
+        # named by their overrides
+        id_file = run_dir / "wandb_id"
+        if not id_file.exists() and _rank0():
+            id_file.write_text(hashlib.sha1(f"{run_dir.resolve()} {time.time()}".encode()).hexdigest()[:16])
+        run_id = id_file.read_text().strip() if id_file.exists() else None
         loggers.append(WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity,
                                    name=f"{cfg.run_name}:{sweep_member}" if sweep_member else cfg.run_name,
                                    group=cfg.run_name if sweep_member else None, id=run_id, resume="allow",

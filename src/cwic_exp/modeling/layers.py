@@ -80,8 +80,9 @@ class _RunningStats(nn.Module):
     @torch.no_grad()
     def _accumulate_stats(self, real: Tensor) -> None:
         """Accumulate mode: add this forward's real tokens to the step's pooled moments (nothing moves yet)."""
-        x = real.detach().double()
-        acc = torch.cat([x.new_tensor([float(x.shape[0])]), x.sum(0), (x * x).sum(0)])
+        x = real.detach().float()        # sums in fp64 without an fp64 copy of the tokens
+        acc = torch.cat([torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device),
+                         x.sum(0, dtype=torch.float64), x.square().sum(0, dtype=torch.float64)])
         self._stats_acc = acc if self._stats_acc is None else self._stats_acc + acc
 
     def _take_moments(self) -> Tensor:

@@ -151,6 +151,12 @@ def cwic_context(model: nn.Module, token_mask: torch.Tensor | None = None, updat
         rt.update_stats, rt.track_ap, rt.token_mask, rt.accumulate_stats, rt.pooled_eps = prev
 
 
+def world_size() -> int:
+    """The ranks of the initialised torch.distributed group, or 1."""
+    d = torch.distributed
+    return d.get_world_size() if d.is_available() and d.is_initialized() else 1
+
+
 @torch.no_grad()
 def commit_statistics(model: nn.Module) -> None:
     """Move every running statistic once, from the moments pooled under `cwic_context(accumulate_stats=True)`
@@ -161,8 +167,7 @@ def commit_statistics(model: nn.Module) -> None:
     if not mods:
         return
     flat = torch.cat([m._take_moments() for m in mods])
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
+    if world_size() > 1:
         torch.distributed.all_reduce(flat)
     off = 0
     for m in mods:

@@ -139,6 +139,8 @@ def test_ffn_unit_mask_sees_the_gate_in_x_dtype(B, fused):
     x, gw, mean, thr, gb, up, dn, ut = dev
     a = G.gemv_ex(x, gw, mean, thr, gb, s, act="silu", unit_thr=ut)
     assert bool(a[b, j] != 0) == on
+    if B == 1:   # the compacted GEMV's epilogue too
+        assert bool(G.gemv_ex(x, gw, mean, thr, gb, s, act="silu", unit_thr=ut, compact=True)[b, j] != 0) == on
     assert bool(fb.gemv_ex_ref(x, gw, mean, thr, gb, s, act="silu", unit_thr=ut)[b, j] != 0) == on
     want = ref.ffn_reference(x, gw, mean, thr, gb, s, up, dn, ut).float()
     flipped = ut.clone()

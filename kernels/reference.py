@@ -55,6 +55,12 @@ def gemv_reference(x, wt, mean, thr, bias, stripe: int) -> torch.Tensor:
     return (y + bias.float()).to(x.dtype)
 
 
+def gate_in_dtype(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The gate's fp32 sums as `ffn_reference` (and the model) have them: rounded to x's dtype when it is bf16 or
+    fp16, then fp32 again, before the activation and the unit mask. For the paths that sum in fp32 throughout."""
+    return g.to(dtype).float() if dtype in (torch.bfloat16, torch.float16) else g
+
+
 def ffn_reference(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int,
                   up_w, down_wt, unit_thr, act: str = "silu") -> torch.Tensor:
     g = gemv_reference(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe).float()

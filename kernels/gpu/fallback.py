@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import ACTIVATIONS, gemv_reference
+from ..reference import ACTIVATIONS, gate_in_dtype, gemv_reference
 from .decode import act_mul_ref, argmax_ref, decode_attention_ref, rmsnorm_ref, rope_attention_ref, rope_cache_ref
 from .gemv import MASK_NONE, MASK_NONZERO, MASK_THRESHOLD, check_count
 
@@ -55,9 +55,7 @@ def gemv_ex_ref(x, wt, mean, thr, bias, stripe, *, residual=None, act=None, unit
     if bias is not None:
         y = y + bias.float()
     if act is not None:
-        if x.dtype in (torch.bfloat16, torch.float16):   # the gate's output in x's dtype, as ffn_reference has it
-            y = y.to(x.dtype).float()
-        a = ACTIVATIONS[act](y)
+        a = ACTIVATIONS[act](gate_in_dtype(y, x.dtype))
         y = a * (a.abs() >= unit_thr.float())
     if residual is not None:
         y = y + residual.float()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import ACTIVATIONS
+from ..reference import ACTIVATIONS, gate_in_dtype
 
 __all__ = ["masked_gemm", "ffn_gemm", "mm_f32"]
 
@@ -110,9 +110,7 @@ def ffn_gemm(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Tensor, ga
     if act not in ACTIVATIONS:
         raise ValueError(f"ffn_gemm: activation {act!r} not in {sorted(ACTIVATIONS)}")
     g = masked_gemm(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, out_dtype=torch.float32, exact=exact)
-    if x.dtype in (torch.bfloat16, torch.float16):       # the gate's output in x's dtype, as ffn_reference has it
-        g = g.to(x.dtype).float()
-    a = ACTIVATIONS[act](g)
+    a = ACTIVATIONS[act](gate_in_dtype(g, x.dtype))
     a = torch.where(a.abs() >= unit_thr.float(), a, 0.0)
     h = mm_f32(x.float(), up_w.t(), exact=False, dtype=x.dtype) * a     # x is exact in its own dtype
     y = mm_f32(h, down_wt, exact)

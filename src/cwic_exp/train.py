@@ -62,8 +62,8 @@ def config_changes(old: dict, new: dict) -> list[str]:
     for k in sorted(a):
         if any(k == m or (m.endswith(".") and k.startswith(m)) for m in RESUME_MAY_CHANGE):
             continue
-        if a.get(k, "(unset)") != b.get(k, "(unset)"):
-            out.append(f"{k}: {a.get(k, '(unset)')} → {b.get(k, '(unset)')}")
+        if a[k] != b.get(k, "(unset)"):
+            out.append(f"{k}: {a[k]} → {b.get(k, '(unset)')}")
     return out
 
 
@@ -113,7 +113,8 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
     except Exception:                              # noqa: BLE001  (a resolver only Hydra provides)
         saved = OmegaConf.to_yaml(cfg)
     last = run_dir / "checkpoints" / "last.ckpt"
-    if cfg.resume and last.exists() and (run_dir / "config.yaml").exists():
+    resuming = bool(cfg.resume and last.exists())
+    if resuming and (run_dir / "config.yaml").exists():
         import yaml
         changed = config_changes(yaml.safe_load((run_dir / "config.yaml").read_text()), yaml.safe_load(saved))
         if changed:   # the same folder, another experiment: resuming would mix the two silently
@@ -124,7 +125,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
         tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"
         tmp.write_text(saved)
         os.replace(tmp, run_dir / "config.yaml")
-    if not (cfg.resume and last.exists()) and _rank0():
+    if not resuming and _rank0():
         # a fresh start in a used folder (resume=false): the old run's log and checkpoints go, not mixed in
         (run_dir / "logs" / "metrics.csv").unlink(missing_ok=True)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -189,7 +190,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
                         num_sanity_val_steps=0, callbacks=callbacks, logger=loggers or False,
                         plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
                         enable_model_summary=False, default_root_dir=str(run_dir))
-    ckpt_path = str(last) if cfg.resume and last.exists() else None
+    ckpt_path = str(last) if resuming else None
     if ckpt_path:
         print(f"resuming from {ckpt_path}", file=sys.stderr)
     try:
@@ -218,13 +219,12 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
                "train_kl": round(module.last_metrics.get("train/kl", float("nan")), 5),
                "steps": steps, "tokens": int(module.tokens_seen), "wall_s": round(time.time() - t_start, 1),
                "max_steps": int(t.max_steps), "finished": steps >= t.max_steps, "run_dir": str(run_dir)}
-    path = None
     if trainer.global_rank == 0:
         path = exporter.export_final(module, {**summary, "note": "APR counts q,k,v,o,gate,up+down,head; "
                                                                   "not embeddings or attention scores"})
-    summary["checkpoint"] = str(path) if path else None
-    if trainer.global_rank == 0:
+        summary["checkpoint"] = str(path) if path else None
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    summary.setdefault("checkpoint", None)
     for lg in loggers:
         if type(lg).__name__ == "WandbLogger":
             import wandb

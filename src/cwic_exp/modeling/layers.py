@@ -120,8 +120,21 @@ class _RunningStats(nn.Module):
         self._ema("ema_std").mul_(b).add_(std, alpha=1 - b)
         self._ema("stat_steps").add_(1)
 
-    def _eps_std(self, real: Tensor, rt: "CwicRuntime") -> Tensor:
-        """The batch std that sets ε: this forward's real tokens, or the pooled step's (`pooled_eps`)."""
+    def _observe(self, x2: Tensor, rt: "CwicRuntime", grad: bool) -> Tensor | None:
+        """This forward's part in the statistics (pooled under `accumulate_stats`, moved once per batch under
+        `update_stats`) and, under grad, the batch std that sets ε: this forward's real tokens', the one moved with,
+        or the pooled step's (`pooled_eps`). None without a real token, or when nothing needs the batch."""
+        if not (grad or rt.update_stats or rt.accumulate_stats):
+            return None
+        real = rt.real_tokens(x2)
+        if real.shape[0] == 0:
+            return None
+        if rt.accumulate_stats:
+            self._accumulate_stats(real)
+        if rt.update_stats:
+            return self._update_stats(real, rt.batch_id)[1]
+        if not grad:
+            return None
         if rt.pooled_eps and self._pooled_std is not None:
             return self._pooled_std
         return real.detach().float().std(0, unbiased=False)
@@ -190,17 +203,7 @@ class CwicLinear(_RunningStats):
         rt = self.runtime
         grad = torch.is_grad_enabled() and (x.requires_grad or self.theta.requires_grad
                                             or self.weight.requires_grad)
-        need_batch = grad or rt.update_stats or rt.accumulate_stats
-        if need_batch:
-            real = rt.real_tokens(x2)
-            if real.shape[0] == 0:
-                need_batch = False
-        if rt.accumulate_stats and need_batch:
-            self._accumulate_stats(real)
-        if rt.update_stats and need_batch:
-            _, batch_std = self._update_stats(real, rt.batch_id)
-        elif need_batch and grad:
-            batch_std = self._eps_std(real, rt)
+        batch_std = self._observe(x2, rt, grad)
         mean, std = self.running_stats()
         thr = self.theta * std                                        # (k, n), grad to θ
         cdt = _compute_dtype(x2)
@@ -209,7 +212,7 @@ class CwicLinear(_RunningStats):
         # the mask is decided in fp32 from x and x̄ whatever the compute dtype (as the kernels do)
         xm = None if xc.dtype in (torch.float32, torch.float64) else (x2.float() - mean)
         if grad:
-            eps = (self.alpha_eps * batch_std.clamp_min(1e-6)) if need_batch else std * self.alpha_eps
+            eps = (self.alpha_eps * batch_std.clamp_min(1e-6)) if batch_std is not None else std * self.alpha_eps
             with torch.autocast(x.device.type, enabled=False):
                 # W (x̄ + G ⊙ xc) in one product per stripe (the W x̄ term inside, differentiable in W)
                 y, counts = GranularMatmul.apply(xc, self.weight.to(cdt), thr, eps, self._rows,
@@ -267,21 +270,12 @@ class CwicGatedMLP(_RunningStats):
         a2 = a.reshape(-1, self.intermediate_size)
         rt = self.runtime
         grad = torch.is_grad_enabled() and (a.requires_grad or self.phi.requires_grad)
-        need_batch = grad or rt.update_stats or rt.accumulate_stats
-        if need_batch:
-            real = rt.real_tokens(a2)
-            need_batch = real.shape[0] > 0
-        if rt.accumulate_stats and need_batch:
-            self._accumulate_stats(real)
-        if rt.update_stats and need_batch:
-            # std of act(g) around zero mean would also do; the std is what scales the threshold
-            _, batch_std = self._update_stats(real, rt.batch_id)
-        elif need_batch and grad:
-            batch_std = self._eps_std(real, rt)
+        # std of act(g) around zero mean would also do; the std is what scales the threshold
+        batch_std = self._observe(a2, rt, grad)
         thr = self.unit_thresholds()
         if grad:
             scale = self.running_stats()[1]
-            eps = (self.alpha_eps * batch_std.clamp_min(1e-6)) if need_batch else scale * self.alpha_eps
+            eps = (self.alpha_eps * batch_std.clamp_min(1e-6)) if batch_std is not None else scale * self.alpha_eps
             h = UnitMask.apply(a2, thr, eps, self.ste)
         else:
             eps = None

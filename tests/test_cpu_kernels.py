@@ -702,3 +702,40 @@ def test_huge_page_arena_copies_and_decoder_bits(ext):
         off = CpuDecoder(m, mode=mode, dtype=torch.bfloat16, max_len=32, huge_pages=False)
         assert off.arena is None and (on.arena.bytes_advised > 0) == sys.platform.startswith("linux")
         assert torch.equal(_step_logits(on, ids), _step_logits(off, ids)), mode
+
+
+def test_decode_bench_trained_checkpoint_rows(ext):
+    """bench_decode --device cpu --checkpoint: the trained row decodes with the model's own thresholds; the calibrated
+    row keeps the weights and running statistics, replaces θ and φ, and aims at the decode APR the trained row read."""
+    import copy
+
+    import cwic_exp
+    from cwic_exp.cpu_decode import CpuDecoder
+    from experiments.bench.cpu_decode import bench_model
+    m = cwic_exp.to_cwic(_tiny(), stripe_size=16)
+    g = torch.Generator().manual_seed(4)
+    calib = (torch.randint(0, 96, (2, 24), generator=g), torch.ones(2, 24, dtype=torch.long))
+    with torch.no_grad():
+        with cwic_exp.cwic_context(m, token_mask=calib[1], update_stats=True):
+            m(input_ids=calib[0], attention_mask=calib[1])
+        for mod in cwic_exp.iter_cwic_modules(m):          # "trained": thresholds that differ per stripe and input
+            p = mod.theta if isinstance(mod, cwic_exp.CwicLinear) else mod.phi
+            p.copy_(torch.rand(p.shape, generator=g) * 1.5)
+    own = copy.deepcopy(m)
+    prompt = torch.randint(0, 96, (6,), generator=g).tolist()
+    stats = {k: v.clone() for k, v in m.state_dict().items() if "ema" in k}
+    assert stats
+    res = bench_model("tiny", m, None, 16, [1.0], 5, 1, torch.float32, 0, lambda: True, lambda *a: None, calib,
+                      prompt, hf_check=False, forced=True, trained=True)
+    rows = res["configs"]
+    text = CpuDecoder(own, mode="dense", dtype=torch.float32, max_len=16).generate(prompt, 5)[len(prompt):]
+    expect = CpuDecoder(own, mode="cwic", dtype=torch.float32, max_len=16).timed_decode(prompt, 5, forced=text).apr
+    assert rows["cwic-trained"]["apr_decode"] == pytest.approx(expect, rel=1e-12)
+    assert rows["cwic-calibrated"]["apr_target"] == rows["cwic-trained"]["apr_decode"]   # not the 1.0 passed in
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in stats.items())            # statistics kept
+    assert not torch.equal(m.model.layers[0].self_attn.q_proj.theta, own.model.layers[0].self_attn.q_proj.theta)
+    assert {"dense-own", "dense-torch", "cwic-trained", "cwic-calibrated"} <= set(rows)
+    assert all(rows[k]["speedup"] > 0 for k in ("cwic-trained", "cwic-calibrated"))
+    none = bench_model("tiny", copy.deepcopy(own), None, 16, [], 5, 1, torch.float32, 0, lambda: True,
+                       lambda *a: None, calib, prompt, hf_check=False, forced=True, trained=True)
+    assert "cwic-calibrated" not in none["configs"] and "cwic-trained" in none["configs"]

@@ -174,12 +174,13 @@ def forced_rounds(decs: dict, prompt, forced, rounds: int) -> tuple[dict, dict]:
 
 
 def run_rounds(configs: dict, prompt, new_tokens: int, rounds: int, quiet, log, forced=None) -> dict:
-    """Interleaved timed runs: {name: {'tps': [...], 'stats': DecodeStats of the last run}}. forced: the tokens every
-    config is fed instead of its own greedy choices (`CpuDecoder.timed_decode`)."""
+    """Interleaved timed runs: {name: {'tps': [...], 'stats': DecodeStats of the last run}}, the order reversed every
+    other round (a config always timed right after another would carry any effect of that position). forced: the
+    tokens every config is fed instead of its own greedy choices (`CpuDecoder.timed_decode`)."""
     from experiments.bench.cpu_kernels import involuntary_switches
     out = {k: {"tps": [], "quiet": 0, "preempted": [], "prefill_ms": []} for k in configs}
     for r in range(rounds):
-        for name, dec in configs.items():
+        for name, dec in (list(configs.items()) if r % 2 == 0 else list(configs.items())[::-1]):
             ok = quiet()
             dec.prefill(prompt[:4])          # wake the threads and caches up after the wait
             c0 = involuntary_switches()
@@ -214,10 +215,16 @@ def huge_mb(dec) -> float:
 
 
 def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtype, threads, quiet, log,
-                calib, prompt_ids, hf_check: bool, apr_correction: bool = True, forced: bool = False):
+                calib, prompt_ids, hf_check: bool, apr_correction: bool = True, forced: bool = False,
+                trained: bool = False):
     """One model's rows. forced: every config decodes the dense model's greedy continuation (teacher-forced), so all
     time the same text and the APR correction measures the text that is timed (with generated text, each threshold
-    setting generates other tokens, and the decode APR jumps by several % between close calibration targets)."""
+    setting generates other tokens, and the decode APR jumps by several % between close calibration targets).
+
+    trained: `model` is a trained CWIC checkpoint. Its own thresholds give the row "cwic-trained"; then, unless `aprs`
+    is empty, the same weights and running statistics with calibrated thresholds (θ = c × the ±30 % jitter, φ
+    uniform: what the synthetic rows use) corrected to the decode APR the trained row read, so that the two rows
+    differ only in where the active pairs fall."""
     import cwic_exp
     from cwic_exp.cpu_decode import CpuDecoder, calibrate_apr, dense_counts
     res = {"model": name, "stripe": stripe, "new_tokens": new_tokens, "rounds": rounds,
@@ -248,14 +255,34 @@ def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtyp
     summary["dense-own"]["huge_page_mb"] = huge_mb(dense["dense-own"])
     del dense["dense-torch"]
     gc.collect()
-    cwic_exp.to_cwic(model, stripe_size=stripe)
     calib_ids, calib_mask = calib
+    extra = {}   # the trained decoder, timed in the same rounds as the calibrated one (the host drifts)
+    if trained:
+        from cwic_exp import active_parameters
+        own_dec = CpuDecoder(model, mode="cwic", dtype=dtype, max_len=max_len, nthreads=threads)
+        own_toks = own_dec.generate(prompt_ids, new_tokens)[len(prompt_ids):]
+        own_apr = own_dec.timed_decode(prompt_ids, new_tokens, forced=text).apr
+        own_row = {"apr_target": None, "apr_calib": active_parameters(model, calib_ids, calib_mask)["apr"],
+                   "huge_page_mb": huge_mb(own_dec),
+                   "greedy_tokens_equal_to_dense": sum(a == b for a, b in zip(own_toks, dense_tokens))
+                   / max(1, len(own_toks))}
+        extra = {"cwic-trained": own_dec}
+        aprs = [own_apr] if aprs else []
+        log(f"  cwic-trained: decode APR {own_apr:.3f}")
+    else:
+        cwic_exp.to_cwic(model, stripe_size=stripe)
+
+    def take_trained(sm):
+        summary["cwic-trained"] = {**sm["cwic-trained"], **own_row,
+                                   "dense_own_same_rounds": sm["dense-own"]["tokens_per_s"]}
+
     cache = {}
     for i, apr in enumerate(aprs):
         t0 = time.time()
-        st = calibrate_apr(model, calib_ids, apr, attention_mask=calib_mask, stats=i == 0, cache=cache)
+        st = calibrate_apr(model, calib_ids, apr, attention_mask=calib_mask, stats=i == 0 and not trained,
+                           cache=cache)
         dec = CpuDecoder(model, mode="cwic", dtype=dtype, max_len=max_len, nthreads=threads)
-        key = f"cwic-{apr:g}x"
+        key = "cwic-calibrated" if trained else f"cwic-{apr:g}x"
         log(f"  {key}: calibrated APR {st['apr']:.2f} on {st['tokens']} tokens ({time.time() - t0:.0f} s)")
         target, first, tries = apr, None, []
 
@@ -281,9 +308,11 @@ def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtyp
         if forced:   # under forcing: how often each step's greedy choice is the dense model's next token
             dec.prefill(prompt_ids)
             agree = [dec.step(t) == n for t, n in zip(dense_tokens[:-1], dense_tokens[1:])]
-        runs = run_rounds({"dense-own": dense["dense-own"], key: dec}, prompt_ids, new_tokens, rounds, quiet, log,
-                          forced=text)
+        runs = run_rounds({"dense-own": dense["dense-own"], **extra, key: dec}, prompt_ids, new_tokens, rounds,
+                          quiet, log, forced=text)
         sm = summarise(runs)
+        if trained:
+            take_trained(sm)
         summary.setdefault("dense-own-repeats", []).append(sm["dense-own"]["tokens_per_s"])
         summary[key] = sm[key]
         summary[key].update({"apr_target": apr, "apr_calib": st["apr"], "density_calib": st["density"],
@@ -297,6 +326,12 @@ def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtyp
             summary[key]["next_token_agreement_forced"] = sum(agree) / max(1, len(agree))
         del dec
         gc.collect()
+    if trained and not aprs:
+        sm = summarise(run_rounds({"dense-own": dense["dense-own"], **extra}, prompt_ids, new_tokens, rounds, quiet,
+                                  log, forced=text))
+        summary.setdefault("dense-own-repeats", []).append(sm["dense-own"]["tokens_per_s"])
+        take_trained(sm)
+    extra.clear()
     # dense-own: median over its runs in every phase
     own = [summary["dense-own"]["tokens_per_s"]] + summary.pop("dense-own-repeats", [])
     summary["dense-own"]["tokens_per_s_phases"] = own
@@ -304,8 +339,7 @@ def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtyp
     best = max(summary["dense-own"]["tokens_per_s"], summary["dense-torch"]["tokens_per_s"])
     res["dense_best"] = "dense-own" if summary["dense-own"]["tokens_per_s"] >= summary["dense-torch"]["tokens_per_s"] \
         else "dense-torch"
-    for apr in aprs:
-        c = summary[f"cwic-{apr:g}x"]
+    for c in (v for k, v in summary.items() if k.startswith("cwic-")):
         c["speedup"] = c["tokens_per_s"] / best
         c["speedup_vs_dense_own"] = c["tokens_per_s"] / summary["dense-own"]["tokens_per_s"]
         c["speedup_vs_dense_torch"] = c["tokens_per_s"] / summary["dense-torch"]["tokens_per_s"]
@@ -355,8 +389,13 @@ def main(argv=None):
     ap.add_argument("--forced", action="store_true",
                     help="every config decodes the dense model's greedy continuation (teacher-forced): the same text "
                          "for all, and the APR correction settles on the text that is timed")
+    ap.add_argument("--checkpoint", default=None,
+                    help="a trained CWIC checkpoint (HF folder) instead of --models: dense vs its own thresholds, and "
+                         "vs calibrated thresholds at the decode APR its own read (--aprs '' skips that row)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.checkpoint and not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+        raise SystemExit(f"--checkpoint {args.checkpoint}: no config.json there (an HF export, e.g. runs/<run>/hf/final)")
     ensure_imports()
     from experiments.bench.cpu_kernels import Quiet, machine
     from cwic_kernels import cpu as C
@@ -367,7 +406,9 @@ def main(argv=None):
     threads = torch.get_num_threads()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     models = ["smollm2"] if args.quick else [m.strip() for m in args.models.split(",") if m.strip()]
-    aprs = [3.0] if args.quick else [float(a) for a in args.aprs.split(",")]
+    aprs = [3.0] if args.quick else [float(a) for a in args.aprs.split(",") if a.strip()]
+    if args.checkpoint:
+        models = ["checkpoint"]
     quiet = Quiet(busy=0.2, max_wait=args.quiet_wait, enabled=args.quiet_wait > 0, budget=1200.0)
     info = machine()
     info.update({"isa": C.best_isa(), "decode_threads": threads})
@@ -378,7 +419,9 @@ def main(argv=None):
           "each configuration's own greedy text or the dense model's, forced)", "",
           f"Machine: {info.get('cpu', '?')}, {info['cpus']} CPUs, {threads} threads, ISA {info['isa']}, "
           f"torch {torch.__version__}; weights and KV cache {args.dtype}, activations fp32. APR counts q, k, v, "
-          "o, FFN and head (not embeddings or attention scores); thresholds calibrated, not trained"
+          "o, FFN and head (not embeddings or attention scores); "
+          + ("thresholds: the checkpoint's own, then calibrated on its weights and statistics to the decode APR its "
+             "own read" if args.checkpoint else "thresholds calibrated, not trained")
           + ("." if args.no_apr_correction else ", then corrected (at most 3 steps) so that the decode reads 1/APR "
              "(the calib column is the APR on the calibration tokens)."), ""]
     import cwic_exp
@@ -400,11 +443,24 @@ def main(argv=None):
             new_tokens = args.new_tokens or 24
             rounds = args.rounds or 3
             stripe, label, hf_check = args.stripe_llama1b, f"Llama-3.2-1B-shaped random ({args.llama1b_layers} layers)", False
+        elif name == "checkpoint":
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
+            if not any(True for _ in cwic_exp.iter_cwic_modules(model)):
+                raise SystemExit(f"--checkpoint {args.checkpoint}: not a CWIC model (no CWIC layers)")
+            tok = AutoTokenizer.from_pretrained(args.checkpoint)
+            prompt = chat_ids(tok, PROMPT)
+            calib = calib_batch(tok)
+            new_tokens = args.new_tokens or 64
+            rounds = args.rounds or 5
+            stripe = model.config.cwic.get("stripe_size")
+            label, hf_check = f"trained CWIC checkpoint {os.path.normpath(args.checkpoint)}", False
         else:
             raise SystemExit(f"unknown model {name!r}")
         print(f"{label}: loaded ({time.time() - t0:.0f} s)")
         res = bench_model(label, model, None, stripe, aprs, new_tokens, rounds, dtype, threads, quiet, print,
-                          calib, prompt, hf_check, apr_correction=not args.no_apr_correction, forced=args.forced)
+                          calib, prompt, hf_check, apr_correction=not args.no_apr_correction, forced=args.forced,
+                          trained=name == "checkpoint")
         res["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         res["loadavg_after"] = os.getloadavg()
         results[name] = res
@@ -441,10 +497,21 @@ def main(argv=None):
     summary["note"] = ("speedup: CWIC tokens/s over the faster dense configuration (dense-own: our kernel with "
                        "every pair on, same layout and path); speedup_vs_dense_torch: over dense with at::linear "
                        "(= F.linear). APR: project accounting (q,k,v,o,FFN,head); apr_decode measured on the "
-                       "decoded tokens. Thresholds calibrated, not trained.")
+                       "decoded tokens. " + ("cwic-trained: the checkpoint's own thresholds; cwic-calibrated: calibrated "
+                       "thresholds on the same weights and statistics at the decode APR cwic-trained read."
+                       if args.checkpoint else "Thresholds calibrated, not trained."))
     for name, r in results.items():
         summary[f"speedup_vs_dense_own_{name}"] = {k.split("-")[1]: round(v["speedup_vs_dense_own"], 3)
                                                    for k, v in r["configs"].items() if k.startswith("cwic-")}
+    if "trained" in summary["speedup"]:
+        c = results["checkpoint"]["configs"]
+        line = (f"trained thresholds: {c['cwic-trained']['speedup']:.2f}× over the faster dense at decode APR "
+                f"{c['cwic-trained']['apr_decode']:.2f}")
+        if "cwic-calibrated" in c:
+            line += (f"; calibrated thresholds on the same weights: {c['cwic-calibrated']['speedup']:.2f}× at "
+                     f"{c['cwic-calibrated']['apr_decode']:.2f}")
+        print(line)
+        md += [line, ""]
     if "3x" in summary["speedup"]:
         for name, r in results.items():
             best = "our kernel" if r["dense_best"] == "dense-own" else "F.linear"

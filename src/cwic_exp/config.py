@@ -162,8 +162,8 @@ def validate(cfg) -> None:
     if d.val_rows < 1 or not 0 < d.val_fraction < 1:
         raise ConfigError(f"data.val_rows must be ≥ 1 and data.val_fraction in (0, 1), got {d.val_rows}, "
                           f"{d.val_fraction}")
-    if d.seq_len < 8:
-        raise ConfigError(f"data.seq_len must be ≥ 8, got {d.seq_len}")
+    if not 8 <= d.seq_len <= 32767:   # packed position ids are int16
+        raise ConfigError(f"data.seq_len must be in [8, 32767], got {d.seq_len}")
     if d.source not in ("sharegpt", "paper_mix", "packed"):
         raise ConfigError(f"data.source must be 'sharegpt', 'paper_mix' or 'packed', got {d.source!r}")
     if d.source == "packed" and d.path is None:

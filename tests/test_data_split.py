@@ -1,0 +1,105 @@
+"""Data splits: copies of a conversation never straddle train and validation, held-out copies stay out, the paper
+mix's cap reaches every source, tiny sources fail clearly, the packer places every sequence once."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import types
+
+import pytest
+import torch
+
+from cwic_exp import data as D
+
+
+class Tok:
+    """Renders a conversation to [N, 7, 8], N the number in its first message ("q:N")."""
+    pad_token_id, eos_token_id, chat_template = 0, 0, "ids"
+
+    def __len__(self):
+        return 100000
+
+    def __call__(self, t):
+        return {"input_ids": [len(t)]}
+
+    def apply_chat_template(self, msgs, tokenize=True):
+        return [int(msgs[0]["content"].split(":")[1]), 7, 8]
+
+
+def _convs(data: D.PackedData) -> list[int]:
+    return [int(t) for t in data.input_ids.flatten().tolist() if t >= 1000]
+
+
+def _sharegpt(tmp_path, numbers):
+    recs = [{"conversations": [{"from": "human", "value": f"q:{n}"}, {"from": "gpt", "value": "a"}]} for n in numbers]
+    p = tmp_path / "sharegpt.json"
+    p.write_text(json.dumps(recs))
+    return str(p)
+
+
+def test_copies_stay_on_one_side_and_heldout_copies_are_dropped(tmp_path):
+    body = [1000 + i for i in range(300)]
+    tail = [5000 + i for i in range(D.HELDOUT_TAIL)]
+    numbers = body + body[:100] + tail[:5] + tail       # 100 repeated conversations; 5 held-out ones appear early
+    train, val = D.build_packed(Tok(), source="sharegpt", seq_len=12, val_fraction=0.2, path=_sharegpt(tmp_path, numbers),
+                                cache=False, progress=False)
+    tr, va = _convs(train), _convs(val)
+    assert not set(tr) & set(va)
+    assert not (set(tr) | set(va)) & set(tail)
+    assert len(va) == len(set(va)) == round(300 * 0.2)          # one copy of each validation conversation
+    assert sorted(set(tr) | set(va)) == body                   # nothing else lost
+    assert train.info["heldout_copies_dropped"] == 5 and train.info["distinct"] == 300
+    assert sum(tr.count(n) for n in body[:100] if n in tr) == 2 * len([n for n in body[:100] if n in tr])
+
+
+def test_paper_mix_cap_reaches_every_source_and_repeats_do_not_leak(monkeypatch):
+    def load_dataset(name, cfg, split, streaming):
+        k = [i for i, (n, c, *_) in enumerate(D.PAPER_MIX) if n == name and c == cfg][0]
+        return [{"messages": [{"role": "user", "content": f"q:{1000 * (k + 1) + j}"},
+                              {"role": "assistant", "content": "a"}]} for j in range(50)]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    train, val = D.build_packed(Tok(), source="paper_mix", seq_len=12, max_conversations=45, cache=False,
+                                progress=False)
+    sources = {n // 1000 for n in _convs(train) + _convs(val)}
+    assert sources == set(range(1, len(D.PAPER_MIX) + 1))
+    train, val = D.build_packed(Tok(), source="paper_mix", seq_len=12, val_fraction=0.1, cache=False, progress=False)
+    assert not set(_convs(train)) & set(_convs(val))
+    assert len(_convs(val)) == len(set(_convs(val)))
+
+
+def test_a_source_too_small_for_a_training_split_says_so(tmp_path):
+    path = _sharegpt(tmp_path, [1000] + [5000 + i for i in range(D.HELDOUT_TAIL)])
+    with pytest.raises(RuntimeError, match="no training data"):
+        D.build_packed(Tok(), source="sharegpt", seq_len=12, path=path, cache=False, progress=False)
+    with pytest.raises(ValueError, match="no training rows"):
+        D.StepSampler(0, 4, 10)
+
+
+def test_packing_places_every_sequence_once_within_its_row():
+    random.seed(0)
+    seqs = [[i % 50 + 1] * random.randint(1, 64) for i in range(3000)] + [[3] * 65, []]   # too long, empty: dropped
+    p = D.pack_sequences(seqs, 64, 0)
+    lengths = sorted(int((p.segment_ids[r] == s).sum()) for r in range(len(p))
+                     for s in range(1, int(p.segment_ids[r].max()) + 1))
+    assert lengths == sorted(len(s) for s in seqs[:3000])
+    lower = math.ceil(sum(lengths) / 64)
+    assert len(p) <= 11 / 9 * lower + 1                        # best-fit decreasing's guarantee
+    for r in range(len(p)):                                      # positions restart at every conversation
+        seg, pos = p.segment_ids[r], p.position_ids[r]
+        for s in range(1, int(seg.max()) + 1):
+            assert torch.equal(pos[seg == s], torch.arange(int((seg == s).sum()), dtype=pos.dtype))
+
+
+def test_validation_rows_are_drawn_at_random_and_packed_rows_must_fit_seq_len(tmp_path):
+    path = _sharegpt(tmp_path, [1000 + i for i in range(400)] + [5000 + i for i in range(D.HELDOUT_TAIL)])
+    dm = D.ChatDataModule(Tok(), seq_len=12, val_fraction=0.5, val_rows=5, path=path, cache=False, seed=3)
+    dm.setup()
+    train, val = D.build_packed(Tok(), seq_len=12, val_fraction=0.5, path=path, cache=False, progress=False, seed=3)
+    idx = torch.randperm(len(val), generator=torch.Generator().manual_seed(3))[:5].sort().values
+    assert torch.equal(dm.val_data.input_ids, val.input_ids[idx])
+    assert not torch.equal(idx, torch.arange(5))
+    saved = D.save_packed(tmp_path / "p.pt", train, val, Tok())
+    with pytest.raises(ValueError, match="holds rows of 12 tokens, but data.seq_len is 16"):
+        D.ChatDataModule(Tok(), source="packed", seq_len=16, path=str(saved)).setup()

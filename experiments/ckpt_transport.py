@@ -56,8 +56,9 @@ def _tar_folder(src: Path, weights: str) -> tuple[bytes, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "ckpt"
         shutil.copytree(src, staged, ignore=shutil.ignore_patterns("*.safetensors"))
-        for f in sorted(src.glob("*.safetensors")):
-            info[f.name] = _convert_safetensors(f, staged / f.name, weights)
+        for f in sorted(src.rglob("*.safetensors")):
+            rel = f.relative_to(src)
+            info[str(rel)] = _convert_safetensors(f, staged / rel, weights)
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for p in sorted(staged.rglob("*")):
@@ -84,6 +85,11 @@ def pack(src: str | Path, out: str | Path, part_mib: float = 15.5, weights: str 
     src, out = Path(src), Path(out)
     if not (src / "config.json").exists():
         raise SystemExit(f"pack: {src} is not a checkpoint folder (no config.json)")
+    s, o = src.resolve(), out.resolve()
+    if o == s or s in o.parents or o in s.parents:
+        raise SystemExit(f"pack: the parts folder {out} must lie outside the checkpoint {src} (it is replaced)")
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
+        raise SystemExit(f"pack: {out} holds files but no {MANIFEST}: not replacing it")
     tar, info = _tar_folder(src, weights)
     planes = _planes(tar)
     chunks = [planes[i:i + CHUNK] for i in range(0, len(planes), CHUNK)]
@@ -151,15 +157,22 @@ def unpack(parts_dirs: list[str | Path], dest: str | Path) -> Path:
     tar = _unplanes(planes, man["tar_bytes"])
     if _sha(tar) != man["tar_sha256"]:
         raise SystemExit("unpack: the reassembled archive does not match its checksum")
-    dest = Path(dest)
-    tmp = dest.with_name(dest.name + ".tmp")
+    dest = Path(dest).resolve()
+    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / "config.json").exists())):
+        raise SystemExit(f"unpack: {dest} exists and is not a checkpoint folder: not replacing it")
+    tmp, old = dest.with_name(dest.name + ".tmp"), dest.with_name(dest.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with tarfile.open(fileobj=io.BytesIO(tar), mode="r") as t:
-        t.extractall(tmp, filter="data")
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    try:
+        tmp.mkdir(parents=True)
+        with tarfile.open(fileobj=io.BytesIO(tar), mode="r") as t:
+            t.extractall(tmp, filter="data")
+        if dest.exists():   # the old checkpoint moved aside, then the new one renamed into place
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return dest
 
 

@@ -66,3 +66,25 @@ def test_unpack_refuses_missing_or_corrupted_parts(tmp_path):
     with pytest.raises(SystemExit, match="not a checkpoint folder"):
         ct.pack(tmp_path / "pack", tmp_path / "p2")
     assert json.loads((tmp_path / "pack" / "manifest.json").read_text())["weights"] == "keep"
+
+
+def test_pack_and_unpack_refuse_to_replace_what_is_not_theirs(tmp_path):
+    model, _, _ = _trained_like("llama")
+    ck = tmp_path / "ckpt"
+    model.save_pretrained(ck)
+    for out in (ck, ck / "parts", tmp_path):          # the checkpoint itself, inside it, above it
+        with pytest.raises(SystemExit, match="outside the checkpoint"):
+            ct.pack(ck, out, part_mib=0.01, jobs=1)
+    assert (ck / "model.safetensors").exists()
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="no manifest.json"):
+        ct.pack(ck, other, part_mib=0.01, jobs=1)
+    ct.pack(ck, tmp_path / "pack", part_mib=0.01, jobs=1)
+    with pytest.raises(SystemExit, match="not a checkpoint folder"):
+        ct.unpack([tmp_path / "pack"], other)
+    assert (other / "keep.txt").read_text() == "mine"
+    ct.unpack([tmp_path / "pack"], tmp_path / "back")
+    ct.unpack([tmp_path / "pack"], tmp_path / "back")   # an earlier unpack is replaced
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("back")) == ["back"]

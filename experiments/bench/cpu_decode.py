@@ -391,11 +391,17 @@ def main(argv=None):
                          "for all, and the APR correction settles on the text that is timed")
     ap.add_argument("--checkpoint", default=None,
                     help="a trained CWIC checkpoint (HF folder) instead of --models: dense vs its own thresholds, and "
-                         "vs calibrated thresholds at the decode APR its own read (--aprs '' skips that row)")
+                         "vs calibrated thresholds at the decode APR its own read (--aprs '' skips that row); "
+                         "implies --forced")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    if args.checkpoint and not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
-        raise SystemExit(f"--checkpoint {args.checkpoint}: no config.json there (an HF export, e.g. runs/<run>/hf/final)")
+    if args.checkpoint:
+        if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+            raise SystemExit(f"--checkpoint {args.checkpoint}: no config.json there (an HF export, e.g. "
+                             f"runs/<run>/hf/final)")
+        if args.merge:
+            raise SystemExit("--checkpoint writes its own table: give it its own --out, without --merge")
+        args.forced = True   # trained and calibrated rows must read the same text to differ only in their thresholds
     ensure_imports()
     from experiments.bench.cpu_kernels import Quiet, machine
     from cwic_kernels import cpu as C

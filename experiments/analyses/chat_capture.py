@@ -34,14 +34,24 @@ def main(argv=None):
     p.add_argument("--cols", type=int, default=120)
     p.add_argument("--lines", type=int, default=60)
     p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--backend", default=None, choices=["hf", "cpu", "engine"],
+                   help="the chat's decoding backend (default: cpu, the C++ sparse kernels with bf16 weights, on a "
+                        "CPU where they build; else hf)")
     args = p.parse_args(argv)
     out = setup(args)
+    if args.backend is None:
+        args.backend = "hf"
+        if args.device == "cpu":
+            from cwic_kernels import cpu as C
+            args.backend = "cpu" if C.load() is not None else "hf"
     if shutil.which("tmux") is None:
         log("tmux not found: skipping the terminal capture (token_compute.py draws chat_capture.png)")
         return None
     session = f"cwic_capture_{os.getpid()}"
     cmd = [sys.executable, "-m", "cwic_exp.chat", "--model", str(args.checkpoint), "--device", args.device,
-           "--max-new-tokens", str(args.max_new_tokens)] + (["--threads", str(args.threads)] if args.threads else [])
+           "--backend", args.backend, "--max-new-tokens", str(args.max_new_tokens)] \
+        + (["--dtype", "bfloat16"] if args.backend in ("cpu", "engine") else []) \
+        + (["--threads", str(args.threads)] if args.threads else [])
     shell = f"cd {shlex.quote(str(ROOT))} && COLORTERM=truecolor {shlex.join(cmd)}; sleep 600"
     tmux("new-session", "-d", "-s", session, "-x", str(args.cols), "-y", str(args.lines), shell)
     try:
@@ -66,7 +76,7 @@ def main(argv=None):
     (out / "chat_tmux.ansi").write_text(ansi)
     from render import ansi_segments, render_png
     render_png(ansi_segments(ansi), out / "chat_tmux.png", width=args.cols,
-               title=f"tmux capture: python -m cwic_exp.chat --model {args.checkpoint}",
+               title=f"tmux capture: python -m cwic_exp.chat --model {args.checkpoint} --backend {args.backend}",
                page_bg="#1e1e1e", page_fg="#dddddd")
     log(f"wrote {out / 'chat_tmux.png'}")
     return str(out / "chat_tmux.png")

@@ -70,22 +70,28 @@ def run_config(ckpt) -> dict | None:
 
 
 DEFAULT_DATA = dict(source="sharegpt", seq_len=256, max_len=None, max_conversations=None,
-                    val_fraction=0.02, seed=0)
+                    val_fraction=0.02, seed=0)   # make_calibrated's statistics rows (the CPU training data)
+HELDOUT_SEQ_LEN = 512
 
 
-def heldout_rows(tok, ckpt=None, rows: int = 8):
-    """The validation rows of the training run's own data split (never trained on); for a checkpoint
-    that is not a training export, the same split built with the default CPU data settings."""
-    from cwic_exp.data import build_packed
-    cfg = run_config(ckpt) if ckpt else None
-    kw = dict(DEFAULT_DATA)
-    if cfg:
-        d = cfg.get("data", {})
-        kw.update({k: d[k] for k in ("source", "seq_len", "max_len", "max_conversations", "val_fraction")
-                   if k in d})
-        kw["seed"] = cfg.get("seed", 0)
-    _, val = build_packed(tok, path=None, cache=True, progress=False, **kw)
-    return val.subset(slice(0, rows)), kw
+def heldout_rows(tok, ckpt=None, rows: int = 8, seq_len: int = HELDOUT_SEQ_LEN):
+    """Rows of the held-out chat set, the same for every checkpoint: the last HELDOUT_TAIL ShareGPT conversations,
+    which every training split leaves out (`cwic_exp.data`), those of ≤ seq_len tokens packed into rows of seq_len,
+    and `rows` of those rows drawn at random (seed 0; packing puts the longest conversations first). Not a run's own
+    validation split: that one can only be rebuilt from the run's data settings, which an export brought back
+    from another machine (or trained on packed data) does not carry, and rebuilt with other settings it would be
+    training data. `ckpt` is unused (kept for callers)."""
+    from cwic_exp.data import HELDOUT_TAIL, pack_sequences
+    from cwic_exp.eval.chat import _render, _tail
+    seqs = [s for s in (_render(tok, m) for m in _tail(HELDOUT_TAIL)) if s and len(s) <= seq_len]
+    if not seqs:
+        raise SystemExit(f"none of the {HELDOUT_TAIL} held-out conversations fits {seq_len} tokens")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    data = pack_sequences(seqs, seq_len, pad)
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:rows].sort().values
+    kw = {"source": "sharegpt held-out tail", "conversations": HELDOUT_TAIL, "kept": len(seqs),
+          "seq_len": seq_len, "rows": int(len(idx)), "packed_rows": len(data)}
+    return data.subset(idx), kw
 
 
 def packed_batches(data, batch_size: int, device="cpu"):

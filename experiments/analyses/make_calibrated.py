@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from common import add_common_args, heldout_rows, log, packed_batches, setup
+from common import DEFAULT_DATA, add_common_args, heldout_rows, log, packed_batches, setup
 
 
 @torch.no_grad()
@@ -68,8 +68,8 @@ def main(argv=None):
     teacher, _ = cwic_exp.load_teacher(args.teacher)
     cwic_exp.to_cwic(model, stripe_size=args.stripe_size)
     val, data_kw = heldout_rows(tok, None, rows=args.eval_rows)
-    train, _ = build_packed(tok, path=None, cache=True, progress=False, **data_kw)
-    log(f"statistics over {args.stat_rows} training rows of {data_kw['seq_len']} tokens")
+    train, _ = build_packed(tok, path=None, cache=True, progress=False, **DEFAULT_DATA)
+    log(f"statistics over {args.stat_rows} training rows of {DEFAULT_DATA['seq_len']} tokens")
     with torch.no_grad():
         for kw, mask in packed_batches(train.subset(slice(0, args.stat_rows)), 2):
             with cwic_exp.cwic_context(model, token_mask=mask, update_stats=True):

@@ -114,6 +114,12 @@ class HFBackend:
                 layer.keys = layer.keys[..., :length, :]
                 layer.values = layer.values[..., :length, :]
 
+    def _cache_kw(self) -> str:
+        """The forward's name for the KV cache: `cache` from transformers 5.2x on (`past_key_values` there warns
+        that it is deprecated, into the chat's terminal), `past_key_values` before."""
+        import inspect
+        return "cache" if "cache" in inspect.signature(type(self.model).forward).parameters else "past_key_values"
+
     @torch.no_grad()
     def forward(self, ids: list[int]) -> tuple[torch.Tensor, list[float]]:
         from transformers import DynamicCache
@@ -123,7 +129,7 @@ class HFBackend:
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
         with cwic_context(self.model, track_ap=True):
             # full logits, not logits_to_keep=1: the head's compute of every fed token is counted
-            out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True)
+            out = self.model(input_ids=x, **{self._cache_kw(): self.cache}, use_cache=True)
         stats = self._gather(self.model)
         self.dense = stats.dense
         return out.logits[0, -1].float(), stats.per_token.float().cpu().tolist()

@@ -51,6 +51,8 @@ def test_copies_stay_on_one_side_and_heldout_copies_are_dropped(tmp_path):
     assert len(va) == len(set(va)) == round(300 * 0.2)          # one copy of each validation conversation
     assert sorted(set(tr) | set(va)) == body                   # nothing else lost
     assert train.info["heldout_copies_dropped"] == 5 and train.info["distinct"] == 300
+    held = [int(m[0]["content"][2:]) for m in D.heldout_conversations(_sharegpt(tmp_path, numbers))]
+    assert held == tail[5:]                                     # the tail less the conversations with earlier copies
     assert sum(tr.count(n) for n in body[:100] if n in tr) == 2 * len([n for n in body[:100] if n in tr])
 
 
@@ -60,10 +62,13 @@ def test_paper_mix_cap_reaches_every_source_and_repeats_do_not_leak(monkeypatch)
         return [{"messages": [{"role": "user", "content": f"q:{1000 * (k + 1) + j}"},
                               {"role": "assistant", "content": "a"}]} for j in range(50)]
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    train, val = D.build_packed(Tok(), source="paper_mix", seq_len=12, max_conversations=45, cache=False,
+    train, val = D.build_packed(Tok(), source="paper_mix", seq_len=12, max_conversations=47, cache=False,
                                 progress=False)
-    sources = {n // 1000 for n in _convs(train) + _convs(val)}
-    assert sources == set(range(1, len(D.PAPER_MIX) + 1))
+    got = _convs(train) + _convs(val)
+    assert {n // 1000 for n in got} == set(range(1, len(D.PAPER_MIX) + 1))
+    assert len(set(got)) == 47 == train.info["distinct"]               # the cap counts distinct source rows
+    caps = [6, 6] + [5] * (len(D.PAPER_MIX) - 2)                          # 47 = 9 × 5 + 2
+    assert train.info["kept"] == sum(c * rep for c, (*_, rep) in zip(caps, D.PAPER_MIX))   # then the repeats
     train, val = D.build_packed(Tok(), source="paper_mix", seq_len=12, val_fraction=0.1, cache=False, progress=False)
     assert not set(_convs(train)) & set(_convs(val))
     assert len(_convs(val)) == len(set(_convs(val)))
@@ -77,15 +82,30 @@ def test_a_source_too_small_for_a_training_split_says_so(tmp_path):
         D.StepSampler(0, 4, 10)
 
 
-def test_packing_places_every_sequence_once_within_its_row():
+def test_packing_is_best_fit_decreasing_and_places_every_sequence_once():
     random.seed(0)
-    seqs = [[i % 50 + 1] * random.randint(1, 64) for i in range(3000)] + [[3] * 65, []]   # too long, empty: dropped
+    seqs = [[i + 1] * random.randint(1, 64) for i in range(3000)] + [[9999] * 65, []]   # too long, empty: dropped
     p = D.pack_sequences(seqs, 64, 0)
-    lengths = sorted(int((p.segment_ids[r] == s).sum()) for r in range(len(p))
-                     for s in range(1, int(p.segment_ids[r].max()) + 1))
-    assert lengths == sorted(len(s) for s in seqs[:3000])
-    lower = math.ceil(sum(lengths) / 64)
-    assert len(p) <= 11 / 9 * lower + 1                        # best-fit decreasing's guarantee
+    placed = {}   # sequence -> (row, order in the row)
+    for r in range(len(p)):
+        for s in range(1, int(p.segment_ids[r].max()) + 1):
+            ids = p.input_ids[r][p.segment_ids[r] == s]
+            assert len(set(ids.tolist())) == 1
+            placed[int(ids[0]) - 1] = (r, s)
+    assert sorted(placed) == list(range(3000))
+    # replay in the packer's order (longest first): each sequence went into the open row with the least room that
+    # held it, or opened a row when none did (first fit takes the first row that holds it instead)
+    room: dict[int, int] = {}
+    for i in sorted(range(3000), key=lambda i: -len(seqs[i])):
+        n, (r, _) = len(seqs[i]), placed[i]
+        fits = [f for f in room.values() if f >= n]
+        if r in room:
+            assert room[r] == min(fits), (i, room[r], min(fits))
+            room[r] -= n
+        else:
+            assert not fits and r == len(room)
+            room[r] = 64 - n
+    assert len(p) <= 11 / 9 * math.ceil(sum(map(len, seqs[:3000])) / 64) + 1
     for r in range(len(p)):                                      # positions restart at every conversation
         seg, pos = p.segment_ids[r], p.position_ids[r]
         for s in range(1, int(seg.max()) + 1):
@@ -103,3 +123,21 @@ def test_validation_rows_are_drawn_at_random_and_packed_rows_must_fit_seq_len(tm
     saved = D.save_packed(tmp_path / "p.pt", train, val, Tok())
     with pytest.raises(ValueError, match="holds rows of 12 tokens, but data.seq_len is 16"):
         D.ChatDataModule(Tok(), source="packed", seq_len=16, path=str(saved)).setup()
+
+
+def test_a_resume_over_other_training_rows_is_refused(tmp_path, caplog):
+    path = _sharegpt(tmp_path, [1000 + i for i in range(200)] + [5000 + i for i in range(D.HELDOUT_TAIL)])
+    dm = D.ChatDataModule(Tok(), seq_len=12, path=path, cache=False)
+    dm.setup()
+    state = dm.state_dict()
+    same = D.ChatDataModule(Tok(), seq_len=12, path=path, cache=False)
+    same.load_state_dict(state)          # before setup: checked once the data exist
+    same.setup()
+    other = D.ChatDataModule(Tok(), seq_len=12, path=path, cache=False, seed=1)   # another split
+    other.setup()
+    with pytest.raises(RuntimeError, match="training rows differ"):
+        other.load_state_dict(state)
+    old = D.ChatDataModule(Tok(), seq_len=12, path=path, cache=False)
+    old.setup()
+    old.load_state_dict({k: v for k, v in state.items() if k != "data"})   # a checkpoint from before: a warning
+    assert "cannot check" in caplog.text

@@ -95,7 +95,6 @@ class _IdTok:
 
 def test_training_never_sees_the_heldout_tail(tmp_path, monkeypatch):
     from cwic_exp import data as D
-    from cwic_exp.eval.chat import _tail
     monkeypatch.setattr(D, "_cache_root", lambda: tmp_path / "cache")
     recs = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"}]}
             for i in range(200)]
@@ -103,7 +102,7 @@ def test_training_never_sees_the_heldout_tail(tmp_path, monkeypatch):
     f.write_text(json.dumps(recs))
     train, val = D.build_packed(_IdTok(), path=str(f), seq_len=16, val_fraction=0.1, progress=False)
     seen = {int(t) - 1000 for d in (train, val) for t in d.input_ids.flatten().tolist() if t >= 1000}
-    held = {int(m[0]["content"][1:]) for m in _tail(D.HELDOUT_TAIL, f)}
+    held = {int(m[0]["content"][1:]) for m in D.heldout_conversations(f, D.HELDOUT_TAIL)}
     assert len(held) == D.HELDOUT_TAIL and held == set(range(200 - D.HELDOUT_TAIL, 200))
     assert seen == set(range(200 - D.HELDOUT_TAIL)) and not seen & held
     assert train.info["sharegpt_heldout_tail_excluded"] == D.HELDOUT_TAIL

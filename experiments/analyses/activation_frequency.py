@@ -166,7 +166,7 @@ def fig8(model, rec, label, out):
 def main(argv=None):
     p = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     p.add_argument("--compare", nargs="*", default=[], help="more checkpoints for Fig. 7 (e.g. a milestone)")
-    p.add_argument("--rows", type=int, default=8, help="held-out rows (of the run's sequence length)")
+    p.add_argument("--rows", type=int, default=8, help="held-out rows (of 512 tokens: common.heldout_rows)")
     p.add_argument("--batch-size", type=int, default=2)
     args = p.parse_args(argv)
     out = setup(args)

@@ -75,22 +75,24 @@ HELDOUT_SEQ_LEN = 512
 
 
 def heldout_rows(tok, ckpt=None, rows: int = 8, seq_len: int = HELDOUT_SEQ_LEN):
-    """Rows of the held-out chat set, the same for every checkpoint: the last HELDOUT_TAIL ShareGPT conversations,
-    which every training split leaves out (`cwic_exp.data`), those of ≤ seq_len tokens packed into rows of seq_len,
+    """Rows of the held-out chat set, the same for every checkpoint: the last HELDOUT_TAIL ShareGPT conversations less
+    those with a copy earlier in the file (`cwic_exp.data.heldout_conversations`: no training split holds them,
+    not even one made before 2026-12-04), those of ≤ seq_len tokens packed into rows of seq_len,
     and `rows` of those rows drawn at random (seed 0; packing puts the longest conversations first). Not a run's own
     validation split: that one can only be rebuilt from the run's data settings, which an export brought back
     from another machine (or trained on packed data) does not carry, and rebuilt with other settings it would be
     training data. `ckpt` is unused (kept for callers)."""
-    from cwic_exp.data import HELDOUT_TAIL, pack_sequences
-    from cwic_exp.eval.chat import _render, _tail
-    seqs = [s for s in (_render(tok, m) for m in _tail(HELDOUT_TAIL)) if s and len(s) <= seq_len]
+    from cwic_exp.data import HELDOUT_TAIL, heldout_conversations, pack_sequences, pad_id, random_rows, render_ids
+    convs = heldout_conversations(None, HELDOUT_TAIL)
+    seqs = [s for s in (render_ids(tok, m) for m in convs) if s and len(s) <= seq_len]
     if not seqs:
-        raise SystemExit(f"none of the {HELDOUT_TAIL} held-out conversations fits {seq_len} tokens")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    data = pack_sequences(seqs, seq_len, pad)
-    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:rows].sort().values
-    kw = {"source": "sharegpt held-out tail", "conversations": HELDOUT_TAIL, "kept": len(seqs),
-          "seq_len": seq_len, "rows": int(len(idx)), "packed_rows": len(data)}
+        raise SystemExit(f"none of the {len(convs)} held-out conversations fits {seq_len} tokens")
+    data = pack_sequences(seqs, seq_len, pad_id(tok))
+    idx = random_rows(len(data), rows, 0)
+    if len(idx) < rows:
+        log(f"held-out rows: {len(idx)} of the {rows} asked for ({len(seqs)} conversations of ≤ {seq_len} tokens)")
+    kw = {"source": "sharegpt held-out tail", "tail": HELDOUT_TAIL, "conversations": len(convs),
+          "kept": len(seqs), "seq_len": seq_len, "rows": int(len(idx)), "packed_rows": len(data)}
     return data.subset(idx), kw
 
 

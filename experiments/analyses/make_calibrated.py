@@ -4,8 +4,8 @@
 
 SmolLM2-135M-Instruct converted with stripe 192, running statistics gathered on ShareGPT training rows,
 then θ = φ = c everywhere (the LM head: c × --head-scale) with c found by bisection so that the APR
-on held-out rows is --apr. Untrained thresholds cost a lot of quality (measured on held-out rows:
-APR 1.2× gives ½(FKL+RKL) ≈ 0.12, 1.4× ≈ 0.5, 2.5× ≈ 5.8 nats, the last one gibberish). This is
+on held-out rows is --apr. Untrained thresholds cost a lot of quality (measured before 2026-12-04, on the
+old 256-token validation rows: APR 1.2× gives ½(FKL+RKL) ≈ 0.12, 1.4× ≈ 0.5, 2.5× ≈ 5.8 nats, the last one gibberish). This is
 a magnitude threshold in whitened units (TEAL-like, uniform over matrices and stripes): it exercises the
 chat and the analyses on the real model before a trained checkpoint exists. It is NOT a CWIC-trained
 model; its per-stripe patterns are flat by construction. Writes the checkpoint (default
@@ -90,7 +90,8 @@ def main(argv=None):
     model.save_pretrained(save)
     tok.save_pretrained(save)
     meta = {"theta": c, "head_theta": c * args.head_scale, "target_apr": args.apr, **res, "stripe_size": args.stripe_size,
-            "stat_rows": args.stat_rows, "eval_rows": args.eval_rows, "data": data_kw,
+            "stat_rows": args.stat_rows, "eval_rows": args.eval_rows,
+            "data": {"eval": data_kw, "statistics": DEFAULT_DATA},
             "note": "not trained: uniform threshold in whitened units after gathering statistics; "
                     "kl = ½(FKL+RKL) per token to the dense teacher on held-out rows"}
     (save / "cwic_calibration.json").write_text(json.dumps(meta, indent=1))

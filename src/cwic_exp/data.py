@@ -144,9 +144,14 @@ def _to_messages(row: dict) -> list[dict] | None:
     return None
 
 
-def paper_mix_conversations(max_per_source: int | None = None):
+def paper_mix_conversations(max_per_source: int | list[int] | None = None):
+    """The paper's mix (METHOD.md §8), source by source, each source's rows repeated as PAPER_MIX says.
+    max_per_source: at most that many rows of each source (a list: one cap per source), before the repeats."""
     import datasets
-    for name, cfg, split, repeat in PAPER_MIX:
+    caps = max_per_source if isinstance(max_per_source, list) else [max_per_source] * len(PAPER_MIX)
+    for (name, cfg, split, repeat), cap in zip(PAPER_MIX, caps):
+        if cap == 0:
+            continue
         try:
             ds = datasets.load_dataset(name, cfg, split=split, streaming=True)
         except Exception as e:  # noqa: BLE001 - network/gated datasets: say which and go on
@@ -154,7 +159,7 @@ def paper_mix_conversations(max_per_source: int | None = None):
                                f"Offline, use data=sharegpt") from e
         rows, seen, keys = [], 0, None
         for j, row in enumerate(ds):
-            if max_per_source is not None and j >= max_per_source:
+            if cap is not None and j >= cap:
                 break
             seen, keys = seen + 1, keys or sorted(row)
             msgs = _to_messages(row)
@@ -277,7 +282,8 @@ def _cache_root() -> Path:
     return cache_dir() / "data"
 
 
-def _render_ids(tok, msgs) -> list[int] | None:
+def render_ids(tok, msgs) -> list[int] | None:
+    """A conversation in the tokenizer's chat template, as token ids; None where the template rejects it."""
     try:
         ids = tok.apply_chat_template(msgs, tokenize=True)
     except Exception:  # noqa: BLE001 - a template that rejects a role order
@@ -285,6 +291,29 @@ def _render_ids(tok, msgs) -> list[int] | None:
     if hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return list(map(int, ids))
+
+
+def pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+
+def random_rows(n: int, k: int, seed: int = 0) -> Tensor:
+    """k of the indices [0, n) drawn at random (seeded), in increasing order."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
+def _content_key(ids: list[int]) -> bytes:
+    return hashlib.blake2b(torch.tensor(ids, dtype=torch.int64).numpy().tobytes(), digest_size=16).digest()
+
+
+def heldout_conversations(path=None, n: int = HELDOUT_TAIL) -> list[list[dict]]:
+    """The held-out chat set: the last n ShareGPT conversations, less those with a copy earlier in the file. Every
+    split build_packed makes leaves out the tail and its copies; the second rule keeps the set clean for data split
+    before that (packed bundles built before 2026-12-04 kept copies of 9 of the 64 in their splits)."""
+    convs = list(sharegpt_conversations(path))
+    cut = max(0, len(convs) - n)
+    earlier = {json.dumps(m, sort_keys=True) for m in convs[:cut]}
+    return [m for m in convs[cut:] if json.dumps(m, sort_keys=True) not in earlier]
 
 
 def build_packed(tok, source: str = "sharegpt", seq_len: int = 1024, max_len: int | None = None,
@@ -311,11 +340,14 @@ def build_packed(tok, source: str = "sharegpt", seq_len: int = 1024, max_len: in
         convs = list(sharegpt_conversations(path, stats))
         stats["heldout_tail_excluded"] = min(HELDOUT_TAIL, len(convs))
         cut = len(convs) - stats["heldout_tail_excluded"]
-        heldout = {tuple(ids) for ids in map(lambda m: _render_ids(tok, m), convs[cut:]) if ids}
+        heldout = {_content_key(ids) for ids in (render_ids(tok, m) for m in convs[cut:]) if ids}
         convs = convs[:cut]
     elif source == "paper_mix":   # the cap shared out over the sources: a global cap would fill it from the first
         cap = None
-        per = math.ceil(max_conversations / len(PAPER_MIX)) if max_conversations is not None else None
+        per = None
+        if max_conversations is not None:
+            q, r = divmod(max_conversations, len(PAPER_MIX))
+            per = [q + (j < r) for j in range(len(PAPER_MIX))]
         convs = paper_mix_conversations(per)
     else:
         raise ValueError(f"unknown data source {source!r}: expected 'sharegpt' or 'paper_mix'")
@@ -331,13 +363,13 @@ def build_packed(tok, source: str = "sharegpt", seq_len: int = 1024, max_len: in
         if cap is not None and n_conv >= cap:
             break
         n_conv += 1
-        ids = _render_ids(tok, msgs)
+        ids = render_ids(tok, msgs)
         if ids is None:   # a template that rejects a role order: skip that one
             continue
         if len(ids) > max_len:
             too_long += 1
             continue
-        if heldout and tuple(ids) in heldout:   # a copy of a held-out conversation earlier in the file
+        if heldout and _content_key(ids) in heldout:   # a copy of a held-out conversation earlier in the file
             dup_heldout += 1
             continue
         seqs.append(ids)
@@ -345,10 +377,10 @@ def build_packed(tok, source: str = "sharegpt", seq_len: int = 1024, max_len: in
         raise RuntimeError(f"no conversation of ≤ {max_len} tokens in {source}")
     # Split by content, not by position: every copy of a conversation (the sources repeat some, the paper mix
     # repeats its MMLU / ARC / WinoGrande splits 5×) lands on the same side. Validation keeps one copy of each.
-    first: dict[tuple, int] = {}
+    first: dict[bytes, int] = {}
     keys = []
     for i, ids in enumerate(seqs):
-        k = tuple(ids)
+        k = _content_key(ids)
         keys.append(k)
         first.setdefault(k, i)
     uniq = list(first)
@@ -362,7 +394,7 @@ def build_packed(tok, source: str = "sharegpt", seq_len: int = 1024, max_len: in
         raise RuntimeError(f"data: {source} gave {len(uniq)} distinct usable conversation(s) and the validation "
                            f"split (val_fraction={val_fraction}) took them all: no training data; use more data "
                            f"or a smaller data.val_fraction")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(tok)
     train = pack_sequences(train_seqs, seq_len, pad)
     val = pack_sequences([seqs[first[k]] for k in val_keys], seq_len, pad)
     info = {"source": source, "conversations": n_conv, "kept": len(seqs), "distinct": len(uniq),
@@ -393,7 +425,7 @@ def save_packed(path: str | os.PathLike, train: PackedData, val: PackedData, tok
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"format": "cwic-packed-1", "tokenizer": _tokenizer_fingerprint(tok),
-                "pad_id": tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0),
+                "pad_id": pad_id(tok),
                 "train": enc(train), "val": enc(val)}, path)
     return path
 
@@ -405,6 +437,11 @@ def load_packed(path: str | os.PathLike, tok=None) -> tuple[PackedData, PackedDa
     if tok is not None and blob["tokenizer"] != _tokenizer_fingerprint(tok):
         log.warning("%s was tokenised with a tokenizer whose fingerprint differs from the teacher's "
                     "(another transformers version?): check the vocabulary matches", path)
+
+    if "distinct" not in blob["train"].get("info", {}):
+        log.warning("%s was split before 2026-12-04: copies of a conversation can sit in both its training and "
+                    "validation rows, and copies of 9 held-out chat conversations in its training rows; "
+                    "pack it again (make gpu-bundle) for a clean split", path)
 
     def dec(e: dict) -> PackedData:
         ids = e["ids"].to(torch.int32)
@@ -501,6 +538,7 @@ class ChatDataModule(L.LightningDataModule if L else object):
         self.val_rows, self.rows_per_step, self.num_steps = val_rows, rows_per_step, num_steps
         self.seed, self.num_workers = seed, num_workers
         self.start_step = 0
+        self._resumed_data: str | None = None   # a resumed checkpoint's data fingerprint, checked once data exist
         self.train_data: PackedData | None = None
         self.val_data: PackedData | None = None
 
@@ -515,17 +553,42 @@ class ChatDataModule(L.LightningDataModule if L else object):
             else:
                 self.train_data, val = build_packed(self.tok, **self.kw)
             # validation rows drawn at random (seeded): packing puts the longest conversations in the first rows
-            g = torch.Generator().manual_seed(self.seed)
-            self.val_data = val.subset(torch.randperm(len(val), generator=g)[:self.val_rows].sort().values)
+            self.val_data = val.subset(random_rows(len(val), self.val_rows, self.seed))
+        self._check_resumed_data()
+
+    def fingerprint(self) -> str:
+        """The training rows' identity (count and content): a resume must continue over the same rows."""
+        d = self.train_data
+        h = hashlib.sha256(str(tuple(d.input_ids.shape)).encode())
+        h.update(d.input_ids.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def state_dict(self):
         steps = self.trainer.global_step if self.trainer is not None else self.start_step
-        return {"steps_consumed": int(steps), "rows_per_step": self.rows_per_step, "seed": self.seed}
+        st = {"steps_consumed": int(steps), "rows_per_step": self.rows_per_step, "seed": self.seed}
+        if self.train_data is not None:
+            st["data"] = self.fingerprint()
+        return st
 
     def load_state_dict(self, state):
         if state.get("rows_per_step", self.rows_per_step) != self.rows_per_step:
             log.warning("resuming with a different number of sequences per step: the data order changes")
         self.start_step = int(state["steps_consumed"])
+        self._resumed_data = state.get("data", "unknown")
+        self._check_resumed_data()
+
+    def _check_resumed_data(self):
+        want = self._resumed_data
+        if want is None or self.train_data is None:
+            return
+        self._resumed_data = None
+        if want == "unknown":
+            log.warning("the checkpoint predates data fingerprints: cannot check that the resumed run reads the "
+                        "same training rows (the data split changed on 2026-12-04)")
+        elif want != self.fingerprint():
+            raise RuntimeError("the training rows differ from the ones this run was trained on (another data "
+                               "file, settings or version of the split): resuming would continue the step count "
+                               "over other rows. Resume with the same data, or start a new run (resume=false)")
 
     def train_dataloader(self):
         rank, world = 0, 1

@@ -2,29 +2,17 @@
 
 The file's records are recovered one by one (it is truncated; cwic_exp.data does the decoding).
 Calibration takes conversations from the HEAD of the file; the held-out set is its TAIL (the last
-`n` conversations), so neither is benchmark data and the two never overlap. Training
-(cwic_exp.data.build_packed) drops the last `cwic_exp.data.HELDOUT_TAIL` (64) conversations from both its
-train and validation splits, so the held-out set here (n ≤ 64) is never trained on.
+`n` conversations, less those with a copy earlier in the file: `cwic_exp.data.heldout_conversations`), so
+neither is benchmark data and the two never overlap. Training (cwic_exp.data.build_packed) drops the last
+`cwic_exp.data.HELDOUT_TAIL` (64) conversations and their copies from both its train and validation splits, so
+the held-out set here (n ≤ 64) is never trained on.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-
-def _tail(n: int, path=None) -> list[list[dict]]:
-    from ..data import sharegpt_conversations
-    return list(sharegpt_conversations(path))[-n:]
-
-
-def _render(tok, msgs) -> list[int] | None:
-    try:
-        ids = tok.apply_chat_template(msgs, tokenize=True)
-    except Exception:  # noqa: BLE001 - a template that rejects a role order: skip the conversation
-        return None
-    if hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(map(int, ids))
+from ..data import heldout_conversations, pad_id, render_ids
 
 
 def calibration_rows(tok, rows: int = 64, seq_len: int = 512, path=None) -> Tensor:
@@ -34,7 +22,7 @@ def calibration_rows(tok, rows: int = 64, seq_len: int = 512, path=None) -> Tens
     stream: list[int] = []
     need = rows * seq_len
     for msgs in sharegpt_conversations(path):
-        ids = _render(tok, msgs)
+        ids = render_ids(tok, msgs)
         if ids:
             stream.extend(ids)
         if len(stream) >= need:
@@ -52,8 +40,8 @@ def heldout_rows(tok, conversations: int = 64, seq_len: int = 1024, path=None) -
     if path is None and conversations > HELDOUT_TAIL:
         raise ValueError(f"only the last {HELDOUT_TAIL} ShareGPT conversations are held out of training "
                          f"(cwic_exp.data.HELDOUT_TAIL); {conversations} would score trained ones")
-    seqs = [s for s in (_render(tok, m) for m in _tail(conversations, path)) if s]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    seqs = [s for s in (render_ids(tok, m) for m in heldout_conversations(path, conversations)) if s]
+    pad = pad_id(tok)
     T = min(seq_len, max(len(s) for s in seqs))
     ids = torch.full((len(seqs), T), pad, dtype=torch.long)
     mask = torch.zeros(len(seqs), T, dtype=torch.long)

@@ -34,6 +34,20 @@ def tiny_model(family: str = "llama", seed: int = 0, **kw):
     return model.eval()
 
 
+class IdTok:
+    """A tokenizer stand-in: conversation "q<N>" (its first message) renders to [1000 + N, 7, 8]."""
+    pad_token_id, eos_token_id, chat_template = 0, 0, "ids"
+
+    def __len__(self):
+        return 5000
+
+    def __call__(self, text):
+        return {"input_ids": [len(text)]}
+
+    def apply_chat_template(self, msgs, tokenize=True):
+        return [1000 + int(msgs[0]["content"][1:]), 7, 8]
+
+
 def rand_batch(vocab=96, b=2, t=12, seed=1, pad_last=3):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (b, t), generator=g)

@@ -706,7 +706,8 @@ def test_huge_page_arena_copies_and_decoder_bits(ext):
 
 def test_decode_bench_trained_checkpoint_rows(ext):
     """bench_decode --device cpu --checkpoint: the trained row decodes with the model's own thresholds; the calibrated
-    row keeps the weights and running statistics, replaces θ and φ, and aims at the decode APR the trained row read."""
+    row keeps the weights and running statistics, replaces θ and φ, and aims at the decode APR the trained row
+    read."""
     import copy
 
     import cwic_exp

@@ -12,28 +12,16 @@ import pytest
 import torch
 
 from cwic_exp import data as D
-
-
-class Tok:
-    """Renders a conversation to [N, 7, 8], N the number in its first message ("q:N")."""
-    pad_token_id, eos_token_id, chat_template = 0, 0, "ids"
-
-    def __len__(self):
-        return 100000
-
-    def __call__(self, t):
-        return {"input_ids": [len(t)]}
-
-    def apply_chat_template(self, msgs, tokenize=True):
-        return [int(msgs[0]["content"].split(":")[1]), 7, 8]
+from conftest import IdTok as Tok
 
 
 def _convs(data: D.PackedData) -> list[int]:
-    return [int(t) for t in data.input_ids.flatten().tolist() if t >= 1000]
+    """The conversations' numbers N ("qN") in the rows."""
+    return [int(t) - 1000 for t in data.input_ids.flatten().tolist() if t >= 1000]
 
 
 def _sharegpt(tmp_path, numbers):
-    recs = [{"conversations": [{"from": "human", "value": f"q:{n}"}, {"from": "gpt", "value": "a"}]} for n in numbers]
+    recs = [{"conversations": [{"from": "human", "value": f"q{n}"}, {"from": "gpt", "value": "a"}]} for n in numbers]
     p = tmp_path / "sharegpt.json"
     p.write_text(json.dumps(recs))
     return str(p)
@@ -43,15 +31,15 @@ def test_copies_stay_on_one_side_and_heldout_copies_are_dropped(tmp_path):
     body = [1000 + i for i in range(300)]
     tail = [5000 + i for i in range(D.HELDOUT_TAIL)]
     numbers = body + body[:100] + tail[:5] + tail       # 100 repeated conversations; 5 held-out ones appear early
-    train, val = D.build_packed(Tok(), source="sharegpt", seq_len=12, val_fraction=0.2, path=_sharegpt(tmp_path, numbers),
-                                cache=False, progress=False)
+    train, val = D.build_packed(Tok(), source="sharegpt", seq_len=12, val_fraction=0.2,
+                                path=_sharegpt(tmp_path, numbers), cache=False, progress=False)
     tr, va = _convs(train), _convs(val)
     assert not set(tr) & set(va)
     assert not (set(tr) | set(va)) & set(tail)
     assert len(va) == len(set(va)) == round(300 * 0.2)          # one copy of each validation conversation
     assert sorted(set(tr) | set(va)) == body                   # nothing else lost
     assert train.info["heldout_copies_dropped"] == 5 and train.info["distinct"] == 300
-    held = [int(m[0]["content"][2:]) for m in D.heldout_conversations(_sharegpt(tmp_path, numbers))]
+    held = [int(m[0]["content"][1:]) for m in D.heldout_conversations(_sharegpt(tmp_path, numbers))]
     assert held == tail[5:]                                     # the tail less the conversations with earlier copies
     assert sum(tr.count(n) for n in body[:100] if n in tr) == 2 * len([n for n in body[:100] if n in tr])
 
@@ -59,7 +47,7 @@ def test_copies_stay_on_one_side_and_heldout_copies_are_dropped(tmp_path):
 def test_paper_mix_cap_reaches_every_source_and_repeats_do_not_leak(monkeypatch):
     def load_dataset(name, cfg, split, streaming):
         k = [i for i, (n, c, *_) in enumerate(D.PAPER_MIX) if n == name and c == cfg][0]
-        return [{"messages": [{"role": "user", "content": f"q:{1000 * (k + 1) + j}"},
+        return [{"messages": [{"role": "user", "content": f"q{1000 * (k + 1) + j}"},
                               {"role": "assistant", "content": "a"}]} for j in range(50)]
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     train, val = D.build_packed(Tok(), source="paper_mix", seq_len=12, max_conversations=47, cache=False,

@@ -14,7 +14,7 @@ import torch
 import cwic_exp
 from cwic_exp import cwic_context, to_cwic
 from cwic_exp.data import (StepSampler, iter_json_records, model_inputs, pack_sequences)
-from conftest import tiny_model
+from conftest import IdTok, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,20 +79,6 @@ def test_truncated_json_records_are_recovered(tmp_path):
     assert stats["records"] == 4 and stats["broken_tail_chars"] > 0
 
 
-class _IdTok:
-    """A tokenizer stand-in: each conversation renders to [1000 + its number, ...]."""
-    pad_token_id, eos_token_id, chat_template = 0, 0, "ids"
-
-    def __len__(self):
-        return 5000
-
-    def __call__(self, text):
-        return {"input_ids": [len(text)]}
-
-    def apply_chat_template(self, msgs, tokenize=True):
-        return [1000 + int(msgs[0]["content"][1:]), 7, 8]
-
-
 def test_training_never_sees_the_heldout_tail(tmp_path, monkeypatch):
     from cwic_exp import data as D
     monkeypatch.setattr(D, "_cache_root", lambda: tmp_path / "cache")
@@ -100,7 +86,7 @@ def test_training_never_sees_the_heldout_tail(tmp_path, monkeypatch):
             for i in range(200)]
     f = tmp_path / "sg.json"
     f.write_text(json.dumps(recs))
-    train, val = D.build_packed(_IdTok(), path=str(f), seq_len=16, val_fraction=0.1, progress=False)
+    train, val = D.build_packed(IdTok(), path=str(f), seq_len=16, val_fraction=0.1, progress=False)
     seen = {int(t) - 1000 for d in (train, val) for t in d.input_ids.flatten().tolist() if t >= 1000}
     held = {int(m[0]["content"][1:]) for m in D.heldout_conversations(f, D.HELDOUT_TAIL)}
     assert len(held) == D.HELDOUT_TAIL and held == set(range(200 - D.HELDOUT_TAIL, 200))

@@ -5,8 +5,8 @@
 SmolLM2-135M-Instruct converted with stripe 192, running statistics gathered on ShareGPT training rows,
 then θ = φ = c everywhere (the LM head: c × --head-scale) with c found by bisection so that the APR
 on held-out rows is --apr. Untrained thresholds cost a lot of quality (measured before 2026-12-04, on the
-old 256-token validation rows: APR 1.2× gives ½(FKL+RKL) ≈ 0.12, 1.4× ≈ 0.5, 2.5× ≈ 5.8 nats, the last one gibberish). This is
-a magnitude threshold in whitened units (TEAL-like, uniform over matrices and stripes): it exercises the
+old 256-token validation rows: APR 1.2× gives ½(FKL+RKL) ≈ 0.12, 1.4× ≈ 0.5, 2.5× ≈ 5.8 nats, the last one
+gibberish). This is a magnitude threshold in whitened units (TEAL-like, uniform over matrices and stripes): it exercises the
 chat and the analyses on the real model before a trained checkpoint exists. It is NOT a CWIC-trained
 model; its per-stripe patterns are flat by construction. Writes the checkpoint (default
 $CWIC_CACHE/calibrated/smollm2-apr<APR>) with `cwic_calibration.json` beside the weights.

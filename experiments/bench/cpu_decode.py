@@ -503,9 +503,10 @@ def main(argv=None):
     summary["note"] = ("speedup: CWIC tokens/s over the faster dense configuration (dense-own: our kernel with "
                        "every pair on, same layout and path); speedup_vs_dense_torch: over dense with at::linear "
                        "(= F.linear). APR: project accounting (q,k,v,o,FFN,head); apr_decode measured on the "
-                       "decoded tokens. " + ("cwic-trained: the checkpoint's own thresholds; cwic-calibrated: calibrated "
-                       "thresholds on the same weights and statistics at the decode APR cwic-trained read."
-                       if args.checkpoint else "Thresholds calibrated, not trained."))
+                       "decoded tokens. "
+                       + ("cwic-trained: the checkpoint's own thresholds; cwic-calibrated: calibrated thresholds on "
+                          "the same weights and statistics at the decode APR cwic-trained read."
+                          if args.checkpoint else "Thresholds calibrated, not trained."))
     for name, r in results.items():
         summary[f"speedup_vs_dense_own_{name}"] = {k.split("-")[1]: round(v["speedup_vs_dense_own"], 3)
                                                    for k, v in r["configs"].items() if k.startswith("cwic-")}

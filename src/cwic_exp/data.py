@@ -539,6 +539,7 @@ class ChatDataModule(L.LightningDataModule if L else object):
         self.seed, self.num_workers = seed, num_workers
         self.start_step = 0
         self._resumed_data: str | None = None   # a resumed checkpoint's data fingerprint, checked once data exist
+        self._fingerprint: str | None = None
         self.train_data: PackedData | None = None
         self.val_data: PackedData | None = None
 
@@ -558,10 +559,12 @@ class ChatDataModule(L.LightningDataModule if L else object):
 
     def fingerprint(self) -> str:
         """The training rows' identity (count and content): a resume must continue over the same rows."""
-        d = self.train_data
-        h = hashlib.sha256(str(tuple(d.input_ids.shape)).encode())
-        h.update(d.input_ids.contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        if self._fingerprint is None:
+            d = self.train_data
+            h = hashlib.sha256(str(tuple(d.input_ids.shape)).encode())
+            h.update(d.input_ids.contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def state_dict(self):
         steps = self.trainer.global_step if self.trainer is not None else self.start_step

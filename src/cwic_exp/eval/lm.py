@@ -105,7 +105,8 @@ class CwicLM(TemplateLM):
             raise ValueError("CwicLM needs the model's tokenizer")
         self.tokenizer = tokenizer
         self.model = model
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        from ..data import pad_id
+        pad = pad_id(tokenizer)
         self.scorer = scorer or ModelScorer(model, pad, row_tokens, batch_tokens, progress=progress)
         self._pending: list | None = None
         self.group_active: dict = {}

@@ -393,7 +393,7 @@ def test_decode_dense_matches_hf(ext):
     ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = m(ids).logits[0]
-    for dense in ("own", "torch"):
+    for dense in ("own", "fused", "torch"):
         dec = CpuDecoder(m, mode="dense", dense=dense, dtype=torch.float32, max_len=64)
         torch.testing.assert_close(_step_logits(dec, ids), ref, rtol=1e-4, atol=1e-4)
     # greedy generation: the same tokens as Hugging Face
@@ -640,6 +640,11 @@ def test_decode_bench_forced_reaches_every_timed_decode(ext, monkeypatch, forced
     assert len(seen) >= 5   # dense-own, dense-torch, the correction's tries, dense-own and CWIC again
     assert all(f == (text if forced else None) for f in seen)
     row = res["configs"]["cwic-2x"]
+    assert {"dense-own", "dense-fused", "dense-torch"} <= set(res["configs"])
+    best = res["configs"][res["dense_best"]]["tokens_per_s_phases"][0]       # its median in the dense phase
+    assert all(best >= res["configs"][k]["tokens_per_s"] for k in ("dense-own", "dense-fused", "dense-torch")
+               if k != res["dense_best"])
+    assert row["speedup"] == row["speedup_paired"] and row["dense_same_rounds"] == res["dense_best"]
     assert res["text"].startswith("forced" if forced else "generated")
     assert ("next_token_agreement_forced" in row) == forced
     if forced:
@@ -740,3 +745,37 @@ def test_decode_bench_trained_checkpoint_rows(ext):
     none = bench_model("tiny", copy.deepcopy(own), None, 16, [], 5, 1, torch.float32, 0, lambda: True,
                        lambda *a: None, calib, prompt, hf_check=False, forced=True, trained=True)
     assert "cwic-calibrated" not in none["configs"] and "cwic-trained" in none["configs"]
+
+
+def test_decode_bench_rounds_rotate_and_pair_by_round():
+    """run_rounds: every configuration takes every position equally often; the headline speedup is the median of
+    the per-round ratios (a drifting host moves both sides of a round together)."""
+    import types
+
+    from experiments.bench.cpu_decode import paired, run_rounds
+    calls = []
+
+    class Fake:
+        def __init__(self, name, tps):
+            self.name, self.tps, self.r = name, tps, 0
+
+        def prefill(self, ids):
+            pass
+
+        def timed_decode(self, prompt, n, forced=None):
+            calls.append(self.name)
+            self.r += 1
+            return types.SimpleNamespace(tokens_per_s=self.tps[self.r - 1], prefill_seconds=0.0)
+
+        def profile(self):
+            return {}
+
+    drift = [100.0, 50.0, 80.0, 90.0, 40.0, 60.0]          # the host slows and speeds up between rounds
+    decs = {"d": Fake("d", drift), "a": Fake("a", [2 * x for x in drift]), "b": Fake("b", [3 * x for x in drift])}
+    runs = run_rounds(decs, [1, 2, 3, 4], 8, 6, lambda: True, lambda *a: None)
+    rounds = [calls[3 * r:3 * r + 3] for r in range(6)]
+    assert rounds[:3] == [["d", "a", "b"], ["a", "b", "d"], ["b", "d", "a"]] and rounds[3:] == rounds[:3]
+    for name in decs:
+        assert sorted(r.index(name) for r in rounds) == [0, 0, 1, 1, 2, 2]
+    p = paired(runs, "b", "d")
+    assert p["speedup_paired"] == pytest.approx(3.0) and p["speedup_paired_range"] == pytest.approx([3.0, 3.0])

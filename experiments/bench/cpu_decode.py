@@ -22,11 +22,14 @@ token by token (teacher forcing; each step is the same one-token decode step as 
 measures exactly the text that is timed.
 
 Every configuration runs in `cwic_exp.cpu_decode.CpuDecoder` (one C++ call per token, bf16 weights and KV
-cache, fp32 activations): dense with our kernel ("dense-own": every (stripe, input) pair on), dense with
-ATen `at::linear` ("dense-torch": what F.linear runs), and CWIC. The prompt is fed untimed; then
---new-tokens greedy steps (or forced steps, `--forced`) are timed. Configurations are interleaved round-robin
-(--rounds), each run waiting for idle CPUs first (the machine is shared); medians. The speedup is against the
-FASTER dense configuration. APR is counted as the project does (q, k, v, o, FFN, head; not embeddings or attention):
+cache, fp32 activations): three dense ones, our kernel with every (stripe, input) pair on ("dense-own", its FFN as
+two GEMVs), the same with the FFN through the CWIC FFN kernel with every unit on ("dense-fused": a unit's up and
+down rows one span, as CWIC reads them), ATen `at::linear` ("dense-torch": what F.linear runs); and CWIC. The
+prompt is fed untimed; then --new-tokens greedy steps (or forced steps, `--forced`) are timed. The dense
+configurations are timed together first; the fastest of them is then timed with each CWIC configuration, in
+--rounds interleaved rounds (the order rotated each round), each run waiting for idle CPUs first (the machine is
+shared). The speedup is the median over the rounds of CWIC / the fastest dense in the same round, with its range
+(`speedup_phases`: the ratio of medians over all phases). APR is counted as the project does (q, k, v, o, FFN, head; not embeddings or attention):
 `apr_calib` on the calibration tokens, `apr_decode` = dense weights / weights the kernels actually read
 on the decoded tokens. The LAST line is one JSON object.
 """
@@ -174,13 +177,15 @@ def forced_rounds(decs: dict, prompt, forced, rounds: int) -> tuple[dict, dict]:
 
 
 def run_rounds(configs: dict, prompt, new_tokens: int, rounds: int, quiet, log, forced=None) -> dict:
-    """Interleaved timed runs: {name: {'tps': [...], 'stats': DecodeStats of the last run}}, the order reversed every
-    other round (a config always timed right after another would carry any effect of that position). forced: the
-    tokens every config is fed instead of its own greedy choices (`CpuDecoder.timed_decode`)."""
+    """Interleaved timed runs: {name: {'tps': [...], 'stats': DecodeStats of the last run}}, the order rotated by one
+    every round (each config takes each position equally often over len(configs) rounds; a config always timed right
+    after another would carry any effect of that position). forced: the tokens every config is fed instead of its
+    own greedy choices (`CpuDecoder.timed_decode`)."""
     from experiments.bench.cpu_kernels import involuntary_switches
     out = {k: {"tps": [], "quiet": 0, "preempted": [], "prefill_ms": []} for k in configs}
     for r in range(rounds):
-        for name, dec in (list(configs.items()) if r % 2 == 0 else list(configs.items())[::-1]):
+        items = list(configs.items())
+        for name, dec in items[r % len(items):] + items[:r % len(items)]:
             ok = quiet()
             dec.prefill(prompt[:4])          # wake the threads and caches up after the wait
             c0 = involuntary_switches()
@@ -207,6 +212,17 @@ def summarise(res: dict) -> dict:
                 "prefill_ms": statistics.median(v["prefill_ms"]) if v["prefill_ms"] else float("nan"),
                 "ms_per_token_by_part": {p: round(t * 1e3, 4) for p, t in v["profile"].items()}}
     return s
+
+
+DENSE_IMPLS = ("own", "fused", "torch")   # cwic_exp.cpu_decode.CpuDecoder(mode="dense", dense=...)
+
+
+def paired(runs: dict, key: str, ref: str) -> dict:
+    """CWIC over the dense reference round by round (both timed in the same round, next to each other): the median
+    of the per-round ratios and their range. Host drift between phases cancels; a round's own noise does not."""
+    r = [c / d for (c, _), (d, _) in zip(runs[key]["tps"], runs[ref]["tps"])]
+    return {"speedup_paired": statistics.median(r), "speedup_paired_range": [min(r), max(r)],
+            "speedup_paired_rounds": [round(x, 4) for x in r], "dense_same_rounds": ref}
 
 
 def huge_mb(dec) -> float:
@@ -242,18 +258,20 @@ def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtyp
         log(f"  C++ dense decode (fp32) reproduces HF greedy tokens: {ours == hf}")
         del d32
     t0 = time.time()
-    dense = {"dense-own": CpuDecoder(model, mode="dense", dense="own", dtype=dtype, max_len=max_len,
-                                     nthreads=threads),
-             "dense-torch": CpuDecoder(model, mode="dense", dense="torch", dtype=dtype, max_len=max_len,
-                                       nthreads=threads)}
+    dense = {f"dense-{impl}": CpuDecoder(model, mode="dense", dense=impl, dtype=dtype, max_len=max_len,
+                                         nthreads=threads) for impl in DENSE_IMPLS}
     log(f"  dense decoders built ({time.time() - t0:.0f} s)")
     dense_tokens = dense["dense-own"].generate(prompt_ids, new_tokens)[len(prompt_ids):]
-    log("  timing dense-own vs dense-torch")
+    log("  timing " + " vs ".join(dense))
     text = dense_tokens if forced else None
     runs = run_rounds(dense, prompt_ids, new_tokens, rounds, quiet, log, forced=text)
     summary = summarise(runs)
-    summary["dense-own"]["huge_page_mb"] = huge_mb(dense["dense-own"])
-    del dense["dense-torch"]
+    for k in ("dense-own", "dense-fused"):
+        summary[k]["huge_page_mb"] = huge_mb(dense[k])
+    ref = max(dense, key=lambda k: summary[k]["tokens_per_s"])   # the faster dense: every CWIC row is paired with it
+    res["dense_best"] = ref
+    for k in [k for k in dense if k != ref]:
+        del dense[k]
     gc.collect()
     calib_ids, calib_mask = calib
     extra = {}   # the trained decoder, timed in the same rounds as the calibrated one (the host drifts)
@@ -272,9 +290,8 @@ def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtyp
     else:
         cwic_exp.to_cwic(model, stripe_size=stripe)
 
-    def take_trained(sm):
-        summary["cwic-trained"] = {**sm["cwic-trained"], **own_row,
-                                   "dense_own_same_rounds": sm["dense-own"]["tokens_per_s"]}
+    def take_trained(sm, runs):
+        summary["cwic-trained"] = {**sm["cwic-trained"], **own_row, **paired(runs, "cwic-trained", ref)}
 
     cache = {}
     for i, apr in enumerate(aprs):
@@ -308,18 +325,18 @@ def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtyp
         if forced:   # under forcing: how often each step's greedy choice is the dense model's next token
             dec.prefill(prompt_ids)
             agree = [dec.step(t) == n for t, n in zip(dense_tokens[:-1], dense_tokens[1:])]
-        runs = run_rounds({"dense-own": dense["dense-own"], **extra, key: dec}, prompt_ids, new_tokens, rounds,
-                          quiet, log, forced=text)
+        runs = run_rounds({ref: dense[ref], **extra, key: dec}, prompt_ids, new_tokens, rounds, quiet, log,
+                          forced=text)
         sm = summarise(runs)
         if trained:
-            take_trained(sm)
-        summary.setdefault("dense-own-repeats", []).append(sm["dense-own"]["tokens_per_s"])
+            take_trained(sm, runs)
+        summary.setdefault("ref-repeats", []).append(sm[ref]["tokens_per_s"])
         summary[key] = sm[key]
         summary[key].update({"apr_target": apr, "apr_calib": st["apr"], "density_calib": st["density"],
                              "huge_page_mb": huge_mb(dec),
                              "calib_target": target, "apr_decode_first_calibration": first,
                              "apr_corrections": [[round(t, 4), round(a, 4)] for t, a in tries],
-                             "dense_own_same_rounds": sm["dense-own"]["tokens_per_s"],
+                             **paired(runs, key, ref),
                              "greedy_tokens_equal_to_dense": sum(a == b for a, b in zip(toks, dense_tokens))
                              / max(1, len(toks))})
         if forced:
@@ -327,23 +344,20 @@ def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtyp
         del dec
         gc.collect()
     if trained and not aprs:
-        sm = summarise(run_rounds({"dense-own": dense["dense-own"], **extra}, prompt_ids, new_tokens, rounds, quiet,
-                                  log, forced=text))
-        summary.setdefault("dense-own-repeats", []).append(sm["dense-own"]["tokens_per_s"])
-        take_trained(sm)
+        runs = run_rounds({ref: dense[ref], **extra}, prompt_ids, new_tokens, rounds, quiet, log, forced=text)
+        sm = summarise(runs)
+        summary.setdefault("ref-repeats", []).append(sm[ref]["tokens_per_s"])
+        take_trained(sm, runs)
     extra.clear()
-    # dense-own: median over its runs in every phase
-    own = [summary["dense-own"]["tokens_per_s"]] + summary.pop("dense-own-repeats", [])
-    summary["dense-own"]["tokens_per_s_phases"] = own
-    summary["dense-own"]["tokens_per_s"] = statistics.median(own)
-    best = max(summary["dense-own"]["tokens_per_s"], summary["dense-torch"]["tokens_per_s"])
-    res["dense_best"] = "dense-own" if summary["dense-own"]["tokens_per_s"] >= summary["dense-torch"]["tokens_per_s"] \
-        else "dense-torch"
+    # the faster dense: median over its runs in every phase (the other dense rows ran in the first phase only)
+    phases = [summary[ref]["tokens_per_s"]] + summary.pop("ref-repeats", [])
+    summary[ref]["tokens_per_s_phases"] = phases
+    summary[ref]["tokens_per_s"] = statistics.median(phases)
     for c in (v for k, v in summary.items() if k.startswith("cwic-")):
-        c["speedup"] = c["tokens_per_s"] / best
-        c["speedup_vs_dense_own"] = c["tokens_per_s"] / summary["dense-own"]["tokens_per_s"]
-        c["speedup_vs_dense_torch"] = c["tokens_per_s"] / summary["dense-torch"]["tokens_per_s"]
-        c["speedup_same_rounds"] = c["tokens_per_s"] / c["dense_own_same_rounds"]
+        c["speedup"] = c["speedup_paired"]   # the headline: CWIC over the faster dense in the same rounds
+        c["speedup_phases"] = c["tokens_per_s"] / summary[ref]["tokens_per_s"]
+        for impl in DENSE_IMPLS:
+            c[f"speedup_vs_dense_{impl}"] = c["tokens_per_s"] / summary[f"dense-{impl}"]["tokens_per_s"]
     res["configs"] = summary
     return res
 
@@ -354,16 +368,19 @@ def table(res: dict) -> str:
     lines = [f"### {res['model']} (stripe {res['stripe']}, {res['prompt_tokens']}-token prompt, "
              f"{res['new_tokens']} timed tokens{' of the dense model’s text, forced' if forced else ''}, "
              f"{res['rounds']} rounds)", "",
-             "| config | tokens/s | APR (calib / decode) | speedup vs best dense | vs dense-own | vs dense-torch | "
-             "prefill ms |", "|---|---|---|---|---|---|---|"]
-    for k in ("dense-own", "dense-torch"):
-        lines.append(f"| {k} | {c[k]['tokens_per_s']:.2f} | 1.00 / {c[k]['apr_decode']:.2f} | | | | "
+             f"| config | tokens/s | APR (calib / decode) | speedup over {res['dense_best']}, same rounds: median "
+             "(range) | vs dense-own | vs dense-fused | vs dense-torch | prefill ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for k in (f"dense-{impl}" for impl in DENSE_IMPLS):
+        lines.append(f"| {k} | {c[k]['tokens_per_s']:.2f} | 1.00 / {c[k]['apr_decode']:.2f} | | | | | "
                      f"{c[k].get('prefill_ms', float('nan')):.1f} |")
     for k, v in c.items():
         if k.startswith("cwic"):
+            lo, hi = v["speedup_paired_range"]
             lines.append(f"| {k} | {v['tokens_per_s']:.2f} | {v['apr_calib']:.2f} / {v['apr_decode']:.2f} | "
-                         f"**{v['speedup']:.2f}×** | {v['speedup_vs_dense_own']:.2f}× | "
-                         f"{v['speedup_vs_dense_torch']:.2f}× | {v.get('prefill_ms', float('nan')):.1f} |")
+                         f"**{v['speedup']:.2f}×** ({lo:.2f}–{hi:.2f}) | {v['speedup_vs_dense_own']:.2f}× | "
+                         f"{v['speedup_vs_dense_fused']:.2f}× | {v['speedup_vs_dense_torch']:.2f}× | "
+                         f"{v.get('prefill_ms', float('nan')):.1f} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -373,7 +390,7 @@ def main(argv=None):
     ap.add_argument("--models", default="smollm2,llama1b", help="comma list of smollm2, llama1b")
     ap.add_argument("--aprs", default="2,3,4")
     ap.add_argument("--new-tokens", type=int, default=0, help="timed tokens (default 64 SmolLM2, 24 1B)")
-    ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 5 SmolLM2, 3 1B)")
+    ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 9)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--stripe-smollm2", type=int, default=192)
@@ -439,7 +456,7 @@ def main(argv=None):
             prompt = chat_ids(tok, PROMPT)
             calib = calib_batch(tok)
             new_tokens = args.new_tokens or (32 if args.quick else 64)
-            rounds = args.rounds or (3 if args.quick else 5)
+            rounds = args.rounds or (3 if args.quick else 9)
             stripe, label, hf_check = args.stripe_smollm2, "SmolLM2-135M-Instruct", True
         elif name == "llama1b":
             model = llama1b_shaped(layers=args.llama1b_layers)
@@ -447,7 +464,7 @@ def main(argv=None):
             prompt = torch.randint(0, 128256, (24,), generator=g).tolist()
             calib = (torch.randint(0, 128256, (2, 64), generator=g), torch.ones(2, 64, dtype=torch.long))
             new_tokens = args.new_tokens or 24
-            rounds = args.rounds or 3
+            rounds = args.rounds or 9
             stripe, label, hf_check = args.stripe_llama1b, f"Llama-3.2-1B-shaped random ({args.llama1b_layers} layers)", False
         elif name == "checkpoint":
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -458,7 +475,7 @@ def main(argv=None):
             prompt = chat_ids(tok, PROMPT)
             calib = calib_batch(tok)
             new_tokens = args.new_tokens or 64
-            rounds = args.rounds or 5
+            rounds = args.rounds or 9
             stripe = model.config.cwic.get("stripe_size")
             label, hf_check = f"trained CWIC checkpoint {os.path.normpath(args.checkpoint)}", False
         else:
@@ -500,10 +517,12 @@ def main(argv=None):
         summary[f"apr_decode_{name}"] = {a: round(v["apr_decode"], 3) for a, v in cw.items()}
     summary["speedup"] = summary[f"speedup_{head}"]
     summary["speedup_vs_dense_torch"] = summary[f"speedup_vs_dense_torch_{head}"]
-    summary["note"] = ("speedup: CWIC tokens/s over the faster dense configuration (dense-own: our kernel with "
-                       "every pair on, same layout and path); speedup_vs_dense_torch: over dense with at::linear "
-                       "(= F.linear). APR: project accounting (q,k,v,o,FFN,head); apr_decode measured on the "
-                       "decoded tokens. "
+    summary["note"] = ("speedup: CWIC over the fastest dense configuration, the median of the per-round ratios of "
+                       "runs timed in the same rounds (speedup_paired_range: their range; speedup_phases: the ratio "
+                       "of medians over all phases). Dense: dense-own (our GEMV with every pair on, the FFN as two "
+                       "GEMVs), dense-fused (the same, the FFN through the CWIC FFN kernel with every unit on), "
+                       "dense-torch (at::linear = F.linear). APR: project accounting (q,k,v,o,FFN,head); apr_decode "
+                       "measured on the decoded tokens. "
                        + ("cwic-trained: the checkpoint's own thresholds; cwic-calibrated: calibrated thresholds on "
                           "the same weights and statistics at the decode APR cwic-trained read."
                           if args.checkpoint else "Thresholds calibrated, not trained."))
@@ -512,7 +531,7 @@ def main(argv=None):
                                                    for k, v in r["configs"].items() if k.startswith("cwic-")}
     if "trained" in summary["speedup"]:
         c = results["checkpoint"]["configs"]
-        line = (f"trained thresholds: {c['cwic-trained']['speedup']:.2f}× over the faster dense at decode APR "
+        line = (f"trained thresholds: {c['cwic-trained']['speedup']:.2f}× over the fastest dense at decode APR "
                 f"{c['cwic-trained']['apr_decode']:.2f}")
         if "cwic-calibrated" in c:
             line += (f"; calibrated thresholds on the same weights: {c['cwic-calibrated']['speedup']:.2f}× at "
@@ -521,11 +540,11 @@ def main(argv=None):
         md += [line, ""]
     if "3x" in summary["speedup"]:
         for name, r in results.items():
-            best = "our kernel" if r["dense_best"] == "dense-own" else "F.linear"
             c3 = r["configs"]["cwic-3x"]   # (unrounded: the table's cells and this line agree)
-            line = (f"3× APR, {r['model']}: {c3['speedup']:.2f}× over the faster dense ({best}); "
-                    f"{c3['speedup_vs_dense_own']:.2f}× over our dense kernel (the same decode "
-                    f"path), {c3['speedup_vs_dense_torch']:.2f}× over dense F.linear "
+            lo, hi = c3["speedup_paired_range"]
+            line = (f"3× APR, {r['model']}: {c3['speedup']:.2f}× over the fastest dense ({r['dense_best']}; median "
+                    f"of {len(c3['speedup_paired_rounds'])} rounds, {lo:.2f}–{hi:.2f}); "
+                    f"{c3['speedup_vs_dense_torch']:.2f}× over dense F.linear "
                     f"(decode-time APR {c3['apr_decode']:.2f}); target ≥ 2.5×")
             print(line)
             md += [line, ""]

@@ -11,7 +11,10 @@ argmax. Dense and CWIC models go through the very same step; only the matrix pro
     mode="cwic"                   every CwicLinear: granular sparse GEMV on Wᵀ (θ·σ, x̄, W x̄ + b);
                                   every CwicGatedMLP: the fused FFN (gate GMM → act, unit mask →
                                   active rows of W_up, active columns of W_down)
-    mode="dense", dense="own"     the same kernel and layout with every (stripe, input) on
+    mode="dense", dense="own"     the same GEMV kernel and layout with every (stripe, input) on; the FFN as gate|up
+                                  GEMV, act·up, down GEMV
+    mode="dense", dense="fused"   the same, but the FFN through the CWIC FFN kernel with every unit on (a unit's
+                                  up and down rows one contiguous span, as the CWIC decoder reads them)
     mode="dense", dense="torch"   `at::linear` on (m, n) weights in the weights' dtype (= F.linear)
 
 A CWIC model decoded with mode="dense" uses its own (unchanged) weights, so "dense vs CWIC" compares
@@ -149,7 +152,7 @@ def _place_lin(L, place):
 # ----------------------------------------------------------------------------- weight extraction
 
 def _lin_dense(ext, mods, dtype, impl: str):
-    """One dense Lin for modules sharing an input (outputs concatenated)."""
+    """One dense Lin for modules sharing an input (outputs concatenated); impl "torch" or our kernel's layout."""
     L = ext.Lin()
     w = torch.cat([m.weight.detach() for m in mods], 0) if len(mods) > 1 else mods[0].weight.detach()
     biases = [m.bias for m in mods]
@@ -211,11 +214,13 @@ SIDE_BY_SIDE_MAX_ROW = 2048
 
 def _ffn(ext, mlp, mode, dtype, impl, act, place=lambda t: t):
     f = ext.Ffn()
-    if mode == "cwic" and isinstance(mlp, CwicGatedMLP):
+    sparse = mode == "cwic" and isinstance(mlp, CwicGatedMLP)
+    if sparse or (mode == "dense" and impl == "fused"):   # the CWIC FFN kernel; dense: no thresholds, every unit on
         assert mlp.up_proj.bias is None and mlp.down_proj.bias is None, "FFN biases are not supported"
         f.cwic = True
-        f.act = mlp.act_name
-        f.gate = _place_lin(_lin_cwic(ext, [mlp.gate_proj], dtype), place)
+        f.act = getattr(mlp, "act_name", act)
+        f.gate = _place_lin(_lin_cwic(ext, [mlp.gate_proj], dtype) if sparse
+                            else _lin_dense(ext, [mlp.gate_proj], dtype, "own"), place)
         up = mlp.up_proj.weight.detach().to(dtype)
         down_t = mlp.down_proj.weight.detach().t().to(dtype)
         if getattr(ext, "ffn_row_strides", False) and up.shape[1] * up.element_size() <= SIDE_BY_SIDE_MAX_ROW:
@@ -224,7 +229,8 @@ def _ffn(ext, mlp, mode, dtype, impl, act, place=lambda t: t):
             f.up_w, f.down_wt = ud[:, :up.shape[1]], ud[:, up.shape[1]:]
         else:   # longer rows, or a build without row strides (cpu_ab's old side): separate contiguous matrices
             f.up_w, f.down_wt = place(up.contiguous()), place(down_t.contiguous())
-        f.unit_thr = place(mlp.unit_thresholds().detach().float().contiguous())
+        if sparse:
+            f.unit_thr = place(mlp.unit_thresholds().detach().float().contiguous())
         return f
     f.cwic = False
     f.act = getattr(mlp, "act_name", act)
@@ -265,8 +271,8 @@ class CpuDecoder:
                  nthreads: int = 0, huge_pages: bool | None = None):
         if mode not in ("cwic", "dense"):
             raise ValueError(f"mode must be 'cwic' or 'dense', got {mode!r}")
-        if dense not in ("own", "torch"):
-            raise ValueError(f"dense must be 'own' or 'torch', got {dense!r}")
+        if dense not in ("own", "fused", "torch"):
+            raise ValueError(f"dense must be 'own', 'fused' or 'torch', got {dense!r}")
         from cwic_kernels import cpu
         ext = _ext()
         self.mode, self.dense_impl, self.dtype, self.max_len = mode, dense, dtype, int(max_len)

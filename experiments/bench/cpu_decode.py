@@ -502,6 +502,9 @@ def main(argv=None):
             prev = json.load(f)
         for name, r in prev.get("models", {}).items():
             if name not in results:
+                if "dense-fused" not in r.get("configs", {}):
+                    raise SystemExit(f"--merge: {name} in {args.out} was measured before the paired speedups "
+                                     f"(2026-12-04): run both models again, or write to another --out")
                 results[name] = r
                 prev_md[name] = table(r) + f"\n(measured in an earlier run: {r.get('measured_at', '?')})\n"
         order = [m for m in ("smollm2", "llama1b") if m in results]

@@ -778,4 +778,7 @@ def test_decode_bench_rounds_rotate_and_pair_by_round():
     for name in decs:
         assert sorted(r.index(name) for r in rounds) == [0, 0, 1, 1, 2, 2]
     p = paired(runs, "b", "d")
+    from experiments.bench.cpu_kernels import rotated
+    assert [rotated([1, 2, 3, 4], r) for r in (0, 1, 5)] == [[1, 2, 3, 4], [2, 3, 4, 1], [2, 3, 4, 1]]
+    assert rotated([], 3) == []
     assert p["speedup_paired"] == pytest.approx(3.0) and p["speedup_paired_range"] == pytest.approx([3.0, 3.0])

@@ -67,7 +67,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=16, help="llama1b: layers (fewer: a quicker, smaller stand-in)")
     ap.add_argument("--fixed-order", action="store_true",
                     help="every round in the order dense-old, dense-new, cwic-old, cwic-new (the default "
-                         "alternates: odd rounds run new before old)")
+                         "rotates the order by one each round)")
     args = ap.parse_args(argv)
     if args.huge_pages == (args.old is not None):
         ap.error("give either --old REV or --huge-pages")
@@ -79,6 +79,7 @@ def main(argv=None):
     import cwic_exp
     import cwic_exp.cpu_decode as CD
     from experiments.bench.cpu_decode import forced_setup, huge_mb, timed_forced
+    from experiments.bench.cpu_kernels import rotated
     from experiments.bench.cpu_kernels import machine
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -113,9 +114,9 @@ def main(argv=None):
 
     res = {k: {p: [] for p in PARTS + ("total", "reads")} for k in decs}
     for r in range(args.rounds):
-        # odd rounds run each pair new before old: a place-in-round effect cancels in the medians
-        order = list(decs) if r % 2 == 0 or args.fixed_order else [
-            "dense-new", "dense-old", "cwic-new", "cwic-old"]
+        # the order rotates each round: over 4 rounds every decoder takes every place once (it used to swap new
+        # and old only, so dense always ran before CWIC)
+        order = list(decs) if args.fixed_order else rotated(list(decs), r)
         for k in order:
             for p, v in timed_forced(decs[k], prompt, forced).items():
                 res[k][p].append(v)

@@ -160,13 +160,14 @@ def timed_forced(dec, prompt, forced) -> dict:
 
 
 def forced_rounds(decs: dict, prompt, forced, rounds: int) -> tuple[dict, dict]:
-    """`timed_forced` of every decoder, `rounds` times, the order reversed every other round (cpu_cost_model and the
-    stripe probe): ({name: {part: [ms a token, one a round]}}, {name: its last `part_reads()`}). Prints each round."""
+    """`timed_forced` of every decoder, `rounds` times, the order rotated each round (cpu_cost_model and the stripe
+    probe): ({name: {part: [ms a token, one a round]}}, {name: its last `part_reads()`}). Prints each round."""
+    from experiments.bench.cpu_kernels import rotated
     names = list(decs)
     res = {k: {} for k in names}
     reads = {}
     for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
+        order = rotated(names, r)
         for k in order:
             for p, v in timed_forced(decs[k], prompt, forced).items():
                 res[k].setdefault(p, []).append(v)
@@ -181,11 +182,10 @@ def run_rounds(configs: dict, prompt, new_tokens: int, rounds: int, quiet, log, 
     every round (each config takes each position equally often over len(configs) rounds; a config always timed right
     after another would carry any effect of that position). forced: the tokens every config is fed instead of its
     own greedy choices (`CpuDecoder.timed_decode`)."""
-    from experiments.bench.cpu_kernels import involuntary_switches
+    from experiments.bench.cpu_kernels import involuntary_switches, rotated
     out = {k: {"tps": [], "quiet": 0, "preempted": [], "prefill_ms": []} for k in configs}
     for r in range(rounds):
-        items = list(configs.items())
-        for name, dec in items[r % len(items):] + items[:r % len(items)]:
+        for name, dec in rotated(list(configs.items()), r):
             ok = quiet()
             dec.prefill(prompt[:4])          # wake the threads and caches up after the wait
             c0 = involuntary_switches()

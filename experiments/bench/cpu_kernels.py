@@ -151,6 +151,13 @@ class Quiet:
             time.sleep(0.05)
 
 
+def rotated(items: list, r: int) -> list:
+    """Round r's order: items rotated by r, so over len(items) rounds each takes every position once (a fixed or
+    merely reversed order leaves an item always in the same place, and with it any effect of that place)."""
+    k = r % len(items) if items else 0
+    return list(items[k:]) + list(items[:k])
+
+
 def involuntary_switches() -> int:
     """Times any thread of this process lost its core to another runnable task (getrusage)."""
     import resource
@@ -229,7 +236,7 @@ def bench_dtype(ext, dtype, sparsities, reps, tokens, evict, threads, log):
         fn()
     t_start = time.time()
     for r in range(reps):
-        for si, lab, fn in variants:
+        for si, lab, fn in rotated(variants, r):
             evict()
             c0 = involuntary_switches()
             t0 = time.perf_counter()

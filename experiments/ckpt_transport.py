@@ -160,20 +160,16 @@ def unpack(parts_dirs: list[str | Path], dest: str | Path) -> Path:
     dest = Path(dest).resolve()
     if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / "config.json").exists())):
         raise SystemExit(f"unpack: {dest} exists and is not a checkpoint folder: not replacing it")
-    tmp, old = dest.with_name(dest.name + ".tmp"), dest.with_name(dest.name + ".old")
+    from cwic_exp.callbacks import replace_folder
+    tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         with tarfile.open(fileobj=io.BytesIO(tar), mode="r") as t:
             t.extractall(tmp, filter="data")
-        if dest.exists():   # the old checkpoint moved aside, then the new one renamed into place
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-        os.replace(tmp, dest)
+        return replace_folder(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    return dest
 
 
 def main(argv=None) -> int:

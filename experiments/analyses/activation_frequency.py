@@ -34,7 +34,7 @@ KIND_COLOURS = {"q": "#1f77b4", "k": "#ff7f0e", "v": "#2ca02c", "o": "#d62728", 
 
 def record(ckpt, rows, batch_size, device):
     model, tok = load_cwic(ckpt, device)
-    data, data_kw = heldout_rows(tok, ckpt, rows)
+    data, data_kw = heldout_rows(tok, rows)
     rec = MaskRecorder(model)
     with rec:
         for kw, mask in packed_batches(data, batch_size, device):

@@ -74,14 +74,14 @@ DEFAULT_DATA = dict(source="sharegpt", seq_len=256, max_len=None, max_conversati
 HELDOUT_SEQ_LEN = 512
 
 
-def heldout_rows(tok, ckpt=None, rows: int = 8, seq_len: int = HELDOUT_SEQ_LEN):
+def heldout_rows(tok, rows: int = 8, seq_len: int = HELDOUT_SEQ_LEN):
     """Rows of the held-out chat set, the same for every checkpoint: the last HELDOUT_TAIL ShareGPT conversations less
     those with a copy earlier in the file (`cwic_exp.data.heldout_conversations`: no training split holds them,
     not even one made before 2026-12-04), those of ≤ seq_len tokens packed into rows of seq_len,
     and `rows` of those rows drawn at random (seed 0; packing puts the longest conversations first). Not a run's own
     validation split: that one can only be rebuilt from the run's data settings, which an export brought back
     from another machine (or trained on packed data) does not carry, and rebuilt with other settings it would be
-    training data. `ckpt` is unused (kept for callers)."""
+    training data."""
     from cwic_exp.data import HELDOUT_TAIL, heldout_conversations, pack_sequences, pad_id, random_rows, render_ids
     convs = heldout_conversations(None, HELDOUT_TAIL)
     seqs = [s for s in (render_ids(tok, m) for m in convs) if s and len(s) <= seq_len]

@@ -83,7 +83,7 @@ def main(argv=None):
     for c in ckpts:
         model, tok = load_cwic(c, args.device)
         if data is None:
-            data, data_kw = heldout_rows(tok, ckpts[-1], args.rows)
+            data, data_kw = heldout_rows(tok, args.rows)
             batches = list(packed_batches(data, args.batch_size, args.device))
         r = {"checkpoint": c.name, **measure(model, teacher, batches)}
         log(json.dumps(r))

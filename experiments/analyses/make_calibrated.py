@@ -67,7 +67,7 @@ def main(argv=None):
     model, tok = cwic_exp.load_teacher(args.teacher)
     teacher, _ = cwic_exp.load_teacher(args.teacher)
     cwic_exp.to_cwic(model, stripe_size=args.stripe_size)
-    val, data_kw = heldout_rows(tok, None, rows=args.eval_rows)
+    val, data_kw = heldout_rows(tok, rows=args.eval_rows)
     train, _ = build_packed(tok, path=None, cache=True, progress=False, **DEFAULT_DATA)
     log(f"statistics over {args.stat_rows} training rows of {DEFAULT_DATA['seq_len']} tokens")
     with torch.no_grad():

@@ -348,7 +348,6 @@ def bench_model(name, model, tok_or_none, stripe, aprs, new_tokens, rounds, dtyp
         sm = summarise(runs)
         summary.setdefault("ref-repeats", []).append(sm[ref]["tokens_per_s"])
         take_trained(sm, runs)
-    extra.clear()
     # the faster dense: median over its runs in every phase (the other dense rows ran in the first phase only)
     phases = [summary[ref]["tokens_per_s"]] + summary.pop("ref-repeats", [])
     summary[ref]["tokens_per_s_phases"] = phases

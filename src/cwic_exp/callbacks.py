@@ -142,6 +142,18 @@ class StatisticsMode(L.Callback):
         pl_module.update_stats = True
 
 
+def replace_folder(tmp: Path, folder: Path) -> Path:
+    """Put the finished folder `tmp` in place of `folder`: the old one moved aside first, then removed, so a kill
+    leaves either folder whole (the old one as folder.old at worst), never a half-written one."""
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
 def export_hf(student, tokenizer, folder: Path, meta: dict | None = None) -> Path:
     """Hugging Face export, written beside the target and renamed into place (never half-written)."""
     folder = Path(folder)
@@ -155,13 +167,7 @@ def export_hf(student, tokenizer, folder: Path, meta: dict | None = None) -> Pat
     if meta:
         (tmp / "cwic_train_meta.json").write_text(json.dumps(meta, indent=1))
     student.train(was_training)
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
+    return replace_folder(tmp, folder)
 
 
 def milestone_name(m: float) -> str:

@@ -144,11 +144,15 @@ def _to_messages(row: dict) -> list[dict] | None:
     return None
 
 
-def paper_mix_conversations(max_per_source: int | list[int] | None = None):
+def paper_mix_conversations(max_conversations: int | None = None):
     """The paper's mix (METHOD.md §8), source by source, each source's rows repeated as PAPER_MIX says.
-    max_per_source: at most that many rows of each source (a list: one cap per source), before the repeats."""
+    max_conversations: at most that many distinct rows, shared out over the sources (floor, and one more for the
+    first ones while the remainder lasts), before the repeats. A cap taken in order would fill from the first source."""
     import datasets
-    caps = max_per_source if isinstance(max_per_source, list) else [max_per_source] * len(PAPER_MIX)
+    caps = [None] * len(PAPER_MIX)
+    if max_conversations is not None:
+        q, r = divmod(max_conversations, len(PAPER_MIX))
+        caps = [q + (j < r) for j in range(len(PAPER_MIX))]
     for (name, cfg, split, repeat), cap in zip(PAPER_MIX, caps):
         if cap == 0:
             continue
@@ -342,13 +346,9 @@ def build_packed(tok, source: str = "sharegpt", seq_len: int = 1024, max_len: in
         cut = len(convs) - stats["heldout_tail_excluded"]
         heldout = {_content_key(ids) for ids in (render_ids(tok, m) for m in convs[cut:]) if ids}
         convs = convs[:cut]
-    elif source == "paper_mix":   # the cap shared out over the sources: a global cap would fill it from the first
+    elif source == "paper_mix":   # the cap is shared out over the sources there
         cap = None
-        per = None
-        if max_conversations is not None:
-            q, r = divmod(max_conversations, len(PAPER_MIX))
-            per = [q + (j < r) for j in range(len(PAPER_MIX))]
-        convs = paper_mix_conversations(per)
+        convs = paper_mix_conversations(max_conversations)
     else:
         raise ValueError(f"unknown data source {source!r}: expected 'sharegpt' or 'paper_mix'")
     seqs, too_long, n_conv, dup_heldout = [], 0, 0, 0

@@ -444,6 +444,25 @@ def test_ctrl_c_stops_after_the_step_and_the_rerun_loses_nothing(tmp_path, monke
     assert torch.load(ck, weights_only=False)["global_step"] == 2
 
 
+def test_a_rerun_after_a_kill_logs_each_step_once(tmp_path):
+    """Killed after logging steps its last checkpoint does not hold: the rerun drops those rows before logging the
+    steps again; and the final validation is not run (and logged) twice when the last step was just validated."""
+    import shutil
+    import pandas
+    from cwic_exp.train import run
+    cfg = lambda n: _smoke_cfg(tmp_path, n, ["trainer.ckpt_every=2", "trainer.val_every=2",  # noqa: E731
+                                             "export_milestones=false"])
+    run(cfg(2), tmp_path / "t")
+    ck = tmp_path / "t" / "checkpoints" / "last.ckpt"
+    shutil.copy(ck, tmp_path / "step2.ckpt")
+    run(cfg(4), tmp_path / "t")
+    shutil.copy(tmp_path / "step2.ckpt", ck)        # as if killed after logging steps 2 and 3, before saving them
+    run(cfg(4), tmp_path / "t")
+    df = pandas.read_csv(tmp_path / "t" / "logs" / "metrics.csv")
+    assert sorted(df.loc[df["train/kl"].notna(), "step"].astype(int)) == [0, 1, 2, 3]
+    assert df["val/kl"].notna().sum() == 2          # after steps 2 and 4, once each
+
+
 def test_config_changes_compare_the_old_runs_settings_only():
     from cwic_exp.train import config_changes
     old = {"cwic": {"lambda_ap": 10.0}, "trainer": {"max_steps": 5, "micro_batch_size": 8}}

@@ -82,25 +82,59 @@ class CheckpointOnStop(L.Callback):
             trainer.save_checkpoint(str(self.path))
 
 
+def checkpoint_step(path) -> int:
+    """The optimiser steps a Lightning checkpoint holds (its tensors are mapped, not read)."""
+    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+
+
 class _AppendingWriter(ExperimentWriter):
     """Lightning's CSV writer, except that an existing metrics.csv (the run being resumed) is continued: Lightning's
-    deletes it, and a resumed run's log then starts at the resumed step."""
+    deletes it, and a resumed run's log then starts at the resumed step. With `keep_before` (the resumed checkpoint's
+    step), the rows logged at that step or later go first: a run killed after its last checkpoint logged steps the
+    resumed run logs again."""
+
+    def __init__(self, log_dir: str, keep_before: int | None = None):
+        self.keep_before = keep_before
+        super().__init__(log_dir=log_dir)
 
     def _check_log_dir_exists(self):
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-                self.metrics_keys = sorted(next(csv.reader(f), []))
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            rows = list(csv.reader(f))
+        header = rows[0] if rows else []
+        self.metrics_keys = sorted(header)
+        if self.keep_before is None or "step" not in header:
+            return
+        i = header.index("step")
+
+        def keep(r):
+            try:
+                return float(r[i]) < self.keep_before
+            except (ValueError, IndexError):
+                return True
+        kept = [header] + [r for r in rows[1:] if keep(r)]
+        if len(kept) < len(rows):
+            tmp = f"{self.metrics_file_path}.tmp-{os.getpid()}"
+            with self._fs.open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows(kept)
+            os.replace(tmp, self.metrics_file_path)
 
 
 class ResumableCSVLogger(CSVLogger):
-    """`CSVLogger` whose metrics.csv survives a resume (rows are appended)."""
+    """`CSVLogger` whose metrics.csv survives a resume (rows are appended, after dropping those of steps at or past
+    `resume_step`, which the resumed run logs again)."""
+
+    def __init__(self, *args, resume_step: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._resume_step = resume_step
 
     @property
     @rank_zero_experiment
     def experiment(self):
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir, keep_before=self._resume_step)
         return self._experiment
 
 

@@ -245,4 +245,5 @@ class CwicDistillModule(L.LightningModule):
             tot = tot + v[3]
         self.val_metrics = {"val/kl": 0.5 * (fkl + rkl) / max(n, 1), "val/fkl": fkl / max(n, 1),
                             "val/apr": float(tot.apr), "val/tokens": float(n)}
+        self.val_metrics_step = self.trainer.global_step   # run() skips its final validation when it is this step
         self.log_dict(self.val_metrics, prog_bar=False)

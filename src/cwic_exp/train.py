@@ -93,7 +93,8 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
 
     from .accounting import active_parameters  # noqa: F401  (public API sanity)
     from .callbacks import (AprWarmup, AtomicCheckpointIO, CheckpointOnStop, InvocationTimer, MilestoneExport,
-                            ResumableCSVLogger, StatisticsMode, ThetaClamp, apr_target_at)
+                            ResumableCSVLogger, StatisticsMode, ThetaClamp, apr_target_at,
+                            checkpoint_step)
     from .config import ConfigError, validate
     from .data import ChatDataModule
     from .lit import CwicDistillModule
@@ -165,7 +166,8 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
                  stopper, TQDMProgressBar(refresh_rate=1),
                  InvocationTimer(duration={"minutes": float(t.max_minutes)} if t.max_minutes else None,
                                  interval="step")]
-    loggers = [ResumableCSVLogger(str(run_dir), name="logs", version="")] if cfg.logger.csv else []
+    loggers = [ResumableCSVLogger(str(run_dir), name="logs", version="",
+                                  resume_step=checkpoint_step(last) if resuming else None)] if cfg.logger.csv else []
     if cfg.logger.wandb:
         import hashlib
         from lightning.pytorch.loggers import WandbLogger
@@ -210,7 +212,8 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
         return summary
 
     # ---------------------------------------------------------------- final measurement + export
-    trainer.validate(module, datamodule=dm, verbose=False)
+    if getattr(module, "val_metrics_step", None) != steps:   # not already validated at this very step
+        trainer.validate(module, datamodule=dm, verbose=False)
     vm = getattr(module, "val_metrics", {})
     target = apr_target_at(max(steps - 1, 0), c.apr_start, c.apr_final, c.apr_warmup_steps)
     summary = {"apr": round(vm.get("val/apr", float("nan")), 4), "apr_target": round(target, 4),

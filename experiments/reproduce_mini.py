@@ -8,6 +8,8 @@ Stages (each skipped when its output exists, so a re-run continues):
           CWIC export and TEAL (greedy) at the APR each CWIC milestone measured, on the evaluation
           requests of `experiments/eval_table.py prepare` (lm-eval's own requests), plus KL to the
           teacher and per-question compute. Writes <out>/scores_<group>.pt.
+  teal    TEAL (greedy or uniform) at each CWIC milestone's measured APR, on the same requests: the full sets
+          on a GPU, or the first --limit documents of every task on a CPU (`gpu --then-teal` runs it after gpu).
   finish  here: lm-eval metrics from the stored log-likelihoods (ReplayScorer), the paper-layout
           table, the ablation table, plots (score vs APR, KL vs APR, ARC-Easy vs ARC-Challenge
           compute) into experiments/results/mini/.
@@ -66,8 +68,8 @@ def train_jobs(jobs: dict, work: Path, teacher: str, data: str, minutes: float, 
             log.info("%s: done already", name)
             done[name] = json.loads(summ.read_text())
             continue
-        # an unfinished run (stopped by --minutes) resumes from its last checkpoint; Lightning's timer
-        # restores the time already spent, so --minutes is the run's total budget across calls
+        # an unfinished run (stopped by --minutes) resumes from its last checkpoint; --minutes caps each call
+        # (trainer.max_minutes counts from each start), so a resumed run gets the full budget again
         cmd = [sys.executable, str(ROOT / "train.py"), *overrides, f"run_name={name}", f"out_dir={work}",
                f"model.name={teacher}", "data.source=packed", f"data.path={data}",
                f"trainer.max_minutes={minutes}", "logger.csv=true", *extra]

@@ -5,8 +5,8 @@
         --compare runs/<run>/hf/apr_2.05x          # Fig. 7 at two points of training
 
 For every CWIC matrix the masks G[r, i] = H(|x_i - x̄_i| - θ[r,i]σ_i) (and the FFN unit masks M) are
-recomputed from the layer's own inputs and thresholds on the real tokens of the training run's
-validation rows, and counted; the totals are checked against the layers' own active-parameter counts.
+recomputed from the layer's own inputs and thresholds on the real tokens of the held-out rows (the tail of
+the ShareGPT file, `common.heldout_rows`: the same rows for every checkpoint), and counted; the totals are checked against the layers' own active-parameter counts.
 
 Writes
 - fig4_activation_frequency.png / .csv: active fraction of each matrix kind across layers (q, k, v, o,

@@ -4,7 +4,7 @@
     python experiments/analyses/kl_vs_apr.py --checkpoints a/ b/ c/ --teacher smollm2-135m-instruct
 
 The milestones are the run's HF exports runs/<run>/hf/apr_*x (written as the APR target passes 2.05×,
-3.05×, …) plus hf/final. Each is measured on the same held-out rows (the run's own validation split):
+3.05×, …) plus hf/final. Each is measured on the same held-out rows (the held-out tail of the ShareGPT file, `common.heldout_rows`):
 APR over the real tokens and ½(FKL + RKL) per token against the dense teacher named in the run's config
 (FKL and RKL are kept too). The dense teacher is the point (1×, 0). When the run logged validation
 metrics (logs/metrics.csv: val/apr, val/kl) they are drawn as the training trajectory.

@@ -6,8 +6,8 @@
     python -m experiments.bench.cpu_ab --old HEAD --model llama1b --tokens 12 --rounds 6
 
 Why: on a shared 2-core host the speed of separate benchmark runs swings by ±15 %, more than most kernel
-changes. Here both builds run in the same process, interleaved run by run (dense-old, dense-new, cwic-old,
-cwic-new, ...), so slow phases of the host hit both alike; per-round ratios cancel them further.
+changes. Here both builds run in the same process, interleaved run by run (the four decoders' order rotates by one
+each round; `--fixed-order`: dense-old, dense-new, cwic-old, cwic-new), so slow phases of the host hit both alike; per-round ratios cancel them further.
 
 `--old` is a git revision: its kernels/cpu is extracted to a temporary folder and built there (a separate
 extension module; the build is cached by content like the tree's). `--huge-pages` instead compares this tree's

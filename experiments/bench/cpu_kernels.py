@@ -13,7 +13,7 @@ the sparsity reported is the one measured on them (fraction of the weights skipp
 Timing, as the paper did: before every timed call the weights are evicted from the caches (a buffer twice
 the last-level cache, at least 128 MiB, is written: 960 MiB on a host with a 480 MiB L3), then one call is
 timed with a wall clock; dense F.linear, our kernel with every pair on ("own dense") and the sparse calls
-are interleaved round-robin, so load from other processes hits them alike; medians over --reps rounds,
+are interleaved, their order rotating by one each round, so load from other processes hits them alike; medians over --reps rounds,
 taken over the calls during which no thread of this process was preempted (getrusage's involuntary context switches; the machine is shared) when there
 are at least 5 such calls, else over all. Speedup = dense F.linear time / sparse time;
 `layer` sums one decoder layer's matrices (q, k, v, o, gate, up, down). The JSON on the LAST line

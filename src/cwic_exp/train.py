@@ -11,8 +11,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -89,6 +91,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
     overrides naming this job of a Hydra multirun (its wandb run name)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
     from omegaconf import OmegaConf
 
     from .accounting import active_parameters  # noqa: F401  (public API sanity)
@@ -102,6 +105,12 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
     from .teacher import load_teacher
 
     validate(cfg)                                  # one-line errors before anything heavy
+    # Lightning warnings that do not apply to this loop: its checkpoints are meant to hold the state after the step
+    # (manual optimisation), the step sampler resumes mid-epoch exactly (its state is in the datamodule's), and the
+    # frozen teacher is in eval mode on purpose
+    for msg in (r"Using ModelCheckpoint with manual optimization", r"You're resuming from a checkpoint that ended",
+                r"Found \d+ module\(s\) in eval mode"):
+        warnings.filterwarnings("ignore", message=msg)
     t_start = time.time()
     run_dir = Path(run_dir or Path(cfg.out_dir) / cfg.run_name)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +124,14 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
         saved = OmegaConf.to_yaml(cfg)
     last = run_dir / "checkpoints" / "last.ckpt"
     resuming = bool(cfg.resume and last.exists())
+    resume_step = None
+    if resuming:
+        try:
+            resume_step = checkpoint_step(last)
+        except Exception as e:                     # noqa: BLE001  (torch's errors for a cut or foreign file vary)
+            why = str(e).splitlines()[0][:100] if str(e) else ""
+            raise ConfigError(f"{last} cannot be read ({type(e).__name__}: {why}): delete it to start the run "
+                              f"over, or pass resume=false") from None
     if resuming and (run_dir / "config.yaml").exists():
         import yaml
         changed = config_changes(yaml.safe_load((run_dir / "config.yaml").read_text()), yaml.safe_load(saved))
@@ -127,10 +144,23 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
         tmp.write_text(saved)
         os.replace(tmp, run_dir / "config.yaml")
     if not resuming and _rank0():
-        # a fresh start in a used folder (resume=false): the old run's log and checkpoints go, not mixed in
+        # a fresh start in a used folder (resume=false): the old run's log, checkpoints, exports and summary go,
+        # not mixed in (its milestone exports would pass for this run's)
         (run_dir / "logs" / "metrics.csv").unlink(missing_ok=True)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(run_dir / "hf", ignore_errors=True)
         (run_dir / "wandb_id").unlink(missing_ok=True)
+        (run_dir / "summary.json").unlink(missing_ok=True)
+    done = run_dir / "summary.json"
+    if resume_step is not None and resume_step >= cfg.trainer.max_steps and done.exists():
+        summary = json.loads(done.read_text())
+        if summary.get("finished") and summary.get("steps") == resume_step:
+            # the same command after the run finished: its records stand (re-measuring would overwrite the
+            # training figures with NaN: no step runs)
+            print(f"{run_dir} finished already at step {resume_step} (raise trainer.max_steps to go on)",
+                  file=sys.stderr)
+            print(json.dumps(summary), flush=True)
+            return summary
 
     # ---------------------------------------------------------------- models
     teacher, tok = load_teacher(cfg.model.name, dtype=torch.float32)
@@ -166,8 +196,8 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
                  stopper, TQDMProgressBar(refresh_rate=1),
                  InvocationTimer(duration={"minutes": float(t.max_minutes)} if t.max_minutes else None,
                                  interval="step")]
-    loggers = [ResumableCSVLogger(str(run_dir), name="logs", version="",
-                                  resume_step=checkpoint_step(last) if resuming else None)] if cfg.logger.csv else []
+    loggers = [ResumableCSVLogger(str(run_dir), name="logs", version="", resume_step=resume_step)] \
+        if cfg.logger.csv else []
     if cfg.logger.wandb:
         import hashlib
         from lightning.pytorch.loggers import WandbLogger
@@ -195,25 +225,38 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
     ckpt_path = str(last) if resuming else None
     if ckpt_path:
         print(f"resuming from {ckpt_path}", file=sys.stderr)
-    try:
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    finally:
-        stopper.release()
-
-    steps = trainer.global_step
-    if stopper.interrupted:   # Ctrl-C: the step finished and last.ckpt holds it; no validation, no export
-        summary = {"steps": steps, "tokens": int(module.tokens_seen), "interrupted": stopper.interrupted,
-                   "finished": False, "checkpoint": str(last), "run_dir": str(run_dir),
+    def stopped(by: str):
+        """Ctrl-C or SIGTERM: the step finished and last.ckpt holds it; no validation, no export. SIGTERM (a
+        scheduler's preemption) then exits with 143, so that the stop does not pass for a success."""
+        steps = trainer.global_step
+        summary = {"steps": steps, "tokens": int(module.tokens_seen), "interrupted": by, "finished": False,
+                   "checkpoint": str(last) if last.exists() else None, "run_dir": str(run_dir),
                    "wall_s": round(time.time() - t_start, 1)}
         if trainer.global_rank == 0:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-            print(f"\ninterrupted at step {steps}: saved {last}; the same command resumes there", file=sys.stderr)
+            print(f"\ninterrupted ({by}) at step {steps}: saved {last}; the same command resumes there",
+                  file=sys.stderr)
             print(json.dumps(summary), flush=True)
+        if by == "SIGTERM":
+            raise SystemExit(128 + signal.SIGTERM)
         return summary
+
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        return stopped("SIGTERM")
+    finally:
+        stopper.release()
+    steps = trainer.global_step
+    if stopper.interrupted:
+        return stopped(stopper.interrupted)
 
     # ---------------------------------------------------------------- final measurement + export
     if getattr(module, "val_metrics_step", None) != steps:   # not already validated at this very step
-        trainer.validate(module, datamodule=dm, verbose=False)
+        try:
+            trainer.validate(module, datamodule=dm, verbose=False)
+        except SIGTERMException:
+            return stopped("SIGTERM")
     vm = getattr(module, "val_metrics", {})
     target = apr_target_at(max(steps - 1, 0), c.apr_start, c.apr_final, c.apr_warmup_steps)
     summary = {"apr": round(vm.get("val/apr", float("nan")), 4), "apr_target": round(target, 4),
@@ -250,6 +293,18 @@ def main_from_hydra(cfg) -> None:
 
     from .config import ConfigError
     logging.getLogger("cwic_exp").setLevel(logging.INFO)
+    # Hydra's root handlers (console + train.log) take Lightning's messages too: Lightning's own console handler
+    # printed each of them a second time
+    import lightning.pytorch  # noqa: F401  (first: its import adds the handlers)
+    if logging.getLogger().handlers:
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            lg = logging.getLogger(name)
+            for h in [h for h in lg.handlers if type(h) is logging.StreamHandler]:
+                lg.removeHandler(h)
+            lg.propagate = True
+        # and an advertisement
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+            lambda r: not str(r.msg).startswith("💡 Tip"))
     member = None
     try:
         hc = HydraConfig.get()

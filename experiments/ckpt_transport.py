@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import sys
@@ -83,6 +84,8 @@ def _unplanes(b: bytes, n: int) -> bytes:
 
 def pack(src: str | Path, out: str | Path, part_mib: float = 15.5, weights: str = "bf16", jobs: int = 0) -> dict:
     src, out = Path(src), Path(out)
+    if not part_mib > 0 or not math.isfinite(part_mib):
+        raise SystemExit(f"pack: --part-mib must be a positive size in MiB, got {part_mib}")
     if not (src / "config.json").exists():
         raise SystemExit(f"pack: {src} is not a checkpoint folder (no config.json)")
     s, o = src.resolve(), out.resolve()
@@ -149,6 +152,9 @@ def unpack(parts_dirs: list[str | Path], dest: str | Path) -> Path:
         raise SystemExit(f"unpack: {len(man['parts'])} parts expected; missing {missing or 'none'}, "
                          f"corrupted {bad or 'none'}")
     stream = b"".join(found[p["name"]] for p in man["parts"])
+    if len(stream) != sum(man["chunks"]):
+        raise SystemExit(f"unpack: the parts hold {len(stream):,} bytes, the manifest's chunks {sum(man['chunks']):,}: "
+                         f"an incomplete pack")
     comp, at = [], 0
     for n in man["chunks"]:
         comp.append(stream[at:at + n])

@@ -88,3 +88,20 @@ def test_pack_and_unpack_refuse_to_replace_what_is_not_theirs(tmp_path):
     ct.unpack([tmp_path / "pack"], tmp_path / "back")
     ct.unpack([tmp_path / "pack"], tmp_path / "back")   # an earlier unpack is replaced
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("back")) == ["back"]
+
+
+def test_a_bad_part_size_leaves_an_existing_pack_alone(tmp_path):
+    model, _, _ = _trained_like("llama")
+    model.save_pretrained(tmp_path / "ckpt")
+    man = ct.pack(tmp_path / "ckpt", tmp_path / "pack", part_mib=0.01, jobs=1)
+    for bad in (0, -1, float("nan")):                  # 0 deleted the pack, then crashed; -1 wrote an empty one
+        with pytest.raises(SystemExit, match="--part-mib"):
+            ct.pack(tmp_path / "ckpt", tmp_path / "pack", part_mib=bad, jobs=1)
+    assert sorted(p.name for p in (tmp_path / "pack").iterdir() if p.suffix == ".bin") == \
+        [p["name"] for p in man["parts"]]
+    # a manifest listing fewer parts than its chunks need (an old or edited one) is named, not a zlib error
+    m = json.loads((tmp_path / "pack" / "manifest.json").read_text())
+    m["parts"] = m["parts"][:-1]
+    (tmp_path / "pack" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(SystemExit, match="incomplete pack"):
+        ct.unpack([tmp_path / "pack"], tmp_path / "back")

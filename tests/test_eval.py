@@ -380,3 +380,25 @@ def test_heldout_chat_stays_inside_the_tail_training_leaves_out():
     from cwic_exp.eval.chat import heldout_rows
     with pytest.raises(ValueError, match="held out"):
         heldout_rows(None, HELDOUT_TAIL + 1)
+
+
+def test_cli_cwic_measures_kl_against_the_checkpoints_own_teacher(tmp_path, capsys, monkeypatch):
+    """method=cwic took the teacher from `model` (default SmolLM2) whatever the checkpoint was distilled from: a
+    KL against the wrong model. Training now names the teacher in the export's config.json."""
+    from hydra import compose, initialize_config_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from cwic_exp import to_cwic
+    from cwic_exp.eval.__main__ import CONF, main
+    monkeypatch.setenv("CWIC_CACHE", str(tmp_path / "cache"))
+    folder = _save_tiny(tmp_path)
+    student = to_cwic(AutoModelForCausalLM.from_pretrained(folder), stripe_size=16)   # θ = 0: the teacher itself
+    student.config.cwic_teacher = str(folder)
+    student.save_pretrained(tmp_path / "cwic")
+    AutoTokenizer.from_pretrained(folder).save_pretrained(tmp_path / "cwic")
+    over = [f"checkpoint={tmp_path / 'cwic'}", "method=cwic", "limit=2", "tasks=[arc_easy]",
+            f"out_dir={tmp_path / 'out'}", "chat.conversations=2", "chat.seq_len=64", "batch_tokens=4096"]
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="config", overrides=over)          # model= left at its default, SmolLM2
+    summary = main(cfg)
+    assert summary["apr"] == pytest.approx(1.0) and summary["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert json.loads((tmp_path / "out" / "cwic.json").read_text())["teacher"] == str(folder)

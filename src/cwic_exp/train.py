@@ -171,6 +171,9 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
     to_cwic(student, stripe_size=c.stripe_size, head_stripe_size=c.head_stripe_size, alpha_eps=c.alpha_eps,
             beta_dist=c.beta_dist, ste=c.ste, sparsify_head=c.sparsify_head,
             head_max_reduction=c.head_max_reduction)
+    # every export names its teacher (config.json): evaluation measures KL against it, not against a default
+    local = Path(cfg.model.name).expanduser()
+    student.config.cwic_teacher = str(local.resolve()) if local.exists() else cfg.model.name
     student.train().requires_grad_(True)
     teacher.to(_teacher_dtype(cfg, acc))
 

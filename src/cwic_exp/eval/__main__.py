@@ -37,8 +37,15 @@ def main(cfg: DictConfig) -> dict:
                 return model(input_ids=ids, attention_mask=am).logits
     elif c["method"] == "cwic":
         from .. import load_teacher
-        teacher = load_teacher(c["model"], dtype=next(model.parameters()).dtype,
+        # the teacher the checkpoint was distilled from (its config.json names it), unless teacher= says otherwise;
+        # `model` is only the fallback for checkpoints from before that
+        name = c.get("teacher") or getattr(model.config, "cwic_teacher", None) or c["model"]
+        teacher = load_teacher(name, dtype=next(model.parameters()).dtype,
                                device=next(model.parameters()).device)[0]
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"the teacher {name} has a vocabulary of {teacher.config.vocab_size}, the checkpoint "
+                             f"{model.config.vocab_size}: pass teacher=<the model it was distilled from>")
+        info["teacher"] = name
     res = evaluate_model(model, tok, c["tasks"], c["limit"], c["batch_tokens"], c["row_tokens"],
                          c["chat"], teacher, c["progress"])
     res.update(info)

@@ -395,7 +395,7 @@ def test_smoke_run_and_resume_continue_the_same_trajectory(tmp_path, capsys):
         assert key in last
     assert last["steps"] == 6 and os.path.exists(os.path.join(last["checkpoint"], "config.json"))
     with open(os.path.join(last["checkpoint"], "config.json")) as f:   # evaluation's KL reads its teacher there
-        assert json.load(f)["cwic_teacher"] == "tiny-random-llama"
+        assert json.load(f)["text_config"]["cwic_teacher"] == "tiny-random-llama"
     # interrupted after 3 steps, then the same command again (longer horizon) resumes
     run(_smoke_cfg(tmp_path / "b", 3), tmp_path / "b" / "t")
     b = run(_smoke_cfg(tmp_path / "b", 6), tmp_path / "b" / "t")

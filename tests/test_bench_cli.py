@@ -233,3 +233,20 @@ def test_gpu_cost_model_dry_run(tmp_path):
     assert all(res["apr"][k] > 1.0 for k in ("d=0.5", "d=0.333", "d=0.25", "d=0.167"))
     assert res["apr"]["d=0.167"] > res["apr"]["d=0.5"]
     assert json.loads(r.stdout.strip().splitlines()[-1])["bench"] == "gpu_cost_model"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["experiments/bench_decode.py", "--device", "cpu", "--aprs", "abc"], "--aprs"),
+    (["experiments/bench_decode.py", "--device", "cpu", "--aprs", "0.5"], "--aprs"),
+    (["experiments/bench_decode.py", "--device", "cpu", "--models", "smollm2,bogus"], "--models"),
+    (["experiments/bench_kernels.py", "--device", "cpu", "--dtypes", "bf16,fp16"], "--dtypes"),
+    (["experiments/bench_kernels.py", "--device", "cpu", "--sparsities", "0.5,1.5"], "--sparsities"),
+])
+def test_bench_arguments_are_checked_before_any_work(argv, needle):
+    """A bad name or number is one line before anything is built or timed: `--models smollm2,bogus` used to time
+    SmolLM2 in full and then die without writing it, `--aprs abc` was a ValueError traceback."""
+    r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(needle) and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "loaded" not in r.stdout and "CPU decode:" not in r.stdout and "CPU kernels:" not in r.stdout

@@ -438,3 +438,19 @@ def test_make_test_skips_the_slow_tests(tmp_path):
         return r.stdout.strip().splitlines()[-1]
     assert "1 passed, 1 skipped" in run("-m", "not gpu")
     assert "1 passed" in run("-m", "slow") and "skipped" not in run("-m", "slow")
+
+
+def test_bad_apr_targets_and_dense_models_are_named():
+    """calibrate_apr(0.5) and NaN returned the dense model, 0 and inf raised deep inside; active_parameters of a
+    model that was never converted died on a private attribute."""
+    from cwic_exp.cpu_decode import calibrate_apr
+    dense = tiny_model()
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="not a CWIC model"):
+        active_parameters(dense, ids)
+    m = to_cwic(tiny_model(), stripe_size=16)
+    for bad in (0.5, 0, float("nan"), float("inf"), -2):
+        with pytest.raises(ValueError, match="apr must be a finite number"):
+            calibrate_apr(m, ids, apr=bad)
+    with pytest.raises(ValueError, match="no token"):
+        calibrate_apr(m, ids, apr=2.0, attention_mask=torch.zeros_like(ids))

@@ -418,6 +418,16 @@ def main(argv=None):
         if args.merge:
             raise SystemExit("--checkpoint writes its own table: give it its own --out, without --merge")
         args.forced = True   # trained and calibrated rows must read the same text to differ only in their thresholds
+    models = ["smollm2"] if args.quick else [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in models if m not in ("smollm2", "llama1b")]
+    if bad or not models:      # before any work: a bad name used to end the run after the first model's timings
+        raise SystemExit(f"--models: a comma-separated list of smollm2, llama1b; got {args.models!r}")
+    try:
+        aprs = [3.0] if args.quick else [float(a) for a in args.aprs.split(",") if a.strip()]
+    except ValueError:
+        raise SystemExit(f"--aprs: comma-separated APRs such as 2,3,4; got {args.aprs!r}") from None
+    if (not aprs and not args.checkpoint) or not all(1 <= a < float("inf") for a in aprs):
+        raise SystemExit(f"--aprs: every APR must be a finite number ≥ 1; got {args.aprs!r}")
     ensure_imports()
     from experiments.bench.cpu_kernels import Quiet, machine
     from cwic_kernels import cpu as C
@@ -427,8 +437,6 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    models = ["smollm2"] if args.quick else [m.strip() for m in args.models.split(",") if m.strip()]
-    aprs = [3.0] if args.quick else [float(a) for a in args.aprs.split(",") if a.strip()]
     if args.checkpoint:
         models = ["checkpoint"]
     quiet = Quiet(busy=0.2, max_wait=args.quiet_wait, enabled=args.quiet_wait > 0, budget=1200.0)

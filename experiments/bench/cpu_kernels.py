@@ -308,6 +308,17 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=1, help="whole measurements; headline = median over them")
     ap.add_argument("--out", default=None, help="folder for cpu_kernels.json and cpu_kernels.md")
     args = ap.parse_args(argv)
+    dtypes = ["bf16"] if args.quick else [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes or any(d not in DTYPES for d in dtypes):   # before any work, not after the first dtype's table
+        raise SystemExit(f"--dtypes: a comma-separated list of {', '.join(DTYPES)}; got {args.dtypes!r}")
+    try:
+        sparsities = QUICK_SPARSITIES if args.quick else (
+            [float(s) for s in args.sparsities.split(",")] if args.sparsities else SPARSITIES)
+    except ValueError:
+        raise SystemExit(f"--sparsities: comma-separated fractions such as 0.5,0.66; got {args.sparsities!r}") from None
+    if not all(0 <= x < 1 for x in sparsities):
+        raise SystemExit(f"--sparsities: every sparsity must lie in [0, 1); got {args.sparsities!r}")
+    sparsities = list(sparsities)
     ensure_imports()
     from cwic_kernels import cpu as C
     ext = C.load()
@@ -316,9 +327,6 @@ def main(argv=None):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    dtypes = ["bf16"] if args.quick else [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    sparsities = QUICK_SPARSITIES if args.quick else (
-        [float(s) for s in args.sparsities.split(",")] if args.sparsities else SPARSITIES)
     for must in (0.5, 0.66, 0.8):
         if must not in sparsities:
             sparsities.append(must)

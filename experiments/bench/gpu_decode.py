@@ -267,7 +267,8 @@ def main(argv=None):
     if DRY_RUN:
         args.model, args.new_tokens, args.hf_new_tokens, args.prompt_len = "tiny", 12, 8, 8
     ensure_imports()
-    assert DRY_RUN or torch.cuda.is_available(), "needs a CUDA device (use --device cpu for the CPU benchmark)"
+    if not (DRY_RUN or torch.cuda.is_available()):
+        raise SystemExit("no CUDA device visible: pass --device cpu for the CPU benchmark")
     import cwic_exp
     from cwic_exp.engine import DecodeEngine, weight_bytes
     from cwic_kernels.gpu import gemv as G

@@ -238,7 +238,8 @@ def main(argv=None):
         SHAPES = {"1B": [("q", 128, 1024, 1), ("down", 96, 512, 1), ("head", 64, 1500, 0)],
                   "3B": [("q", 64, 1024, 1)]}
     ensure_imports()
-    assert DRY_RUN or torch.cuda.is_available(), "needs a CUDA device (use --device cpu for the CPU benchmark)"
+    if not (DRY_RUN or torch.cuda.is_available()):
+        raise SystemExit("no CUDA device visible: pass --device cpu for the CPU benchmark")
     dev = torch.device("cpu" if DRY_RUN else "cuda")
     torch.manual_seed(0)
     if DRY_RUN:

@@ -449,6 +449,10 @@ def calibrate_apr(model: nn.Module, input_ids: torch.Tensor, apr: float, attenti
     dense pass for later calls with other targets. Returns `cwic_exp.active_parameters` on the tokens.
     """
     from . import active_parameters, cwic_context, iter_cwic_modules
+    if not 1 <= float(apr) < float("inf"):    # 0.5 or NaN returned the dense model, 0 and inf raised deep inside
+        raise ValueError(f"calibrate_apr: apr must be a finite number ≥ 1 (1: dense), got {apr}")
+    if attention_mask is not None and not bool(attention_mask.any()):
+        raise ValueError("calibrate_apr: the attention mask leaves no token to calibrate on")
     target = 1.0 / float(apr)
     mods = list(iter_cwic_modules(model))
     with torch.no_grad():

@@ -139,7 +139,10 @@ def cwic_context(model: nn.Module, token_mask: torch.Tensor | None = None, updat
     """
     if update_stats and accumulate_stats:
         raise ValueError("cwic_context: update_stats and accumulate_stats exclude each other")
-    rt = model._cwic_runtime
+    rt = getattr(model, "_cwic_runtime", None)
+    if rt is None:
+        raise TypeError(f"{type(model).__name__} is not a CWIC model: convert it with cwic_exp.to_cwic first, or "
+                        f"load a CWIC checkpoint")
     prev = (rt.update_stats, rt.track_ap, rt.token_mask, rt.accumulate_stats, rt.pooled_eps)
     rt.update_stats, rt.track_ap, rt.accumulate_stats = bool(update_stats), bool(track_ap), bool(accumulate_stats)
     rt.pooled_eps = bool(pooled_eps)

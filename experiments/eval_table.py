@@ -37,6 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from cwic_exp.files import save_atomic  # noqa: E402
 
 log = logging.getLogger("eval_table")
 LEVELS = (0.25, 0.40, 0.50, 0.66)
@@ -232,7 +233,7 @@ def score(args):
                          greedy_rows=args.greedy_rows, batch_rows=args.calib_batch_rows,
                          base_step=args.base_step)
     timing["calibrate"] = time.time() - t0
-    torch.save(cal.state_dict(), out / "teal_calibration.pt")
+    save_atomic(cal.state_dict(), out / "teal_calibration.pt")
     log.info("TEAL calibration: %.1f s", timing["calibrate"])
     # dense first, then both allocations level by level: a run cut short still compares them
     todo = sorted(meta["configs"], key=lambda c: (c["method"] != "dense", c.get("sparsity", 0), c.get("mode", "")))
@@ -267,7 +268,7 @@ def score(args):
 def _save(results: dict, arrays: dict, out: Path, per_file: int = 4) -> None:
     """scores.pt (small) + arrays_<i>.npz (per-request arrays, a few configs a file: the GPU box
     returns at most 8 files of 16 MiB). Rewritten after every config: a timeout keeps what ran."""
-    torch.save(results, out / "scores.pt")
+    save_atomic(results, out / "scores.pt")
     names = list(arrays)
     for i in range(0, len(names), per_file):
         np.savez(out / f"arrays_{i // per_file}.npz",

@@ -40,6 +40,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "experiments"))
+from cwic_exp.files import save_atomic  # noqa: E402
+
 log = logging.getLogger("reproduce_mini")
 
 # name -> (overrides, role). Schedules sized for about 20 GPU-minutes in all on an H100.
@@ -150,12 +152,12 @@ def gpu(args) -> None:
                 (out / f"{name}_{Path(f).name}").write_bytes(src.read_bytes())
     unfinished = [n for n in JOBS[args.group] if not runs[n].get("finished", True)]
     if unfinished:
-        torch.save({**prev, "runs": runs}, score_file)
+        save_atomic({**prev, "runs": runs}, score_file)
         print(json.dumps({"unfinished": unfinished, "hint": "run the same command again with a larger --minutes"}),
               flush=True)
         return
     if args.train_only:
-        torch.save({**prev, "runs": runs}, score_file) if prev else None
+        save_atomic({**prev, "runs": runs}, score_file) if prev else None
         print(json.dumps({"trained": list(runs), "seconds": round(time.time() - t_start, 1)}))
         return
     meta, arrays = _load_bundle(Path(args.bundle))
@@ -194,7 +196,7 @@ def gpu(args) -> None:
         entry, groups = score_config(model, reqs, None, groups, teacher, hid, hmask, args, autocast)
         results["configs"][name] = {**info, **entry, "seconds": time.time() - t0}
         res, chat = entry, entry["chat"]
-        torch.save({**results, "groups": groups}, score_file)
+        save_atomic({**results, "groups": groups}, score_file)
         print(json.dumps({"scored": name, "apr": round(res["apr"], 3), "kl_sym": round(chat["kl_sym"], 4),
                           "s": round(time.time() - t0, 1)}), flush=True)
         return res["apr"]
@@ -204,7 +206,7 @@ def gpu(args) -> None:
     except TimeoutError as e:
         print(json.dumps({"deadline": True, "next": str(e), "hint": "run the same command again"}), flush=True)
     results["timing"][f"call_{len(results['timing'])}"] = time.time() - t_start
-    torch.save({**results, "groups": groups}, score_file)
+    save_atomic({**results, "groups": groups}, score_file)
     print(json.dumps({"done": args.group, "configs": len(results["configs"]),
                       "seconds": round(time.time() - t_start, 1)}))
     if args.then_teal:
@@ -351,7 +353,7 @@ def teal_stage(args) -> None:
                                           "calib_rows": int(calib.shape[0]), "greedy_rows": args.greedy_rows,
                                           **entry, "seconds": time.time() - t0,
                                           "dtype": f"{args.dtype} autocast" if amp else "float32"}
-        torch.save(doc, out_f)
+        save_atomic(doc, out_f)
         print(json.dumps({"scored": f"teal/{name}", "sparsity": round(s, 3), "apr": round(entry["apr"], 3),
                           "matched_apr": round(apr, 3), "kl_sym": round(entry["chat"]["kl_sym"], 4),
                           "s": round(time.time() - t0, 1)}), flush=True)

@@ -207,6 +207,39 @@ def test_default_model_message(tmp_path, monkeypatch):
     assert default_model(search=[tmp_path]) == str(tmp_path)
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "/no/such/run/hf/final"], "--model /no/such/run/hf/final: no such folder"),
+    (["--model", "x", "--temperature", "1", "--top-p", "0"], "--top-p"),
+    (["--model", "x", "--temperature", "-1"], "--temperature"),
+    (["--model", "x", "--threads", "-1"], "--threads"),
+    (["--model", "x", "--json", "/no/such/dir/t.json"], "--json /no/such/dir/t.json: its folder"),
+])
+def test_chat_names_bad_arguments_before_loading(argv, needle):
+    """A missing folder read as a hub repo id error; top-p 0 failed mid-sampling; a --json in a missing folder
+    crashed after the reply, ending the session."""
+    from cwic_exp.chat import main
+    with pytest.raises(SystemExit, match=re.escape(needle)):
+        main(argv, stdout=io.StringIO(), stderr=io.StringIO())
+
+
+def test_analyses_and_eval_name_a_missing_checkpoint(tmp_path):
+    import sys
+    from cwic_exp.eval.run import build_model
+    from cwic_exp.teacher import check_checkpoint
+    with pytest.raises(FileNotFoundError, match="checkpoint= /nope: no such folder"):
+        build_model(method="cwic", checkpoint="/nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        check_checkpoint(str(tmp_path / "empty"))
+    check_checkpoint("org/some-model")                  # a hub id passes (the hub answers for it)
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "analyses"))
+    import run_all
+    with pytest.raises(SystemExit, match="--checkpoint /nope: no such folder"):
+        run_all.main(["--checkpoint", "/nope", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_analyses_read_a_run_config_with_hydra_interpolations(tmp_path):
     """Runs saved before configs were resolved keep `${hydra:...}`; the analyses must still read them."""
     import sys

@@ -129,3 +129,16 @@ def test_a_resume_over_other_training_rows_is_refused(tmp_path, caplog):
     old.setup()
     old.load_state_dict({k: v for k, v in state.items() if k != "data"})   # a checkpoint from before: a warning
     assert "cannot check" in caplog.text
+
+
+def test_a_file_that_is_not_sharegpt_is_named(tmp_path):
+    """A data.path of another format died with `ValueError: substring not found` (no file named), or with a
+    misleading 'no conversation of <= N tokens'."""
+    from cwic_exp.data import sharegpt_conversations
+    obj, arr = tmp_path / "obj.json", tmp_path / "arr.json"
+    obj.write_text('{"rows": [1, 2]}')
+    arr.write_text('[{"text": "hello"}, {"text": "bye"}]')
+    with pytest.raises(ValueError, match="obj.json: not a JSON array"):
+        list(sharegpt_conversations(obj))
+    with pytest.raises(ValueError, match="arr.json: none of its 2 records .* not ShareGPT"):
+        list(sharegpt_conversations(arr))

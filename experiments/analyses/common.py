@@ -30,10 +30,16 @@ def add_common_args(p, checkpoint: bool = True):
 def setup(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     if getattr(args, "checkpoint", "x") is None:
         from cwic_exp.chat import default_model
         args.checkpoint = default_model()
+    if getattr(args, "checkpoint", None):
+        from cwic_exp.teacher import check_checkpoint
+        try:
+            check_checkpoint(args.checkpoint, "--checkpoint")
+        except FileNotFoundError as e:
+            raise SystemExit(str(e)) from None
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     return Path(args.out)
 
 

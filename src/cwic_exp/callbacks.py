@@ -19,6 +19,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from .files import replace_folder, save_atomic
 from .modeling import clamp_thresholds
 
 
@@ -176,18 +177,6 @@ class StatisticsMode(L.Callback):
         pl_module.update_stats = True
 
 
-def replace_folder(tmp: Path, folder: Path) -> Path:
-    """Put the finished folder `tmp` in place of `folder`: the old one moved aside first, then removed, so a kill
-    leaves either folder whole (the old one as folder.old at worst), never a half-written one."""
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
-
-
 def export_hf(student, tokenizer, folder: Path, meta: dict | None = None) -> Path:
     """Hugging Face export, written beside the target and renamed into place (never half-written)."""
     folder = Path(folder)
@@ -261,13 +250,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     successful write removes)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):    # left by a write that was killed
-            stale.unlink(missing_ok=True)
+        save_atomic(checkpoint, path)

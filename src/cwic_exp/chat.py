@@ -631,6 +631,11 @@ def load(model: str, device: str = "cpu", dtype: str = "float32"):
     """A CWIC checkpoint (folder or hub id) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import cwic_exp  # noqa: F401  registers the "cwic" model type
+    from .teacher import check_checkpoint
+    try:
+        check_checkpoint(model, "--model")
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
     m = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(device).eval()
     tok = AutoTokenizer.from_pretrained(model)
     if getattr(tok, "chat_template", None) is None:
@@ -664,8 +669,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args) -> None:
+    """One line for what would fail later: mid-sampling, or after a reply when the transcript is written."""
+    if not args.temperature >= 0:
+        raise SystemExit(f"--temperature must be ≥ 0 (0: greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise SystemExit(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if args.max_new_tokens < 0 or (args.max_context is not None and args.max_context < 1):
+        raise SystemExit("--max-new-tokens must be ≥ 0 and --max-context ≥ 1")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads must be ≥ 1, got {args.threads}")
+    for flag, path in (("--json", args.json), ("--html", args.html)):
+        if path and not Path(path).expanduser().resolve().parent.is_dir():
+            raise SystemExit(f"{flag} {path}: its folder does not exist")
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError as e:
+        raise SystemExit(f"--device {args.device}: {e}") from None
+    if dev.type == "cuda" and args.backend != "cpu" and not torch.cuda.is_available():   # cpu: its own message
+        raise SystemExit(f"--device {args.device}: no CUDA device is visible to this torch build")
+
+
 def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     args = build_parser().parse_args(argv)
+    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     # colour only on a terminal (or FORCE_COLOR=1), never with --no-color or NO_COLOR set

@@ -49,6 +49,9 @@ def iter_json_records(path: str | os.PathLike, stats: dict | None = None):
     """Yield every whole record of a (possibly truncated) top-level JSON array, one at a time."""
     dec = json.JSONDecoder()
     text = Path(path).read_text(encoding="utf-8", errors="replace")
+    start = text.lstrip()[:1]
+    if start != "[":
+        raise ValueError(f"{path}: not a JSON array of ShareGPT records (it starts with {start or 'nothing'!r})")
     i = text.index("[") + 1
     n_ok, end = 0, len(text)
     while True:
@@ -72,8 +75,13 @@ def iter_json_records(path: str | os.PathLike, stats: dict | None = None):
 
 def sharegpt_conversations(path=None, stats: dict | None = None):
     """ShareGPT records -> lists of {"role", "content"} messages (alternating, non-empty)."""
-    skipped = 0
-    for rec in iter_json_records(path or sharegpt_path(), stats):
+    skipped = with_turns = seen = 0
+    path = path or sharegpt_path()
+    for rec in iter_json_records(path, stats):
+        seen += 1
+        if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
+            continue
+        with_turns += 1
         msgs = []
         for turn in rec.get("conversations", []):
             role = ROLE_MAP.get(str(turn.get("from", "")).lower())
@@ -88,8 +96,11 @@ def sharegpt_conversations(path=None, stats: dict | None = None):
             yield msgs
         else:
             skipped += 1
+    if seen and not with_turns:
+        raise ValueError(f"{path}: none of its {seen} records has a 'conversations' list of "
+                         f"{{'from', 'value'}} turns: not ShareGPT")
     if stats is not None:
-        stats["skipped_no_reply"] = skipped
+        stats["skipped_no_reply"] = skipped + seen - with_turns
 
 
 PAPER_MIX = [  # (hub dataset, config, split, repeat) — METHOD.md §8; the evaluation splits are never used
@@ -422,12 +433,9 @@ def save_packed(path: str | os.PathLike, train: PackedData, val: PackedData, tok
         small = ids.max() < 65536 if ids.numel() else True
         return {"ids": (ids.to(torch.int16) if small else ids), "u16": bool(small), "lengths": lengths,
                 "info": d.info}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": "cwic-packed-1", "tokenizer": _tokenizer_fingerprint(tok),
-                "pad_id": pad_id(tok),
-                "train": enc(train), "val": enc(val)}, path)
-    return path
+    from .files import save_atomic
+    return save_atomic({"format": "cwic-packed-1", "tokenizer": _tokenizer_fingerprint(tok), "pad_id": pad_id(tok),
+                        "train": enc(train), "val": enc(val)}, path)
 
 
 def load_packed(path: str | os.PathLike, tok=None) -> tuple[PackedData, PackedData]:

@@ -31,6 +31,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CWIC_CACHE", Path.home() / ".cache" / "cwic_exp"))
 
 
+def check_checkpoint(name: str, what: str = "checkpoint") -> None:
+    """A local Hugging Face folder (with config.json) or a hub id (org/name); anything else is a one-line
+    FileNotFoundError naming it (transformers answered a missing path with a hub repo-id error)."""
+    p = Path(str(name)).expanduser()
+    if p.exists():
+        if not (p.is_dir() and (p / "config.json").exists()):
+            raise FileNotFoundError(f"{what} {name}: not a Hugging Face checkpoint folder (no config.json)")
+        return
+    if str(name).startswith((".", "/", "~")) or not _HUB_ID.match(str(name)):
+        raise FileNotFoundError(f"{what} {name}: no such folder")
+
+
 def resolve_model_source(name_or_path: str | None) -> dict:
     """Classify a model reference without loading it. Raises a clear error for bad references."""
     name = (name_or_path or "default").strip()

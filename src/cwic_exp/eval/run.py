@@ -48,9 +48,9 @@ def teal_calibration(model, tok, model_name: str, calib_rows: int = 64, calib_se
     t0 = time.time()
     calib = calibrate_teal(model, rows, greedy=greedy, max_sparsity=max_sparsity, greedy_rows=greedy_rows)
     log.info("TEAL: calibrated in %.0f s", time.time() - t0)
-    if cache:
-        f.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(calib.state_dict(), f)
+    if cache:   # atomically: a cut file here broke every later evaluation
+        from ..files import save_atomic
+        save_atomic(calib.state_dict(), f)
     return calib, rows
 
 
@@ -64,6 +64,8 @@ def build_model(model: str = "smollm2-135m-instruct", method: str = "dense", spa
     if method == "cwic":
         if not checkpoint:
             raise ValueError("method=cwic needs checkpoint=<folder saved by training>")
+        from ..teacher import check_checkpoint
+        check_checkpoint(checkpoint, "checkpoint=")
         from transformers import AutoModelForCausalLM, AutoTokenizer
         net = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dt).to(device).eval()
         try:

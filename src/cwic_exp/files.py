@@ -1,0 +1,36 @@
+"""Writes that a kill cannot leave half done (no heavy imports: the GPU box's scripts use them too)."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def replace_folder(tmp: Path, folder: Path) -> Path:
+    """Put the finished folder `tmp` in place of `folder`: the old one moved aside first, then removed, so a kill
+    leaves either folder whole (the old one as folder.old at worst), never a half-written one."""
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def save_atomic(obj, path) -> Path:
+    """`torch.save` to a temporary file beside `path`, fsynced, then renamed over it: a kill during the write leaves
+    the previous file whole (and a `.NAME.tmp-PID` that the next successful write removes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):    # left by a write that was killed
+        stale.unlink(missing_ok=True)
+    return path

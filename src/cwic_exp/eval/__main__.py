@@ -78,4 +78,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not CONF.is_dir():   # a non-editable install: the configs stay in the project's clone
+        raise SystemExit(f"python -m cwic_exp.eval reads its configs from the project's conf/eval ({CONF} is "
+                         f"missing): run it from a clone, installed with `pip install -e .` (make setup does)")
     _hydra_main()

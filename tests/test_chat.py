@@ -222,7 +222,7 @@ def test_chat_names_bad_arguments_before_loading(argv, needle):
         main(argv, stdout=io.StringIO(), stderr=io.StringIO())
 
 
-def test_analyses_and_eval_name_a_missing_checkpoint(tmp_path):
+def test_analyses_and_eval_name_a_missing_checkpoint(tmp_path, monkeypatch):
     import sys
     from cwic_exp.eval.run import build_model
     from cwic_exp.teacher import check_checkpoint
@@ -232,12 +232,19 @@ def test_analyses_and_eval_name_a_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         check_checkpoint(str(tmp_path / "empty"))
     check_checkpoint("org/some-model")                  # a hub id passes (the hub answers for it)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        check_checkpoint("runs/x")                      # org/name shaped, but `runs` is a local folder
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "analyses"))
     import run_all
     with pytest.raises(SystemExit, match="--checkpoint /nope: no such folder"):
         run_all.main(["--checkpoint", "/nope", "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+    import argparse
+    from common import setup                            # token_compute --transcript renders without a checkpoint
+    setup(argparse.Namespace(threads=None, checkpoint="(transcript)", transcript="t.json", out=str(tmp_path / "o")))
 
 
 def test_analyses_read_a_run_config_with_hydra_interpolations(tmp_path):

@@ -142,3 +142,7 @@ def test_a_file_that_is_not_sharegpt_is_named(tmp_path):
         list(sharegpt_conversations(obj))
     with pytest.raises(ValueError, match="arr.json: none of its 2 records .* not ShareGPT"):
         list(sharegpt_conversations(arr))
+    bom = tmp_path / "bom.json"                       # a byte-order mark before the array is still ShareGPT
+    bom.write_text('\ufeff[{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}]',
+                   encoding="utf-8")
+    assert len(list(sharegpt_conversations(bom))) == 1

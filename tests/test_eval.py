@@ -402,3 +402,9 @@ def test_cli_cwic_measures_kl_against_the_checkpoints_own_teacher(tmp_path, caps
     summary = main(cfg)
     assert summary["apr"] == pytest.approx(1.0) and summary["kl"] == pytest.approx(0.0, abs=1e-6)
     assert json.loads((tmp_path / "out" / "cwic.json").read_text())["teacher"] == str(folder)
+    # a checkpoint carried from another machine names a teacher path that is not here: model= stands in
+    student.config.cwic_teacher = "/training/box/teacher"
+    student.save_pretrained(tmp_path / "cwic")
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="config", overrides=over + [f"model={folder}"])
+    assert main(cfg)["kl"] == pytest.approx(0.0, abs=1e-6)

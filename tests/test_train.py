@@ -291,6 +291,7 @@ def test_training_steps_move_the_apr_towards_its_target():
     ("cwic.apr_final=inf", "apr_final must be a finite"),
     ("optim.lr=nan", "optim.lr"),
     ("cwic.apr_start=3 cwic.apr_final=2", "apr_start"),
+    ("cwic.apr_start=1.2 cwic.apr_final=1", "apr_start"),
     ("cwic.head_max_reduction=0", "head_max_reduction"),
     ("optim.warmup_steps=-5", "warmup_steps"),
     ("trainer.threads=-1", "threads"),
@@ -496,6 +497,30 @@ def test_a_rerun_after_a_kill_logs_each_step_once(tmp_path):
         run(cfg(6), tmp_path / "t")
 
 
+def test_extending_a_finished_run_keeps_its_final_validation_and_exports(tmp_path):
+    """The final validation logged one step past the last training row, so a resume from there dropped it as a
+    row of a step to be logged again; a rerun without a checkpoint (deleted to free disk) deleted the exports."""
+    import shutil
+    import pandas
+    from cwic_exp.train import run
+    cfg = lambda n: _smoke_cfg(tmp_path, n, ["trainer.ckpt_every=2", "trainer.val_every=2",  # noqa: E731
+                                             "export_milestones=false"])
+    run(cfg(3), tmp_path / "t")
+    run(cfg(5), tmp_path / "t")
+    df = pandas.read_csv(tmp_path / "t" / "logs" / "metrics.csv")
+    # validations after 2, 3 (final), 4 and 5 (final) steps, each at the step of its last training row
+    assert sorted(df.loc[df["val/kl"].notna(), "step"].astype(int)) == [1, 2, 3, 4]
+    (tmp_path / "t" / "hf" / "apr_9.05x").mkdir()
+    shutil.rmtree(tmp_path / "t" / "checkpoints")
+    run(cfg(1), tmp_path / "t")                     # resume=true, nothing to resume: a fresh start
+    assert (tmp_path / "t" / "hf" / "apr_9.05x").exists()
+
+
+def test_a_flat_apr_schedule_is_valid():
+    from cwic_exp.config import validate
+    validate(_compose(["run_name=x", "cwic.apr_final=1"]))    # 1.05 → 1.05: start = final + 0.05
+
+
 def test_config_changes_compare_the_old_runs_settings_only():
     from cwic_exp.train import config_changes
     old = {"cwic": {"lambda_ap": 10.0}, "trainer": {"max_steps": 5, "micro_batch_size": 8}}
@@ -506,11 +531,13 @@ def test_config_changes_compare_the_old_runs_settings_only():
 
 def test_atomic_checkpoint_removes_what_a_killed_write_left(tmp_path):
     from cwic_exp.callbacks import AtomicCheckpointIO
-    stale = tmp_path / ".last.ckpt.tmp-99999"
+    stale = tmp_path / ".last.ckpt.tmp-99999999"      # no such process
     stale.write_bytes(b"x" * 10)
+    live = tmp_path / f".last.ckpt.tmp-{os.getppid()}"  # another process's write in progress: left to it
+    live.write_bytes(b"y")
     AtomicCheckpointIO().save_checkpoint({"a": 1}, tmp_path / "last.ckpt")
     assert torch.load(tmp_path / "last.ckpt")["a"] == 1 and not stale.exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", live.name])
 
 
 def test_sigterm_saves_the_step_it_stopped_at(tmp_path, monkeypatch):

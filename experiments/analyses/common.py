@@ -33,7 +33,7 @@ def setup(args):
     if getattr(args, "checkpoint", "x") is None:
         from cwic_exp.chat import default_model
         args.checkpoint = default_model()
-    if getattr(args, "checkpoint", None):
+    if getattr(args, "checkpoint", None) and not getattr(args, "transcript", None):
         from cwic_exp.teacher import check_checkpoint
         try:
             check_checkpoint(args.checkpoint, "--checkpoint")

@@ -225,12 +225,17 @@ class MilestoneExport(L.Callback):
                 self.done.append(name)
                 self._point_latest(path)
 
+    @staticmethod
+    def point_latest(latest_file: Path, path: Path):
+        latest_file = Path(latest_file)
+        latest_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = latest_file.with_suffix(".tmp")
+        tmp.write_text(str(Path(path).resolve()) + "\n")
+        os.replace(tmp, latest_file)
+
     def _point_latest(self, path: Path):
         if self.latest_file is not None:
-            self.latest_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.latest_file.with_suffix(".tmp")
-            tmp.write_text(str(Path(path).resolve()) + "\n")
-            os.replace(tmp, self.latest_file)
+            self.point_latest(self.latest_file, path)
 
     def export_final(self, pl_module, meta: dict | None = None) -> Path:
         path = export_hf(pl_module.student, self.tok, self.run_dir / "hf" / "final", meta)

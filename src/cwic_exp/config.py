@@ -131,9 +131,9 @@ def validate(cfg) -> None:
         raise ConfigError(f"cwic.apr_start must be ≥ 1 (an APR below 1 is denser than dense), got {c.apr_start}")
     if c.apr_final < 1:
         raise ConfigError(f"cwic.apr_final must be ≥ 1, got {c.apr_final}")
-    if c.apr_start > c.apr_final:
-        raise ConfigError(f"cwic.apr_start ({c.apr_start}) must be ≤ cwic.apr_final ({c.apr_final}): the target "
-                          f"rises from start to final over the warm-up")
+    if c.apr_start > c.apr_final + 0.05:
+        raise ConfigError(f"cwic.apr_start ({c.apr_start}) must be ≤ cwic.apr_final + 0.05 ({c.apr_final + 0.05}): "
+                          f"the target rises from start to final + 0.05 over the warm-up")
     if c.head_max_reduction is not None and not c.head_max_reduction >= 1:
         raise ConfigError(f"cwic.head_max_reduction must be ≥ 1 (the head's largest APR) or null, got "
                           f"{c.head_max_reduction}")

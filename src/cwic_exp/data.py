@@ -49,7 +49,7 @@ def iter_json_records(path: str | os.PathLike, stats: dict | None = None):
     """Yield every whole record of a (possibly truncated) top-level JSON array, one at a time."""
     dec = json.JSONDecoder()
     text = Path(path).read_text(encoding="utf-8", errors="replace")
-    start = text.lstrip()[:1]
+    start = text.lstrip("\ufeff \t\r\n")[:1]
     if start != "[":
         raise ValueError(f"{path}: not a JSON array of ShareGPT records (it starts with {start or 'nothing'!r})")
     i = text.index("[") + 1

@@ -22,7 +22,8 @@ def replace_folder(tmp: Path, folder: Path) -> Path:
 
 def save_atomic(obj, path) -> Path:
     """`torch.save` to a temporary file beside `path`, fsynced, then renamed over it: a kill during the write leaves
-    the previous file whole (and a `.NAME.tmp-PID` that the next successful write removes)."""
+    the previous file whole (and a `.NAME.tmp-PID` that the next successful write removes once PID is gone; a
+    concurrent writer's file is left to it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -31,6 +32,17 @@ def save_atomic(obj, path) -> Path:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):    # left by a write that was killed
-        stale.unlink(missing_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):    # left by a write that was killed (not a live one's)
+        if not _alive(stale.name.rsplit("-", 1)[-1]):
+            stale.unlink(missing_ok=True)
     return path
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:       # another user's process
+        return True
+    return True

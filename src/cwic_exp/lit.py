@@ -246,4 +246,12 @@ class CwicDistillModule(L.LightningModule):
         self.val_metrics = {"val/kl": 0.5 * (fkl + rkl) / max(n, 1), "val/fkl": fkl / max(n, 1),
                             "val/apr": float(tot.apr), "val/tokens": float(n)}
         self.val_metrics_step = self.trainer.global_step   # run() skips its final validation when it is this step
-        self.log_dict(self.val_metrics, prog_bar=False)
+        if self.trainer.state.fn == "validate":
+            # the final validation after training: logged at the step of the last training row, as a validation
+            # inside the fit is (Lightning's own step is one further, where a resume would take it for a later
+            # step's row and drop it)
+            for lg in self.trainer.loggers:
+                lg.log_metrics(self.val_metrics, step=max(self.trainer.global_step - 1, 0))
+                lg.save()
+        else:
+            self.log_dict(self.val_metrics, prog_bar=False)

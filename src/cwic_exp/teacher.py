@@ -39,7 +39,8 @@ def check_checkpoint(name: str, what: str = "checkpoint") -> None:
         if not (p.is_dir() and (p / "config.json").exists()):
             raise FileNotFoundError(f"{what} {name}: not a Hugging Face checkpoint folder (no config.json)")
         return
-    if str(name).startswith((".", "/", "~")) or not _HUB_ID.match(str(name)):
+    if str(name).startswith((".", "/", "~")) or not _HUB_ID.match(str(name)) or p.parent.is_dir():
+        # (org/name with a local folder `org`, e.g. runs/x: a path, not a hub id)
         raise FileNotFoundError(f"{what} {name}: no such folder")
 
 

@@ -143,14 +143,20 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
         tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"
         tmp.write_text(saved)
         os.replace(tmp, run_dir / "config.yaml")
+    latest = Path(cfg.out_dir) / "LATEST"
     if not resuming and _rank0():
-        # a fresh start in a used folder (resume=false): the old run's log, checkpoints, exports and summary go,
-        # not mixed in (its milestone exports would pass for this run's)
+        # a fresh start in a used folder: the old run's log and checkpoints go, not mixed in; with resume=false (a
+        # run started over on purpose) its exports and summary too, which would pass for the new run's. Without
+        # a checkpoint to resume (deleted to free disk, say) a finished run's exports stay.
         (run_dir / "logs" / "metrics.csv").unlink(missing_ok=True)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        shutil.rmtree(run_dir / "hf", ignore_errors=True)
         (run_dir / "wandb_id").unlink(missing_ok=True)
-        (run_dir / "summary.json").unlink(missing_ok=True)
+        if not cfg.resume:
+            hf = (run_dir / "hf").resolve()
+            if latest.exists() and hf in Path(latest.read_text().strip()).resolve().parents:
+                latest.unlink()
+            shutil.rmtree(run_dir / "hf", ignore_errors=True)
+            (run_dir / "summary.json").unlink(missing_ok=True)
     done = run_dir / "summary.json"
     if resume_step is not None and resume_step >= cfg.trainer.max_steps and done.exists():
         summary = json.loads(done.read_text())
@@ -159,6 +165,8 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
             # training figures with NaN: no step runs)
             print(f"{run_dir} finished already at step {resume_step} (raise trainer.max_steps to go on)",
                   file=sys.stderr)
+            if summary.get("checkpoint") and Path(summary["checkpoint"]).exists() and _rank0():
+                MilestoneExport.point_latest(latest, summary["checkpoint"])
             print(json.dumps(summary), flush=True)
             return summary
 
@@ -172,8 +180,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
             beta_dist=c.beta_dist, ste=c.ste, sparsify_head=c.sparsify_head,
             head_max_reduction=c.head_max_reduction)
     # every export names its teacher (config.json): evaluation measures KL against it, not against a default
-    local = Path(cfg.model.name).expanduser()
-    student.config.cwic_teacher = str(local.resolve()) if local.exists() else cfg.model.name
+    student.config.cwic_teacher = cfg.model.name
     student.train().requires_grad_(True)
     teacher.to(_teacher_dtype(cfg, acc))
 
@@ -187,7 +194,6 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
     log.info("data: %s", dm.describe())
 
     module = CwicDistillModule(student, teacher, OmegaConf.to_container(cfg, resolve=True))
-    latest = Path(cfg.out_dir) / "LATEST"
     exporter = MilestoneExport(run_dir, tok, c.apr_start, c.apr_final, c.apr_warmup_steps, latest,
                                enabled=cfg.export_milestones)
     ckpt_dir = run_dir / "checkpoints"

@@ -37,9 +37,18 @@ def main(cfg: DictConfig) -> dict:
                 return model(input_ids=ids, attention_mask=am).logits
     elif c["method"] == "cwic":
         from .. import load_teacher
-        # the teacher the checkpoint was distilled from (its config.json names it), unless teacher= says otherwise;
-        # `model` is only the fallback for checkpoints from before that
-        name = c.get("teacher") or getattr(model.config, "cwic_teacher", None) or c["model"]
+        # teacher= if given; else the teacher the checkpoint was distilled from (its config.json names it) where
+        # that name resolves here (a local path from the training machine may not); else `model`
+        from ..teacher import resolve_model_source
+        name, named = c.get("teacher"), getattr(model.config, "cwic_teacher", None)
+        if not name and named:
+            try:
+                resolve_model_source(named)
+                name = named
+            except (FileNotFoundError, ValueError):
+                log.warning("the checkpoint names its teacher %s, which is not here: KL against model=%s "
+                            "(teacher=... names another)", named, c["model"])
+        name = name or c["model"]
         teacher = load_teacher(name, dtype=next(model.parameters()).dtype,
                                device=next(model.parameters()).device)[0]
         if teacher.config.vocab_size != model.config.vocab_size:

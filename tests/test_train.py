@@ -474,14 +474,18 @@ def test_ctrl_c_stops_after_the_step_and_the_rerun_loses_nothing(tmp_path, monke
     assert torch.load(ck, weights_only=False)["global_step"] == 2
 
 
+def _every2(tmp, steps):
+    """The smoke run with a checkpoint and a validation every 2 steps, no milestone exports."""
+    return _smoke_cfg(tmp, steps, ["trainer.ckpt_every=2", "trainer.val_every=2", "export_milestones=false"])
+
+
 def test_a_rerun_after_a_kill_logs_each_step_once(tmp_path):
     """Killed after logging steps its last checkpoint does not hold: the rerun drops those rows before logging the
     steps again; and the final validation is not run (and logged) twice when the last step was just validated."""
     import shutil
     import pandas
     from cwic_exp.train import run
-    cfg = lambda n: _smoke_cfg(tmp_path, n, ["trainer.ckpt_every=2", "trainer.val_every=2",  # noqa: E731
-                                             "export_milestones=false"])
+    cfg = lambda n: _every2(tmp_path, n)  # noqa: E731
     run(cfg(2), tmp_path / "t")
     ck = tmp_path / "t" / "checkpoints" / "last.ckpt"
     shutil.copy(ck, tmp_path / "step2.ckpt")
@@ -503,8 +507,7 @@ def test_extending_a_finished_run_keeps_its_final_validation_and_exports(tmp_pat
     import shutil
     import pandas
     from cwic_exp.train import run
-    cfg = lambda n: _smoke_cfg(tmp_path, n, ["trainer.ckpt_every=2", "trainer.val_every=2",  # noqa: E731
-                                             "export_milestones=false"])
+    cfg = lambda n: _every2(tmp_path, n)  # noqa: E731
     run(cfg(3), tmp_path / "t")
     run(cfg(5), tmp_path / "t")
     df = pandas.read_csv(tmp_path / "t" / "logs" / "metrics.csv")

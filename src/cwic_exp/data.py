@@ -83,7 +83,7 @@ def sharegpt_conversations(path=None, stats: dict | None = None):
             continue
         with_turns += 1
         msgs = []
-        for turn in rec.get("conversations", []):
+        for turn in rec["conversations"]:
             role = ROLE_MAP.get(str(turn.get("from", "")).lower())
             content = turn.get("value")
             if role is None or not isinstance(content, str) or not content.strip():

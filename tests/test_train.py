@@ -292,6 +292,7 @@ def test_training_steps_move_the_apr_towards_its_target():
     ("optim.lr=nan", "optim.lr"),
     ("cwic.apr_start=3 cwic.apr_final=2", "apr_start"),
     ("cwic.apr_start=1.2 cwic.apr_final=1", "apr_start"),
+    ("run_name=../../escape", "run_name"),
     ("cwic.head_max_reduction=0", "head_max_reduction"),
     ("optim.warmup_steps=-5", "warmup_steps"),
     ("trainer.threads=-1", "threads"),

@@ -121,6 +121,10 @@ def validate(cfg) -> None:
         v = c[name]
         if v is not None and v <= 0:
             raise ConfigError(f"cwic.{name} must be a positive integer or null (whole columns), got {v}")
+    rn = str(cfg.run_name)
+    if not rn or "/" in rn or "\\" in rn or rn in (".", ".."):
+        raise ConfigError(f"run_name must be one folder name (no '/', not '.' or '..'): it is a folder under "
+                          f"out_dir, got {rn!r}")
     for name in ("apr_start", "apr_final", "alpha_eps", "beta_dist", "lambda_ap", "mse_weight", "eta_theta"):
         if not math.isfinite(c[name]):
             raise ConfigError(f"cwic.{name} must be a finite number, got {c[name]}")

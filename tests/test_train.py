@@ -467,7 +467,16 @@ def test_ctrl_c_stops_after_the_step_and_the_rerun_loses_nothing(tmp_path, monke
     assert again["train_kl"] == b["train_kl"] and again["wall_s"] == b["wall_s"]
     with pytest.raises(ConfigError, match="cwic.lambda_ap: 10.0 → 1.0"):
         run(_smoke_cfg(tmp_path, 6, ["cwic.lambda_ap=1"]), tmp_path / "t")
-    # resume=false starts over in the same folder: the old run's log, checkpoint and exports go rather than mix in
+    # resume=false starts over in the same folder: the old run's log, checkpoint and exports go rather than mix in,
+    # and runs/LATEST with them when it pointed there (seen here by stopping the start at the teacher's load)
+    from cwic_exp import teacher as T
+    assert (tmp_path / "LATEST").read_text().strip() == str((tmp_path / "t" / "hf" / "final").resolve())
+    load = T.load_teacher
+    monkeypatch.setattr(T, "load_teacher", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stopped here")))
+    with pytest.raises(RuntimeError, match="stopped here"):
+        run(_smoke_cfg(tmp_path, 2, ["cwic.lambda_ap=1", "resume=false"]), tmp_path / "t")
+    assert not (tmp_path / "LATEST").exists() and not (tmp_path / "t" / "hf").exists()
+    monkeypatch.setattr(T, "load_teacher", load)
     (tmp_path / "t" / "hf" / "apr_9.05x").mkdir(parents=True)
     c = run(_smoke_cfg(tmp_path, 2, ["cwic.lambda_ap=1", "resume=false"]), tmp_path / "t")
     assert c["steps"] == 2 and not (tmp_path / "t" / "hf" / "apr_9.05x").exists()

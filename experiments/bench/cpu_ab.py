@@ -79,8 +79,7 @@ def main(argv=None):
     import cwic_exp
     import cwic_exp.cpu_decode as CD
     from experiments.bench.cpu_decode import forced_setup, huge_mb, timed_forced
-    from experiments.bench.cpu_kernels import rotated
-    from experiments.bench.cpu_kernels import machine
+    from experiments.bench.cpu_kernels import machine, rotated
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     tmp = tempfile.mkdtemp(prefix="cwic_ab_")

@@ -38,7 +38,8 @@ class CheckpointOnStop(L.Callback):
     Ctrl-C becomes a stop at the end of the current step (the step is never cut in half; every data-parallel rank
     stops at the same one; no validation pass first); a second Ctrl-C interrupts at once and keeps the last
     checkpoint written. Lightning raises its SIGTERM exception between steps, and the checkpoint is written then.
-    `interrupted` names the signal ("SIGINT", "SIGTERM") or is None."""
+    `interrupted` is "SIGINT" after a Ctrl-C stop, else None (SIGTERM leaves `trainer.fit` as Lightning's
+    SIGTERMException, which `run` catches)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -79,7 +80,6 @@ class CheckpointOnStop(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, SIGTERMException) and trainer.global_step > 0:
-            self.interrupted = "SIGTERM"
             trainer.save_checkpoint(str(self.path))
 
 

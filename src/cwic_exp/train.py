@@ -143,7 +143,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
         tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"
         tmp.write_text(saved)
         os.replace(tmp, run_dir / "config.yaml")
-    latest = Path(cfg.out_dir) / "LATEST"
+    latest, summary_file = Path(cfg.out_dir) / "LATEST", run_dir / "summary.json"
     if not resuming and _rank0():
         # a fresh start in a used folder: the old run's log and checkpoints go, not mixed in; with resume=false (a
         # run started over on purpose) its exports and summary too, which would pass for the new run's. Without
@@ -156,10 +156,9 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
             if latest.exists() and hf in Path(latest.read_text().strip()).resolve().parents:
                 latest.unlink()
             shutil.rmtree(run_dir / "hf", ignore_errors=True)
-            (run_dir / "summary.json").unlink(missing_ok=True)
-    done = run_dir / "summary.json"
-    if resume_step is not None and resume_step >= cfg.trainer.max_steps and done.exists():
-        summary = json.loads(done.read_text())
+            summary_file.unlink(missing_ok=True)
+    if resume_step is not None and resume_step >= cfg.trainer.max_steps and summary_file.exists():
+        summary = json.loads(summary_file.read_text())
         if summary.get("finished") and summary.get("steps") == resume_step:
             # the same command after the run finished: its records stand (re-measuring would overwrite the
             # training figures with NaN: no step runs)
@@ -242,7 +241,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
                    "checkpoint": str(last) if last.exists() else None, "run_dir": str(run_dir),
                    "wall_s": round(time.time() - t_start, 1)}
         if trainer.global_rank == 0:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            summary_file.write_text(json.dumps(summary, indent=1))
             print(f"\ninterrupted ({by}) at step {steps}: saved {last}; the same command resumes there",
                   file=sys.stderr)
             print(json.dumps(summary), flush=True)
@@ -278,7 +277,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
         path = exporter.export_final(module, {**summary, "note": "APR counts q,k,v,o,gate,up+down,head; "
                                                                   "not embeddings or attention scores"})
         summary["checkpoint"] = str(path) if path else None
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        summary_file.write_text(json.dumps(summary, indent=1))
     summary.setdefault("checkpoint", None)
     for lg in loggers:
         if type(lg).__name__ == "WandbLogger":

@@ -116,7 +116,9 @@ class GranularMatmul(torch.autograd.Function):
         xw, ew = _wide(xf), _wide(eps)
         xa = xw.abs()
         gdt = dy.dtype if dy is not None else xc.dtype
-        dx = torch.zeros_like(xc, dtype=gdt) if need_x else None
+        # dx sums one partial product a stripe (k of them: 256 for SmolLM2's head at stripe 192): in fp32, as a
+        # plain linear's K-sum is, not in bf16, where its rounding error grew with k (6.6× a plain bf16 linear's)
+        dx = torch.zeros_like(xc, dtype=xc.dtype if xc.dtype == torch.float64 else torch.float32) if need_x else None
         dw = torch.zeros_like(weight, dtype=gdt) if need_w else None
         dthr = torch.zeros_like(thr, dtype=_wide(thr).dtype) if need_t else None
         dabs = torch.zeros_like(xw) if (need_x and dcount is not None) else None

@@ -534,6 +534,25 @@ def test_a_flat_apr_schedule_is_valid():
     validate(_compose(["run_name=x", "cwic.apr_final=1"]))    # 1.05 → 1.05: start = final + 0.05
 
 
+def test_a_warmup_of_w_steps_exports_every_milestone(monkeypatch, tmp_path):
+    """The paper recipes train exactly `apr_warmup_steps` (15,000) steps from 1.05 to 6.05: the last warm-up
+    step trains at 6.05, so all five milestones are exported, 2.05× after step 3,000 as in the paper (the
+    target used to reach 6.05 one step after the run ended: no apr_6.05x)."""
+    from types import SimpleNamespace
+    import cwic_exp.callbacks as cb
+    assert cb.apr_target_at(0, 1.05, 6.0, 15000) == 1.05
+    assert abs(cb.apr_target_at(14999, 1.05, 6.0, 15000) - 6.05) < 1e-12
+    assert cb.apr_target_at(20000, 1.05, 6.0, 15000) == cb.apr_target_at(14999, 1.05, 6.0, 15000)
+    seen = []
+    monkeypatch.setattr(cb, "export_hf", lambda student, tok, path, meta: seen.append((path.name, meta["step"])))
+    ex = cb.MilestoneExport(tmp_path, None, 1.05, 6.0, 15000)
+    mod = SimpleNamespace(student=None, last_metrics={})
+    for step in range(1, 15001):                   # global_step after each training step
+        ex.on_train_batch_end(SimpleNamespace(global_rank=0, global_step=step), mod, None, None, 0)
+    assert [n for n, _ in seen] == ["apr_2.05x", "apr_3.05x", "apr_4.05x", "apr_5.05x", "apr_6.05x"]
+    assert seen[0][1] == 3001 and seen[-1][1] == 15000
+
+
 def test_config_changes_compare_the_old_runs_settings_only():
     from cwic_exp.train import config_changes
     old = {"cwic": {"lambda_ap": 10.0}, "trainer": {"max_steps": 5, "micro_batch_size": 8}}

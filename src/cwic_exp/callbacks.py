@@ -24,9 +24,11 @@ from .modeling import clamp_thresholds
 
 
 def apr_target_at(step: int, start: float, final: float, warmup_steps: int) -> float:
-    """Linear from `start` to `final + 0.05` over `warmup_steps` (METHOD.md §4), then constant."""
+    """Linear from `start` to `final + 0.05` over `warmup_steps` (METHOD.md §4), then constant: step 0 trains at
+    `start` and step `warmup_steps - 1`, the warm-up's last, at `final + 0.05`. (Reaching it one step later left a
+    run of exactly `warmup_steps` steps, as the paper recipes are, without the last milestone: 6.0497 < 6.05.)"""
     end = final + 0.05
-    frac = min(max(step, 0) / max(warmup_steps, 1), 1.0)
+    frac = min(max(step, 0) / max(warmup_steps - 1, 1), 1.0)
     return start + (end - start) * frac
 
 

@@ -24,11 +24,9 @@ from .modeling import clamp_thresholds
 
 
 def apr_target_at(step: int, start: float, final: float, warmup_steps: int) -> float:
-    """Linear from `start` to `final + 0.05` over `warmup_steps` (METHOD.md §4), then constant: step 0 trains at
-    `start` and step `warmup_steps - 1`, the warm-up's last, at `final + 0.05`. (Reaching it one step later left a
-    run of exactly `warmup_steps` steps, as the paper recipes are, without the last milestone: 6.0497 < 6.05.)"""
+    """Linear from `start` to `final + 0.05` over `warmup_steps` (METHOD.md §4), then constant."""
     end = final + 0.05
-    frac = min(max(step, 0) / max(warmup_steps - 1, 1), 1.0)
+    frac = min(max(step, 0) / max(warmup_steps, 1), 1.0)
     return start + (end - start) * frac
 
 
@@ -218,11 +216,14 @@ class MilestoneExport(L.Callback):
         if not self.enabled or trainer.global_rank != 0:
             return
         step = trainer.global_step               # steps done
-        now = apr_target_at(step - 1, self.start, self.final, self.warmup)   # the target just trained at
+        # the schedule's value after `step` steps: the paper's checkpoint "at 3k steps" (after steps 0 … 2999, the
+        # last trained at 2.0497) is its 2.05× model, and the one at 15k, the end of a 15k-step warm-up, its 6.05×
+        reached = apr_target_at(step, self.start, self.final, self.warmup)
         for m in self.milestones():
             name = milestone_name(m)
-            if name not in self.done and now >= m - 1e-9:
-                meta = {"step": step, "apr_target": now, **{k: float(v) for k, v in pl_module.last_metrics.items()}}
+            if name not in self.done and reached >= m - 1e-9:
+                meta = {"step": step, "apr_target": apr_target_at(step - 1, self.start, self.final, self.warmup),
+                        **{k: float(v) for k, v in pl_module.last_metrics.items()}}
                 path = export_hf(pl_module.student, self.tok, self.run_dir / "hf" / name, meta)
                 self.done.append(name)
                 self._point_latest(path)

@@ -51,14 +51,14 @@ chat: setup                     ## chat with the latest trained checkpoint (ARGS
 analyses: setup                 ## Fig. 4-9 analogues for a checkpoint (ARGS="--checkpoint runs/.../hf/final")
 	$(BIN)/python experiments/analyses/run_all.py $(ARGS)
 
-bench-cpu: setup                ## CPU kernel and decode benchmarks (tables + last-line JSON; DECODE_ARGS=--forced: decode only)
-	$(BIN)/python experiments/bench_kernels.py --device cpu $(ARGS)
-	$(BIN)/python experiments/bench_decode.py --device cpu $(ARGS) $(DECODE_ARGS)
+bench-cpu: setup                ## CPU kernel and decode benchmarks (tables + last-line JSON; options: KERNEL_ARGS=, DECODE_ARGS=)
+	$(BIN)/python experiments/bench_kernels.py --device cpu $(KERNEL_ARGS)
+	$(BIN)/python experiments/bench_decode.py --device cpu $(DECODE_ARGS)
 
-bench-gpu:                      ## on a CUDA machine with torch + triton installed
-	$(PY) experiments/bench_kernels.py --device cuda $(ARGS)
-	$(PY) experiments/bench_kernels.py --device cuda --compact $(ARGS)
-	$(PY) experiments/bench_decode.py --device cuda $(ARGS)
+bench-gpu:                      ## on a CUDA machine with torch + triton installed (options: KERNEL_ARGS=, DECODE_ARGS=)
+	$(PY) experiments/bench_kernels.py --device cuda $(KERNEL_ARGS)
+	$(PY) experiments/bench_kernels.py --device cuda --compact $(KERNEL_ARGS)
+	$(PY) experiments/bench_decode.py --device cuda $(DECODE_ARGS)
 
 tune-gpu:                       ## on a CUDA machine: tile variants timed as the whole decode step (ARGS="--groups ffn")
 	$(PY) experiments/bench/gpu_tune_decode.py $(ARGS)

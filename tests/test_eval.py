@@ -408,3 +408,19 @@ def test_cli_cwic_measures_kl_against_the_checkpoints_own_teacher(tmp_path, caps
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = compose(config_name="config", overrides=over + [f"model={folder}"])
     assert main(cfg)["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kw, needle", [({"method": "tael"}, "unknown method"),
+                                        ({"method": "teal", "teal": {"mode": "unifrom"}}, "teal.mode"),
+                                        ({"method": "teal", "sparsity": 1.5}, "sparsity")])
+def test_bad_method_or_teal_settings_are_named_before_any_load(kw, needle, monkeypatch):
+    """A wrong method or TEAL mode used to raise only after the teacher's load (and the mode after a whole
+    TEAL calibration)."""
+    import cwic_exp
+    from cwic_exp.eval.run import build_model
+
+    def no_load(*a, **k):
+        raise AssertionError("loaded a model before checking the arguments")
+    monkeypatch.setattr(cwic_exp, "load_teacher", no_load)
+    with pytest.raises(ValueError, match=needle):
+        build_model("tiny-random-llama", **kw)

@@ -297,6 +297,8 @@ def test_training_steps_move_the_apr_towards_its_target():
     ("optim.warmup_steps=-5", "warmup_steps"),
     ("trainer.threads=-1", "threads"),
     ("trainer.devices=0", "devices"),
+    ("trainer.devices=two", "devices"),          # a traceback from Lightning after the data loaded
+    ("trainer.devices=2.5", "devices"),
     ("data.max_conversations=0", "max_conversations"),
 ])
 def test_config_errors_are_one_line_and_early(override, needle):
@@ -355,6 +357,21 @@ def test_experiments_compose():
     assert _compose(["run_name=x", "+experiment=mini"]).optim.lr == pytest.approx(1e-4)   # SmolLM2: the trainer's
     assert _compose(["run_name=x", "model=llama3_2_1b", "cwic=nostripes"]).cwic.stripe_size is None
     assert _compose(["run_name=x", "+experiment=paper_1b", "optim.lr=2e-5"]).optim.lr == pytest.approx(2e-5)
+
+
+def test_a_data_groups_own_lengths_win_over_the_trainers():
+    """trainer/cpu.yaml sets seq_len 256 and val_rows 8 for the default data; data/tiny.yaml's 128 and 4 (the
+    smoke run's) and paper_mix's 1024 used to be overwritten by it, since the trainer group came after data."""
+    assert (lambda d: (d.seq_len, d.val_rows))(_compose(["run_name=x"]).data) == (256, 8)
+    assert (lambda d: (d.seq_len, d.val_rows))(_compose(["run_name=x", "+experiment=smoke"]).data) == (128, 4)
+    assert _compose(["run_name=x", "data=paper_mix"]).data.seq_len == 1024
+
+
+def test_an_ablation_with_another_cwic_choice_is_named_by_it():
+    """`+experiment=ablation_noste cwic=mse` runs the MSE ablation: it used to be filed as ablation_noste."""
+    out = subprocess.run([sys.executable, "train.py", "+experiment=ablation_noste", "cwic=mse", "--cfg", "job",
+                          "--resolve"], cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
+    assert "run_name: ablation_mse" in out and "ste: true" in out and "mse_weight: 1.0" in out
 
 
 def test_paper_mix_rows_map_to_conversations(monkeypatch):

@@ -113,6 +113,20 @@ def register_schema() -> None:
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
+def _devices_ok(v) -> bool:
+    """What Lightning's `devices` takes: an int ≥ 1 or -1, "auto", "-1", a list of indices or "0,1"."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return v >= 1 or v == -1
+    if isinstance(v, str):
+        parts = [p.strip() for p in v.split(",") if p.strip()]
+        return v.strip() in ("auto", "-1") or (bool(parts) and all(p.isdigit() for p in parts))
+    if isinstance(v, (list, tuple)) or type(v).__name__ == "ListConfig":
+        return len(v) > 0 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+    return False
+
+
 def validate(cfg) -> None:
     """One-line errors for values the types cannot catch. Loads nothing."""
     from .teacher import resolve_model_source
@@ -146,8 +160,9 @@ def validate(cfg) -> None:
                           f"{o.weight_decay}")
     if t.threads is not None and t.threads < 1:
         raise ConfigError(f"trainer.threads must be ≥ 1 or null (torch's default), got {t.threads}")
-    if isinstance(t.devices, int) and not isinstance(t.devices, bool) and t.devices < 1 and t.devices != -1:
-        raise ConfigError(f"trainer.devices must be ≥ 1, -1 (all), 'auto' or a list, got {t.devices}")
+    if not _devices_ok(t.devices):
+        raise ConfigError(f"trainer.devices must be ≥ 1, -1 (all), 'auto', a list of device indices or a string of "
+                          f"them ('0,1'), got {t.devices!r}")
     if d.max_conversations is not None and d.max_conversations < 1:
         raise ConfigError(f"data.max_conversations must be ≥ 1 or null (all), got {d.max_conversations}")
     if c.apr_warmup_steps < 1:

@@ -59,6 +59,14 @@ def build_model(model: str = "smollm2-135m-instruct", method: str = "dense", spa
                 dtype: str = "float32"):
     """-> (model, tokenizer, info). method: dense | teal | cwic (a CWIC checkpoint folder)."""
     from .. import load_teacher
+    if method not in ("dense", "teal", "cwic"):     # before loading anything (it used to raise after the teacher's load)
+        raise ValueError(f"unknown method {method!r}: expected dense, teal or cwic")
+    if method == "teal":
+        mode = (teal or {}).get("mode", "greedy")
+        if mode not in ("greedy", "uniform"):        # (it used to raise after the TEAL calibration)
+            raise ValueError(f"unknown teal.mode {mode!r}: expected greedy or uniform")
+        if not 0 <= sparsity < 1:
+            raise ValueError(f"sparsity must be in [0, 1) for method=teal, got {sparsity}")
     device, dt = pick_device(device), _dtype(dtype)
     info = {"method": method, "model": model, "device": device, "dtype": str(dt).replace("torch.", "")}
     if method == "cwic":
@@ -84,8 +92,6 @@ def build_model(model: str = "smollm2-135m-instruct", method: str = "dense", spa
     net, tok = load_teacher(model, dtype=dt, device=device)
     if method == "dense":
         return net, tok, info
-    if method != "teal":
-        raise ValueError(f"unknown method {method!r}: expected dense, teal or cwic")
     from ..teal import apply_teal, teal_active_parameters, teal_thresholds
     t = dict(teal or {})
     mode, refit = t.pop("mode", "greedy"), t.pop("refit", True)

@@ -65,6 +65,69 @@ def test_statistics_move_only_in_statistics_mode():
     torch.testing.assert_close(std, x.std(0, unbiased=False), atol=1e-5, rtol=1e-5)
 
 
+def test_statistics_are_a_bias_corrected_ema_with_the_configured_beta():
+    """Over two statistics steps the running values are the bias-corrected EMA with β_dist, in the striped layers
+    and the FFN's unit scale (one step cannot tell: any β gives that batch's statistics after one)."""
+    beta = 0.9
+    model = to_cwic(tiny_model(), beta_dist=beta)
+    q, mlp = model.model.layers[0].self_attn.q_proj, model.model.layers[0].mlp
+    seen = {"x": [], "a": []}
+    hq = q.register_forward_pre_hook(lambda m, a: seen["x"].append(a[0].detach()))
+    ha = mlp.act_fn.register_forward_hook(lambda m, a, out: seen["a"].append(out.detach()))
+    for seed in (1, 2):
+        ids, mask = rand_batch(seed=seed)
+        with torch.no_grad(), cwic_context(model, token_mask=mask, update_stats=True):
+            model(input_ids=ids, attention_mask=mask)
+        seen.setdefault("mask", []).append(mask.reshape(-1).bool())
+    hq.remove()
+    ha.remove()
+    for mod, key, width in ((q, "x", q.in_features), (mlp, "a", mlp.intermediate_size)):
+        real = [t.reshape(-1, width)[m] for t, m in zip(seen[key], seen["mask"])]
+        m1, m2 = (r.mean(0) for r in real)
+        s1, s2 = (r.std(0, unbiased=False) for r in real)
+        corr = 1 - beta ** 2
+        mean, std = mod.running_stats()
+        torch.testing.assert_close(mean, (beta * (1 - beta) * m1 + (1 - beta) * m2) / corr, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(std, (beta * (1 - beta) * s1 + (1 - beta) * s2) / corr, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(m1, m2, atol=1e-3)
+
+
+def test_epsilon_is_alpha_times_each_features_batch_std(monkeypatch):
+    """ε_i = α_ε · std_batch(x_i) over the real tokens (METHOD.md §3), feature by feature, for the striped layers
+    (GranularMatmul) and the FFN's units (UnitMask). Every gradient test passes ε in by hand."""
+    import cwic_exp.modeling.layers as L
+    alpha = 0.2
+    model = to_cwic(tiny_model(), alpha_eps=alpha)
+    ids, mask = rand_batch()
+    with torch.no_grad(), cwic_context(model, token_mask=mask, update_stats=True):
+        model(input_ids=ids, attention_mask=mask)
+    q, mlp = model.model.layers[0].self_attn.q_proj, model.model.layers[0].mlp
+    got, inputs = {}, {}
+    real_gmm, real_unit = L.GranularMatmul.apply, L.UnitMask.apply
+
+    def gmm(xc, w, thr, eps, *rest):
+        got.setdefault("gmm", eps.detach().clone())
+        return real_gmm(xc, w, thr, eps, *rest)
+
+    def unit(a2, thr, eps, ste):
+        got.setdefault("unit", eps.detach().clone())
+        return real_unit(a2, thr, eps, ste)
+    monkeypatch.setattr(L.GranularMatmul, "apply", gmm)
+    monkeypatch.setattr(L.UnitMask, "apply", unit)
+    hq = q.register_forward_pre_hook(lambda m, a: inputs.setdefault("x", a[0].detach()))
+    ha = mlp.act_fn.register_forward_hook(lambda m, a, out: inputs.setdefault("a", out.detach()))
+    model.train()
+    with cwic_context(model, token_mask=mask):
+        model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+    hq.remove()
+    ha.remove()
+    sel = mask.reshape(-1).bool()
+    for key, inp, width in (("gmm", "x", q.in_features), ("unit", "a", mlp.intermediate_size)):
+        std = inputs[inp].reshape(-1, width)[sel].std(0, unbiased=False)
+        assert float(std.std()) > 0.01 * float(std.mean())           # features differ: the indexing matters
+        torch.testing.assert_close(got[key], alpha * std, atol=1e-6, rtol=1e-5)
+
+
 def test_dtype_cast_keeps_running_statistics_fp32():
     """model.to(bfloat16) casts the weights and θ/φ, not the running statistics (a bf16 step counter would stop at
     256): they stay fp32 and bitwise unchanged, the bf16 model runs, and a cast back gives the same statistics."""
@@ -375,18 +438,28 @@ def test_ffn_accounting_and_kinds():
 
 
 def test_head_reduction_cap_stops_ap_gradient():
-    model = to_cwic(tiny_model(), stripe_size=16, head_max_reduction=2.0)
-    ids, mask = rand_batch()
-    _gather_stats(model, ids, mask, 1)
-    with torch.no_grad():
-        model.lm_head.theta.fill_(50.0)       # head reduction far beyond the cap
-    model.train()
-    with cwic_context(model, token_mask=mask, track_ap=True):
-        model(input_ids=ids, attention_mask=mask)
-    stats = cwic_exp.gather_active(model, mask)
-    stats.by_kind["head"].backward()
-    g = model.lm_head.theta.grad
-    assert g is None or g.abs().sum() == 0
+    """Past the cap the AP loss stops pushing the head's θ; under it, it pushes. θ_head = 1.5σ: a head reduction
+    of about 7, and θ close enough to the inputs for the rectangle to give θ a gradient. (The test used to set
+    θ = 50, where the gradient is 0 with or without the cap, so removing the cap passed.)"""
+    grads = {}
+    for cap in (2.0, 100.0):
+        torch.manual_seed(0)
+        model = to_cwic(tiny_model(), stripe_size=16, head_max_reduction=cap)
+        ids, mask = rand_batch()
+        _gather_stats(model, ids, mask, 1)
+        with torch.no_grad():
+            model.lm_head.theta.fill_(1.5)
+        model.train()
+        with cwic_context(model, token_mask=mask, track_ap=True):
+            model(input_ids=ids, attention_mask=mask)
+        stats = cwic_exp.gather_active(model, mask)
+        head = model.lm_head
+        red = head.dense_params * int(mask.sum()) / float(stats.by_kind["head"].detach())
+        assert 2.0 < red < 100.0, red
+        stats.by_kind["head"].backward()
+        g = head.theta.grad
+        grads[cap] = 0.0 if g is None else float(g.abs().sum())
+    assert grads[2.0] == 0.0 and grads[100.0] > 0, grads
 
 
 def test_options_are_validated():

@@ -36,23 +36,28 @@ def test_packed_conversations_never_attend_to_each_other():
             model(**model_inputs(vars(p1)))
         for mod in cwic_exp.iter_cwic_modules(model):
             (mod.theta if hasattr(mod, "theta") else mod.phi).fill_(0.3)
-    b2 = [40, 41, 42]                                  # change one conversation only
-    p2 = pack_sequences([a, b2, c], 16, 0)
+    a2 = [45, 46, 47, 48, 49]                          # change the conversation packed first (the longest)
+    p2 = pack_sequences([a2, b, c], 16, 0)
     assert torch.equal(p1.segment_ids, p2.segment_ids)
     with torch.no_grad():
         l1 = model(**model_inputs(vars(p1))).logits
         l2 = model(**model_inputs(vars(p2))).logits
     changed = (p1.input_ids != p2.input_ids)[0]
-    seg_changed = p1.segment_ids[0][changed][0]
-    others = (p1.segment_ids[0] != seg_changed) & (p1.segment_ids[0] > 0)
-    assert changed.any() and others.sum() >= 9
-    torch.testing.assert_close(l1[0, others], l2[0, others], atol=1e-6, rtol=1e-6)
-    # and each packed conversation equals the same conversation run alone
-    pos = (p1.segment_ids[0] == 1).nonzero().flatten()
-    alone = torch.tensor([p1.input_ids[0, pos].tolist()])
-    with torch.no_grad():
-        la = model(input_ids=alone).logits
-    torch.testing.assert_close(l1[0, pos], la[0], atol=1e-5, rtol=1e-5)
+    seg = p1.segment_ids[0]
+    assert changed.any() and set(seg[changed].tolist()) == {1}
+    later = seg > 1            # after it in the row: plain causal masking alone would let them see it
+    assert later.sum() == len(b) + len(c)
+    torch.testing.assert_close(l1[0, later], l2[0, later], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(l1[0, seg == 1], l2[0, seg == 1])
+    # and every packed conversation, the last ones too, equals the same conversation run alone
+    for s in seg.unique().tolist():
+        if s == 0:
+            continue
+        pos = (seg == s).nonzero().flatten()
+        alone = torch.tensor([p1.input_ids[0, pos].tolist()])
+        with torch.no_grad():
+            la = model(input_ids=alone).logits
+        torch.testing.assert_close(l1[0, pos], la[0], atol=1e-5, rtol=1e-5)
 
 
 def test_packing_positions_and_padding():
@@ -128,6 +133,46 @@ def _module(micro, lam=10.0):
 
 def _grads(mod):
     return {n: p.grad.clone() for n, p in mod.student.named_parameters() if p.grad is not None}
+
+
+def test_distillation_losses_against_their_definitions():
+    """FKL = KL(p_t‖p_s) and RKL = KL(p_s‖p_t) summed over real tokens only (METHOD.md §6), as torch's kl_div
+    computes them; ½(FKL+RKL) per real token; the MSE ablation's per-token mean squared error. (Before this test
+    an RKL computed as FKL, or padding counted in, passed every test.)"""
+    import torch.nn.functional as F
+    from cwic_exp.distill import hidden_mse, kl_parts, symmetric_kl
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=g) * 2, torch.randn(2, 5, 11, generator=g) * 2
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    sel = mask.bool()
+    ls, lt = s[sel].log_softmax(-1), t[sel].log_softmax(-1)
+    fkl, rkl, n = kl_parts(s, t, mask, chunk=3)
+    assert int(n) == 7
+    torch.testing.assert_close(fkl, F.kl_div(ls, lt, log_target=True, reduction="sum"))
+    torch.testing.assert_close(rkl, F.kl_div(lt, ls, log_target=True, reduction="sum"))
+    assert abs(float(fkl - rkl)) > 0.1 * float(fkl)           # the two directions differ here
+    torch.testing.assert_close(symmetric_kl(s, t, mask), 0.5 * (fkl + rkl) / 7)
+    s2, t2 = s.clone(), t.clone()                              # padding positions do not count
+    s2[~sel], t2[~sel] = 50 * torch.randn(3, 11, generator=g), -50 * torch.randn(3, 11, generator=g)
+    for a, b in zip(kl_parts(s2, t2, mask), (fkl, rkl, n)):
+        torch.testing.assert_close(a, b)
+    hs, ht = torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    torch.testing.assert_close(hidden_mse(hs, ht, mask), ((hs - ht) ** 2).mean(-1)[sel].sum())
+
+
+def test_the_training_loss_is_the_distillation_of_the_teacher():
+    """The step's FKL/RKL sums are those of the student's and the teacher's logits over the batch's real tokens."""
+    import torch.nn.functional as F
+    mod, batch = _module(4, lam=0.0)
+    parts = mod.accumulate_gradients(batch, 3.0, update_stats=False)
+    real = batch["segment_ids"] > 0
+    with torch.no_grad():
+        s = mod._student(batch, real, update_stats=False)[0].logits[real].log_softmax(-1)
+        t = mod.teacher(**model_inputs(batch)).logits[real].log_softmax(-1)
+    assert parts["n_real"] == int(real.sum()) == 4 * 24 - 4
+    assert parts["fkl"] == pytest.approx(float(F.kl_div(s, t, log_target=True, reduction="sum")), rel=1e-4)
+    assert parts["rkl"] == pytest.approx(float(F.kl_div(t, s, log_target=True, reduction="sum")), rel=1e-4)
+    assert parts["fkl"] > 0
 
 
 def test_ap_loss_uses_the_whole_step_under_accumulation():
@@ -269,6 +314,20 @@ def test_training_steps_move_the_apr_towards_its_target():
     assert seen[-1]["train/apr"] > seen[0]["train/apr"] + 0.05
     assert all(float((m.theta if hasattr(m, "theta") else m.phi).min()) >= 0
                for m in cwic_exp.iter_cwic_modules(mod.student))
+
+
+def test_thresholds_are_clamped_at_zero_after_each_step():
+    """θ ← max(0, θ) after every optimizer step (METHOD.md §2): started just above 0 with the distillation alone
+    pulling them denser, Adam steps would take some below 0; the clamp holds them at exactly 0."""
+    mod, batch = _module(2, lam=0.0)
+    mod.cfg["optim"]["lr"] = 1e-2
+    with torch.no_grad():
+        for m in cwic_exp.iter_cwic_modules(mod.student):
+            (m.theta if hasattr(m, "theta") else m.phi).fill_(0.005)
+    _fit(mod, batch, 3)
+    vals = torch.cat([(m.theta if hasattr(m, "theta") else m.phi).detach().flatten()
+                      for m in cwic_exp.iter_cwic_modules(mod.student)])
+    assert float(vals.min()) == 0.0 and int((vals == 0).sum()) > 10 and float(vals.max()) > 0.005
 
 
 @pytest.mark.parametrize("override,needle", [

@@ -316,6 +316,36 @@ def test_training_steps_move_the_apr_towards_its_target():
                for m in cwic_exp.iter_cwic_modules(mod.student))
 
 
+def test_optimizer_groups_and_schedule():
+    """AdamW groups: θ/φ at LR × η_θ × √n without weight decay (n = the gated layer's input width: in_features, the
+    FFN's hidden size for φ), matrices with weight decay, norms without; every trainable student parameter once,
+    no teacher parameter. LR: linear warm-up, then a cosine to 0 at the schedule's end."""
+    import math
+    from cwic_exp.modeling.layers import CwicGatedMLP, CwicLinear
+    mod, _ = _module(2, lam=0.0)
+    mod.cfg["optim"].update(lr=1e-3, weight_decay=0.01, warmup_steps=5, schedule_steps=25)
+    mod.cfg["cwic"]["eta_theta"] = 2.0
+    out = mod.configure_optimizers()
+    opt, sched = out["optimizer"], out["lr_scheduler"]["scheduler"]
+    where = {id(p): g for g in opt.param_groups for p in g["params"]}
+    assert len(where) == sum(len(g["params"]) for g in opt.param_groups)           # none twice
+    assert set(where) == {id(p) for p in mod.student.parameters() if p.requires_grad}
+    assert not {id(p) for p in mod.teacher.parameters()} & set(where)
+    for m in cwic_exp.iter_cwic_modules(mod.student):
+        p, n = (m.theta, m.in_features) if isinstance(m, CwicLinear) else (m.phi, m.hidden_size)
+        assert isinstance(m, (CwicLinear, CwicGatedMLP))
+        g = where[id(p)]
+        assert g["weight_decay"] == 0.0 and g["initial_lr"] == pytest.approx(1e-3 * 2.0 * math.sqrt(n))
+    for name, p in mod.student.named_parameters():
+        if "theta" in name or "phi" in name:
+            continue
+        want = 0.0 if (p.ndim < 2 or "norm" in name) else 0.01
+        assert where[id(p)]["weight_decay"] == want, name
+    f = sched.lr_lambdas[0]
+    assert [f(s) for s in (0, 4, 5)] == pytest.approx([0.2, 1.0, 1.0])
+    assert f(15) == pytest.approx(0.5) and f(25) == pytest.approx(0.0) and f(40) == pytest.approx(0.0)
+
+
 def test_thresholds_are_clamped_at_zero_after_each_step():
     """θ ← max(0, θ) after every optimizer step (METHOD.md §2): started just above 0 with the distillation alone
     pulling them denser, Adam steps would take some below 0; the clamp holds them at exactly 0."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -102,6 +103,60 @@ def test_lm_eval_builds_our_tasks_offline():
     assert len(td["cwic_arc_easy"].eval_docs) == 2376
 
 
+def _true_answer(task, doc, ctx, cont):
+    """Whether the request (context, continuation text) is the raw dataset's own answer to `doc`, read from the
+    offline data, never from the task YAML's doc_to_target."""
+    from lm_eval.tasks.hellaswag.utils import preprocess
+    cont = cont.strip()
+    if task == "cwic_piqa":
+        return doc["goal"] in ctx and cont == [doc["sol1"], doc["sol2"]][doc["label"]].strip()
+    if task == "cwic_hellaswag":
+        return cont == preprocess(doc["endings"][int(doc["label"])])
+    if task == "cwic_winogrande":   # partial scoring: the option ends the context, the rest of the sentence is scored
+        i = doc["sentence"].index("_")
+        opt = {"1": doc["option1"], "2": doc["option2"]}[doc["answer"]]
+        return ctx.endswith(doc["sentence"][:i] + opt) and cont == doc["sentence"][i + 1:].strip()
+    if task == "cwic_mmlu":
+        letter = "ABCD"[doc["answer"]]
+        return cont == letter and f"\n{letter}. {doc['choices'][doc['answer']]}\n" in ctx
+    q = doc["question_stem" if task == "cwic_openbookqa" else "question"]       # ARC, OpenBookQA
+    return q in ctx and cont == doc["choices"]["text"][doc["choices"]["label"].index(doc["answerKey"].strip())].strip()
+
+
+_RAW = {"mmlu": lambda: D.mmlu_docs("test", [D.mmlu_subjects()[0]]),     # the first subject's docs come first
+        "winogrande": lambda: D.simple_docs("winogrande"), "hellaswag": lambda: D.simple_docs("hellaswag"),
+        "piqa": lambda: D.simple_docs("piqa"), "arc_easy": lambda: D.arc_docs("ARC-Easy", "test"),
+        "arc_challenge": lambda: D.arc_docs("ARC-Challenge", "test"), "openbookqa": lambda: D.openbookqa_docs("test")}
+
+
+@pytest.mark.parametrize("task", list(_RAW))
+def test_gold_label_is_the_datasets_answer(task, monkeypatch):
+    """Only ARC/OpenBookQA gold labels were checked against the offline files, so a flipped gold
+    (`doc_to_target: "{{1 - label}}"` in cwic_piqa.yaml) or a wrong answer column in HellaSwag, WinoGrande or MMLU
+    went unnoticed. An oracle scorer gives log p = 0 to the request that is the raw dataset's true answer (by its
+    text, from cwic_exp.eval.data) and -50 to the others: lm-eval must then score acc = acc_norm = 1. The task
+    YAML reads only the first 5 rows of each split (lm-eval's HellaSwag preprocessing of all 10k rows takes seconds)."""
+    import datasets
+    from cwic_exp.eval.lm import CwicLM, run_lm_eval
+    from cwic_exp.eval.scoring import ScoreResult
+    full = D._cached
+    monkeypatch.setattr(D, "_cached", lambda kind, name: datasets.DatasetDict(
+        {k: v.select(range(5)) for k, v in full(kind, name).items()}))
+    raw, tok, hits = _RAW[task](), ByteTok(), {}
+
+    def oracle(requests):
+        lp = []
+        for r in requests:
+            name, doc_id, _ = r.key
+            true = _true_answer(name, raw[doc_id], tok.decode(r.context), tok.decode(r.continuation))
+            hits[doc_id] = hits.get(doc_id, 0) + true
+            lp.append(0.0 if true else -50.0)
+        return ScoreResult(lp, [False] * len(lp), {}, {}, 0.0, 1.0, 0)
+    res = run_lm_eval(CwicLM(tokenizer=tok, scorer=oracle), [task], limit=5)[task]
+    assert hits == {i: 1 for i in range(5)}, hits          # the oracle found exactly one true choice in each doc
+    assert res["acc"] == 1.0 and res["acc_norm"] == 1.0, res
+
+
 # ----------------------------------------------------------------------------- scoring
 
 def test_prefix_trees_score_like_separate_passes():
@@ -152,6 +207,44 @@ def test_ppl_and_kl():
     out = token_ppl_kl(model, model, ids, mask)
     assert out["kl_fwd"] == pytest.approx(0.0, abs=1e-6) and out["tokens"] == 9 + 9 + 5
     assert 1 < out["ppl"] < 10 * 96
+
+
+def test_ppl_and_kl_directions_against_a_direct_computation():
+    """test_ppl_and_kl compares a model with itself (both KLs 0), so swapping kl_fwd and kl_rev, or a wrong
+    perplexity, passed. Here the teacher is a peaked distribution (a fixed logit table read at each token) and the
+    student a tiny random model (nearly uniform): KL(teacher‖student) and KL(student‖teacher) differ by far. Both,
+    their mean and exp(mean NLL) are checked against F.kl_div / F.cross_entropy on each row alone (unpadded,
+    real tokens only), over rows of different lengths split across two batches."""
+    import torch.nn.functional as F
+    from cwic_exp.eval.scoring import token_ppl_kl
+    model = tiny_model()
+    g = torch.Generator().manual_seed(7)
+    table = torch.randn(96, 96, generator=g) * 4.0             # teacher logits after token v: table[v]
+    teacher = lambda ids, mask: table[ids]  # noqa: E731
+    ids = torch.randint(0, 96, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[2, 5:] = 0
+    lengths = [12, 9, 5]
+    out = token_ppl_kl(model, teacher, ids, mask, batch_rows=2)
+    fwd = rev = nll = 0.0
+    with torch.no_grad():
+        for r, n in enumerate(lengths):
+            row = ids[r, :n]
+            ls = torch.log_softmax(model(input_ids=row[None]).logits[0, :-1].double(), -1)
+            lt = torch.log_softmax(table[row][:-1].double(), -1)
+            fwd += float(F.kl_div(ls, lt, log_target=True, reduction="sum"))     # KL(teacher‖student)
+            rev += float(F.kl_div(lt, ls, log_target=True, reduction="sum"))     # KL(student‖teacher)
+            nll += float(F.cross_entropy(ls, row[1:], reduction="sum"))
+    n_pred = sum(n - 1 for n in lengths)
+    assert out["tokens"] == n_pred
+    fwd, rev, nll = fwd / n_pred, rev / n_pred, nll / n_pred
+    assert abs(fwd - rev) > 0.5 * min(fwd, rev) and min(fwd, rev) > 0.1      # the two directions differ clearly
+    assert out["kl_fwd"] == pytest.approx(fwd, rel=1e-4)
+    assert out["kl_rev"] == pytest.approx(rev, rel=1e-4)
+    assert out["kl_sym"] == pytest.approx((fwd + rev) / 2, rel=1e-4)
+    assert out["nll"] == pytest.approx(nll, rel=1e-4)
+    assert out["ppl"] == pytest.approx(math.exp(nll), rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- lm-eval end to end

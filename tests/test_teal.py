@@ -86,6 +86,56 @@ def test_greedy_search_path(calibrated):
         cal.sparsities(0.9, "greedy")
 
 
+def _layer_input(model, ids):
+    """(hidden states, kwargs) that decoder layer 0 receives in a dense forward."""
+    layer, cap = model.model.layers[0], {}
+
+    def grab(mod, args, kwargs):
+        cap["x"] = args[0] if args else kwargs["hidden_states"]
+        cap["kw"] = {k: v for k, v in kwargs.items()
+                     if k not in ("hidden_states", "past_key_values", "past_key_value", "use_cache")}
+    h = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    h.remove()
+    return cap["x"], cap["kw"]
+
+
+def test_greedy_step_raises_the_projection_that_hurts_least():
+    """test_greedy_search_path checks bookkeeping only: a greedy step that raised the projection whose step hurts
+    MOST (err.argmax()) passed every TEAL test. (1) Constructed: the MLP's output is scaled by 1e-3, so sparsifying
+    gate/up/down barely changes the layer output while any attention step does; up to 60% layer sparsity (the MLP
+    holds 62.5% of the parameters) the greedy search must sparsify the MLP only. (2) Directly: each of the first
+    steps on a plain 1-layer model (float64) raises the projection whose one-step error, recomputed here one
+    projection at a time (L2 over the last 25% of positions, mean over batch and features), is the smallest."""
+    ids = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(0))
+    model = tiny_model(num_hidden_layers=1)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1e-3)
+    rows = calibrate_teal(model, ids, greedy=True, max_sparsity=0.6).greedy[0]
+    assert rows[-1][0] >= 0.6 - 1e-9
+    assert all(rows[-1][1][p] == 0.0 for p in ("q", "k", "v", "o")), rows[-1]
+
+    model = tiny_model(num_hidden_layers=1).double()
+    cal = calibrate_teal(model, ids, greedy=True, max_sparsity=0.15)
+    layer = model.model.layers[0]
+    x, kw = _layer_input(model, ids)
+    run = lambda: (lambda o: o[0] if isinstance(o, (tuple, list)) else o)(layer(x, **kw))  # noqa: E731
+    with torch.no_grad():
+        apply_teal(model, None)
+        target = run()
+        for (_, s0), (_, s1) in zip(cal.greedy[0], cal.greedy[0][1:]):
+            err = {}
+            for p in PROJS:
+                s = dict(s0, **{p: s0[p] + 0.05 / cal.weights[p]})
+                apply_teal(model, {f"0.{q}": cal.threshold(0, q, s[q]) for q in PROJS})
+                err[p] = float(torch.linalg.vector_norm((run() - target)[:, 24:], dim=1).mean())
+            raised = [p for p in PROJS if s1[p] > s0[p]]
+            assert err[raised[0]] <= min(err.values()) * (1 + 1e-6), (raised, err)
+            assert max(err.values()) > 2 * min(err.values())          # a real choice, not a tie
+    assert len(cal.greedy[0]) > 3
+
+
 def test_accounting_counts_active_inputs_times_outputs():
     model = tiny_model()
     ids, mask = rand_batch()

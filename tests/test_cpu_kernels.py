@@ -782,3 +782,59 @@ def test_decode_bench_rounds_rotate_and_pair_by_round():
     assert [rotated([1, 2, 3, 4], r) for r in (0, 1, 5)] == [[1, 2, 3, 4], [2, 3, 4, 1], [2, 3, 4, 1]]
     assert rotated([], 3) == []
     assert p["speedup_paired"] == pytest.approx(3.0) and p["speedup_paired_range"] == pytest.approx([3.0, 3.0])
+
+
+def _tiny_decoder(e, nh=2, nkv=2, hd=4, d=8, V=10, F=6, ML=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def lin(n, m):
+        L = e.Lin()
+        L.kind, L.w = 0, torch.randn(n, m, generator=g) * 0.1
+        return L
+
+    def ffn(Fu):
+        f = e.Ffn()
+        f.cwic, f.gate_up, f.down = False, lin(d, 2 * Fu), lin(Fu, d)
+        return f
+    cos, sin = torch.ones(ML, hd // 2), torch.zeros(ML, hd // 2)
+    dec = e.Decoder(torch.randn(V, d, generator=g), torch.ones(d), 1e-6, nh, nkv, hd, hd ** -0.5, cos, sin, ML, -1, 1)
+    layer = lambda Fu: (torch.ones(d), torch.ones(d), [lin(d, (nh + 2 * nkv) * hd)], lin(nh * hd, d), ffn(Fu))  # noqa: E731
+    return dec, lin, layer
+
+
+def test_binding_refuses_what_would_read_or_write_out_of_bounds(ext):
+    """Found by an ASan/UBSan build of the kernels: these inputs divided by zero (SIGFPE killed the process),
+    read past w, or read past the KV cache; each is now a RuntimeError that names it."""
+    with pytest.raises(RuntimeError, match="no outputs"):                 # m = 0: k = m / stripe
+        ext.gemv(torch.ones(2, 4), torch.ones(4, 0), None, None, None, 0, -1, 1)
+    with pytest.raises(RuntimeError, match="n_kv"):                       # n_kv = 0
+        ext.attention(torch.ones(2, 8), torch.ones(3, 0, 8), torch.ones(3, 0, 8), 1.0, -1, 1)
+    with pytest.raises(RuntimeError, match="m >= 1"):
+        ext.gemv_layout(torch.ones(1, 4), torch.ones(4), 0, None, None, None, 0, 1, 1, -1, 1)
+    # stripe 0 of a 6-output, stripe-4 layout with block stride 1 spans w[0..3]: only the last stripe was checked
+    with pytest.raises(RuntimeError, match="does not fit"):
+        ext.gemv_layout(torch.ones(1, 1), torch.arange(3, dtype=torch.float32), 6, None, None, None, 4, 1, 1, -1, 1)
+    with pytest.raises(RuntimeError, match="multiple of n_kv"):          # head 2 read kv head 2 of 2
+        _tiny_decoder(ext, nh=3, nkv=2)
+
+
+def test_decoder_resizes_its_buffers_for_a_head_or_layer_added_after_a_step(ext):
+    """A larger head, or a layer with a wider FFN, set after the first step used to write past the buffers sized
+    then (ASan: heap overflow). Now the next step sizes them again and equals a decoder built that way at once."""
+    d, V = 8, 10
+    dec, lin, layer = _tiny_decoder(ext, seed=1)
+    dec.add_layer(*layer(6))
+    dec.set_head(lin(d, V))
+    dec.step(1, 0)
+    head = lin(d, 4 * V)
+    dec.set_head(head)
+    wide = layer(48)
+    dec.add_layer(*wide)
+    got = dec.step(2, 0)
+    ref, lin2, layer2 = _tiny_decoder(ext, seed=1)
+    ref.add_layer(*layer2(6))
+    lin2(d, V)                                      # the same draws, so the weights match
+    ref.add_layer(*wide)
+    ref.set_head(head)
+    assert got == ref.step(2, 0)
+    torch.testing.assert_close(dec.logits(), ref.logits())

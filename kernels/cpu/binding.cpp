@@ -64,6 +64,7 @@ GemvArgs gemv_args(const at::Tensor& x32, const at::Tensor& wt, const std::optio
                    std::vector<at::Tensor>& keep) {
   TORCH_CHECK(x32.dim() == 2 && wt.dim() == 2 && x32.size(1) == wt.size(0), "cwic_cpu: x (B, n) and wt (n, m)");
   TORCH_CHECK(wt.is_contiguous(), "cwic_cpu: wt must be contiguous");
+  TORCH_CHECK(wt.size(1) >= 1, "cwic_cpu: the matrix has no outputs (wt is (n, 0))");   // k = m / stripe below
   GemvArgs a;
   a.x = x32.data_ptr<float>();
   a.B = (int)x32.size(0);
@@ -106,7 +107,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor
                      int64_t nthreads) {
   TORCH_CHECK(q.dim() == 2 && kc.dim() == 3 && vc.sizes() == kc.sizes() && kc.size(2) == q.size(1),
               "q (n_heads, hd), kc and vc (T, n_kv, hd)");
-  TORCH_CHECK(q.size(0) % kc.size(1) == 0, "n_heads must be a multiple of n_kv");
+  TORCH_CHECK(kc.size(1) >= 1 && q.size(0) % kc.size(1) == 0, "n_heads must be a multiple of n_kv >= 1");
   TORCH_CHECK(vc.scalar_type() == kc.scalar_type(), "kc and vc must share one dtype");
   const bool bf = kc.scalar_type() == at::kBFloat16;   // bf16 read as is; any other dtype as fp32
   const int kvt = bf ? cwic_cpu::W_BF16 : cwic_cpu::W_F32;
@@ -135,11 +136,13 @@ std::tuple<at::Tensor, int64_t> gemv_layout(const at::Tensor& x, const at::Tenso
   at::Tensor x32 = f32c(x);
   TORCH_CHECK(w.is_contiguous(), "cwic_cpu: w must be contiguous");
   const int64_t n = x32.size(1);
+  TORCH_CHECK(m >= 1 && n >= 1, "cwic_cpu: gemv_layout needs m >= 1 outputs and n >= 1 inputs");
   const int64_t s = stripe > 0 ? std::min<int64_t>(stripe, m) : m;
   const int64_t k = (m + s - 1) / s;
-  TORCH_CHECK(row_stride > 0 && block_stride > 0 &&
-                  (k - 1) * block_stride + (n - 1) * row_stride + (m - (k - 1) * s) <= w.numel(),
-              "cwic_cpu: layout does not fit in w");
+  TORCH_CHECK(row_stride > 0 && block_stride > 0, "cwic_cpu: row_stride and block_stride must be > 0");
+  for (int64_t r = 0; r < k; ++r)   // each stripe's last element (its width: s, or what the last one has left)
+    TORCH_CHECK(r * block_stride + (n - 1) * row_stride + std::min(s, m - r * s) <= w.numel(),
+                "cwic_cpu: layout does not fit in w (stripe ", r, ")");
   std::vector<at::Tensor> keep;
   at::Tensor view = at::from_blob(w.data_ptr(), {n, m}, w.options());   // shape for the checks only
   GemvArgs a = gemv_args(x32, view, mean, thr, bias, stripe, keep);
@@ -222,6 +225,8 @@ class Decoder {
         nkv_((int)n_kv), hd_((int)head_dim), scaling_((float)scaling), cos_(f32c(cos)), sin_(f32c(sin)),
         max_len_(max_len), isa_((int)isa), nthreads_(threads(nthreads)) {
     TORCH_CHECK(cos_.size(0) >= max_len && cos_.size(1) == head_dim / 2, "cos/sin must be (max_len, head_dim/2)");
+    TORCH_CHECK(n_kv >= 1 && n_heads >= 1 && n_heads % n_kv == 0 && head_dim >= 1,
+                "cwic_cpu: n_heads must be a multiple of n_kv >= 1, and head_dim >= 1");
     d_ = embed_.size(1);
   }
 
@@ -253,11 +258,15 @@ class Decoder {
       TORCH_CHECK(ffn.cwic && ffn.unit_thr.numel() == ffn.gate.m(), "cwic_cpu: unit_thr must be (F,)");
     }
     layers_.push_back({ln1.contiguous(), ln2.contiguous(), qkv, o, ffn});
+    h_ = at::Tensor();   // ensure_buffers sizes them again (a wider FFN after a step overflowed the old ones)
     kc_ = at::zeros({(int64_t)layers_.size(), max_len_, nkv_, hd_}, kv_bf16() ? at::kBFloat16 : at::kFloat);
     vc_ = at::zeros_like(kc_);
   }
 
-  void set_head(Lin head) { head_ = check(head, d_, "head"); }
+  void set_head(Lin head) {
+    head_ = check(head, d_, "head");
+    h_ = at::Tensor();   // ensure_buffers sizes the logits again (a larger head after a step overflowed them)
+  }
 
   // one token at position pos: writes the cache, returns the argmax of the logits
   int64_t step(int64_t token, int64_t pos) {
@@ -331,6 +340,7 @@ class Decoder {
     TORCH_CHECK(L.n() == n_in, "cwic_cpu: ", what, " must have ", n_in, " inputs, got ", L.n(),
                 L.kind == 2 ? " (kind 2: w is (m, n))" : " (kinds 0, 1: w is (n, m), input-major)");
     const int64_t m = L.m(), n = L.n();
+    TORCH_CHECK(m >= 1, "cwic_cpu: ", what, " has no outputs");
     if (L.bias.defined()) TORCH_CHECK(L.bias.numel() == m, "cwic_cpu: ", what, "'s bias must be (m,), m = ", m);
     if (L.kind != 2) {
       wdtype_of(L.w);
@@ -497,6 +507,7 @@ class Decoder {
       a.gate.x = x; a.gate.B = B; a.gate.n = d; a.gate.m = (int)g.m();
       a.gate.wt = g.w.data_ptr(); a.gate.wdtype = wdtype_of(g.w);
       a.gate.mean = g.mean.defined() ? g.mean.data_ptr<float>() : nullptr;
+      a.gate.mean_rows = (g.mean.defined() && g.mean.numel() != d) ? (int)(g.mean.numel() / d) : 1;   // (k, n) too
       a.gate.thr = g.thr.defined() ? g.thr.data_ptr<float>() : nullptr;
       a.gate.bias = g.bias.defined() ? g.bias.data_ptr<float>() : nullptr;
       a.gate.stripe = g.stripe > 0 ? (int)g.stripe : a.gate.m;

@@ -6,7 +6,7 @@ STAMP    := $(VENV)/.cwic-setup
 PYTEST_ARGS ?=
 ARGS     ?=
 
-.PHONY: setup test test-slow test-triton train smoke sweep-apr eval teal reproduce-mini \
+.PHONY: setup test test-slow test-triton test-asan train smoke sweep-apr eval teal reproduce-mini \
         bench-cpu bench-gpu tune-gpu cost-model-cpu cost-model-gpu chat analyses gpu-bundle clean
 
 setup: $(STAMP)
@@ -50,6 +50,12 @@ chat: setup                     ## chat with the latest trained checkpoint (ARGS
 
 analyses: setup                 ## Fig. 4-9 analogues for a checkpoint (ARGS="--checkpoint runs/.../hf/final")
 	$(BIN)/python experiments/analyses/run_all.py $(ARGS)
+
+test-asan: setup                ## the C++ kernel tests against an ASan/UBSan build of the kernels (huge pages off, so ASan sees each weight)
+	CWIC_CPU_SANITIZE=1 CWIC_CPU_HUGEPAGES=0 \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	$(BIN)/python -m pytest -q -p no:cacheprovider --capture=sys tests/test_cpu_kernels.py $(ARGS)
 
 bench-cpu: setup                ## CPU kernel and decode benchmarks (tables + last-line JSON; options: KERNEL_ARGS=, DECODE_ARGS=)
 	$(BIN)/python experiments/bench_kernels.py --device cpu $(KERNEL_ARGS)

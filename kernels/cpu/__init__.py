@@ -93,12 +93,18 @@ def load(verbose: bool = False):
                 with open(os.path.join(_HERE, f), "rb") as fh:
                     h.update(fh.read())
             name = f"cwic_cpu_{h.hexdigest()[:10]}"
+            cflags, ldflags = ["-O3"], ["-fopenmp"]
+            if os.environ.get("CWIC_CPU_SANITIZE") == "1":   # `make test-asan`: a separate ASan/UBSan build
+                san = ["-fsanitize=address,undefined"]
+                cflags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"] + san
+                ldflags += san
+                name += "_san"
             _clear_stale_lock(name)
             _EXT = _load(name=name, sources=[os.path.join(_HERE, f) for f in SOURCES],
                          extra_include_paths=[_HERE],
-                         extra_cflags=["-O3", "-std=c++17", "-fopenmp", "-Wno-maybe-uninitialized",
-                                       "-Wno-unused-function"],
-                         extra_ldflags=["-fopenmp"], verbose=verbose)
+                         extra_cflags=cflags + ["-std=c++17", "-fopenmp", "-Wno-maybe-uninitialized",
+                                                "-Wno-unused-function"],
+                         extra_ldflags=ldflags, verbose=verbose)
         except Exception as e:  # no compiler, failed build, ...
             msg = " ".join(str(e).split())[:300]
             _ERR = msg

@@ -388,6 +388,8 @@ def test_thresholds_are_clamped_at_zero_after_each_step():
     ("trainer.devices=0", "devices"),
     ("trainer.devices=two", "devices"),          # a traceback from Lightning after the data loaded
     ("trainer.devices=2.5", "devices"),
+    ("trainer.devices=-1", "devices"),          # on the CPU Lightning takes a count only
+    ("trainer.devices=[0,1]", "devices"),
     ("data.max_conversations=0", "max_conversations"),
 ])
 def test_config_errors_are_one_line_and_early(override, needle):
@@ -633,6 +635,14 @@ def test_extending_a_finished_run_keeps_its_final_validation_and_exports(tmp_pat
     shutil.rmtree(tmp_path / "t" / "checkpoints")
     run(cfg(1), tmp_path / "t")                     # resume=true, nothing to resume: a fresh start
     assert (tmp_path / "t" / "hf" / "apr_9.05x").exists()
+
+
+def test_devices_as_lightning_takes_them_on_cpu_and_gpu():
+    from cwic_exp.config import _devices_ok
+    assert all(_devices_ok(v, cpu=True) for v in (1, 2, "auto", "2"))
+    assert not any(_devices_ok(v, cpu=True) for v in (0, -1, "-1", "0,1", [0], 2.5, "two", True))
+    assert all(_devices_ok(v, cpu=False) for v in (1, -1, "-1", "auto", "0,1", "0,", [0, 1]))
+    assert not any(_devices_ok(v, cpu=False) for v in (0, -2, "0", "", ",", [], [-1], "0,x", 2.5))
 
 
 def test_a_flat_apr_schedule_is_valid():

@@ -106,6 +106,8 @@ def load(verbose: bool = False):
                                                 "-Wno-unused-function"],
                          extra_ldflags=ldflags, verbose=verbose)
         except Exception as e:  # no compiler, failed build, ...
+            if os.environ.get("CWIC_CPU_SANITIZE") == "1":   # a sanitizer run must not pass by skipping every test
+                raise RuntimeError(f"cwic_kernels.cpu: the ASan/UBSan build failed: {e}") from e
             msg = " ".join(str(e).split())[:300]
             _ERR = msg
             warnings.warn(f"cwic_kernels.cpu: C++ kernels unavailable ({msg}); using the PyTorch reference",

@@ -198,7 +198,8 @@ def milestone_name(m: float) -> str:
 
 
 class MilestoneExport(L.Callback):
-    """HF-format student exports each time the APR target passes 2.05×, 3.05×, … (the paper's models)."""
+    """HF-format student exports at 2.05×, 3.05×, … (the paper's models): after the step at which the APR target's
+    schedule reaches each, as the paper's checkpoints at 3k … 15k steps (trained up to one step's increment below)."""
 
     def __init__(self, run_dir: str | Path, tokenizer, start: float, final: float, warmup_steps: int,
                  latest_file: str | Path | None = None, enabled: bool = True):

@@ -113,17 +113,26 @@ def register_schema() -> None:
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
-def _devices_ok(v) -> bool:
-    """What Lightning's `devices` takes: an int ≥ 1 or -1, "auto", "-1", a list of indices or "0,1"."""
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _devices_ok(v, cpu: bool) -> bool:
+    """What Lightning's `devices` takes. On a CPU: "auto" or a count ≥ 1 (an int or its digits). On GPUs also -1
+    (all), a list of indices, or a string of them ("0,1", "0,"; a bare "0" is zero GPUs)."""
     if isinstance(v, bool):
         return False
     if isinstance(v, int):
-        return v >= 1 or v == -1
+        return v >= 1 or (v == -1 and not cpu)
     if isinstance(v, str):
+        v = v.strip()
+        if v == "auto" or (v.isdigit() and int(v) >= 1):
+            return True
         parts = [p.strip() for p in v.split(",") if p.strip()]
-        return v.strip() in ("auto", "-1") or (bool(parts) and all(p.isdigit() for p in parts))
+        return not cpu and (v == "-1" or ("," in v and bool(parts) and all(p.isdigit() for p in parts)))
     if isinstance(v, (list, tuple)) or type(v).__name__ == "ListConfig":
-        return len(v) > 0 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+        return not cpu and len(v) > 0 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
     return False
 
 
@@ -160,9 +169,11 @@ def validate(cfg) -> None:
                           f"{o.weight_decay}")
     if t.threads is not None and t.threads < 1:
         raise ConfigError(f"trainer.threads must be ≥ 1 or null (torch's default), got {t.threads}")
-    if not _devices_ok(t.devices):
-        raise ConfigError(f"trainer.devices must be ≥ 1, -1 (all), 'auto', a list of device indices or a string of "
-                          f"them ('0,1'), got {t.devices!r}")
+    on_cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not _cuda())
+    if not _devices_ok(t.devices, on_cpu):
+        raise ConfigError("trainer.devices must be 'auto' or a count ≥ 1" + ("" if on_cpu else
+                          ", -1 (all), a list of GPU indices or a string of them ('0,1')") +
+                          f" on {'the CPU' if on_cpu else 'GPUs'}, got {t.devices!r}")
     if d.max_conversations is not None and d.max_conversations < 1:
         raise ConfigError(f"data.max_conversations must be ≥ 1 or null (all), got {d.max_conversations}")
     if c.apr_warmup_steps < 1:

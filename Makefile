@@ -5,6 +5,8 @@ BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.cwic-setup
 PYTEST_ARGS ?=
 ARGS     ?=
+# the benchmark targets run two scripts with different options: KERNEL_ARGS= and DECODE_ARGS=, never one ARGS=
+NO_ARGS   = @if [ -n "$(ARGS)" ]; then echo "$@: pass KERNEL_ARGS= and DECODE_ARGS=, not ARGS="; exit 2; fi
 
 .PHONY: setup test test-slow test-triton test-asan train smoke sweep-apr eval teal reproduce-mini \
         bench-cpu bench-gpu tune-gpu cost-model-cpu cost-model-gpu chat analyses gpu-bundle clean
@@ -58,12 +60,12 @@ test-asan: setup                ## the C++ kernel tests against an ASan/UBSan bu
 	$(BIN)/python -m pytest -q -p no:cacheprovider --capture=sys tests/test_cpu_kernels.py $(ARGS)
 
 bench-cpu: setup                ## CPU kernel and decode benchmarks (tables + last-line JSON; options: KERNEL_ARGS=, DECODE_ARGS=)
-	@if [ -n "$(ARGS)" ]; then echo "$@: pass KERNEL_ARGS= and DECODE_ARGS= (the two scripts take different options), not ARGS="; exit 2; fi
+	$(NO_ARGS)
 	$(BIN)/python experiments/bench_kernels.py --device cpu $(KERNEL_ARGS)
 	$(BIN)/python experiments/bench_decode.py --device cpu $(DECODE_ARGS)
 
 bench-gpu:                      ## on a CUDA machine with torch + triton installed (options: KERNEL_ARGS=, DECODE_ARGS=)
-	@if [ -n "$(ARGS)" ]; then echo "$@: pass KERNEL_ARGS= and DECODE_ARGS= (the two scripts take different options), not ARGS="; exit 2; fi
+	$(NO_ARGS)
 	$(PY) experiments/bench_kernels.py --device cuda $(KERNEL_ARGS)
 	$(PY) experiments/bench_kernels.py --device cuda --compact $(KERNEL_ARGS)
 	$(PY) experiments/bench_decode.py --device cuda $(DECODE_ARGS)

@@ -453,9 +453,9 @@ def test_experiments_compose():
 def test_a_data_groups_own_lengths_win_over_the_trainers():
     """trainer/cpu.yaml sets seq_len 256 and val_rows 8 for the default data; data/tiny.yaml's 128 and 4 (the
     smoke run's) and paper_mix's 1024 used to be overwritten by it, since the trainer group came after data."""
-    assert (lambda d: (d.seq_len, d.val_rows))(_compose(["run_name=x"]).data) == (256, 8)
-    assert (lambda d: (d.seq_len, d.val_rows))(_compose(["run_name=x", "+experiment=smoke"]).data) == (128, 4)
-    assert _compose(["run_name=x", "data=paper_mix"]).data.seq_len == 1024
+    for extra, want in (([], (256, 8)), (["+experiment=smoke"], (128, 4)), (["data=paper_mix"], (1024, 8))):
+        d = _compose(["run_name=x"] + extra).data
+        assert (d.seq_len, d.val_rows) == want, extra
 
 
 def test_an_ablation_with_another_cwic_choice_is_named_by_it():

@@ -357,3 +357,23 @@ def test_engine_backend_after_an_interrupted_step(ckpt):
     be.truncate(3)
     logits, again = be.forward(ids[3:])
     assert again == clean[3:] and torch.equal(logits, clean_logits)
+
+
+def test_cpu_backend_truncate_then_forward_equals_a_clean_run(ckpt):
+    """--backend cpu: truncate below the cached length (a re-rendered prompt that differs, Ctrl-C) keeps exactly the
+    common prefix; what follows equals a clean run (a cut one position short passed: truncate was only ever called
+    at the cached length)."""
+    _cpu_kernels_or_skip()
+    from transformers import AutoModelForCausalLM
+    import cwic_exp  # noqa: F401
+    from cwic_exp.chat import CpuBackend
+    be = CpuBackend(AutoModelForCausalLM.from_pretrained(ckpt), max_len=32)
+    ids = [5, 17, 42, 9, 77, 3]
+    clean_logits, clean = be.forward(ids)
+    be.reset()
+    be.forward(ids[:3] + [60, 61])        # a different continuation, cached, then cut back to the common prefix
+    be.truncate(3)
+    assert be.cached() == 3
+    logits, again = be.forward(ids[3:])
+    assert again == clean[3:]
+    torch.testing.assert_close(logits, clean_logits, rtol=0, atol=0)

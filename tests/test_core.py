@@ -552,3 +552,14 @@ def test_bad_apr_targets_and_dense_models_are_named():
             calibrate_apr(m, ids, apr=bad)
     with pytest.raises(ValueError, match="no token"):
         calibrate_apr(m, ids, apr=2.0, attention_mask=torch.zeros_like(ids))
+
+
+def test_dense_head_is_in_the_per_token_figures():
+    """With a dense head, per-token figures include the head (they sum to `active`). A mutant that broke it passed
+    every test before."""
+    import cwic_exp
+    m = cwic_exp.to_cwic(tiny_model(), stripe_size=16, sparsify_head=False)
+    ids, mask = rand_batch()
+    out = cwic_exp.active_parameters(m, ids, mask, per_token=True)
+    assert float(out["per_token"].sum()) == pytest.approx(out["active"] * out["tokens"], rel=1e-6)
+    assert float(out["per_token"][mask.bool()].min()) >= m.lm_head.weight.numel()

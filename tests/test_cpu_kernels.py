@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from cwic_kernels import cpu as C
 from cwic_kernels import reference as R
+from conftest import rand_batch, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -838,3 +839,139 @@ def test_decoder_resizes_its_buffers_for_a_head_or_layer_added_after_a_step(ext)
     ref.set_head(head)
     assert got == ref.step(2, 0)
     torch.testing.assert_close(dec.logits(), ref.logits())
+
+
+def _calibrated_tiny_cwic(seed=4, apr=2.5):
+    import cwic_exp
+    from cwic_exp.cpu_decode import calibrate_apr
+    m = tiny_model()
+    cwic_exp.to_cwic(m, stripe_size=16)
+    calibrate_apr(m, torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(seed)), apr=apr)
+    return m
+
+
+def test_dense_counts_equal_the_models_own_matrices_with_explicit_head_dim():
+    """dense_counts must use config.head_dim when it differs from hidden/heads (Qwen3, Gemma shapes). A mutant that
+    broke it passed every test before."""
+    import cwic_exp
+    from cwic_exp.cpu_decode import dense_counts
+    for kw in (dict(), dict(head_dim=24)):        # 24 != 48 / 4
+        m = tiny_model(**kw)
+        dc = dense_counts(m)
+        names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        want = sum(mod.weight.numel() for n, mod in m.named_modules() if n.endswith(names))
+        assert dc["attn"] + dc["ffn"] == want, kw
+        assert dc["total"] == want + m.lm_head.weight.numel()
+        cwic_exp.to_cwic(m, stripe_size=16)
+        assert dc["total"] == cwic_exp.active_parameters(m, torch.tensor([[1, 2, 3]]))["dense"]
+
+
+def test_every_dense_impl_ignores_a_cwic_models_thresholds(ext):
+    """dense="fused" on a CWIC model must ignore the thresholds like "own" and "torch". A mutant that broke it passed
+    every test before."""
+    from cwic_exp.cpu_decode import CpuDecoder
+    m = _calibrated_tiny_cwic()
+    ids = torch.randint(0, 96, (12,), generator=torch.Generator().manual_seed(5))
+    own = _step_logits(CpuDecoder(m, mode="dense", dense="own", dtype=torch.float32, max_len=16), ids)
+    for impl in ("fused", "torch"):
+        dec = CpuDecoder(m, mode="dense", dense=impl, dtype=torch.float32, max_len=16)
+        torch.testing.assert_close(_step_logits(dec, ids), own, rtol=1e-4, atol=1e-4, msg=impl)
+        assert dec.reads_per_token()["total"] == pytest.approx(dec.dense["total"]), impl
+
+
+def test_calibrate_apr_ignores_padded_positions():
+    """calibrate_apr must calibrate on the real tokens only: padding's ids change nothing. A mutant that broke it
+    passed every test before."""
+    import cwic_exp
+    from cwic_exp.cpu_decode import calibrate_apr
+    ids, mask = rand_batch(b=3, t=16, pad_last=8)
+    other = ids.clone()
+    other[~mask.bool()] = (other[~mask.bool()] + 37) % 96      # different garbage under the padding
+    thetas = []
+    for x in (ids, other):
+        m = tiny_model()
+        cwic_exp.to_cwic(m, stripe_size=16)
+        calibrate_apr(m, x, apr=2.5, attention_mask=mask)
+        thetas.append([(mod.theta if hasattr(mod, "theta") else mod.phi).clone()
+                       for mod in cwic_exp.iter_cwic_modules(m)])
+    for a, b in zip(*thetas):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+def test_timed_decode_reads_per_token_are_the_mean_of_the_steps(ext):
+    """timed_decode's reads per token / APR are the counters over exactly `new_tokens` steps. A mutant that broke it
+    passed every test before."""
+    from cwic_exp.cpu_decode import CpuDecoder
+    m = _calibrated_tiny_cwic()
+    prompt, text = [3, 14, 15, 9], [26, 5, 35, 8, 9]
+    a = CpuDecoder(m, mode="cwic", dtype=torch.float32, max_len=16)
+    st = a.timed_decode(prompt, 5, forced=text)
+    b = CpuDecoder(m, mode="cwic", dtype=torch.float32, max_len=16)
+    b.prefill(prompt)
+    per = []
+    for t in text:
+        r0 = b.weights_read()
+        b.step(t)
+        per.append(b.weights_read() - r0)
+    assert st.reads_per_token["total"] == pytest.approx(sum(per) / 5)
+    assert st.apr == pytest.approx(a.dense["total"] * 5 / sum(per))
+    d = CpuDecoder(m, mode="dense", dtype=torch.float32, max_len=16).timed_decode(prompt, 5, forced=text)
+    assert d.apr == pytest.approx(1.0)
+
+
+def test_extension_name_covers_the_headers(tmp_path, monkeypatch):
+    """The extension's name (its build cache key) changes with the headers, not only the .cpp files. A mutant that
+    broke it passed every test before."""
+    import shutil
+    from cwic_kernels import cpu
+    names = []
+
+    def fake_load(name, **kw):
+        names.append(name)
+        return object()
+    import torch.utils.cpp_extension as ce
+    monkeypatch.setattr(ce, "load", fake_load)
+    for f in cpu.SOURCES + cpu.DEPENDS:
+        shutil.copy(f"{cpu._HERE}/{f}", tmp_path / f)
+    monkeypatch.setattr(cpu, "_HERE", str(tmp_path))
+    for edit in (None, "cwic_cpu_impl.inc", "cwic_cpu.h"):
+        if edit:
+            with open(tmp_path / edit, "a") as fh:
+                fh.write("\n// edited\n")
+        monkeypatch.setattr(cpu, "_EXT", None)
+        monkeypatch.setattr(cpu, "_ERR", None)
+        assert cpu.load() is not None
+    assert len(set(names)) == 3, names
+
+
+def test_ffn_fake_kernel_shape_matches_the_real_op():
+    """The fake (meta) kernel of cwic::ffn gives (B, d), as the real op does, with d != d_ff. A mutant that broke it
+    passed every test before."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from cwic_kernels import ops  # noqa: F401  (defines the ops)
+    B, d, Fd, s = 3, 8, 12, 4
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(B, d, generator=g), torch.randn(d, Fd, generator=g), torch.zeros(d),
+            torch.zeros(Fd // s, d), torch.zeros(Fd), s, torch.randn(Fd, d, generator=g),
+            torch.randn(Fd, d, generator=g), torch.zeros(Fd), "silu")
+    real = torch.ops.cwic.ffn(*args)
+    mode = FakeTensorMode()
+    fargs = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+    with mode:
+        fake = torch.ops.cwic.ffn(*fargs)
+    assert tuple(fake.shape) == tuple(real.shape) == (B, d)
+
+
+def test_threshold_ties_are_on_everywhere():
+    """At |x - mean| == thr exactly, the pair is ON (>=) in the reference, the kernels and the model. A mutant that
+    broke it passed every test before."""
+    from cwic_kernels import cpu as C, reference as R
+    x = torch.tensor([[1.5, -0.75, 0.25]])
+    mean = torch.tensor([0.5, 0.25, 0.0])
+    thr = torch.tensor([[1.0, 1.0, 0.5]])          # ties on inputs 0 and 1, input 2 off
+    wt = torch.tensor([[1.0], [2.0], [4.0]])
+    bias = torch.zeros(1)
+    assert R.granular_mask(x, mean, thr).tolist() == [[[True, True, False]]]
+    want = torch.tensor([[1.0 * 1.0 + (-1.0) * 2.0]])
+    torch.testing.assert_close(R.gemv_reference(x, wt, mean, thr, bias, 1), want)
+    torch.testing.assert_close(C.gemv(x, wt, mean, thr, bias, 1), want)

@@ -205,3 +205,22 @@ def test_histogram_quantiles():
     for q in (0.1, 0.25, 0.5, 0.66, 0.9):
         assert h.quantile(q) == pytest.approx(float(torch.quantile(x.abs(), q)), rel=0.005)
     assert h.quantile(0.0) == 0.0
+
+
+def test_teal_sparsity_ignores_padding():
+    """TEAL's sparsity and per-layer density count real tokens only. A mutant that broke it passed every test
+    before."""
+    from cwic_exp.teal import PROJS, apply_teal, teal_active_parameters
+    model = tiny_model()
+    apply_teal(model, {f"{i}.{p}": 0.5 for i in range(2) for p in PROJS})
+    ids, mask = rand_batch(b=2, t=12, pad_last=6)
+    out = teal_active_parameters(model, ids, mask)
+    # the same real tokens without padding: row 0 alone, row 1 cut to its real part
+    n_on, n_all = 0.0, 0.0
+    for r in range(2):
+        L = int(mask[r].sum())
+        o = teal_active_parameters(model, ids[r:r + 1, :L])
+        n_on += (1 - o["sparsity"]) * L
+        n_all += L
+    assert out["sparsity"] == pytest.approx(1 - n_on / n_all, rel=1e-6)
+    assert all(0 < v <= 1 for v in out["density_per_layer"].values())

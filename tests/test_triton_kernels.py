@@ -1207,3 +1207,34 @@ def test_engine_counts_each_tokens_reads(use_triton):
     assert int(eng.reads.sum()) == 0
     with pytest.raises(ValueError, match="position"):
         eng.feed(3, 32)
+
+
+def test_engine_refresh_after_new_statistics_equals_a_fresh_engine():
+    """refresh() after calibrate_apr moved the running statistics takes the new means and folded biases, not
+    only θ (the existing refresh test scales θ alone: an engine that kept stale means passed)."""
+    from cwic_exp.cpu_decode import calibrate_apr
+    from cwic_exp.engine import DecodeEngine
+    model = _calibrated_tiny(True, seed=4).to(DEV)
+    eng = DecodeEngine(model, max_len=32, triton=False)
+    g = _gen(9)
+    calibrate_apr(model, (torch.randint(0, 96, (2, 24), generator=g) // 3).to(DEV), apr=3.0)   # other statistics
+    eng.refresh()
+    fresh = DecodeEngine(model, max_len=32, triton=False)
+    ids = torch.randint(0, 96, (10,), generator=g).to(DEV)
+    outs = []
+    for e in (eng, fresh):
+        e.pos.zero_()
+        outs.append(e.forward(ids, last_only=False).float())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        want = model(ids[None]).logits[0].float()
+    assert (outs[0] - want).abs().max() < 1e-3 * want.abs().max()
+
+
+def test_engine_decode_after_feed_at_the_last_position_is_refused():
+    """feed() at the last position leaves no room: decode(1) is a ValueError, not a cache write out of bounds."""
+    from cwic_exp.engine import DecodeEngine
+    eng = DecodeEngine(_calibrated_tiny(False).to(DEV), max_len=8, triton=False)
+    eng.feed(3, 7)
+    with pytest.raises(ValueError, match="max_len"):
+        eng.decode(1)

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .files import replace_folder, save_atomic
+from .files import replace_folder, save_atomic, write_text_atomic
 from .modeling import clamp_thresholds
 
 
@@ -231,11 +231,7 @@ class MilestoneExport(L.Callback):
 
     @staticmethod
     def point_latest(latest_file: Path, path: Path):
-        latest_file = Path(latest_file)
-        latest_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = latest_file.with_suffix(".tmp")
-        tmp.write_text(str(Path(path).resolve()) + "\n")
-        os.replace(tmp, latest_file)
+        write_text_atomic(latest_file, str(Path(path).resolve()) + "\n")
 
     def _point_latest(self, path: Path):
         if self.latest_file is not None:

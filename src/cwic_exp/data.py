@@ -414,11 +414,9 @@ def build_packed(tok, source: str = "sharegpt", seq_len: int = 1024, max_len: in
     train.info.update(info)
     val.info.update(info)
     log.info("data: %s", info)
-    if cache:
-        fname.parent.mkdir(parents=True, exist_ok=True)
-        tmp = fname.with_suffix(f".tmp-{os.getpid()}")   # each data-parallel rank its own, then one atomic rename
-        torch.save({"train": vars(train), "val": vars(val)}, tmp)
-        os.replace(tmp, fname)
+    if cache:   # each data-parallel rank through its own temporary file, then one atomic rename
+        from .files import save_atomic
+        save_atomic({"train": vars(train), "val": vars(val)}, fname)
     return train, val
 
 

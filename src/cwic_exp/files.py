@@ -38,6 +38,17 @@ def save_atomic(obj, path) -> Path:
     return path
 
 
+def write_text_atomic(path, text: str) -> Path:
+    """`path.write_text(text)` through a `.NAME.tmp-PID` beside it and one rename: a reader (another rank, a later
+    command) sees the old text or the new, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
 def _alive(pid: str) -> bool:
     try:
         os.kill(int(pid), 0)

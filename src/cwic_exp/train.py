@@ -102,6 +102,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
     from .data import ChatDataModule
     from .lit import CwicDistillModule
     from .modeling import to_cwic
+    from .files import write_text_atomic
     from .teacher import load_teacher
 
     validate(cfg)                                  # one-line errors before anything heavy
@@ -140,9 +141,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
                               f"{' …' if len(changed) > 3 else ''}): give this one another run_name, or "
                               f"resume=false to start that run over")
     if _rank0():   # atomically: the other ranks of a launch read it for the same check
-        tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"
-        tmp.write_text(saved)
-        os.replace(tmp, run_dir / "config.yaml")
+        write_text_atomic(run_dir / "config.yaml", saved)
     latest, summary_file = Path(cfg.out_dir) / "LATEST", run_dir / "summary.json"
     if not resuming and _rank0():
         # a fresh start in a used folder: the old run's log and checkpoints go, not mixed in; with resume=false (a

@@ -208,6 +208,27 @@ def test_ap_loss_uses_the_whole_step_under_accumulation():
     assert checked > 5
 
 
+def test_head_cap_is_decided_once_per_step():
+    """The head's cap (METHOD.md §11) is decided on the whole step's head reduction, as one forward over all its
+    rows decides it. With the step under the cap and some micro-batches over it, one- and two-row micro-batches
+    give the head's θ the same gradient. (It was decided per micro-batch: the AP gradient of the micro-batches over
+    the cap was dropped, a different part for each split.)"""
+    mod, batch = _module(2)
+    red = lambda st: st.dense_by_kind["head"] * st.tokens / float(st.by_kind["head"])  # noqa: E731
+    with torch.no_grad():
+        whole = red(mod._student(batch, batch["segment_ids"] > 0, update_stats=False)[1])
+        pairs = [red(mod._student(ch, ch["segment_ids"] > 0, update_stats=False)[1]) for ch in mod._chunks(batch, 2)]
+    assert min(pairs) < whole < max(pairs) and max(pairs) - whole > 1e-4 * whole, (whole, pairs)
+    grads = {}
+    for micro in (1, 2):
+        mod, batch = _module(micro)
+        mod.student.config.cwic["head_max_reduction"] = (whole + max(pairs)) / 2   # the step under it
+        mod.accumulate_gradients(batch, 3.0, update_stats=True)
+        grads[micro] = mod.student.lm_head.theta.grad.clone()
+    assert float(grads[1].abs().sum()) > 0
+    torch.testing.assert_close(grads[1], grads[2], rtol=1e-4, atol=1e-6)
+
+
 def _stats(mod):
     return {n: b.clone() for n, b in mod.student.named_buffers() if n.endswith(("ema_mean", "ema_std", "stat_steps"))}
 

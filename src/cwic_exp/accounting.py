@@ -59,8 +59,11 @@ class ActiveStats:
         }
 
 
-def gather_active(model: nn.Module, token_mask: Tensor | None = None) -> ActiveStats:
-    """Collect the `.ap_tokens` recorded by the last forward under `cwic_context(track_ap=True)`."""
+def gather_active(model: nn.Module, token_mask: Tensor | None = None, head_capped: bool | None = None) -> ActiveStats:
+    """Collect the `.ap_tokens` recorded by the last forward under `cwic_context(track_ap=True)`.
+
+    head_capped: whether the head's reduction is past `head_max_reduction` (its AP gradient stopped). None decides
+    from this batch; a step split into micro-batches passes the whole step's decision (`lit.py`)."""
     sel = None if token_mask is None else token_mask.reshape(-1).bool()
     opts = cwic_options(model)
     by_kind: dict[str, Tensor] = {}
@@ -78,8 +81,11 @@ def gather_active(model: nn.Module, token_mask: Tensor | None = None) -> ActiveS
         kind = m.kind
         if kind == "head" and opts.head_max_reduction is not None:
             # cap the head's own reduction (METHOD.md §11): past it, the AP loss stops pushing it
-            red = m.dense_params * counts.shape[0] / counts.sum().clamp_min(1e-9)
-            counts = torch.where(red > opts.head_max_reduction, counts.detach(), counts)
+            if head_capped is None:
+                red = m.dense_params * counts.shape[0] / counts.sum().clamp_min(1e-9)
+                counts = torch.where(red > opts.head_max_reduction, counts.detach(), counts)
+            elif head_capped:
+                counts = counts.detach()
         per_token = counts if per_token is None else per_token + counts
         s = counts.sum()
         by_kind[kind] = by_kind.get(kind, 0) + s

@@ -11,7 +11,8 @@ The running statistics move once per optimizer step, from the whole step's token
 micro-batches (or data-parallel ranks) the same no-grad pre-pass pools every real token's moments
 (`cwic_context(accumulate_stats=True)`), `commit_statistics` moves them once (summed over the ranks), and
 the gradient passes then use them, with ε from the pooled batch's std too. A_tot is measured in that
-pre-pass, before the statistics move (by 1 − β_dist of the way). The pre-pass computes every layer's
+pre-pass, before the statistics move (by 1 − β_dist of the way), and so is the head's reduction, which decides
+the head's cap (METHOD.md §11) once for the step. The pre-pass computes every layer's
 input with the statistics from before the step, so past the first layer the update differs slightly from
 one forward over all rows (which updates layer by layer): the micro-batch size no longer changes it, the
 choice between one chunk and several still does, by about 1 % of σ a step. Under data parallelism A_tot
@@ -32,7 +33,7 @@ from torch import nn
 from .accounting import ActiveStats, ap_loss, gather_active
 from .data import model_inputs
 from .distill import hidden_mse, kl_parts
-from .modeling import CwicGatedMLP, CwicLinear, commit_statistics, cwic_context, iter_cwic_modules
+from .modeling import CwicGatedMLP, CwicLinear, commit_statistics, cwic_context, cwic_options, iter_cwic_modules
 from .modeling.modeling_cwic import world_size
 
 
@@ -107,12 +108,12 @@ class CwicDistillModule(L.LightningModule):
 
     # ------------------------------------------------------------------ forward pieces
     def _student(self, batch: dict, mask: torch.Tensor, update_stats: bool, hidden: bool = False,
-                 accumulate_stats: bool = False, pooled_eps: bool = False):
+                 accumulate_stats: bool = False, pooled_eps: bool = False, head_capped: bool | None = None):
         dtype = next(self.student.parameters()).dtype
         with cwic_context(self.student, token_mask=mask, update_stats=update_stats, track_ap=True,
                           accumulate_stats=accumulate_stats, pooled_eps=pooled_eps):
             out = self.student(**model_inputs(batch, dtype), output_hidden_states=hidden)
-            stats = gather_active(self.student, mask)
+            stats = gather_active(self.student, mask, head_capped=head_capped)
         return out, stats
 
     @torch.no_grad()
@@ -144,7 +145,7 @@ class CwicDistillModule(L.LightningModule):
         n_all = n_real if world == 1 else _sum_over_ranks([n_real], dev)[0]   # the step's tokens, every rank
         split = len(chunks) > 1 or world > 1
         pooled = update_stats and split        # statistics from the whole step's batch, moved once
-        coef = None
+        coef = head_capped = None
         if split and (lam > 0 or pooled):
             # pre-pass: the step's pooled statistics, and its total active parameters (to differentiate
             # L_AP(APR(A_tot)))
@@ -156,19 +157,24 @@ class CwicDistillModule(L.LightningModule):
             if pooled:
                 commit_statistics(self.student)
             if lam > 0:
+                head = float(tot.by_kind.get("head", 0.0))
                 active, tokens = float(tot.active), float(tot.tokens)
                 if world > 1:
-                    active, tokens = _sum_over_ranks([active, tokens], dev)
+                    active, tokens, head = _sum_over_ranks([active, tokens, head], dev)
                 a_tot = torch.tensor(active, dtype=torch.float32, requires_grad=True)
                 l_ap = ap_loss(tot.dense * tokens / a_tot, target)
                 (coef,) = torch.autograd.grad(l_ap, a_tot)
+                # the head's cap decided once for the step, as one forward over all its rows would
+                cap = cwic_options(self.student).head_max_reduction
+                if cap is not None and "head" in tot.dense_by_kind:
+                    head_capped = tot.dense_by_kind["head"] * tokens / max(head, 1e-9) > cap
         fkl_sum = rkl_sum = mse_sum = 0.0
         step_stats: ActiveStats | None = None
         for ch in chunks:
             mask = ch["segment_ids"] > 0
             t_out = self._teacher(ch, hidden=mse_w > 0)
             s_out, st = self._student(ch, mask, update_stats=update_stats and not pooled, hidden=mse_w > 0,
-                                      pooled_eps=pooled)
+                                      pooled_eps=pooled, head_capped=head_capped)
             fkl, rkl, _ = kl_parts(s_out.logits, t_out.logits, mask)
             # × world: data parallelism averages the ranks' gradients, and the objective is the global sum
             loss = 0.5 * (fkl + rkl) * world / n_all

@@ -412,6 +412,9 @@ def test_thresholds_are_clamped_at_zero_after_each_step():
     ("trainer.devices=-1", "devices"),          # on the CPU Lightning takes a count only
     ("trainer.devices=[0,1]", "devices"),
     ("data.max_conversations=0", "max_conversations"),
+    ("+cwic.lamda_ap=3", r"unknown config key\(s\) cwic\.lamda_ap"),   # Hydra's own hint: append with '+'
+    ("++trainer.max_step=9", "trainer.max_step"),
+    ("+seeds=1", "seeds"),
 ])
 def test_config_errors_are_one_line_and_early(override, needle):
     from cwic_exp.config import ConfigError, validate

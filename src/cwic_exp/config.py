@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING as MISSING_FACTORY, dataclass, field
 from typing import Any, Optional
 
 
@@ -136,9 +136,31 @@ def _devices_ok(v, cpu: bool) -> bool:
     return False
 
 
+def unknown_keys(cfg) -> list[str]:
+    """Keys of `cfg` that the schema does not have. Hydra refuses `cwic.lamda_ap=3` but takes `+cwic.lamda_ap=3`
+    (the form its own error message suggests) and `++cwic.foo=1`, and no code reads them."""
+    from dataclasses import fields, is_dataclass
+    out = []
+
+    def walk(node, schema, prefix):
+        known = {f.name: f for f in fields(schema)}
+        for k in node.keys():
+            f = known.get(k)
+            if f is None:
+                out.append(prefix + str(k))
+            elif f.default_factory is not MISSING_FACTORY and is_dataclass(f.default_factory):
+                walk(node[k], f.default_factory, f"{prefix}{k}.")
+    walk(cfg, TrainConfig, "")
+    return out
+
+
 def validate(cfg) -> None:
     """One-line errors for values the types cannot catch. Loads nothing."""
     from .teacher import resolve_model_source
+    extra = unknown_keys(cfg)
+    if extra:
+        raise ConfigError(f"unknown config key(s) {', '.join(extra)}: not in the schema (src/cwic_exp/config.py), "
+                          f"so nothing would read them; a typo? Existing keys take no '+' (cwic.lambda_ap=3)")
     c, d, t, o = cfg.cwic, cfg.data, cfg.trainer, cfg.optim
     for name in ("stripe_size", "head_stripe_size"):
         v = c[name]

@@ -457,6 +457,45 @@ def test_multirun_sweep_gets_one_folder_per_member(tmp_path):
     assert (tmp_path / "sweeps" / "+experiment=ablation_mse,cwic.stripe_size=-4").is_dir()
 
 
+def test_ranks_with_different_configs_stop_together():
+    """Every rank gathers every rank's config hash, so all of them raise, with the same message (one raising alone
+    would leave the others waiting in their next collective)."""
+    from types import SimpleNamespace
+    from cwic_exp.callbacks import SameConfigOnEveryRank
+
+    def gathered(*texts):   # what all_gather returns on each rank: every rank's digest
+        return lambda t: torch.tensor([[SameConfigOnEveryRank(x).digest] for x in texts])
+    same = SimpleNamespace(world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu"),
+                                                                    all_gather=gathered("a: 1", "a: 1")))
+    SameConfigOnEveryRank("a: 1").setup(same, None, "fit")
+    other = SimpleNamespace(world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu"),
+                                                                     all_gather=gathered("a: 1", "a: 2")))
+    for text in ("a: 1", "a: 2"):
+        with pytest.raises(RuntimeError, match="different configs"):
+            SameConfigOnEveryRank(text).setup(other, None, "fit")
+    alone = SimpleNamespace(world_size=1, strategy=None)     # one process: nothing gathered
+    SameConfigOnEveryRank("a: 1").setup(alone, None, "fit")
+
+
+def test_a_multirun_sweep_with_ddp_runs_each_member_on_both_ranks(tmp_path):
+    """Lightning starts rank 1 with the parent's command line, `-m` and the sweep included: rank 1 runs the whole
+    sweep itself, in step with rank 0, and keeps its process group from member to member. Each member folder then
+    has both ranks' logs, and the ranks' config hashes agree (`SameConfigOnEveryRank`), member after member."""
+    from cwic_exp.callbacks import apr_target_at
+    r = subprocess.run([sys.executable, "train.py", "-m", "+experiment=smoke", "trainer.devices=2",
+                        "trainer.strategy=ddp", "cwic.apr_final=2.0,3.0", "trainer.max_steps=2", "data.seq_len=64",
+                        "export_milestones=false", f"out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for apr in ("2.0", "3.0"):
+        (run,) = (tmp_path / "sweeps").glob(f"+experiment=smoke,cwic.apr_final={apr},*")
+        summary = json.loads((run / "summary.json").read_text())
+        # the last step's target, 1.05 → final + 0.05 over the smoke's 4 warm-up steps: each member kept its own
+        assert summary["finished"] and summary["apr_target"] == pytest.approx(apr_target_at(1, 1.05, float(apr), 4),
+                                                                              abs=1e-4), summary
+        assert (run / "train_ddp_process_1.log").read_text().count("data:") >= 1
+
+
 def test_experiments_compose():
     for exp in ("smoke", "mini", "paper_1b", "paper_3b", "ablation_nostripes", "ablation_noste",
                 "ablation_mse"):

@@ -30,6 +30,28 @@ def apr_target_at(step: int, start: float, final: float, warmup_steps: int) -> f
     return start + (end - start) * frac
 
 
+class SameConfigOnEveryRank(L.Callback):
+    """Data-parallel ranks must train one configuration. Lightning starts ranks 1.. as new processes that compose
+    the config again from the command line and conf/: an edit of conf/ in between, an environment-dependent value,
+    or a Hydra multirun whose child sweep left the parent's order (its ranks pair up by running the same sweep in
+    step) would give ranks different settings, and DDP would average their gradients without a word. At setup
+    every rank's config hash is gathered; on a difference every rank stops with the same message."""
+
+    def __init__(self, config_text: str):
+        import hashlib
+        self.digest = int.from_bytes(hashlib.sha256(config_text.encode()).digest()[:7], "little")
+
+    def setup(self, trainer, pl_module, stage):
+        if trainer.world_size < 2:
+            return
+        got = trainer.strategy.all_gather(torch.tensor([self.digest], dtype=torch.int64,
+                                                        device=trainer.strategy.root_device))
+        got = [int(v) for v in got.reshape(-1).tolist()]
+        if len(set(got)) > 1:
+            raise RuntimeError(f"the data-parallel ranks composed different configs (hashes by rank: "
+                               f"{[f'{v:014x}' for v in got]}): was conf/ edited while the ranks started?")
+
+
 class CheckpointOnStop(L.Callback):
     """Save last.ckpt whenever training ends, so the next start resumes at that very step, not at the last periodic
     checkpoint: at max_steps (which need not be a multiple of ckpt_every), at the time limit (`trainer.max_minutes`),

@@ -96,7 +96,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
 
     from .accounting import active_parameters  # noqa: F401  (public API sanity)
     from .callbacks import (AprWarmup, AtomicCheckpointIO, CheckpointOnStop, InvocationTimer, MilestoneExport,
-                            ResumableCSVLogger, StatisticsMode, ThetaClamp, apr_target_at,
+                            ResumableCSVLogger, SameConfigOnEveryRank, StatisticsMode, ThetaClamp, apr_target_at,
                             checkpoint_step)
     from .config import ConfigError, validate
     from .data import ChatDataModule
@@ -196,7 +196,8 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
                                enabled=cfg.export_milestones)
     ckpt_dir = run_dir / "checkpoints"
     stopper = CheckpointOnStop(last)
-    callbacks = [AprWarmup(c.apr_start, c.apr_final, c.apr_warmup_steps), ThetaClamp(), StatisticsMode(),
+    callbacks = [SameConfigOnEveryRank(saved), AprWarmup(c.apr_start, c.apr_final, c.apr_warmup_steps), ThetaClamp(),
+                 StatisticsMode(),
                  exporter,
                  ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=t.ckpt_every, enable_version_counter=False),

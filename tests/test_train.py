@@ -729,6 +729,27 @@ def test_milestones_are_the_papers_checkpoints_at_3k_to_15k_steps(monkeypatch, t
                     ("apr_6.05x", 15000)]
 
 
+def test_final_links_the_last_milestone_exported_after_the_same_step(tmp_path):
+    """The paper recipes end where their warm-up does, so `apr_6.05x` and `final` hold the same weights: final's
+    weight file is the milestone's (one copy on disk), with its own meta. After more steps, final is a new export."""
+    from types import SimpleNamespace
+    import cwic_exp.callbacks as cb
+    mod = SimpleNamespace(student=to_cwic(tiny_model(), stripe_size=16), last_metrics={})
+    ex = cb.MilestoneExport(tmp_path, None, 1.05, 2.0, 4)
+    for step in range(1, 5):
+        ex.on_train_batch_end(SimpleNamespace(global_rank=0, global_step=step), mod, None, None, 0)
+    ms, final = tmp_path / "hf" / "apr_2.05x", tmp_path / "hf" / "final"
+    ex.export_final(mod, {"apr": 2.1}, step=4)
+    weights = sorted(p.name for p in ms.glob("*.safetensors"))
+    assert weights and sorted(p.name for p in final.iterdir()) == sorted(p.name for p in ms.iterdir())
+    assert all((final / w).samefile(ms / w) for w in weights)
+    assert json.loads((final / "cwic_train_meta.json").read_text()) == {"apr": 2.1}
+    assert json.loads((ms / "cwic_train_meta.json").read_text())["step"] == 4          # the milestone's meta kept
+    ex.export_final(mod, {"apr": 2.2}, step=5)
+    assert not any((final / w).samefile(ms / w) for w in weights)
+    assert json.loads((final / "cwic_train_meta.json").read_text()) == {"apr": 2.2}
+
+
 def test_config_changes_compare_the_old_runs_settings_only():
     from cwic_exp.train import config_changes
     old = {"cwic": {"lambda_ap": 10.0}, "trainer": {"max_steps": 5, "micro_batch_size": 8}}

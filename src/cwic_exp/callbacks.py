@@ -215,6 +215,28 @@ def export_hf(student, tokenizer, folder: Path, meta: dict | None = None) -> Pat
     return replace_folder(tmp, folder)
 
 
+def link_export(src: Path, folder: Path, meta: dict | None = None) -> Path:
+    """A second export of the weights already exported in `src`: its files hard-linked (copied where the file
+    system cannot link), `cwic_train_meta.json` written anew, renamed into place like `export_hf`."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in Path(src).iterdir():
+        if f.name == "cwic_train_meta.json":
+            continue
+        if f.is_dir():
+            shutil.copytree(f, tmp / f.name)
+            continue
+        try:
+            os.link(f, tmp / f.name)
+        except OSError:
+            shutil.copy2(f, tmp / f.name)
+    if meta:
+        (tmp / "cwic_train_meta.json").write_text(json.dumps(meta, indent=1))
+    return replace_folder(tmp, folder)
+
+
 def milestone_name(m: float) -> str:
     return f"apr_{m:.2f}x"
 
@@ -230,6 +252,7 @@ class MilestoneExport(L.Callback):
         self.latest_file = Path(latest_file) if latest_file else None
         self.enabled = enabled
         self.done: list[str] = []
+        self.last_export: tuple[int, Path] | None = None    # (global step, folder) of the last milestone export
 
     def milestones(self) -> list[float]:
         top = self.final + 0.05
@@ -249,6 +272,7 @@ class MilestoneExport(L.Callback):
                         **{k: float(v) for k, v in pl_module.last_metrics.items()}}
                 path = export_hf(pl_module.student, self.tok, self.run_dir / "hf" / name, meta)
                 self.done.append(name)
+                self.last_export = (step, path)
                 self._point_latest(path)
 
     @staticmethod
@@ -259,8 +283,15 @@ class MilestoneExport(L.Callback):
         if self.latest_file is not None:
             self.point_latest(self.latest_file, path)
 
-    def export_final(self, pl_module, meta: dict | None = None) -> Path:
-        path = export_hf(pl_module.student, self.tok, self.run_dir / "hf" / "final", meta)
+    def export_final(self, pl_module, meta: dict | None = None, step: int | None = None) -> Path:
+        """`hf/final`. When the last milestone was exported after this very step (the paper recipes end where their
+        warm-up does: `apr_6.05x`), the weights are the same: final links that export's files, not a second copy."""
+        dest = self.run_dir / "hf" / "final"
+        if step is not None and self.last_export is not None and self.last_export[0] == step \
+                and self.last_export[1].is_dir():
+            path = link_export(self.last_export[1], dest, meta)
+        else:
+            path = export_hf(pl_module.student, self.tok, dest, meta)
         self._point_latest(path)
         return path
 

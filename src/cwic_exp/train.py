@@ -275,7 +275,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
                "max_steps": int(t.max_steps), "finished": steps >= t.max_steps, "run_dir": str(run_dir)}
     if trainer.global_rank == 0:
         path = exporter.export_final(module, {**summary, "note": "APR counts q,k,v,o,gate,up+down,head; "
-                                                                  "not embeddings or attention scores"})
+                                                                  "not embeddings or attention scores"}, step=steps)
         summary["checkpoint"] = str(path) if path else None
         summary_file.write_text(json.dumps(summary, indent=1))
     summary.setdefault("checkpoint", None)

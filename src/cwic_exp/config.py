@@ -110,6 +110,15 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="cwic_schema", node=TrainConfig)
 
 
+# strategies that cannot run this training step (fsdp tried on an H200, ddp_spawn on the CPU, 2026-12-04)
+UNSUPPORTED_STRATEGIES = {
+    "fsdp": "it flattens the frozen bf16 teacher with the fp32 student (on an H200 it stopped at start: 'Must flatten "
+            "tensors with uniform dtype'), and a step's several forward/backward passes and the exports read the "
+            "student outside its wrapped forward",
+    "deepspeed": "it shards the student as fsdp would (see trainer.strategy=fsdp), and deepspeed is not a dependency",
+    "ddp_spawn": "it pickles the student, whose CWIC class is built at run time (PicklingError)",
+}
+
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
@@ -224,12 +233,11 @@ def validate(cfg) -> None:
         raise ConfigError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     if t.accelerator not in ("cpu", "gpu", "cuda", "auto"):
         raise ConfigError(f"trainer.accelerator must be cpu, gpu, cuda or auto, got {t.accelerator!r}")
-    if t.strategy not in ("auto", "ddp", "fsdp", "ddp_spawn", "deepspeed", "single_device"):
-        raise ConfigError(f"trainer.strategy must be auto, ddp, fsdp, ddp_spawn, deepspeed or single_device, got "
-                          f"{t.strategy!r}")
-    if t.strategy == "fsdp" and o.get("grad_clip"):
-        raise ConfigError("trainer.strategy=fsdp cannot clip gradients through Lightning's clip_gradients: set "
-                          "optim.grad_clip=null")
+    if t.strategy in UNSUPPORTED_STRATEGIES:
+        raise ConfigError(f"trainer.strategy={t.strategy} is not supported: {UNSUPPORTED_STRATEGIES[t.strategy]}; "
+                          f"use ddp (trainer=ddp), as the paper recipes do")
+    if t.strategy not in ("auto", "ddp", "single_device"):
+        raise ConfigError(f"trainer.strategy must be auto, ddp or single_device, got {t.strategy!r}")
     if cfg.model.teacher_dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"model.teacher_dtype must be auto, float32, bfloat16 or float16, got "
                           f"{cfg.model.teacher_dtype!r}")

@@ -6,15 +6,19 @@ R=${OUT:-/tmp/out}; mkdir -p "$R"; PY=${PY:-python3}
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false CWIC_CACHE=/tmp/cwic_cache
 EXTRA=${EXTRA:-}
 C="model=tiny model.name=$PWD/.gpu/ddp/tinyllm data.source=packed data.path=$PWD/.gpu/ddp/data128.pt data.seq_len=128 trainer.sequences_per_step=8 trainer.micro_batch_size=2 trainer.val_every=3 trainer.ckpt_every=3 cwic.apr_final=2.0 cwic.apr_warmup_steps=4 optim.warmup_steps=1 optim.lr=1e-3 trainer.devices=${NDEV:-2} $EXTRA"
-step() { local name=$1; shift; local t0=$(date +%s.%N); timeout ${TMO:-240} "$@" > "$R/$name.log" 2>&1; local rc=$?
-  printf '%s rc=%s %.1fs\n' "$name" "$rc" "$(echo "$(date +%s.%N) - $t0" | bc)" | tee -a "$R/steps.txt"; tail -n 3 "$R/$name.log"; }
+step() { local name=$1; shift; local t0=$SECONDS; timeout ${TMO:-240} "$@" > "$R/$name.log" 2>&1; local rc=$?
+  echo "$name rc=$rc $((SECONDS - t0)) s" | tee -a "$R/steps.txt"; tail -n 3 "$R/$name.log"; }
 { nvidia-smi -L; $PY -c "import torch, lightning, transformers; print(torch.__version__, lightning.__version__, transformers.__version__)"; } > "$R/machine.txt" 2>&1
 cat "$R/machine.txt"
 step ddp_6   $PY train.py trainer=ddp $C trainer.max_steps=6 out_dir=$R/runs run_name=ddp
 step ddp_10  $PY train.py trainer=ddp $C trainer.max_steps=10 out_dir=$R/runs run_name=ddp
 step fsdp_6  $PY train.py trainer=fsdp $C trainer.max_steps=6 out_dir=$R/runs run_name=fsdp
 step fsdp_10 $PY train.py trainer=fsdp $C trainer.max_steps=10 out_dir=$R/runs run_name=fsdp
-step gpu_10  $PY train.py trainer=gpu $C trainer.max_steps=10 out_dir=$R/runs run_name=gpu
+if [ "${NDEV:-2}" -ge 2 ]; then   # a sweep, and ranks that compose different configs (run_name reads LOCAL_RANK)
+  step ddp_mr  $PY train.py -m trainer=ddp $C trainer.max_steps=4 out_dir=$R/runs cwic.apr_final=2.0,3.0
+  step ddp_env $PY train.py trainer=ddp $C trainer.max_steps=2 out_dir=$R/runs 'run_name=env${oc.env:LOCAL_RANK,0}'
+fi
+step gpu_10  $PY train.py trainer=gpu $C trainer.devices=1 trainer.max_steps=10 out_dir=$R/runs run_name=gpu
 step exports $PY - <<'PY'
 import torch, json, sys
 from transformers import AutoModelForCausalLM

@@ -231,7 +231,12 @@ def test_analyses_and_eval_name_a_missing_checkpoint(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         check_checkpoint(str(tmp_path / "empty"))
-    check_checkpoint("org/some-model")                  # a hub id passes (the hub answers for it)
+    import cwic_exp.teacher as T
+    monkeypatch.setattr(T, "hub_unreachable_reason", lambda repo: None)
+    check_checkpoint("org/some-model")                  # a hub id passes where the hub answers for it
+    monkeypatch.setattr(T, "hub_unreachable_reason", lambda repo: "x.org cannot be reached")
+    with pytest.raises(FileNotFoundError, match="org/some-model: a hub id, but x.org cannot be reached"):
+        check_checkpoint("org/some-model")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     with pytest.raises(FileNotFoundError, match="no such folder"):

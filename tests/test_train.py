@@ -710,6 +710,48 @@ def test_devices_as_lightning_takes_them_on_cpu_and_gpu():
     assert not any(_devices_ok(v, cpu=False) for v in (0, -2, "0", "", ",", [], [-1], "0,x", 2.5))
 
 
+def test_hub_ids_that_cannot_load_here_stop_at_once(monkeypatch, tmp_path):
+    """Offline, an uncached hub id took transformers about 30 s of retries and ended in a traceback; it is now a
+    one-line config error before anything loads. A cached repo loads offline, and behind a proxy nothing is
+    checked (a direct connection says nothing there)."""
+    import socket
+    import huggingface_hub.constants
+    from types import SimpleNamespace
+    import cwic_exp.teacher as T
+    from cwic_exp.config import ConfigError, validate
+    tried = []
+
+    def unreachable(addr, timeout=None):
+        tried.append(addr)
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy",
+              "HF_ENDPOINT"):
+        monkeypatch.delenv(v, raising=False)
+    with pytest.raises(ConfigError, match="model.name=org/model is a hub id, but huggingface.co cannot be reached"):
+        validate(_compose(["run_name=x", "model.name=org/model"]))
+    assert tried == [("huggingface.co", 443)]
+    repo = tmp_path / "hub" / "models--org--model"
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "snapshots" / "abc" / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    assert T.hub_unreachable_reason("org/model") is None                          # cached: loads offline
+    monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example:8443")
+    assert "mirror.example cannot be reached" in T.hub_unreachable_reason("org/other")
+    assert tried[-1] == ("mirror.example", 8443)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert T.hub_unreachable_reason("org/other") is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    n = len(tried)
+    assert "HF_HUB_OFFLINE" in T.hub_unreachable_reason("org/other") and len(tried) == n
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(socket, "create_connection", lambda addr, timeout=None: SimpleNamespace(close=lambda: None))
+    assert T.hub_unreachable_reason("org/other") is None                          # the hub answers
+
+
 def test_a_flat_apr_schedule_is_valid():
     from cwic_exp.config import validate
     validate(_compose(["run_name=x", "cwic.apr_final=1"]))    # 1.05 → 1.05: start = final + 0.05

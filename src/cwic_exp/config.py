@@ -165,7 +165,7 @@ def unknown_keys(cfg) -> list[str]:
 
 def validate(cfg) -> None:
     """One-line errors for values the types cannot catch. Loads nothing."""
-    from .teacher import resolve_model_source
+    from .teacher import hub_unreachable_reason, resolve_model_source
     extra = unknown_keys(cfg)
     if extra:
         raise ConfigError(f"unknown config key(s) {', '.join(extra)}: not in the schema (src/cwic_exp/config.py), "
@@ -259,6 +259,11 @@ def validate(cfg) -> None:
         except FileNotFoundError as e:
             raise ConfigError(str(e)) from None
     try:
-        resolve_model_source(cfg.model.name)
+        src = resolve_model_source(cfg.model.name)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"model.name: {e}") from None
+    if src["kind"] == "hub":
+        why = hub_unreachable_reason(src["path"])
+        if why:
+            raise ConfigError(f"model.name={src['path']} is a hub id, but {why}: use the embedded default "
+                              f"(smollm2-135m-instruct), a local Hugging Face folder or a .gguf file")

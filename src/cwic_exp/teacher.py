@@ -42,6 +42,35 @@ def check_checkpoint(name: str, what: str = "checkpoint") -> None:
     if str(name).startswith((".", "/", "~")) or not _HUB_ID.match(str(name)) or p.parent.is_dir():
         # (org/name with a local folder `org`, e.g. runs/x: a path, not a hub id)
         raise FileNotFoundError(f"{what} {name}: no such folder")
+    why = hub_unreachable_reason(str(name))
+    if why:
+        raise FileNotFoundError(f"{what} {name}: a hub id, but {why}")
+
+
+def hub_unreachable_reason(repo_id: str, timeout: float = 3.0) -> str | None:
+    """Why a hub model cannot load here, or None. A repo in the local Hugging Face cache loads offline; otherwise
+    the hub must answer (transformers spends about 30 s in retries before it says it did not). Behind a proxy
+    (HTTPS_PROXY, ALL_PROXY) the direct connection says nothing, so nothing is checked there."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return None
+    except Exception:   # noqa: BLE001  (an odd cache: let the load decide)
+        return None
+    if any(os.environ.get(v, "").upper() in ("1", "TRUE", "ON", "YES")
+           for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    import socket
+    from urllib.parse import urlparse
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = url.hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return f"{host} cannot be reached from here and it is not in the local Hugging Face cache"
+    return None
 
 
 def resolve_model_source(name_or_path: str | None) -> dict:

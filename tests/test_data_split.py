@@ -146,3 +146,40 @@ def test_a_file_that_is_not_sharegpt_is_named(tmp_path):
     bom.write_text('\ufeff[{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}]',
                    encoding="utf-8")
     assert len(list(sharegpt_conversations(bom))) == 1
+
+
+def test_the_tokenised_cache_follows_every_setting_and_the_file(tmp_path, monkeypatch):
+    """The cache is keyed by the split's settings and by the source file's size and time, the packaged default file
+    too: another seed, another validation fraction or an edited file is packed again, never read from the first."""
+    monkeypatch.setattr(D, "_cache_root", lambda: tmp_path / "cache")
+    tail = [5000 + i for i in range(D.HELDOUT_TAIL)]
+    path = _sharegpt(tmp_path, [1000 + i for i in range(200)] + tail)
+
+    def val(**over):
+        return sorted(_convs(D.build_packed(Tok(), **{"seq_len": 12, "val_fraction": 0.2, "progress": False,
+                                                      "path": path, **over})[1]))
+    first = val()
+    assert val() == first and len(list((tmp_path / "cache").glob("*.pt"))) == 1     # the second: from the cache
+    assert val(seed=1) != first
+    assert len(val(val_fraction=0.3)) != len(first)
+    path = _sharegpt(tmp_path, [2000 + i for i in range(200)] + tail)               # the same file, edited
+    assert val() != first and min(val()) >= 1000
+    default = tmp_path / "packaged"
+    default.mkdir()
+    monkeypatch.setattr(D, "sharegpt_path", lambda: _sharegpt(default, [1000 + i for i in range(200)] + tail))
+    packaged = val(path=None)
+    monkeypatch.setattr(D, "sharegpt_path", lambda: _sharegpt(default, [3000 + i for i in range(200)] + tail))
+    assert val(path=None) != packaged            # an upgraded package's file: packed again
+
+
+def test_packed_files_round_trip_exactly(tmp_path):
+    """save_packed → load_packed gives back the very rows: token ids above 32767 (stored in 16 bits; SmolLM2 has
+    49152), every conversation of every row with its positions, and the padding."""
+    g = random.Random(0)
+    seqs = [[g.randrange(0, 49152) for _ in range(g.randint(2, 9))] for _ in range(30)]
+    train, val = D.pack_sequences(seqs[:24], 16, 0), D.pack_sequences(seqs[24:], 16, 0)
+    assert int(train.input_ids.max()) >= 32768 and int(train.segment_ids.max()) >= 2
+    back = D.load_packed(D.save_packed(tmp_path / "p.pt", train, val, Tok()))
+    for a, b in zip((train, val), back):
+        for f in ("input_ids", "segment_ids", "position_ids"):
+            assert torch.equal(getattr(a, f).long(), getattr(b, f).long()), f

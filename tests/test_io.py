@@ -107,3 +107,49 @@ def test_smollm2_theta_zero_equals_dense():
         out = model(**enc).logits
     real = enc["attention_mask"].bool()
     assert (out - ref)[real].abs().max().item() <= 1e-4
+
+
+def test_a_failed_write_leaves_the_old_file_and_the_old_folder(tmp_path, monkeypatch):
+    """save_atomic: a write that dies half-way leaves the previous file readable. replace_folder: a kill while the
+    new folder moves in leaves the old one whole (as itself or as NAME.old), never nothing."""
+    from cwic_exp import files
+    p = files.save_atomic({"v": 1}, tmp_path / "x.pt")
+
+    def dies(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("no space left on device")
+    monkeypatch.setattr(files.torch, "save", dies)
+    with pytest.raises(OSError):
+        files.save_atomic({"v": 2}, p)
+    monkeypatch.undo()
+    assert torch.load(p) == {"v": 1}
+    old, new = tmp_path / "f", tmp_path / "f.tmp"
+    for folder, text in ((old, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "a").write_text(text)
+    real = os.replace
+
+    def killed_moving_the_new_one_in(a, b):
+        if os.fspath(a) == os.fspath(new):
+            raise OSError("killed")
+        return real(a, b)
+    monkeypatch.setattr(files.os, "replace", killed_moving_the_new_one_in)
+    with pytest.raises(OSError):
+        files.replace_folder(new, old)
+    monkeypatch.undo()
+    kept = old if old.exists() else old.with_name("f.old")
+    assert (kept / "a").read_text() == "old"
+
+
+def test_temporary_files_of_other_hosts_are_left_alone(tmp_path):
+    """Ranks on several nodes may share the file system and a PID: temporary names carry the host, and a write
+    removes only its own host's dead writers' files (and the PID-only names of older versions)."""
+    from cwic_exp import files
+    other = tmp_path / ".x.pt.tmp-node7-99999999"
+    mine = tmp_path / f".x.pt.tmp-{files._HOST}-99999999"
+    older = tmp_path / ".x.pt.tmp-99999999"
+    for f in (other, mine, older):
+        f.write_bytes(b"left by a killed write")
+    files.save_atomic({"v": 1}, tmp_path / "x.pt")
+    assert other.exists() and not mine.exists() and not older.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "x.pt"]

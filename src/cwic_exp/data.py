@@ -338,8 +338,9 @@ def build_packed(tok, source: str = "sharegpt", seq_len: int = 1024, max_len: in
     """Render, tokenise, filter, split (by conversation) and pack; cached on disk."""
     max_len = min(max_len or seq_len, seq_len)
     stamp = None
-    if path is not None and os.path.exists(path):   # the file's size and time: an edited file is read again
-        st = os.stat(path)
+    src_file = path if path is not None or source != "sharegpt" else sharegpt_path()   # the packaged file too
+    if src_file is not None and os.path.exists(src_file):   # its size and time: an edited file is read again
+        st = os.stat(src_file)
         stamp = [st.st_size, st.st_mtime_ns]
     key = json.dumps([source, str(path), stamp, seq_len, max_len, max_conversations, val_fraction, seed,
                       _tokenizer_fingerprint(tok), 4, HELDOUT_TAIL])

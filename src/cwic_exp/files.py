@@ -3,9 +3,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import torch
+
+# temporary files are named by host and process: ranks of several nodes may share a file system (and PIDs)
+_HOST = socket.gethostname().replace("/", "_") or "host"
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}")
 
 
 def replace_folder(tmp: Path, folder: Path) -> Path:
@@ -22,28 +30,30 @@ def replace_folder(tmp: Path, folder: Path) -> Path:
 
 def save_atomic(obj, path) -> Path:
     """`torch.save` to a temporary file beside `path`, fsynced, then renamed over it: a kill during the write leaves
-    the previous file whole (and a `.NAME.tmp-PID` that the next successful write removes once PID is gone; a
-    concurrent writer's file is left to it)."""
+    the previous file whole (and a `.NAME.tmp-HOST-PID` that the next successful write on that host removes once PID
+    is gone; a concurrent writer's file, or another host's, is left to it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _tmp(path)
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     for stale in path.parent.glob(f".{path.name}.tmp-*"):    # left by a write that was killed (not a live one's)
-        if not _alive(stale.name.rsplit("-", 1)[-1]):
+        rest = stale.name[len(f".{path.name}.tmp-"):]
+        host, _, pid = rest.rpartition("-")
+        if host in (_HOST, "") and not _alive(pid):          # "": the PID-only names written before 2026-12-04
             stale.unlink(missing_ok=True)
     return path
 
 
 def write_text_atomic(path, text: str) -> Path:
-    """`path.write_text(text)` through a `.NAME.tmp-PID` beside it and one rename: a reader (another rank, a later
-    command) sees the old text or the new, never a part."""
+    """`path.write_text(text)` through a `.NAME.tmp-HOST-PID` beside it and one rename: a reader (another rank, a
+    later command) sees the old text or the new, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _tmp(path)
     tmp.write_text(text)
     os.replace(tmp, path)
     return path

@@ -121,7 +121,8 @@ def _load_gguf(path: str, dtype: torch.dtype):
             del config.quantization_config
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(model.state_dict())
-        tmp = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")   # each process its own (parallel first runs)
+        from .files import _HOST     # each process its own (parallel first runs, on any host of a shared file system)
+        tmp = cached.with_name(f"{cached.name}.tmp-{_HOST}-{os.getpid()}")
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         if model.generation_config is not None:

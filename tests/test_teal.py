@@ -224,3 +224,17 @@ def test_teal_sparsity_ignores_padding():
         n_all += L
     assert out["sparsity"] == pytest.approx(1 - n_on / n_all, rel=1e-6)
     assert all(0 < v <= 1 for v in out["density_per_layer"].values())
+
+
+def test_histograms_count_real_tokens_only():
+    """collect_histograms with (ids, mask): padding positions are not counted. The same rows without their
+    trailing padding give the same histograms at every site (causal attention: real tokens never see it)."""
+    from cwic_exp.teal import collect_histograms
+    model = tiny_model()
+    ids, mask = rand_batch()                          # the last row ends in 3 padding positions
+    got = collect_histograms(model, [(ids, mask)])
+    ref = collect_histograms(model, [(ids[:1], mask[:1]), (ids[1:, :-3], mask[1:, :-3])])
+    assert got["0.q"].total == int(mask.sum()) * model.config.hidden_size
+    assert set(got) == set(ref) and len(got) >= 4
+    for k in got:
+        torch.testing.assert_close(got[k].counts, ref[k].counts)

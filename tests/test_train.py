@@ -794,6 +794,38 @@ def test_final_links_the_last_milestone_exported_after_the_same_step(tmp_path):
     assert json.loads((final / "cwic_train_meta.json").read_text()) == {"apr": 2.2}
 
 
+def test_milestones_export_once_on_rank_zero_and_keep_their_list_over_a_resume(monkeypatch, tmp_path):
+    """Rank 1 never exports; the meta's target is the last trained step's; a resumed run does not export a
+    milestone again (with later weights over the paper's checkpoint)."""
+    from types import SimpleNamespace
+    import cwic_exp.callbacks as cb
+    seen = []
+    monkeypatch.setattr(cb, "export_hf", lambda student, tok, path, meta: seen.append((path.name, meta)) or path)
+    mod = SimpleNamespace(student=None, last_metrics={})
+    at = lambda rank, step: SimpleNamespace(global_rank=rank, global_step=step)     # noqa: E731
+    ex = cb.MilestoneExport(tmp_path, None, 1.05, 3.0, 4)        # 1.05 → 3.05 over 4 steps: 2.05 after step 2
+    ex.on_train_batch_end(at(1, 2), mod, None, None, 0)
+    assert seen == []
+    ex.on_train_batch_end(at(0, 2), mod, None, None, 0)
+    assert [(n, m["step"]) for n, m in seen] == [("apr_2.05x", 2)]
+    assert seen[0][1]["apr_target"] == pytest.approx(cb.apr_target_at(1, 1.05, 3.0, 4)) == pytest.approx(1.55)
+    resumed = cb.MilestoneExport(tmp_path, None, 1.05, 3.0, 4)
+    resumed.load_state_dict(ex.state_dict())
+    resumed.on_train_batch_end(at(0, 3), mod, None, None, 0)
+    assert len(seen) == 1
+
+
+def test_a_ctrl_c_on_any_rank_stops_every_rank():
+    """CheckpointOnStop asks every rank (any, not all): this rank saw no Ctrl-C, another did, so all stop."""
+    from types import SimpleNamespace
+    from cwic_exp.callbacks import CheckpointOnStop
+    other_rank_pressed = SimpleNamespace(reduce_boolean_decision=lambda mine, all=True: mine and True if all else True)
+    trainer = SimpleNamespace(strategy=other_rank_pressed, should_stop=False, limit_val_batches=1.0)
+    stop = CheckpointOnStop("last.ckpt")
+    stop.on_train_batch_end(trainer, None, None, None, 0)
+    assert trainer.should_stop and stop.interrupted == "SIGINT" and trainer.limit_val_batches == 0
+
+
 def test_config_changes_compare_the_old_runs_settings_only():
     from cwic_exp.train import config_changes
     old = {"cwic": {"lambda_ap": 10.0}, "trainer": {"max_steps": 5, "micro_batch_size": 8}}

@@ -136,6 +136,33 @@ def test_greedy_step_raises_the_projection_that_hurts_least():
     assert len(cal.greedy[0]) > 3
 
 
+def test_greedy_search_feeds_each_layer_the_dense_models_input():
+    """TEAL's greedy search goes layer by layer on the dense model's activations: layer 1's steps are chosen on
+    layer 1's dense input, the output of the dense layer 0. (Feeding layer 1 the embeddings again passed every test:
+    the direct check above has one layer.)"""
+    ids = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(0))
+    model = tiny_model(num_hidden_layers=2).double()
+    cal = calibrate_teal(model, ids, greedy=True, max_sparsity=0.15)
+    x0, kw = _layer_input(model, ids)
+    first = (lambda o: o[0] if isinstance(o, (tuple, list)) else o)     # noqa: E731
+    layer = model.model.layers[1]
+    with torch.no_grad():
+        apply_teal(model, None)
+        x1 = first(model.model.layers[0](x0, **kw))
+        target = first(layer(x1, **kw))
+        checked = 0
+        for (_, s0), (_, s1) in zip(cal.greedy[1], cal.greedy[1][1:]):
+            err = {}
+            for p in PROJS:
+                s = dict(s0, **{p: s0[p] + 0.05 / cal.weights[p]})
+                apply_teal(model, {f"1.{q}": cal.threshold(1, q, s[q]) for q in PROJS})
+                err[p] = float(torch.linalg.vector_norm((first(layer(x1, **kw)) - target)[:, 24:], dim=1).mean())
+            raised = [p for p in PROJS if s1[p] > s0[p]]
+            assert err[raised[0]] <= min(err.values()) * (1 + 1e-6), (raised, err)
+            checked += 1
+    assert checked > 3
+
+
 def test_accounting_counts_active_inputs_times_outputs():
     model = tiny_model()
     ids, mask = rand_batch()

@@ -265,3 +265,9 @@ def test_histograms_count_real_tokens_only():
     assert set(got) == set(ref) and len(got) >= 4
     for k in got:
         torch.testing.assert_close(got[k].counts, ref[k].counts)
+
+
+def test_calibration_info_names_the_rows_the_greedy_search_used():
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    cal = calibrate_teal(tiny_model(), ids, greedy=False, greedy_rows=5)    # asks for more rows than there are
+    assert cal.info["greedy_rows"] == 2 and cal.info["calib_rows"] == 2

@@ -368,7 +368,8 @@ def calibrate_teal(model: nn.Module, calib_ids: Tensor, greedy: bool = True, max
     batches = [calib_ids[i:i + batch_rows] for i in range(0, calib_ids.shape[0], batch_rows)]
     calib = TealCalibration(collect_histograms(model, batches), num_layers=len(_layers(model)))
     calib.info = {"calib_rows": int(calib_ids.shape[0]), "calib_seq_len": int(calib_ids.shape[1]),
-                  "greedy_rows": int(greedy_rows or calib_ids.shape[0]), "max_sparsity": max_sparsity,
+                  "greedy_rows": int(min(greedy_rows or calib_ids.shape[0], calib_ids.shape[0])),
+                  "max_sparsity": max_sparsity,
                   "base_step": base_step, "last_fraction": last_fraction}
     if greedy:
         greedy_search(model, calib, calib_ids[:greedy_rows] if greedy_rows else calib_ids, max_sparsity,

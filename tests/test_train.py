@@ -228,6 +228,17 @@ def test_head_cap_is_decided_once_per_step():
     assert float(grads[1].abs().sum()) > 0
     torch.testing.assert_close(grads[1], grads[2], rtol=1e-4, atol=1e-6)
 
+    def ap_part(cap):       # the head θ's gradient from the AP loss: with λ minus without
+        g = {}
+        for lam in (10.0, 0.0):
+            mod, batch = _module(2, lam=lam)
+            mod.student.config.cwic["head_max_reduction"] = cap
+            mod.accumulate_gradients(batch, 3.0, update_stats=True)
+            g[lam] = mod.student.lm_head.theta.grad.clone()
+        return g[10.0] - g[0.0]
+    assert float(ap_part((whole + max(pairs)) / 2).abs().sum()) > 0     # the step under the cap: pushed
+    assert float(ap_part(1.0).abs().max()) < 1e-9                         # the step past it: not pushed
+
 
 def _stats(mod):
     return {n: b.clone() for n, b in mod.student.named_buffers() if n.endswith(("ema_mean", "ema_std", "stat_steps"))}
@@ -257,12 +268,13 @@ def test_statistics_move_once_per_step_under_accumulation():
         assert not torch.equal(runs[4][0][q0 + b], runs[4][1][q0 + b])      # they did move
 
 
-def _ddp_worker(rank, world, path):
+def _ddp_worker(rank, world, path, cap):
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["CWIC_TEST_PORT"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         mod, batch = _module(1)
+        mod.student.config.cwic["head_max_reduction"] = cap
         half = {k: v[2 * rank:2 * rank + 2] for k, v in batch.items()}
         mod.accumulate_gradients(half, 3.0, update_stats=True)
         grads = _grads(mod)
@@ -277,15 +289,22 @@ def _ddp_worker(rank, world, path):
 
 def test_data_parallel_step_equals_one_process_on_the_whole_batch(tmp_path):
     """Two gloo ranks, each with half the rows: the averaged gradients and every rank's statistics are those of
-    one process on all the rows (global APR for the AP loss, global token count, statistics pooled over ranks)."""
+    one process on all the rows (global APR for the AP loss, global token count, statistics pooled over ranks, the
+    head's cap decided on the global head reduction: the cap sits at 1.5× it, under the 2× that one rank's head
+    count over the global tokens would give)."""
     import socket
     import torch.multiprocessing as mp
+    mod, batch = _module(1)
+    with torch.no_grad():
+        st = mod._student(batch, batch["segment_ids"] > 0, update_stats=False)[1]
+    cap = 1.5 * st.dense_by_kind["head"] * st.tokens / float(st.by_kind["head"])
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         os.environ["CWIC_TEST_PORT"] = str(sock.getsockname()[1])
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "r0.pt")), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "r0.pt"), cap), nprocs=2, join=True)
     got = torch.load(tmp_path / "r0.pt")
     mod, batch = _module(1)
+    mod.student.config.cwic["head_max_reduction"] = cap
     mod.accumulate_gradients(batch, 3.0, update_stats=True)
     ref_g, ref_s = _grads(mod), _stats(mod)
     assert set(got["grads"]) == set(ref_g) and len(ref_g) > 5
@@ -414,9 +433,10 @@ def test_thresholds_are_clamped_at_zero_after_each_step():
     ("trainer.devices=-1", "devices"),          # on the CPU Lightning takes a count only
     ("trainer.devices=[0,1]", "devices"),
     ("data.max_conversations=0", "max_conversations"),
-    ("+cwic.lamda_ap=3", r"unknown config key\(s\) cwic\.lamda_ap"),   # Hydra's own hint: append with '+'
-    ("++trainer.max_step=9", "trainer.max_step"),
-    ("+seeds=1", "seeds"),
+    ("+cwic.lamda_ap=3", r"unknown config key\(s\) cwic\.lamda_ap: .*did you mean cwic\.lamda_ap → cwic\.lambda_ap"),
+    ("++trainer.max_step=9", "did you mean trainer.max_step → trainer.max_steps"),
+    ("+seeds=1", "did you mean seeds → seed"),
+    ("+warp_speed=9", r"key\(s\) warp_speed: not in the schema \(src/cwic_exp/config.py\), so nothing would read them$"),
 ])
 def test_config_errors_are_one_line_and_early(override, needle):
     from cwic_exp.config import ConfigError, validate
@@ -718,7 +738,7 @@ def test_hub_ids_that_cannot_load_here_stop_at_once(monkeypatch, tmp_path):
     import huggingface_hub.constants
     from types import SimpleNamespace
     import cwic_exp.teacher as T
-    from cwic_exp.config import ConfigError, validate
+    from cwic_exp.config import ConfigError, check_model_loadable
     tried = []
 
     def unreachable(addr, timeout=None):
@@ -730,8 +750,10 @@ def test_hub_ids_that_cannot_load_here_stop_at_once(monkeypatch, tmp_path):
               "HF_ENDPOINT"):
         monkeypatch.delenv(v, raising=False)
     with pytest.raises(ConfigError, match="model.name=org/model is a hub id, but huggingface.co cannot be reached"):
-        validate(_compose(["run_name=x", "model.name=org/model"]))
+        check_model_loadable("org/model")
     assert tried == [("huggingface.co", 443)]
+    check_model_loadable("smollm2-135m-instruct")                                  # not a hub id: not checked
+    assert len(tried) == 1
     repo = tmp_path / "hub" / "models--org--model"
     (repo / "snapshots" / "abc").mkdir(parents=True)
     (repo / "snapshots" / "abc" / "config.json").write_text("{}")
@@ -741,13 +763,26 @@ def test_hub_ids_that_cannot_load_here_stop_at_once(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example:8443")
     assert "mirror.example cannot be reached" in T.hub_unreachable_reason("org/other")
     assert tried[-1] == ("mirror.example", 8443)
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.local")                      # a plain-http mirror: port 80
+    T.hub_unreachable_reason("org/other")
+    assert tried[-1] == ("mirror.local", 80)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")                         # not the http endpoint's proxy
+    assert T.hub_unreachable_reason("org/other") is not None
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy:3128")
     assert T.hub_unreachable_reason("org/other") is None
+    monkeypatch.delenv("HF_ENDPOINT")
+    monkeypatch.delenv("HTTP_PROXY")
+    assert T.hub_unreachable_reason("org/other") is None                          # https behind HTTPS_PROXY
     monkeypatch.delenv("HTTPS_PROXY")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     n = len(tried)
-    assert "HF_HUB_OFFLINE" in T.hub_unreachable_reason("org/other") and len(tried) == n
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    assert "TRANSFORMERS_OFFLINE is set" in T.hub_unreachable_reason("org/other") and len(tried) == n
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")          # read first, as huggingface_hub reads them: online
+    assert "cannot be reached" in T.hub_unreachable_reason("org/other")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "HF_HUB_OFFLINE is set" in T.hub_unreachable_reason("org/other")
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE")
     monkeypatch.setattr(socket, "create_connection", lambda addr, timeout=None: SimpleNamespace(close=lambda: None))
     assert T.hub_unreachable_reason("org/other") is None                          # the hub answers
 
@@ -787,6 +822,8 @@ def test_final_links_the_last_milestone_exported_after_the_same_step(tmp_path):
     weights = sorted(p.name for p in ms.glob("*.safetensors"))
     assert weights and sorted(p.name for p in final.iterdir()) == sorted(p.name for p in ms.iterdir())
     assert all((final / w).samefile(ms / w) for w in weights)
+    assert not (final / "config.json").samefile(ms / "config.json")        # small files copied: an edit stays put
+    assert (final / "config.json").read_text() == (ms / "config.json").read_text()
     assert json.loads((final / "cwic_train_meta.json").read_text()) == {"apr": 2.1}
     assert json.loads((ms / "cwic_train_meta.json").read_text())["step"] == 4          # the milestone's meta kept
     ex.export_final(mod, {"apr": 2.2}, step=5)

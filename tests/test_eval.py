@@ -531,3 +531,43 @@ def test_bad_method_or_teal_settings_are_named_before_any_load(kw, needle, monke
     monkeypatch.setattr(cwic_exp, "load_teacher", no_load)
     with pytest.raises(ValueError, match=needle):
         build_model("tiny-random-llama", **kw)
+
+
+def test_heldout_rows_keep_each_conversations_head_and_mask_only_its_tokens(monkeypatch):
+    """One row a conversation, its first seq_len tokens, right-padded, the mask on its own tokens only; the default
+    64 conversations (all of the held-out tail) are allowed, more are not."""
+    import cwic_exp.eval.chat as C
+    from cwic_exp.data import HELDOUT_TAIL
+
+    class LenTok:                      # conversation "qN" renders to N tokens: 100, 101, ...
+        pad_token_id, eos_token_id = 0, 0
+
+        def apply_chat_template(self, msgs, tokenize=True):
+            return list(range(100, 100 + int(msgs[0]["content"][1:])))
+    convs = [[{"role": "user", "content": f"q{n}"}] for n in (5, 20)]
+    monkeypatch.setattr(C, "heldout_conversations", lambda path, n: convs[-n:])
+    ids, mask = C.heldout_rows(LenTok(), 2, seq_len=8)
+    assert mask.sum(1).tolist() == [5, 8]
+    assert ids[0].tolist() == [100, 101, 102, 103, 104, 0, 0, 0]
+    assert ids[1].tolist() == list(range(100, 108))                 # the head of the long one, not its tail
+    C.heldout_rows(LenTok(), HELDOUT_TAIL, seq_len=8)               # the whole tail: allowed
+    with pytest.raises(ValueError, match="held out"):
+        C.heldout_rows(LenTok(), HELDOUT_TAIL + 1, seq_len=8)
+
+
+def test_teal_calibration_cache_is_keyed_by_its_settings(tmp_path, monkeypatch):
+    """A cached TEAL calibration is reused only for the same settings: greedy and uniform calibrations differ."""
+    import cwic_exp.eval.chat as C
+    import cwic_exp.teal as T
+    from cwic_exp.eval.run import teal_calibration
+    monkeypatch.setenv("CWIC_CACHE", str(tmp_path))
+    monkeypatch.setattr(C, "calibration_rows", lambda tok, rows, seq_len: torch.randint(
+        0, 96, (rows, seq_len), generator=torch.Generator().manual_seed(0)))
+    calls, real = [], T.calibrate_teal
+    monkeypatch.setattr(T, "calibrate_teal", lambda *a, **k: calls.append(k["greedy"]) or real(*a, **k))
+    model = tiny_model()
+    kw = dict(calib_rows=4, calib_seq_len=16, greedy_rows=2)
+    teal_calibration(model, None, "tiny", greedy=True, **kw)
+    teal_calibration(model, None, "tiny", greedy=True, **kw)       # the same settings: from the cache
+    teal_calibration(model, None, "tiny", greedy=False, **kw)      # uniform: calibrated again
+    assert calls == [True, False]

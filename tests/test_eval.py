@@ -170,6 +170,17 @@ def test_prefix_trees_score_like_separate_passes():
     wg = [t for t in trees if t.group == ("w", 0)][0]
     assert len(wg) == 3 + 2 + 2 and res.group_tokens[("w", 0)] == len(wg)
     assert res.apr == pytest.approx(1.0)
+    # the per-kind sums are over the same real tokens as the total (rows are padded here), a dense model's in full
+    assert sum(res.by_kind.values()) == pytest.approx(res.active)
+    assert all(res.by_kind[k] == pytest.approx(res.dense_by_kind[k] * res.tokens) for k in res.by_kind)
+
+
+def test_an_over_long_request_keeps_its_right_end():
+    """As lm-eval truncates: past max_length the path keeps its last max_length tokens, next to the continuation."""
+    from cwic_exp.eval.scoring import Request, build_trees
+    ctx, cont = list(range(1, 31)), [40, 41]
+    (tree,) = build_trees([Request(ctx, cont, ("t", 0), ("t", 0, 0))], max_length=16)
+    assert tree.tokens == (ctx + cont[:-1])[-16:]
 
 
 def test_plan_is_reusable_and_padding_is_harmless():
@@ -276,10 +287,16 @@ def test_replay_gives_lm_eval_the_same_metrics(byte_model):
     run_lm_eval(CwicLM(tokenizer=ByteTok(), scorer=rec), tasks, limit=3)
     res = score_requests(byte_model, rec.requests, batch_tokens=2048)
     stored = {r.key: (lp, g) for r, lp, g in zip(rec.requests, res.logprob, res.greedy)}
-    got = run_lm_eval(CwicLM(tokenizer=ByteTok(), scorer=ReplayScorer(stored, res.group_active,
-                                                                      res.group_tokens, res.dense)), tasks, 3)
+    replayed = CwicLM(tokenizer=ByteTok(), scorer=ReplayScorer(stored, res.group_active, res.group_tokens, res.dense))
+    got = run_lm_eval(replayed, tasks, 3)
     for t in tasks:
         assert got[t]["acc_norm"] == want[t]["acc_norm"] and got[t]["acc"] == want[t]["acc"]
+    # and the same compute figures: per question, active parameters per token (a dense model: all of them)
+    mine, theirs = direct.compute_by_task(), replayed.compute_by_task()
+    assert set(mine) == set(theirs) and mine
+    for t, c in mine.items():
+        assert theirs[t]["tokens"] == c["tokens"] and theirs[t]["per_question"] == pytest.approx(c["per_question"])
+        assert c["per_question"] and all(v == pytest.approx(direct.dense) for v in c["per_question"].values())
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -571,3 +588,29 @@ def test_teal_calibration_cache_is_keyed_by_its_settings(tmp_path, monkeypatch):
     teal_calibration(model, None, "tiny", greedy=True, **kw)       # the same settings: from the cache
     teal_calibration(model, None, "tiny", greedy=False, **kw)      # uniform: calibrated again
     assert calls == [True, False]
+    folder = tmp_path / "model"                                    # a local model folder, retrained in place
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    teal_calibration(model, None, str(folder), greedy=True, **kw)
+    teal_calibration(model, None, str(folder), greedy=True, **kw)
+    (folder / "model.safetensors").write_bytes(b"new weights")
+    teal_calibration(model, None, str(folder), greedy=True, **kw)
+    assert calls == [True, False, True, True]
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_teal_refit_fits_the_thresholds_on_the_calibration_rows(tmp_path, monkeypatch, refit):
+    """teal.refit (the default) re-fits the thresholds on the calibration rows; refit=false keeps TEAL's own from the
+    histograms. (Dropping the refit passed every test: on these rows both land near the target.)"""
+    import cwic_exp.eval.chat as C
+    import cwic_exp.teal as T
+    from cwic_exp.eval.run import build_model
+    monkeypatch.setenv("CWIC_CACHE", str(tmp_path / "cache"))
+    rows = torch.randint(0, 200, (4, 32), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(C, "calibration_rows", lambda tok, n, seq_len: rows[:n, :seq_len])
+    seen, real = [], T.teal_thresholds
+    monkeypatch.setattr(T, "teal_thresholds", lambda *a, **k: seen.append(k.get("refit_ids")) or real(*a, **k))
+    build_model(model=str(_save_tiny(tmp_path)), method="teal", sparsity=0.4, device="cpu",
+                teal={"refit": refit, "calib_rows": 4, "calib_seq_len": 32, "greedy_rows": 2})
+    assert len(seen) == 1
+    assert torch.equal(seen[0], rows) if refit else seen[0] is None

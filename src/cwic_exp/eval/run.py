@@ -38,7 +38,11 @@ def teal_calibration(model, tok, model_name: str, calib_rows: int = 64, calib_se
         calib = TealCalibration.from_state_dict(torch.load(path, weights_only=False))
         apply_teal(model)
         return calib, rows
-    key = json.dumps([model_name, calib_rows, calib_seq_len, greedy, greedy_rows, max_sparsity,
+    src, stamp = Path(str(model_name)).expanduser(), None     # a local model: its weight files' sizes and times too
+    if src.is_dir() or src.is_file():
+        files = [src] if src.is_file() else sorted(src.glob("*.safetensors")) + sorted(src.glob("*.bin"))
+        stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = json.dumps([model_name, stamp, calib_rows, calib_seq_len, greedy, greedy_rows, max_sparsity,
                       str(next(model.parameters()).dtype), 1])
     f = cache_dir() / "teal" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     if cache and f.exists():

@@ -161,18 +161,19 @@ def _schema_keys(schema=None, prefix: str = "") -> list[str]:
 def unknown_keys(cfg) -> list[str]:
     """Keys of `cfg` that the schema does not have. Hydra refuses `cwic.lamda_ap=3` but takes `+cwic.lamda_ap=3`
     (the form its own error message suggests) and `++cwic.foo=1`, and no code reads them."""
-    from dataclasses import fields, is_dataclass
+    known = set(_schema_keys())
     out = []
 
-    def walk(node, schema, prefix):
-        known = {f.name: f for f in fields(schema)}
+    def walk(node, prefix):
         for k in node.keys():
-            f = known.get(k)
-            if f is None:
-                out.append(prefix + str(k))
-            elif f.default_factory is not MISSING_FACTORY and is_dataclass(f.default_factory):
-                walk(node[k], f.default_factory, f"{prefix}{k}.")
-    walk(cfg, TrainConfig, "")
+            key = f"{prefix}{k}"
+            if key in known:
+                continue
+            if hasattr(node[k], "keys") and any(s.startswith(key + ".") for s in known):   # a section
+                walk(node[k], key + ".")
+            else:
+                out.append(key)
+    walk(cfg, "")
     return out
 
 

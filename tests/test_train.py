@@ -436,6 +436,8 @@ def test_thresholds_are_clamped_at_zero_after_each_step():
     ("+cwic.lamda_ap=3", r"unknown config key\(s\) cwic\.lamda_ap: .*did you mean cwic\.lamda_ap → cwic\.lambda_ap"),
     ("++trainer.max_step=9", "did you mean trainer.max_step → trainer.max_steps"),
     ("+seeds=1", "did you mean seeds → seed"),
+    ("+cwic.foo=???", r"unknown config key\(s\) cwic\.foo"),          # named, not resolved (a traceback)
+    ("+cwic.foo=${nope}", r"unknown config key\(s\) cwic\.foo"),
     ("+warp_speed=9", r"key\(s\) warp_speed: not in the schema \(src/cwic_exp/config.py\), so nothing would read them$"),
 ])
 def test_config_errors_are_one_line_and_early(override, needle):

@@ -169,8 +169,8 @@ def unknown_keys(cfg) -> list[str]:
             key = f"{prefix}{k}"
             if key in known:
                 continue
-            if hasattr(node[k], "keys") and any(s.startswith(key + ".") for s in known):   # a section
-                walk(node[k], key + ".")
+            if any(s.startswith(key + ".") for s in known):   # a section (read only then: `???` or `${x}` values
+                walk(node[k], key + ".")                       # of unknown keys are never resolved)
             else:
                 out.append(key)
     walk(cfg, "")

@@ -4,7 +4,8 @@
     python -m cwic_exp.eval method=teal sparsity=0.4 teal.mode=uniform
     python -m cwic_exp.eval method=cwic checkpoint=<folder> tasks=[arc_easy,arc_challenge]
 
-Config: conf/eval/config.yaml. The last stdout line is JSON: each task's acc_norm, `all`, `apr`.
+Config: conf/eval/config.yaml. The last stdout line is JSON (`cli_summary`): each task's Table 3 metric (acc_norm;
+WinoGrande's acc), `all`, `apr`, and the chat's `kl` / `ppl` when measured.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def main(cfg: DictConfig) -> dict:
     import torch
     from ..teal import teal_disabled
     from .run import build_model, evaluate_model
-    from .table import compute_table, metric_of, table3
+    from .table import compute_table, table3
     c = OmegaConf.to_container(cfg, resolve=True)
     torch.manual_seed(0)
     model, tok, info = build_model(c["model"], c["method"], c["sparsity"], c["checkpoint"],

@@ -25,6 +25,22 @@ def _dtype(name) -> torch.dtype:
     return name if isinstance(name, torch.dtype) else getattr(torch, str(name))
 
 
+def _weights_stamp(model_name: str) -> list | None:
+    """(name, size, mtime) of a local model's weight files, as `load_teacher` would read them; None for a hub id."""
+    from ..teacher import resolve_model_source
+    try:
+        src = Path(resolve_model_source(model_name)["path"]).expanduser()
+    except (FileNotFoundError, ValueError):
+        return None
+    if src.is_file():                       # a .gguf
+        files = [src]
+    elif src.is_dir():
+        files = sorted(src.glob("*.safetensors")) + sorted(src.glob("*.bin"))
+    else:
+        files = []
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files] or None
+
+
 def teal_calibration(model, tok, model_name: str, calib_rows: int = 64, calib_seq_len: int = 512,
                      greedy: bool = True, greedy_rows: int = 16, max_sparsity: float = 0.7,
                      path: str | None = None, cache: bool = True):
@@ -38,12 +54,10 @@ def teal_calibration(model, tok, model_name: str, calib_rows: int = 64, calib_se
         calib = TealCalibration.from_state_dict(torch.load(path, weights_only=False))
         apply_teal(model)
         return calib, rows
-    src, stamp = Path(str(model_name)).expanduser(), None     # a local model: its weight files' sizes and times too
-    if src.is_dir() or src.is_file():
-        files = [src] if src.is_file() else sorted(src.glob("*.safetensors")) + sorted(src.glob("*.bin"))
-        stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    key = json.dumps([model_name, stamp, calib_rows, calib_seq_len, greedy, greedy_rows, max_sparsity,
-                      str(next(model.parameters()).dtype), 1])
+    key = [model_name, calib_rows, calib_seq_len, greedy, greedy_rows, max_sparsity,
+           str(next(model.parameters()).dtype), 1]
+    stamp = _weights_stamp(model_name)      # a local model (folder, GGUF, the embedded one): its files' size and time
+    key = json.dumps(key + [stamp] if stamp else key)
     f = cache_dir() / "teal" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     if cache and f.exists():
         log.info("TEAL: cached calibration %s", f)

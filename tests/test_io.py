@@ -153,3 +153,17 @@ def test_temporary_files_of_other_hosts_are_left_alone(tmp_path):
     files.save_atomic({"v": 1}, tmp_path / "x.pt")
     assert other.exists() and not mine.exists() and not older.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "x.pt"]
+
+
+def test_the_dequantised_gguf_cache_follows_the_file(tmp_path, monkeypatch):
+    """A GGUF replaced in place by one of the same size is dequantised again (its cache was named by stem and size)."""
+    from cwic_exp.teacher import _gguf_cache_path
+    monkeypatch.setenv("CWIC_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"1234")
+    os.utime(f, ns=(10**18, 10**18))
+    before = _gguf_cache_path(str(f))
+    f.write_bytes(b"5678")
+    os.utime(f, ns=(2 * 10**18, 2 * 10**18))
+    after = _gguf_cache_path(str(f))
+    assert before != after and before.parent == after.parent == tmp_path / "cache" / "gguf"

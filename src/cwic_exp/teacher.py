@@ -134,6 +134,8 @@ def _load_gguf(path: str, dtype: torch.dtype):
             os.rename(tmp, cached)                # atomic; fails if another process got there first
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
+        # the copy named by stem and size alone (before 2026-12-04): the same file's, now unused (0.5 GB for SmolLM2)
+        shutil.rmtree(cached.with_name(f"{src.stem}-{src.stat().st_size}"), ignore_errors=True)
     return _load_folder(str(cached), dtype)
 
 
@@ -153,8 +155,11 @@ def _tiny_random(name: str, dtype: torch.dtype, seed: int = 0):
 
 
 def _gguf_cache_path(path: str) -> Path:
+    """The dequantised copy of a GGUF, named by the file's stem, size and time (a file replaced in place by one of
+    the same size gets its own)."""
     src = Path(path)
-    return cache_dir() / "gguf" / f"{src.stem}-{src.stat().st_size}"
+    st = src.stat()
+    return cache_dir() / "gguf" / f"{src.stem}-{st.st_size}-{st.st_mtime_ns}"
 
 
 def _load_gguf_cache_only(path: str) -> None:

@@ -200,45 +200,46 @@ class StatisticsMode(L.Callback):
         pl_module.update_stats = True
 
 
-def export_hf(student, tokenizer, folder: Path, meta: dict | None = None) -> Path:
-    """Hugging Face export, written beside the target and renamed into place (never half-written)."""
+def _export(folder: Path, write, meta: dict | None) -> Path:
+    """An export written beside the target by `write(tmp)`, its `cwic_train_meta.json` added, renamed into place
+    (never half-written)."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    was_training = student.training
-    student.eval()
-    student.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+    write(tmp)
     if meta:
         (tmp / "cwic_train_meta.json").write_text(json.dumps(meta, indent=1))
-    student.train(was_training)
     return replace_folder(tmp, folder)
+
+
+def export_hf(student, tokenizer, folder: Path, meta: dict | None = None) -> Path:
+    """Hugging Face export of the student (and tokenizer)."""
+    def write(tmp):
+        was_training = student.training
+        student.eval()
+        student.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        student.train(was_training)
+    return _export(folder, write, meta)
 
 
 def link_export(src: Path, folder: Path, meta: dict | None = None) -> Path:
     """A second export of the weights already exported in `src`: its weight files hard-linked (copied where the file
-    system cannot link), the other files copied, `cwic_train_meta.json` written anew, renamed into place like
-    `export_hf`."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in Path(src).iterdir():
-        if f.name == "cwic_train_meta.json":
-            continue
-        if f.is_dir():
-            shutil.copytree(f, tmp / f.name)
-            continue
-        try:       # the weights only: config and tokenizer files are small, and an edit in place would reach both
-            if f.suffix != ".safetensors":
-                raise OSError
-            os.link(f, tmp / f.name)
-        except OSError:
-            shutil.copy2(f, tmp / f.name)
-    if meta:
-        (tmp / "cwic_train_meta.json").write_text(json.dumps(meta, indent=1))
-    return replace_folder(tmp, folder)
+    system cannot link), the other files copied (an edit in place stays in one export), the meta written anew."""
+    def write(tmp):
+        tmp.mkdir(parents=True)
+        for f in Path(src).iterdir():
+            if f.is_dir():
+                shutil.copytree(f, tmp / f.name)
+            elif f.name != "cwic_train_meta.json":
+                try:
+                    if f.suffix != ".safetensors":
+                        raise OSError("not a weight file")
+                    os.link(f, tmp / f.name)
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+    return _export(folder, write, meta)
 
 
 def milestone_name(m: float) -> str:

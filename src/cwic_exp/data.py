@@ -337,11 +337,9 @@ def build_packed(tok, source: str = "sharegpt", seq_len: int = 1024, max_len: in
                  ) -> tuple[PackedData, PackedData]:
     """Render, tokenise, filter, split (by conversation) and pack; cached on disk."""
     max_len = min(max_len or seq_len, seq_len)
-    stamp = None
+    from .files import stat_stamp
     src_file = path if path is not None or source != "sharegpt" else sharegpt_path()   # the packaged file too
-    if src_file is not None and os.path.exists(src_file):   # its size and time: an edited file is read again
-        st = os.stat(src_file)
-        stamp = [st.st_size, st.st_mtime_ns]
+    stamp = list(stat_stamp(src_file)) if src_file is not None and os.path.exists(src_file) else None
     key = json.dumps([source, str(path), stamp, seq_len, max_len, max_conversations, val_fraction, seed,
                       _tokenizer_fingerprint(tok), 4, HELDOUT_TAIL])
     fname = _cache_root() / f"{source}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"

@@ -12,8 +12,15 @@ import torch
 _HOST = socket.gethostname().replace("/", "_") or "host"
 
 
-def _tmp(path: Path) -> Path:
+def tmp_path(path: Path) -> Path:
+    """`.NAME.tmp-HOST-PID` beside `path`: this process's temporary file (or folder) for it."""
     return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}")
+
+
+def stat_stamp(path) -> tuple[int, int]:
+    """(size, mtime in ns): what cache keys read of a source file, so that an edited or replaced file is read again."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
 
 def replace_folder(tmp: Path, folder: Path) -> Path:
@@ -34,7 +41,7 @@ def save_atomic(obj, path) -> Path:
     is gone; a concurrent writer's file, or another host's, is left to it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
+    tmp = tmp_path(path)
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
@@ -53,7 +60,7 @@ def write_text_atomic(path, text: str) -> Path:
     later command) sees the old text or the new, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
+    tmp = tmp_path(path)
     tmp.write_text(text)
     os.replace(tmp, path)
     return path

@@ -124,8 +124,8 @@ def _load_gguf(path: str, dtype: torch.dtype):
             del config.quantization_config
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(model.state_dict())
-        from .files import _HOST     # each process its own (parallel first runs, on any host of a shared file system)
-        tmp = cached.with_name(f"{cached.name}.tmp-{_HOST}-{os.getpid()}")
+        from .files import tmp_path   # each process its own (parallel first runs, on any host of a shared file system)
+        tmp = tmp_path(cached)
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         if model.generation_config is not None:
@@ -157,9 +157,9 @@ def _tiny_random(name: str, dtype: torch.dtype, seed: int = 0):
 def _gguf_cache_path(path: str) -> Path:
     """The dequantised copy of a GGUF, named by the file's stem, size and time (a file replaced in place by one of
     the same size gets its own)."""
-    src = Path(path)
-    st = src.stat()
-    return cache_dir() / "gguf" / f"{src.stem}-{st.st_size}-{st.st_mtime_ns}"
+    from .files import stat_stamp
+    size, mtime = stat_stamp(path)
+    return cache_dir() / "gguf" / f"{Path(path).stem}-{size}-{mtime}"
 
 
 def _load_gguf_cache_only(path: str) -> None:

@@ -100,9 +100,9 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
                             checkpoint_step)
     from .config import ConfigError, check_model_loadable, validate
     from .data import ChatDataModule
+    from .files import write_text_atomic
     from .lit import CwicDistillModule
     from .modeling import to_cwic
-    from .files import write_text_atomic
     from .teacher import load_teacher
 
     validate(cfg)                                  # one-line errors before anything heavy

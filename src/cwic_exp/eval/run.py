@@ -38,7 +38,8 @@ def _weights_stamp(model_name: str) -> list | None:
         files = sorted(src.glob("*.safetensors")) + sorted(src.glob("*.bin"))
     else:
         files = []
-    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files] or None
+    from ..files import stat_stamp
+    return [(f.name, *stat_stamp(f)) for f in files] or None
 
 
 def teal_calibration(model, tok, model_name: str, calib_rows: int = 64, calib_seq_len: int = 512,

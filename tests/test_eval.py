@@ -603,13 +603,15 @@ def test_teal_calibration_cache_is_keyed_by_its_settings(tmp_path, monkeypatch):
     os.utime(weights, ns=(10**18, 10**18))
     teal_calibration(model, None, str(folder), greedy=True, **kw)
     teal_calibration(model, None, str(folder), greedy=True, **kw)
-    weights.write_bytes(b"weights 2")                             # the same size: only its time tells
+    weights.write_bytes(b"weights 2")                             # retrained in place: the same size
     os.utime(weights, ns=(2 * 10**18, 2 * 10**18))
     teal_calibration(model, None, str(folder), greedy=True, **kw)
     gguf = tmp_path / "m.gguf"                                     # a GGUF file, replaced in place
     gguf.write_bytes(b"gguf 1")
     teal_calibration(model, None, str(gguf), greedy=True, **kw)
-    os.utime(gguf, ns=(3 * 10**18, 3 * 10**18))
+    gguf.write_bytes(b"gguf 2")
+    teal_calibration(model, None, str(gguf), greedy=True, **kw)
+    os.utime(gguf, ns=(3 * 10**18, 3 * 10**18))                   # the same bytes installed again: from the cache
     teal_calibration(model, None, str(gguf), greedy=True, **kw)
     assert calls == [True, False, True, True, True, True]
 

@@ -156,7 +156,8 @@ def test_temporary_files_of_other_hosts_are_left_alone(tmp_path):
 
 
 def test_the_dequantised_gguf_cache_follows_the_file(tmp_path, monkeypatch):
-    """A GGUF replaced in place by one of the same size is dequantised again (its cache was named by stem and size)."""
+    """A GGUF replaced in place by one of the same size is dequantised again (its cache was named by stem and size);
+    the same bytes installed again (a new venv: a new time) keep their dequantised copy."""
     from cwic_exp.teacher import _gguf_cache_path
     monkeypatch.setenv("CWIC_CACHE", str(tmp_path / "cache"))
     f = tmp_path / "m.gguf"
@@ -167,3 +168,5 @@ def test_the_dequantised_gguf_cache_follows_the_file(tmp_path, monkeypatch):
     os.utime(f, ns=(2 * 10**18, 2 * 10**18))
     after = _gguf_cache_path(str(f))
     assert before != after and before.parent == after.parent == tmp_path / "cache" / "gguf"
+    os.utime(f, ns=(3 * 10**18, 3 * 10**18))
+    assert _gguf_cache_path(str(f)) == after

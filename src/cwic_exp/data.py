@@ -337,9 +337,9 @@ def build_packed(tok, source: str = "sharegpt", seq_len: int = 1024, max_len: in
                  ) -> tuple[PackedData, PackedData]:
     """Render, tokenise, filter, split (by conversation) and pack; cached on disk."""
     max_len = min(max_len or seq_len, seq_len)
-    from .files import stat_stamp
+    from .files import fingerprint
     src_file = path if path is not None or source != "sharegpt" else sharegpt_path()   # the packaged file too
-    stamp = list(stat_stamp(src_file)) if src_file is not None and os.path.exists(src_file) else None
+    stamp = fingerprint(src_file) if src_file is not None and os.path.exists(src_file) else None
     key = json.dumps([source, str(path), stamp, seq_len, max_len, max_conversations, val_fraction, seed,
                       _tokenizer_fingerprint(tok), 4, HELDOUT_TAIL])
     fname = _cache_root() / f"{source}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"

@@ -1,6 +1,7 @@
 """Writes that a kill cannot leave half done (no heavy imports: the GPU box's scripts use them too)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -17,10 +18,22 @@ def tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}")
 
 
-def stat_stamp(path) -> tuple[int, int]:
-    """(size, mtime in ns): what cache keys read of a source file, so that an edited or replaced file is read again."""
+_FINGERPRINTS: dict = {}
+
+
+def fingerprint(path) -> str:
+    """What cache keys read of a source file: "SIZE-sha" + 16 hex digits of its SHA-256. An edited or replaced file
+    gets another; the same bytes installed again (a new venv: a new time) the same, so caches survive reinstalls.
+    Hashed once a process for a given (path, size, time): 98 MB take about 0.07 s here."""
     st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
+    memo = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if memo not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _FINGERPRINTS[memo] = f"{st.st_size}-sha{h.hexdigest()[:16]}"
+    return _FINGERPRINTS[memo]
 
 
 def replace_folder(tmp: Path, folder: Path) -> Path:

@@ -134,8 +134,12 @@ def _load_gguf(path: str, dtype: torch.dtype):
             os.rename(tmp, cached)                # atomic; fails if another process got there first
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
-        # the copy named by stem and size alone (before 2026-12-04): the same file's, now unused (0.5 GB for SmolLM2)
-        shutil.rmtree(cached.with_name(f"{src.stem}-{src.stat().st_size}"), ignore_errors=True)
+        # copies named the older ways, by stem and size, or also by time: now unused (0.5 GB each for SmolLM2)
+        size = src.stat().st_size
+        for old in cached.parent.glob(f"{src.stem}-{size}*"):
+            rest = old.name[len(f"{src.stem}-{size}"):]
+            if rest == "" or (rest[1:].isdigit() and rest[0] == "-"):
+                shutil.rmtree(old, ignore_errors=True)
     return _load_folder(str(cached), dtype)
 
 
@@ -155,11 +159,10 @@ def _tiny_random(name: str, dtype: torch.dtype, seed: int = 0):
 
 
 def _gguf_cache_path(path: str) -> Path:
-    """The dequantised copy of a GGUF, named by the file's stem, size and time (a file replaced in place by one of
-    the same size gets its own)."""
-    from .files import stat_stamp
-    size, mtime = stat_stamp(path)
-    return cache_dir() / "gguf" / f"{Path(path).stem}-{size}-{mtime}"
+    """The dequantised copy of a GGUF, named by the file's stem, size and content (a file replaced in place by one
+    of the same size gets its own; the same file installed again keeps it)."""
+    from .files import fingerprint
+    return cache_dir() / "gguf" / f"{Path(path).stem}-{fingerprint(path)}"
 
 
 def _load_gguf_cache_only(path: str) -> None:

@@ -26,7 +26,8 @@ def _dtype(name) -> torch.dtype:
 
 
 def _weights_stamp(model_name: str) -> list | None:
-    """(name, size, mtime) of a local model's weight files, as `load_teacher` would read them; None for a hub id."""
+    """(name, content fingerprint) of a local model's weight files, as `load_teacher` would read them; None for a
+    hub id."""
     from ..teacher import resolve_model_source
     try:
         src = Path(resolve_model_source(model_name)["path"]).expanduser()
@@ -38,8 +39,8 @@ def _weights_stamp(model_name: str) -> list | None:
         files = sorted(src.glob("*.safetensors")) + sorted(src.glob("*.bin"))
     else:
         files = []
-    from ..files import stat_stamp
-    return [(f.name, *stat_stamp(f)) for f in files] or None
+    from ..files import fingerprint
+    return [(f.name, fingerprint(f)) for f in files] or None
 
 
 def teal_calibration(model, tok, model_name: str, calib_rows: int = 64, calib_seq_len: int = 512,
@@ -57,7 +58,7 @@ def teal_calibration(model, tok, model_name: str, calib_rows: int = 64, calib_se
         return calib, rows
     key = [model_name, calib_rows, calib_seq_len, greedy, greedy_rows, max_sparsity,
            str(next(model.parameters()).dtype), 1]
-    stamp = _weights_stamp(model_name)      # a local model (folder, GGUF, the embedded one): its files' size and time
+    stamp = _weights_stamp(model_name)      # a local model (folder, GGUF, the embedded one): its files' contents
     key = json.dumps(key + [stamp] if stamp else key)
     f = cache_dir() / "teal" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     if cache and f.exists():

@@ -182,6 +182,11 @@ def test_an_over_long_request_keeps_its_right_end():
     ctx, cont = list(range(1, 31)), [40, 41]
     (tree,) = build_trees([Request(ctx, cont, ("t", 0), ("t", 0, 0))], max_length=16)
     assert tree.tokens == (ctx + cont[:-1])[-16:]
+    # a continuation that fits exactly still scores every token; one token more is refused by name
+    (tree,) = build_trees([Request([1], list(range(2, 18)), ("t", 0), ("t", 0, 0))], max_length=16)
+    assert len(tree.targets[0][1]) == 16 and tree.targets[0][2] == list(range(2, 18))
+    with pytest.raises(ValueError, match=r"request 0 \('t', 0, 1\): its continuation has 17 tokens.*max_length 16"):
+        build_trees([Request([1], list(range(2, 19)), ("t", 0), ("t", 0, 1))], max_length=16)
 
 
 def test_plan_is_reusable_and_padding_is_harmless():

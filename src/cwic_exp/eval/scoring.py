@@ -59,6 +59,10 @@ def build_trees(requests: list[Request], max_length: int | None = None) -> list[
         if not r.context:
             raise ValueError(f"request {ri}: empty context (lm-eval puts the prefix token there)")
         path = list(r.context) + list(r.continuation[:-1])
+        if max_length is not None and len(r.continuation) > max_length:
+            raise ValueError(f"request {ri}{' ' + str(r.key) if r.key else ''}: its continuation has "
+                             f"{len(r.continuation)} tokens, more than the model's max_length {max_length}: "
+                             f"it cannot be scored in one window")
         if max_length is not None and len(path) > max_length:   # as lm-eval: keep the right end
             path = path[len(path) - max_length:]
         groups.setdefault(r.group, []).append((ri, path, list(map(int, r.continuation))))

@@ -141,6 +141,34 @@ def test_a_failed_write_leaves_the_old_file_and_the_old_folder(tmp_path, monkeyp
     assert (kept / "a").read_text() == "old"
 
 
+def test_renames_are_fsynced_in_their_folder(tmp_path, monkeypatch):
+    """A rename is durable only once its folder is fsynced: save_atomic, write_text_atomic and replace_folder fsync
+    the file, then the folder that holds the new name, after the rename."""
+    import stat
+    from cwic_exp import files
+    seen, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        seen.append(("dir", st.st_ino) if stat.S_ISDIR(st.st_mode) else ("file", None))
+        return real_fsync(fd)
+
+    def replace(a, b):
+        seen.append(("rename", None))
+        return real_replace(a, b)
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", replace)
+    files.save_atomic({"v": 1}, tmp_path / "sub" / "x.pt")
+    assert seen == [("file", None), ("rename", None), ("dir", os.stat(tmp_path / "sub").st_ino)]
+    seen.clear()
+    (tmp_path / "new").mkdir()
+    files.replace_folder(tmp_path / "new", tmp_path / "f")
+    assert seen == [("rename", None), ("dir", os.stat(tmp_path).st_ino)]
+    seen.clear()
+    files.write_text_atomic(tmp_path / "sub" / "summary.json", "{}")
+    assert seen == [("file", None), ("rename", None), ("dir", os.stat(tmp_path / "sub").st_ino)]
+
+
 def test_temporary_files_of_other_hosts_are_left_alone(tmp_path):
     """Ranks on several nodes may share the file system and a PID: temporary names carry the host, and a write
     removes only its own host's dead writers' files (and the PID-only names of older versions)."""

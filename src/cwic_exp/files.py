@@ -44,14 +44,31 @@ def replace_folder(tmp: Path, folder: Path) -> Path:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)
     os.replace(tmp, folder)
+    fsync_dir(folder.parent)
     shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
+def fsync_dir(folder) -> None:
+    """Make a rename in `folder` durable: without it a power loss can bring back the old name (or none) even after
+    the file's own fsync. Best effort where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_atomic(obj, path) -> Path:
-    """`torch.save` to a temporary file beside `path`, fsynced, then renamed over it: a kill during the write leaves
-    the previous file whole (and a `.NAME.tmp-HOST-PID` that the next successful write on that host removes once PID
-    is gone; a concurrent writer's file, or another host's, is left to it)."""
+    """`torch.save` to a temporary file beside `path`, fsynced, then renamed over it, and the rename fsynced: a kill
+    or a power loss during the write leaves the previous file whole (and a `.NAME.tmp-HOST-PID` that the next
+    successful write on that host removes once PID is gone; a concurrent writer's file, or another host's, is left
+    to it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
@@ -60,6 +77,7 @@ def save_atomic(obj, path) -> Path:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
     for stale in path.parent.glob(f".{path.name}.tmp-*"):    # left by a write that was killed (not a live one's)
         rest = stale.name[len(f".{path.name}.tmp-"):]
         host, _, pid = rest.rpartition("-")
@@ -70,12 +88,16 @@ def save_atomic(obj, path) -> Path:
 
 def write_text_atomic(path, text: str) -> Path:
     """`path.write_text(text)` through a `.NAME.tmp-HOST-PID` beside it and one rename: a reader (another rank, a
-    later command) sees the old text or the new, never a part."""
+    later command), or the file after a power loss, holds the old text or the new, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
     return path
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -476,9 +477,12 @@ def test_multirun_sweep_gets_one_folder_per_member(tmp_path):
     resume each other's checkpoints). A config error in the first member shows that the jobs now start, in a
     folder named by every override."""
     r = subprocess.run([sys.executable, "train.py", "-m", "cwic.stripe_size=-4,-8", "+experiment=ablation_mse",
-                        f"out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                        f"out_dir={tmp_path}", "data.path=/no/such/x%.json"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
     assert r.stderr.strip().splitlines()[-1].startswith("config error: cwic.stripe_size"), r.stderr[-2000:]
-    assert (tmp_path / "sweeps" / "+experiment=ablation_mse,cwic.stripe_size=-4").is_dir()
+    # a path among the overrides is one folder name, not nested folders
+    assert [p.name for p in (tmp_path / "sweeps").iterdir() if p.is_dir()] == [
+        "+experiment=ablation_mse,cwic.stripe_size=-4,data.path=%2Fno%2Fsuch%2Fx%25.json"]
 
 
 def test_ranks_with_different_configs_stop_together():
@@ -787,6 +791,15 @@ def test_hub_ids_that_cannot_load_here_stop_at_once(monkeypatch, tmp_path):
     monkeypatch.delenv("TRANSFORMERS_OFFLINE")
     monkeypatch.setattr(socket, "create_connection", lambda addr, timeout=None: SimpleNamespace(close=lambda: None))
     assert T.hub_unreachable_reason("org/other") is None                          # the hub answers
+    import threading
+    release = threading.Event()
+    monkeypatch.setattr(socket, "create_connection", 
+                        lambda addr, timeout=None: release.wait(30) and SimpleNamespace(close=lambda: None))  # hung
+    t0 = time.monotonic()
+    reason = T.hub_unreachable_reason("org/other", timeout=0.1, lookup_timeout=0.2)
+    release.set()
+    assert "huggingface.co gave no answer (name lookup and connection) in 0.3 s" in reason
+    assert time.monotonic() - t0 < 5
 
 
 def test_a_flat_apr_schedule_is_valid():

@@ -108,7 +108,15 @@ class TrainConfig:
 
 def register_schema() -> None:
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
     ConfigStore.instance().store(name="cwic_schema", node=TrainConfig)
+    # a sweep member's folder is named by its overrides; a path among them (data.path=/data/x.json) made nested folders
+    OmegaConf.register_new_resolver("cwic_folder_name", folder_name, replace=True)
+
+
+def folder_name(text: str) -> str:
+    """`text` as one folder name: each '/' (and '\\') written %2F (%5C)."""
+    return str(text).replace("%", "%25").replace("/", "%2F").replace("\\", "%5C")
 
 
 # strategies that cannot run this training step (fsdp tried on an H200, ddp_spawn on the CPU, 2026-12-04)

@@ -47,11 +47,12 @@ def check_checkpoint(name: str, what: str = "checkpoint") -> None:
         raise FileNotFoundError(f"{what} {name}: a hub id, but {why}")
 
 
-def hub_unreachable_reason(repo_id: str, timeout: float = 3.0) -> str | None:
+def hub_unreachable_reason(repo_id: str, timeout: float = 3.0, lookup_timeout: float = 7.0) -> str | None:
     """Why a hub model cannot load here, or None. A repo in the local Hugging Face cache loads offline; otherwise
     the hub must answer (transformers spends about 30 s in retries before it says it did not). Offline mode is read
     as huggingface_hub reads it (HF_HUB_OFFLINE, else TRANSFORMERS_OFFLINE). Behind a proxy for the endpoint's
-    scheme the direct connection says nothing, so nothing is checked there."""
+    scheme the direct connection says nothing, so nothing is checked there. The connection has `timeout` seconds,
+    and the name lookup before it (which a socket timeout does not bound) `lookup_timeout` more."""
     try:
         from huggingface_hub import try_to_load_from_cache
         if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
@@ -68,12 +69,25 @@ def hub_unreachable_reason(repo_id: str, timeout: float = 3.0) -> str | None:
     if any(os.environ.get(v) for v in (*proxies, "ALL_PROXY", "all_proxy")):
         return None
     import socket
+    import threading
     host = url.hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, url.port or (80 if http else 443)), timeout=timeout).close()
-    except OSError:
-        return f"{host} cannot be reached from here and it is not in the local Hugging Face cache"
-    return None
+    answer: list = []
+
+    def connect():     # the name lookup inside ignores `timeout`: a thread bounds the whole of it
+        try:
+            socket.create_connection((host, url.port or (80 if http else 443)), timeout=timeout).close()
+            answer.append(None)
+        except OSError:
+            answer.append(f"{host} cannot be reached from here and it is not in the local Hugging Face cache")
+        except Exception:   # noqa: BLE001  (e.g. a host name IDNA cannot encode: let the load say what is wrong)
+            answer.append(None)
+    t = threading.Thread(target=connect, daemon=True)
+    t.start()
+    t.join(timeout + lookup_timeout)
+    if not answer:
+        return (f"{host} gave no answer (name lookup and connection) in {timeout + lookup_timeout:g} s and it is not "
+                f"in the local Hugging Face cache")
+    return answer[0]
 
 
 def resolve_model_source(name_or_path: str | None) -> dict:

@@ -234,6 +234,22 @@ def test_histogram_quantiles():
     assert h.quantile(0.0) == 0.0
 
 
+def test_histogram_quantiles_interpolate_inside_a_bin():
+    """Within a bin the quantile moves linearly in log|x| with the count (a bin is 0.23 %: the test above cannot see
+    it): one count in bin i and three in bin i+1 put the quantiles 0.25 / 0.5 / 1 at bin i's end, a third into
+    bin i+1, and its end."""
+    i, w = 9000, (MagnitudeHistogram.HI - MagnitudeHistogram.LO) / MagnitudeHistogram.BINS
+    counts = torch.zeros(MagnitudeHistogram.BINS)
+    counts[i], counts[i + 1] = 1, 3
+    h = MagnitudeHistogram(counts)
+    at = lambda pos: 10 ** (MagnitudeHistogram.LO + pos * w)   # noqa: E731
+    assert h.quantile(0.125) == pytest.approx(at(i + 0.5), rel=1e-9)
+    assert h.quantile(0.25) == pytest.approx(at(i + 1), rel=1e-9)
+    assert h.quantile(0.5) == pytest.approx(at(i + 1 + 1 / 3), rel=1e-9)
+    assert h.quantile(1.0) == pytest.approx(at(i + 2), rel=1e-9)
+    assert h.quantile(1.5) == h.quantile(1.0)
+
+
 def test_teal_sparsity_ignores_padding():
     """TEAL's sparsity and per-layer density count real tokens only. A mutant that broke it passed every test
     before."""

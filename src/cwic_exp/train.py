@@ -218,7 +218,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
         # named by their overrides
         id_file = run_dir / "wandb_id"
         if not id_file.exists() and _rank0():
-            id_file.write_text(hashlib.sha1(f"{run_dir.resolve()} {time.time()}".encode()).hexdigest()[:16])
+            write_text_atomic(id_file, hashlib.sha1(f"{run_dir.resolve()} {time.time()}".encode()).hexdigest()[:16])
         run_id = id_file.read_text().strip() if id_file.exists() else None
         loggers.append(WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity,
                                    name=f"{cfg.run_name}:{sweep_member}" if sweep_member else cfg.run_name,
@@ -242,7 +242,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
                    "checkpoint": str(last) if last.exists() else None, "run_dir": str(run_dir),
                    "wall_s": round(time.time() - t_start, 1)}
         if trainer.global_rank == 0:
-            summary_file.write_text(json.dumps(summary, indent=1))
+            write_text_atomic(summary_file, json.dumps(summary, indent=1))
             print(f"\ninterrupted ({by}) at step {steps}: saved {last}; the same command resumes there",
                   file=sys.stderr)
             print(json.dumps(summary), flush=True)
@@ -278,7 +278,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
         path = exporter.export_final(module, {**summary, "note": "APR counts q,k,v,o,gate,up+down,head; "
                                                                   "not embeddings or attention scores"}, step=steps)
         summary["checkpoint"] = str(path) if path else None
-        summary_file.write_text(json.dumps(summary, indent=1))
+        write_text_atomic(summary_file, json.dumps(summary, indent=1))
     summary.setdefault("checkpoint", None)
     for lg in loggers:
         if type(lg).__name__ == "WandbLogger":

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import math
 import os
 import sys
 import time
@@ -613,6 +614,25 @@ class TerminalView:
 
 # ----------------------------------------------------------------------------- CLI
 
+def busy_cpu_notice(threads: int, cores: int | None = None, load: float | None = None) -> str | None:
+    """A line for a CPU decode that would share its cores, or None. Each of the kernels' (and torch's) parallel steps
+    waits for all of its threads: with as many threads as free cores, a thread that the scheduler sets aside for
+    another process holds every step up, and decoding can slow down several times, where fewer threads would not."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):    # no load average (Windows)
+            return None
+    if threads <= 1 or load + threads <= cores + 0.75:   # this process's own share of the load is in there too
+        return None
+    return (f"this machine is busy (1-minute load {load:.1f} on {cores} cores) and decoding uses {threads} threads: "
+            f"each parallel step waits for a thread the scheduler sets aside, so replies may come several times "
+            f"slower than on a quiet machine; fewer threads (--threads {max(1, threads - math.ceil(load - 0.5))}) "
+            f"may be faster while it stays busy")
+
+
 def default_model(search: list[Path] | None = None) -> str:
     """The path in runs/LATEST (written by training), from the working directory or the repository."""
     for base in search or (Path.cwd(), Path(__file__).resolve().parents[2]):
@@ -718,6 +738,10 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
             backend = BACKENDS[args.backend](model, args.device)
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"--backend {args.backend}: {e}")
+    if torch.device(args.device).type == "cpu":
+        busy = busy_cpu_notice(args.threads or torch.get_num_threads())
+        if busy:
+            view.notice(busy)
     chat = ChatSession(backend, tok, system=args.system, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                        max_context=args.max_context, ignore_eos=args.ignore_eos, notice=view.notice)

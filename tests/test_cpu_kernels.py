@@ -404,6 +404,33 @@ def test_decode_dense_matches_hf(ext):
     assert dec.generate(ids[0], max_new_tokens=8) == hf
 
 
+def test_decoder_calls_from_two_threads_take_turns(ext):
+    """step/prefill run without the GIL: two Python threads on one decoder (a chat server's) shared its cache and work
+    buffers mid-call. A lock makes them take turns, so each call returns what it returns alone."""
+    import threading
+    from cwic_exp.cpu_decode import CpuDecoder
+    m = _tiny(hidden_size=256, num_hidden_layers=4)
+    dec = CpuDecoder(m, mode="dense", dtype=torch.float32, max_len=64)
+    ids = [torch.randint(0, m.config.vocab_size, (48,), generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    alone = [(dec._dec.prefill(t, 0), dec._dec.logits()) for t in ids]
+    assert alone[0][0] != alone[1][0]          # two different answers, so a call that read the other's state shows
+    got, start = [[], []], threading.Barrier(2)
+
+    def run(i):
+        start.wait()
+        for _ in range(30):
+            got[i].append(dec._dec.prefill(ids[i], 0))
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for i in (0, 1):
+        assert got[i] == [alone[i][0]] * 30
+    dec._dec.prefill(ids[1], 0)
+    assert torch.equal(dec._dec.logits(), alone[1][1])
+
+
 def test_decoder_refuses_bad_token_ids_and_widths(ext):
     """A token id outside the vocabulary is refused by step() (it read past the embedding, or crashed) as prefill()
     refuses it; a matrix whose input width is not the model's is refused when it is added (it was read out of

@@ -13,6 +13,7 @@
 
 #include <chrono>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -232,6 +233,7 @@ class Decoder {
 
   // qkv: one fused matrix or several whose outputs concatenate to q | k | v
   void add_layer(at::Tensor ln1, at::Tensor ln2, std::vector<Lin> qkv, Lin o, Ffn ffn) {
+    Lock lock(mu_);
     const int64_t qkv_out = (int64_t)(nh_ + 2 * nkv_) * hd_, attn = (int64_t)nh_ * hd_;
     int64_t total = 0;
     for (auto& q : qkv) { q = check(q, d_, "qkv"); total += q.m(); }
@@ -264,6 +266,7 @@ class Decoder {
   }
 
   void set_head(Lin head) {
+    Lock lock(mu_);
     head_ = check(head, d_, "head");
     h_ = at::Tensor();   // ensure_buffers sizes the logits again (a larger head after a step overflowed them)
   }
@@ -273,7 +276,8 @@ class Decoder {
     TORCH_CHECK(pos >= 0 && pos < max_len_, "position out of range");
     TORCH_CHECK(token >= 0 && token < embed_.size(0), "step: token id ", token, " out of range [0, ",
                 embed_.size(0), ")");
-    pybind11::gil_scoped_release nogil;
+    pybind11::gil_scoped_release nogil;   // then the lock: a thread waiting for it must not hold the GIL
+    Lock lock(mu_);
     return run(&token, 1, pos);
   }
 
@@ -289,25 +293,28 @@ class Decoder {
     const int64_t* tp = t.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) TORCH_CHECK(tp[b] >= 0 && tp[b] < V, "prefill: token id out of range");
     pybind11::gil_scoped_release nogil;
+    Lock lock(mu_);
     return run(tp, (int)B, pos);
   }
 
-  at::Tensor logits() const { return logits_.clone(); }
+  at::Tensor logits() const { Lock lock(mu_); return logits_.clone(); }
   // cumulative weights read by [attention (q,k,v,o), FFN, head] and the number of steps
-  std::vector<int64_t> reads() const { return {reads_[0], reads_[1], reads_[2], tokens_}; }
+  std::vector<int64_t> reads() const { Lock lock(mu_); return {reads_[0], reads_[1], reads_[2], tokens_}; }
   // the same by matrix: {"qkv", "o", "ffn", "head"} (qkv + o = the attention's count above)
   std::map<std::string, int64_t> part_reads() const {
+    Lock lock(mu_);
     return {{"qkv", reads_[0] - reads_o_}, {"o", reads_o_}, {"ffn", reads_[1]}, {"head", reads_[2]}};
   }
   void reset_reads() {
+    Lock lock(mu_);
     reads_[0] = reads_[1] = reads_[2] = reads_o_ = 0;
     tokens_ = 0;
     for (auto& p : prof_) p = 0.0;
   }
   // seconds spent in [glue (norms, RoPE, cache, embedding, argmax), q/k/v, attention, o, FFN, head]
-  std::vector<double> profile() const { return std::vector<double>(prof_, prof_ + P_N); }
-  void set_threads(int64_t n) { nthreads_ = threads(n); }
-  void set_isa(int64_t isa) { isa_ = (int)isa; }
+  std::vector<double> profile() const { Lock lock(mu_); return std::vector<double>(prof_, prof_ + P_N); }
+  void set_threads(int64_t n) { Lock lock(mu_); nthreads_ = threads(n); }
+  void set_isa(int64_t isa) { Lock lock(mu_); isa_ = (int)isa; }
 
  private:
   struct Layer { at::Tensor ln1, ln2; std::vector<Lin> qkv; Lin o; Ffn ffn; };
@@ -540,6 +547,10 @@ class Decoder {
   at::Tensor cos_, sin_;
   int64_t max_len_;
   int isa_, nthreads_;
+  // one call at a time: step/prefill run without the GIL, and two Python threads on one decoder would share its
+  // cache and work buffers
+  using Lock = std::lock_guard<std::mutex>;
+  mutable std::mutex mu_;
   int64_t d_ = 0;
   std::vector<Layer> layers_;
   Lin head_;

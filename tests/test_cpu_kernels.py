@@ -121,7 +121,11 @@ def test_scalar_twin_equals_simd(ext, dtype, B):
     assert "scalar" in isas
     for (n, m, s) in [(576, 960, 192), (100, 77, 20), (256, 1024, 512)]:
         x, wt, mean, thr, bias = _inputs(B, n, m, s, dtype, seed=B)
-        outs = {i: C.gemv(x, wt, mean, thr, bias, s, isa=i) for i in isas}
+        outs = {}
+        for i in isas:   # and each ran the build it names (an ISA lost on the way compared SIMD with itself)
+            runs = {j: ext.isa_runs(C.isa_id(j)) for j in isas}
+            outs[i] = C.gemv(x, wt, mean, thr, bias, s, isa=i)
+            assert {j: ext.isa_runs(C.isa_id(j)) - runs[j] for j in isas} == {j: int(j == i) for j in isas}
         for i in isas:   # same FMA sequence per output: bitwise equal
             assert torch.equal(outs[i], outs["scalar"]), (i, n, m, s)
 
@@ -504,6 +508,40 @@ def _attention_vs_hf(m):
     for isa in C.supported_isas():
         dec = CpuDecoder(m, mode="dense", dtype=torch.float32, max_len=64, isa=isa)
         torch.testing.assert_close(_step_logits(dec, ids), ref, rtol=1e-4, atol=1e-4, msg=isa)
+
+
+@pytest.mark.parametrize("variant", ["norm weights", "qwen2 biases", "gelu"])
+def test_decode_matches_hf_beyond_the_plain_tiny_llama(ext, variant):
+    """What the plain tiny Llama leaves out: RMSNorm weights other than 1 (a dropped or swapped γ passed every test),
+    Qwen2's q/k/v biases, a GELU FFN. Dense (each implementation) and CWIC at θ = 0 decode as HF in fp32; in bf16
+    well within the change that unit norm weights would make."""
+    import cwic_exp
+    from cwic_exp.cpu_decode import CpuDecoder
+    m = {"norm weights": lambda: _tiny(), "qwen2 biases": lambda: tiny_model("qwen2", intermediate_size=96),
+         "gelu": lambda: _tiny(hidden_act="gelu_pytorch_tanh")}[variant]()
+    norms = [m.model.norm.weight] + [w for L in m.model.layers
+                                     for w in (L.input_layernorm.weight, L.post_attention_layernorm.weight)]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for w in norms:
+            w.copy_(1 + 0.5 * torch.randn(w.shape, generator=g))
+    ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = m(ids).logits[0]
+        saved = [w.clone() for w in norms]
+        for w in norms:
+            w.fill_(1.0)
+        unit_gap = (m(ids).logits[0] - ref).abs().max()
+        for w, v in zip(norms, saved):
+            w.copy_(v)
+    for dense in ("own", "fused", "torch"):
+        dec = CpuDecoder(m, mode="dense", dense=dense, dtype=torch.float32, max_len=32)
+        torch.testing.assert_close(_step_logits(dec, ids), ref, rtol=1e-4, atol=1e-4, msg=dense)
+    err16 = (_step_logits(CpuDecoder(m, mode="dense", dtype=torch.bfloat16, max_len=32), ids) - ref).abs().max()
+    assert err16 < 0.1 * unit_gap, (float(err16), float(unit_gap))
+    cwic_exp.to_cwic(m, stripe_size=16)
+    dec = CpuDecoder(m, mode="cwic", dtype=torch.float32, max_len=32)          # θ = 0: the dense model
+    torch.testing.assert_close(_step_logits(dec, ids), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_decode_cwic_matches_model_and_counts(ext):
@@ -972,8 +1010,8 @@ def test_extension_name_covers_the_headers(tmp_path, monkeypatch):
 
 
 def test_ffn_fake_kernel_shape_matches_the_real_op():
-    """The fake (meta) kernel of cwic::ffn gives (B, d), as the real op does, with d != d_ff. A mutant that broke it
-    passed every test before."""
+    """The fake (meta) kernels of cwic::ffn and cwic::gemv give the real ops' shapes, (B, d) with d != d_ff and
+    (B, m) with m != n: torch.compile traces with them. Mutants that broke either passed every test before."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from cwic_kernels import ops  # noqa: F401  (defines the ops)
     B, d, Fd, s = 3, 8, 12, 4
@@ -987,9 +1025,17 @@ def test_ffn_fake_kernel_shape_matches_the_real_op():
     with mode:
         fake = torch.ops.cwic.ffn(*fargs)
     assert tuple(fake.shape) == tuple(real.shape) == (B, d)
+    # and cwic::gemv's: (B, m) for a non-square (n, m) layer
+    args = (torch.randn(B, d, generator=g), torch.randn(d, Fd, generator=g), torch.zeros(d), torch.zeros(Fd // s, d),
+            torch.zeros(Fd), s)
+    real = torch.ops.cwic.gemv(*args)
+    fargs = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+    with mode:
+        fake = torch.ops.cwic.gemv(*fargs)
+    assert tuple(fake.shape) == tuple(real.shape) == (B, Fd) and fake.dtype == real.dtype
 
 
-def test_threshold_ties_are_on_everywhere():
+def test_threshold_ties_are_on_everywhere(ext):
     """At |x - mean| == thr exactly, the pair is ON (>=) in the reference, the kernels and the model. A mutant that
     broke it passed every test before."""
     from cwic_kernels import cpu as C, reference as R
@@ -1002,3 +1048,46 @@ def test_threshold_ties_are_on_everywhere():
     want = torch.tensor([[1.0 * 1.0 + (-1.0) * 2.0]])
     torch.testing.assert_close(R.gemv_reference(x, wt, mean, thr, bias, 1), want)
     torch.testing.assert_close(C.gemv(x, wt, mean, thr, bias, 1), want)
+    # a batch of 16 tokens (one AVX-512 block of the batch mask), every ISA; the prefill GEMM
+    for isa in C.supported_isas():
+        torch.testing.assert_close(C.gemv(x.repeat(16, 1), wt, mean, thr, bias, 1, isa=isa), want.repeat(16, 1),
+                                   msg=isa)
+    from cwic_kernels.gpu import prefill as P
+    torch.testing.assert_close(P.masked_gemm(x, wt, mean, thr, bias, 1), want)
+    ext_act = lambda g, isa: ext.act(g, "silu", C.isa_id(isa))   # noqa: E731
+    # an FFN unit whose |act(gate)| equals its threshold is on: the reference (every kernel's oracle) and the kernels
+    g = torch.Generator().manual_seed(0)
+    d, F_, s = 16, 8, 4
+    xs = torch.randn(1, d, generator=g)
+    gw, up, dn = torch.randn(d, F_, generator=g) / 4, torch.randn(F_, d, generator=g), torch.randn(F_, d, generator=g)
+    gm, gt, gb = torch.zeros(d), torch.zeros(F_ // s, d), torch.zeros(F_)
+    on_the_edge = torch.nn.functional.silu(R.gemv_reference(xs, gw, gm, gt, gb, s)).abs()[0]
+    every_unit = R.ffn_reference(xs, gw, gm, gt, gb, s, up, dn, torch.zeros(F_))
+    assert torch.equal(R.ffn_reference(xs, gw, gm, gt, gb, s, up, dn, on_the_edge), every_unit)
+    for isa in C.supported_isas():     # the kernels' own |act(gate)|, to the bit, as the thresholds
+        edge = ext_act(C.gemv(xs, gw, gm, gt, gb, s, isa=isa), isa).abs()[0]
+        assert torch.equal(C.ffn(xs, gw, gm, gt, gb, s, up, dn, edge, isa=isa),
+                           C.ffn(xs, gw, gm, gt, gb, s, up, dn, torch.zeros(F_), isa=isa)), isa
+
+
+def test_thresholds_of_the_wrong_shape_are_refused(ext):
+    """A 1-D thr with k > 1 stripes would be read as k·n floats, past its end: refused by name."""
+    g = torch.Generator().manual_seed(0)
+    x, wt, thr = torch.randn(2, 64, generator=g), torch.randn(64, 128, generator=g), torch.rand(4, 64, generator=g)
+    with pytest.raises(RuntimeError, match="thr must be"):
+        C.gemv(x, wt, torch.zeros(64), thr[0].contiguous(), torch.zeros(128), 32)
+    with pytest.raises(RuntimeError, match="thr must be"):
+        C.gemv(x, wt, torch.zeros(64), thr[:3].contiguous(), torch.zeros(128), 32)
+
+
+def test_an_ffn_of_mixed_weight_dtypes_runs_the_reference(ext):
+    """The kernels take one weight dtype; a gate in fp32 with bf16 up/down goes to the reference, as documented,
+    instead of failing."""
+    g = torch.Generator().manual_seed(1)
+    d, F_, s = 32, 64, 32
+    x = torch.randn(2, d, generator=g)
+    gw, up, dn = torch.randn(d, F_, generator=g) / 4, torch.randn(F_, d, generator=g) / 4, torch.randn(F_, d, generator=g) / 4
+    gm, gt, gb, ut = torch.zeros(d), torch.rand(F_ // s, d, generator=g) * 0.3, torch.zeros(F_), torch.rand(F_, generator=g) * 0.1
+    got = C.ffn(x, gw, gm, gt, gb, s, up.bfloat16(), dn.bfloat16(), ut)
+    want = R.ffn_reference(x, gw, gm, gt, gb, s, up.bfloat16(), dn.bfloat16(), ut)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

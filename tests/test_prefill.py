@@ -29,9 +29,11 @@ def test_masked_gemm_matches_reference(T, n, m, stripe, mean2d, dtype):
     assert _rel(P.masked_gemm(x, wt, mean, torch.zeros_like(thr), bias, stripe, residual=res), y) > 1e-2
 
 
-def test_masked_gemm_stripe_groups(monkeypatch):
-    """Stripes formed in groups (a small operand budget) give the same result as all at once."""
-    x, wt, mean, thr, bias = _inputs(20, 64, 250, 32, torch.float32, seed=5)
+@pytest.mark.parametrize("mean2d", [False, True])
+def test_masked_gemm_stripe_groups(monkeypatch, mean2d):
+    """Stripes formed in groups (a small operand budget) give the same result as all at once, with per-stripe
+    means too (each group takes its own stripes' rows)."""
+    x, wt, mean, thr, bias = _inputs(20, 64, 250, 32, torch.float32, seed=5, mean2d=mean2d)
     whole = P.masked_gemm(x, wt, mean, thr, bias, 32)
     monkeypatch.setattr(P, "_MAX_ELEMS", 20 * 64 * 3)        # 3 stripes a group: 8 stripes, the last partial
     torch.testing.assert_close(P.masked_gemm(x, wt, mean, thr, bias, 32), whole, rtol=1e-6, atol=1e-6)
@@ -68,6 +70,32 @@ def test_ffn_gemm_matches_reference(dtype):
     dense_units = P.ffn_gemm(x, gwt, gmean, gthr, gbias, stripe, up, down, torch.zeros_like(uthr), "silu",
                              residual=res)
     assert _rel(dense_units, y) > 1e-3                          # the unit mask bites
+
+
+def test_ffn_gemm_unit_mask_sees_the_gate_in_x_dtype():
+    """As in the decode kernels and the reference: the unit mask is decided on act(g) with g rounded to x's dtype. A
+    unit whose threshold lies between |act(bf16(g))| and |act(g)| follows the former."""
+    d, F_, s = 32, 64, 32
+    g = _gen(41)
+    x = torch.randn(1, d, generator=g).bfloat16()
+    gw = (torch.randn(d, F_, generator=g) / 4).bfloat16()
+    mean, thr = torch.zeros(d), torch.rand(F_ // s, d, generator=g) * 0.5
+    gb = torch.randn(F_, generator=g) * 0.1
+    up, dn = (torch.randn(F_, d, generator=g) / 4).bfloat16(), (torch.randn(F_, d, generator=g) / 4).bfloat16()
+    g32 = ref.gemv_reference(x.float(), gw.float(), mean, thr, gb, s)
+    a16 = ref.ACTIVATIONS["silu"](g32.bfloat16().float()).abs()
+    a32 = ref.ACTIVATIONS["silu"](g32).abs()
+    j = int((a16 - a32).abs().argmax())
+    assert abs(float(a16[0, j] - a32[0, j])) > 1e-3 * float(a32[0, j])      # rounding moves this unit's |a|
+    ut = torch.zeros(F_)
+    ut[j] = (a16[0, j] + a32[0, j]) / 2
+    want = ref.ffn_reference(x, gw, mean, thr, gb, s, up, dn, ut).float()
+    flipped = ut.clone()
+    flipped[j] = float("inf") if a16[0, j] >= ut[j] else 0.0
+    other = ref.ffn_reference(x, gw, mean, thr, gb, s, up, dn, flipped).float()
+    dev = [t.to(DEV) for t in (x, gw, mean, thr, gb, up, dn, ut)]
+    got = P.ffn_gemm(*dev[:5], s, *dev[5:], "silu").float().cpu()
+    assert (got - want).norm() < 0.25 * (other - want).norm()
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="the bf16 operand split is a CUDA path (the CPU computes in fp32)")

@@ -569,6 +569,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("ffn_row_strides") = true;   // up_w / down_wt may be an (F, 2d) block's halves (older builds: no)
   m.def("best_isa", &cwic_cpu::best_isa);
   m.def("resolve_isa", &cwic_cpu::resolve_isa);
+  m.def("isa_runs", &cwic_cpu::isa_runs);
   m.def("isa_name", [](int64_t isa) { return std::string(cwic_cpu::isa_name((int)isa)); });
   m.def("gemv", &gemv, "granular sparse GEMV -> (y fp32 (B, m), weights read)", py::arg("x"), py::arg("wt"),
         py::arg("mean"), py::arg("thr"), py::arg("bias"), py::arg("stripe"), py::arg("isa") = -1,

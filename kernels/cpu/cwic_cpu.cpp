@@ -8,6 +8,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -177,16 +178,25 @@ const char* isa_name(int isa) {
   }
 }
 
+static std::atomic<int64_t> g_isa_runs[3];
+
+int64_t isa_runs(int isa) { return isa >= 0 && isa < 3 ? g_isa_runs[isa].load(std::memory_order_relaxed) : 0; }
+
+static inline int counted(int isa) {   // one relaxed add a call, from the calling thread
+  g_isa_runs[isa].fetch_add(1, std::memory_order_relaxed);
+  return isa;
+}
+
 // the build of the resolved ISA runs `call` (a function of the included implementation and its arguments)
 #if CWIC_X86
 #define CWIC_DISPATCH(isa, call)                      \
-  switch (resolve_isa(isa)) {                          \
+  switch (counted(resolve_isa(isa))) {                 \
     case ISA_AVX512: return isa_avx512::call;          \
     case ISA_AVX2: return isa_avx2::call;              \
     default: return isa_scalar::call;                  \
   }
 #else
-#define CWIC_DISPATCH(isa, call) return isa_scalar::call;
+#define CWIC_DISPATCH(isa, call) counted(ISA_SCALAR); return isa_scalar::call;
 #endif
 
 // an empty batch or matrix reads and writes nothing (the SIMD tiling assumes at least one token and output)

@@ -26,6 +26,7 @@ enum Act : int { ACT_SILU = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3 };
 int best_isa();                 // highest ISA this CPU supports
 int resolve_isa(int requested); // -1 -> best; a level above what the CPU has -> the best it has
 const char* isa_name(int isa);
+int64_t isa_runs(int isa);      // calls that ran the build of `isa` so far (tests check that a requested ISA ran)
 
 struct GemvArgs {
   const float* x = nullptr;      // (B, n) fp32

@@ -92,15 +92,17 @@ def test_statistics_are_a_bias_corrected_ema_with_the_configured_beta():
         assert not torch.allclose(m1, m2, atol=1e-3)
 
 
-def test_epsilon_is_alpha_times_each_features_batch_std(monkeypatch):
+@pytest.mark.parametrize("moving", [False, True])
+def test_epsilon_is_alpha_times_each_features_batch_std(monkeypatch, moving):
     """ε_i = α_ε · std_batch(x_i) over the real tokens (METHOD.md §3), feature by feature, for the striped layers
-    (GranularMatmul) and the FFN's units (UnitMask). Every gradient test passes ε in by hand."""
+    (GranularMatmul) and the FFN's units (UnitMask): this batch's std, not the running σ (the statistics come from
+    other batches here), also when the same forward moves the statistics (`moving`: one micro-batch a step). Every
+    gradient test passes ε in by hand."""
     import cwic_exp.modeling.layers as L
     alpha = 0.2
     model = to_cwic(tiny_model(), alpha_eps=alpha)
+    _gather_stats(model, *rand_batch(seed=7, pad_last=0))           # the running σ: of other tokens
     ids, mask = rand_batch()
-    with torch.no_grad(), cwic_context(model, token_mask=mask, update_stats=True):
-        model(input_ids=ids, attention_mask=mask)
     q, mlp = model.model.layers[0].self_attn.q_proj, model.model.layers[0].mlp
     got, inputs = {}, {}
     real_gmm, real_unit = L.GranularMatmul.apply, L.UnitMask.apply
@@ -117,7 +119,7 @@ def test_epsilon_is_alpha_times_each_features_batch_std(monkeypatch):
     hq = q.register_forward_pre_hook(lambda m, a: inputs.setdefault("x", a[0].detach()))
     ha = mlp.act_fn.register_forward_hook(lambda m, a, out: inputs.setdefault("a", out.detach()))
     model.train()
-    with cwic_context(model, token_mask=mask):
+    with cwic_context(model, token_mask=mask, update_stats=moving):
         model(input_ids=ids, attention_mask=mask).logits.sum().backward()
     hq.remove()
     ha.remove()
@@ -126,6 +128,7 @@ def test_epsilon_is_alpha_times_each_features_batch_std(monkeypatch):
         std = inputs[inp].reshape(-1, width)[sel].std(0, unbiased=False)
         assert float(std.std()) > 0.01 * float(std.mean())           # features differ: the indexing matters
         torch.testing.assert_close(got[key], alpha * std, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(q.running_stats()[1] * alpha, got["gmm"], rtol=1e-2)   # the running σ differs
 
 
 def test_dtype_cast_keeps_running_statistics_fp32():
@@ -354,17 +357,103 @@ def test_granular_matmul_ap_path_matches_active_count():
     torch.testing.assert_close(thr.grad, dthr + t2.grad)
 
 
-def test_unit_mask_gradients():
+@pytest.mark.parametrize("ste", [True, False])
+def test_unit_mask_gradients(ste):
     a = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
     thr = torch.rand(8, dtype=torch.float64, requires_grad=True)
     eps = torch.full((8,), 0.5, dtype=torch.float64)
     dh = torch.randn(5, 8, dtype=torch.float64)
-    h = UnitMask.apply(a, thr, eps, True)
-    torch.testing.assert_close(h, a.detach() * (a.detach().abs() >= thr.detach()))
+    h = UnitMask.apply(a, thr, eps, ste)
+    on = a.detach().abs() >= thr.detach()
+    torch.testing.assert_close(h, a.detach() * on)
     h.backward(dh)
-    torch.testing.assert_close(a.grad, dh)                    # STE, no gradient through |a|
+    # STE: dh whatever the mask; without (the ablation): only the units on. No gradient through |a| either way
+    torch.testing.assert_close(a.grad, dh if ste else dh * on)
+    assert ste or 0 < int(on.sum()) < on.numel()
     z = a.detach().abs() - thr.detach()
     torch.testing.assert_close(thr.grad, -(dh * a.detach() * rectangle(z, eps)).sum(0))
+
+
+def test_options_default_to_table_5_everywhere():
+    """A library user's to_cwic(model) gets the paper's settings (Table 5): stripe 512, α_ε = 0.1, β = 0.99, the STE,
+    a sparse head capped at 100×; the layers' own defaults agree with the options'."""
+    import inspect
+    from cwic_exp.modeling.layers import CwicGatedMLP
+    from cwic_exp.modeling.modeling_cwic import CwicOptions
+    o = CwicOptions()
+    assert (o.stripe_size, o.head_stripe_size, o.alpha_eps, o.beta_dist, o.ste, o.sparsify_head,
+            o.head_max_reduction) == (512, None, 0.1, 0.99, True, True, 100.0)
+    for cls in (CwicLinear, CwicGatedMLP):
+        params = inspect.signature(cls.__init__).parameters
+        assert (params["alpha_eps"].default, params["beta_dist"].default, params["ste"].default) == (0.1, 0.99, True)
+    model = to_cwic(tiny_model())
+    assert all(m.beta_dist == 0.99 and m.alpha_eps == 0.1 and m.ste for m in cwic_exp.iter_cwic_modules(model))
+
+
+def test_options_reach_every_layer_the_ffn_and_the_head():
+    """ste=False (the "no STE" ablation) reaches every layer, the FFN's units included, and changes the FFN input's
+    gradient; head_stripe_size sets the head's stripe alone."""
+    from cwic_exp.modeling.layers import CwicGatedMLP
+    model = to_cwic(tiny_model(), stripe_size=16, head_stripe_size=32, ste=False)
+    mods = list(cwic_exp.iter_cwic_modules(model))
+    assert any(isinstance(m, CwicGatedMLP) for m in mods) and not any(m.ste for m in mods)
+    assert model.lm_head.stripe_size == 32 and model.lm_head.num_stripes == -(-model.config.vocab_size // 32)
+    assert all(m.stripe_size == 16 for m in mods if isinstance(m, CwicLinear) and m is not model.lm_head)
+    grads = {}
+    for ste in (True, False):
+        torch.manual_seed(0)
+        m = to_cwic(tiny_model(), stripe_size=16, ste=ste)
+        mlp = m.model.layers[0].mlp
+        ids, mask = rand_batch()
+        _gather_stats(m, ids, mask)
+        with torch.no_grad():
+            mlp.phi.fill_(0.5)
+        x = torch.randn(2, 5, m.config.hidden_size, requires_grad=True)
+        with cwic_context(m, token_mask=torch.ones(2, 5)):
+            mlp(x).sum().backward()
+        grads[ste] = x.grad
+    assert not torch.allclose(grads[True], grads[False])
+
+
+def test_bf16_theta_gradient_centres_the_rectangle_on_the_fp32_input():
+    """In bf16 the pseudo-derivative, like the mask, reads x - x̄ in fp32 (xm), not the rounded bf16 copy: θ's
+    gradient then matches an fp64 computation on the same fp32 x - x̄ (off by 22 % on the rounded copy)."""
+    from cwic_exp.modeling.functional import stripe_rows
+    torch.manual_seed(7)
+    n, m, stripe, N = 10, 6, 3, 64
+    centre = torch.randn(n) * 3.0                          # a large mean: rounding x - x̄ to bf16 moves it
+    x = (centre + torch.randn(N, n) * 0.5).bfloat16()
+    xm = x.float() - centre
+    xc = x - centre.bfloat16()
+    thr = xm.abs().median(0).values.expand(m // stripe, n).contiguous()     # thresholds at the data
+    eps = 0.1 * xm.std(0)
+    w, dy = torch.randn(m, n).bfloat16(), torch.randn(N, m).bfloat16()
+    rows = stripe_rows(m, stripe)
+    t16 = thr.clone().requires_grad_()
+    y, _ = GranularMatmul.apply(xc.requires_grad_(), w, t16, eps, rows, stripe, True, xm)
+    y.backward(dy)
+    t64 = thr.double().requires_grad_()
+    y, _ = GranularMatmul.apply(xm.double().requires_grad_(), w.double(), t64, eps.double(), rows.double(), stripe,
+                                True)
+    y.backward(dy.double())
+    assert float(t64.grad.abs().sum()) > 0
+    assert float((t16.grad.double() - t64.grad).norm() / t64.grad.norm()) < 1e-2
+
+
+def test_a_constant_feature_gives_finite_gradients():
+    """ε = α·(batch std) is held above 0: a feature constant over the batch (or a micro-batch of one real token)
+    would give a 0-wide rectangle, 0/0, and NaN gradients for θ and x."""
+    torch.manual_seed(0)
+    layer = CwicLinear(4, 6, stripe_size=3)
+    x = torch.randn(8, 4)
+    x[:, 0] = 1.0
+    with torch.no_grad():
+        layer.theta.fill_(0.5)
+        for b in range(2):
+            layer._update_stats(torch.randn(32, 4), b)
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    assert torch.isfinite(layer.theta.grad).all() and torch.isfinite(x.grad).all()
 
 
 def test_active_count_gradient_reaches_x_and_theta():

@@ -176,6 +176,53 @@ def test_the_training_loss_is_the_distillation_of_the_teacher():
     assert parts["fkl"] > 0
 
 
+@pytest.mark.parametrize("mse_w", [0.0, 0.5])
+def test_a_step_backpropagates_the_symmetric_kl_per_real_token_and_the_mse(mse_w):
+    """The step's gradient is that of ½(FKL + RKL) over the real tokens, divided by their number (METHOD.md §6), plus
+    with the MSE ablation mse_weight × the per-token MSE of the last hidden states, computed here from the logits
+    and hidden states directly. (FKL alone, a dropped ½, or the MSE on another layer passed every test.)"""
+    import torch.nn.functional as F
+    mod, batch = _module(4, lam=0.0)                      # one micro-batch
+    mod.cfg["cwic"]["mse_weight"] = mse_w
+    parts = mod.accumulate_gradients(batch, 3.0, update_stats=False)
+    got = _grads(mod)
+    mod.student.zero_grad(set_to_none=True)
+    real = batch["segment_ids"] > 0
+    s_out, _ = mod._student(batch, real, update_stats=False, hidden=True)
+    t_out = mod._teacher(batch, hidden=True)
+    ls, lt = s_out.logits[real].log_softmax(-1), t_out.logits[real].log_softmax(-1)
+    n = int(real.sum())
+    loss = 0.5 * (F.kl_div(ls, lt, log_target=True, reduction="sum")
+                  + F.kl_div(lt, ls, log_target=True, reduction="sum")) / n
+    if mse_w:
+        mse = ((s_out.hidden_states[-1] - t_out.hidden_states[-1]) ** 2).mean(-1)[real].sum()
+        assert parts["mse"] == pytest.approx(float(mse), rel=1e-4) and float(mse) > 0
+        loss = loss + mse_w * mse / n
+    loss.backward()
+    ref = _grads(mod)
+    assert set(got) == set(ref) and len(ref) > 5
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-8, msg=k)
+
+
+def test_one_micro_batch_step_differentiates_the_ap_loss():
+    """One micro-batch on one process: the AP loss is λ·L_AP(APR) of that batch, differentiated (not a constant)."""
+    from cwic_exp.accounting import ap_loss
+    g = {}
+    for lam in (10.0, 0.0):
+        mod, batch = _module(4, lam=lam)
+        mod.accumulate_gradients(batch, 3.0, update_stats=False)
+        g[lam] = _grads(mod)
+    mod, batch = _module(4, lam=0.0)
+    _, st = mod._student(batch, batch["segment_ids"] > 0, update_stats=False)
+    (10.0 * ap_loss(st.apr, 3.0)).backward()
+    ref = _grads(mod)
+    thresholds = [n for n in ref if "theta" in n or "phi" in n]
+    assert len(thresholds) > 5 and sum(float(ref[n].abs().sum()) for n in thresholds) > 0
+    for n in thresholds:
+        torch.testing.assert_close(g[10.0][n] - g[0.0][n], ref[n], atol=1e-6, rtol=1e-3, msg=n)
+
+
 def test_ap_loss_uses_the_whole_step_under_accumulation():
     """With micro-batches, the AP gradient is L_AP'(A_tot)·Σ_j ∇A_j (step-level APR), not Σ_j L_AP'(A_j)∇A_j."""
     from cwic_exp.accounting import ap_loss
@@ -382,9 +429,21 @@ def test_optimizer_groups_and_schedule():
             continue
         want = 0.0 if (p.ndim < 2 or "norm" in name) else 0.01
         assert where[id(p)]["weight_decay"] == want, name
+    assert all(g["betas"] == (0.9, 0.95) for g in opt.param_groups)                # optim.beta1, beta2
     f = sched.lr_lambdas[0]
     assert [f(s) for s in (0, 4, 5)] == pytest.approx([0.2, 1.0, 1.0])
     assert f(15) == pytest.approx(0.5) and f(25) == pytest.approx(0.0) and f(40) == pytest.approx(0.0)
+
+
+def test_each_step_moves_the_learning_rate_on():
+    """The schedule steps once per optimizer step: the logged rate (the one each step used) warms up linearly over
+    2 steps, then follows the cosine."""
+    import math
+    mod, batch = _module(2, lam=0.0)
+    mod.cfg["optim"].update(lr=1e-3, warmup_steps=2, schedule_steps=10)
+    seen = _fit(mod, batch, 4)
+    want = [0.5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 8))]
+    assert [m["train/lr"] for m in seen] == pytest.approx([1e-3 * w for w in want])
 
 
 def test_thresholds_are_clamped_at_zero_after_each_step():

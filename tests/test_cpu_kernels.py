@@ -408,9 +408,10 @@ def test_decode_dense_matches_hf(ext):
     assert dec.generate(ids[0], max_new_tokens=8) == hf
 
 
-def test_decoder_calls_from_two_threads_take_turns(ext):
-    """step/prefill run without the GIL: two Python threads on one decoder (a chat server's) shared its cache and work
-    buffers mid-call. A lock makes them take turns, so each call returns what it returns alone."""
+def test_a_decoder_used_by_two_threads_refuses_the_second_and_never_mixes_them(ext):
+    """step/prefill run without the GIL: two Python threads stepping one decoder overwrote each other's buffers
+    mid-call (wrong answers). A decoder holds one sequence, so a call that would change it while another runs is
+    refused by name; every call that runs returns what it returns alone."""
     import threading
     from cwic_exp.cpu_decode import CpuDecoder
     m = _tiny(hidden_size=256, num_hidden_layers=4)
@@ -418,21 +419,57 @@ def test_decoder_calls_from_two_threads_take_turns(ext):
     ids = [torch.randint(0, m.config.vocab_size, (48,), generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
     alone = [(dec._dec.prefill(t, 0), dec._dec.logits()) for t in ids]
     assert alone[0][0] != alone[1][0]          # two different answers, so a call that read the other's state shows
-    got, start = [[], []], threading.Barrier(2)
+    got, refused, start = [[], []], [0, 0], threading.Barrier(2)
 
     def run(i):
         start.wait()
         for _ in range(30):
-            got[i].append(dec._dec.prefill(ids[i], 0))
+            try:
+                got[i].append(dec._dec.prefill(ids[i], 0))
+            except RuntimeError as e:
+                assert "in use by another thread" in str(e)
+                refused[i] += 1
     threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
     for i in (0, 1):
-        assert got[i] == [alone[i][0]] * 30
+        assert got[i] == [alone[i][0]] * (30 - refused[i])
     dec._dec.prefill(ids[1], 0)
     assert torch.equal(dec._dec.logits(), alone[1][1])
+
+
+def test_a_decoder_read_while_it_runs_under_a_dispatch_mode_does_not_deadlock(ext):
+    """A reader (logits) waits for the running call with the GIL released: the running call may need the GIL (here
+    a Python dispatch mode around the torch matrices), and a reader holding it while waiting hung both."""
+    import threading
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from cwic_exp.cpu_decode import CpuDecoder
+    m = _tiny(hidden_size=128, num_hidden_layers=4)
+    dec = CpuDecoder(m, mode="dense", dense="torch", dtype=torch.float32, max_len=160)
+    ids = torch.randint(0, m.config.vocab_size, (128,), generator=torch.Generator().manual_seed(0))
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+    done, stop = threading.Event(), threading.Event()
+
+    def writer():
+        with PassThrough():
+            for _ in range(5):
+                dec._dec.prefill(ids, 0)
+        done.set()
+
+    def reader():
+        while not done.is_set() and not stop.is_set():
+            dec._dec.logits()
+    ts = [threading.Thread(target=f, daemon=True) for f in (writer, reader)]
+    for t in ts:
+        t.start()
+    ts[0].join(60)
+    stop.set()
+    assert done.is_set(), "deadlock: prefill under a dispatch mode against a reader"
 
 
 def test_decoder_refuses_bad_token_ids_and_widths(ext):

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/python.h>
 
+#include <atomic>
 #include <chrono>
 #include <map>
 #include <mutex>
@@ -233,7 +234,7 @@ class Decoder {
 
   // qkv: one fused matrix or several whose outputs concatenate to q | k | v
   void add_layer(at::Tensor ln1, at::Tensor ln2, std::vector<Lin> qkv, Lin o, Ffn ffn) {
-    Lock lock(mu_);
+    Claim busy = claim();
     const int64_t qkv_out = (int64_t)(nh_ + 2 * nkv_) * hd_, attn = (int64_t)nh_ * hd_;
     int64_t total = 0;
     for (auto& q : qkv) { q = check(q, d_, "qkv"); total += q.m(); }
@@ -266,7 +267,7 @@ class Decoder {
   }
 
   void set_head(Lin head) {
-    Lock lock(mu_);
+    Claim busy = claim();
     head_ = check(head, d_, "head");
     h_ = at::Tensor();   // ensure_buffers sizes the logits again (a larger head after a step overflowed them)
   }
@@ -276,8 +277,8 @@ class Decoder {
     TORCH_CHECK(pos >= 0 && pos < max_len_, "position out of range");
     TORCH_CHECK(token >= 0 && token < embed_.size(0), "step: token id ", token, " out of range [0, ",
                 embed_.size(0), ")");
-    pybind11::gil_scoped_release nogil;   // then the lock: a thread waiting for it must not hold the GIL
-    Lock lock(mu_);
+    pybind11::gil_scoped_release nogil;
+    Claim busy = claim();
     return run(&token, 1, pos);
   }
 
@@ -293,7 +294,7 @@ class Decoder {
     const int64_t* tp = t.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) TORCH_CHECK(tp[b] >= 0 && tp[b] < V, "prefill: token id out of range");
     pybind11::gil_scoped_release nogil;
-    Lock lock(mu_);
+    Claim busy = claim();
     return run(tp, (int)B, pos);
   }
 
@@ -306,15 +307,15 @@ class Decoder {
     return {{"qkv", reads_[0] - reads_o_}, {"o", reads_o_}, {"ffn", reads_[1]}, {"head", reads_[2]}};
   }
   void reset_reads() {
-    Lock lock(mu_);
+    Claim busy = claim();
     reads_[0] = reads_[1] = reads_[2] = reads_o_ = 0;
     tokens_ = 0;
     for (auto& p : prof_) p = 0.0;
   }
   // seconds spent in [glue (norms, RoPE, cache, embedding, argmax), q/k/v, attention, o, FFN, head]
   std::vector<double> profile() const { Lock lock(mu_); return std::vector<double>(prof_, prof_ + P_N); }
-  void set_threads(int64_t n) { Lock lock(mu_); nthreads_ = threads(n); }
-  void set_isa(int64_t isa) { Lock lock(mu_); isa_ = (int)isa; }
+  void set_threads(int64_t n) { Claim busy = claim(); nthreads_ = threads(n); }
+  void set_isa(int64_t isa) { Claim busy = claim(); isa_ = (int)isa; }
 
  private:
   struct Layer { at::Tensor ln1, ln2; std::vector<Lin> qkv; Lin o; Ffn ffn; };
@@ -547,10 +548,35 @@ class Decoder {
   at::Tensor cos_, sin_;
   int64_t max_len_;
   int isa_, nthreads_;
-  // one call at a time: step/prefill run without the GIL, and two Python threads on one decoder would share its
-  // cache and work buffers
+  // A decoder holds one sequence (its KV cache, its work buffers): step/prefill run without the GIL, and two
+  // Python threads stepping one decoder overwrote each other's buffers mid-call. A call that changes it while
+  // another such call runs is refused (interleaved sequences would be wrong even one call at a time); readers
+  // (logits, reads, ...) and changers exclude each other through mu_, waiting for it. Every locking method runs
+  // with the GIL released (call_guard below, or inside step/prefill): a thread in run() that needs the GIL (a Python
+  // dispatch mode around at::linear) must not wait for a thread that holds the GIL while it waits for mu_.
   using Lock = std::lock_guard<std::mutex>;
   mutable std::mutex mu_;
+  std::atomic<bool> busy_{false};
+  class Claim {
+   public:
+    Claim(std::atomic<bool>& busy, std::mutex& mu) : busy_(busy), lock_(mu) {}
+    ~Claim() {
+      lock_.unlock();
+      busy_.store(false);
+    }
+    Claim(const Claim&) = delete;
+    Claim& operator=(const Claim&) = delete;
+
+   private:
+    std::atomic<bool>& busy_;
+    std::unique_lock<std::mutex> lock_;
+  };
+  Claim claim() {
+    bool idle = false;
+    TORCH_CHECK(busy_.compare_exchange_strong(idle, true), "cwic_cpu: this Decoder is in use by another thread; a "
+                "decoder holds one sequence (its cache and position): give each thread its own");
+    return Claim(busy_, mu_);
+  }
   int64_t d_ = 0;
   std::vector<Layer> layers_;
   Lin head_;
@@ -605,15 +631,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Decoder>(m, "Decoder")
       .def(py::init<at::Tensor, at::Tensor, double, int64_t, int64_t, int64_t, double, at::Tensor, at::Tensor, int64_t,
                     int64_t, int64_t>())
-      .def("add_layer", &Decoder::add_layer)
-      .def("set_head", &Decoder::set_head)
+      .def("add_layer", &Decoder::add_layer, py::call_guard<py::gil_scoped_release>())
+      .def("set_head", &Decoder::set_head, py::call_guard<py::gil_scoped_release>())
       .def("step", &Decoder::step)
       .def("prefill", &Decoder::prefill)
-      .def("logits", &Decoder::logits)
-      .def("reads", &Decoder::reads)
-      .def("part_reads", &Decoder::part_reads)
-      .def("reset_reads", &Decoder::reset_reads)
-      .def("profile", &Decoder::profile)
-      .def("set_threads", &Decoder::set_threads)
-      .def("set_isa", &Decoder::set_isa);
+      .def("logits", &Decoder::logits, py::call_guard<py::gil_scoped_release>())
+      .def("reads", &Decoder::reads, py::call_guard<py::gil_scoped_release>())
+      .def("part_reads", &Decoder::part_reads, py::call_guard<py::gil_scoped_release>())
+      .def("reset_reads", &Decoder::reset_reads, py::call_guard<py::gil_scoped_release>())
+      .def("profile", &Decoder::profile, py::call_guard<py::gil_scoped_release>())
+      .def("set_threads", &Decoder::set_threads, py::call_guard<py::gil_scoped_release>())
+      .def("set_isa", &Decoder::set_isa, py::call_guard<py::gil_scoped_release>());
 }

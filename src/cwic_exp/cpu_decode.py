@@ -264,7 +264,9 @@ class DecodeStats:
 
 
 class CpuDecoder:
-    """Greedy batch-1 decoding with a KV cache, one C++ call per token (see the module docstring)."""
+    """Greedy batch-1 decoding with a KV cache, one C++ call per token (see the module docstring). One decoder holds
+    one sequence: give each thread its own (a step while another thread's step runs raises "in use by another
+    thread"; reading figures from another thread is safe)."""
 
     def __init__(self, model: nn.Module, mode: str = "cwic", dense: str = "own",
                  dtype: torch.dtype = torch.bfloat16, max_len: int = 1024, isa: str | None = None,
@@ -487,8 +489,8 @@ def calibrate_apr(model: nn.Module, input_ids: torch.Tensor, apr: float, attenti
             if isinstance(m, CwicLinear):
                 mean, std = m.running_stats()
                 zs = ((x - mean) / std.clamp_min(1e-12)).abs().t().contiguous().sort(1).values  # (n, N)
-                u = jit[m].t().contiguous()                               # (n, k)
-                rows = m._rows.float().cpu()                              # (k,)
+                u = jit[m].t().contiguous().to(zs.device)                 # (n, k), on the model's device
+                rows = m._rows.float().to(zs.device)                      # (k,)
                 w = rows / rows.sum()
                 N = zs.shape[1]
 
@@ -501,7 +503,7 @@ def calibrate_apr(model: nn.Module, input_ids: torch.Tensor, apr: float, attenti
                 scale = m.running_stats()[1]
                 a = (x.abs() / scale.clamp_min(1e-12)).flatten().sort().values
                 N = a.numel()
-                c = _bisect(lambda c, a=a, N=N: float(N - torch.searchsorted(a, torch.tensor([c]))[0]) / N,
+                c = _bisect(lambda c, a=a, N=N: float(N - torch.searchsorted(a, a.new_tensor([c]))[0]) / N,
                             target)
                 m.phi.fill_(c)
     # the passes interact (thresholds change the next layers' inputs): correct the whole model with one

@@ -198,25 +198,34 @@ def test_long_conversation_is_trimmed_with_notice(ckpt, tmp_path):
 
 
 def test_a_busy_machine_is_named_when_decoding_would_share_its_cores(ckpt, monkeypatch):
-    """With as many threads as free cores, a thread set aside for another process holds up every parallel step (on
-    this 2-core host at a 1-minute load of 4.5 from other work, 2 threads decoded at 7.3 tok/s and 1 thread at 41.7): chat says
-    so, and which thread count would not share."""
+    """With more threads than free cores, a thread set aside for another process holds up every parallel step (in
+    one measurement on a 2-core host at a 1-minute load of 4.5 from other processes, 2 threads decoded at 7.3 tok/s
+    and 1 thread at 41.7): chat says so, with a thread count that would not share."""
     from cwic_exp import chat
-    assert chat.busy_cpu_notice(threads=2, cores=2, load=0.3) is None           # quiet
-    assert chat.busy_cpu_notice(threads=1, cores=2, load=3.0) is None           # one thread: nothing waits for it
-    assert chat.busy_cpu_notice(threads=4, cores=8, load=2.0) is None           # enough free cores
-    assert "(--threads 1)" in chat.busy_cpu_notice(threads=2, cores=2, load=1.0)
-    note = chat.busy_cpu_notice(threads=8, cores=8, load=2.2)
-    assert "1-minute load 2.2 on 8 cores" in note and "(--threads 6)" in note
-    monkeypatch.setattr(chat.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    assert chat.busy_cpu_notice(threads=2, cores=2, others=0.3) is None          # quiet
+    assert chat.busy_cpu_notice(threads=1, cores=2, others=3.0) is None          # one thread: nothing waits for it
+    assert chat.busy_cpu_notice(threads=4, cores=8, others=2.0) is None          # enough free cores
+    assert chat.busy_cpu_notice(threads=4, cores=2, others=0.1) is None          # too many threads, but not busy
+    assert "--threads 1 " in chat.busy_cpu_notice(threads=2, cores=2, others=1.0)
+    note = chat.busy_cpu_notice(threads=8, cores=8, others=2.2)
+    assert "2.2 other tasks running on 8 cores" in note and "--threads 5 " in note
+    assert "--threads 1 " in chat.busy_cpu_notice(threads=8, cores=4, others=3.0)
+    others = chat.others_running(samples=3, interval=0.0)
+    assert others is None or others >= 0
+    monkeypatch.setattr(chat, "others_running", lambda: 5.0)
     monkeypatch.setattr(chat.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(chat.os, "cpu_count", lambda: 2)
     threads = torch.get_num_threads()
     try:
         _, err = run_chat(["--model", str(ckpt), "--prompt", PROMPT, "--no-color", "--max-new-tokens", "2",
                            "--threads", "2"])
-        assert "[notice] this machine is busy (1-minute load 5.0 on 2 cores)" in err
+        assert "[notice] this machine is busy (5.0 other tasks running on 2 cores)" in err
         _, err = run_chat(["--model", str(ckpt), "--prompt", PROMPT, "--no-color", "--max-new-tokens", "2",
                            "--threads", "1"])
+        assert "busy" not in err
+        monkeypatch.setattr(chat.os, "cpu_count", lambda: 64)           # a container's share of a bigger machine
+        _, err = run_chat(["--model", str(ckpt), "--prompt", PROMPT, "--no-color", "--max-new-tokens", "2",
+                           "--threads", "2"])
         assert "busy" not in err
     finally:
         torch.set_num_threads(threads)

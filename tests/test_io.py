@@ -143,7 +143,7 @@ def test_a_failed_write_leaves_the_old_file_and_the_old_folder(tmp_path, monkeyp
 
 def test_renames_are_fsynced_in_their_folder(tmp_path, monkeypatch):
     """A rename is durable only once its folder is fsynced: save_atomic, write_text_atomic and replace_folder fsync
-    the file, then the folder that holds the new name, after the rename."""
+    the file (every file of the new folder), then the folder that holds the new name, after the rename."""
     import stat
     from cwic_exp import files
     seen, real_fsync, real_replace = [], os.fsync, os.replace
@@ -162,8 +162,10 @@ def test_renames_are_fsynced_in_their_folder(tmp_path, monkeypatch):
     assert seen == [("file", None), ("rename", None), ("dir", os.stat(tmp_path / "sub").st_ino)]
     seen.clear()
     (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "w.bin").write_bytes(b"weights")       # written by another writer, never fsynced
+    new_ino = os.stat(tmp_path / "new").st_ino
     files.replace_folder(tmp_path / "new", tmp_path / "f")
-    assert seen == [("rename", None), ("dir", os.stat(tmp_path).st_ino)]
+    assert seen == [("file", None), ("dir", new_ino), ("rename", None), ("dir", os.stat(tmp_path).st_ino)]
     seen.clear()
     files.write_text_atomic(tmp_path / "sub" / "summary.json", "{}")
     assert seen == [("file", None), ("rename", None), ("dir", os.stat(tmp_path / "sub").st_ino)]

@@ -544,6 +544,26 @@ def test_multirun_sweep_gets_one_folder_per_member(tmp_path):
         "+experiment=ablation_mse,cwic.stripe_size=-4,data.path=%2Fno%2Fsuch%2Fx%25.json"]
 
 
+def test_sweep_folder_names_stay_one_short_name_and_earlier_runs_are_named(tmp_path):
+    """A member's overrides make one folder name: '/', '\\', ':' and '%' escaped, and past 200 bytes a head plus a
+    hash of the whole (a long data path hit "File name too long"). A run in the folder the raw overrides named
+    before (nested folders) is pointed to, not silently started over."""
+    from cwic_exp.config import folder_name
+    from cwic_exp.train import earlier_sweep_folder
+    assert folder_name("a=C:\\x/y%z") == "a=C%3A%5Cx%2Fy%25z"
+    long_a, long_b = "data.path=/" + "d" * 300 + "/a.json", "data.path=/" + "d" * 300 + "/b.json"
+    na, nb = folder_name(long_a), folder_name(long_b)
+    assert len(na.encode()) <= 200 and na != nb and na == folder_name(long_a) and na.startswith("data.path=%2Fddd")
+    raw = "cwic.apr_final=2.0,data.path=/d/x.json"
+    out = tmp_path / "sweeps" / folder_name(raw)
+    assert earlier_sweep_folder(tmp_path / "sweeps", raw, out) is None
+    (tmp_path / "sweeps" / raw / "checkpoints").mkdir(parents=True)
+    assert earlier_sweep_folder(tmp_path / "sweeps", raw, out) == tmp_path / "sweeps" / raw
+    (out / "checkpoints").mkdir(parents=True)                   # moved or resumed already
+    assert earlier_sweep_folder(tmp_path / "sweeps", raw, out) is None
+    assert earlier_sweep_folder(tmp_path / "sweeps", "cwic.apr_final=2.0", out) is None
+
+
 def test_ranks_with_different_configs_stop_together():
     """Every rank gathers every rank's config hash, so all of them raise, with the same message (one raising alone
     would leave the others waiting in their next collective)."""
@@ -857,8 +877,7 @@ def test_hub_ids_that_cannot_load_here_stop_at_once(monkeypatch, tmp_path):
     t0 = time.monotonic()
     reason = T.hub_unreachable_reason("org/other", timeout=0.1, lookup_timeout=0.2)
     release.set()
-    assert "huggingface.co gave no answer (name lookup and connection) in 0.3 s" in reason
-    assert time.monotonic() - t0 < 5
+    assert reason is None and time.monotonic() - t0 < 5       # no answer in time: not known unreachable, not waited on
 
 
 def test_a_flat_apr_schedule_is_valid():

@@ -614,23 +614,39 @@ class TerminalView:
 
 # ----------------------------------------------------------------------------- CLI
 
-def busy_cpu_notice(threads: int, cores: int | None = None, load: float | None = None) -> str | None:
+def others_running(samples: int = 10, interval: float = 0.02) -> float | None:
+    """Mean number of other runnable tasks on the machine now: the running count of Linux's /proc/loadavg minus the
+    reader itself, over `samples` reads `interval` s apart (the 1-minute load lags, and holds this process's own
+    model load and kernel build). None where there is no /proc/loadavg."""
+    vals = []
+    try:
+        for i in range(samples):
+            with open("/proc/loadavg") as f:
+                vals.append(int(f.read().split()[3].split("/")[0]) - 1)
+            if i + 1 < samples:
+                time.sleep(interval)
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, sum(vals) / len(vals))
+
+
+def busy_cpu_notice(threads: int, cores: int | None = None, others: float | None = None) -> str | None:
     """A line for a CPU decode that would share its cores, or None. Each of the kernels' (and torch's) parallel steps
-    waits for all of its threads: with as many threads as free cores, a thread that the scheduler sets aside for
-    another process holds every step up, and decoding can slow down several times, where fewer threads would not."""
+    waits for all of its threads: with more threads than free cores, a thread that the scheduler sets aside for
+    another process holds every step up, where fewer threads would not. Only where this process may use every CPU
+    of the machine (the running count is the machine's, not a container's share)."""
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if load is None:
-        try:
-            load = os.getloadavg()[0]
-        except (AttributeError, OSError):    # no load average (Windows)
+        if cores < (os.cpu_count() or cores):
             return None
-    if threads <= 1 or load + threads <= cores + 0.75:   # this process's own share of the load is in there too
+    if others is None:
+        others = others_running()
+    if others is None or threads <= 1 or others < 1 or threads <= cores - others:
         return None
-    return (f"this machine is busy (1-minute load {load:.1f} on {cores} cores) and decoding uses {threads} threads: "
-            f"each parallel step waits for a thread the scheduler sets aside, so replies may come several times "
-            f"slower than on a quiet machine; fewer threads (--threads {max(1, threads - math.ceil(load - 0.5))}) "
-            f"may be faster while it stays busy")
+    fewer = max(1, min(threads - 1, cores - math.ceil(others)))
+    return (f"this machine is busy ({others:.1f} other tasks running on {cores} cores) and decoding uses {threads} "
+            f"threads: each parallel step waits for a thread the scheduler sets aside, so replies may come much "
+            f"slower than on a quiet machine; --threads {fewer} may be faster while it stays busy")
 
 
 def default_model(search: list[Path] | None = None) -> str:

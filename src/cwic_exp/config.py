@@ -114,9 +114,15 @@ def register_schema() -> None:
     OmegaConf.register_new_resolver("cwic_folder_name", folder_name, replace=True)
 
 
-def folder_name(text: str) -> str:
-    """`text` as one folder name: each '/' (and '\\') written %2F (%5C)."""
-    return str(text).replace("%", "%25").replace("/", "%2F").replace("\\", "%5C")
+def folder_name(text: str, limit: int = 200) -> str:
+    """`text` as one folder name: '/', '\\' and ':' written %2F, %5C, %3A ('%' as %25). Past `limit` bytes (file
+    systems take 255) its head, '~' and 12 hex digits of its SHA-256: still one name per text."""
+    name = str(text).replace("%", "%25").replace("/", "%2F").replace("\\", "%5C").replace(":", "%3A")
+    if len(name.encode()) <= limit:
+        return name
+    import hashlib
+    head = name.encode()[:limit - 13].decode(errors="ignore")
+    return f"{head}~{hashlib.sha256(str(text).encode()).hexdigest()[:12]}"
 
 
 # strategies that cannot run this training step (fsdp tried on an H200, ddp_spawn on the CPU, 2026-12-04)

@@ -37,9 +37,11 @@ def fingerprint(path) -> str:
 
 
 def replace_folder(tmp: Path, folder: Path) -> Path:
-    """Put the finished folder `tmp` in place of `folder`: the old one moved aside first, then removed, so a kill
-    leaves either folder whole (the old one as folder.old at worst), never a half-written one."""
+    """Put the finished folder `tmp` in place of `folder`: its files fsynced, the old one moved aside first, then
+    removed, so a kill or a power loss leaves either folder whole (the old one as folder.old at worst), never a
+    half-written one."""
     old = folder.with_name(folder.name + ".old")
+    fsync_tree(tmp)                 # its files on disk before its name is: the old folder goes after the rename
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)
@@ -51,17 +53,33 @@ def replace_folder(tmp: Path, folder: Path) -> Path:
 
 def fsync_dir(folder) -> None:
     """Make a rename in `folder` durable: without it a power loss can bring back the old name (or none) even after
-    the file's own fsync. Best effort where directories cannot be opened (Windows)."""
+    the file's own fsync. Skipped where directories cannot be opened or synced (Windows, some file systems); an
+    I/O error is raised."""
+    import errno
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.EACCES, errno.EPERM, errno.ENOTSUP):
+            raise
     finally:
         os.close(fd)
+
+
+def fsync_tree(folder) -> None:
+    """fsync every file under `folder`, then every folder (deepest first): written by others (save_pretrained), then
+    renamed into place."""
+    for root, dirs, names in os.walk(folder, topdown=False):
+        for name in names:
+            p = os.path.join(root, name)
+            if os.path.islink(p):
+                continue
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(root)
 
 
 def save_atomic(obj, path) -> Path:

@@ -297,6 +297,17 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
     return summary
 
 
+def earlier_sweep_folder(sweep_dir, override_dirname: str, out) -> Path | None:
+    """The folder a sweep member used before 2026-12-04, when its overrides were joined raw (a path among them made
+    nested folders), if it holds a run and the member's folder does not yet: None otherwise."""
+    if not override_dirname:
+        return None
+    raw = Path(sweep_dir) / override_dirname
+    if raw.resolve() == Path(out).resolve() or not (raw / "checkpoints").is_dir():
+        return None
+    return None if (Path(out) / "checkpoints").exists() else raw
+
+
 def main_from_hydra(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -314,15 +325,19 @@ def main_from_hydra(cfg) -> None:
         # and an advertisement
         logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
             lambda r: not str(r.msg).startswith("💡 Tip"))
-    member = None
+    member = earlier = None
     try:
         hc = HydraConfig.get()
         out = hc.runtime.output_dir
         if str(hc.mode) == "RunMode.MULTIRUN":
             member = hc.job.override_dirname or f"job{hc.job.num}"
+            earlier = earlier_sweep_folder(hc.sweep.dir, hc.job.override_dirname, out)
     except ValueError:
         out = None
     try:
+        if member and earlier:
+            raise ConfigError(f"this sweep member's earlier run is in {earlier}, named before a sweep folder became "
+                              f"one folder name: move it to {out} to resume it, or remove it to start over")
         run(cfg, out, sweep_member=member)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

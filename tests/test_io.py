@@ -78,7 +78,20 @@ print("OK", type(m).__name__)
     assert "OK" in r.stdout
 
 
-def test_resolve_model_source_errors(tmp_path):
+def test_a_gguf_teacher_loads_in_the_dtype_asked_for(monkeypatch):
+    """The dequantised GGUF copy loads in the requested dtype (evaluation loads its dense and TEAL baselines in bf16
+    through it); a GGUF load that always gave fp32 passed every test."""
+    from types import SimpleNamespace
+    from cwic_exp import teacher as T
+    T._load_gguf_cache_only(resolve_model_source("smollm2-135m-instruct")["path"])   # the copy, made once
+    seen = []
+    monkeypatch.setattr(T, "_load_folder", lambda path, dtype: (seen.append(dtype), torch.nn.Linear(1, 1),
+                                                                 SimpleNamespace(pad_token="<p>"))[1:])
+    T.load_teacher("smollm2-135m-instruct", dtype=torch.bfloat16)
+    assert seen == [torch.bfloat16]
+
+
+def test_resolve_model_source_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError):
         resolve_model_source(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError):
@@ -90,6 +103,16 @@ def test_resolve_model_source_errors(tmp_path):
         resolve_model_source("not a model!!")
     assert resolve_model_source("meta-llama/Llama-3.2-1B-Instruct")["kind"] == "hub"
     assert resolve_model_source("smollm2-135m-instruct")["kind"] == "gguf"
+    assert resolve_model_source("SmolLM2")["kind"] == "gguf"                  # names and aliases in any case
+    # relative paths: an existing file that is not a model, and org/name whose org is a folder here (runs/x: a
+    # mistyped run, not a hub id, as check_checkpoint has it)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.bin").write_bytes(b"")
+    (tmp_path / "runs").mkdir()
+    for name in ("ckpt/model.bin", "runs/x"):
+        with pytest.raises(FileNotFoundError, match=f"model path not found: {name}"):
+            resolve_model_source(name)
 
 
 @pytest.mark.slow

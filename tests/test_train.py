@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -499,6 +500,11 @@ def test_thresholds_are_clamped_at_zero_after_each_step():
     ("+cwic.foo=???", r"unknown config key\(s\) cwic\.foo"),          # named, not resolved (a traceback)
     ("+cwic.foo=${nope}", r"unknown config key\(s\) cwic\.foo"),
     ("+warp_speed=9", r"key\(s\) warp_speed: not in the schema \(src/cwic_exp/config.py\), so nothing would read them$"),
+    ("cwic.eta_theta=0", "eta_theta"),                 # θ's learning rate 0: nothing would sparsify
+    ("optim.weight_decay=nan", "weight_decay"),        # AdamW would make every weight NaN
+    ("cwic.beta_dist=1", "beta_dist"),
+    ("cwic.alpha_eps=0", "alpha_eps"),
+    ("data.source=packed", "data.path"),
 ])
 def test_config_errors_are_one_line_and_early(override, needle):
     from cwic_exp.config import ConfigError, validate
@@ -506,6 +512,35 @@ def test_config_errors_are_one_line_and_early(override, needle):
     with pytest.raises(ConfigError, match=needle) as e:
         validate(cfg)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["..", "."])
+def test_run_name_cannot_point_at_out_dir_or_above(name):
+    """run_name=.. made the run folder out_dir's parent: a fresh start there deletes checkpoints/, hf/ and LATEST."""
+    from cwic_exp.config import ConfigError, validate
+    with pytest.raises(ConfigError, match="run_name"):
+        validate(_compose([f"run_name={name}"]))
+
+
+def test_paper_recipes_get_table_5_where_they_do_not_say(tmp_path):
+    """What the paper recipes leave to the defaults is Table 5's: λ_AP 10, β 0.99, α_ε 0.1, AdamW (0.9, 0.95)."""
+    cfg = _compose(["+experiment=paper_1b"])
+    assert (cfg.cwic.lambda_ap, cfg.cwic.beta_dist, cfg.cwic.alpha_eps) == (10.0, 0.99, 0.1)
+    assert (cfg.optim.beta1, cfg.optim.beta2) == (0.9, 0.95)
+
+
+def test_teacher_dtype_auto_and_resume_changes(monkeypatch):
+    """teacher_dtype=auto: fp32 on the CPU, bf16 on GPUs. A resume that changes the data's sequence length is
+    named as a changed setting (only micro-batch size, precision and attention may change)."""
+    from cwic_exp import train as T
+    cfg = _compose(["run_name=x"])
+    cfg.model.teacher_dtype = "auto"
+    assert T._teacher_dtype(cfg, "cpu") is torch.float32 and T._teacher_dtype(cfg, "gpu") is torch.bfloat16
+    old = _compose(["run_name=x", "data.seq_len=64"])
+    new = _compose(["run_name=x", "data.seq_len=128"])
+    from omegaconf import OmegaConf
+    as_dict = lambda c: OmegaConf.to_container(c, resolve=False)   # noqa: E731
+    assert [c for c in T.config_changes(as_dict(old), as_dict(new)) if c.startswith("data.")] == ["data.seq_len: 64 → 128"]
 
 
 def test_config_error_from_the_command_line():
@@ -735,12 +770,20 @@ def test_ctrl_c_stops_after_the_step_and_the_rerun_loses_nothing(tmp_path, monke
     ck = tmp_path / "t" / "checkpoints" / "last.ckpt"
     assert torch.load(ck, weights_only=False)["global_step"] == 2
     assert not (tmp_path / "t" / "hf" / "final").exists()
+    # stopped exactly at its max_steps: the rerun validates and exports (the interrupted summary is not a finished one)
+    f2 = run(_smoke_cfg(tmp_path, 2), tmp_path / "t")
+    assert f2["finished"] and f2["steps"] == 2 and math.isfinite(f2["apr"]) and (tmp_path / "t" / "hf" / "final").is_dir()
     b = run(_smoke_cfg(tmp_path, 5), tmp_path / "t")
     assert b["steps"] == 5 and b["finished"]
     assert torch.load(ck, weights_only=False)["global_step"] == 5      # 5: no multiple of ckpt_every=3
-    steps = set(pandas.read_csv(tmp_path / "t" / "logs" / "metrics.csv")["step"].dropna().astype(int))
+    log = pandas.read_csv(tmp_path / "t" / "logs" / "metrics.csv")
+    steps = set(log["step"].dropna().astype(int))
     assert {0, 1, 2, 3, 4} <= steps, steps
-    # the same command once more: the finished run's records stand (no step ran: they used to become NaN)
+    # the summary's APR is the final validation's, not the last training step's
+    assert b["apr"] == round(float(log["val/apr"].dropna().iloc[-1]), 4) and b["apr"] != b["train_apr"]
+    # the same command once more: the finished run's records stand (no step ran: they used to become NaN), and
+    # runs/LATEST points at its export again
+    (tmp_path / "LATEST").unlink()
     again = run(_smoke_cfg(tmp_path, 5), tmp_path / "t")
     assert again["train_kl"] == b["train_kl"] and again["wall_s"] == b["wall_s"]
     with pytest.raises(ConfigError, match="cwic.lambda_ap: 10.0 → 1.0"):
@@ -751,9 +794,12 @@ def test_ctrl_c_stops_after_the_step_and_the_rerun_loses_nothing(tmp_path, monke
     assert (tmp_path / "LATEST").read_text().strip() == str((tmp_path / "t" / "hf" / "final").resolve())
     load = T.load_teacher
     monkeypatch.setattr(T, "load_teacher", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stopped here")))
+    (tmp_path / "t" / "wandb_id").write_text("old-run")
     with pytest.raises(RuntimeError, match="stopped here"):
         run(_smoke_cfg(tmp_path, 2, ["cwic.lambda_ap=1", "resume=false"]), tmp_path / "t")
     assert not (tmp_path / "LATEST").exists() and not (tmp_path / "t" / "hf").exists()
+    # nor its checkpoints (the new run would resume them) or its wandb run
+    assert not (tmp_path / "t" / "checkpoints").exists() and not (tmp_path / "t" / "wandb_id").exists()
     monkeypatch.setattr(T, "load_teacher", load)
     (tmp_path / "t" / "hf" / "apr_9.05x").mkdir(parents=True)
     c = run(_smoke_cfg(tmp_path, 2, ["cwic.lambda_ap=1", "resume=false"]), tmp_path / "t")

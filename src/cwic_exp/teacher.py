@@ -115,6 +115,9 @@ def resolve_model_source(name_or_path: str | None) -> dict:
         return {"kind": "folder", "path": str(p), "name": p.name}
     if name.startswith((".", "/", "~")) or p.exists():
         raise FileNotFoundError(f"model path not found: {name}")
+    if _HUB_ID.match(name) and p.parent.is_dir():   # runs/x with runs/ here: a mistyped path, as check_checkpoint says
+        raise FileNotFoundError(f"model path not found: {name} ({p.parent}/ is a folder here; a hub id of that "
+                                f"organisation needs another working directory)")
     if name in TINY:
         return {"kind": "tiny", "path": name, "name": name}
     if _HUB_ID.match(name):

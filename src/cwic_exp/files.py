@@ -87,15 +87,7 @@ def save_atomic(obj, path) -> Path:
     or a power loss during the write leaves the previous file whole (and a `.NAME.tmp-HOST-PID` that the next
     successful write on that host removes once PID is gone; a concurrent writer's file, or another host's, is left
     to it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    path = _write_then_rename(path, "wb", lambda f: torch.save(obj, f))
     for stale in path.parent.glob(f".{path.name}.tmp-*"):    # left by a write that was killed (not a live one's)
         rest = stale.name[len(f".{path.name}.tmp-"):]
         host, _, pid = rest.rpartition("-")
@@ -107,11 +99,16 @@ def save_atomic(obj, path) -> Path:
 def write_text_atomic(path, text: str) -> Path:
     """`path.write_text(text)` through a `.NAME.tmp-HOST-PID` beside it and one rename: a reader (another rank, a
     later command), or the file after a power loss, holds the old text or the new, never a part."""
+    return _write_then_rename(path, "w", lambda f: f.write(text))
+
+
+def _write_then_rename(path, mode: str, write) -> Path:
+    """write(f) into this process's temporary file beside `path`, fsynced, renamed over `path`, the rename fsynced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, mode) as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

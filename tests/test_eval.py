@@ -637,3 +637,20 @@ def test_teal_refit_fits_the_thresholds_on_the_calibration_rows(tmp_path, monkey
                 teal={"refit": refit, "calib_rows": 4, "calib_seq_len": 32, "greedy_rows": 2})
     assert len(seen) == 1
     assert torch.equal(seen[0], rows) if refit else seen[0] is None
+
+
+def test_a_tasks_compute_is_weighted_by_tokens():
+    """A task's active parameters a token are its questions' sums over their tokens, not the mean of per-question
+    figures: a 1-token question at 100 and a 9-token one at 1800 (200 a token) give 190 a token, APR 400/190."""
+    from types import SimpleNamespace
+    from cwic_exp.eval.lm import CwicLM
+
+    def scorer(reqs):
+        return SimpleNamespace(group_active={("t", 0): 100.0, ("t", 1): 1800.0}, group_tokens={("t", 0): 1, ("t", 1): 9},
+                               dense=400.0, logprob=[0.0] * len(reqs), greedy=[True] * len(reqs))
+    lm = CwicLM(tokenizer=SimpleNamespace(pad_token_id=0, eos_token_id=0), scorer=scorer)
+    lm._loglikelihood_tokens([(None, [1], [2]), (None, [1], [3])])
+    t = lm.compute_by_task()["t"]
+    assert t["active"] == pytest.approx(190.0) and t["apr"] == pytest.approx(400 / 190)
+    assert t["per_question"] == {0: 100.0, 1: 200.0} and t["tokens"] == 10 and t["questions"] == 2
+

@@ -514,6 +514,21 @@ def test_config_errors_are_one_line_and_early(override, needle):
     assert "\n" not in str(e.value)
 
 
+def test_devices_are_checked_as_the_cpu_takes_them_under_accelerator_auto(monkeypatch):
+    """accelerator=auto without a GPU runs on the CPU, where devices must be a count: -1 (all GPUs) is refused there
+    as with accelerator=cpu, and allowed where a GPU is visible."""
+    from cwic_exp import config as C
+    cfg = lambda: _compose(["run_name=x", "trainer.accelerator=auto", "trainer.devices=-1"])   # noqa: E731
+    monkeypatch.setattr(C, "_cuda", lambda: False)
+    with pytest.raises(C.ConfigError, match="devices .* on the CPU"):
+        C.validate(cfg())
+    monkeypatch.setattr(C, "_cuda", lambda: True)
+    try:
+        C.validate(cfg())
+    except C.ConfigError as e:
+        assert "devices" not in str(e), e
+
+
 @pytest.mark.parametrize("name", ["..", "."])
 def test_run_name_cannot_point_at_out_dir_or_above(name):
     """run_name=.. made the run folder out_dir's parent: a fresh start there deletes checkpoints/, hf/ and LATEST."""
@@ -811,6 +826,20 @@ def test_ctrl_c_stops_after_the_step_and_the_rerun_loses_nothing(tmp_path, monke
 def _every2(tmp, steps):
     """The smoke run with a checkpoint and a validation every 2 steps, no milestone exports."""
     return _smoke_cfg(tmp, steps, ["trainer.ckpt_every=2", "trainer.val_every=2", "export_milestones=false"])
+
+
+def test_a_summary_older_than_the_checkpoint_is_not_taken_for_the_result(tmp_path):
+    """Killed after last.ckpt was written at the end but before summary.json: the rerun finds the previous run's
+    (finished, older) summary beside a newer checkpoint, and measures and exports the checkpoint's step instead of
+    returning the old figures."""
+    from cwic_exp.train import run
+    run(_every2(tmp_path, 3), tmp_path / "t")
+    old = (tmp_path / "t" / "summary.json").read_text()
+    run(_every2(tmp_path, 5), tmp_path / "t")
+    (tmp_path / "t" / "summary.json").write_text(old)                  # as if killed before the new one was written
+    s = run(_every2(tmp_path, 5), tmp_path / "t")
+    assert s["steps"] == 5 and s["finished"] and json.loads(old)["steps"] == 3
+    assert json.loads((tmp_path / "t" / "hf" / "final" / "cwic_train_meta.json").read_text())["steps"] == 5
 
 
 def test_a_rerun_after_a_kill_logs_each_step_once(tmp_path):

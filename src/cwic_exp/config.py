@@ -8,6 +8,7 @@ raises `ConfigError` with one line, before any model is loaded.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 from dataclasses import MISSING as MISSING_FACTORY, dataclass, field
@@ -160,16 +161,17 @@ def _devices_ok(v, cpu: bool) -> bool:
     return False
 
 
-def _schema_keys(schema=None, prefix: str = "") -> list[str]:
-    """Every key of the schema, dotted (cwic.lambda_ap, ...)."""
+@functools.lru_cache(maxsize=None)
+def _schema_keys(schema=None, prefix: str = "") -> tuple[str, ...]:
+    """Every key of the schema, dotted (cwic.lambda_ap, ...); computed once."""
     from dataclasses import fields, is_dataclass
-    out = []
+    out: list[str] = []
     for f in fields(schema or TrainConfig):
         if f.default_factory is not MISSING_FACTORY and is_dataclass(f.default_factory):
             out += _schema_keys(f.default_factory, f"{prefix}{f.name}.")
         else:
             out.append(prefix + f.name)
-    return out
+    return tuple(out)
 
 
 def unknown_keys(cfg) -> list[str]:

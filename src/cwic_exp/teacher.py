@@ -31,6 +31,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CWIC_CACHE", Path.home() / ".cache" / "cwic_exp"))
 
 
+def _names_a_local_path(name: str) -> bool:
+    """Whether a name that is no existing file reads as a local path rather than a hub id: it starts with . / ~, or
+    it is org/name with a folder `org` here (runs/x: a mistyped run, not a hub id)."""
+    return name.startswith((".", "/", "~")) or (_HUB_ID.match(name) is not None
+                                                 and Path(name).expanduser().parent.is_dir())
+
+
 def check_checkpoint(name: str, what: str = "checkpoint") -> None:
     """A local Hugging Face folder (with config.json) or a hub id (org/name); anything else is a one-line
     FileNotFoundError naming it (transformers answered a missing path with a hub repo-id error)."""
@@ -39,8 +46,7 @@ def check_checkpoint(name: str, what: str = "checkpoint") -> None:
         if not (p.is_dir() and (p / "config.json").exists()):
             raise FileNotFoundError(f"{what} {name}: not a Hugging Face checkpoint folder (no config.json)")
         return
-    if str(name).startswith((".", "/", "~")) or not _HUB_ID.match(str(name)) or p.parent.is_dir():
-        # (org/name with a local folder `org`, e.g. runs/x: a path, not a hub id)
+    if _names_a_local_path(str(name)) or not _HUB_ID.match(str(name)):
         raise FileNotFoundError(f"{what} {name}: no such folder")
     why = hub_unreachable_reason(str(name))
     if why:
@@ -113,11 +119,10 @@ def resolve_model_source(name_or_path: str | None) -> dict:
         if not (p / "config.json").exists():
             raise FileNotFoundError(f"{name} is a folder but holds no config.json: not a Hugging Face model")
         return {"kind": "folder", "path": str(p), "name": p.name}
-    if name.startswith((".", "/", "~")) or p.exists():
-        raise FileNotFoundError(f"model path not found: {name}")
-    if _HUB_ID.match(name) and p.parent.is_dir():   # runs/x with runs/ here: a mistyped path, as check_checkpoint says
-        raise FileNotFoundError(f"model path not found: {name} ({p.parent}/ is a folder here; a hub id of that "
-                                f"organisation needs another working directory)")
+    if p.exists() or _names_a_local_path(name):
+        hint = "" if p.exists() or name.startswith((".", "/", "~")) else \
+            f" ({p.parent}/ is a folder here; a hub id of that organisation needs another working directory)"
+        raise FileNotFoundError(f"model path not found: {name}{hint}")
     if name in TINY:
         return {"kind": "tiny", "path": name, "name": name}
     if _HUB_ID.match(name):

@@ -276,6 +276,9 @@ def test_tiny_model_end_to_end_through_lm_eval(byte_model):
     assert set(res) == set(tasks)
     for t in tasks:
         assert 0.0 <= res[t]["acc_norm"] <= 1.0 and res[t]["samples"] == 2
+        # only the metrics themselves: lm-eval's "acc_stderr,none" ("N/A" without bootstrap) is left out
+        metrics = {k: v for k, v in res[t].items() if k != "samples"}
+        assert metrics and all(isinstance(v, float) and not k.endswith("stderr") for k, v in metrics.items()), res[t]
     comp = lm.compute_by_task()
     assert all(c["questions"] == 2 and c["apr"] == pytest.approx(1.0) for c in comp.values())
     assert set(comp["cwic_arc_easy"]["per_question"]) == {0, 1}

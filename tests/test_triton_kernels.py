@@ -570,6 +570,51 @@ def test_engine_decode_refuses_to_pass_max_len():
         eng.decode(1)
 
 
+def test_engine_refuses_a_second_thread_while_it_runs_and_names_bad_lengths():
+    """An engine holds one sequence: its cache, positions and buffers. A call from a second thread while one runs
+    used to interleave the two threads' kernels on them (wrong tokens, no error); now it is refused by name, and the
+    engine works again once the first call returns. Nested calls of one thread (generate -> capture, prefill,
+    decode) still run. prefill/generate lengths outside the cache are ValueErrors, not asserts (gone under -O)."""
+    import threading
+    from cwic_exp.engine import DecodeEngine
+    model = _calibrated_tiny(True).to(DEV)
+    eng = DecodeEngine(model, max_len=12, triton=False)
+    ids = torch.arange(1, 7, device=DEV)
+    want = eng.generate(ids, 4).tolist()                     # nested calls of one thread
+    inside, release, errors = threading.Event(), threading.Event(), []
+    forward = eng.forward
+
+    def slow_forward(*a, **kw):
+        inside.set()
+        assert release.wait(30)
+        return forward(*a, **kw)
+
+    def first():
+        try:
+            eng.prefill(ids)
+        except Exception as e:                               # pragma: no cover - reported below
+            errors.append(e)
+    eng.forward = slow_forward
+    th = threading.Thread(target=first)
+    th.start()
+    assert inside.wait(30)
+    for call in (lambda: eng.decode(1), lambda: eng.feed(3, 2), lambda: eng.prefill(ids), eng.refresh,
+                 lambda: eng.generate(ids, 2)):
+        with pytest.raises(RuntimeError, match="in use by another thread"):
+            call()
+    release.set()
+    th.join(30)
+    assert not th.is_alive() and not errors
+    eng.forward = forward
+    assert eng.generate(ids, 4).tolist() == want             # the refusals changed nothing
+    with pytest.raises(ValueError, match="max_len"):
+        eng.prefill(torch.arange(12, device=DEV))
+    with pytest.raises(ValueError, match="max_len"):
+        eng.generate(ids, 7)
+    with pytest.raises(ValueError, match="1 new token"):
+        eng.generate(ids, 0)
+
+
 @pytest.mark.parametrize("cwic", [False, True], ids=["dense", "cwic"])
 @pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
 def test_engine_matches_hf(cwic, use_triton):

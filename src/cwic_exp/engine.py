@@ -30,6 +30,10 @@ For the chat (`cwic_exp.chat --backend engine`), `DecodeEngine(model, count_read
 add the weights they read to a device counter (`reads`: q/k/v and o, FFN, head; one atomic a kernel program), and
 `feed(token, pos)` runs one step of a given token at a given position (the graph replayed) and returns its logits.
 
+An engine holds one sequence (its cache, positions and buffers): a call that would run it (capture, prefill, feed,
+decode, generate, refresh) while another thread's call runs is refused by name, as the CPU `Decoder` does, instead of
+interleaving the two threads' kernels on the shared buffers. Give each thread its own engine.
+
 Prefill runs eagerly over all prompt tokens: up to `gemm_from - 1` tokens (default 511) with the same kernels
 (the small-batch GEMV path, which skips what every token of a 16-token tile skips), from `gemm_from` tokens on
 (CWIC_PREFILL_GEMM=T; 0: never) with per-stripe GEMMs on masked, centred inputs (`cwic_kernels.gpu.prefill`:
@@ -39,7 +43,9 @@ a matrix, eager) and slightly faster at 512 (31 vs 33 ms); both stay behind dens
 """
 from __future__ import annotations
 
+import functools
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -219,6 +225,21 @@ def weight_bytes(w: DecodeWeights) -> dict:
     return n
 
 
+def _one_thread(fn):
+    """Run `fn` holding the engine; a second thread's call while it runs is refused (the same thread may nest:
+    generate calls capture, prefill and decode)."""
+    @functools.wraps(fn)
+    def run(self, *args, **kw):
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("DecodeEngine: in use by another thread; an engine holds one sequence (its cache, "
+                               "positions and buffers): give each thread its own")
+        try:
+            return fn(self, *args, **kw)
+        finally:
+            self._busy.release()
+    return run
+
+
 class DecodeEngine:
     """Greedy decoding with a static KV cache; a decode step is one CUDA-graph replay on CUDA."""
 
@@ -226,6 +247,7 @@ class DecodeEngine:
                  cuda_graph: bool = True, triton: bool | None = None, gemm_from: int | None = None,
                  count_reads: bool = False):
         from cwic_kernels.gpu import backend
+        self._busy = threading.RLock()
         self.device = next(model.parameters()).device
         self.w = prepare_decode(model, dtype)
         self.dtype = self.w.embed.dtype
@@ -293,6 +315,7 @@ class DecodeEngine:
         self.logits = None   # the last step's logits (1, V); with a CUDA graph a static buffer, rewritten each replay
         self.graph = None
 
+    @_one_thread
     def refresh(self) -> None:
         """Take up new thresholds / statistics of the source model without re-capturing the graph."""
         refresh_thresholds(self.w)
@@ -534,6 +557,7 @@ class DecodeEngine:
         self.pos.add_(1)
 
     # ------------------------------------------------------------------ generation
+    @_one_thread
     def capture(self, warmup: int = 2):
         """Compile every kernel and capture one decode step. The warm-up steps run at position 0: the cache row they
         write and the token slot are restored afterwards, so a prefill before the first decode() stays valid."""
@@ -562,12 +586,14 @@ class DecodeEngine:
         self._clear_acc()
         self.reads.zero_()   # (the warm-up steps counted)
 
+    @_one_thread
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         """Run the prompt (T,), pick the first new token; returns the last position's logits."""
         ids = ids.reshape(-1).to(self.device)
         T = ids.numel()
-        assert 0 < T < self.max_len
+        if not 0 < T < self.max_len:
+            raise ValueError(f"prefill of {T} tokens: the engine takes 1..{self.max_len - 1} (raise max_len)")
         self._clear_acc()
         self.pos.zero_()
         logits = self.forward(ids, last_only=True)
@@ -579,6 +605,7 @@ class DecodeEngine:
         self._pos_host = T
         return logits
 
+    @_one_thread
     @torch.no_grad()
     def feed(self, token: int, pos: int) -> torch.Tensor:
         """One decode step of `token` at position `pos` (the cache row written, attention over positions 0..pos):
@@ -598,6 +625,7 @@ class DecodeEngine:
             self._step()
         return self.logits
 
+    @_one_thread
     @torch.no_grad()
     def decode(self, n: int):
         """n more greedy tokens after the current one (no host synchronisation). Refused, before anything runs,
@@ -614,11 +642,14 @@ class DecodeEngine:
             else:
                 self._step()
 
+    @_one_thread
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         ids = ids.reshape(-1)
         T = ids.numel()
-        assert T + max_new_tokens <= self.max_len, "raise max_len"
+        if max_new_tokens < 1 or T + max_new_tokens > self.max_len:
+            raise ValueError(f"generate({T} prompt tokens + {max_new_tokens} new): the engine takes 1 new token or "
+                             f"more and {self.max_len} positions in all (raise max_len)")
         if self.use_graph and self.graph is None:
             self.capture()
         self.prefill(ids)

@@ -213,6 +213,7 @@ def test_a_busy_machine_is_named_when_decoding_would_share_its_cores(ckpt, monke
     others = chat.others_running(samples=3, interval=0.0)
     assert others is None or others >= 0
     monkeypatch.setattr(chat, "others_running", lambda: 5.0)
+    monkeypatch.setattr(chat, "cpu_quota", lambda: None)                 # (the test machine may have one)
     monkeypatch.setattr(chat.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(chat.os, "cpu_count", lambda: 2)
     threads = torch.get_num_threads()
@@ -227,6 +228,50 @@ def test_a_busy_machine_is_named_when_decoding_would_share_its_cores(ckpt, monke
         _, err = run_chat(["--model", str(ckpt), "--prompt", PROMPT, "--no-color", "--max-new-tokens", "2",
                            "--threads", "2"])
         assert "busy" not in err
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_cgroup_cpu_quota_is_read_and_caps_the_default_threads(ckpt, tmp_path, monkeypatch):
+    """torch and OpenMP size their thread pools from the CPUs they see, not a container's CPU quota: 64 threads
+    under a 2-core quota are throttled in turn, and every parallel step waits for the slowest. Chat reads the
+    tightest quota along its cgroup's path (v2 cpu.max, v1 cfs quota/period) and, without --threads, decodes with
+    that many whole cores, saying so; the busy notice stays silent there (the running count is the host's)."""
+    from cwic_exp import chat
+
+    def tree(files: dict, proc: str):
+        root = tmp_path / f"cg{len(list(tmp_path.iterdir()))}"
+        for rel, text in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(text)
+        (root / "proc").write_text(proc)
+        return dict(root=str(root), proc=str(root / "proc"))
+    v2 = tree({"cpu.max": "max 100000\n", "a/cpu.max": "150000 100000\n", "a/b/cpu.max": "max 100000\n",
+               "a/b/c/cpu.max": "50000 100000\n"}, "0::/a/b\n")
+    assert chat.cpu_quota(**v2) == 1.5                                  # the parent's limit; c is not ours
+    v1 = tree({"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n",
+               "cpu,cpuacct/x/cpu.cfs_quota_us": "200000\n", "cpu,cpuacct/x/cpu.cfs_period_us": "100000\n"},
+              "5:memory:/y\n4:cpu,cpuacct:/x\n")
+    assert chat.cpu_quota(**v1) == 2.0
+    assert chat.cpu_quota(**tree({"cpu.max": "max 100000\n"}, "0::/\n")) is None        # no limit
+    assert chat.cpu_quota(**tree({"cpu.max": "garbage\n"}, "0::/\n")) is None
+    assert chat.cpu_quota(root=str(tmp_path), proc=str(tmp_path / "missing")) is None
+    assert [chat.quota_threads(q, 8) for q in (None, 0.5, 1.5, 2.0, 16.0)] == [8, 1, 1, 2, 8]
+    monkeypatch.setattr(chat, "cpu_quota", lambda: 1.0)
+    monkeypatch.setattr(chat, "others_running", lambda: 5.0)
+    monkeypatch.setattr(chat.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(chat.os, "cpu_count", lambda: 2)
+    assert chat.busy_cpu_notice(threads=2) is None
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _, err = run_chat(["--model", str(ckpt), "--prompt", PROMPT, "--no-color", "--max-new-tokens", "2"])
+        assert "CPU quota is 1 cores (cgroup) and torch would use 2 threads: decoding with 1" in err
+        assert torch.get_num_threads() == 1 and "busy" not in err
+        torch.set_num_threads(2)
+        _, err = run_chat(["--model", str(ckpt), "--prompt", PROMPT, "--no-color", "--max-new-tokens", "2",
+                           "--threads", "2"])                           # the user's choice stands
+        assert "quota" not in err and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
 

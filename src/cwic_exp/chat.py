@@ -630,6 +630,55 @@ def others_running(samples: int = 10, interval: float = 0.02) -> float | None:
     return max(0.0, sum(vals) / len(vals))
 
 
+def cpu_quota(root: str = "/sys/fs/cgroup", proc: str = "/proc/self/cgroup") -> float | None:
+    """This process's CPU limit in cores from its cgroup, or None where it has none (or none can be read): the
+    tightest of cgroup v2's `cpu.max` or v1's `cpu.cfs_quota_us / cpu.cfs_period_us` along its cgroup's path, from
+    the mount's root down (a container sees its own cgroup as the root). Linux only."""
+    try:
+        lines = Path(proc).read_text().splitlines()
+    except OSError:
+        return None
+    folders = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, ctrls, path = parts
+        if ctrls == "":                                             # v2: one unified hierarchy
+            folders.append((Path(root), path, "v2"))
+        elif "cpu" in ctrls.split(","):                             # v1: cpu (often mounted as cpu,cpuacct)
+            for name in (ctrls, "cpu", "cpu,cpuacct", "cpuacct,cpu"):
+                if (Path(root) / name).is_dir():
+                    folders.append((Path(root) / name, path, "v1"))
+                    break
+    best = None
+    for base, path, kind in folders:
+        steps = [p for p in path.strip("/").split("/") if p]
+        for depth in range(len(steps) + 1):
+            d = base.joinpath(*steps[:depth])
+            try:
+                if kind == "v2":
+                    quota, period = (d / "cpu.max").read_text().split()[:2]
+                else:
+                    quota, period = (d / "cpu.cfs_quota_us").read_text(), (d / "cpu.cfs_period_us").read_text()
+                if quota.strip() in ("max", "-1"):
+                    continue
+                cores = int(quota) / int(period)
+            except (OSError, ValueError):
+                continue
+            if cores > 0 and (best is None or cores < best):
+                best = cores
+    return best
+
+
+def quota_threads(quota: float | None, threads: int) -> int:
+    """The thread count for a CPU quota of `quota` cores: at most its whole cores (at least 1). More threads than
+    the quota get throttled in turn, and each parallel step waits for its slowest thread."""
+    if quota is None:
+        return threads
+    return max(1, min(threads, int(quota + 1e-9)))
+
+
 def busy_cpu_notice(threads: int, cores: int | None = None, others: float | None = None) -> str | None:
     """A line for a CPU decode that would share its cores, or None. Each of the kernels' (and torch's) parallel steps
     waits for all of its threads: with more threads than free cores, a thread that the scheduler sets aside for
@@ -637,7 +686,7 @@ def busy_cpu_notice(threads: int, cores: int | None = None, others: float | None
     of the machine (the running count is the machine's, not a container's share)."""
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if cores < (os.cpu_count() or cores):
+        if cores < (os.cpu_count() or cores) or cpu_quota() is not None:
             return None
     if others is None:
         others = others_running()
@@ -729,12 +778,22 @@ def check_args(args) -> None:
 def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
+    quota = cpu_quota() if torch.device(args.device).type == "cpu" else None
+    if args.threads is None and quota_threads(quota, torch.get_num_threads()) < torch.get_num_threads():
+        # torch and OpenMP size their pools from the CPUs they see, not a container's quota
+        args.threads = quota_threads(quota, torch.get_num_threads())
+        quota_note = (f"this process's CPU quota is {quota:g} cores (cgroup) and torch would use "
+                      f"{torch.get_num_threads()} threads: decoding with {args.threads} (--threads N to choose)")
+    else:
+        quota_note = None
     if args.threads:
         torch.set_num_threads(args.threads)
     # colour only on a terminal (or FORCE_COLOR=1), never with --no-color or NO_COLOR set
     color = (not args.no_color and not os.environ.get("NO_COLOR")
              and ((stdout or sys.stdout).isatty() or os.environ.get("FORCE_COLOR") == "1"))
     view = TerminalView(color, stdout, stderr)
+    if quota_note:
+        view.notice(quota_note)
     name = args.model or default_model()
     if args.backend not in BACKENDS:
         raise SystemExit(f"unknown backend {args.backend!r}; available: {sorted(BACKENDS)}")

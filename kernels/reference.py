@@ -13,7 +13,8 @@ tests compare against them. Layout conventions (inference, after `cwic_exp` fold
     y[b, o] = bias[o] + Σ_i [ |x[b,i] − mean[i]| ≥ thr[o // stripe, i] ] · (x[b,i] − mean[i]) · wt[i, o]
 
 computed with fp32 accumulation and returned in x's dtype. θ = 0 gives thr = 0, every pair active,
-and y equals the dense layer `W x + b` (up to rounding).
+and y equals the dense layer `W x + b` (up to rounding). A NaN input is on for every threshold (its pairs are
+read, and the NaN reaches every output it touches, as in the dense product): a sparse kernel must not hide it.
 
 Gated FFN (METHOD.md §5), with `up_w` (d_ff, d) = W_up (row j = unit j's input weights) and
 `down_wt` (d_ff, d) = W_downᵀ (row j = unit j's output weights), both contiguous per unit:
@@ -39,8 +40,8 @@ ACTIVATIONS = {
 
 def granular_mask(x: torch.Tensor, mean: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
     """(B, k, n) bool: stripe r of input i is used for token b."""
-    xc = x.float() - mean.float()
-    return xc.abs().unsqueeze(1) >= thr.float().unsqueeze(0)
+    xa = (x.float() - mean.float()).abs().nan_to_num(nan=float("inf"), posinf=float("inf"))   # NaN: on
+    return xa.unsqueeze(1) >= thr.float().unsqueeze(0)
 
 
 def gemv_reference(x, wt, mean, thr, bias, stripe: int) -> torch.Tensor:
@@ -48,10 +49,10 @@ def gemv_reference(x, wt, mean, thr, bias, stripe: int) -> torch.Tensor:
     k = thr.shape[0]
     assert k == -(-m // stripe), (k, m, stripe)
     xc = x.float() - mean.float()
-    g = granular_mask(x, mean, thr).float()                      # (B, k, n)
+    g = granular_mask(x, mean, thr)                              # (B, k, n)
     pad = k * stripe - m
     w = F.pad(wt.float(), (0, pad)).view(n, k, stripe)           # (n, k, s)
-    y = torch.einsum("bkn,nks->bks", g * xc.unsqueeze(1), w).reshape(x.shape[0], k * stripe)[:, :m]
+    y = torch.einsum("bkn,nks->bks", torch.where(g, xc.unsqueeze(1), 0.0), w).reshape(x.shape[0], k * stripe)[:, :m]
     return (y + bias.float()).to(x.dtype)
 
 
@@ -65,7 +66,7 @@ def ffn_reference(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int,
                   up_w, down_wt, unit_thr, act: str = "silu") -> torch.Tensor:
     g = gemv_reference(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe).float()
     a = ACTIVATIONS[act](g)
-    a = a * (a.abs() >= unit_thr.float())
+    a = torch.where(a.abs() < unit_thr.float(), 0.0, a)         # a NaN unit is on
     h = (x.float() @ up_w.float().T) * a
     return (h @ down_wt.float()).to(x.dtype)
 

@@ -40,6 +40,21 @@ def test_theta_zero_equals_dense(family, stripe):
     assert active_parameters(model, ids, mask)["apr"] == pytest.approx(1.0)
 
 
+def test_a_nan_input_is_on_and_reaches_its_tokens_outputs():
+    """A NaN input is on for every threshold (as in the reference and the kernels): its token's outputs are NaN,
+    in eval and in training, even where every finite input is off. The mask |xc| >= t failed for a NaN, so the
+    layer multiplied x̄ there instead and hid it; the batch's other tokens are unaffected."""
+    layer = CwicLinear(8, 6, stripe_size=3)
+    with torch.no_grad():
+        layer.theta.fill_(1e3)                                   # every finite input off
+    x = torch.randn(3, 8)
+    x[1, 4] = float("nan")
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            y = layer(x)
+        assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all(), grad
+
+
 def test_statistics_move_only_in_statistics_mode():
     model = to_cwic(tiny_model())
     ids, mask = rand_batch()

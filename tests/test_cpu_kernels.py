@@ -1107,6 +1107,37 @@ def test_threshold_ties_are_on_everywhere(ext):
                            C.ffn(xs, gw, gm, gt, gb, s, up, dn, torch.zeros(F_), isa=isa)), isa
 
 
+def test_a_nan_input_reaches_the_outputs_in_every_isa(ext):
+    """A NaN input counts as on (the reference, as the dense product): every output of its token is NaN, and the
+    batch's other tokens are exact. The kernels compared |x - mean| >= thr, which a NaN fails, so they skipped it
+    and returned finite outputs. At a vector lane (input 5) and in the tail (input 37), batch 1, 3 and 16 (the
+    AVX-512 batch mask), at thresholds of +inf too; an FFN unit whose gate is NaN is on (the NaN reaches y)."""
+    from cwic_kernels import cpu as C, reference as R
+    g = torch.Generator().manual_seed(5)
+    n, m, s = 40, 24, 8
+    wt, mean, bias = torch.randn(n, m, generator=g), torch.randn(n, generator=g) * 0.1, torch.randn(m, generator=g)
+    thr = torch.rand(m // s, n, generator=g) * 1.5
+    for B, tok, i in ((1, 0, 5), (1, 0, 37), (3, 1, 37), (16, 9, 5)):
+        x = torch.randn(B, n, generator=g)
+        x[tok, i] = float("nan")
+        for t in (thr, torch.full_like(thr, float("inf"))):
+            want = R.gemv_reference(x, wt, mean, t, bias, s)
+            assert torch.isnan(want[tok]).all() and torch.isfinite(want[torch.arange(B) != tok]).all()
+            for isa in C.supported_isas():
+                got = C.gemv(x, wt, mean, t, bias, s, isa=isa)
+                assert torch.equal(torch.isnan(got), torch.isnan(want)), (B, i, isa)
+                torch.testing.assert_close(got.nan_to_num(0.0), want.nan_to_num(0.0), rtol=1e-5, atol=1e-5)
+    d, F_ = 16, 8
+    xs = torch.randn(2, d, generator=g)
+    gw, up, dn = torch.randn(d, F_, generator=g) / 4, torch.randn(F_, d, generator=g), torch.randn(F_, d, generator=g)
+    gm, gt, gb, ut = torch.zeros(d), torch.zeros(F_ // 4, d), torch.zeros(F_), torch.full((F_,), 10.0)
+    gb[3] = float("nan")                  # unit 3's gate: NaN for both tokens; every other unit under its threshold
+    assert torch.isnan(R.ffn_reference(xs, gw, gm, gt, gb, 4, up, dn, ut)).all()
+    for isa in C.supported_isas():
+        assert torch.isnan(C.ffn(xs, gw, gm, gt, gb, 4, up, dn, ut, isa=isa)).all(), isa
+        assert torch.isnan(C.ffn(xs[:1], gw, gm, gt, gb, 4, up, dn, ut, isa=isa)).all(), isa
+
+
 def test_thresholds_of_the_wrong_shape_are_refused(ext):
     """A 1-D thr with k > 1 stripes would be read as k·n floats, past its end: refused by name."""
     g = torch.Generator().manual_seed(0)

@@ -150,6 +150,56 @@ def test_ffn_unit_mask_sees_the_gate_in_x_dtype(B, fused):
     assert (got - want).norm() < 0.25 * (other - want).norm(), (got - want).norm()
 
 
+def _nans_as_reference(y, r, what):
+    """NaN exactly where the reference has NaN, the rest as close as the kernels are."""
+    y, r = y.float(), r.float()
+    assert torch.equal(torch.isnan(y), torch.isnan(r)), f"{what}: NaN at {torch.isnan(y).nonzero().tolist()}"
+    torch.testing.assert_close(y.nan_to_num(0.0), r.nan_to_num(0.0), rtol=2e-5, atol=2e-5, msg=what)
+
+
+def test_a_nan_input_reaches_the_outputs_as_in_the_reference():
+    """A NaN input counts as on: in the reference (as in the dense product) it reaches every output of its token.
+    The kernels compared |x - mean| >= thr, which a NaN fails, so they skipped it: a model that overflowed (fp16,
+    say) decoded plausible tokens from the biases instead of showing NaN. Each path: the one-token masked-load
+    kernel, the small-batch kernel (the NaN token beside finite ones, which must stay exact), the compacting
+    kernel, the epilogue's unit mask, the FFN (three launches, and one), and the prefill GEMMs; also at
+    thresholds of +inf, where no finite input is on."""
+    from cwic_kernels.gpu import ffn_fused as FF
+    from cwic_kernels.gpu import gemv_compact as GC
+    from cwic_kernels.gpu import prefill as P
+    n, m, stripe = 80, 64, 32
+    for B in (1, 5):
+        x, wt, mean, thr, bias = _inputs(B, n, m, stripe, torch.float32, seed=41)
+        x[B // 2, 37] = float("nan")
+        for t in (thr, torch.full_like(thr, float("inf"))):
+            r = ref.gemv_reference(x, wt, mean, t, bias, stripe)
+            assert torch.isnan(r[B // 2]).all() and torch.isfinite(r[:B // 2]).all()
+            _nans_as_reference(G.gemv_ex(x, wt, mean, t, bias, stripe), r, f"gemv_ex B={B}")
+            _nans_as_reference(P.masked_gemm(x, wt, mean, t, bias, stripe), r, f"masked_gemm B={B}")
+            if B == 1:
+                for cfg in (None, GC.compact_config(n, m, stripe, torch.device(DEV), fused=True)):
+                    _nans_as_reference(GC.gemv_compact(x, wt, mean, t, bias, stripe, config=cfg), r,
+                                       f"gemv_compact {cfg}")
+    # a unit whose gate is NaN (its bias here) is on, so its down row spreads the NaN to every output
+    d, F_ = 64, 96
+    for B in (1, 4):
+        x, gwt, gmean, gthr, gbias = _inputs(B, d, F_, stripe, torch.float32, seed=43)
+        gbias[5] = float("nan")
+        g = _gen(43)
+        up_w = (torch.randn(F_, d, generator=g) / d ** 0.5).to(DEV)
+        down_wt = (torch.randn(F_, d, generator=g) / F_ ** 0.5).to(DEV)
+        uthr = (torch.rand(F_, generator=g) * 0.3).to(DEV)
+        args = (x, gwt, gmean, gthr, gbias, stripe, up_w, down_wt, uthr, "silu")
+        r = ref.ffn_reference(*args)
+        assert torch.isnan(r).all()
+        a = G.gemv_ex(x, gwt, gmean, gthr, gbias, stripe, act="silu", unit_thr=uthr)
+        assert torch.isnan(a[:, 5]).all() and torch.isfinite(a[:, :5]).all()            # the epilogue's unit mask
+        assert torch.isnan(G.ffn(*args)).all() and torch.isnan(G.ffn(*args, fused=False)).all(), B
+        assert torch.isnan(P.ffn_gemm(*args)).all()
+        if B == 1:
+            assert torch.isnan(FF.ffn_gate_updown(*args, residual=torch.zeros(1, d, device=DEV))).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("B", [1, 4, 17])
 def test_ffn_matches_reference(B, dtype):

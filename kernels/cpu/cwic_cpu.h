@@ -2,6 +2,7 @@
 //
 // Semantics (kernels/reference.py):
 //   y[b, o] = bias[o] + sum_i [ |x[b,i] - mean[i]| >= thr[o / stripe, i] ] * (x[b,i] - mean[i]) * wt[i, o]
+// (a NaN input counts as on: its pairs are read and the NaN reaches the outputs, as in the dense product)
 // with wt (n, m) input-major (W^T, one contiguous row of m outputs per input), fp32 or bf16; every
 // activation, mean, threshold, bias and accumulator is fp32. A (stripe, input) pair that is off is one
 // skipped contiguous run of `stripe` weights: the kernels build, per stripe, the list of active inputs

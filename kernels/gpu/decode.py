@@ -247,7 +247,7 @@ def _attn_o_kernel(Q, KC, VC, POS, sm_scale, stride_c, WT, MEAN, THR, BIAS, Y, N
             mu = tl.load(MEAN + r * stride_mk + rows, eviction_policy="evict_last")
             t = tl.load(THR + r * N + rows, eviction_policy="evict_last")
         xc = x - mu
-        on = tl.abs(xc) >= t
+        on = (tl.abs(xc) >= t) | (xc != xc)
         xc = tl.where(on, xc, 0.0)
         w = tl.load(WT + rows.to(tl.int64)[:, None] * M + cols[None, :], mask=on[:, None] & cmask[None, :],
                     other=0.0, eviction_policy=EVICT_W)

@@ -56,7 +56,7 @@ def gemv_ex_ref(x, wt, mean, thr, bias, stripe, *, residual=None, act=None, unit
         y = y + bias.float()
     if act is not None:
         a = ACTIVATIONS[act](gate_in_dtype(y, x.dtype))
-        y = a * (a.abs() >= unit_thr.float())
+        y = torch.where(a.abs() < unit_thr.float(), 0.0, a)          # a NaN unit is on (reference.py)
     if residual is not None:
         y = y + residual.float()
     if out_dtype is None:
@@ -75,7 +75,7 @@ def reads_ref(xf, m, mean, thr, stripe, mask_mode=MASK_THRESHOLD):
     if mask_mode == MASK_THRESHOLD:
         k = thr.shape[0]
         mu = mean if mean.dim() == 2 else mean.expand(k, -1)
-        on = (xf[0][None, :] - mu).abs() >= thr                           # (k, n)
+        on = ~((xf[0][None, :] - mu).abs() < thr)                         # (k, n); NaN: on, as the kernels
         rows = (m - torch.arange(k, device=xf.device) * stripe).clamp(max=stripe)
         return (on.sum(1) * rows).sum()
     if mask_mode == MASK_NONZERO:

@@ -137,7 +137,7 @@ def _ffn_gate_updown_kernel(X, GWT, GMEAN, GTHR, GBIAS, UTHR, UP, DOWNT, A, RES,
         acc2 += _slot_products(GIDX, GVAL, GWT, gbase, j0 + slots, cnt, units, umask, F, EVEN_U)
     g = tl.sum(acc2, axis=0) + gb                   # as gemv._epi_finish: + bias, act, unit mask
     av = _act(g, ACT)
-    av = tl.where(tl.abs(av) >= u_thr, av, 0.0)
+    av = tl.where((tl.abs(av) >= u_thr) | (av != av), av, 0.0)
     tl.store(A + units, av, mask=umask)
     tl.debug_barrier()                              # a is visible to all the block's threads
     _clk(TIMES, p, 3, TIMED)

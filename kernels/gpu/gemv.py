@@ -204,7 +204,7 @@ def _mask_x(x, rows, n_hi, mu, t, w, rstd, MASK_MODE: tl.constexpr, NORM: tl.con
     x = x.to(tl.float32)
     if MASK_MODE == 0:
         xc = x - mu
-        on = (tl.abs(xc) >= t) & nmask
+        on = ((tl.abs(xc) >= t) | (xc != xc)) & nmask   # a NaN is on: it reaches the output (reference.py)
     elif MASK_MODE == 1:
         xc = x
         on = x != 0.0
@@ -312,7 +312,7 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
                 mu = tl.load(MEAN + r * stride_mk + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
                 t = tl.load(THR + r * N + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
                 xc = x - mu[None, :]
-                g = (tl.abs(xc) >= t[None, :]) & xm
+                g = ((tl.abs(xc) >= t[None, :]) | (xc != xc)) & xm
             elif MASK_MODE == 1:
                 xc = x
                 g = x != 0.0
@@ -422,7 +422,7 @@ def _epi_finish(acc, eb, eu, er, Y, bs, cols, omask, stride_yb,
         acc += eb[None, :]
     if ACT >= 0:
         a = _act(acc, ACT)
-        acc = tl.where(tl.abs(a) >= eu[None, :], a, 0.0)
+        acc = tl.where((tl.abs(a) >= eu[None, :]) | (a != a), a, 0.0)
     if HAS_RES:
         acc += er
     tl.store(Y + bs[:, None] * stride_yb + cols[None, :], acc.to(Y.dtype.element_ty), mask=omask)

@@ -86,7 +86,7 @@ def masked_gemm(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor, thr: torc
         r1 = min(k, r0 + group)
         mu = mean2[r0:r1, None, :] if mean2.shape[0] > 1 else mean2[:, None, :]
         xc = xf[None] - mu                                                  # (g or 1, T, n)
-        xm = torch.where(xc.abs() >= thr[r0:r1, None, :].float(), xc, 0.0)   # (g, T, n)
+        xm = torch.where(xc.abs() < thr[r0:r1, None, :].float(), 0.0, xc)    # (g, T, n); NaN: on
         nf = max(0, min(r1, full) - r0)                                     # whole stripes of the group
         if nf:
             yb = mm_f32(xm[:nf], w3[r0:r0 + nf], exact)                     # (nf, T, stripe)
@@ -111,7 +111,7 @@ def ffn_gemm(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Tensor, ga
         raise ValueError(f"ffn_gemm: activation {act!r} not in {sorted(ACTIVATIONS)}")
     g = masked_gemm(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, out_dtype=torch.float32, exact=exact)
     a = ACTIVATIONS[act](gate_in_dtype(g, x.dtype))
-    a = torch.where(a.abs() >= unit_thr.float(), a, 0.0)
+    a = torch.where(a.abs() < unit_thr.float(), 0.0, a)                 # NaN: on
     h = mm_f32(x.float(), up_w.t(), exact=False, dtype=x.dtype) * a     # x is exact in its own dtype
     y = mm_f32(h, down_wt, exact)
     if residual is not None:

@@ -39,14 +39,20 @@ def stripe_rows(out_features: int, stripe: int, device=None) -> Tensor:
     return rows
 
 
+def _magnitude(xc: Tensor) -> Tensor:
+    """|xc| in at least fp32, a NaN as +inf: a NaN input is on for every threshold, so it reaches the output as it
+    does in the dense product (and in the sparse kernels), instead of being skipped and hidden."""
+    return _wide(xc).abs().nan_to_num(nan=float("inf"), posinf=float("inf"))
+
+
 def granular_mask(xc: Tensor, thr: Tensor) -> Tensor:
     """(N, n), (k, n) -> (N, k, n) bool. Computed in fp32 whatever the activations' dtype."""
-    return _wide(xc).abs().unsqueeze(1) >= _wide(thr).unsqueeze(0)
+    return _magnitude(xc).unsqueeze(1) >= _wide(thr).unsqueeze(0)
 
 
 def stripe_mask(xc: Tensor, thr: Tensor) -> Tensor:
     """(N, n), (k, n) -> (k, N, n) bool, stripe-major so each stripe's mask is contiguous."""
-    return _wide(xc).abs().unsqueeze(0) >= _wide(thr).unsqueeze(1)
+    return _magnitude(xc).unsqueeze(0) >= _wide(thr).unsqueeze(1)
 
 
 def _stripe_slices(k: int, stripe: int, m: int):

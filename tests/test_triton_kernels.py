@@ -487,6 +487,12 @@ def test_attn_o_matches_attention_then_gemv(dtype, p, m, stripe, split, block_m,
     off = D.attn_o(q, kc, vc, pos, hq, 0.25, wt, mean, torch.full_like(thr, float("inf")), b, stripe,
                    start.clone(), config=cfg)
     torch.testing.assert_close(off, start + (b if b is not None else 0), rtol=1e-6, atol=1e-6)
+    # a NaN value at a position attended to makes its heads' outputs NaN: those inputs are on even at +inf
+    vn = vc.clone()
+    vn[p, 0, 3] = float("nan")
+    for t in (thr, torch.full_like(thr, float("inf"))):
+        for fn in (lambda *a: D.attn_o(*a, config=cfg), fb.attn_o_ref):
+            assert torch.isnan(fn(q, kc, vn, pos, hq, 0.25, wt, mean, t, b, stripe, start.clone())).all()
 
 
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 1), (6, 2)])

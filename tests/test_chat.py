@@ -160,6 +160,40 @@ def test_second_turn_reuses_cache_and_figures_still_match(ckpt, tmp_path):
     assert full[cached:] == [t["ap"] for t in t2["prompt"] + t2["reply"]]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_nan_logits_stop_the_reply_by_name(ckpt, temperature):
+    """A model whose logits turn NaN (an overflow) decoded on: greedy took argmax's NaN index (a token unrelated
+    to anything), sampling failed inside torch.multinomial. The reply stops there with its own stop reason and a
+    notice, keeping what came before, and the next turn runs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import cwic_exp  # noqa: F401
+    from cwic_exp.chat import ChatSession, HFBackend
+    model, tok = AutoModelForCausalLM.from_pretrained(ckpt), AutoTokenizer.from_pretrained(ckpt)
+
+    class Overflows(HFBackend):
+        calls, nan_at = 0, None
+
+        def forward(self, ids):
+            Overflows.calls += 1
+            logits, aps = super().forward(ids)
+            if Overflows.calls == Overflows.nan_at:
+                logits = logits.clone()
+                logits.reshape(-1)[7] = float("nan")
+            return logits, aps
+
+    notes = []
+    chat = ChatSession(Overflows(model), tok, max_new_tokens=8, ignore_eos=True, temperature=temperature,
+                       notice=notes.append)
+    chat.calibrate()
+    Overflows.calls, Overflows.nan_at = 0, 4       # prefill, then 3 tokens: the fourth step's logits are NaN
+    t1 = chat.turn(PROMPT)
+    assert t1.stop == "nan" and len(t1.reply) == 3 and t1.summary["stop"] == "nan"
+    assert any("logits are not finite (NaN) after 3 token(s)" in n for n in notes), notes
+    assert chat.backend.cached() == len(chat.cached_ids)
+    t2 = chat.turn("go on")
+    assert t2.stop == "max_new_tokens" and len(t2.reply) == 8
+
+
 def test_ctrl_c_keeps_partial_reply_and_chat_goes_on(ckpt):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import cwic_exp  # noqa: F401

@@ -48,6 +48,10 @@ import torch
 # ----------------------------------------------------------------------------- decoding backends
 
 
+class NaNLogits(ArithmeticError):
+    """The model's next-token logits hold a NaN (sampling: or infinities, which softmax turns into NaN)."""
+
+
 class DecodeBackend(Protocol):
     """What the chat needs from a decoder: feed tokens, get the next-token logits and the per-token
     active parameters of exactly the tokens fed. The backend owns the KV cache."""
@@ -322,7 +326,7 @@ class Turn:
     user: str
     prompt: list[Tok] = field(default_factory=list)   # tokens prefilled for this turn (template included)
     reply: list[Tok] = field(default_factory=list)
-    stop: str = ""            # "eos" | "max_new_tokens" | "context" | "interrupted"
+    stop: str = ""            # "eos" | "max_new_tokens" | "context" | "interrupted" | "nan"
     summary: dict = field(default_factory=dict)
 
     @property
@@ -389,9 +393,15 @@ class ChatSession:
         self.backend.reset()
 
     def _sample(self, logits: torch.Tensor) -> int:
+        """The next token; NaNLogits where the logits hold a NaN (greedy: the max is NaN exactly then)."""
         if self.temperature <= 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits.float().cpu() / self.temperature, -1)
+            best = logits.reshape(-1).max(0)
+            if math.isnan(best.values.item()):
+                raise NaNLogits
+            return int(best.indices)
+        probs = torch.softmax(logits.float().cpu().reshape(-1) / self.temperature, -1)
+        if not torch.isfinite(probs).all():      # a NaN logit, or +inf ones (inf - inf)
+            raise NaNLogits
         if self.top_p < 1.0:
             p, idx = probs.sort(descending=True)
             keep = p.cumsum(0) - p < self.top_p
@@ -469,6 +479,10 @@ class ChatSession:
         except KeyboardInterrupt:
             turn.stop = "interrupted"
             self.backend.truncate(len(self.cached_ids))   # drop a half-done step
+        except NaNLogits:
+            turn.stop = "nan"
+            self.notice(f"the model's next-token logits are not finite (NaN) after {len(pending) + len(turn.reply)} "
+                        "token(s): the reply stops here (an overflow? try --dtype float32)")
         tail = dec.flush()
         if pending:
             pending[-1].text = tail

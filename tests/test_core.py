@@ -566,6 +566,45 @@ def test_head_reduction_cap_stops_ap_gradient():
     assert grads[2.0] == 0.0 and grads[100.0] > 0, grads
 
 
+def test_head_cap_is_decided_on_the_real_tokens_only():
+    """The head's reduction, compared with the cap, counts real tokens only: padding's (empty) rows must not
+    inflate it. 14 real tokens of 24 and a cap halfway between the reduction over the real tokens and over all 24:
+    under the cap, so the AP loss still reaches θ_head."""
+    g = torch.Generator().manual_seed(1)
+    ids, mask = torch.randint(0, 96, (2, 12), generator=g), torch.ones(2, 12, dtype=torch.long)
+    mask[1, 2:] = 0
+    model = to_cwic(tiny_model(), stripe_size=16, head_max_reduction=1e9)
+    _gather_stats(model, ids, mask, 2)
+    with torch.no_grad():
+        model.lm_head.theta.fill_(1.5)
+    model.train()
+    with cwic_context(model, token_mask=mask, track_ap=True):
+        model(input_ids=ids, attention_mask=mask)
+    stats = cwic_exp.gather_active(model, mask)
+    red_real = model.lm_head.dense_params * int(mask.sum()) / float(stats.by_kind["head"].detach())
+    red_all = red_real * mask.numel() / int(mask.sum())
+    model.config.cwic["head_max_reduction"] = (red_real + red_all) / 2
+    with cwic_context(model, token_mask=mask, track_ap=True):
+        model(input_ids=ids, attention_mask=mask)
+    cwic_exp.gather_active(model, mask).by_kind["head"].backward()
+    assert model.lm_head.theta.grad is not None and float(model.lm_head.theta.grad.abs().sum()) > 0
+
+
+def test_per_layer_density_is_one_at_theta_zero_also_summed_over_micro_batches():
+    """At θ = 0 every layer reads all its weights: density 1 per layer, in active_parameters and in the sum of two
+    micro-batches' statistics (ActiveStats.__add__, as a step is logged), whose tokens add up too."""
+    ids, mask = rand_batch()
+    model = to_cwic(tiny_model(), stripe_size=16)
+    _gather_stats(model, ids, mask, 2)
+    out = active_parameters(model, ids, mask)
+    assert out["density_per_layer"] and all(d == pytest.approx(1.0) for d in out["density_per_layer"].values())
+    with torch.no_grad(), cwic_context(model, token_mask=mask, track_ap=True):
+        model(input_ids=ids, attention_mask=mask)
+    st = cwic_exp.gather_active(model, mask)
+    s = (st + st).summary()
+    assert all(d == pytest.approx(1.0) for d in s["density_per_layer"].values()) and s["tokens"] == 2 * int(mask.sum())
+
+
 def test_options_are_validated():
     with pytest.raises(TypeError, match="unknown CWIC option"):
         to_cwic(tiny_model(), stripe=5)

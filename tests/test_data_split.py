@@ -44,12 +44,21 @@ def test_copies_stay_on_one_side_and_heldout_copies_are_dropped(tmp_path):
     assert sum(tr.count(n) for n in body[:100] if n in tr) == 2 * len([n for n in body[:100] if n in tr])
 
 
-def test_paper_mix_cap_reaches_every_source_and_repeats_do_not_leak(monkeypatch):
+def _fake_paper_mix(monkeypatch, tmp_path, heldout=(99,)):
+    """Each paper-mix source k (from 1) gives rows "q{1000 k + j}", j < 50; the packaged ShareGPT file holds the
+    conversations `heldout` only (all of them its held-out tail)."""
     def load_dataset(name, cfg, split, streaming):
         k = [i for i, (n, c, *_) in enumerate(D.PAPER_MIX) if n == name and c == cfg][0]
         return [{"messages": [{"role": "user", "content": f"q{1000 * (k + 1) + j}"},
                               {"role": "assistant", "content": "a"}]} for j in range(50)]
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    sg = tmp_path / "packaged"
+    sg.mkdir(exist_ok=True)
+    monkeypatch.setattr(D, "sharegpt_path", lambda: _sharegpt(sg, list(heldout)))
+
+
+def test_paper_mix_cap_reaches_every_source_and_repeats_do_not_leak(monkeypatch, tmp_path):
+    _fake_paper_mix(monkeypatch, tmp_path)
     train, val = D.build_packed(Tok(), source="paper_mix", seq_len=12, max_conversations=47, cache=False,
                                 progress=False)
     got = _convs(train) + _convs(val)
@@ -60,6 +69,17 @@ def test_paper_mix_cap_reaches_every_source_and_repeats_do_not_leak(monkeypatch)
     train, val = D.build_packed(Tok(), source="paper_mix", seq_len=12, val_fraction=0.1, cache=False, progress=False)
     assert not set(_convs(train)) & set(_convs(val))
     assert len(_convs(val)) == len(set(_convs(val)))
+
+
+def test_the_paper_mix_leaves_out_the_evaluations_heldout_sharegpt_chats(monkeypatch, tmp_path):
+    """The held-out chat set (the ShareGPT tail, KL / perplexity) is evaluated on every run, whatever it trained on:
+    a copy of one in the paper mix's sources (OpenHermes, smoltalk, ... carry ShareGPT-like chats) would leak it into
+    training. Such copies are dropped, every repeat of them: 1003 (repeated once) and 6002 (MMLU's, 5 times)."""
+    _fake_paper_mix(monkeypatch, tmp_path, heldout=(1003, 6002, 99))
+    train, val = D.build_packed(Tok(), source="paper_mix", seq_len=12, val_fraction=0.1, cache=False, progress=False)
+    got = set(_convs(train)) | set(_convs(val))
+    assert not got & {1003, 6002} and {1002, 1004, 6001} <= got
+    assert train.info["heldout_copies_dropped"] == 1 + 5 and train.info["distinct"] == 50 * len(D.PAPER_MIX) - 2
 
 
 def test_a_source_too_small_for_a_training_split_says_so(tmp_path):
@@ -183,3 +203,89 @@ def test_packed_files_round_trip_exactly(tmp_path):
     for a, b in zip((train, val), back):
         for f in ("input_ids", "segment_ids", "position_ids"):
             assert torch.equal(getattr(a, f).long(), getattr(b, f).long()), f
+
+
+class LenTok(Tok):
+    """Conversation "qN" renders to N % 100 tokens ([1000 + N] then 7s), plus `extra` under another template."""
+    extra = 0
+
+    def apply_chat_template(self, msgs, tokenize=True):
+        n = int(msgs[0]["content"][1:])
+        return [1000 + n] + [7] * (n % 100 - 1 + self.extra)
+
+
+def _lengths(lengths_counts, tail=True):
+    """Distinct conversation numbers with the given token counts: [(tokens, how many)]."""
+    nums, k = [], 1
+    for n_tok, count in lengths_counts:
+        for _ in range(count):
+            nums.append(100 * k + n_tok)
+            k += 1
+    return nums + ([100 * (k + i) + 3 for i in range(D.HELDOUT_TAIL)] if tail else [])
+
+
+def test_the_length_limits_are_exact_and_max_len_is_capped_at_seq_len(tmp_path):
+    """A conversation of exactly max_len tokens is kept (> max_len is too long); max_len above seq_len is capped
+    there, since the packer could not place a longer one, so the split is drawn only over what it packs."""
+    tr, _ = D.build_packed(LenTok(), seq_len=12, val_fraction=0.1, path=_sharegpt(tmp_path, _lengths([(12, 10), (3, 10)])),
+                           cache=False, progress=False)
+    assert tr.info["too_long"] == 0 and tr.info["kept"] == 20
+    tr, _ = D.build_packed(LenTok(), seq_len=12, max_len=100, val_fraction=0.1, cache=False, progress=False,
+                           path=_sharegpt(tmp_path, _lengths([(20, 5), (3, 10)])))
+    assert tr.info["max_len"] == 12 and tr.info["too_long"] == 5
+
+
+def test_the_cache_follows_max_len_and_the_chat_template(tmp_path, monkeypatch):
+    """Another max_len, or a tokenizer with the same vocabulary and another chat template, is tokenised again: a
+    stale cache would train on other conversations or on other tokens, silently."""
+    monkeypatch.setattr(D, "_cache_root", lambda: tmp_path / "cache")
+    path = _sharegpt(tmp_path, _lengths([(10, 10), (3, 10)]))
+    a = D.build_packed(LenTok(), seq_len=12, max_len=5, val_fraction=0.1, path=path, progress=False)[0]
+    b = D.build_packed(LenTok(), seq_len=12, max_len=12, val_fraction=0.1, path=path, progress=False)[0]
+    assert a.info["kept"] == 10 and b.info["kept"] == 20
+    other = LenTok()
+    other.chat_template, other.extra = "len+1", 1
+    c = D.build_packed(other, seq_len=12, val_fraction=0.1, path=path, progress=False)[0]
+    assert _convs(c) == _convs(b)                                        # the same split, each one token longer
+    assert int((c.segment_ids > 0).sum()) == int((b.segment_ids > 0).sum()) + len(_convs(c))
+
+
+def test_max_conversations_and_the_validation_size_are_exact(tmp_path):
+    """max_conversations=10 reads 10 ShareGPT conversations (not 11); the validation set holds round(n · fraction)
+    conversations: 150 × 0.025 = 3.75 → 4."""
+    tr, _ = D.build_packed(LenTok(), seq_len=12, max_conversations=10, val_fraction=0.1, cache=False, progress=False,
+                           path=_sharegpt(tmp_path, _lengths([(3, 50)])))
+    assert tr.info["conversations"] == 10 and tr.info["distinct"] == 10
+    _, va = D.build_packed(LenTok(), seq_len=12, val_fraction=0.025, cache=False, progress=False,
+                           path=_sharegpt(tmp_path, _lengths([(3, 150)])))
+    assert int((va.segment_ids > 0).sum()) == 3 * 4
+
+
+def test_repeated_roles_are_merged_into_one_turn(tmp_path):
+    """Two human messages in a row become one user turn (strict chat templates refuse repeated roles, which would
+    drop the conversation silently)."""
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps([{"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"},
+                                                {"from": "gpt", "value": "c"}]}]))
+    assert list(D.sharegpt_conversations(p)) == [[{"role": "user", "content": "a\n\nb"},
+                                                  {"role": "assistant", "content": "c"}]]
+
+
+def test_each_epoch_draws_a_new_order_and_the_loader_starts_at_the_trainers_step(tmp_path):
+    """10 rows, 10 a step: each of 4 steps is its own permutation (the epoch enters the seed). The training loader
+    resumes at the trainer's global step, also when it is ahead of the data module's own start."""
+    steps = list(D.StepSampler(10, 10, 4, seed=0))
+    assert len({tuple(s) for s in steps}) == 4
+    dm = D.ChatDataModule(LenTok(), seq_len=12, val_fraction=0.1, cache=False, rows_per_step=4, num_steps=10,
+                          path=_sharegpt(tmp_path, _lengths([(3, 100)])))
+    dm.setup()
+    dm.trainer = types.SimpleNamespace(global_rank=0, world_size=1, global_step=3)
+    assert list(dm.train_dataloader().batch_sampler) == list(D.StepSampler(len(dm.train_data), 4, 10, 0, 3))
+
+
+def test_packing_reports_real_tokens_and_hands_the_model_its_positions():
+    """info counts the real tokens (not the padding); model_inputs passes the packed rows' restarting positions."""
+    p = D.pack_sequences([[1] * 5], 8, 0)
+    assert p.info["real_tokens"] == 5 and p.info["fill"] == pytest.approx(5 / 8)
+    p = D.pack_sequences([[1, 2, 3], [4, 5]], 8, 0)
+    assert torch.equal(D.model_inputs(vars(p))["position_ids"], p.position_ids.long())

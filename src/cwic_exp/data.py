@@ -338,10 +338,16 @@ def build_packed(tok, source: str = "sharegpt", seq_len: int = 1024, max_len: in
     """Render, tokenise, filter, split (by conversation) and pack; cached on disk."""
     max_len = min(max_len or seq_len, seq_len)
     from .files import fingerprint
-    src_file = path if path is not None or source != "sharegpt" else sharegpt_path()   # the packaged file too
+    src_file = path   # the packaged ShareGPT file too: sharegpt's data, and the paper mix's held-out filter
+    if path is None:
+        try:
+            src_file = sharegpt_path()
+        except FileNotFoundError:
+            if source == "sharegpt":
+                raise
     stamp = fingerprint(src_file) if src_file is not None and os.path.exists(src_file) else None
     key = json.dumps([source, str(path), stamp, seq_len, max_len, max_conversations, val_fraction, seed,
-                      _tokenizer_fingerprint(tok), 4, HELDOUT_TAIL])
+                      _tokenizer_fingerprint(tok), 5, HELDOUT_TAIL])
     fname = _cache_root() / f"{source}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     if cache and fname.exists():
         blob = torch.load(fname)
@@ -359,6 +365,14 @@ def build_packed(tok, source: str = "sharegpt", seq_len: int = 1024, max_len: in
     elif source == "paper_mix":   # the cap is shared out over the sources there
         cap = None
         convs = paper_mix_conversations(max_conversations)
+        # the evaluation's held-out ShareGPT chats (KL / perplexity on every run, whatever it trained on) stay out
+        # of the mix too: its chat sources may carry copies of them
+        try:
+            held = heldout_conversations()
+        except FileNotFoundError as e:
+            log.warning("data: the paper mix is not filtered against the held-out ShareGPT chats (%s)", e)
+            held = []
+        heldout = {_content_key(ids) for ids in (render_ids(tok, m) for m in held) if ids}
     else:
         raise ValueError(f"unknown data source {source!r}: expected 'sharegpt' or 'paper_mix'")
     seqs, too_long, n_conv, dup_heldout = [], 0, 0, 0
@@ -379,7 +393,7 @@ def build_packed(tok, source: str = "sharegpt", seq_len: int = 1024, max_len: in
         if len(ids) > max_len:
             too_long += 1
             continue
-        if heldout and _content_key(ids) in heldout:   # a copy of a held-out conversation earlier in the file
+        if heldout and _content_key(ids) in heldout:   # a copy of a held-out conversation (earlier in the file)
             dup_heldout += 1
             continue
         seqs.append(ids)

@@ -501,3 +501,142 @@ def test_cpu_backend_truncate_then_forward_equals_a_clean_run(ckpt):
     logits, again = be.forward(ids[3:])
     assert again == clean[3:]
     torch.testing.assert_close(logits, clean_logits, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- a scripted backend
+# Tests from a mutant audit of chat.py (helper): every test above ran greedy, with --ignore-eos and no colour, so
+# EOS, sampling, the colour scale, --system and a full context went untested.
+
+class Scripted:
+    """A backend whose k-th forward picks script[k] (the last one after that); a fed token's figure is 1000 + id."""
+
+    def __init__(self, script, max_context=64, vocab=300, model=None):
+        self.script, self.max_context, self.vocab, self.model = list(script), max_context, vocab, model
+        self.dense, self.pos, self.k = 5000.0, 0, 0
+
+    def reset(self):
+        self.pos = 0
+
+    def cached(self):
+        return self.pos
+
+    def truncate(self, n):
+        self.pos = max(0, min(n, self.pos))
+
+    def forward(self, ids):
+        if self.pos + len(ids) > self.max_context:
+            raise RuntimeError("KV cache full")
+        self.pos += len(ids)
+        logits = torch.zeros(self.vocab)
+        logits[self.script[min(self.k, len(self.script) - 1)]] = 10.0
+        self.k += 1
+        return logits, [1000.0 + i for i in ids]
+
+
+def scripted_session(script, **kw):
+    from cwic_exp.chat import ChatSession
+    tok = byte_tokenizer()
+    backend = Scripted(script, **{k: kw.pop(k) for k in ("max_context", "model") if k in kw})
+    chat = ChatSession(backend, tok, notice=lambda m: None, **kw)
+    chat.calibrate()
+    backend.k = 0
+    return chat, tok
+
+
+def test_eos_stops_the_reply_unfed_and_the_mean_is_over_the_reply():
+    tok = byte_tokenizer()
+    a, b, c = tok("abc", add_special_tokens=False)["input_ids"]
+    chat, tok = scripted_session([a, b, c, tok.eos_token_id], max_new_tokens=10)
+    t = chat.turn("hi")
+    assert t.stop == "eos" and [x.id for x in t.reply] == [a, b, c]
+    assert chat.cached_ids[-1] == c and chat.backend.cached() == len(chat.cached_ids)
+    assert t.summary["mean_active"] == pytest.approx(1000 + (a + b + c) / 3)
+
+
+def test_the_generation_configs_eos_ids_stop_too():
+    import types
+    tok = byte_tokenizer()
+    a, x = tok("a!", add_special_tokens=False)["input_ids"]
+    model = types.SimpleNamespace(generation_config=types.SimpleNamespace(eos_token_id=[tok.eos_token_id, x]))
+    chat, _ = scripted_session([a, x, a], max_new_tokens=10, model=model)
+    t = chat.turn("hi")
+    assert t.stop == "eos" and [y.id for y in t.reply] == [a]
+
+
+def test_sampling_follows_temperature_top_p_and_seed():
+    """p = (0.6, 0.3, 0.1): top-p 0.5 keeps the first token alone; T = 0.5 squares and renormalises
+    (0.36 / 0.46 = 0.783); one seed repeats its draws, another does not."""
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.1]))
+
+    def draws(n=4000, **kw):
+        chat = scripted_session([0], **kw)[0]
+        return [chat._sample(logits) for _ in range(n)]
+    assert set(draws(temperature=1.0, top_p=0.5)) == {0}
+    assert abs(draws(temperature=0.5, top_p=1.0).count(0) / 4000 - 0.783) < 0.03
+    s0, s0b, s1 = (draws(50, temperature=1.0, top_p=1.0, seed=s) for s in (0, 0, 1))
+    assert s0 == s0b and s0 != s1
+
+
+def test_the_colour_scale_runs_light_to_dark_over_the_calibrated_percentiles():
+    from cwic_exp.chat import CALIBRATION, ComputeScale
+    s = ComputeScale(0.0, 100.0, 1.0)
+    assert s.colours(0) == ("#ffffd9", "#000000") and s.colours(100) == ("#081d58", "#ffffff")
+    chat, _ = scripted_session([0])
+    figures = torch.tensor([1000.0 + i for i in chat._render(CALIBRATION, False)[:64]])
+    assert chat.scale.lo == pytest.approx(float(figures.quantile(0.02)))
+    assert chat.scale.hi == pytest.approx(float(figures.quantile(0.98)))
+
+
+@pytest.mark.parametrize("argv,needle", [(["--max-new-tokens", "-1"], "--max-new-tokens"),
+                                         (["--max-context", "0"], "--max-context"),
+                                         (["--temperature", "nan"], "--temperature")])
+def test_more_bad_arguments_are_named(argv, needle):
+    from cwic_exp.chat import main
+    with pytest.raises(SystemExit, match=re.escape(needle)):
+        main(["--model", "x", *argv], stdout=io.StringIO(), stderr=io.StringIO())
+
+
+def test_threads_flag_sets_torchs_threads(ckpt):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run_chat(["--model", str(ckpt), "--prompt", "x", "--no-color", "--max-new-tokens", "1", "--threads", "1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cache_and_ids_agree_when_a_reply_renders_to_other_tokens():
+    chat, _ = scripted_session([70, 71, 72, 73], max_new_tokens=4, ignore_eos=True)
+    chat.turn("hi")
+    chat.messages[-1]["content"] = "zz"          # as a re-tokenised reply may differ from the generated ids
+    chat.turn("more")
+    assert chat.backend.cached() == len(chat.cached_ids)
+
+
+def test_trimming_drops_whole_turns_and_a_reply_fills_the_context_exactly():
+    chat, _ = scripted_session([70], max_new_tokens=16, ignore_eos=True, max_context=90)
+    for q in ("first question here", "second question", "third"):
+        chat.turn(q)
+    assert chat.messages[0]["role"] == "user" and len(chat.messages) % 2 == 0
+    chat, _ = scripted_session([70], max_new_tokens=64, ignore_eos=True, max_context=40)
+    t = chat.turn("hi")
+    assert t.stop == "context" and chat.backend.cached() == len(chat.cached_ids) == 40
+
+
+def test_the_system_prompt_is_rendered_and_html_keeps_a_trailing_empty_token():
+    from cwic_exp.chat import ComputeScale, Tok, _spans
+    chat, _ = scripted_session([70], max_new_tokens=1, ignore_eos=True, system="SYSTEM-X")
+    assert "SYSTEM-X" in "".join(t.text for t in chat.turn("hi").prompt)
+    assert 'data-ids="2"' in _spans([Tok(1, "a", 1.0), Tok(2, "", 2.0)], ComputeScale(0, 2, 2))
+
+
+def test_a_reply_without_tokens_writes_valid_json(ckpt, tmp_path):
+    """--max-new-tokens 0 (or an immediate EOS, or NaN logits): the turn's mean, APR and tokens/s have no value.
+    They were written as NaN, which is not JSON (JSON.parse refuses it); now null."""
+    path = tmp_path / "t.json"
+    run_chat(["--model", str(ckpt), "--prompt", "hi", "--no-color", "--max-new-tokens", "0", "--json", str(path)])
+    text = path.read_text()
+    assert "NaN" not in text
+    s = json.loads(text)["turns"][0]["summary"]
+    assert s["tokens"] == 0 and s["apr"] is None and s["mean_active"] is None

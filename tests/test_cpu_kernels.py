@@ -1159,3 +1159,39 @@ def test_an_ffn_of_mixed_weight_dtypes_runs_the_reference(ext):
     got = C.ffn(x, gw, gm, gt, gb, s, up.bfloat16(), dn.bfloat16(), ut)
     want = R.ffn_reference(x, gw, gm, gt, gb, s, up.bfloat16(), dn.bfloat16(), ut)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+# Tests from a mutant audit of cpu_decode.py (helper)
+
+def test_generate_takes_n_steps_keeps_its_eos_and_timed_decode_needs_a_token(ext):
+    """generate(p, n) feeds n - 1 steps after the prefill (one more would pass a cache of exactly len(p) + n - 1
+    positions), and stops after the EOS it was given, keeping it; timed_decode of 0 tokens is refused by name (it
+    divided by zero)."""
+    from cwic_exp.cpu_decode import CpuDecoder
+    d = CpuDecoder(_tiny(), mode="dense", dtype=torch.float32, max_len=7)
+    out = d.generate([5, 6, 7, 8], 4)
+    assert len(out) == 8 and d.pos == 7
+    d = CpuDecoder(_tiny(), mode="dense", dtype=torch.float32, max_len=32)
+    p = [5, 6, 7, 8]
+    text = d.generate(p, 5)
+    eos = text[len(p) + 1]
+    k = text.index(eos, len(p))
+    assert d.generate(p, 5, eos=eos) == text[:k + 1]
+    with pytest.raises(ValueError, match="new_tokens must be >= 1"):
+        d.timed_decode(p, 0)
+
+
+def test_the_decoder_is_built_with_its_thread_count(ext, monkeypatch):
+    import cwic_exp.cpu_decode as CD
+    real, seen = CD._ext(), []
+
+    class Proxy:
+        def __getattr__(self, k):
+            return getattr(real, k)
+
+        def Decoder(self, *a):
+            seen.append(a[-1])
+            return real.Decoder(*a)
+    monkeypatch.setattr(CD, "_ext", lambda: Proxy())
+    CD.CpuDecoder(_tiny(), mode="dense", dtype=torch.float32, max_len=8, nthreads=3)
+    assert seen == [3]

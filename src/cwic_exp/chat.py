@@ -712,6 +712,18 @@ def busy_cpu_notice(threads: int, cores: int | None = None, others: float | None
             f"slower than on a quiet machine; --threads {fewer} may be faster while it stays busy")
 
 
+def json_safe(obj):
+    """obj with every non-finite float as None (null): a turn without tokens has no mean, APR or tokens/s, and
+    JSON has no NaN (json.dumps would write one that JSON.parse refuses)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def default_model(search: list[Path] | None = None) -> str:
     """The path in runs/LATEST (written by training), from the working directory or the repository."""
     for base in search or (Path.cwd(), Path(__file__).resolve().parents[2]):
@@ -839,7 +851,7 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     def save():
         tr = chat.transcript(str(name))
         if args.json:
-            Path(args.json).write_text(json.dumps(tr, ensure_ascii=False, indent=1))
+            Path(args.json).write_text(json.dumps(json_safe(tr), ensure_ascii=False, indent=1, allow_nan=False))
         if args.html:
             Path(args.html).write_text(to_html(tr), encoding="utf-8")
 

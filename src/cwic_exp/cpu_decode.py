@@ -361,6 +361,8 @@ class CpuDecoder:
     def timed_decode(self, ids, new_tokens: int = 32, forced=None) -> DecodeStats:
         """Prefill (timed apart), then time `new_tokens` greedy decode steps (no early stop). forced: tokens fed in
         place of the greedy choices, one a step (teacher forcing), so that several decoders time the same text."""
+        if new_tokens < 1:
+            raise ValueError(f"timed_decode: new_tokens must be >= 1 (tokens/s of no token), got {new_tokens}")
         if forced is not None and len(forced) < new_tokens:
             raise ValueError(f"forced: {len(forced)} tokens for {new_tokens} steps")
         t0 = time.perf_counter()

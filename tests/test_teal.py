@@ -287,3 +287,52 @@ def test_calibration_info_names_the_rows_the_greedy_search_used():
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
     cal = calibrate_teal(tiny_model(), ids, greedy=False, greedy_rows=5)    # asks for more rows than there are
     assert cal.info["greedy_rows"] == 2 and cal.info["calib_rows"] == 2
+
+
+# Tests from a mutant audit of teal.py (helper)
+
+def test_teal_disabled_restores_the_sparse_model():
+    """eval's KL to the dense model runs inside teal_disabled: afterwards the model must be sparse again (a
+    context that did not re-enable it would score every later question dense)."""
+    model = apply_teal(tiny_model(), {f"{i}.{p}": 0.3 for i in range(2) for p in PROJS})
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sparse = model(input_ids=ids).logits
+        with teal_disabled(model):
+            dense = model(input_ids=ids).logits
+        assert not torch.equal(dense, sparse)
+        assert torch.equal(model(input_ids=ids).logits, sparse)
+
+
+def test_the_greedy_lookup_takes_the_closest_row_and_the_search_stops_at_its_target():
+    """A target of 0.32 between rows at 0.30 and 0.50 takes the 0.30 row (the closer one), and the greedy search
+    stops at the first row that reaches max_sparsity."""
+    from cwic_exp.teal import TealCalibration
+    rows = [(0.0, dict.fromkeys(PROJS, 0.0)), (0.30, dict(dict.fromkeys(PROJS, 0.0), gate=0.3)),
+            (0.50, dict(dict.fromkeys(PROJS, 0.0), gate=0.5))]
+    assert TealCalibration({}, greedy=[rows], num_layers=1).sparsities(0.32, "greedy")["0.gate"] == 0.3
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    found = calibrate_teal(tiny_model(num_hidden_layers=1), ids, max_sparsity=0.3).greedy[0]
+    assert found[-1][0] >= 0.3 - 1e-9 and found[-2][0] < 0.3 - 1e-9
+
+
+def test_histograms_count_every_calibration_row_and_ignore_thresholds_already_set():
+    """10 rows in batches of 8: the partial last batch counts too. A model with TEAL thresholds already set gives
+    the dense model's histograms, and keeps its thresholds."""
+    from cwic_exp.teal import collect_histograms
+    ids = torch.randint(0, 96, (10, 16), generator=torch.Generator().manual_seed(0))
+    assert calibrate_teal(tiny_model(), ids, greedy=False, batch_rows=8).hists["0.q"].total == 10 * 16 * 48
+    want = collect_histograms(tiny_model(), [ids[:2]])
+    model = apply_teal(tiny_model(), {f"{i}.{p}": 0.5 for i in range(2) for p in PROJS})
+    got = collect_histograms(model, [ids[:2]])
+    for k in want:
+        torch.testing.assert_close(got[k].counts, want[k].counts)
+    assert all(m.teal_threshold == 0.5 for m in model.modules() if hasattr(m, "teal_proj"))
+
+
+def test_a_histograms_quantile_follows_data_added_after_a_query():
+    h = MagnitudeHistogram()
+    h.add(torch.ones(1000))
+    assert h.quantile(0.5) == pytest.approx(1.0, rel=0.01)
+    h.add(torch.full((3000,), 100.0))
+    assert h.quantile(0.5) == pytest.approx(100.0, rel=0.01)

@@ -1093,3 +1093,28 @@ def test_sigkill_then_rerun_resumes(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming from" in r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 12
+
+
+# Tests from a mutant audit of callbacks.py (helper): the warm-up callback's own value and StatisticsMode were
+# never checked (the tests called apr_target_at directly, and smoke runs validate once, at the end)
+
+def test_the_warmup_callback_sets_the_steps_target_and_holds_it_after_the_warmup():
+    from types import SimpleNamespace
+    import cwic_exp.callbacks as cb
+    assert cb.apr_target_at(4, 1.05, 2.0, 4) == pytest.approx(2.05)
+    assert cb.apr_target_at(40, 1.05, 2.0, 4) == pytest.approx(2.05)
+    w, pl = cb.AprWarmup(1.05, 3.0, 4), SimpleNamespace(apr_target=None)
+    w.on_train_batch_start(SimpleNamespace(global_step=2), pl, None, 0)     # resumed at step 2, first batch
+    assert pl.apr_target == pytest.approx(2.05)
+
+
+def test_statistics_move_in_training_and_stand_still_in_validation():
+    from types import SimpleNamespace
+    import cwic_exp.callbacks as cb
+    s, pl = cb.StatisticsMode(), SimpleNamespace()
+    s.on_train_start(None, pl)
+    assert pl.update_stats is True
+    s.on_validation_start(None, pl)
+    assert pl.update_stats is False
+    s.on_validation_end(None, pl)
+    assert pl.update_stats is True

@@ -40,8 +40,8 @@ ACTIVATIONS = {
 
 def granular_mask(x: torch.Tensor, mean: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
     """(B, k, n) bool: stripe r of input i is used for token b."""
-    xa = (x.float() - mean.float()).abs().nan_to_num(nan=float("inf"), posinf=float("inf"))   # NaN: on
-    return xa.unsqueeze(1) >= thr.float().unsqueeze(0)
+    xc = x.float() - mean.float()
+    return ~(xc.abs().unsqueeze(1) < thr.float().unsqueeze(0))          # not below: a NaN is on
 
 
 def gemv_reference(x, wt, mean, thr, bias, stripe: int) -> torch.Tensor:

@@ -804,14 +804,14 @@ def check_args(args) -> None:
 def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
-    quota = cpu_quota() if torch.device(args.device).type == "cpu" else None
-    if args.threads is None and quota_threads(quota, torch.get_num_threads()) < torch.get_num_threads():
+    quota_note = None
+    if args.threads is None and torch.device(args.device).type == "cpu":
         # torch and OpenMP size their pools from the CPUs they see, not a container's quota
-        args.threads = quota_threads(quota, torch.get_num_threads())
-        quota_note = (f"this process's CPU quota is {quota:g} cores (cgroup) and torch would use "
-                      f"{torch.get_num_threads()} threads: decoding with {args.threads} (--threads N to choose)")
-    else:
-        quota_note = None
+        quota, seen = cpu_quota(), torch.get_num_threads()
+        if quota_threads(quota, seen) < seen:
+            args.threads = quota_threads(quota, seen)
+            quota_note = (f"this process's CPU quota is {quota:g} cores (cgroup) and torch would use {seen} threads: "
+                          f"decoding with {args.threads} (--threads N to choose)")
     if args.threads:
         torch.set_num_threads(args.threads)
     # colour only on a terminal (or FORCE_COLOR=1), never with --no-color or NO_COLOR set

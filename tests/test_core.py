@@ -551,19 +551,24 @@ def test_head_reduction_cap_stops_ap_gradient():
         model = to_cwic(tiny_model(), stripe_size=16, head_max_reduction=cap)
         ids, mask = rand_batch()
         _gather_stats(model, ids, mask, 1)
-        with torch.no_grad():
-            model.lm_head.theta.fill_(1.5)
-        model.train()
-        with cwic_context(model, token_mask=mask, track_ap=True):
-            model(input_ids=ids, attention_mask=mask)
-        stats = cwic_exp.gather_active(model, mask)
-        head = model.lm_head
-        red = head.dense_params * int(mask.sum()) / float(stats.by_kind["head"].detach())
+        stats, red = _head_ap(model, ids, mask)
         assert 2.0 < red < 100.0, red
         stats.by_kind["head"].backward()
-        g = head.theta.grad
+        g = model.lm_head.theta.grad
         grads[cap] = 0.0 if g is None else float(g.abs().sum())
     assert grads[2.0] == 0.0 and grads[100.0] > 0, grads
+
+
+def _head_ap(model, ids, mask):
+    """θ_head = 1.5σ and one training forward that tracks AP: its statistics and the head's reduction over the real
+    tokens."""
+    with torch.no_grad():
+        model.lm_head.theta.fill_(1.5)
+    model.train()
+    with cwic_context(model, token_mask=mask, track_ap=True):
+        model(input_ids=ids, attention_mask=mask)
+    stats = cwic_exp.gather_active(model, mask)
+    return stats, model.lm_head.dense_params * int(mask.sum()) / float(stats.by_kind["head"].detach())
 
 
 def test_head_cap_is_decided_on_the_real_tokens_only():
@@ -575,18 +580,10 @@ def test_head_cap_is_decided_on_the_real_tokens_only():
     mask[1, 2:] = 0
     model = to_cwic(tiny_model(), stripe_size=16, head_max_reduction=1e9)
     _gather_stats(model, ids, mask, 2)
-    with torch.no_grad():
-        model.lm_head.theta.fill_(1.5)
-    model.train()
-    with cwic_context(model, token_mask=mask, track_ap=True):
-        model(input_ids=ids, attention_mask=mask)
-    stats = cwic_exp.gather_active(model, mask)
-    red_real = model.lm_head.dense_params * int(mask.sum()) / float(stats.by_kind["head"].detach())
+    _, red_real = _head_ap(model, ids, mask)
     red_all = red_real * mask.numel() / int(mask.sum())
     model.config.cwic["head_max_reduction"] = (red_real + red_all) / 2
-    with cwic_context(model, token_mask=mask, track_ap=True):
-        model(input_ids=ids, attention_mask=mask)
-    cwic_exp.gather_active(model, mask).by_kind["head"].backward()
+    _head_ap(model, ids, mask)[0].by_kind["head"].backward()
     assert model.lm_head.theta.grad is not None and float(model.lm_head.theta.grad.abs().sum()) > 0
 
 

@@ -1,6 +1,7 @@
 """Saving, loading (with and without cwic_exp) and teacher resolution."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -223,3 +224,39 @@ def test_the_dequantised_gguf_cache_follows_the_file(tmp_path, monkeypatch):
     assert before != after and before.parent == after.parent == tmp_path / "cache" / "gguf"
     os.utime(f, ns=(3 * 10**18, 3 * 10**18))
     assert _gguf_cache_path(str(f)) == after
+
+
+# Tests from a mutant audit of files.py (helper)
+
+def test_two_processes_of_one_host_get_distinct_tmp_paths(monkeypatch, tmp_path):
+    """Two processes of one host writing the same file use distinct temporary names (the PID is in them)."""
+    from cwic_exp import files
+    monkeypatch.setattr(files.os, "getpid", lambda: 111)
+    a = files.tmp_path(tmp_path / "x.pt")
+    monkeypatch.setattr(files.os, "getpid", lambda: 222)
+    assert files.tmp_path(tmp_path / "x.pt") != a
+
+
+def test_a_live_writers_tmp_file_is_left_alone(tmp_path):
+    """The stale-file cleanup leaves a live process's temporary file alone (here our parent's, on this host)."""
+    from cwic_exp import files
+    live = tmp_path / f".x.pt.tmp-{files._HOST}-{os.getppid()}"
+    live.write_bytes(b"being written")
+    files.save_atomic({"v": 1}, tmp_path / "x.pt")
+    assert live.exists()
+
+
+def test_fsync_dir_raises_io_errors(monkeypatch, tmp_path):
+    """fsync_dir passes an I/O error on (EIO); only "not supported" on this file system (EINVAL) is ignored."""
+    from cwic_exp import files
+
+    def eio(fd):
+        raise OSError(errno.EIO, "I/O error")
+    monkeypatch.setattr(files.os, "fsync", eio)
+    with pytest.raises(OSError):
+        files.fsync_dir(tmp_path)
+
+    def einval(fd):
+        raise OSError(errno.EINVAL, "not supported")
+    monkeypatch.setattr(files.os, "fsync", einval)
+    files.fsync_dir(tmp_path)

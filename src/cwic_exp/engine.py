@@ -560,11 +560,12 @@ class DecodeEngine:
     @_one_thread
     def capture(self, warmup: int = 2):
         """Compile every kernel and capture one decode step. The warm-up steps run at position 0: the cache row they
-        write and the token slot are restored afterwards, so a prefill before the first decode() stays valid."""
+        write, the token slots and the read counts are restored afterwards, so a prefill before the first decode()
+        stays valid and keeps what it counted."""
         if not self.use_graph or self.graph is not None:
             return
         self._clear_acc()
-        saved = (self.pos.clone(), self.tok.clone())
+        saved = (self.pos.clone(), self.tok.clone(), self.reads.clone())
         rows = (self.kc[:, 0].clone(), self.vc[:, 0].clone(), self.tokens[:2].clone())
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -584,7 +585,7 @@ class DecodeEngine:
         self.vc[:, 0].copy_(rows[1])
         self.tokens[:2].copy_(rows[2])
         self._clear_acc()
-        self.reads.zero_()   # (the warm-up steps counted)
+        self.reads.copy_(saved[2])   # the warm-up steps counted: back to what was counted before
 
     @_one_thread
     @torch.no_grad()

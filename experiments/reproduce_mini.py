@@ -412,13 +412,17 @@ def finish(args) -> None:
     n_chat = int(arrays["heldout"].shape[0])
     tok = load_teacher(meta["model"])[1]
     keys = [tuple(k) for k in meta["keys"]]
-    configs, runs, devices, sub_limit = [], {}, set(), args.limit
+    configs, runs, devices, sub_limit, limits = [], {}, set(), args.limit, {}
     for f in sorted(Path(args.scores).glob("scores_*.pt")):
         sc = torch.load(f, weights_only=False)
         devices.add(sc["device"])
         runs.update(sc.get("runs", {}))
-        sub_limit = sc.get("limit") or sub_limit
+        if sc.get("limit"):
+            limits[f.name] = sub_limit = sc["limit"]
         configs += [(n, c, [tuple(g) for g in sc["groups"]]) for n, c in sc["configs"].items()]
+    if len(set(limits.values())) > 1:   # a config scored on fewer documents would enter the table with NaNs
+        raise SystemExit("subset scores of different document limits cannot share one paired table: "
+                         + ", ".join(f"{n}: first {v}" for n, v in limits.items()))
     for _, c, _ in configs:          # a run's final export: its step is the run's last
         if c.get("milestone") == "final" and c.get("step") in (None, "_"):
             c["step"] = runs.get(c.get("run"), {}).get("steps", "_")

@@ -308,6 +308,11 @@ def test_replay_gives_lm_eval_the_same_metrics(byte_model):
     # and the same compute figures: per question, active parameters per token (each question's own)
     mine, theirs = direct.compute_by_task(), replayed.compute_by_task()
     assert set(mine) == set(theirs) and mine
+    # a request the stored run did not score (NaN, a subset run's rest) is refused, not handed to lm-eval's argmax
+    stored[rec.requests[1].key] = (float("nan"), False)
+    with pytest.raises(ValueError, match="1 requests have a NaN log-likelihood"):
+        run_lm_eval(CwicLM(tokenizer=ByteTok(), scorer=ReplayScorer(stored, res.group_active, res.group_tokens,
+                                                                   res.dense)), tasks, 3)
     for t, c in mine.items():
         assert theirs[t]["tokens"] == c["tokens"] and theirs[t]["per_question"] == pytest.approx(c["per_question"])
         assert len({round(v) for v in c["per_question"].values()}) > 1 and max(c["per_question"].values()) < direct.dense

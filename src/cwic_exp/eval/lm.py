@@ -88,6 +88,10 @@ class ReplayScorer:
             raise KeyError(f"{len(missing)} requests have no stored result, e.g. {missing[:3]}: the "
                            f"stored run covered other tasks, limits or tokenisation")
         lp = [self.results[r.key][0] for r in requests]
+        unscored = [r.key for r, v in zip(requests, lp) if v != v]
+        if unscored:   # a subset run's rest (or a model's NaN): lm-eval's argmax would pick the first choice
+            raise ValueError(f"{len(unscored)} requests have a NaN log-likelihood, e.g. {unscored[:3]}: the stored "
+                             f"run did not score them (a subset run, --limit) or its model gave NaN")
         gr = [self.results[r.key][1] for r in requests]
         groups = {r.group for r in requests}
         ga = {g: self.g_active[g] for g in groups}

@@ -28,6 +28,16 @@ _REAL_COMPUTE_BY_TASK = _CwicLM.compute_by_task
 
 # ----------------------------------------------------------------------------- compute.py
 
+def _small_llama(layers=2, teal=None):
+    """A random Llama (hidden 16, FFN 40, 2 heads, 1 kv head); with `teal`, that TEAL sparsity on every matrix."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from cwic_exp.teal import PROJS, apply_teal
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=40, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=1)
+    model = LlamaForCausalLM(cfg).eval()
+    return model if teal is None else apply_teal(model, {f"{i}.{p}": teal for i in range(layers) for p in PROJS})
+
+
 def test_summarize_active_is_per_token_and_density_covers_the_head():
     by_kind = {"q": 30.0, "head": 40.0}
     dense_by_kind = {"q": 10.0, "head": 10.0}
@@ -38,11 +48,8 @@ def test_summarize_active_is_per_token_and_density_covers_the_head():
 
 
 def test_dense_meter_counts_only_real_tokens_and_each_kind():
-    from transformers import LlamaConfig, LlamaForCausalLM
     from cwic_exp.eval.compute import ComputeMeter
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1)
-    model = LlamaForCausalLM(cfg).eval()
+    model = _small_llama()
     meter = ComputeMeter(model)
     real = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
     with meter.track(model, real):
@@ -55,12 +62,9 @@ def test_dense_meter_counts_only_real_tokens_and_each_kind():
 
 
 def test_teal_meter_ignores_padding_and_sums_kinds_over_layers():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from cwic_exp.teal import PROJS, apply_teal, teal_active_parameters
+    from cwic_exp.teal import teal_active_parameters
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1)
-    model = apply_teal(LlamaForCausalLM(cfg).eval(), {f"{i}.{p}": 0.3 for i in range(2) for p in PROJS})
+    model = _small_llama(teal=0.3)
     ids = torch.randint(0, 64, (2, 6))
     mask = torch.tensor([[1] * 6, [1, 1, 0, 0, 0, 0]])
     padded = teal_active_parameters(model, ids, mask)
@@ -372,13 +376,9 @@ def test_same_config_does_not_merge_nearby_aprs():
 
 
 def test_teal_meter_kinds_add_up_to_the_per_token_total():
-    from transformers import LlamaConfig, LlamaForCausalLM
     from cwic_exp.eval.compute import ComputeMeter
-    from cwic_exp.teal import PROJS, apply_teal
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=40, num_hidden_layers=3,
-                      num_attention_heads=2, num_key_value_heads=1)
-    model = apply_teal(LlamaForCausalLM(cfg).eval(), {f"{i}.{p}": 0.3 for i in range(3) for p in PROJS})
+    model = _small_llama(3, teal=0.3)
     ids = torch.randint(0, 64, (2, 6))
     real = torch.ones(2, 6, dtype=torch.bool)
     meter = ComputeMeter.for_model(model)

@@ -45,6 +45,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from .files import write_text_atomic
+
 # ----------------------------------------------------------------------------- decoding backends
 
 
@@ -850,10 +852,11 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
 
     def save():
         tr = chat.transcript(str(name))
+        # after every turn: a Ctrl-C during the write must not cost the turns written before
         if args.json:
-            Path(args.json).write_text(json.dumps(json_safe(tr), ensure_ascii=False, indent=1, allow_nan=False))
+            write_text_atomic(args.json, json.dumps(json_safe(tr), ensure_ascii=False, indent=1, allow_nan=False))
         if args.html:
-            Path(args.html).write_text(to_html(tr), encoding="utf-8")
+            write_text_atomic(args.html, to_html(tr))
 
     def one(user: str) -> None:
         turn = chat.turn(user, view.piece, view.prompt_tokens if args.show_prompt else None)

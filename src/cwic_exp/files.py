@@ -97,7 +97,7 @@ def save_atomic(obj, path) -> Path:
 
 
 def write_text_atomic(path, text: str) -> Path:
-    """`path.write_text(text)` through a `.NAME.tmp-HOST-PID` beside it and one rename: a reader (another rank, a
+    """`path.write_text(text, encoding="utf-8")` through a `.NAME.tmp-HOST-PID` beside it and one rename: a reader (another rank, a
     later command), or the file after a power loss, holds the old text or the new, never a part."""
     return _write_then_rename(path, "w", lambda f: f.write(text))
 
@@ -107,7 +107,7 @@ def _write_then_rename(path, mode: str, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
-    with open(tmp, mode) as f:
+    with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())

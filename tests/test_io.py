@@ -260,3 +260,33 @@ def test_fsync_dir_raises_io_errors(monkeypatch, tmp_path):
         raise OSError(errno.EINVAL, "not supported")
     monkeypatch.setattr(files.os, "fsync", einval)
     files.fsync_dir(tmp_path)
+
+
+def test_stale_files_of_a_name_with_glob_characters(tmp_path):
+    """The stale-file cleanup matches the file's own name literally: `a[1].pt` removes its own dead writer's
+    temporary file (an unescaped glob read [1] as a character class, missed it, and matched a1.pt's instead)."""
+    from cwic_exp import files
+    own = tmp_path / f".a[1].pt.tmp-{files._HOST}-99999999"
+    other = tmp_path / f".a1.pt.tmp-{files._HOST}-99999999"
+    for f in (own, other):
+        f.write_bytes(b"left by a killed write")
+    files.save_atomic({"v": 1}, tmp_path / "a[1].pt")
+    assert not own.exists() and other.exists()
+
+
+def test_json_dumps_is_strict(tmp_path):
+    """files.dumps writes a missing figure as null (JSON has no NaN or infinity: JSON.parse refused chat's file),
+    through dicts, lists and tuples and for numpy's floats; finite numbers, ints and bools pass unchanged, and a
+    `default=` that yields NaN raises instead of writing it."""
+    import numpy as np
+    from cwic_exp import files
+    doc = {"nan": float("nan"), "inf": [float("inf"), -float("inf")], "np": np.float32("nan"),
+           "t": (1.5, np.float64(2.25)), "n": 3, "b": True, "s": "NaN"}
+    text = files.dumps(doc)
+
+    def refuse(tok):
+        raise AssertionError(f"non-JSON token {tok}")
+    assert json.loads(text, parse_constant=refuse) == {"nan": None, "inf": [None, None], "np": None,
+                                                      "t": [1.5, 2.25], "n": 3, "b": True, "s": "NaN"}
+    with pytest.raises(ValueError):
+        files.dumps({"x": object()}, default=lambda o: float("nan"))

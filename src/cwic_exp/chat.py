@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import math
 import os
 import sys
@@ -45,7 +44,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from .files import write_text_atomic
+from .files import dumps as json_dumps, write_text_atomic
 
 # ----------------------------------------------------------------------------- decoding backends
 
@@ -714,18 +713,6 @@ def busy_cpu_notice(threads: int, cores: int | None = None, others: float | None
             f"slower than on a quiet machine; --threads {fewer} may be faster while it stays busy")
 
 
-def json_safe(obj):
-    """obj with every non-finite float as None (null): a turn without tokens has no mean, APR or tokens/s, and
-    JSON has no NaN (json.dumps would write one that JSON.parse refuses)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
 def default_model(search: list[Path] | None = None) -> str:
     """The path in runs/LATEST (written by training), from the working directory or the repository."""
     for base in search or (Path.cwd(), Path(__file__).resolve().parents[2]):
@@ -854,7 +841,7 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
         tr = chat.transcript(str(name))
         # after every turn: a Ctrl-C during the write must not cost the turns written before
         if args.json:
-            write_text_atomic(args.json, json.dumps(json_safe(tr), ensure_ascii=False, indent=1, allow_nan=False))
+            write_text_atomic(args.json, json_dumps(tr, ensure_ascii=False, indent=1))
         if args.html:
             write_text_atomic(args.html, to_html(tr))
 

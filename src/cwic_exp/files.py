@@ -1,7 +1,11 @@
 """Writes that a kill cannot leave half done (no heavy imports: the GPU box's scripts use them too)."""
 from __future__ import annotations
 
+import glob
 import hashlib
+import json
+import math
+import numbers
 import os
 import shutil
 import socket
@@ -88,7 +92,7 @@ def save_atomic(obj, path) -> Path:
     successful write on that host removes once PID is gone; a concurrent writer's file, or another host's, is left
     to it)."""
     path = _write_then_rename(path, "wb", lambda f: torch.save(obj, f))
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):    # left by a write that was killed (not a live one's)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):    # left by a write that was killed (not a live one's)
         rest = stale.name[len(f".{path.name}.tmp-"):]
         host, _, pid = rest.rpartition("-")
         if host in (_HOST, "") and not _alive(pid):          # "": the PID-only names written before 2026-12-04
@@ -100,6 +104,25 @@ def write_text_atomic(path, text: str) -> Path:
     """`path.write_text(text, encoding="utf-8")` through a `.NAME.tmp-HOST-PID` beside it and one rename: a reader (another rank, a
     later command), or the file after a power loss, holds the old text or the new, never a part."""
     return _write_then_rename(path, "w", lambda f: f.write(text))
+
+
+def json_safe(obj):
+    """obj with every non-finite number as None (null), through dicts, lists and tuples; numpy's float scalars become
+    floats. JSON has no NaN or infinity: json.dumps would write tokens that strict parsers (JSON.parse, jq) refuse."""
+    if isinstance(obj, numbers.Real) and not isinstance(obj, numbers.Integral):
+        obj = float(obj)
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps(obj, **kw) -> str:
+    """json.dumps(json_safe(obj), **kw), strict: a missing figure (a NaN) is written as null. `default=` still
+    converts other objects; one that converts to a non-finite float raises ValueError instead of writing NaN."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kw)
 
 
 def _write_then_rename(path, mode: str, write) -> Path:

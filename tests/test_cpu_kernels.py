@@ -1195,3 +1195,30 @@ def test_the_decoder_is_built_with_its_thread_count(ext, monkeypatch):
     monkeypatch.setattr(CD, "_ext", lambda: Proxy())
     CD.CpuDecoder(_tiny(), mode="dense", dtype=torch.float32, max_len=8, nthreads=3)
     assert seen == [3]
+
+
+def test_walk_tunings_change_prefetches_not_bits(ext):
+    """The walk tunables (rows prefetched ahead, the stripe prefetch and its budget, the stripe-group budget) move
+    only prefetches: under every setting the GEMV and the FFN give the same bits as under the defaults. set_tuning
+    sets what tuning() reads, a negative value keeps a setting, and the defaults come back."""
+    default = ext.tuning()
+    assert len(default) == 4 and default[0] > 0
+    cases = [(576, 960, 192), (256, 1024, 512), (100, 77, 20)]
+    want = {}
+    for B in (1, 3):
+        for (n, m, s) in cases:
+            x, wt, mean, thr, bias = _inputs(B, n, m, s, torch.bfloat16, seed=n + B)
+            want[("gemv", B, n)] = ((x, wt, mean, thr, bias, s), C.gemv(x, wt, mean, thr, bias, s))
+        args = _ffn_inputs(B, 576, 1536, 192, torch.bfloat16, seed=B)
+        want[("ffn", B)] = (args, C.ffn(*args))
+    try:
+        for t in [(1, 1, -1, -1), (64, -1, -1, -1), (-1, 0, -1, -1), (-1, 1, 0, 0), (-1, 1, 1 << 40, 1 << 40)]:
+            ext.set_tuning(*default)
+            ext.set_tuning(*t)
+            assert ext.tuning() == [d if v < 0 or (i == 0 and v == 0) else v for i, (v, d) in enumerate(zip(t, default))]
+            for key, (args, out) in want.items():
+                got = C.ffn(*args) if key[0] == "ffn" else C.gemv(*args)
+                assert torch.equal(got, out), (t, key)
+    finally:
+        ext.set_tuning(*default)
+    assert ext.tuning() == default

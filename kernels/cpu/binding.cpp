@@ -596,6 +596,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_isa", &cwic_cpu::best_isa);
   m.def("resolve_isa", &cwic_cpu::resolve_isa);
   m.def("isa_runs", &cwic_cpu::isa_runs);
+  m.def("tuning", &cwic_cpu::tuning, "the walk tunables: [prefetch rows, stripe prefetch on, its budget, group budget]");
+  m.def("set_tuning", &cwic_cpu::set_tuning, "set the walk tunables (a value < 0 keeps it); not while a kernel runs",
+        py::arg("prefetch_rows") = -1, py::arg("pf_stripe") = -1, py::arg("stripe_budget") = -1,
+        py::arg("group_budget") = -1);
   m.def("isa_name", [](int64_t isa) { return std::string(cwic_cpu::isa_name((int)isa)); });
   m.def("gemv", &gemv, "granular sparse GEMV -> (y fp32 (B, m), weights read)", py::arg("x"), py::arg("wt"),
         py::arg("mean"), py::arg("thr"), py::arg("bias"), py::arg("stripe"), py::arg("isa") = -1,

@@ -84,6 +84,20 @@ static int64_t g_pf_group_budget = [] {
   return (int64_t)(l2 > 0 ? l2 : 1L << 20) / 4;
 }();
 
+// The walk tunables above, read and set while running: a probe compares settings in one process, round by round,
+// where the host's drift between processes would be larger than their differences. A value < 0 keeps the setting.
+// Not to be called while a kernel runs on another thread.
+std::vector<int64_t> tuning() {
+  return {g_prefetch_rows, g_pf_stripe, g_pf_stripe_budget, g_pf_group_budget};
+}
+
+void set_tuning(int64_t prefetch_rows, int64_t pf_stripe, int64_t stripe_budget, int64_t group_budget) {
+  if (prefetch_rows > 0) g_prefetch_rows = (int)prefetch_rows;
+  if (pf_stripe >= 0) g_pf_stripe = (int)pf_stripe;
+  if (stripe_budget >= 0) g_pf_stripe_budget = stripe_budget;
+  if (group_budget >= 0) g_pf_group_budget = group_budget;
+}
+
 float round_bf16(float v) {
   uint32_t u;
   std::memcpy(&u, &v, 4);

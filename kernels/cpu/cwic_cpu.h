@@ -17,6 +17,7 @@
 // to the SIMD versions.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 namespace cwic_cpu {
 
@@ -28,6 +29,8 @@ int best_isa();                 // highest ISA this CPU supports
 int resolve_isa(int requested); // -1 -> best; a level above what the CPU has -> the best it has
 const char* isa_name(int isa);
 int64_t isa_runs(int isa);      // calls that ran the build of `isa` so far (tests check that a requested ISA ran)
+std::vector<int64_t> tuning();  // {prefetch rows, stripe prefetch on, its budget, group budget (bytes)}
+void set_tuning(int64_t prefetch_rows, int64_t pf_stripe, int64_t stripe_budget, int64_t group_budget);  // < 0: keep
 
 struct GemvArgs {
   const float* x = nullptr;      // (B, n) fp32

@@ -28,27 +28,43 @@ CAT_COLOURS = {"special": "#999999", "role": "#8c564b", "system": "#9467bd", "us
                "assistant": "#1f77b4"}
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def special_ids(tok) -> set[int]:
+    """The ids categorised as template: the tokenizer's special tokens and every added token flagged special (an
+    added <|im_end|> that is not bos, eos or pad is missing from `all_special_ids`)."""
+    added = getattr(tok, "added_tokens_decoder", None) or {}
+    return set(tok.all_special_ids) | {i for i, a in added.items() if getattr(a, "special", False)}
+
+
 def categorise(tr: dict, special: set[int]) -> list[tuple[dict, str]]:
-    """Every token of the conversation with its category (ChatML-style templates: <|im_start|>role\\n
-    content<|im_end|>; other templates fall back to user/assistant)."""
+    """Every token of the conversation with its category. Role headers are read as ChatML's
+    `<|im_start|>role\\n` and Llama 3's `<|start_header_id|>role<|end_header_id|>\\n\\n`: the header's text tokens are
+    "role" (a name split over several tokens too), the content up to the closing special token (`<|im_end|>`,
+    `<|eot_id|>`) takes the role's category, and what follows that token until the next header is template."""
     out = []
     for k, t in enumerate(tr["turns"]):
         # a later turn's prompt starts where the cache stopped: inside the previous reply
-        role, in_role = ("user" if k == 0 else "assistant"), False
+        role, in_role, name = ("user" if k == 0 else "assistant"), False, ""
         for tok in t["prompt"]:
+            text = tok["text"]
             if tok["id"] in special:
                 out.append((tok, "special"))
-                in_role = "im_start" in tok["text"] or tok["text"].strip() in ("<s>", "<|begin_of_text|>")
-                if "im_end" in tok["text"] or "eot" in tok["text"]:
+                if "end_header" in text:     # Llama 3: the role name is behind, its newline ahead
+                    continue
+                in_role = ("im_start" in text or "start_header" in text
+                           or text.strip() in ("<s>", "<|begin_of_text|>"))
+                name = ""
+                if "im_end" in text or "eot" in text:
                     role = None          # template glue until the next role header
                 continue
             if in_role:
-                name = tok["text"].strip()
-                if name in ("system", "user", "assistant"):
-                    role = name
                 out.append((tok, "role"))
-                if "\n" in tok["text"]:
-                    in_role = False
+                name += text
+                if "\n" in text:        # the header ends: its name, whole
+                    role = name.strip() if name.strip() in ROLES else role
+                    in_role, name = False, ""
                 continue
             out.append((tok, role or "special"))
         out += [(tok, "assistant") for tok in t["reply"]]
@@ -64,7 +80,7 @@ def run_chat(ckpt, prompts, max_new_tokens, device):
     for p in prompts:
         t = chat.turn(p)
         log(f"turn: {t.reply_text[:80]!r}… {t.summary['tokens']} tokens, APR {t.summary['apr']:.2f}")
-    return chat.transcript(str(ckpt)), set(tok.all_special_ids)
+    return chat.transcript(str(ckpt)), special_ids(tok)
 
 
 def main(argv=None):
@@ -73,6 +89,9 @@ def main(argv=None):
     p.add_argument("--prompt", action="append", default=None)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--width", type=int, default=110)
+    p.add_argument("--tokenizer", default=None,
+                   help="with --transcript: the tokenizer whose special tokens are template (default: the transcript's "
+                        "model, which may be a path on another machine)")
     args = p.parse_args(argv)
     if args.transcript:
         args.checkpoint = args.checkpoint or "(transcript)"
@@ -82,7 +101,7 @@ def main(argv=None):
     if args.transcript:
         tr = json.loads(Path(args.transcript).read_text())
         from transformers import AutoTokenizer
-        special = set(AutoTokenizer.from_pretrained(tr["model"]).all_special_ids)
+        special = special_ids(AutoTokenizer.from_pretrained(args.tokenizer or tr["model"]))
         label = tr["model"]
     else:
         tr, special = run_chat(args.checkpoint, args.prompt or PROMPTS, args.max_new_tokens, args.device)

@@ -364,6 +364,9 @@ def test_milestones_in_apr_order_exported_only_final_last(tmp_path):
             (hf / name / "config.json").write_text("{}")
     got = [p.name for p in milestones(hf / "final")]
     assert got == ["apr_2.05x", "apr_3.05x", "apr_10.05x", "final"]
+    # a milestone as the checkpoint: its trajectory stops there (it measured the later ones and left out final)
+    assert [p.name for p in milestones(hf / "apr_3.05x")] == ["apr_2.05x", "apr_3.05x"]
+    assert [p.name for p in milestones(hf / "apr_2.05x")] == ["apr_2.05x"]
 
 
 def test_kl_vs_apr_measure_directions_and_real_tokens(ckpt, heldout):

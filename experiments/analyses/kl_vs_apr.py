@@ -24,13 +24,13 @@ from common import NOTE, add_common_args, heldout_rows, load_cwic, log, packed_b
 
 
 def milestones(final) -> list[Path]:
-    hf = Path(final).resolve().parent
-    ms = [p for p in hf.glob("apr_*x") if re.fullmatch(r"apr_\d+(\.\d+)?x", p.name)]
+    """The run's exported APR milestones beside `final`, in APR order (the order training reached them), then `final`
+    itself. `final` may be a milestone: the trajectory then stops there (the later ones, and hf/final, are left out)."""
+    final = Path(final).resolve()
+    ms = [p for p in final.parent.glob("apr_*x") if re.fullmatch(r"apr_\d+(\.\d+)?x", p.name)]
     ms.sort(key=lambda p: float(p.name[4:-1]))
     out = [p for p in ms if (p / "config.json").exists()]
-    if Path(final).resolve() not in out:
-        out.append(Path(final).resolve())
-    return out
+    return (out[:out.index(final)] if final in out else out) + [final]
 
 
 @torch.no_grad()

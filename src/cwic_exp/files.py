@@ -92,7 +92,8 @@ def save_atomic(obj, path) -> Path:
     successful write on that host removes once PID is gone; a concurrent writer's file, or another host's, is left
     to it)."""
     path = _write_then_rename(path, "wb", lambda f: torch.save(obj, f))
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):    # left by a write that was killed (not a live one's)
+    # left by a write that was killed (not a live one's); the name matched literally (it may hold [ or *)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
         rest = stale.name[len(f".{path.name}.tmp-"):]
         host, _, pid = rest.rpartition("-")
         if host in (_HOST, "") and not _alive(pid):          # "": the PID-only names written before 2026-12-04

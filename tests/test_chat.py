@@ -13,25 +13,9 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import byte_tokenizer, tiny_model
 
 PROMPT = "héllo wörld, 你好!"
-TEMPLATE = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}"
-            "{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}")
-
-
-def byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import PreTrainedTokenizerFast
-    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
-    t = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    t.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=False)
-    t.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<|im_end|>")
-    tok.chat_template = TEMPLATE
-    return tok
 
 
 @pytest.fixture(scope="module")

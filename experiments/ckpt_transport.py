@@ -166,8 +166,8 @@ def unpack(parts_dirs: list[str | Path], dest: str | Path) -> Path:
     dest = Path(dest).resolve()
     if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / "config.json").exists())):
         raise SystemExit(f"unpack: {dest} exists and is not a checkpoint folder: not replacing it")
-    from cwic_exp.files import replace_folder
-    tmp = dest.with_name(dest.name + ".tmp")
+    from cwic_exp.files import replace_folder, tmp_path
+    tmp = tmp_path(dest)     # this process's own staging name: a folder of someone else's beside dest is left alone
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)

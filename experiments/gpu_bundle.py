@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,12 +61,23 @@ def teacher(gpu: Path) -> None:
 
 
 RUN_ENV = r"""# source me on the GPU box (from the repository root)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || return 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site @BUNDLE@/whl/*.whl || return 1
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD:${PYTHONPATH:-}
 export CWIC_CACHE=/tmp/cwic_cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export CWIC_TEACHER=$(ls /root/stash/teacher/*.gguf 2>/dev/null | head -1)
-export CWIC_DATA=$PWD/.gpu/data/sharegpt-1024.pt
+export CWIC_DATA=@DATA@
 """
+
+
+def run_env(gpu: Path, data_file: Path) -> str:
+    """run_env.sh for a bundle in `gpu` holding `data_file`, its paths as the box's shell sees them from the
+    repository root, where it is sourced (a bundle outside the repository: absolute paths)."""
+    root = ROOT.resolve()
+
+    def at(p: Path) -> str:
+        p = Path(p).resolve()
+        return f"$PWD/{p.relative_to(root)}" if p.is_relative_to(root) else str(p)
+    return RUN_ENV.replace("@BUNDLE@", at(gpu)).replace("@DATA@", at(data_file))
 
 
 def main(argv=None) -> int:
@@ -87,7 +97,7 @@ def main(argv=None) -> int:
         evalbundle(gpu / "evalbundle")
     if not a.skip_teacher:
         teacher(gpu)
-    (gpu / "run_env.sh").write_text(RUN_ENV)
+    (gpu / "run_env.sh").write_text(run_env(gpu, Path(d)))
     sizes = {str(p.relative_to(gpu)): p.stat().st_size for p in sorted(gpu.rglob("*")) if p.is_file()}
     print(json.dumps({"bundle": str(gpu), "data": str(d), "files": len(sizes),
                       "mib": round(sum(sizes.values()) / 2**20, 1)}))

@@ -82,6 +82,28 @@ def byte_tokenizer():
     return tok
 
 
+def tiny_cwic_checkpoint(path):
+    """A tiny CWIC Llama saved with the byte tokenizer at `path`: statistics gathered, random θ/φ (so the masks and
+    the per-token counts vary), partial last stripes (k/v: 24 rows in stripes of 16; the head: 258 in stripes of
+    64). Chat's and the analyses' tests load it as a user's checkpoint."""
+    import cwic_exp
+    tok = byte_tokenizer()
+    model = tiny_model(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cwic_exp.to_cwic(model, stripe_size=16, head_stripe_size=64)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, len(tok), (4, 64), generator=g)
+    with torch.no_grad():
+        for _ in range(3):
+            with cwic_exp.cwic_context(model, update_stats=True):
+                model(input_ids=ids)
+        for m in cwic_exp.iter_cwic_modules(model):
+            p = m.theta if isinstance(m, cwic_exp.CwicLinear) else m.phi
+            p.copy_(torch.rand(p.shape, generator=g) * 1.6)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("CWIC_RUN_SLOW") == "1":
         return

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import byte_tokenizer, tiny_model
+from conftest import byte_tokenizer, tiny_cwic_checkpoint, tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "analyses"))
 
@@ -40,25 +40,7 @@ def _dense_tiny(tok):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """A saved tiny CWIC checkpoint: statistics gathered, random θ/φ (so masks vary), partial last stripes
-    (k/v: 24 rows in stripes of 16; the head: 258 rows in stripes of 64)."""
-    import cwic_exp
-    tok = byte_tokenizer()
-    model = _dense_tiny(tok)
-    cwic_exp.to_cwic(model, stripe_size=16, head_stripe_size=64)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, len(tok), (4, 64), generator=g)
-    with torch.no_grad():
-        for _ in range(3):
-            with cwic_exp.cwic_context(model, update_stats=True):
-                model(input_ids=ids)
-        for m in cwic_exp.iter_cwic_modules(model):
-            p = m.theta if isinstance(m, cwic_exp.CwicLinear) else m.phi
-            p.copy_(torch.rand(p.shape, generator=g) * 1.6)
-    path = tmp_path_factory.mktemp("cwic_an") / "ckpt"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return tiny_cwic_checkpoint(tmp_path_factory.mktemp("cwic_an") / "ckpt")
 
 
 @pytest.fixture(autouse=True)

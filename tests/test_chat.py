@@ -13,7 +13,7 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-from conftest import byte_tokenizer, tiny_model
+from conftest import byte_tokenizer, tiny_cwic_checkpoint, tiny_model
 
 PROMPT = "héllo wörld, 你好!"
 
@@ -21,23 +21,7 @@ PROMPT = "héllo wörld, 你好!"
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A saved tiny CWIC checkpoint whose thresholds make the per-token counts vary."""
-    import cwic_exp
-    tok = byte_tokenizer()
-    model = tiny_model(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    cwic_exp.to_cwic(model, stripe_size=16, head_stripe_size=64)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, len(tok), (4, 64), generator=g)
-    with torch.no_grad():
-        for _ in range(3):
-            with cwic_exp.cwic_context(model, update_stats=True):
-                model(input_ids=ids)
-        for m in cwic_exp.iter_cwic_modules(model):
-            p = m.theta if isinstance(m, cwic_exp.CwicLinear) else m.phi
-            p.copy_(torch.rand(p.shape, generator=g) * 1.6)
-    path = tmp_path_factory.mktemp("cwic_chat") / "ckpt"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return tiny_cwic_checkpoint(tmp_path_factory.mktemp("cwic_chat") / "ckpt")
 
 
 def run_chat(args):

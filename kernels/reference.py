@@ -22,7 +22,9 @@ Gated FFN (METHOD.md §5), with `up_w` (d_ff, d) = W_up (row j = unit j's input 
     g = gemv(x; gate)            a = act(g)            M = |a| ≥ unit_thr      (unit_thr fp32, (d_ff,))
     y = down_wt.T @ ((up_w @ x) ⊙ a ⊙ M)
 
-so a unit that is off costs neither its row of W_up nor its row of W_downᵀ.
+so a unit that is off costs neither its row of W_up nor its row of W_downᵀ. In bf16 or fp16, g and a are rounded to
+x's dtype as the model's gate projection and activation module return them (`act_in_dtype`), so that every path
+keeps the units the model keeps.
 """
 from __future__ import annotations
 
@@ -56,16 +58,22 @@ def gemv_reference(x, wt, mean, thr, bias, stripe: int) -> torch.Tensor:
     return (y + bias.float()).to(x.dtype)
 
 
-def gate_in_dtype(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The gate's fp32 sums as `ffn_reference` (and the model) have them: rounded to x's dtype when it is bf16 or
-    fp16, then fp32 again, before the activation and the unit mask. For the paths that sum in fp32 throughout."""
-    return g.to(dtype).float() if dtype in (torch.bfloat16, torch.float16) else g
+def in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 values rounded to `dtype` when it is bf16 or fp16, then fp32 again (unchanged otherwise)."""
+    return t.to(dtype).float() if dtype in (torch.bfloat16, torch.float16) else t
+
+
+def act_in_dtype(g: torch.Tensor, act: str, dtype: torch.dtype) -> torch.Tensor:
+    """act(g) as a model in `dtype` computes it, in fp32: the gate's sums rounded to `dtype` (the gate
+    projection's output), the activation in fp32, its result rounded to `dtype` (the `act_fn` module's output,
+    which the model's unit mask compares with the thresholds). Every FFN path decides its unit mask on this."""
+    return in_dtype(ACTIVATIONS[act](in_dtype(g.float(), dtype)), dtype)
 
 
 def ffn_reference(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int,
                   up_w, down_wt, unit_thr, act: str = "silu") -> torch.Tensor:
-    g = gemv_reference(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe).float()
-    a = ACTIVATIONS[act](g)
+    g = gemv_reference(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe)
+    a = act_in_dtype(g, act, x.dtype)
     a = torch.where(a.abs() < unit_thr.float(), 0.0, a)         # a NaN unit is on
     h = (x.float() @ up_w.float().T) * a
     return (h @ down_wt.float()).to(x.dtype)

@@ -53,3 +53,23 @@ def _check(out, gold, ref_out, what=""):
     e_ref = _rel(ref_out, gold)
     e = _rel(out, gold)
     assert e <= 3 * e_ref + 1e-6, f"{what}: kernel error {e:.3g} vs reference {e_ref:.3g}"
+
+
+def unit_flip_case(g32, dtype, act="silu"):
+    """Unit thresholds (F,) fp32 that only the activation's roundings decide. g32 (B, F): the gate's fp32 sums. The
+    model's |a| is |act_in_dtype(g)|: the gate's output rounded to `dtype`, the activation's too. Two wrong readings:
+    |act(g)| (nothing rounded) and |act(dtype(g))| (the activation's result not rounded). For each, the (token, unit)
+    where it differs most from the model's gets its unit's threshold halfway between the two (a different unit each);
+    every other unit's threshold is 0. Returns (thresholds, cells): cells [(b, j, on)], on the model's decision."""
+    from cwic_kernels import reference as ref
+    am = ref.act_in_dtype(g32, act, dtype).abs()
+    ut = torch.zeros(g32.shape[1])
+    cells = []
+    for aw in (ref.ACTIVATIONS[act](g32).abs(), ref.ACTIVATIONS[act](ref.in_dtype(g32, dtype)).abs()):
+        diff = (am - aw).abs()
+        diff[:, ut != 0] = 0
+        b, j = divmod(int(diff.argmax()), g32.shape[1])
+        assert float(diff[b, j]) > 5e-4 * float(am[b, j]), "no unit whose |a| this rounding moves"
+        ut[j] = (am[b, j] + aw[b, j]) / 2
+        cells.append((b, j, bool(am[b, j] >= ut[j])))
+    return ut, cells

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from kernel_checks import DEV, _check, _gen, _gold, _inputs, _rel
+from kernel_checks import DEV, _check, _gen, _gold, _inputs, _rel, unit_flip_case
 
 import pytest  # noqa: E402
 
@@ -64,7 +64,8 @@ def test_ffn_gemm_matches_reference(dtype):
     args = (gwt.double(), gmean.double(), gthr.double(), gbias.double(), stripe, up.double(), down.double(),
             uthr.double())
     gold = ref.ffn_reference(x.double(), *args).double() + res.double()
-    want = (ref.ffn_reference(x.float(), *[a.float() if torch.is_tensor(a) else a for a in args]) + res.float())
+    # the reference in x's dtype: in bf16 it rounds g and act(g) as the model does, which fp64 does not
+    want = ref.ffn_reference(x, gwt, gmean, gthr, gbias, stripe, up, down, uthr).float() + res.float()
     tol = 1e-5 if dtype == torch.float32 else 3 * _rel(want.to(dtype), gold) + 1e-6
     assert _rel(y, gold) < tol
     dense_units = P.ffn_gemm(x, gwt, gmean, gthr, gbias, stripe, up, down, torch.zeros_like(uthr), "silu",
@@ -72,9 +73,10 @@ def test_ffn_gemm_matches_reference(dtype):
     assert _rel(dense_units, y) > 1e-3                          # the unit mask bites
 
 
-def test_ffn_gemm_unit_mask_sees_the_gate_in_x_dtype():
-    """As in the decode kernels and the reference: the unit mask is decided on act(g) with g rounded to x's dtype. A
-    unit whose threshold lies between |act(bf16(g))| and |act(g)| follows the former."""
+def test_ffn_gemm_unit_mask_sees_act_in_x_dtype():
+    """As in the decode kernels and the reference: the unit mask is decided on act(g) as the model computes it in
+    x's dtype (g and act(g) rounded to bf16, `reference.act_in_dtype`). A unit whose threshold lies between that
+    |a| and |act(g)|, or |act(bf16(g))|, follows the model."""
     d, F_, s = 32, 64, 32
     g = _gen(41)
     x = torch.randn(1, d, generator=g).bfloat16()
@@ -82,20 +84,15 @@ def test_ffn_gemm_unit_mask_sees_the_gate_in_x_dtype():
     mean, thr = torch.zeros(d), torch.rand(F_ // s, d, generator=g) * 0.5
     gb = torch.randn(F_, generator=g) * 0.1
     up, dn = (torch.randn(F_, d, generator=g) / 4).bfloat16(), (torch.randn(F_, d, generator=g) / 4).bfloat16()
-    g32 = ref.gemv_reference(x.float(), gw.float(), mean, thr, gb, s)
-    a16 = ref.ACTIVATIONS["silu"](g32.bfloat16().float()).abs()
-    a32 = ref.ACTIVATIONS["silu"](g32).abs()
-    j = int((a16 - a32).abs().argmax())
-    assert abs(float(a16[0, j] - a32[0, j])) > 1e-3 * float(a32[0, j])      # rounding moves this unit's |a|
-    ut = torch.zeros(F_)
-    ut[j] = (a16[0, j] + a32[0, j]) / 2
+    ut, cells = unit_flip_case(ref.gemv_reference(x.float(), gw.float(), mean, thr, gb, s), torch.bfloat16)
     want = ref.ffn_reference(x, gw, mean, thr, gb, s, up, dn, ut).float()
-    flipped = ut.clone()
-    flipped[j] = float("inf") if a16[0, j] >= ut[j] else 0.0
-    other = ref.ffn_reference(x, gw, mean, thr, gb, s, up, dn, flipped).float()
     dev = [t.to(DEV) for t in (x, gw, mean, thr, gb, up, dn, ut)]
     got = P.ffn_gemm(*dev[:5], s, *dev[5:], "silu").float().cpu()
-    assert (got - want).norm() < 0.25 * (other - want).norm()
+    for _, j, on in cells:
+        flipped = ut.clone()
+        flipped[j] = float("inf") if on else 0.0
+        other = ref.ffn_reference(x, gw, mean, thr, gb, s, up, dn, flipped).float()
+        assert (got - want).norm() < 0.25 * (other - want).norm(), j
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="the bf16 operand split is a CUDA path (the CPU computes in fp32)")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from kernel_checks import DEV  # before triton: the interpreter where no GPU is
+from kernel_checks import DEV, unit_flip_case  # before triton: the interpreter where no GPU is
 from test_io import _trained_like
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -368,11 +368,11 @@ def test_ffn_reference_is_the_cwic_gated_mlp():
     assert 0 < int(on.sum()) < on.numel()
 
 
-def test_ffn_reference_rounds_the_gate_then_the_output_only():
-    """bf16: the reference rounds the gate's sums to bf16 (the unit mask sees act(bf16 g), as `gate_in_dtype` says)
-    and the output once; the intermediate h = (W_up x) ⊙ a stays fp32. Bit for bit against that computation in fp32;
-    a reference that rounded h to bf16 too (a second rounding of every product) survived every kernel test, whose
-    error bounds grow with the reference's own."""
+def test_ffn_reference_rounds_the_gate_the_activation_and_the_output_only():
+    """bf16: the reference rounds the gate's sums to bf16 and act(g) to bf16 (as the model's gate projection and
+    activation module return them, `act_in_dtype`), and the output once; the intermediate h = (W_up x) ⊙ a stays
+    fp32. Bit for bit against that computation in fp32; a reference that rounded h to bf16 too (a second rounding of
+    every product) survived every kernel test, whose error bounds grow with the reference's own."""
     from cwic_kernels import reference as R
     mlp = _cwic_mlp(64, 96, 32, seed=5, phi=0.3)
     x = _x(4, 64, seed=6, shift=mlp.gate_proj.running_stats()[0])
@@ -380,12 +380,41 @@ def test_ffn_reference_rounds_the_gate_then_the_output_only():
     xb, gwb, upb, dnb = (t.bfloat16() for t in (x, gwt, up, dn))
     got = R.ffn_reference(xb, gwb, gm, gt, gb, s, upb, dnb, ut)
     g = R.gemv_reference(xb.float(), gwb.float(), gm, gt, gb, s).bfloat16().float()
-    a = torch.nn.functional.silu(g)
+    a = torch.nn.functional.silu(g).bfloat16().float()
     a = torch.where(a.abs() >= ut, a, 0.0)
     h = (xb.float() @ upb.float().T) * a
     want = (h @ dnb.float()).bfloat16()
     assert 0 < int((a != 0).sum()) < a.numel()
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+def test_act_in_dtype_keeps_the_units_the_bf16_model_keeps():
+    """The unit mask of every FFN path (reference, fallback, Triton, C++) is decided on `act_in_dtype(g)`; the bf16
+    model decides it on its act_fn's bf16 output. On the model's own gate outputs, thresholds placed between the
+    model's |a| and the two wrong readings (act in fp32 of g, of bf16(g)) give the model's units, and not the wrong
+    readings' (the kernels kept the latter's until 2026-12-05: 0.1-0.5 % of the units flipped in bf16)."""
+    from cwic_kernels import reference as R
+    mlp = _cwic_mlp(64, 96, 32, seed=5, phi=0.0)
+    for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):      # weights in bf16, θ, φ and statistics in fp32
+        lin.weight.data = lin.weight.data.bfloat16()
+    x = _x(6, 64, seed=7, shift=mlp.gate_proj.running_stats()[0]).bfloat16()
+    seen = {}
+    hooks = [mlp.gate_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("g", o.detach())),
+             mlp.down_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("h", i[0].detach()))]
+    with torch.no_grad():
+        mlp(x)
+        g = seen["g"].float()
+        ut, cells = unit_flip_case(g, torch.bfloat16)
+        mlp.phi.copy_(ut / mlp.running_stats()[1])
+        assert torch.allclose(mlp.unit_thresholds(), ut, rtol=1e-6, atol=0)
+        mlp(x)
+    for hk in hooks:
+        hk.remove()
+    assert torch.equal(seen["g"].float(), g)                      # the same gate outputs as the thresholds saw
+    model_on = seen["h"] != 0
+    assert torch.equal(model_on, R.act_in_dtype(g, "silu", torch.bfloat16).abs() >= mlp.unit_thresholds())
+    for b, j, on in cells:
+        assert bool(model_on[b, j]) == on
 
 
 def test_references_keep_a_nan_input_on_as_the_model_does():

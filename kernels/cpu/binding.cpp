@@ -190,7 +190,7 @@ std::tuple<at::Tensor, int64_t> ffn(const at::Tensor& x, const at::Tensor& gate_
   a.unit_thr = opt_ptr(unit_thr, ut);
   if (a.unit_thr) TORCH_CHECK(ut.dim() == 1 && ut.numel() == F, "cwic_cpu: unit_thr must be (F,), F = ", F);
   a.act = act_id(act);
-  a.round_gate_bf16 = x.scalar_type() == at::kBFloat16;   // the reference rounds g to x's dtype
+  a.round_act_bf16 = x.scalar_type() == at::kBFloat16;   // the reference rounds g and act(g) to x's dtype
   at::Tensor y = at::empty({a.gate.B, d}, x32.options());
   a.y = y.data_ptr<float>();
   int64_t reads;

@@ -66,7 +66,7 @@ struct FfnArgs {
   int64_t down_ld = 0;
   const float* unit_thr = nullptr; // (F) or null: every unit on
   int act = ACT_SILU;
-  bool round_gate_bf16 = false;  // round g to bf16 before act (what a bf16 model / the reference does)
+  bool round_act_bf16 = false;   // g rounded to bf16 before act, act(g) after (a bf16 model and the reference)
   const float* residual = nullptr; // (B, d) or null
   float* y = nullptr;            // (B, d) fp32
 };

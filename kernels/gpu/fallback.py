@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import ACTIVATIONS, gate_in_dtype, gemv_reference
+from ..reference import act_in_dtype, gemv_reference
 from .decode import act_mul_ref, argmax_ref, decode_attention_ref, rmsnorm_ref, rope_attention_ref, rope_cache_ref
 from .gemv import MASK_NONE, MASK_NONZERO, MASK_THRESHOLD, check_count
 
@@ -55,7 +55,7 @@ def gemv_ex_ref(x, wt, mean, thr, bias, stripe, *, residual=None, act=None, unit
     if bias is not None:
         y = y + bias.float()
     if act is not None:
-        a = ACTIVATIONS[act](gate_in_dtype(y, x.dtype))
+        a = act_in_dtype(y, act, x.dtype)
         y = torch.where(a.abs() < unit_thr.float(), 0.0, a)          # a NaN unit is on (reference.py)
     if residual is not None:
         y = y + residual.float()

@@ -102,15 +102,23 @@ def _pdl_enter(USE_PDL: tl.constexpr):
 
 
 @triton.jit
-def _act(y, ACT: tl.constexpr):
-    """act(y) for the codes of `act_code`: + 16 / + 32 round y to bf16 / fp16 first (the gate's output in the
-    model's dtype, as `ffn_reference`, the C++ kernel and the model compute it)."""
+def _in_dtype(y, ACT: tl.constexpr):
+    """fp32 y rounded to bf16 (ACT + 16) or fp16 (ACT + 32) and back; unchanged for an fp32 model."""
     if ACT >= 32:
         y = y.to(tl.float16).to(tl.float32)
     elif ACT >= 16:   # to nearest even in integer ops: Triton's interpreter truncates an fp32 -> bf16 cast
         u = y.to(tl.uint32, bitcast=True)
         u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
         y = u.to(tl.float32, bitcast=True)
+    return y
+
+
+@triton.jit
+def _act(y, ACT: tl.constexpr):
+    """act(y) for the codes of `act_code`, as `reference.act_in_dtype`: + 16 / + 32 round y to bf16 / fp16 first
+    (the gate's output in the model's dtype) and the result after (the activation module's output, which the
+    model's unit mask sees)."""
+    y = _in_dtype(y, ACT)
     A: tl.constexpr = ACT % 16
     if A == 0:
         y = y * tl.sigmoid(y)
@@ -121,12 +129,12 @@ def _act(y, ACT: tl.constexpr):
         y = y * tl.sigmoid(2.0 * inner)          # 0.5·(1 + tanh(u)) = sigmoid(2u)
     elif A == 3:
         y = tl.maximum(y, 0.0)
-    return y
+    return _in_dtype(y, ACT)
 
 
 def act_code(act: str | None, x_dtype: torch.dtype) -> int:
     """The kernels' ACT constexpr: the activation's id, + 16 (bf16 x) or + 32 (fp16 x) so that the gate's fp32 sum
-    is rounded to x's dtype before the activation and the unit mask; -1 without an activation."""
+    and the activation are rounded to x's dtype (`_act`); -1 without an activation."""
     base = ACT_IDS[act]
     if base < 0:
         return base

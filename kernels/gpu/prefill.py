@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import ACTIVATIONS, gate_in_dtype
+from ..reference import ACTIVATIONS, act_in_dtype
 
 __all__ = ["masked_gemm", "ffn_gemm", "mm_f32"]
 
@@ -110,7 +110,7 @@ def ffn_gemm(x: torch.Tensor, gate_wt: torch.Tensor, gate_mean: torch.Tensor, ga
     if act not in ACTIVATIONS:
         raise ValueError(f"ffn_gemm: activation {act!r} not in {sorted(ACTIVATIONS)}")
     g = masked_gemm(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, out_dtype=torch.float32, exact=exact)
-    a = ACTIVATIONS[act](gate_in_dtype(g, x.dtype))
+    a = act_in_dtype(g, act, x.dtype)
     a = torch.where(a.abs() < unit_thr.float(), 0.0, a)                 # NaN: on
     h = mm_f32(x.float(), up_w.t(), exact=False, dtype=x.dtype) * a     # x is exact in its own dtype
     y = mm_f32(h, down_wt, exact)

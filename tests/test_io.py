@@ -135,7 +135,7 @@ def test_smollm2_theta_zero_equals_dense():
 
 def test_a_failed_write_leaves_the_old_file_and_the_old_folder(tmp_path, monkeypatch):
     """save_atomic: a write that dies half-way leaves the previous file readable. replace_folder: a kill while the
-    new folder moves in leaves the old one whole (as itself or as NAME.old), never nothing."""
+    new folder moves in leaves the old one whole (as itself or under its aside name), never nothing."""
     from cwic_exp import files
     p = files.save_atomic({"v": 1}, tmp_path / "x.pt")
 
@@ -161,8 +161,21 @@ def test_a_failed_write_leaves_the_old_file_and_the_old_folder(tmp_path, monkeyp
     with pytest.raises(OSError):
         files.replace_folder(new, old)
     monkeypatch.undo()
-    kept = old if old.exists() else old.with_name("f.old")
+    kept = old if old.exists() else old.with_name(f".f.old-{files._HOST}-{os.getpid()}")
     assert (kept / "a").read_text() == "old"
+
+
+def test_replace_folder_leaves_a_users_old_folder_alone(tmp_path):
+    """The old folder is moved aside under this process's own hidden name: a sibling NAME.old that the user keeps
+    (an earlier run renamed by hand, say) survives, and nothing else is left beside the new folder."""
+    from cwic_exp import files
+    for name in ("f", "f.old", "new"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a").write_text(name)
+    files.replace_folder(tmp_path / "new", tmp_path / "f")
+    assert (tmp_path / "f" / "a").read_text() == "new"
+    assert (tmp_path / "f.old" / "a").read_text() == "f.old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "f.old"]
 
 
 def test_renames_are_fsynced_in_their_folder(tmp_path, monkeypatch):

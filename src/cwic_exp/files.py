@@ -42,9 +42,10 @@ def fingerprint(path) -> str:
 
 def replace_folder(tmp: Path, folder: Path) -> Path:
     """Put the finished folder `tmp` in place of `folder`: its files fsynced, the old one moved aside first, then
-    removed, so a kill or a power loss leaves either folder whole (the old one as folder.old at worst), never a
-    half-written one."""
-    old = folder.with_name(folder.name + ".old")
+    removed, so a kill or a power loss leaves either folder whole (the old one as `.NAME.old-HOST-PID` at worst),
+    never a half-written one. The aside name is this process's own: a sibling `NAME.old` of the user's is not
+    touched."""
+    old = folder.with_name(f".{folder.name}.old-{_HOST}-{os.getpid()}")
     fsync_tree(tmp)                 # its files on disk before its name is: the old folder goes after the rename
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)

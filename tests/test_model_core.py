@@ -357,3 +357,27 @@ def test_validation_counts_real_tokens_and_moves_no_statistics():
     assert vf == pytest.approx(float(fkl), rel=1e-5) and vr == pytest.approx(float(rkl), rel=1e-5)
     for k, b in mod.student.named_buffers():
         assert torch.equal(b, before[k]), k
+
+
+def test_from_pretrained_honours_or_names_its_keywords(tmp_path):
+    """from_pretrained passes attn_implementation= to the architecture it rebuilds and reads a subfolder=; a keyword
+    it cannot honour is named in a warning instead of being dropped silently (it dropped all of them). Loading through
+    the Auto class, with or without trust_remote_code, warns about nothing."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_cwic_checkpoint
+    (tmp_path / "sub").mkdir()
+    path = tiny_cwic_checkpoint(tmp_path / "sub" / "ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eager = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+        sdpa = AutoModelForCausalLM.from_pretrained(str(tmp_path / "sub"), subfolder="ckpt", trust_remote_code=True,
+                                                    attn_implementation="sdpa")
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, 200, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(eager(input_ids=ids).logits, sdpa(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    with pytest.warns(UserWarning, match="ignores device_mesh"):
+        AutoModelForCausalLM.from_pretrained(path, device_mesh="nonsense")

@@ -216,6 +216,12 @@ def _load_state_files(path: str) -> dict:
     raise FileNotFoundError(f"no model.safetensors(.index.json) in {path}")
 
 
+# from_pretrained: the keywords passed to the hub download (a hub id only), and those it accepts without effect (what
+# Auto classes pass on, loading options that have no meaning for a CWIC checkpoint read whole on the CPU)
+_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
+_QUIET_KWARGS = ("trust_remote_code", "low_cpu_mem_usage", "use_safetensors", "code_revision")
+
+
 class CwicForCausalLM:
     """Mixed into the converted model's own class; also the class `auto_map` points at.
 
@@ -233,10 +239,19 @@ class CwicForCausalLM:
     def from_pretrained(cls, pretrained_model_name_or_path, *args, config: CwicConfig | None = None,
                         dtype=None, torch_dtype=None, device_map=None, **kwargs):
         from transformers import AutoModelForCausalLM
+        hub = {k: v for k in _HUB_KWARGS if (v := kwargs.pop(k, None)) is not None}
+        attn = kwargs.pop("attn_implementation", None)
+        subfolder = kwargs.pop("subfolder", None) or ""
+        ignored = sorted(k for k, v in kwargs.items() if not k.startswith("_") and k not in _QUIET_KWARGS
+                         and v is not None and not (isinstance(v, dict) and not v))   # None / {}: nothing asked
+        if ignored:
+            import warnings
+            warnings.warn(f"CwicForCausalLM.from_pretrained ignores {', '.join(ignored)}", stacklevel=2)
         path = str(pretrained_model_name_or_path)
         if not os.path.isdir(path):
             from huggingface_hub import snapshot_download
-            path = snapshot_download(path)
+            path = snapshot_download(path, **hub)
+        path = os.path.join(path, subfolder) if subfolder else path
         if config is None:
             config = CwicConfig.from_pretrained(path)
         text = config.text_config
@@ -245,7 +260,8 @@ class CwicForCausalLM:
             dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None) or torch.float32
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        model = AutoModelForCausalLM.from_config(text, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(text, dtype=dtype,
+                                                 **({"attn_implementation": attn} if attn else {}))
         to_cwic(model, **config.cwic)
         state = _load_state_files(path)
         missing, unexpected = model.load_state_dict(state, strict=False)

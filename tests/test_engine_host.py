@@ -212,7 +212,7 @@ def test_count_with_a_batch_tile_is_refused():
     x, wt, mean, thr, bias = _inputs(1, 64, 32, 16, torch.float32, seed=3)
     cfg = G.gemv_config(16, 64, 32, 16, x.device)
     with pytest.raises(ValueError, match="BLOCK_B"):
-        G.gemv_ex(x, wt, mean, thr, bias, 16, config=cfg, count=torch.zeros(1, dtype=torch.int64))
+        G.gemv_ex(x, wt, mean, thr, bias, 16, config=cfg, count=torch.zeros(1, dtype=torch.int64, device=x.device))
 
 
 def test_x_out_sharing_x_is_refused():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -298,6 +299,22 @@ def test_a_lightning_checkpoint_holds_the_whole_student_and_no_teacher():
     want = {"student." + k for k in mod.student.state_dict()}
     assert set(ckpt["state_dict"]) == want and ckpt["cwic_tokens_seen"] == 123
     assert any(k.endswith("ema_std") for k in want) and any(k.endswith(".phi") for k in want)
+
+
+def test_a_lightning_checkpoint_without_a_student_tensor_is_refused():
+    """strict_loading is off so that the teacher can stay out of checkpoints; a resume from a checkpoint missing a
+    student tensor (θ here) or holding a stray one must still be refused by name, not load half a student."""
+    mod, _ = _module()
+    ckpt = {"state_dict": mod.state_dict()}
+    mod.on_save_checkpoint(ckpt)
+    mod.on_load_checkpoint(ckpt)                                  # whole: accepted
+    theta = next(k for k in ckpt["state_dict"] if k.endswith(".theta"))
+    short = {"state_dict": {k: v for k, v in ckpt["state_dict"].items() if k != theta}}
+    with pytest.raises(RuntimeError, match="missing " + re.escape(repr([theta]))):
+        mod.on_load_checkpoint(short)
+    extra = {"state_dict": {**ckpt["state_dict"], "student.stray": torch.zeros(1)}}
+    with pytest.raises(RuntimeError, match="unexpected.*student.stray"):
+        mod.on_load_checkpoint(extra)
 
 
 def test_the_students_active_parameters_are_counted_on_real_tokens_only():

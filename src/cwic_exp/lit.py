@@ -81,6 +81,14 @@ class CwicDistillModule(L.LightningModule):
         checkpoint["cwic_tokens_seen"] = self.tokens_seen
 
     def on_load_checkpoint(self, checkpoint):
+        # strict_loading is off for the teacher's sake only: every student tensor must be there, and nothing else
+        want = {k for k in self.state_dict() if not k.startswith("teacher.")}
+        have = {k for k in checkpoint.get("state_dict", {}) if not k.startswith("teacher.")}
+        if want != have:
+            missing, extra = sorted(want - have), sorted(have - want)
+            raise RuntimeError(f"checkpoint does not match the student: missing {missing[:8]}"
+                               f"{' …' if len(missing) > 8 else ''} ({len(missing)}), unexpected {extra[:8]}"
+                               f"{' …' if len(extra) > 8 else ''} ({len(extra)})")
         self.tokens_seen = int(checkpoint.get("cwic_tokens_seen", 0))
 
     def configure_optimizers(self):

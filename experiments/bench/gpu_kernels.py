@@ -237,6 +237,9 @@ def main(argv=None):
         DRY_RUN = True
         SHAPES = {"1B": [("q", 128, 1024, 1), ("down", 96, 512, 1), ("head", 64, 1500, 0)],
                   "3B": [("q", 64, 1024, 1)]}
+    models = args.models.split(",") if args.models else (["1B"] if args.quick else list(SHAPES))
+    if not models or any(m not in SHAPES for m in models):   # before any work, as the CPU benchmarks do
+        raise SystemExit(f"--models: a comma-separated list of {', '.join(SHAPES)}; got {args.models!r}")
     ensure_imports()
     if not (DRY_RUN or torch.cuda.is_available()):
         raise SystemExit("no CUDA device visible: pass --device cpu for the CPU benchmark")
@@ -248,7 +251,6 @@ def main(argv=None):
         props = torch.cuda.get_device_properties(dev)
         l2 = getattr(props, "L2_cache_size", 50 << 20)
         gpu = torch.cuda.get_device_name(dev)
-    models = args.models.split(",") if args.models else (["1B"] if args.quick else list(SHAPES))
     sparsities = [0.0, 0.5, 0.66, 0.9] if args.quick else SPARSITIES
     import triton
 

@@ -73,3 +73,34 @@ def unit_flip_case(g32, dtype, act="silu"):
         ut[j] = (am[b, j] + aw[b, j]) / 2
         cells.append((b, j, bool(am[b, j] >= ut[j])))
     return ut, cells
+
+
+def unit_flip_ffn(B):
+    """A small bf16 FFN (d 32, F 64, stripe 32; B tokens) with `unit_flip_case`'s unit thresholds, on the CPU:
+    (args, cells), args as `ffn_reference` takes them (x, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w,
+    down_wt, unit_thr)."""
+    from cwic_kernels import reference as ref
+    d, F_, s = 32, 64, 32
+    g = _gen(40 + B)
+    x = torch.randn(B, d, generator=g).bfloat16()
+    gw = (torch.randn(d, F_, generator=g) / 4).bfloat16()
+    mean, thr = torch.zeros(d), torch.rand(F_ // s, d, generator=g) * 0.5
+    gb = torch.randn(F_, generator=g) * 0.1
+    up = (torch.randn(F_, d, generator=g) / 4).bfloat16()
+    dn = (torch.randn(F_, d, generator=g) / 4).bfloat16()
+    ut, cells = unit_flip_case(ref.gemv_reference(x.float(), gw.float(), mean, thr, gb, s), torch.bfloat16)
+    return [x, gw, mean, thr, gb, s, up, dn, ut], cells
+
+
+def assert_ffn_follows_the_model(got, args, cells, what=""):
+    """got, an FFN's output on `unit_flip_ffn`'s args, is the reference's and not the output with one of the cells'
+    units decided the other way (it sits 4 times closer to the former)."""
+    from cwic_kernels import reference as ref
+    args = [a.cpu() if torch.is_tensor(a) else a for a in args]
+    want = ref.ffn_reference(*args).float()
+    got = got.float().cpu()
+    for _, j, on in cells:
+        flipped = args[-1].clone()
+        flipped[j] = float("inf") if on else 0.0
+        other = ref.ffn_reference(*args[:-1], flipped).float()
+        assert (got - want).norm() < 0.25 * (other - want).norm(), (what, j, float((got - want).norm()))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from kernel_checks import DEV, _check, _gen, _gold, _inputs, _rel, unit_flip_case
+from kernel_checks import DEV, _check, _gen, _gold, _inputs, _rel, assert_ffn_follows_the_model, unit_flip_ffn
 
 import pytest  # noqa: E402
 
@@ -77,22 +77,9 @@ def test_ffn_gemm_unit_mask_sees_act_in_x_dtype():
     """As in the decode kernels and the reference: the unit mask is decided on act(g) as the model computes it in
     x's dtype (g and act(g) rounded to bf16, `reference.act_in_dtype`). A unit whose threshold lies between that
     |a| and |act(g)|, or |act(bf16(g))|, follows the model."""
-    d, F_, s = 32, 64, 32
-    g = _gen(41)
-    x = torch.randn(1, d, generator=g).bfloat16()
-    gw = (torch.randn(d, F_, generator=g) / 4).bfloat16()
-    mean, thr = torch.zeros(d), torch.rand(F_ // s, d, generator=g) * 0.5
-    gb = torch.randn(F_, generator=g) * 0.1
-    up, dn = (torch.randn(F_, d, generator=g) / 4).bfloat16(), (torch.randn(F_, d, generator=g) / 4).bfloat16()
-    ut, cells = unit_flip_case(ref.gemv_reference(x.float(), gw.float(), mean, thr, gb, s), torch.bfloat16)
-    want = ref.ffn_reference(x, gw, mean, thr, gb, s, up, dn, ut).float()
-    dev = [t.to(DEV) for t in (x, gw, mean, thr, gb, up, dn, ut)]
-    got = P.ffn_gemm(*dev[:5], s, *dev[5:], "silu").float().cpu()
-    for _, j, on in cells:
-        flipped = ut.clone()
-        flipped[j] = float("inf") if on else 0.0
-        other = ref.ffn_reference(x, gw, mean, thr, gb, s, up, dn, flipped).float()
-        assert (got - want).norm() < 0.25 * (other - want).norm(), j
+    args, cells = unit_flip_ffn(1)
+    dev = [t.to(DEV) if torch.is_tensor(t) else t for t in args]
+    assert_ffn_follows_the_model(P.ffn_gemm(*dev, "silu"), args, cells)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="the bf16 operand split is a CUDA path (the CPU computes in fp32)")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 
 import torch
-from kernel_checks import DEV, _check, _gen, _gold, _inputs, _rel, unit_flip_case  # before triton
+from kernel_checks import (DEV, _check, _gen, _gold, _inputs, _rel, assert_ffn_follows_the_model,  # before triton
+                           unit_flip_ffn)
 
 import pytest  # noqa: E402
 
@@ -121,29 +122,16 @@ def test_ffn_unit_mask_sees_act_in_x_dtype(B, fused):
     or |act(bf16(g))| (the activation not rounded), follows the model in every path: the gate's epilogue, the twin,
     and the FFN. (The Triton kernels took g in fp32 once; until 2026-12-05 every path compared the activation before
     its rounding, and kept 0.1-0.5 % of the units the other way from the model in bf16.)"""
-    d, F_, s = 32, 64, 32
-    g = _gen(40 + B)
-    x = torch.randn(B, d, generator=g).bfloat16()
-    gw = (torch.randn(d, F_, generator=g) / 4).bfloat16()
-    mean, thr = torch.zeros(d), torch.rand(F_ // s, d, generator=g) * 0.5
-    gb = torch.randn(F_, generator=g) * 0.1
-    up = (torch.randn(F_, d, generator=g) / 4).bfloat16()
-    dn = (torch.randn(F_, d, generator=g) / 4).bfloat16()
-    ut, cells = unit_flip_case(ref.gemv_reference(x.float(), gw.float(), mean, thr, gb, s), torch.bfloat16)
-    x, gw, mean, thr, gb, up, dn, ut = (t.to(DEV) for t in (x, gw, mean, thr, gb, up, dn, ut))
+    args, cells = unit_flip_ffn(B)
+    x, gw, mean, thr, gb, s, up, dn, ut = args = [t.to(DEV) if torch.is_tensor(t) else t for t in args]
     paths = {"epilogue": G.gemv_ex(x, gw, mean, thr, gb, s, act="silu", unit_thr=ut),
              "twin": fb.gemv_ex_ref(x, gw, mean, thr, gb, s, act="silu", unit_thr=ut)}
     if B == 1:   # the compacted GEMV's epilogue too
         paths["compact"] = G.gemv_ex(x, gw, mean, thr, gb, s, act="silu", unit_thr=ut, compact=True)
-    want = ref.ffn_reference(x, gw, mean, thr, gb, s, up, dn, ut).float()
-    got = G.ffn(x, gw, mean, thr, gb, s, up, dn, ut, "silu", fused=fused).float()
     for b, j, on in cells:
         for name, a in paths.items():
             assert bool(a[b, j] != 0) == on, (name, b, j)
-        flipped = ut.clone()
-        flipped[j] = 0.0 if not on else float("inf")
-        other = ref.ffn_reference(x, gw, mean, thr, gb, s, up, dn, flipped).float()
-        assert (got - want).norm() < 0.25 * (other - want).norm(), (b, j, (got - want).norm())
+    assert_ffn_follows_the_model(G.ffn(*args, "silu", fused=fused), args, cells)
 
 
 def _nans_as_reference(y, r, what):

@@ -540,6 +540,8 @@ def test_decode_main_reports_against_the_dense_engine_and_its_own_decode(D, monk
         name = "theta" if hasattr(a, "theta") else "phi"
         assert torch.equal(getattr(a, name).float(), getattr(b, name).float()), name
     assert hf_cwic["tokens_per_s"] == 16.0
+    stripes = {m.stripe_size for m in cwic_exp.iter_cwic_modules(model) if hasattr(m, "stripe_size")}
+    assert stripes == {res["stripe"]} == {32}                         # the dry run's stripe, as its model has it
 
 
 # ----------------------------------------------------------------------------- the dispatchers

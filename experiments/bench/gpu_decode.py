@@ -304,7 +304,7 @@ def main(argv=None):
     max_len = args.prompt_len + args.new_tokens + 8
     rows = []
     result = dict(gpu=gpu, model=f"Llama-3.2-{args.model}-shaped (random weights, bf16)", torch=torch.__version__,
-                  prompt_len=args.prompt_len, new_tokens=args.new_tokens, stripe=512, rows=rows, tuned_tiles=tuned)
+                  prompt_len=args.prompt_len, new_tokens=args.new_tokens, stripe=stripe, rows=rows, tuned_tiles=tuned)
 
     # 1) Hugging Face generate, dense
     with torch.no_grad():
@@ -400,7 +400,7 @@ def main(argv=None):
                          tokens_per_s=16 / (time.perf_counter() - t0)))
 
     lines = [f"# Decode, batch 1 — {result['model']} — {gpu}, torch {torch.__version__}",
-             f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens (greedy), stripe 512; APR measured on "
+             f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens (greedy), stripe {stripe}; APR measured on "
              f"prompt + generated tokens (counts q,k,v,o,gate,FFN units,head; not embeddings/attention scores); "
              f"thresholds corrected until the engine's own decode reads the target (the JSON's apr_corrections: "
              f"(1 / density, decode APR) tries, the closest one timed)", "",

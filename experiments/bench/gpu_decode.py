@@ -413,6 +413,9 @@ def main(argv=None):
         lines.append(f"| {r['config']} | {r['apr']:.2f} | {tps:.1f} | {1e3 / tps:.3f} | {tps / dense_tps:.2f}× | "
                      f"{tps / hf_tps:.2f}× | {r.get('prefill_ms', float('nan')):.1f} | "
                      f"{err or ''} |")
+    lines += ["", f"HF generate rows: new tokens ({args.hf_new_tokens}; 16 for the CWIC one) over `generate`'s wall "
+              f"time, the prompt's prefill included; the engine rows time decode steps only (prefill in its own "
+              f"column)."]
     if "fp32_engine_vs_hf_fp32_at_3x" in result:
         lines += ["", f"Logits errors: in a random-weight CWIC model, rounding-level differences flip threshold "
                   f"decisions and the network amplifies them, so the bf16 column (and even fp32: engine vs HF at 3×, "

@@ -31,11 +31,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = {
+ACTIVATIONS = {   # Hugging Face's names (`hidden_act`), aliases included: the C++ kernels accept all of them
     "silu": F.silu,
+    "swish": F.silu,
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh"),
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "gelu_new": lambda t: F.gelu(t, approximate="tanh"),
     "relu": F.relu,
 }
 

@@ -402,7 +402,7 @@ def _tiny(**kw):
 def _step_logits(dec, ids):
     dec.reset()
     out = []
-    for t in ids.reshape(-1).tolist():
+    for t in torch.as_tensor(ids).reshape(-1).tolist():
         dec.step(t)
         out.append(dec.logits())
     return torch.stack(out)
@@ -1238,3 +1238,309 @@ def test_walk_tunings_change_prefetches_not_bits(ext):
     finally:
         ext.set_tuning(*default)
     assert ext.tuning() == default
+
+
+# ------------------------------------------------------------------ from a mutant audit of the C++ kernels (2026-12-05)
+
+
+def test_decode_at_a_width_that_is_not_a_multiple_of_the_vector_matches_hf(ext):
+    """Every decoder test ran widths d that are multiples of 16 (48, 144, 128, 256), so the outputs past the last
+    full vector (tail_cols, where the o projection and the dense down projection add the residual) and the RMSNorm's
+    tail lanes (d % 16 inputs) were never compared with anything: dropping the residual there, or letting the tail
+    overwrite its lanes' partial sums, passed. d = 36 (2 AVX-512 vectors + 4, 4 AVX2 vectors + 4), grouped-query
+    heads of 18, every ISA, each dense implementation and CWIC at theta = 0, against Hugging Face. Token 0's
+    embedding is all zeros: the RMSNorm of a zero state is 0 (eps keeps 0 / sqrt(0) away), as in HF, not NaN."""
+    import cwic_exp
+    from conftest import tiny_model
+    from cwic_exp.cpu_decode import CpuDecoder
+    m = tiny_model(hidden_size=36, num_attention_heads=2, num_key_value_heads=1, intermediate_size=40)
+    with torch.no_grad():
+        m.get_input_embeddings().weight[0].zero_()
+    ids = [0] + torch.randint(1, 96, (9,), generator=torch.Generator().manual_seed(2)).tolist()
+    with torch.no_grad():
+        ref = m(torch.tensor([ids])).logits[0]
+    assert torch.isfinite(ref).all()
+    for isa in C.supported_isas():
+        for dense in ("own", "fused", "torch"):
+            dec = CpuDecoder(m, mode="dense", dense=dense, dtype=torch.float32, max_len=16, isa=isa)
+            torch.testing.assert_close(_step_logits(dec, ids), ref, rtol=1e-4, atol=1e-4, msg=f"{isa} {dense}")
+    cwic_exp.to_cwic(m, stripe_size=12)
+    dec = CpuDecoder(m, mode="cwic", dtype=torch.float32, max_len=16)        # theta = 0: the dense model
+    torch.testing.assert_close(_step_logits(dec, ids), ref, rtol=1e-4, atol=1e-4)
+
+
+def _one_unit_ffn(bias_of_unit0, act, unit_thr0, d=16):
+    """bf16 FFN of 2 units whose gate is its bias (gate weights 0, dense): unit 0's g is `bias_of_unit0` exactly;
+    unit 1 (g = 2) is always on."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, d, generator=g).bfloat16()
+    gw = torch.zeros(d, 2).bfloat16()
+    gm, gt = torch.zeros(d), torch.zeros(2, d)
+    gb = torch.tensor([bias_of_unit0, 2.0])
+    up, dn = torch.randn(2, d, generator=g).bfloat16(), torch.randn(2, d, generator=g).bfloat16()
+    ut = torch.tensor([unit_thr0, 0.0])
+    return x, gw, gm, gt, gb, 1, up, dn, ut
+
+
+def test_ffn_unit_mask_rounds_a_bf16_tie_to_even(ext):
+    """bf16 model: g and act(g) are rounded to bf16 (round to nearest, ties to even, as torch's .to(bfloat16)) before
+    the unit mask compares |a| with the threshold. g = 1 + 2^-8 lies halfway between the bf16 neighbours 1 and
+    1 + 2^-7: to even it is 1, under a threshold of 1 + 2^-8, so the unit is off; rounding ties away (1 + 2^-7) turned
+    it on, and no test saw it (random gates never hit a tie). Every ISA: the reference's output and its weights read."""
+    g0 = 1.0 + 2.0 ** -8
+    assert torch.tensor([g0]).bfloat16().item() == 1.0
+    args = _one_unit_ffn(g0, "relu", g0)
+    want = R.ffn_reference(*args, act="relu")
+    d = args[0].shape[1]
+    for isa in C.supported_isas():
+        got, reads = C.ffn(*args, act="relu", isa=isa, return_reads=True)
+        assert reads == 2 * d + 2 * d * 1, isa                     # the gate (2 stripes of 1 row) + unit 1 only
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2, msg=isa)
+
+
+def test_ffn_gate_nan_with_any_payload_stays_nan_in_bf16(ext):
+    """The bf16 rounding of a NaN gate keeps it NaN whatever its payload (torch's .to(bfloat16) does): the
+    round-to-nearest add on the raw bits, applied to NaN 0x7fffffff, carried into the sign bit and gave -0, which
+    switched the unit off and hid the NaN (the NaN tests used torch's default NaN 0x7fc00000, which survives the add).
+    The reference's output is all NaN; so is every ISA's."""
+    for bits in (0x7FFFFFFF, -1):                               # +NaN and -NaN, every payload bit set
+        nan = torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+        args = _one_unit_ffn(nan, "silu", 10.0)
+        assert torch.isnan(R.ffn_reference(*args, act="silu")).all()
+        for isa in C.supported_isas():
+            assert torch.isnan(C.ffn(*args, act="silu", isa=isa)).all(), (hex(bits & 0xFFFFFFFF), isa)
+
+
+def test_each_isa_runs_its_own_build_of_the_ffn(ext):
+    """The isa counters tell which ISA was asked for, not which build ran: the GEMV is bitwise the same in every
+    build, so a dispatch that ran the AVX-512 build for "avx2" (or the reverse) passed. The FFN's up-projection dot
+    product tells them apart: d = 64 inputs 2^25, -2^25 and 1 at 0, 16 and 32 (up row of ones). AVX2 (8 lanes,
+    4 accumulators of 8) adds the 1 to 2^25 in one lane (lost to rounding) and cancels it later: 0; AVX-512 (4
+    accumulators of 16) cancels 2^25 first and keeps the 1, as the scalar twin does: 1. Unit 0's gate is 1 (relu: on),
+    down row of ones, so every output is that dot product."""
+    d = 64
+    x = torch.zeros(1, d)
+    x[0, 0], x[0, 16], x[0, 32] = 2.0 ** 25, -(2.0 ** 25), 1.0
+    gw, gm, gt, gb = torch.zeros(d, 1), torch.zeros(d), torch.zeros(1, d), torch.ones(1)
+    up, dn, ut = torch.ones(1, d), torch.ones(1, d), torch.zeros(1)
+    expect = {"scalar": 1.0, "avx2": 0.0, "avx512": 1.0}
+    for isa in C.supported_isas():
+        y = C.ffn(x, gw, gm, gt, gb, 1, up, dn, ut, act="relu", isa=isa)
+        assert torch.equal(y, torch.full((1, d), expect[isa])), (isa, y[0, 0].item())
+
+
+_STRIPE_ZERO = """
+import torch
+from cwic_kernels import cpu as C, reference as R
+ext = C.load()
+g = torch.Generator().manual_seed(1)
+n, m = 24, 40
+x, wt = torch.randn(3, n, generator=g), torch.randn(n, m, generator=g)
+mean, thr, bias = torch.randn(n, generator=g) * 0.1, torch.rand(1, n, generator=g), torch.randn(m, generator=g)
+want = ext.gemv(x, wt, mean, thr, bias, m, -1, 0)
+got = ext.gemv(x, wt, mean, thr, bias, 0, -1, 0)
+assert torch.equal(got[0], want[0]) and got[1] == want[1]
+torch.testing.assert_close(got[0], R.gemv_reference(x, wt, mean, thr, bias, m), rtol=1e-5, atol=1e-5)
+up, dn, ut = torch.randn(m, n, generator=g), torch.randn(m, n, generator=g), torch.rand(m, generator=g) * 0.2
+a = ext.ffn(x, wt, mean, thr, bias, 0, up, dn, ut, "silu", -1, 0)
+b = ext.ffn(x, wt, mean, thr, bias, m, up, dn, ut, "silu", -1, 0)
+assert torch.equal(a[0], b[0]) and a[1] == b[1]
+"""
+
+
+def test_stripe_zero_is_one_stripe_of_every_output(ext):
+    """The binding takes stripe <= 0 as one stripe of all m outputs (cwic_cpu.h: "<= 0: m"), thr then (1, n); a
+    comparison that let 0 through divided by zero (k = ceil(m / stripe)): SIGFPE killed the process. GEMV and FFN,
+    in a child process so that a crash fails this test alone."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    r = subprocess.run([sys.executable, "-c", _STRIPE_ZERO], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+
+
+def test_gemv_layout_accepts_a_layout_that_fits_exactly(ext):
+    """gemv_layout checks that each stripe's last weight lies inside w: a layout that ends exactly at w's end is
+    valid (stripe-major blocks with m a multiple of the stripe; or the last stripe's rows not padded past its last
+    row). An off-by-one bound (< instead of <=) refused them; the padded layout of the existing test ends earlier."""
+    n, s = 24, 16
+    g = torch.Generator().manual_seed(3)
+    for m in (64, 56):                                           # whole stripes; a last stripe of 8
+        k = -(-m // s)
+        x, wt = torch.randn(2, n, generator=g).bfloat16(), torch.randn(n, m, generator=g).bfloat16()
+        mean, thr, bias = torch.zeros(n), torch.rand(k, n, generator=g), torch.randn(m, generator=g)
+        blocks = torch.nn.functional.pad(wt, (0, k * s - m)).view(n, k, s).permute(1, 0, 2).contiguous().flatten()
+        need = (k - 1) * n * s + (n - 1) * s + (m - (k - 1) * s)   # one past the last weight read
+        w = blocks[:need].clone()
+        got = ext.gemv_layout(x, w, m, mean, thr, bias, s, s, n * s, -1, 0)
+        want = ext.gemv(x, wt, mean, thr, bias, s, -1, 0)
+        assert torch.equal(got[0], want[0]) and got[1] == want[1], m
+        with pytest.raises(RuntimeError, match="does not fit"):
+            ext.gemv_layout(x, w[:-1].clone(), m, mean, thr, bias, s, s, n * s, -1, 0)
+
+
+def test_ffn_act_rounding_follows_x_dtype_not_the_weights(ext):
+    """The reference rounds g and act(g) to x's dtype (act_in_dtype(g, act, x.dtype)): fp32 activations with bf16
+    weights are not rounded. Keying the rounding on the weights' dtype passed, since every FFN test gave x the weights'
+    dtype. Unit thresholds placed between the rounded and the unrounded |act(g)| (kernel_checks.unit_flip_case): the
+    units on and the weights read are the fp32 reading's, in every ISA."""
+    from kernel_checks import unit_flip_case
+    d, F_, s, B = 32, 64, 32, 2
+    g = torch.Generator().manual_seed(41)
+    x = torch.randn(B, d, generator=g)                               # fp32
+    gw = (torch.randn(d, F_, generator=g) / 4).bfloat16()
+    mean, thr = torch.zeros(d), torch.rand(F_ // s, d, generator=g) * 0.5
+    gb = torch.randn(F_, generator=g) * 0.1
+    up, dn = (torch.randn(F_, d, generator=g) / 4).bfloat16(), (torch.randn(F_, d, generator=g) / 4).bfloat16()
+    g32 = R.gemv_reference(x, gw, mean, thr, gb, s)
+    ut, cells = unit_flip_case(g32, torch.bfloat16)
+    on_any = (R.act_in_dtype(g32, "silu", torch.float32).abs() >= ut).any(0)
+    assert not torch.equal(on_any, (R.act_in_dtype(g32, "silu", torch.bfloat16).abs() >= ut).any(0))
+    want = R.ffn_reference(x, gw, mean, thr, gb, s, up, dn, ut)
+    for isa in C.supported_isas():
+        got, reads = C.ffn(x, gw, mean, thr, gb, s, up, dn, ut, act="silu", isa=isa, return_reads=True)
+        assert reads - int(R.gemv_active_params(x, mean, thr, F_, s, union=True)) == 2 * d * int(on_any.sum()), isa
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=isa)
+
+
+def _rms(h, w, eps):
+    return h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def test_decoder_reads_per_stripe_means_of_a_cwic_matrix_and_gate(ext):
+    """A CWIC Lin's mean may be (k, n), one row per stripe (cpu_decode fuses q/k/v whose running means differ that
+    way), in the q/k/v product and in the FFN's gate; the decoder passes mean_rows = k to the kernels. Reading only
+    row 0 passed every test (the tiny models' fused modules share one mean). One layer, one head, position 0 (the
+    attention returns v): the decoder's logits equal the same products composed from ext.gemv and ext.ffn."""
+    g = torch.Generator().manual_seed(6)
+    d, hd, Fu, V, s, eps = 32, 16, 64, 10, 16, 1e-6
+
+    def lin(kind, n, m, per_stripe=False):
+        L = ext.Lin()
+        L.kind, L.stripe, L.w = kind, s if kind == 1 else 0, torch.randn(n, m, generator=g) / n ** 0.5
+        if kind == 1:
+            k = -(-m // s)
+            L.mean = torch.randn(k, n, generator=g) * 0.8 if per_stripe else torch.randn(n, generator=g) * 0.8
+            L.thr = torch.rand(k, n, generator=g) * 0.8
+            L.bias = torch.randn(m, generator=g) * 0.1
+        return L
+
+    qkv, o, head = lin(1, d, 3 * hd, True), lin(0, hd, d), lin(0, d, V)
+    f = ext.Ffn()
+    f.cwic, f.act, f.gate = True, "silu", lin(1, d, Fu, True)
+    f.up_w, f.down_wt = torch.randn(Fu, d, generator=g) / d ** 0.5, torch.randn(Fu, d, generator=g) / Fu ** 0.5
+    f.unit_thr = torch.rand(Fu, generator=g) * 0.1
+    embed = torch.randn(V, d, generator=g)
+    ln1, ln2, norm = (1 + 0.3 * torch.randn(d, generator=g) for _ in range(3))
+    dec = ext.Decoder(embed, norm, eps, 1, 1, hd, hd ** -0.5, torch.ones(4, hd // 2), torch.zeros(4, hd // 2), 4, -1, 1)
+    dec.add_layer(ln1, ln2, [qkv], o, f)
+    dec.set_head(head)
+
+    def composed(qmean, gmean):
+        h = embed[3:4].clone()
+        v = ext.gemv(_rms(h, ln1, eps), qkv.w, qmean, qkv.thr, qkv.bias, s, -1, 1)[0][:, 2 * hd:]
+        h = h + ext.gemv(v, o.w, None, None, None, d, -1, 1)[0]
+        gt = f.gate
+        h = h + ext.ffn(_rms(h, ln2, eps), gt.w, gmean, gt.thr, gt.bias, s, f.up_w, f.down_wt, f.unit_thr, "silu",
+                        -1, 1)[0]
+        return ext.gemv(_rms(h, norm, eps), head.w, None, None, None, V, -1, 1)[0][0]
+
+    dec.step(3, 0)
+    want = composed(qkv.mean, f.gate.mean)
+    torch.testing.assert_close(dec.logits(), want, rtol=1e-4, atol=1e-4)
+    for wrong in (composed(qkv.mean[0], f.gate.mean), composed(qkv.mean, f.gate.mean[0])):   # the test can tell
+        assert (wrong - want).abs().max() > 1e-2
+
+
+def test_decoder_argmax_takes_the_first_of_tied_logits(ext):
+    """Greedy decoding returns the first index of the largest logit, as torch.argmax (and so HF's generate) does; a
+    >= in the C++ argmax took the last one, which random logits never show. A head of zeros: every logit ties."""
+    g = torch.Generator().manual_seed(0)
+    d, nh, hd, V = 8, 2, 4, 10
+    L = ext.Lin()
+    L.kind, L.w = 0, torch.randn(d, (nh + 2 * nh) * hd, generator=g) * 0.1
+    o = ext.Lin()
+    o.kind, o.w = 0, torch.randn(nh * hd, d, generator=g) * 0.1
+    f = ext.Ffn()
+    f.cwic, f.gate_up, f.down = False, ext.Lin(), ext.Lin()
+    f.gate_up.kind, f.gate_up.w = 0, torch.randn(d, 12, generator=g) * 0.1
+    f.down.kind, f.down.w = 0, torch.randn(6, d, generator=g) * 0.1
+    head = ext.Lin()
+    head.kind, head.w = 0, torch.zeros(d, V)
+    dec = ext.Decoder(torch.randn(V, d, generator=g), torch.ones(d), 1e-6, nh, nh, hd, hd ** -0.5,
+                      torch.ones(4, hd // 2), torch.zeros(4, hd // 2), 4, -1, 1)
+    dec.add_layer(torch.ones(d), torch.ones(d), [L], o, f)
+    dec.set_head(head)
+    assert dec.step(1, 0) == 0 == int(torch.argmax(dec.logits()))
+    assert dec.prefill(torch.tensor([2, 3]), 1) == 0
+
+
+def test_default_isa_runs_the_best_build_or_the_one_named_by_the_environment(ext, monkeypatch):
+    """isa=None runs the best build this CPU has (the counters of ext.isa_runs), or the one $CWIC_CPU_ISA names.
+    Mapping None to the scalar twin passed every test (its GEMV is bitwise the SIMD one) and would make every default
+    call, the registered ops included, the slow path."""
+    g = torch.Generator().manual_seed(0)
+    x, wt = torch.randn(2, 32, generator=g), torch.randn(32, 48, generator=g)
+    args = (x, wt, torch.zeros(32), torch.rand(3, 32, generator=g), torch.zeros(48), 16)
+    monkeypatch.delenv("CWIC_CPU_ISA", raising=False)
+    for env in (None,) + tuple(C.supported_isas()):
+        if env is not None:
+            monkeypatch.setenv("CWIC_CPU_ISA", env)
+        want = env or ext.isa_name(ext.best_isa())
+        before = {i: ext.isa_runs(C.isa_id(i)) for i in C.supported_isas()}
+        C.gemv(*args)
+        assert {i: ext.isa_runs(C.isa_id(i)) - before[i] for i in C.supported_isas()} == \
+            {i: int(i == want) for i in C.supported_isas()}, env
+
+
+def test_gemv_takes_a_transposed_view_of_the_weights(ext):
+    """The wrapper makes wt contiguous before the binding (which takes contiguous weights only): W.t() of an
+    (m, n) Linear weight, a view, gives the same result as its contiguous copy instead of an error."""
+    g = torch.Generator().manual_seed(2)
+    n, m, s = 40, 24, 8
+    W = torch.randn(m, n, generator=g)
+    x, mean, thr, bias = torch.randn(3, n, generator=g), torch.zeros(n), torch.rand(m // s, n, generator=g), torch.zeros(m)
+    assert not W.t().is_contiguous()
+    assert torch.equal(C.gemv(x, W.t(), mean, thr, bias, s), C.gemv(x, W.t().contiguous(), mean, thr, bias, s))
+
+
+def test_ffn_with_fp16_activations_keeps_the_references_units(ext):
+    """x in fp16 with fp32 weights: the reference rounds g and act(g) to fp16 (`act_in_dtype`), which the C++ kernel
+    does for bf16 x only. The wrapper sent this input to C++ anyway (it checked the weights' dtype), and a unit whose
+    threshold lies between the fp16-rounded |a| and the unrounded one went the other way (found by the C++ audit: 64
+    weights fewer read, an output off by 0.5 of 4). Now such an input takes the reference path."""
+    d, F_, s, B = 32, 64, 32, 2
+    g = torch.Generator().manual_seed(41)
+    x = torch.randn(B, d, generator=g).half()
+    gw = torch.randn(d, F_, generator=g) / 4
+    mean, thr = torch.zeros(d), torch.rand(F_ // s, d, generator=g) * 0.5
+    gb = torch.randn(F_, generator=g) * 0.1
+    up, dn = torch.randn(F_, d, generator=g) / 4, torch.randn(F_, d, generator=g) / 4
+    g32 = R.gemv_reference(x.float(), gw, mean, thr, gb, s)
+    am, aw = R.act_in_dtype(g32, "silu", torch.float16).abs(), R.ACTIVATIONS["silu"](g32).abs()
+    b, j = divmod(int((am - aw).abs().argmax()), F_)
+    assert float((am - aw)[b, j].abs()) > 1e-4 * float(am[b, j])
+    ut = torch.zeros(F_)
+    ut[j] = (am[b, j] + aw[b, j]) / 2
+    flipped = ut.clone()
+    flipped[j] = float("inf") if am[b, j] >= ut[j] else 0.0
+    want = R.ffn_reference(x, gw, mean, thr, gb, s, up, dn, ut).float()
+    other = R.ffn_reference(x, gw, mean, thr, gb, s, up, dn, flipped).float()
+    got = C.ffn(x, gw, mean, thr, gb, s, up, dn, ut).float()
+    assert (got - want).norm() < 0.25 * (other - want).norm()
+
+
+@pytest.mark.parametrize("alias,name", [("swish", "silu"), ("gelu_new", "gelu_pytorch_tanh")])
+def test_activation_aliases_work_with_and_without_the_extension(ext, monkeypatch, alias, name):
+    """Hugging Face's aliases (hidden_act "swish", "gelu_new") are the activations they name in the C++ kernels, in
+    the reference and in the Triton launchers' ids; without a compiler the wrapper's reference path raised KeyError
+    on them (found by the C++ audit)."""
+    from cwic_kernels.gpu.gemv import ACT_IDS
+    args = _ffn_inputs(2, 64, 160, 32, torch.float32, seed=5)
+    want = C.ffn(*args, act=name)
+    assert torch.equal(C.ffn(*args, act=alias), want)
+    assert torch.equal(R.ffn_reference(*args, act=alias), R.ffn_reference(*args, act=name))
+    assert ACT_IDS[alias] == ACT_IDS[name]
+    monkeypatch.setattr(C, "load", lambda: None)
+    torch.testing.assert_close(C.ffn(*args, act=alias), want, rtol=1e-5, atol=1e-5)

@@ -48,7 +48,7 @@ def test_masked_gemm_bad_input():
     with pytest.raises(ValueError):
         P.masked_gemm(x, wt.t().contiguous().t(), mean, thr, bias, 32)   # not contiguous
     with pytest.raises(ValueError):
-        P.ffn_gemm(x, wt, mean, thr, bias, 32, wt.t(), wt.t(), torch.zeros(64, device=DEV), act="swish")
+        P.ffn_gemm(x, wt, mean, thr, bias, 32, wt.t(), wt.t(), torch.zeros(64, device=DEV), act="mish")  # no such activation
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

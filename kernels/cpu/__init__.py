@@ -181,7 +181,9 @@ def ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int, up_w, down_wt, 
     ext = load()
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
     same = gate_wt.dtype == up_w.dtype == down_wt.dtype
-    if ext is None or not _ok_dtype(gate_wt) or not same or x.device.type != "cpu" or act not in _ACTS:
+    # x in fp16 (with fp32 or bf16 weights): the kernel rounds g and act(g) for bf16 x only, the reference to x's dtype
+    if (ext is None or not _ok_dtype(gate_wt) or not same or x.device.type != "cpu" or act not in _ACTS
+            or x.dtype not in (torch.float32, torch.bfloat16)):
         from ..reference import ffn_reference
         y = ffn_reference(x2, gate_wt, gate_mean, gate_thr, gate_bias, stripe, up_w, down_wt, unit_thr, act)
         return (y, -1) if return_reads else y

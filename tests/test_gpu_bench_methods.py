@@ -425,11 +425,9 @@ def test_time_step_is_the_median_rate_after_a_fresh_capture(D, monkeypatch):
     assert math.isclose(tps, 20 / 0.2)
 
 
-def test_kernel_breakdown_is_per_token_and_keeps_the_14_longest(D, monkeypatch):
-    """kernel_breakdown over n decode steps of a fake profiler: µs and launches per token (totals / n), the 14 kernels
-    with the most time, longest first, and their sum; a kernel with no time is left out."""
+def _fake_profiler(monkeypatch, events):
+    """torch.profiler.profile replaced by one whose key_averages() are `events`."""
     import torch.profiler as P
-    events = [types.SimpleNamespace(key=f"k{i}", device_time_total=float(10 * i), count=2 * i) for i in range(18)]
 
     class Prof:
         def __init__(self, activities):
@@ -444,6 +442,13 @@ def test_kernel_breakdown_is_per_token_and_keeps_the_14_longest(D, monkeypatch):
         def key_averages(self):
             return events
     monkeypatch.setattr(P, "profile", Prof)
+
+
+def test_kernel_breakdown_is_per_token_and_keeps_the_14_longest(D, monkeypatch):
+    """kernel_breakdown over n decode steps of a fake profiler: µs and launches per token (totals / n), the 14 kernels
+    with the most time, longest first, and their sum; a kernel with no time is left out."""
+    _fake_profiler(monkeypatch, [types.SimpleNamespace(key=f"k{i}", device_time_total=float(10 * i), count=2 * i)
+                                 for i in range(18)])
     eng = types.SimpleNamespace(decode=lambda k: None)
     b = D.kernel_breakdown(eng, n=4)
     assert list(b["kernels"]) == [f"k{i}" for i in range(17, 3, -1)]
@@ -592,27 +597,12 @@ def test_kernel_breakdown_adds_kernels_whose_names_share_60_characters(monkeypat
     """Two kernels whose names agree in their first 60 characters (template instances such as PyTorch's
     `void at::native::vectorized_elementwise_kernel<2, at::native::…>`) are one row in the breakdown: their times and
     launches add up; the last one replaced the first before (the sum of kernels then missed a kernel)."""
-    import torch.profiler as P
-
     import experiments.bench.gpu_decode as D
     stem = "void at::native::vectorized_elementwise_kernel<2, at::native::"
-    events = [types.SimpleNamespace(key=stem + "FillFunctor<float>>", device_time_total=40.0, count=4),
-              types.SimpleNamespace(key=stem + "CUDAFunctorOnSelf_add<float>>", device_time_total=80.0, count=4),
-              types.SimpleNamespace(key="_gmm_kernel", device_time_total=400.0, count=8)]
-
-    class Prof:
-        def __init__(self, activities):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            return False
-
-        def key_averages(self):
-            return events
-    monkeypatch.setattr(P, "profile", Prof)
+    _fake_profiler(monkeypatch, [
+        types.SimpleNamespace(key=stem + "FillFunctor<float>>", device_time_total=40.0, count=4),
+        types.SimpleNamespace(key=stem + "CUDAFunctorOnSelf_add<float>>", device_time_total=80.0, count=4),
+        types.SimpleNamespace(key="_gmm_kernel", device_time_total=400.0, count=8)])
     monkeypatch.setattr(D, "DRY_RUN", False)
     b = D.kernel_breakdown(types.SimpleNamespace(decode=lambda k: None), n=4)
     assert math.isclose(b["total_us_per_token"], (40 + 80 + 400) / 4)

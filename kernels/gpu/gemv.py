@@ -109,7 +109,8 @@ def _in_dtype(y, ACT: tl.constexpr):
     elif ACT >= 16:   # to nearest even in integer ops: Triton's interpreter truncates an fp32 -> bf16 cast
         u = y.to(tl.uint32, bitcast=True)
         u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        y = u.to(tl.float32, bitcast=True)
+        # a NaN stays NaN: the add carries a NaN with low payload bits set (the GPU's own NaN is 0x7FFFFFFF) into -0
+        y = tl.where(y != y, y, u.to(tl.float32, bitcast=True))
     return y
 
 

@@ -1544,3 +1544,16 @@ def test_activation_aliases_work_with_and_without_the_extension(ext, monkeypatch
     assert ACT_IDS[alias] == ACT_IDS[name]
     monkeypatch.setattr(C, "load", lambda: None)
     torch.testing.assert_close(C.ffn(*args, act=alias), want, rtol=1e-5, atol=1e-5)
+
+
+def test_relu_keeps_a_nan(ext):
+    """The kernels' relu was `v > 0 ? v : 0`, which gives 0 for a NaN: a NaN gate unit was switched off where F.relu
+    (the reference) keeps it (found with the Triton audit's relu bug). Every ISA, the activation alone and the FFN."""
+    for isa in C.supported_isas():
+        assert torch.isnan(ext.act(torch.tensor([float("nan"), -1.0]), "relu", C.isa_id(isa))[0]), isa
+    x, gw, gm, gt, gb, s, up, dn, ut = _ffn_inputs(1, 64, 160, 32, torch.float32, seed=9)
+    gb = gb.clone()
+    gb[7] = float("nan")
+    assert torch.isnan(R.ffn_reference(x, gw, gm, gt, gb, s, up, dn, ut, act="relu")).all()
+    for isa in C.supported_isas():
+        assert torch.isnan(C.ffn(x, gw, gm, gt, gb, s, up, dn, ut, act="relu", isa=isa)).all(), isa

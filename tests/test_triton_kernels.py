@@ -134,30 +134,33 @@ def test_ffn_unit_mask_sees_act_in_x_dtype(B, fused):
     assert_ffn_follows_the_model(G.ffn(*args, "silu", fused=fused), args, cells)
 
 
+@pytest.mark.parametrize("act", ["silu", "relu"])
+@pytest.mark.parametrize("bits", [0x7FFFFFFF, 0x7FFF8000, -1], ids=["gpu_nan", "low_half_over_half", "negative"])
 @pytest.mark.parametrize("B", [1, 3])
-def test_a_gate_nan_with_any_payload_stays_nan_in_bf16(B):
+def test_a_gate_nan_with_any_payload_stays_nan_in_bf16(B, bits, act):
     """bf16: `_act` rounds g and act(g) to bf16 with integer ops, and the round-to-nearest add carried a NaN whose low
-    payload bits are set (0x7FFFFFFF, the NaN a GPU's arithmetic produces) into the sign bit: -0, a unit switched off
-    and its NaN hidden. The reference (torch's rounding) keeps it NaN. A gate bias of that NaN puts it in g (the
-    interpreter's own NaNs have a clear low half, which the add leaves alone): the gate's epilogue (and the compacted
-    GEMV's), the twin and the FFN in one and three launches report it as the reference does."""
+    payload half is 0x8000 or more (0x7FFFFFFF is the NaN a GPU's arithmetic produces) into the sign bit: ±0, a unit
+    switched off and its NaN hidden. And relu was `tl.maximum(y, 0)`, which gives 0 for a NaN in every dtype. The
+    reference (torch's rounding, F.relu) keeps it NaN. A gate bias of that NaN puts it in g (the interpreter's own NaNs
+    have a clear low half, which the add leaves alone): the gate's epilogue (and the compacted GEMV's), the twin and
+    the FFN in one and three launches report it as the reference does (found by the Triton and C++ audits)."""
     args, _ = unit_flip_ffn(B)
     x, gw, mean, thr, gb, s, up, dn, ut = args = [t.to(DEV) if torch.is_tensor(t) else t for t in args]
-    nan = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32).to(DEV)
+    nan = torch.tensor([bits], dtype=torch.int32).view(torch.float32).to(DEV)
     gb = gb.clone()
     gb[5] = nan[0]
     ut = torch.full_like(ut, 0.5)
-    want = fb.gemv_ex_ref(x, gw, mean, thr, gb, s, act="silu", unit_thr=ut)
+    want = fb.gemv_ex_ref(x, gw, mean, thr, gb, s, act=act, unit_thr=ut)
     assert torch.isnan(want[:, 5]).all() and not torch.isnan(want[:, :5]).any()
-    paths = {"epilogue": G.gemv_ex(x, gw, mean, thr, gb, s, act="silu", unit_thr=ut)}
+    paths = {"epilogue": G.gemv_ex(x, gw, mean, thr, gb, s, act=act, unit_thr=ut)}
     if B == 1:
-        paths["compact"] = G.gemv_ex(x, gw, mean, thr, gb, s, act="silu", unit_thr=ut, compact=True)
+        paths["compact"] = G.gemv_ex(x, gw, mean, thr, gb, s, act=act, unit_thr=ut, compact=True)
     for name, a in paths.items():
         _nans_as_reference(a, want, name)
-    yr = ref.ffn_reference(x, gw, mean, thr, gb, s, up, dn, ut)
+    yr = ref.ffn_reference(x, gw, mean, thr, gb, s, up, dn, ut, act)
     assert torch.isnan(yr.float()).all()
     for fused in (False, None):
-        assert torch.isnan(G.ffn(x, gw, mean, thr, gb, s, up, dn, ut, "silu", fused=fused).float()).all(), fused
+        assert torch.isnan(G.ffn(x, gw, mean, thr, gb, s, up, dn, ut, act, fused=fused).float()).all(), fused
 
 
 def _nans_as_reference(y, r, what):

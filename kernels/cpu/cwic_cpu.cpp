@@ -120,7 +120,7 @@ float act_scalar(float v, int act) {
       const float c = 0.79788456080286536f;   // sqrt(2 / pi)
       return 0.5f * v * (1.0f + std::tanh(c * (v + 0.044715f * v * v * v)));
     }
-    case ACT_RELU: return v > 0.0f ? v : 0.0f;
+    case ACT_RELU: return (v > 0.0f || v != v) ? v : 0.0f;   // a NaN stays NaN, as F.relu has it
     default: return v;
   }
 }

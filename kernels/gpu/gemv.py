@@ -129,7 +129,7 @@ def _act(y, ACT: tl.constexpr):
         inner = 0.7978845608028654 * (y + 0.044715 * y * y * y)
         y = y * tl.sigmoid(2.0 * inner)          # 0.5·(1 + tanh(u)) = sigmoid(2u)
     elif A == 3:
-        y = tl.maximum(y, 0.0)
+        y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)   # a NaN stays NaN, as F.relu has it
     return _in_dtype(y, ACT)
 
 

@@ -143,10 +143,9 @@ def test_relu_of_a_nan_gate_is_nan_in_fp32():
     reference) keeps the NaN. fp32 (bf16 with every NaN payload: test_triton_kernels'
     test_a_gate_nan_with_any_payload_stays_nan_in_bf16)."""
     d, F_, s = 32, 32, 32
-    x, gwt, gmean, gthr, _ = _inputs(1, d, F_, s, torch.float32, seed=1)
-    gthr = torch.full_like(gthr, float("inf"))                       # g = bias exactly
-    gb = torch.ones(F_, device=DEV)
+    gb = torch.ones(F_)
     gb[3] = float("nan")
+    x, gwt, gmean, gthr, gb = _off_gate(d, F_, s, torch.float32, gb, seed=1)
     a = G.gemv_ex(x, gwt, gmean, gthr, gb, s, act="relu", unit_thr=torch.zeros(F_, device=DEV), compact=False)
     assert torch.isnan(ref.act_in_dtype(gb[None], "relu", torch.float32)[0, 3])
     assert torch.isnan(a[0, 3]) and not torch.isnan(a[0, :3]).any(), a[0, :4]

@@ -85,10 +85,11 @@ class CwicDistillModule(L.LightningModule):
         want = {k for k in self.state_dict() if not k.startswith("teacher.")}
         have = {k for k in checkpoint.get("state_dict", {}) if not k.startswith("teacher.")}
         if want != have:
-            missing, extra = sorted(want - have), sorted(have - want)
-            raise RuntimeError(f"checkpoint does not match the student: missing {missing[:8]}"
-                               f"{' …' if len(missing) > 8 else ''} ({len(missing)}), unexpected {extra[:8]}"
-                               f"{' …' if len(extra) > 8 else ''} ({len(extra)})")
+            def few(keys):
+                keys = sorted(keys)
+                return f"{keys[:8]}{' …' if len(keys) > 8 else ''} ({len(keys)})"
+            raise RuntimeError(f"checkpoint does not match the student: missing {few(want - have)}, "
+                               f"unexpected {few(have - want)}")
         self.tokens_seen = int(checkpoint.get("cwic_tokens_seen", 0))
 
     def configure_optimizers(self):

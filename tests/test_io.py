@@ -79,6 +79,11 @@ print("OK", type(m).__name__)
     assert "OK" in r.stdout
 
 
+# the special tokens SmolLM2-135M-Instruct's GGUF names
+SMOL_SPECIALS = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
+                 "pad_token": "<|im_end|>"}
+
+
 def test_a_gguf_teacher_loads_in_the_dtype_asked_for(monkeypatch):
     """The dequantised GGUF copy loads in the requested dtype (evaluation loads its dense and TEAL baselines in bf16
     through it); a GGUF load that always gave fp32 passed every test."""
@@ -87,9 +92,46 @@ def test_a_gguf_teacher_loads_in_the_dtype_asked_for(monkeypatch):
     T._load_gguf_cache_only(resolve_model_source("smollm2-135m-instruct")["path"])   # the copy, made once
     seen = []
     monkeypatch.setattr(T, "_load_folder", lambda path, dtype: (seen.append(dtype), torch.nn.Linear(1, 1),
-                                                                 SimpleNamespace(pad_token="<p>"))[1:])
+                                                                 SimpleNamespace(**SMOL_SPECIALS))[1:])
     T.load_teacher("smollm2-135m-instruct", dtype=torch.bfloat16)
     assert seen == [torch.bfloat16]
+
+
+def test_a_gguf_tokenizer_gets_the_special_tokens_the_file_names(monkeypatch):
+    """transformers 5.17 builds SmolLM2's tokenizer from the GGUF with eos <|im_start|> and no pad, which leaves
+    <|im_end|>, the token that ends every chat turn, out of `all_special_ids` (the trained export's tokenizer on the
+    GPU box), and the dequantised copy keeps what that version saved. Every GGUF load, fresh or from the copy, gives
+    the tokenizer the bos/eos/unk/pad the file names, with a warning that says what it changed."""
+    from types import SimpleNamespace
+    from transformers import AutoTokenizer
+    from cwic_exp import teacher as T
+    path = resolve_model_source("smollm2-135m-instruct")["path"]
+    assert T.gguf_special_tokens(path) == SMOL_SPECIALS
+    T._load_gguf_cache_only(path)
+    tok = AutoTokenizer.from_pretrained(str(T._gguf_cache_path(path)))
+    tok.eos_token, tok.pad_token = "<|im_start|>", None                    # as transformers 5.17 built and saved it
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end not in tok.all_special_ids
+    monkeypatch.setattr(T, "_load_folder", lambda p, dtype: (torch.nn.Linear(1, 1), tok))
+    with pytest.warns(UserWarning, match=r"eos_token '<\|im_start\|>', pad_token None where the file names "
+                                         r"eos_token '<\|im_end\|>', pad_token '<\|im_end\|>'"):
+        _, got = T.load_teacher("smollm2-135m-instruct")
+    assert (got.bos_token, got.eos_token, got.pad_token, got.unk_token) == \
+        ("<|im_start|>", "<|im_end|>", "<|im_end|>", "<|endoftext|>")
+    assert end == got.eos_token_id == got.pad_token_id and end in got.all_special_ids
+    wrong = AutoTokenizer.from_pretrained(str(T._gguf_cache_path(path)))   # the tiny random models' tokenizer too
+    wrong.eos_token, wrong.pad_token = "<|im_start|>", None
+    import transformers
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: wrong)
+    with pytest.warns(UserWarning, match="eos_token"):
+        model, got = T.load_teacher("tiny-random-llama")
+    assert got.eos_token_id == model.config.eos_token_id == end
+    named = SimpleNamespace(**SMOL_SPECIALS)
+    monkeypatch.setattr(T, "_load_folder", lambda p, dtype: (torch.nn.Linear(1, 1), named))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                     # a right tokenizer: nothing to say
+        assert T.load_teacher("smollm2-135m-instruct")[1] is named
 
 
 def test_resolve_model_source_errors(tmp_path, monkeypatch):

@@ -131,6 +131,45 @@ def resolve_model_source(name_or_path: str | None) -> dict:
                      f"file, or one of {sorted(EMBEDDED) + sorted(ALIASES)}")
 
 
+_GGUF_SPECIALS = (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token"))
+
+
+def gguf_special_tokens(path: str) -> dict[str, str]:
+    """The special tokens a GGUF file names (`tokenizer.ggml.{bos,eos,unknown,padding}_token_id`), as
+    {"bos_token": text, ...}; only those it names. Read from the header (memory-mapped, no tensor is loaded)."""
+    import gguf
+    fields = gguf.GGUFReader(path).fields
+    toks = fields.get("tokenizer.ggml.tokens")
+    out = {}
+    for key, name in _GGUF_SPECIALS:
+        f = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if f is None or toks is None or not f.data:
+            continue
+        i = int(f.parts[f.data[0]][0])
+        if 0 <= i < len(toks.data):
+            out[name] = bytes(toks.parts[toks.data[i]]).decode("utf-8")
+    return out
+
+
+def _gguf_tokenizer_specials(tok, path: str):
+    """Give a tokenizer built from a GGUF the special tokens the file names. transformers 5.17 (5.25 does not)
+    builds SmolLM2's tokenizer from the GGUF with eos <|im_start|> and no pad, so <|im_end|>, the token that ends
+    every chat turn, was neither eos nor among `all_special_ids`; the dequantised copy saved that tokenizer, so a
+    copy made by such a version keeps it: this runs on every load from a GGUF, fresh or cached."""
+    import warnings
+    wrong = {name: (getattr(tok, name, None), text) for name, text in gguf_special_tokens(path).items()
+             if getattr(tok, name, None) != text}
+    if wrong:
+        import transformers
+        warnings.warn(f"the tokenizer loaded for {Path(path).name} (transformers {transformers.__version__}) names "
+                      + ", ".join(f"{n} {old!r}" for n, (old, _) in wrong.items()) + " where the file names "
+                      + ", ".join(f"{n} {new!r}" for n, (_, new) in wrong.items()) + ": using the file's",
+                      stacklevel=4)
+        for name, (_, new) in wrong.items():
+            setattr(tok, name, new)
+    return tok
+
+
 def _load_gguf(path: str, dtype: torch.dtype):
     """GGUF -> (model, tokenizer), cached as safetensors after the first (slow) dequantisation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -139,7 +178,7 @@ def _load_gguf(path: str, dtype: torch.dtype):
     if not (cached / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name,
                                                      dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        tok = _gguf_tokenizer_specials(AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name), path)
         # a GGUF-loaded model refuses save_pretrained: rebuild it as a plain model first
         config = model.config
         if hasattr(config, "quantization_config"):
@@ -162,7 +201,8 @@ def _load_gguf(path: str, dtype: torch.dtype):
             rest = old.name[len(f"{src.stem}-{size}"):]
             if rest == "" or (rest[1:].isdigit() and rest[0] == "-"):
                 shutil.rmtree(old, ignore_errors=True)
-    return _load_folder(str(cached), dtype)
+    model, tok = _load_folder(str(cached), dtype)
+    return model, _gguf_tokenizer_specials(tok, path)
 
 
 def _tiny_random(name: str, dtype: torch.dtype, seed: int = 0):
@@ -170,7 +210,7 @@ def _tiny_random(name: str, dtype: torch.dtype, seed: int = 0):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
     base = resolve_model_source("smollm2-135m-instruct")
     _load_gguf_cache_only(base["path"])
-    tok = AutoTokenizer.from_pretrained(str(_gguf_cache_path(base["path"])))
+    tok = _gguf_tokenizer_specials(AutoTokenizer.from_pretrained(str(_gguf_cache_path(base["path"]))), base["path"])
     cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=2048, tie_word_embeddings=True,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **TINY[name])
     g = torch.random.fork_rng()

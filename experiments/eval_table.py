@@ -37,7 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from cwic_exp.files import save_atomic  # noqa: E402
+from cwic_exp.files import dumps as json_dumps, save_atomic  # noqa: E402
 
 log = logging.getLogger("eval_table")
 LEVELS = (0.25, 0.40, 0.50, 0.66)
@@ -119,8 +119,8 @@ def prepare(args):
             "context_tokens": int(len(arrays["ctx_tokens"])), "continuation_tokens": int(len(arrays["cont_tokens"])),
             "calib_rows": args.calib_rows, "calib_seq_len": args.calib_seq_len,
             "chat_conversations": int(hid.shape[0]), "chat_seq_len": int(hid.shape[1])}
-    (out / "meta.json").write_text(json.dumps(meta))
-    print(json.dumps({k: v for k, v in meta.items() if k not in ("keys", "configs")}),
+    (out / "meta.json").write_text(json_dumps(meta))
+    print(json_dumps({k: v for k, v in meta.items() if k not in ("keys", "configs")}),
           f"prepared in {time.time() - t0:.0f} s")
 
 
@@ -219,7 +219,7 @@ def score(args):
         arrays_out[name] = {k: info.pop(k) for k in ("logprob", "greedy", "group_active", "group_tokens")}
         results["configs"][name] = {**cfgd, **info}
         _save(results, arrays_out, out)
-        print(json.dumps({"config": name, "apr": round(res.apr, 4), "calib_sparsity": info.get("calib_sparsity"),
+        print(json_dumps({"config": name, "apr": round(res.apr, 4), "calib_sparsity": info.get("calib_sparsity"),
                           "kl": round(chat["kl_fwd"], 5), "ppl": round(chat["ppl"], 3),
                           "tok_per_s": round(res.tokens / res.seconds), "s": round(time.time() - t0, 1)}), flush=True)
 
@@ -262,7 +262,7 @@ def score(args):
                    {"calib_sparsity": 0.0})
     results["timing"]["total"] = time.time() - t_start
     _save(results, arrays_out, out)
-    print(json.dumps({"done": True, "timing": results["timing"], "tree_tokens": plan.tokens}))
+    print(json_dumps({"done": True, "timing": results["timing"], "tree_tokens": plan.tokens}))
 
 
 def _save(results: dict, arrays: dict, out: Path, per_file: int = 4) -> None:
@@ -333,7 +333,7 @@ def finish(args):
            "chat_eval": {"conversations": meta["chat_conversations"], "seq_len": meta["chat_seq_len"],
                          "source": "ShareGPT tail (last conversations of the file)"},
            "rows": rows}
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=_jsonable))
+    out.with_suffix(".json").write_text(json_dumps(doc, indent=1, default=_jsonable))
     out.with_suffix(".md").write_text(_markdown(doc, rows))
     print(out.with_suffix(".md").read_text())
 
@@ -414,7 +414,7 @@ def render(args):
     doc = json.loads(out.with_suffix(".json").read_text())
     for r in doc["rows"]:
         r["all"] = mean_all(r["tasks"])
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=_jsonable))
+    out.with_suffix(".json").write_text(json_dumps(doc, indent=1, default=_jsonable))
     out.with_suffix(".md").write_text(_markdown(doc, doc["rows"]))
     print(out.with_suffix(".md").read_text())
 
@@ -436,9 +436,9 @@ def crosscheck(args):
             doc["crosscheck"][f"GPU {name} ({gpu['configs'][name].get('dtype')}) vs CPU fp32 dense"] = (
                 f"{len(idx)} requests (first {cmeta['limit']} questions of each task), "
                 f"max |Δ log p| {d.max():.3f}, mean {d.mean():.4f}")
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=_jsonable))
+    out.with_suffix(".json").write_text(json_dumps(doc, indent=1, default=_jsonable))
     out.with_suffix(".md").write_text(_markdown(doc, doc["rows"]))
-    print(json.dumps(doc["crosscheck"], indent=1))
+    print(json_dumps(doc["crosscheck"], indent=1))
 
 
 # ----------------------------------------------------------------------------- all in one process

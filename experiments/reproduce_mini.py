@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "experiments"))
-from cwic_exp.files import save_atomic  # noqa: E402
+from cwic_exp.files import dumps as json_dumps, save_atomic  # noqa: E402
 
 log = logging.getLogger("reproduce_mini")
 
@@ -144,7 +144,7 @@ def gpu(args) -> None:
     runs.update(train_jobs(JOBS[args.group], work, args.teacher, args.data, args.minutes, args.extra or [],
                            args.parallel))
     for name in JOBS[args.group]:
-        print(json.dumps({"trained": name, **{k: runs[name].get(k) for k in ("apr", "kl", "steps", "tokens",
+        print(json_dumps({"trained": name, **{k: runs[name].get(k) for k in ("apr", "kl", "steps", "tokens",
                                                                              "wall_s")}}), flush=True)
         for f in ("summary.json", "logs/metrics.csv"):
             src = work / name / f
@@ -153,12 +153,12 @@ def gpu(args) -> None:
     unfinished = [n for n in JOBS[args.group] if not runs[n].get("finished", True)]
     if unfinished:
         save_atomic({**prev, "runs": runs}, score_file)
-        print(json.dumps({"unfinished": unfinished, "hint": "run the same command again with a larger --minutes"}),
+        print(json_dumps({"unfinished": unfinished, "hint": "run the same command again with a larger --minutes"}),
               flush=True)
         return
     if args.train_only:
         save_atomic({**prev, "runs": runs}, score_file) if prev else None
-        print(json.dumps({"trained": list(runs), "seconds": round(time.time() - t_start, 1)}))
+        print(json_dumps({"trained": list(runs), "seconds": round(time.time() - t_start, 1)}))
         return
     meta, arrays = _load_bundle(Path(args.bundle))
     reqs = unpack_requests(arrays, meta["keys"])
@@ -197,17 +197,17 @@ def gpu(args) -> None:
         results["configs"][name] = {**info, **entry, "seconds": time.time() - t0}
         res, chat = entry, entry["chat"]
         save_atomic({**results, "groups": groups}, score_file)
-        print(json.dumps({"scored": name, "apr": round(res["apr"], 3), "kl_sym": round(chat["kl_sym"], 4),
+        print(json_dumps({"scored": name, "apr": round(res["apr"], 3), "kl_sym": round(chat["kl_sym"], 4),
                           "s": round(time.time() - t0, 1)}), flush=True)
         return res["apr"]
 
     try:
         score_all(args, work, record, teacher, calib, dev, results["configs"].keys() | skipped.keys())
     except TimeoutError as e:
-        print(json.dumps({"deadline": True, "next": str(e), "hint": "run the same command again"}), flush=True)
+        print(json_dumps({"deadline": True, "next": str(e), "hint": "run the same command again"}), flush=True)
     results["timing"][f"call_{len(results['timing'])}"] = time.time() - t_start
     save_atomic({**results, "groups": groups}, score_file)
-    print(json.dumps({"done": args.group, "configs": len(results["configs"]),
+    print(json_dumps({"done": args.group, "configs": len(results["configs"]),
                       "seconds": round(time.time() - t_start, 1)}))
     if args.then_teal:
         torch.cuda.empty_cache() if dev == "cuda" else None
@@ -354,7 +354,7 @@ def teal_stage(args) -> None:
                                           **entry, "seconds": time.time() - t0,
                                           "dtype": f"{args.dtype} autocast" if amp else "float32"}
         save_atomic(doc, out_f)
-        print(json.dumps({"scored": f"teal/{name}", "sparsity": round(s, 3), "apr": round(entry["apr"], 3),
+        print(json_dumps({"scored": f"teal/{name}", "sparsity": round(s, 3), "apr": round(entry["apr"], 3),
                           "matched_apr": round(apr, 3), "kl_sym": round(entry["chat"]["kl_sym"], 4),
                           "s": round(time.time() - t0, 1)}), flush=True)
 
@@ -474,7 +474,7 @@ def render(doc: dict, res_dir: Path) -> None:
     rows, paired, runs, sub_limit, n_chat = (doc["rows"], doc.get("paired_rows") or [], doc["runs"],
                                              doc.get("paired_limit"), doc["chat_rows"])
     res_dir.mkdir(parents=True, exist_ok=True)
-    (res_dir / "results.json").write_text(json.dumps(doc, indent=1, default=_jsonable))
+    (res_dir / "results.json").write_text(json_dumps(doc, indent=1, default=_jsonable))
     md = ["# reproduce-mini: SmolLM2-135M-Instruct, stripe 192", "",
           f"Scored on {', '.join(doc['devices'])}; metrics by lm-eval here from the stored log-likelihoods. "
           f"acc_norm × 100 (acc for WinoGrande); APR measured on the benchmark tokens (q,k,v,o,gate,up+down,"
@@ -504,7 +504,7 @@ def render(doc: dict, res_dir: Path) -> None:
         plots(paired, res_dir / f"score_kl_vs_apr_first{sub_limit}.png", f"first {sub_limit} documents per task")
     arc_plot(rows, res_dir)
     print("\n".join(md))
-    print(json.dumps({"rows": len(rows), "paired_rows": len(paired), "results": str(res_dir)}))
+    print(json_dumps({"rows": len(rows), "paired_rows": len(paired), "results": str(res_dir)}))
 
 
 def provenance(rows) -> list[str]:

@@ -8,7 +8,6 @@ Prints a line per prompt and a last-line JSON with the maximum.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
 
 def main(argv=None) -> int:
     import cwic_exp
+    from cwic_exp.files import dumps as json_dumps
     from cwic_exp.modeling.modeling_cwic import cwic_context
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
             d = (model(**e).logits - r).abs().max().item()
             diffs.append(d)
             print(f"{q[:40]:<40} {e['input_ids'].shape[1]:>6} {d:>12.3e} {r.abs().max().item():>10.1f}")
-    print(json.dumps({"model": a.model, "stripe": a.stripe, "max_abs_logit_diff": max(diffs),
+    print(json_dumps({"model": a.model, "stripe": a.stripe, "max_abs_logit_diff": max(diffs),
                       "per_prompt": diffs}))
     return 0
 

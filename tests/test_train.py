@@ -828,6 +828,25 @@ def _every2(tmp, steps):
     return _smoke_cfg(tmp, steps, ["trainer.ckpt_every=2", "trainer.val_every=2", "export_milestones=false"])
 
 
+def test_a_diverged_run_writes_strict_json(tmp_path, monkeypatch, capsys):
+    """A run whose validation gives NaN (a diverged student) writes its summary.json and its last stdout line as
+    JSON that strict parsers read (json.dumps wrote NaN, which JSON.parse and jq refuse): the figure is null."""
+    from lightning.pytorch import Trainer
+    from cwic_exp.train import run
+    import pandas  # noqa: F401
+
+    def nan_validation(self, model, datamodule=None, verbose=True):
+        model.val_metrics = {"val/apr": float("nan"), "val/kl": float("nan")}
+    monkeypatch.setattr(Trainer, "validate", nan_validation)
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+    run(_smoke_cfg(tmp_path, 2), tmp_path / "t")
+    for text in ((tmp_path / "t" / "summary.json").read_text(), capsys.readouterr().out.strip().splitlines()[-1]):
+        s = json.loads(text, parse_constant=refuse)
+        assert s["apr"] is None and s["kl"] is None and s["steps"] == 2
+
+
 def test_a_summary_older_than_the_checkpoint_is_not_taken_for_the_result(tmp_path):
     """Killed after last.ckpt was written at the end but before summary.json: the rerun finds the previous run's
     (finished, older) summary beside a newer checkpoint, and measures and exports the checkpoint's step instead of

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 import signal
@@ -19,7 +18,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .files import replace_folder, save_atomic, write_text_atomic
+from .files import dumps as json_dumps, replace_folder, save_atomic, write_text_atomic
 from .modeling import clamp_thresholds
 
 
@@ -208,7 +207,7 @@ def _export(folder: Path, write, meta: dict | None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
     if meta:
-        (tmp / "cwic_train_meta.json").write_text(json.dumps(meta, indent=1))
+        (tmp / "cwic_train_meta.json").write_text(json_dumps(meta, indent=1))
     return replace_folder(tmp, folder)
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .files import dumps as json_dumps
+
 log = logging.getLogger("cwic_exp.train")
 
 
@@ -165,7 +167,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
                   file=sys.stderr)
             if summary.get("checkpoint") and Path(summary["checkpoint"]).exists() and _rank0():
                 MilestoneExport.point_latest(latest, summary["checkpoint"])
-            print(json.dumps(summary), flush=True)
+            print(json_dumps(summary), flush=True)
             return summary
 
     # ---------------------------------------------------------------- models
@@ -242,10 +244,10 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
                    "checkpoint": str(last) if last.exists() else None, "run_dir": str(run_dir),
                    "wall_s": round(time.time() - t_start, 1)}
         if trainer.global_rank == 0:
-            write_text_atomic(summary_file, json.dumps(summary, indent=1))
+            write_text_atomic(summary_file, json_dumps(summary, indent=1))
             print(f"\ninterrupted ({by}) at step {steps}: saved {last}; the same command resumes there",
                   file=sys.stderr)
-            print(json.dumps(summary), flush=True)
+            print(json_dumps(summary), flush=True)
         if by == "SIGTERM":
             raise SystemExit(128 + signal.SIGTERM)
         return summary
@@ -278,7 +280,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
         path = exporter.export_final(module, {**summary, "note": "APR counts q,k,v,o,gate,up+down,head; "
                                                                   "not embeddings or attention scores"}, step=steps)
         summary["checkpoint"] = str(path) if path else None
-        write_text_atomic(summary_file, json.dumps(summary, indent=1))
+        write_text_atomic(summary_file, json_dumps(summary, indent=1))
     summary.setdefault("checkpoint", None)
     for lg in loggers:
         if type(lg).__name__ == "WandbLogger":
@@ -293,7 +295,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
         print(f"  KL to teacher ½(FKL+RKL) per token: {summary['kl']}")
         print(f"  HF export: {summary['checkpoint']}")
         print("=" * 60)
-        print(json.dumps(summary), flush=True)
+        print(json_dumps(summary), flush=True)
     return summary
 
 

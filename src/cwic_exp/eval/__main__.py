@@ -9,13 +9,14 @@ WinoGrande's acc), `all`, `apr`, and the chat's `kl` / `ppl` when measured.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+
+from ..files import dumps as json_dumps
 
 CONF = Path(__file__).resolve().parents[3] / "conf" / "eval"
 log = logging.getLogger("cwic_exp.eval")
@@ -68,13 +69,13 @@ def main(cfg: DictConfig) -> dict:
                          else f"teal-{c['teal']['mode']}-{int(round(c['sparsity'] * 100))}")
     out = Path(c["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / f"{name}.json").write_text(json_dumps(res, indent=1, default=str))
     md = [f"# {name}", "", f"limit: {c['limit'] or 'full sets'}; device {info['device']}, {info['dtype']}", "",
           table3([row]), "", compute_table([row]), ""]
     (out / f"{name}.md").write_text("\n".join(md))
     print(table3([row]))
     summary = cli_summary(res)
-    print(json.dumps(summary))
+    print(json_dumps(summary))
     return summary
 
 

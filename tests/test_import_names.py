@@ -65,3 +65,27 @@ def test_pyproject_lists_every_package_and_kernel_source():
     from cwic_kernels import cpu
     for f in cpu.SOURCES + cpu.DEPENDS:
         assert any(Path("cpu", f).match(pat) for pat in data["cwic_kernels"]), f
+
+
+def test_every_package_the_code_imports_is_a_declared_dependency():
+    """Each third-party package that src/, kernels/ or train.py imports is named in pyproject's dependencies. `rich`
+    (chat's terminal view) was not, and came only through huggingface_hub >= 1.0: with transformers 4.56 (hub 0.36)
+    chat failed to start."""
+    import ast
+    import re
+    from importlib.metadata import packages_distributions
+    tomllib = __import__("pytest").importorskip("tomllib")   # Python 3.11+
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()       # noqa: E731
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = {norm(re.split(r"[<>=!~ ;\[]", d, maxsplit=1)[0]) for d in deps}
+    dists = packages_distributions()
+    files = [*(ROOT / "src").rglob("*.py"), *(ROOT / "kernels").rglob("*.py"), ROOT / "train.py"]
+    missing = {}
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            for top in {n.split(".")[0] for n in names} - set(sys.stdlib_module_names) - {"cwic_exp", "cwic_kernels"}:
+                if not {norm(d) for d in dists.get(top, [top])} & declared:
+                    missing.setdefault(top, []).append(str(f.relative_to(ROOT)))
+    assert not missing, missing

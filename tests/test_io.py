@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,6 +78,27 @@ print("OK", type(m).__name__)
                        cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "OK" in r.stdout
+
+
+def test_the_modeling_file_imports_every_code_file_it_needs_itself():
+    """transformers 4.x (checked 4.56.2) copies into its remote-code cache only the relative imports that the modeling
+    file itself names (its own regexes below), then resolves them recursively there: a file that only layers.py
+    imported (functional.py) was missing, and a checkpoint did not load without cwic_exp. 5.x copies recursively."""
+    import re
+    from cwic_exp.modeling import modeling_cwic as mc
+    here = Path(mc.__file__).parent
+
+    def rel(name):
+        text = (here / f"{name}.py").read_text()
+        return set(re.findall(r"^\s*import\s+\.(\S+)\s*$", text, flags=re.MULTILINE)) | \
+            set(re.findall(r"^\s*from\s+\.(\S+)\s+import", text, flags=re.MULTILINE))
+    needed, todo = set(), ["modeling_cwic"]
+    while todo:
+        new = rel(todo.pop()) - needed
+        needed |= new
+        todo += sorted(new)
+    assert needed <= rel("modeling_cwic"), sorted(needed - rel("modeling_cwic"))
+    assert {f"{n}.py" for n in needed | {"modeling_cwic"}} <= set(mc._CODE_FILES)   # and the export ships them
 
 
 # the special tokens SmolLM2-135M-Instruct's GGUF names

@@ -23,6 +23,9 @@ import torch
 from torch import nn
 
 from .configuration_cwic import CwicConfig
+# functional is imported here too, not only by layers: transformers 4.x (checked 4.56.2) copies only the modeling
+# file's own relative imports into its remote-code cache, and then failed to find functional.py
+from .functional import stripe_rows  # noqa: F401
 from .layers import CwicGatedMLP, CwicLinear, CwicRuntime
 
 _HERE = os.path.dirname(os.path.abspath(__file__))

@@ -200,7 +200,9 @@ class MaskRecorder:
 
 
 def save_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=1, default=float))
+    """Strict JSON (a NaN figure is null: strict parsers refuse the token NaN)."""
+    from cwic_exp.files import dumps
+    path.write_text(dumps(obj, indent=1, default=float))
 
 
 def describe(ckpt) -> str:

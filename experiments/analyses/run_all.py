@@ -13,7 +13,6 @@ the headline numbers.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ def main(argv=None):
         "tmux": lambda: chat_capture.main(common + ["--max-new-tokens", str(min(args.max_new_tokens, 80))]),
     }
     report = {"checkpoint": ckpt, "label": describe(ckpt), "milestones": ms, "steps": {}}
+    from cwic_exp.files import dumps   # strict JSON: a NaN figure is null
     for name in STEPS:
         if name in args.skip:
             continue
@@ -59,7 +59,7 @@ def main(argv=None):
         log(f"== {name}")
         res = steps[name]()
         report["steps"][name] = {"wall_s": round(time.time() - t0, 1), "result": res}
-        (out / "run_all.json").write_text(json.dumps(report, indent=1, default=str))
+        (out / "run_all.json").write_text(dumps(report, indent=1, default=str))
     log(f"done: {out}")
     return report
 

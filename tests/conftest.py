@@ -9,6 +9,24 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    """triton < 3.7's interpreter converts one-element arrays with int(), which numpy >= 2.4 refuses: with triton 3.6
+    (the GPU box's, whose torch pins it) and numpy 2.4 every Triton test failed with "only 0-dimensional arrays can be
+    converted to Python scalars". Say so once, before any test runs."""
+    if os.environ.get("TRITON_INTERPRET", "1" if not torch.cuda.is_available() else "0") != "1":
+        return
+    import re
+    from importlib.metadata import PackageNotFoundError, version   # not imported: triton reads TRITON_INTERPRET then
+    try:
+        tv, nv = version("triton"), version("numpy")
+    except PackageNotFoundError:
+        return
+    ver = lambda s: tuple(int(p) for p in re.findall(r"\d+", s)[:2])   # noqa: E731
+    if ver(tv) < (3, 7) and ver(nv) >= (2, 4):
+        raise pytest.UsageError(f"triton {tv}'s interpreter (TRITON_INTERPRET=1, the Triton tests on a CPU) needs "
+                                f"numpy < 2.4, found {nv}: pip install 'numpy<2.4', or triton >= 3.7")
+
+
 def tiny_config(family: str = "llama", **kw):
     from transformers import LlamaConfig, Qwen2Config
     base = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,

@@ -607,3 +607,14 @@ def test_kernel_breakdown_adds_kernels_whose_names_share_60_characters(monkeypat
     b = D.kernel_breakdown(types.SimpleNamespace(decode=lambda k: None), n=4)
     assert math.isclose(b["total_us_per_token"], (40 + 80 + 400) / 4)
     assert b["kernels"][stem[:60]] == dict(us_per_token=120 / 4, calls_per_token=8 / 4)
+
+
+def test_benchmark_json_is_strict(tmp_path, K):
+    """The benchmarks' JSON files (save_outputs, shared by the GPU scripts) write a missing figure as null: json.dump
+    wrote the token NaN, which strict parsers (JSON.parse, jq) refuse."""
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+    K.save_outputs(str(tmp_path), "b", "| x |", {"speedup": {"0.66": float("nan"), "0.5": 2.0}, "gbs": float("inf")})
+    assert json.loads((tmp_path / "b.json").read_text(), parse_constant=refuse) == \
+        {"speedup": {"0.66": None, "0.5": 2.0}, "gbs": None}
+    assert (tmp_path / "b.md").read_text() == "| x |\n"

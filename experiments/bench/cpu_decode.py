@@ -558,13 +558,14 @@ def main(argv=None):
                     f"(decode-time APR {c3['apr_decode']:.2f}); target ≥ 2.5×")
             print(line)
             md += [line, ""]
+    from cwic_exp.files import dumps   # strict JSON: a missing figure (NaN) is null
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "cpu_decode.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+            f.write(dumps(summary, indent=1))
         with open(os.path.join(args.out, "cpu_decode.md"), "w") as f:
             f.write("\n".join(md))
-    print(json.dumps(summary, separators=(",", ":")))
+    print(dumps(summary, separators=(",", ":")))
     return summary
 
 

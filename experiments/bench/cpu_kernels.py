@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import platform
@@ -397,13 +396,14 @@ def main(argv=None):
     for line in lines:
         print(line)
     md += lines + [""]
+    from cwic_exp.files import dumps   # strict JSON: a missing figure (NaN) is null
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "cpu_kernels.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+            f.write(dumps(summary, indent=1))
         with open(os.path.join(args.out, "cpu_kernels.md"), "w") as f:
             f.write("\n".join(md))
-    print(json.dumps(summary, separators=(",", ":")))
+    print(dumps(summary, separators=(",", ":")))
     return summary
 
 

@@ -241,9 +241,10 @@ def check_exact(size: str, dev, prompt_len=32, out=None) -> dict:
               f"HF vs HF(1e-7-perturbed embeddings) {res[f'density_{dens}']['hf_vs_hf_perturbed_1e-7']:.2e}", flush=True)
     if out:
         os.makedirs(out, exist_ok=True)
+        from cwic_exp.files import dumps   # strict JSON: a missing figure (NaN) is null
         with open(os.path.join(out, "gpu_exactness.json"), "w") as f:
-            json.dump(dict(model=f"Llama-3.2-{size}-shaped, random weights, fp32", prompt_len=prompt_len,
-                           gpu="cpu (dry run)" if DRY_RUN else torch.cuda.get_device_name(dev), **res), f, indent=1)
+            f.write(dumps(dict(model=f"Llama-3.2-{size}-shaped, random weights, fp32", prompt_len=prompt_len,
+                           gpu="cpu (dry run)" if DRY_RUN else torch.cuda.get_device_name(dev), **res), indent=1))
     return res
 
 
@@ -293,7 +294,8 @@ def main(argv=None):
     stripe = 32 if DRY_RUN else 512
     if args.check_exact:
         res = check_exact(args.model, dev, args.prompt_len, args.out)
-        print(json.dumps({"bench": "gpu_exactness", **{k: v for k, v in res.items()}}))
+        from cwic_exp.files import dumps
+        print(dumps({"bench": "gpu_exactness", **{k: v for k, v in res.items()}}))
         return res
     t_start = time.time()
     model = build_model(args.model, dev)
@@ -440,7 +442,8 @@ def main(argv=None):
         if "apr_target" in r:
             summary[f"speedup_at_{r['apr_target']:g}x"] = round(r["speedup_vs_dense_engine"], 3)
             summary[f"apr_measured_{r['apr_target']:g}x"] = round(r["apr"], 3)
-    print(json.dumps(summary))
+    from cwic_exp.files import dumps
+    print(dumps(summary))
     return result
 
 

@@ -18,7 +18,6 @@ Prints a table; the LAST line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -48,8 +47,9 @@ def save_outputs(out: str | None, stem: str, markdown: str, result: dict) -> Non
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, f"{stem}.md"), "w") as f:
             f.write(markdown + "\n")
+        from cwic_exp.files import dumps   # strict JSON: a missing figure (NaN) is null
         with open(os.path.join(out, f"{stem}.json"), "w") as f:
-            json.dump(result, f, indent=1)
+            f.write(dumps(result, indent=1))
 
 
 def ensure_imports():
@@ -350,7 +350,8 @@ def main(argv=None):
             for r in shapes["head"]["rows"]:
                 if abs(r["sparsity"] - 0.66) < 1e-9:
                     summary[f"{model}_head_speedup_at_66"] = round(r["speedup"], 3)
-    print(json.dumps(summary))
+    from cwic_exp.files import dumps
+    print(dumps(summary))
     return result
 
 

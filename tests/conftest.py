@@ -27,6 +27,15 @@ def pytest_configure(config):
                                 f"numpy < 2.4, found {nv}: pip install 'numpy<2.4', or triton >= 3.7")
 
 
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, as JSON.parse and jq do (Python's json reads them)."""
+    import json
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
 def tiny_config(family: str = "llama", **kw):
     from transformers import LlamaConfig, Qwen2Config
     base = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,

@@ -464,9 +464,6 @@ def test_analysis_json_is_strict(tmp_path):
     """A NaN figure (a KL of a diverged model) is written as null: json.dumps wrote the token NaN, which strict
     parsers (JSON.parse, jq) refuse."""
     from common import save_json
-
-    def refuse(token):
-        raise ValueError(f"not JSON: {token}")
+    from conftest import strict_json
     save_json(tmp_path / "r.json", {"kl": float("nan"), "apr": torch.tensor(3.0).item(), "rows": [float("inf"), 1]})
-    assert json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse) == \
-        {"kl": None, "apr": 3.0, "rows": [None, 1]}
+    assert strict_json((tmp_path / "r.json").read_text()) == {"kl": None, "apr": 3.0, "rows": [None, 1]}

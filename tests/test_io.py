@@ -130,8 +130,12 @@ def test_a_gguf_tokenizer_gets_the_special_tokens_the_file_names(monkeypatch):
     path = resolve_model_source("smollm2-135m-instruct")["path"]
     assert T.gguf_special_tokens(path) == SMOL_SPECIALS
     T._load_gguf_cache_only(path)
-    tok = AutoTokenizer.from_pretrained(str(T._gguf_cache_path(path)))
-    tok.eos_token, tok.pad_token = "<|im_start|>", None                    # as transformers 5.17 built and saved it
+
+    def as_517_built_it():
+        t = AutoTokenizer.from_pretrained(str(T._gguf_cache_path(path)))
+        t.eos_token, t.pad_token = "<|im_start|>", None
+        return t
+    tok = as_517_built_it()
     end = tok.convert_tokens_to_ids("<|im_end|>")
     assert end not in tok.all_special_ids
     monkeypatch.setattr(T, "_load_folder", lambda p, dtype: (torch.nn.Linear(1, 1), tok))
@@ -141,8 +145,7 @@ def test_a_gguf_tokenizer_gets_the_special_tokens_the_file_names(monkeypatch):
     assert (got.bos_token, got.eos_token, got.pad_token, got.unk_token) == \
         ("<|im_start|>", "<|im_end|>", "<|im_end|>", "<|endoftext|>")
     assert end == got.eos_token_id == got.pad_token_id and end in got.all_special_ids
-    wrong = AutoTokenizer.from_pretrained(str(T._gguf_cache_path(path)))   # the tiny random models' tokenizer too
-    wrong.eos_token, wrong.pad_token = "<|im_start|>", None
+    wrong = as_517_built_it()                                              # the tiny random models' tokenizer too
     import transformers
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: wrong)
     with pytest.warns(UserWarning, match="eos_token"):

@@ -838,12 +838,10 @@ def test_a_diverged_run_writes_strict_json(tmp_path, monkeypatch, capsys):
     def nan_validation(self, model, datamodule=None, verbose=True):
         model.val_metrics = {"val/apr": float("nan"), "val/kl": float("nan")}
     monkeypatch.setattr(Trainer, "validate", nan_validation)
-
-    def refuse(token):
-        raise ValueError(f"not JSON: {token}")
+    from conftest import strict_json
     run(_smoke_cfg(tmp_path, 2), tmp_path / "t")
     for text in ((tmp_path / "t" / "summary.json").read_text(), capsys.readouterr().out.strip().splitlines()[-1]):
-        s = json.loads(text, parse_constant=refuse)
+        s = strict_json(text)
         assert s["apr"] is None and s["kl"] is None and s["steps"] == 2
 
 

@@ -211,7 +211,6 @@ def cycler(xs: list):
 def bench_dtype(ext, dtype, sparsities, reps, tokens, evict, threads, log):
     from cwic_kernels import cpu as C
     isa = C.isa_id(None)
-    rows = []
     variants = []          # (shape_idx, label, fn, reads_fn)
     shapes = []
     for si, (name, n, m, count) in enumerate(SHAPES):

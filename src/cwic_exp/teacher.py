@@ -152,8 +152,8 @@ def gguf_special_tokens(path: str) -> dict[str, str]:
 
 
 def _gguf_tokenizer_specials(tok, path: str):
-    """Give a tokenizer built from a GGUF the special tokens the file names. transformers 5.17 (5.25 does not)
-    builds SmolLM2's tokenizer from the GGUF with eos <|im_start|> and no pad, so <|im_end|>, the token that ends
+    """Give a tokenizer built from a GGUF the special tokens the file names. transformers 4.56 and 5.17 (5.25 does
+    not) build SmolLM2's tokenizer from the GGUF with eos <|im_start|> and no pad, so <|im_end|>, the token that ends
     every chat turn, was neither eos nor among `all_special_ids`; the dequantised copy saved that tokenizer, so a
     copy made by such a version keeps it: this runs on every load from a GGUF, fresh or cached."""
     import warnings

@@ -31,15 +31,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = {   # Hugging Face's names (`hidden_act`), aliases included: the C++ kernels accept all of them
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "gelu_new": lambda t: F.gelu(t, approximate="tanh"),
-    "relu": F.relu,
-}
+# Hugging Face's activation names (`hidden_act`), aliases included -> the four activations the kernels compute. The
+# one list of names: the Triton ids (gpu.gemv.ACT_IDS) and the C++ wrapper's (cpu._ACTS) derive from it; the C++
+# act_id (cpu/binding.cpp) spells the same names.
+ACT_KINDS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+             "gelu_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "relu": "relu"}
+_ACT_FNS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu}
+ACTIVATIONS = {name: _ACT_FNS[kind] for name, kind in ACT_KINDS.items()}
 
 
 def granular_mask(x: torch.Tensor, mean: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:

@@ -280,6 +280,7 @@ def main(argv=None):
         raise SystemExit("no CUDA device visible: pass --device cpu for the CPU benchmark")
     import cwic_exp
     from cwic_exp.engine import DecodeEngine, weight_bytes
+    from cwic_exp.files import dumps   # strict JSON: a missing figure (NaN) is null
     from cwic_kernels.gpu import gemv as G
     from cwic_kernels.gpu import register
     register()
@@ -294,7 +295,6 @@ def main(argv=None):
     stripe = 32 if DRY_RUN else 512
     if args.check_exact:
         res = check_exact(args.model, dev, args.prompt_len, args.out)
-        from cwic_exp.files import dumps
         print(dumps({"bench": "gpu_exactness", **{k: v for k, v in res.items()}}))
         return res
     t_start = time.time()
@@ -442,7 +442,6 @@ def main(argv=None):
         if "apr_target" in r:
             summary[f"speedup_at_{r['apr_target']:g}x"] = round(r["speedup_vs_dense_engine"], 3)
             summary[f"apr_measured_{r['apr_target']:g}x"] = round(r["apr"], 3)
-    from cwic_exp.files import dumps
     print(dumps(summary))
     return result
 

@@ -26,6 +26,8 @@ import warnings
 
 import torch
 
+from ..reference import ACT_KINDS
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ("cwic_cpu.cpp", "binding.cpp")
 DEPENDS = ("cwic_cpu.h", "cwic_cpu_impl.inc")
@@ -193,7 +195,7 @@ def ffn(x, gate_wt, gate_mean, gate_thr, gate_bias, stripe: int, up_w, down_wt, 
     return (y, reads) if return_reads else y
 
 
-_ACTS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "relu")
+_ACTS = tuple(ACT_KINDS)   # the names the C++ kernels take (binding.cpp's act_id)
 
 
 def register() -> bool:

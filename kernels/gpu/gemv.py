@@ -26,11 +26,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import ACT_KINDS
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTO_COMPACT = os.environ.get("CWIC_GEMV_COMPACT", "1") != "0"   # 0: gemv_ex never picks gemv_compact itself
 FUSED_FFN = os.environ.get("CWIC_FFN_FUSED", "1") != "0"           # 0: ffn never uses ffn_fused.ffn_updown
 FUSED_GATE = os.environ.get("CWIC_FFN_GATE_FUSED", "1") != "0"     # 0: the fused one-token FFN keeps its own gate launch
-ACT_IDS = {None: -1, "silu": 0, "swish": 0, "gelu": 1, "gelu_pytorch_tanh": 2, "gelu_tanh": 2, "gelu_new": 2, "relu": 3}
+ACT_IDS = {None: -1, **{name: ("silu", "gelu", "gelu_tanh", "relu").index(kind) for name, kind in ACT_KINDS.items()}}
 MASK_THRESHOLD, MASK_NONZERO, MASK_NONE = 0, 1, 2
 PDL = os.environ.get("CWIC_PDL", "1") != "0"   # 0: no programmatic dependent launches (A/B runs)
 # The L2 policy of the weight loads. "evict_first" costs instructions: ptxas rebuilds the cache-policy descriptor

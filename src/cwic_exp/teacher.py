@@ -8,6 +8,7 @@ loads read that.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -151,13 +152,32 @@ def gguf_special_tokens(path: str) -> dict[str, str]:
     return out
 
 
-def _gguf_tokenizer_specials(tok, path: str):
+_SPECIALS_FILE = "cwic_gguf_special_tokens.json"
+
+
+def _cached_gguf_special_tokens(path: str) -> dict[str, str]:
+    """gguf_special_tokens(path), kept beside the GGUF's dequantised copy: parsing the header takes about 2 s, on
+    every load (a copy made before this file existed gets it on its first load)."""
+    side = _gguf_cache_path(path) / _SPECIALS_FILE
+    try:
+        return json.loads(side.read_text())
+    except (OSError, ValueError):
+        specials = gguf_special_tokens(path)
+        if side.parent.is_dir():
+            from .files import write_text_atomic
+            write_text_atomic(side, json.dumps(specials))
+        return specials
+
+
+def _gguf_tokenizer_specials(tok, path: str, specials: dict[str, str] | None = None):
     """Give a tokenizer built from a GGUF the special tokens the file names. transformers 4.56 and 5.17 (5.25 does
     not) build SmolLM2's tokenizer from the GGUF with eos <|im_start|> and no pad, so <|im_end|>, the token that ends
     every chat turn, was neither eos nor among `all_special_ids`; the dequantised copy saved that tokenizer, so a
     copy made by such a version keeps it: this runs on every load from a GGUF, fresh or cached."""
     import warnings
-    wrong = {name: (getattr(tok, name, None), text) for name, text in gguf_special_tokens(path).items()
+    if specials is None:
+        specials = _cached_gguf_special_tokens(path)
+    wrong = {name: (getattr(tok, name, None), text) for name, text in specials.items()
              if getattr(tok, name, None) != text}
     if wrong:
         import transformers
@@ -178,7 +198,9 @@ def _load_gguf(path: str, dtype: torch.dtype):
     if not (cached / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name,
                                                      dtype=torch.float32)
-        tok = _gguf_tokenizer_specials(AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name), path)
+        specials = gguf_special_tokens(path)
+        tok = _gguf_tokenizer_specials(AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name), path,
+                                       specials)
         # a GGUF-loaded model refuses save_pretrained: rebuild it as a plain model first
         config = model.config
         if hasattr(config, "quantization_config"):
@@ -189,6 +211,7 @@ def _load_gguf(path: str, dtype: torch.dtype):
         tmp = tmp_path(cached)
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        (tmp / _SPECIALS_FILE).write_text(json.dumps(specials))
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
         try:

@@ -336,6 +336,60 @@ def _ddp_worker(rank, world, path, cap):
         dist.destroy_process_group()
 
 
+def _val_data():
+    """Five packed validation rows (an odd count: one rank's share is topped up with a padding row)."""
+    from cwic_exp.data import PackedData
+    g = torch.Generator().manual_seed(1)
+    seg = torch.ones(5, 24, dtype=torch.int16)
+    seg[1, 15:] = 0
+    seg[4, 9:] = 2
+    return PackedData(torch.randint(0, 96, (5, 24), generator=g, dtype=torch.int32), seg,
+                      torch.arange(24, dtype=torch.int16).repeat(5, 1), {})
+
+
+def _val_worker(rank, world, path):
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader
+    from cwic_exp.data import PackedDataset, collate, shard_rows
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["CWIC_TEST_PORT"])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mod, _ = _module(1)
+        data = _val_data()
+        rows = shard_rows(len(data), rank, world)
+        for i, b in enumerate(DataLoader(PackedDataset(data, rows), batch_size=2, collate_fn=collate)):
+            mod.validation_step(b, i)
+        got = mod.val_sums.compute()
+        torch.save({"rows": rows, "metrics": got, "own_tokens": float(mod.val_sums.tokens)}, f"{path}{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_validation_sums_every_ranks_rows(tmp_path):
+    """Under DDP each rank validates its own rows (the last rank's share topped up with a padding row, so both run
+    the same batches) and `ValidationSums` adds the ranks: each rank's KL, APR and token count are those of one
+    process over all the rows (every rank used to validate every row)."""
+    import socket
+    import torch.multiprocessing as mp
+    from cwic_exp.data import PackedDataset, collate
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        os.environ["CWIC_TEST_PORT"] = str(sock.getsockname()[1])
+    mp.spawn(_val_worker, args=(2, str(tmp_path / "r")), nprocs=2, join=True)
+    mod, _ = _module(1)
+    data = _val_data()
+    mod.validation_step(collate([PackedDataset(data)[i] for i in range(5)]), 0)
+    ref = mod.val_sums.compute()
+    assert ref["val/tokens"] == float((data.segment_ids > 0).sum()) == 111 and ref["val/kl"] > 0
+    ranks = [torch.load(tmp_path / f"r{r}.pt") for r in range(2)]
+    assert [r["rows"] for r in ranks] == [[0, 2, 4], [1, 3, -1]]
+    assert sum(r["own_tokens"] for r in ranks) == ref["val/tokens"] and all(r["own_tokens"] < 111 for r in ranks)
+    for r in ranks:
+        assert set(r["metrics"]) == set(ref) == {"val/kl", "val/fkl", "val/tokens", "val/apr"}
+        for k in ref:
+            assert r["metrics"][k] == pytest.approx(ref[k], rel=1e-5), k
+
+
 def test_data_parallel_step_equals_one_process_on_the_whole_batch(tmp_path):
     """Two gloo ranks, each with half the rows: the averaged gradients and every rank's statistics are those of
     one process on all the rows (global APR for the AP loss, global token count, statistics pooled over ranks, the
@@ -651,6 +705,8 @@ def test_a_multirun_sweep_with_ddp_runs_each_member_on_both_ranks(tmp_path):
         assert summary["finished"] and summary["apr_target"] == pytest.approx(apr_target_at(1, 1.05, float(apr), 4),
                                                                               abs=1e-4), summary
         assert (run / "train_ddp_process_1.log").read_text().count("data:") >= 1
+        # one validation row: rank 0 validates it, rank 1 a padding row; the sum over both is the row's figures
+        assert math.isfinite(summary["kl"]) and summary["kl"] > 0 and summary["apr"] > 1, summary
 
 
 def test_experiments_compose():

@@ -483,15 +483,29 @@ def load_packed(path: str | os.PathLike, tok=None) -> tuple[PackedData, PackedDa
 # ----------------------------------------------------------------------------- torch data
 
 class PackedDataset(Dataset):
-    def __init__(self, data: PackedData):
+    """Packed rows, all of them or the listed ones; -1 in `rows` is a padding row (segment 0 throughout: no real
+    token, so it adds nothing to any sum over real tokens)."""
+
+    def __init__(self, data: PackedData, rows: list[int] | None = None):
         self.data = data
+        self.rows = rows
 
     def __len__(self):
-        return len(self.data)
+        return len(self.data) if self.rows is None else len(self.rows)
 
     def __getitem__(self, i):
         d = self.data
-        return {"input_ids": d.input_ids[i], "segment_ids": d.segment_ids[i], "position_ids": d.position_ids[i]}
+        r = i if self.rows is None else self.rows[i]
+        seg = d.segment_ids[r] if r >= 0 else torch.zeros_like(d.segment_ids[0])
+        return {"input_ids": d.input_ids[max(r, 0)], "segment_ids": seg, "position_ids": d.position_ids[max(r, 0)]}
+
+
+def shard_rows(n_rows: int, rank: int, world: int) -> list[int]:
+    """One data-parallel rank's validation rows: rank, rank + world, …, topped up with padding rows (-1) so that
+    every rank has ceil(n_rows / world) of them. Every rank then runs the same number of batches of the same
+    shape (the collectives inside a DDP forward stay in step), and the padding counts in no sum."""
+    rows = list(range(rank, n_rows, world))
+    return rows + [-1] * (-(-n_rows // world) - len(rows))
 
 
 class StepSampler(Sampler):
@@ -623,8 +637,14 @@ class ChatDataModule(L.LightningDataModule if L else object):
                           num_workers=self.num_workers)
 
     def val_dataloader(self):
-        bs = max(1, min(len(self.val_data), 8))
-        return DataLoader(PackedDataset(self.val_data), batch_size=bs, shuffle=False, collate_fn=collate)
+        """Under data parallelism each rank validates its own share of the rows (`shard_rows`); the module sums
+        the ranks' figures (`lit.ValidationSums`)."""
+        rank, world = 0, 1
+        if self.trainer is not None:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+        rows = shard_rows(len(self.val_data), rank, world)
+        bs = max(1, min(len(rows), 8))
+        return DataLoader(PackedDataset(self.val_data, rows), batch_size=bs, shuffle=False, collate_fn=collate)
 
     def describe(self) -> dict:
         info = dict(self.train_data.info)

@@ -28,7 +28,8 @@ import time
 
 import lightning as L
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torchmetrics import Metric
 
 from .accounting import ActiveStats, ap_loss, gather_active
 from .data import model_inputs
@@ -42,6 +43,34 @@ def _sum_over_ranks(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return t.tolist()
+
+
+class ValidationSums(Metric):
+    """The validation's sums over real tokens: FKL, RKL, tokens and active parameters, in fp64. Each data-parallel
+    rank validates its own rows; `compute()` sums the ranks (torchmetrics' sync), so every rank gets the figures
+    of all the rows."""
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        for name in ("fkl", "rkl", "tokens", "active"):
+            self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.dense = None          # dense parameters a token (the model's, the same on every rank)
+
+    def update(self, fkl: Tensor, rkl: Tensor, n: Tensor, st: ActiveStats) -> None:
+        self.fkl += fkl.detach().double()
+        self.rkl += rkl.detach().double()
+        self.tokens += n.double()
+        self.active += st.active.detach().double()
+        self.dense = st.dense
+
+    def compute(self) -> dict:
+        n = max(float(self.tokens), 1.0)
+        out = {"val/kl": 0.5 * float(self.fkl + self.rkl) / n, "val/fkl": float(self.fkl) / n,
+               "val/tokens": float(self.tokens)}
+        if self.dense is not None:       # None before any batch
+            out["val/apr"] = self.dense * float(self.tokens) / max(float(self.active), 1e-9)
+        return out
 
 
 def threshold_param_groups(student: nn.Module, lr: float, eta_theta: float) -> list[dict]:
@@ -68,6 +97,7 @@ class CwicDistillModule(L.LightningModule):
         self.update_stats = True           # set by StatisticsMode
         self.last_metrics: dict = {}
         self.tokens_seen = 0
+        self.val_sums = ValidationSums()
 
     # ------------------------------------------------------------------ plumbing
     def train(self, mode: bool = True):
@@ -244,22 +274,17 @@ class CwicDistillModule(L.LightningModule):
         t_out = self._teacher(batch)
         s_out, st = self._student(batch, mask, update_stats=False)
         fkl, rkl, n = kl_parts(s_out.logits, t_out.logits, mask)
-        self._val.append((float(fkl), float(rkl), int(n), st.detach()))
+        self.val_sums.update(fkl, rkl, n, st)
 
     def on_validation_epoch_start(self):
-        self._val = []
+        self.val_sums.reset()
 
     def on_validation_epoch_end(self):
-        if not self._val:
+        m = self.val_sums.compute()          # every rank's rows (a collective: every rank gets here)
+        self.val_sums.reset()
+        if not m["val/tokens"]:
             return
-        fkl = sum(v[0] for v in self._val)
-        rkl = sum(v[1] for v in self._val)
-        n = sum(v[2] for v in self._val)
-        tot = self._val[0][3]
-        for v in self._val[1:]:
-            tot = tot + v[3]
-        self.val_metrics = {"val/kl": 0.5 * (fkl + rkl) / max(n, 1), "val/fkl": fkl / max(n, 1),
-                            "val/apr": float(tot.apr), "val/tokens": float(n)}
+        self.val_metrics = m
         self.val_metrics_step = self.trainer.global_step   # run() skips its final validation when it is this step
         if self.trainer.state.fn == "validate":
             # the final validation after training: logged at the step of the last training row, as a validation

@@ -50,18 +50,22 @@ def test_import_kernels_in_this_environment():
 
 def test_pyproject_lists_every_package_and_kernel_source():
     """A plain `pip install .` (not the Makefile's editable one) must carry every subpackage (cwic_exp.eval was
-    missing), the evaluation's task files and every C++ source the CPU kernels compile (the .inc was missing)."""
+    missing), the evaluation's task files and every C++ source the CPU kernels compile (the .inc was missing). Every
+    folder with Python files is a listed package: the task folder (its `utils.py`, no `__init__.py`) was not, and
+    setuptools warned that it "would be ignored"."""
     import tomllib
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(cfg["packages"])
     for base, name in ((root / "src" / "cwic_exp", "cwic_exp"), (root / "kernels", "cwic_kernels")):
-        for init in base.rglob("__init__.py"):
-            rel = init.parent.relative_to(base).parts
-            assert ".".join((name, *rel)) in listed, init
+        for folder in {f.parent for f in base.rglob("*.py") if "__pycache__" not in f.parts}:
+            assert ".".join((name, *folder.relative_to(base).parts)) in listed, folder
     data = cfg["package-data"]
-    assert "eval/tasks/*" in data["cwic_exp"]
+    tasks = root / "src" / "cwic_exp" / "eval" / "tasks"
+    for f in tasks.iterdir():
+        if f.is_file() and f.suffix != ".py":
+            assert any(f.relative_to(tasks).match(pat) for pat in data["cwic_exp.eval.tasks"]), f
     from cwic_kernels import cpu
     for f in cpu.SOURCES + cpu.DEPENDS:
         assert any(Path("cpu", f).match(pat) for pat in data["cwic_kernels"]), f

@@ -368,7 +368,7 @@ def _val_worker(rank, world, path):
 def test_data_parallel_validation_sums_every_ranks_rows(tmp_path):
     """Under DDP each rank validates its own rows (the last rank's share topped up with a padding row, so both run
     the same batches) and `ValidationSums` adds the ranks: each rank's KL, APR and token count are those of one
-    process over all the rows (every rank used to validate every row)."""
+    process over all the rows (every rank used to validate every row), and so are the kinds' densities."""
     import socket
     import torch.multiprocessing as mp
     from cwic_exp.data import PackedDataset, collate
@@ -384,8 +384,15 @@ def test_data_parallel_validation_sums_every_ranks_rows(tmp_path):
     ranks = [torch.load(tmp_path / f"r{r}.pt") for r in range(2)]
     assert [r["rows"] for r in ranks] == [[0, 2, 4], [1, 3, -1]]
     assert sum(r["own_tokens"] for r in ranks) == ref["val/tokens"] and all(r["own_tokens"] < 111 for r in ranks)
+    kinds = {"q", "k", "v", "o", "gate", "up+down", "head"}
+    assert set(ref) == {"val/kl", "val/fkl", "val/tokens", "val/apr"} | {f"val/density/{k}" for k in kinds}
+    # the kinds' densities weighted by their dense counts are the active parameters a token: dense / APR
+    st = mod.val_sums
+    active = sum(ref[f"val/density/{k}"] * st.dense_by_kind[k] for k in kinds)
+    assert active == pytest.approx(st.dense / ref["val/apr"], rel=1e-9)
+    assert all(0 < ref[f"val/density/{k}"] < 1 for k in kinds)
     for r in ranks:
-        assert set(r["metrics"]) == set(ref) == {"val/kl", "val/fkl", "val/tokens", "val/apr"}
+        assert set(r["metrics"]) == set(ref)
         for k in ref:
             assert r["metrics"][k] == pytest.approx(ref[k], rel=1e-5), k
 

@@ -35,6 +35,7 @@ from .accounting import ActiveStats, ap_loss, gather_active
 from .data import model_inputs
 from .distill import hidden_mse, kl_parts
 from .modeling import CwicGatedMLP, CwicLinear, commit_statistics, cwic_context, cwic_options, iter_cwic_modules
+from .modeling.layers import KINDS
 from .modeling.modeling_cwic import world_size
 
 
@@ -46,23 +47,28 @@ def _sum_over_ranks(values: list[float], device) -> list[float]:
 
 
 class ValidationSums(Metric):
-    """The validation's sums over real tokens: FKL, RKL, tokens and active parameters, in fp64. Each data-parallel
-    rank validates its own rows; `compute()` sums the ranks (torchmetrics' sync), so every rank gets the figures
-    of all the rows."""
+    """The validation's sums over real tokens: FKL, RKL, tokens, active parameters in all and per kind (q, k, …,
+    head), in fp64. Each data-parallel rank validates its own rows; `compute()` sums the ranks (torchmetrics'
+    sync), so every rank gets the figures of all the rows."""
     full_state_update = False
 
     def __init__(self):
         super().__init__()
-        for name in ("fkl", "rkl", "tokens", "active"):
+        self._kind_state = {k: "active_" + "".join(c if c.isalnum() else "_" for c in k) for k in KINDS}
+        for name in ("fkl", "rkl", "tokens", "active", *self._kind_state.values()):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.dense = None          # dense parameters a token (the model's, the same on every rank)
+        self.dense = None          # dense parameters a token, in all and per kind (the model's: the same on every
+        self.dense_by_kind = {}    # rank)
 
     def update(self, fkl: Tensor, rkl: Tensor, n: Tensor, st: ActiveStats) -> None:
         self.fkl += fkl.detach().double()
         self.rkl += rkl.detach().double()
         self.tokens += n.double()
         self.active += st.active.detach().double()
-        self.dense = st.dense
+        for k, v in st.by_kind.items():
+            name = self._kind_state[k]
+            setattr(self, name, getattr(self, name) + v.detach().double())
+        self.dense, self.dense_by_kind = st.dense, st.dense_by_kind
 
     def compute(self) -> dict:
         n = max(float(self.tokens), 1.0)
@@ -70,6 +76,8 @@ class ValidationSums(Metric):
                "val/tokens": float(self.tokens)}
         if self.dense is not None:       # None before any batch
             out["val/apr"] = self.dense * float(self.tokens) / max(float(self.active), 1e-9)
+            out.update({f"val/density/{k}": float(getattr(self, self._kind_state[k])) / n / d
+                        for k, d in self.dense_by_kind.items()})
         return out
 
 

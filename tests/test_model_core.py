@@ -369,9 +369,9 @@ def test_validation_counts_real_tokens_and_moves_no_statistics():
     mod.on_validation_epoch_start()
     with torch.no_grad():
         mod.validation_step(batch, 0)
-    (vf, vr, vn, st), = mod._val
-    assert vn == int(n) == st.tokens == 86
-    assert vf == pytest.approx(float(fkl), rel=1e-5) and vr == pytest.approx(float(rkl), rel=1e-5)
+    v = mod.val_sums
+    assert float(v.tokens) == int(n) == 86
+    assert float(v.fkl) == pytest.approx(float(fkl), rel=1e-5) and float(v.rkl) == pytest.approx(float(rkl), rel=1e-5)
     for k, b in mod.student.named_buffers():
         assert torch.equal(b, before[k]), k
 

@@ -55,9 +55,22 @@ static int g_prefetch_rows = [] {
 // (default 8 MiB: a quarter of the 32 MiB L3 of the benchmark host). On the 2-core AMD EPYC host (Zen 4, 1 MiB L2),
 // 1B-shaped model at 3x APR: see experiments/results/cpu_amd_epyc_2026-12-03_pm/. CWIC_CPU_PF_STRIPE=0 turns it
 // off; CWIC_CPU_PF_STRIPE_BUDGET sets the budget in bytes.
+// Default: on, except on Intel CPUs. On a 2-core Intel Xeon host (family 6 model 207, 2 MiB L2), turning it off (and
+// with it the group prefetch below) made the CWIC decode at 3x APR 1.08-1.12x faster for SmolLM2 and 1.04-1.06x for
+// the 1B shape, paired round by round in one process; the decode tables at 3x went from 2.34x / 2.60x over dense to
+// 2.59x / 2.68x and, with this default, 2.44x / 2.78x (experiments/results/cpu_xeon_2026-12-05/). On the AMD EPYC
+// host they paid in its slower regime and cost 4-8 % in its faster one (cpu_amd_epyc_2026-12-04_late_night/,
+// section 4), so they stay on there.
+static int default_pf_stripe() {
+#if CWIC_X86 && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (__builtin_cpu_is("intel")) return 0;
+#endif
+  return 1;
+}
 static int g_pf_stripe = [] {
   const char* e = std::getenv("CWIC_CPU_PF_STRIPE");
-  return e ? std::atoi(e) : 1;
+  return e ? std::atoi(e) : default_pf_stripe();
 }();
 static int64_t g_pf_stripe_budget = [] {
   const char* e = std::getenv("CWIC_CPU_PF_STRIPE_BUDGET");

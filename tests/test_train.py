@@ -1,6 +1,7 @@
 """Training: packing/masking, data recovery, resume, gradient accumulation, config errors, smoke."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -16,6 +17,7 @@ import torch
 import cwic_exp
 from cwic_exp import cwic_context, to_cwic
 from cwic_exp.data import (StepSampler, iter_json_records, model_inputs, pack_sequences)
+from cwic_exp.modeling.layers import KINDS
 from conftest import IdTok, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -317,11 +319,29 @@ def test_statistics_move_once_per_step_under_accumulation():
         assert not torch.equal(runs[4][0][q0 + b], runs[4][1][q0 + b])      # they did move
 
 
-def _ddp_worker(rank, world, path, cap):
+def _spawn_two_ranks(worker, *args):
+    """worker(rank, 2, *args) in two processes; each joins a gloo group with `_gloo_group`."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        os.environ["CWIC_TEST_PORT"] = str(sock.getsockname()[1])
+    mp.spawn(worker, args=(2, *args), nprocs=2, join=True)
+
+
+@contextlib.contextmanager
+def _gloo_group(rank, world):
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["CWIC_TEST_PORT"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        yield dist
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_worker(rank, world, path, cap):
+    with _gloo_group(rank, world) as dist:
         mod, batch = _module(1)
         mod.student.config.cwic["head_max_reduction"] = cap
         half = {k: v[2 * rank:2 * rank + 2] for k, v in batch.items()}
@@ -332,8 +352,6 @@ def _ddp_worker(rank, world, path, cap):
             g /= world
         if rank == 0:
             torch.save({"grads": grads, "stats": _stats(mod)}, path)
-    finally:
-        dist.destroy_process_group()
 
 
 def _val_data():
@@ -348,12 +366,9 @@ def _val_data():
 
 
 def _val_worker(rank, world, path):
-    import torch.distributed as dist
     from torch.utils.data import DataLoader
     from cwic_exp.data import PackedDataset, collate, shard_rows
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["CWIC_TEST_PORT"])
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with _gloo_group(rank, world):
         mod, _ = _module(1)
         data = _val_data()
         rows = shard_rows(len(data), rank, world)
@@ -361,21 +376,14 @@ def _val_worker(rank, world, path):
             mod.validation_step(b, i)
         got = mod.val_sums.compute()
         torch.save({"rows": rows, "metrics": got, "own_tokens": float(mod.val_sums.tokens)}, f"{path}{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_data_parallel_validation_sums_every_ranks_rows(tmp_path):
     """Under DDP each rank validates its own rows (the last rank's share topped up with a padding row, so both run
     the same batches) and `ValidationSums` adds the ranks: each rank's KL, APR and token count are those of one
     process over all the rows (every rank used to validate every row), and so are the kinds' densities."""
-    import socket
-    import torch.multiprocessing as mp
     from cwic_exp.data import PackedDataset, collate
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        os.environ["CWIC_TEST_PORT"] = str(sock.getsockname()[1])
-    mp.spawn(_val_worker, args=(2, str(tmp_path / "r")), nprocs=2, join=True)
+    _spawn_two_ranks(_val_worker, str(tmp_path / "r"))
     mod, _ = _module(1)
     data = _val_data()
     mod.validation_step(collate([PackedDataset(data)[i] for i in range(5)]), 0)
@@ -384,7 +392,7 @@ def test_data_parallel_validation_sums_every_ranks_rows(tmp_path):
     ranks = [torch.load(tmp_path / f"r{r}.pt") for r in range(2)]
     assert [r["rows"] for r in ranks] == [[0, 2, 4], [1, 3, -1]]
     assert sum(r["own_tokens"] for r in ranks) == ref["val/tokens"] and all(r["own_tokens"] < 111 for r in ranks)
-    kinds = {"q", "k", "v", "o", "gate", "up+down", "head"}
+    kinds = set(KINDS)
     assert set(ref) == {"val/kl", "val/fkl", "val/tokens", "val/apr"} | {f"val/density/{k}" for k in kinds}
     # the kinds' densities weighted by their dense counts are the active parameters a token: dense / APR
     st = mod.val_sums
@@ -402,16 +410,11 @@ def test_data_parallel_step_equals_one_process_on_the_whole_batch(tmp_path):
     one process on all the rows (global APR for the AP loss, global token count, statistics pooled over ranks, the
     head's cap decided on the global head reduction: the cap sits at 1.5× it, under the 2× that one rank's head
     count over the global tokens would give)."""
-    import socket
-    import torch.multiprocessing as mp
     mod, batch = _module(1)
     with torch.no_grad():
         st = mod._student(batch, batch["segment_ids"] > 0, update_stats=False)[1]
     cap = 1.5 * st.dense_by_kind["head"] * st.tokens / float(st.by_kind["head"])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        os.environ["CWIC_TEST_PORT"] = str(sock.getsockname()[1])
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "r0.pt"), cap), nprocs=2, join=True)
+    _spawn_two_ranks(_ddp_worker, str(tmp_path / "r0.pt"), cap)
     got = torch.load(tmp_path / "r0.pt")
     mod, batch = _module(1)
     mod.student.config.cwic["head_max_reduction"] = cap

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import strict_json
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,11 +38,10 @@ def test_bench_help_parses(argv):
 
 def test_gpu_prefill_dry_run():
     """The prefill benchmark end to end on a tiny model on the CPU: every path timed, its logits compared."""
-    import json
     r = subprocess.run([sys.executable, "experiments/bench/gpu_prefill.py", "--dry-run"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = strict_json(r.stdout.strip().splitlines()[-1])
     assert res["bench"] == "gpu_prefill" and [row["tokens"] for row in res["rows"]] == [4, 20]
     for row in res["rows"]:
         for k in ("dense", "kernels", "gemm", "gemm_once"):
@@ -52,11 +53,10 @@ def test_gpu_prefill_dry_run():
 def test_gpu_ffn_balance_dry_run():
     """The balance benchmark on tiny shapes on the CPU: the even spread puts the mean number of active units (rounded
     down, or one more) in every program, the random one the same total unevenly; every case timed."""
-    import json
     r = subprocess.run([sys.executable, "experiments/bench/gpu_ffn_balance.py", "--dry-run", "--fractions", "0.3"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = strict_json(r.stdout.strip().splitlines()[-1])
     rows = {row["kind"]: row for row in res["rows"]}
     assert set(rows) == {"none", "random", "even", "all"} and all(row["us"] > 0 for row in res["rows"])
     assert rows["even"]["busiest"] <= int(rows["even"]["mean"]) + 1 < rows["random"]["busiest"] <= 32
@@ -66,11 +66,10 @@ def test_gpu_ffn_balance_dry_run():
 def test_gpu_chat_engine_dry_run():
     """The chat-backend benchmark on a tiny model on the CPU: every way timed, the engine backend's figures comparable
     with the HF backend's (sums within 1 %: bf16, so single figures may differ where a threshold flips)."""
-    import json
     r = subprocess.run([sys.executable, "experiments/bench/gpu_chat_engine.py", "--dry-run"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = strict_json(r.stdout.strip().splitlines()[-1])
     assert [row["way"] for row in res["rows"]] == ["engine, graph, no count", "engine backend (counts)",
                                                     "engine feed, count off", "hf backend"]
     assert all(row["tokens_per_s"] > 0 for row in res["rows"])
@@ -82,7 +81,6 @@ def test_sass_stats_reads_the_compiled_ffn():
     (gate, up/down) with their instructions, and the programs an SM that the registers allow; 8 warps a program
     spread the same tile over twice the threads, so each step's body is shorter; the weight tiles' layouts are read off
     the TTGIR. Bad overrides are refused."""
-    import json
     import math
     import os
     triton = pytest.importorskip("triton")
@@ -98,7 +96,7 @@ def test_sass_stats_reads_the_compiled_ffn():
         r = subprocess.run([sys.executable, "experiments/bench/sass_stats.py", *tiles], cwd=ROOT, capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-        return json.loads(r.stdout.strip().splitlines()[-1])
+        return strict_json(r.stdout.strip().splitlines()[-1])
 
     four, eight = run(), run("num_warps=8")
     for res, warps in ((four, 4), (eight, 8)):
@@ -191,18 +189,17 @@ def test_gpu_ffn_clock_analysis(tmp_path):
     out = subprocess.run([sys.executable, "experiments/bench/gpu_ffn_clock.py", "--load", str(tmp_path / "ffn_clock.npz"),
                           "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1])["phases"] == r["phases"]
+    assert strict_json(out.stdout.strip().splitlines()[-1])["phases"] == r["phases"]
     assert "| up/down loop | 4.0 |" in (tmp_path / "o" / "ffn_clock.md").read_text()
 
 
 def test_gpu_decode_dry_run_corrects_the_apr(tmp_path):
     """The GPU decode benchmark (tiny model, CPU, interpreter) corrects each target's thresholds on the engine's own
     decode: every CWIC row keeps its tries (1 / density, decode APR), at most four, and times the closest one."""
-    import json
     r = subprocess.run([sys.executable, "experiments/bench_decode.py", "--device", "cuda", "--dry-run", "--aprs", "2,3",
                         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = [x for x in json.loads((tmp_path / "gpu_decode.json").read_text())["rows"] if "apr_target" in x]
+    rows = [x for x in strict_json((tmp_path / "gpu_decode.json").read_text())["rows"] if "apr_target" in x]
     assert [x["apr_target"] for x in rows] == [2.0, 3.0]
     for x in rows:
         tries = x["apr_corrections"]
@@ -222,17 +219,16 @@ def test_cost_model_fit_recovers_a_line():
 def test_gpu_cost_model_dry_run(tmp_path):
     """The GPU cost model end to end on a tiny model on the CPU: every configuration timed, 'off' reads nothing, and
     the first density's thresholds come back after 'off'."""
-    import json
     r = subprocess.run([sys.executable, "experiments/bench/gpu_cost_model.py", "--dry-run", "--out", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads((tmp_path / "cost_model_gpu.json").read_text())
+    res = strict_json((tmp_path / "cost_model_gpu.json").read_text())
     assert set(res["us_per_step"]) == {"dense", "d=0.5", "d=0.333", "d=0.25", "d=0.167", "off"}
     assert res["active_off"] == 0.0                      # HF's accounting of the engine's 'off' tokens: nothing on
     assert res["apr_recheck"] == res["apr"]["d=0.5"]      # set_density undoes set_off exactly
     assert all(res["apr"][k] > 1.0 for k in ("d=0.5", "d=0.333", "d=0.25", "d=0.167"))
     assert res["apr"]["d=0.167"] > res["apr"]["d=0.5"]
-    assert json.loads(r.stdout.strip().splitlines()[-1])["bench"] == "gpu_cost_model"
+    assert strict_json(r.stdout.strip().splitlines()[-1])["bench"] == "gpu_cost_model"
 
 
 @pytest.mark.parametrize("argv,needle", [

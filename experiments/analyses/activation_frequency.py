@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 
 import torch
 
-from common import (NOTE, add_common_args, describe, heldout_rows, load_cwic, log, MaskRecorder,
+from common import (NOTE, add_common_args, describe, dumps, heldout_rows, load_cwic, log, MaskRecorder,
                     packed_batches, plt, save_json, setup)
 
 KIND_ORDER = ["q", "k", "v", "o", "gate", "up+down"]
@@ -182,7 +181,7 @@ def main(argv=None):
                                    / sum(r["dense_params"] for r in rows if r["kind"] == k)
                                    for k in KIND_ORDER + ["head"] if any(r["kind"] == k for r in rows)}}
     save_json(out / "activation_frequency_summary.json", summary)
-    log(json.dumps(summary["density_by_kind"]))
+    log(dumps(summary["density_by_kind"]))
     return summary
 
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
-import json
 from pathlib import Path
 
 import torch
 
-from common import NOTE, add_common_args, describe, load_cwic, log, plt, save_json, setup
+from common import NOTE, add_common_args, describe, dumps, load_cwic, log, plt, save_json, setup
 
 SETS = ["ARC-Easy", "ARC-Challenge"]
 COLOURS = {"ARC-Easy": "#2ca02c", "ARC-Challenge": "#d62728"}
@@ -135,7 +134,7 @@ def main(argv=None):
     fig.text(0.01, 0.01, NOTE, fontsize=7, color="#555")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(out / "fig6_arc_compute.png", dpi=150)
-    log(json.dumps({k: summ[k] for k in SETS}))
+    log(dumps({k: summ[k] for k in SETS}))
     return summ
 
 

@@ -199,10 +199,14 @@ class MaskRecorder:
         return worst
 
 
+def dumps(obj, **kw) -> str:
+    """Strict JSON (a NaN figure is null: strict parsers refuse the token NaN); numpy and torch scalars as floats."""
+    from cwic_exp.files import dumps as strict
+    return strict(obj, **{"default": float, **kw})
+
+
 def save_json(path: Path, obj) -> None:
-    """Strict JSON (a NaN figure is null: strict parsers refuse the token NaN)."""
-    from cwic_exp.files import dumps
-    path.write_text(dumps(obj, indent=1, default=float))
+    path.write_text(dumps(obj, indent=1))
 
 
 def describe(ckpt) -> str:

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import re
 from pathlib import Path
 
 import torch
 
-from common import NOTE, add_common_args, heldout_rows, load_cwic, log, packed_batches, plt, run_config, run_dir, save_json, setup
+from common import NOTE, add_common_args, dumps, heldout_rows, load_cwic, log, packed_batches, plt, run_config, run_dir, save_json, setup
 
 
 def milestones(final) -> list[Path]:
@@ -86,7 +85,7 @@ def main(argv=None):
             data, data_kw = heldout_rows(tok, args.rows)
             batches = list(packed_batches(data, args.batch_size, args.device))
         r = {"checkpoint": c.name, **measure(model, teacher, batches)}
-        log(json.dumps(r))
+        log(dumps(r))
         rows.append(r)
         del model
     with open(out / "kl_vs_apr.csv", "w", newline="") as f:

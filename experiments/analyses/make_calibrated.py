@@ -14,12 +14,11 @@ $CWIC_CACHE/calibrated/smollm2-apr<APR>) with `cwic_calibration.json` beside the
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from common import DEFAULT_DATA, add_common_args, heldout_rows, log, packed_batches, setup
+from common import DEFAULT_DATA, add_common_args, dumps, heldout_rows, log, packed_batches, setup
 
 
 @torch.no_grad()
@@ -94,8 +93,8 @@ def main(argv=None):
             "data": {"eval": data_kw, "statistics": DEFAULT_DATA},
             "note": "not trained: uniform threshold in whitened units after gathering statistics; "
                     "kl = ½(FKL+RKL) per token to the dense teacher on held-out rows"}
-    (save / "cwic_calibration.json").write_text(json.dumps(meta, indent=1))
-    log(json.dumps(meta))
+    (save / "cwic_calibration.json").write_text(dumps(meta, indent=1))
+    log(dumps(meta))
     print(save)
 
 

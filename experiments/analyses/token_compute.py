@@ -16,7 +16,7 @@ import csv
 import json
 from pathlib import Path
 
-from common import NOTE, add_common_args, describe, load_cwic, log, plt, setup
+from common import NOTE, add_common_args, describe, dumps, load_cwic, log, plt, setup
 
 PROMPTS = [
     "What is the distance between the points (5,8) and (9,9)?",
@@ -106,7 +106,7 @@ def main(argv=None):
     else:
         tr, special = run_chat(args.checkpoint, args.prompt or PROMPTS, args.max_new_tokens, args.device)
         label = describe(args.checkpoint)
-        (out / "chat_transcript.json").write_text(json.dumps(tr, ensure_ascii=False, indent=1))
+        (out / "chat_transcript.json").write_text(dumps(tr, ensure_ascii=False, indent=1))
         (out / "chat_transcript.html").write_text(to_html(tr, f"CWIC chat — {label}"), encoding="utf-8")
     sc = tr["scale"]
     segs, foot = transcript_segments(tr)
@@ -153,7 +153,7 @@ def main(argv=None):
     fig.text(0.01, 0.01, NOTE, fontsize=7, color="#555")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(out / "fig9_token_compute.png", dpi=150)
-    log(json.dumps(rows))
+    log(dumps(rows))
     return rows
 
 

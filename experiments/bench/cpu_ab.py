@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
 import subprocess
@@ -143,7 +142,8 @@ def main(argv=None):
         o, n = res[f"{k}-old"]["total"], res[f"{k}-new"]["total"]
         out[f"{k}_new_over_old"] = statistics.median([a / b for a, b in zip(o, n)])
         print(f"{k}: new build {out[f'{k}_new_over_old']:.3f}× the speed of the old (median of per-round ratios)")
-    print(json.dumps(out))
+    from cwic_exp.files import dumps   # strict JSON: a missing figure (NaN) is null
+    print(dumps(out))
     return out
 
 

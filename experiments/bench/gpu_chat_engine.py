@@ -23,7 +23,6 @@ reported). Prints a table; LAST line JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_kernels import ensure_imports, save_outputs  # noqa: E402
+from gpu_kernels import dumps, ensure_imports, save_outputs  # noqa: E402
 
 
 def _sync():
@@ -161,7 +160,7 @@ def main(argv=None):
     md = "\n".join(lines)
     print(md)
     save_outputs(args.out, "gpu_chat_engine", md, result)
-    print(json.dumps(result))
+    print(dumps(result))
     return result
 
 

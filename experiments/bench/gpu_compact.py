@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 
 
@@ -201,7 +200,7 @@ def main(argv=None):
         for r in shapes.get("_layer", []):
             if abs(r["sparsity"] - 0.66) < 1e-9:
                 summary[f"{model}_layer_speedup_at_66"] = round(r["speedup"], 3)
-    print(json.dumps(summary))
+    print(gk.dumps(summary))
     return result
 
 
@@ -242,7 +241,7 @@ def down_nonzero(gk, G, C, tuned, dev):
             row[name] = gk.time_graph([lambda i=i, f=fn: f(i) for i in range(S.copies)])
         out["rows"].append(row)
         print(f"| {zero:.0%} | {dense:.2f} | " + " | ".join(f"{row[k]:.2f}" for k in variants) + " |", flush=True)
-    print(json.dumps(out))
+    print(gk.dumps(out))
     return out
 
 
@@ -350,5 +349,5 @@ def ffn_updown(gk, G, dev):
     print(f"66% zero units, fused {best}: random placement {t_rand:.2f} µs, exactly "
           f"{round(32 * 0.34)} active units in every block of 32: {t_bal:.2f} µs", flush=True)
     out["best"] = best
-    print(json.dumps(out))
+    print(gk.dumps(out))
     return out

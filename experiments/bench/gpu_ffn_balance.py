@@ -14,7 +14,6 @@ and, as bounds, no unit active and every unit active. Table + last-line JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -96,8 +95,8 @@ def main(argv=None) -> None:
         with open(os.path.join(args.out, "gpu_ffn_balance.md"), "w") as f:
             f.write("\n".join(md) + "\n")
         with open(os.path.join(args.out, "gpu_ffn_balance.json"), "w") as f:
-            json.dump(result, f, indent=1)
-    print(json.dumps(result))
+            f.write(gk.dumps(result, indent=1))
+    print(gk.dumps(result))
 
 
 if __name__ == "__main__":

@@ -200,17 +200,18 @@ def main(argv=None):
         meta, T = record(args)
     r = analyse(meta, T)
     print(table(r))
+    from gpu_kernels import dumps   # strict JSON: a missing figure (NaN) is null
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         if not args.load:
             np.savez_compressed(os.path.join(args.out, "ffn_clock.npz"), times=T, meta=json.dumps(meta))
         with open(os.path.join(args.out, "ffn_clock.json"), "w") as f:
-            json.dump(r, f, indent=1)
+            f.write(dumps(r, indent=1))
         with open(os.path.join(args.out, "ffn_clock.md"), "w") as f:
             f.write(table(r) + "\n")
         if plot(T, os.path.join(args.out, "ffn_clock.png"), layer=args.plot_layer):
             print(f"plot: {os.path.join(args.out, 'ffn_clock.png')}")
-    print(json.dumps(r))
+    print(dumps(r))
 
 
 if __name__ == "__main__":

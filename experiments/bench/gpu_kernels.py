@@ -41,13 +41,18 @@ STRIPE = 512
 DRY_RUN = False     # --dry-run: tiny shapes on the CPU (Triton interpreter), to check the script itself
 
 
+def dumps(obj, **kw) -> str:
+    """Strict JSON (`cwic_exp.files.dumps`): a missing figure (NaN) is written as null, which every parser reads."""
+    from cwic_exp.files import dumps as strict
+    return strict(obj, **kw)
+
+
 def save_outputs(out: str | None, stem: str, markdown: str, result: dict) -> None:
     """<out>/<stem>.md and <stem>.json of a GPU benchmark (nothing without --out)."""
     if out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, f"{stem}.md"), "w") as f:
             f.write(markdown + "\n")
-        from cwic_exp.files import dumps   # strict JSON: a missing figure (NaN) is null
         with open(os.path.join(out, f"{stem}.json"), "w") as f:
             f.write(dumps(result, indent=1))
 

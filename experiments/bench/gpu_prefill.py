@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
 import os
 import statistics
 import sys
@@ -25,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_kernels import ensure_imports, save_outputs  # noqa: E402
+from gpu_kernels import dumps, ensure_imports, save_outputs  # noqa: E402
 
 
 def _sync():
@@ -121,7 +120,7 @@ def main(argv=None):
     result = dict(bench="gpu_prefill", gpu=gpu, torch=torch.__version__, apr=apr, repeats=args.repeats,
                   rows=list(rows.values()))
     save_outputs(args.out, "gpu_prefill", md, result)
-    print(json.dumps(result))
+    print(dumps(result))
     return result
 
 

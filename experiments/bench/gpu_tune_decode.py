@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_decode import (CONFIGS, build_model, calibrate_density, collect_calibration,  # noqa: E402
                         kernel_breakdown, measure_apr, time_step)
-from gpu_kernels import ensure_imports, save_outputs  # noqa: E402
+from gpu_kernels import dumps, ensure_imports, save_outputs  # noqa: E402
 
 QKV, O, HEAD, FFN, FFNX, HAND = "qkv", "o", "head", "ffn", "ffnx", "hand"
 
@@ -247,7 +246,7 @@ def main(argv=None):
                          for o in combined], final=final,
                breakdown_combined_pdl_off=breakdown)
     save_outputs(args.out, "gpu_tune_decode", md, res)
-    print(json.dumps(res))
+    print(dumps(res))
     return res
 
 

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from apr_correction import correct_calibration  # noqa: E402
-from gpu_kernels import ensure_imports, save_outputs  # noqa: E402
+from gpu_kernels import dumps, ensure_imports, save_outputs  # noqa: E402
 
 CONFIGS = {
     "1B": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -241,7 +241,6 @@ def check_exact(size: str, dev, prompt_len=32, out=None) -> dict:
               f"HF vs HF(1e-7-perturbed embeddings) {res[f'density_{dens}']['hf_vs_hf_perturbed_1e-7']:.2e}", flush=True)
     if out:
         os.makedirs(out, exist_ok=True)
-        from cwic_exp.files import dumps   # strict JSON: a missing figure (NaN) is null
         with open(os.path.join(out, "gpu_exactness.json"), "w") as f:
             f.write(dumps(dict(model=f"Llama-3.2-{size}-shaped, random weights, fp32", prompt_len=prompt_len,
                            gpu="cpu (dry run)" if DRY_RUN else torch.cuda.get_device_name(dev), **res), indent=1))
@@ -280,7 +279,6 @@ def main(argv=None):
         raise SystemExit("no CUDA device visible: pass --device cpu for the CPU benchmark")
     import cwic_exp
     from cwic_exp.engine import DecodeEngine, weight_bytes
-    from cwic_exp.files import dumps   # strict JSON: a missing figure (NaN) is null
     from cwic_kernels.gpu import gemv as G
     from cwic_kernels.gpu import register
     register()

@@ -289,7 +289,6 @@ class CwicDistillModule(L.LightningModule):
 
     def on_validation_epoch_end(self):
         m = self.val_sums.compute()          # every rank's rows (a collective: every rank gets here)
-        self.val_sums.reset()
         if not m["val/tokens"]:
             return
         self.val_metrics = m

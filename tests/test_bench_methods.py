@@ -341,14 +341,25 @@ def _correct(decode_aprs, apr=3.0, **kw):
 
 
 def test_correct_calibration_keeps_the_closest_try_and_takes_three_steps_at_most():
-    """The decode APR need not move toward the target: when no try lands within 2 %, the loop stops after 3
-    corrections (4 tries) and the try nearest the target (here the first) is set again and returned, not the last.
-    Within 2 % it stops at once and sets nothing more."""
-    tries, best, sets = _correct([2.8, 3.45, 2.7, 3.3, 3.0])
+    """The decode APR need not move toward the target: when no try lands within tol (2 % here), the loop stops after
+    `steps` (3) corrections (4 tries) and the try nearest the target (here the first) is set again and returned, not
+    the last. Within tol it stops at once and sets nothing more."""
+    tries, best, sets = _correct([2.8, 3.45, 2.7, 3.3, 3.0], steps=3, tol=0.02)
     assert len(tries) == 4 and [a for _, a in tries] == [2.8, 3.45, 2.7, 3.3]
     assert best == 3.0 and sets[-1] == 3.0 and len(sets) == 4                   # 3 corrections, then back to 3.0
-    tries, best, sets = _correct([2.8, 3.03, 9.9])
+    tries, best, sets = _correct([2.8, 3.03, 9.9], steps=3, tol=0.02)
     assert len(tries) == 2 and best == tries[1][0] and sets == [tries[1][0]]
+
+
+def test_correct_calibration_defaults_hold_the_decode_within_half_a_percent():
+    """The benchmarks' defaults: 0.5 % and at most 4 corrections. 3.03 (1 % over) is corrected, where the old 2 %
+    stopped on it; 2.99 (0.33 % under) stops the loop; five misses stop after the fourth correction."""
+    from experiments.bench.apr_correction import STEPS, TOL
+    assert (TOL, STEPS) == (0.005, 4)
+    tries, best, sets = _correct([3.03, 2.99, 9.9])
+    assert [a for _, a in tries] == [3.03, 2.99] and best == tries[1][0] and len(sets) == 1
+    tries, best, sets = _correct([2.8, 3.45, 2.7, 3.3, 3.1, 3.0])   # the closest, 3.1, is the last: no re-set
+    assert [a for _, a in tries] == [2.8, 3.45, 2.7, 3.3, 3.1] and best == tries[4][0] and len(sets) == 4
 
 
 def test_closest_try_measures_the_miss_in_log_terms():

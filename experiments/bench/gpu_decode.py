@@ -8,8 +8,8 @@ Random weights (Hugging Face init, bf16). The same model is timed four ways: pla
 running the CWIC model (`to_cwic`, stripe 512, head included) with thresholds calibrated per matrix to
 reach each target APR. Calibration: running statistics from 256 random tokens, then θ per input and φ
 per FFN unit set to the (1 − d) quantile of |x − x̄|/σ (resp. |act(g)|/scale) on those tokens, d = 1/APR,
-corrected by the APR measured on those tokens, then up to 3 more times by the engine's own decode APR
-(`apr_correction.correct_calibration`; the closest try is timed). The APR reported is measured (cwic_exp.active_parameters, which
+corrected by the APR measured on those tokens, then up to 4 more times by the engine's own decode APR
+(`apr_correction.correct_calibration`, until within 0.5 %; the closest try is timed). The APR reported is measured (cwic_exp.active_parameters, which
 counts q, k, v, o, gate, FFN units and the head; not embeddings or attention scores) on the prompt plus
 the tokens the engine generated. Engine timings exclude compilation and graph capture (done first);
 decode tokens/s = generated tokens after the first / their wall time. Prints a table; LAST line JSON.
@@ -354,7 +354,7 @@ def main(argv=None):
             ceng.refresh()                                   # same weights, new thresholds: graph kept
         # then on what the engine generates, until it reads the target APR: (1 / density, decode APR) tries, the
         # first step proportional, then log-linear steps (inside a bracket of the target once tries straddle it:
-        # apr_correction.next_calibration_target), at most 3; the closest try is timed
+        # apr_correction.next_calibration_target), at most 4; the closest try is timed
         def recalibrate(t):
             set_density(z, min(1.0, 1.0 / t))
             ceng.refresh()

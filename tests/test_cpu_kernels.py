@@ -1476,6 +1476,52 @@ def test_decoder_argmax_takes_the_first_of_tied_logits(ext):
     assert dec.prefill(torch.tensor([2, 3]), 1) == 0
 
 
+def _scan_argmax(x: list) -> int:
+    """The decoder's old scalar scan, the argmax's definition: NaNs never win, a NaN at 0 is never beaten."""
+    best = 0
+    for i in range(1, len(x)):
+        if x[i] > x[best]:
+            best = i
+    return best
+
+
+def test_argmax_is_the_scalar_scan_in_every_isa(ext):
+    """The vector argmax of the decoder's logits (block maxima, then the first index holding the largest) returns the
+    scan's index: ties to the first (within a block and across the 512-value blocks), NaN lanes skipped, a NaN at 0
+    kept, -inf, +0 / -0 ties, lengths that leave vector and block tails, and a length of 1."""
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for n in (1, 2, 15, 16, 17, 511, 512, 513, 1040, 49152):
+        x = torch.randn(n, generator=g)
+        cases.append(x)
+        t = x.clone()                               # ties: the maximum copied to later places, across blocks
+        t[torch.randint(0, n, (3,), generator=g)] = t.max()
+        cases.append(t)
+        r = torch.randint(-2, 3, (n,), generator=g).float()   # many ties of small integers
+        cases.append(r)
+        nan = x.clone()
+        nan[torch.rand(n, generator=g) < 0.3] = float("nan")
+        cases.append(nan)
+    z = torch.zeros(600)
+    z[0], z[5], z[520] = -0.0, 0.0, -0.0            # every value 0: the first wins
+    cases += [z, -z.abs() - 1.0]
+    w = torch.full((700,), float("-inf"))
+    cases.append(w)
+    w2 = w.clone()
+    w2[650] = -1e30
+    cases.append(w2)
+    lead = torch.randn(40, generator=g)
+    lead[0] = float("nan")                          # a NaN at 0: nothing beats it
+    cases.append(lead)
+    big = torch.randn(2000, generator=g)
+    big[1999] = float("nan")
+    big[1500] = 100.0
+    cases.append(big)
+    for isa in C.supported_isas():
+        for x in cases:
+            assert ext.argmax(x, C.isa_id(isa)) == _scan_argmax(x.tolist()), (isa, x.numel())
+
+
 def test_default_isa_runs_the_best_build_or_the_one_named_by_the_environment(ext, monkeypatch):
     """isa=None runs the best build this CPU has (the counters of ext.isa_runs), or the one $CWIC_CPU_ISA names.
     Mapping None to the scalar twin passed every test (its GEMV is bitwise the SIMD one) and would make every default

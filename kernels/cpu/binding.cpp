@@ -130,6 +130,13 @@ at::Tensor act(const at::Tensor& g, const std::string& a, int64_t isa) {
   return o;
 }
 
+// greedy decoding's choice over a 1-D fp32 tensor (cwic_cpu::argmax)
+int64_t argmax(const at::Tensor& x, int64_t isa) {
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kFloat, "cwic_cpu: argmax takes a 1-D fp32 tensor");
+  at::Tensor c = x.contiguous();
+  return cwic_cpu::argmax(c.data_ptr<float>(), c.numel(), (int)isa);
+}
+
 // the same with an explicit weight layout: (i, o) of stripe r at w + r * block_stride + i * row_stride + o - r * stripe
 std::tuple<at::Tensor, int64_t> gemv_layout(const at::Tensor& x, const at::Tensor& w, int64_t m,
                                             const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& thr,
@@ -452,9 +459,7 @@ class Decoder {
     tk.lap(P_HEAD);
     tokens_ += B;
     const int64_t V = head_.m();
-    int64_t best = 0;
-    for (int64_t i = 1; i < V; ++i)
-      if (lg[i] > lg[best]) best = i;
+    const int64_t best = cwic_cpu::argmax(lg, V, isa_);
     tk.lap(P_GLUE);
     return best;
   }
@@ -604,6 +609,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "granular sparse GEMV -> (y fp32 (B, m), weights read)", py::arg("x"), py::arg("wt"),
         py::arg("mean"), py::arg("thr"), py::arg("bias"), py::arg("stripe"), py::arg("isa") = -1,
         py::arg("nthreads") = 0);
+  m.def("argmax", &argmax, "the decoder's greedy choice: the first index of the largest value, NaNs skipped unless at 0",
+        py::arg("x"), py::arg("isa") = -1);
   m.def("gemv_layout", &gemv_layout, "granular sparse GEMV on an explicit weight layout (e.g. stripe-major)",
         py::arg("x"), py::arg("w"), py::arg("m"), py::arg("mean"), py::arg("thr"), py::arg("bias"), py::arg("stripe"),
         py::arg("row_stride"), py::arg("block_stride"), py::arg("isa") = -1, py::arg("nthreads") = 0);

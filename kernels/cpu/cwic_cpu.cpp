@@ -287,4 +287,6 @@ void act_mul(const float* g, const float* u, int n, int act, float* out, int isa
 
 void act(float* g, int n, int act, int isa) { CWIC_DISPATCH(isa, act_inplace(g, n, act, false)) }
 
+int64_t argmax(const float* x, int64_t n, int isa) { CWIC_DISPATCH(isa, argmax_run(x, n)) }
+
 }  // namespace cwic_cpu

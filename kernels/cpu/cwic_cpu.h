@@ -90,6 +90,8 @@ void attention(const float* q, const void* kc, const void* vc, int kv_dtype, int
 void act_mul(const float* g, const float* u, int n, int act, float* out, int isa = -1);
 void act(float* g, int n, int act, int isa = -1);
 float act_scalar(float v, int act);
+// the first index of the largest of x[0..n), NaNs skipped unless x[0] is one (then 0): greedy decoding's choice
+int64_t argmax(const float* x, int64_t n, int isa = -1);
 float round_bf16(float v);  // round to nearest even bf16, returned as fp32
 
 }  // namespace cwic_cpu

@@ -36,9 +36,9 @@ def closest_try(tries: list, apr: float) -> tuple:
     return min(tries, key=lambda ta: abs(math.log(ta[1] / apr)))
 
 
-# How close "3x APR" is held: the decode APR within 0.5 % of the target, in at most 4 corrections (the CPU benchmark
-# also calibrates to 0.5 % on its calibration tokens). At 2 % (until 2026-12-05) SmolLM2's CPU "3x" row stopped at
-# 2.94 in one run, and anything from 2.94 to 3.06 passed: a 4 % spread in the weights read by the same row.
+# How close "3x APR" is held: the decode APR within 0.5 % of the target, in at most 4 corrections. At 2 % (until
+# 2026-12-05) SmolLM2's CPU "3x" row stopped at 2.94 in one run, and anything from 2.94 to 3.06 passed: a 4 % spread
+# in the weights read by the same row.
 TOL, STEPS = 0.005, 4
 
 

@@ -44,5 +44,5 @@ for name, n, m in shapes:
     ratio = statistics.median(a / b for a, b in zip(r["input_major"], r["stripe_major"]))
     res[name] = {k2: round(statistics.median(v), 2) for k2, v in r.items()} | {"density": round(dens, 3), "im_over_sm_paired": round(ratio, 3), "copies": copies}
     print(name, res[name], flush=True)
-    del im, sm
+    im = sm = None   # the copies freed before the next shape
 print(json.dumps(res))

@@ -195,7 +195,9 @@ def test_gpu_ffn_clock_analysis(tmp_path):
 
 def test_gpu_decode_dry_run_corrects_the_apr(tmp_path):
     """The GPU decode benchmark (tiny model, CPU, interpreter) corrects each target's thresholds on the engine's own
-    decode: every CWIC row keeps its tries (1 / density, decode APR), at most four, and times the closest one."""
+    decode: every CWIC row keeps its tries (1 / density, decode APR), at most 1 + apr_correction.STEPS (five), and
+    times the closest one."""
+    from experiments.bench.apr_correction import STEPS
     r = subprocess.run([sys.executable, "experiments/bench_decode.py", "--device", "cuda", "--dry-run", "--aprs", "2,3",
                         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -203,7 +205,7 @@ def test_gpu_decode_dry_run_corrects_the_apr(tmp_path):
     assert [x["apr_target"] for x in rows] == [2.0, 3.0]
     for x in rows:
         tries = x["apr_corrections"]
-        assert 1 <= len(tries) <= 4 and all(t > 1.0 and a > 1.0 for t, a in tries)
+        assert 1 <= len(tries) <= 1 + STEPS and all(t > 1.0 and a > 1.0 for t, a in tries)
         best = min(abs(math.log(a / x["apr_target"])) for _, a in tries)
         assert abs(math.log(x["apr"] / x["apr_target"])) <= best + 1e-3, (x["apr"], tries)
 

@@ -9,10 +9,11 @@ running the CWIC model (`to_cwic`, stripe 512, head included) with thresholds ca
 reach each target APR. Calibration: running statistics from 256 random tokens, then θ per input and φ
 per FFN unit set to the (1 − d) quantile of |x − x̄|/σ (resp. |act(g)|/scale) on those tokens, d = 1/APR,
 corrected by the APR measured on those tokens, then up to 4 more times by the engine's own decode APR
-(`apr_correction.correct_calibration`, until within 0.5 %; the closest try is timed). The APR reported is measured (cwic_exp.active_parameters, which
-counts q, k, v, o, gate, FFN units and the head; not embeddings or attention scores) on the prompt plus
-the tokens the engine generated. Engine timings exclude compilation and graph capture (done first);
-decode tokens/s = generated tokens after the first / their wall time. Prints a table; LAST line JSON.
+(`apr_correction.correct_calibration`, until within 0.5 %; the closest try is timed). The APR reported is
+measured (cwic_exp.active_parameters, which counts q, k, v, o, gate, FFN units and the head; not embeddings or
+attention scores) on the prompt plus the tokens the engine generated. Engine timings exclude compilation and
+graph capture (done first); decode tokens/s = generated tokens after the first / their wall time. Prints a table;
+LAST line JSON.
 """
 from __future__ import annotations
 

@@ -42,7 +42,8 @@ def test_a_pair_exactly_at_its_threshold_is_on(path):
     if path == "batch":   # two tokens, the same row twice: the (BLOCK_B = 16) batch tile
         x = torch.cat([x, x])
     want = ref.gemv_reference(x, wt, mean, thr, bias, stripe)
-    assert torch.equal(ref.granular_mask(x, mean, thr), torch.ones(x.shape[0], k, n, dtype=torch.bool))
+    on = torch.ones(x.shape[0], k, n, dtype=torch.bool, device=x.device)   # on x's device (the GPU run: cuda)
+    assert torch.equal(ref.granular_mask(x, mean, thr), on)
     if path.startswith("compact"):
         cfg = C.compact_config(n, m, stripe, torch.device(DEV), chunk=32, fused=path.endswith("fused"))
         y = C.gemv_compact(x, wt, mean, thr, bias, stripe, config=cfg)

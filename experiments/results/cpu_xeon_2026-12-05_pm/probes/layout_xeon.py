@@ -1,22 +1,15 @@
 """Xeon: input-major vs stripe-major (gemv_layout) CWIC GEMV, SmolLM2 shapes, ~1/3 of pairs on, weights cycled
 over copies totalling ~600 MB (L3 260 MiB); per-call µs, medians of alternated rounds."""
-import json, os, statistics, sys, time
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), *[os.pardir] * 4))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "src")]
+import json, os, statistics, sys
+# the GEMV probes' shared helpers: the checkout on sys.path, the extension with a huge-page arena, time_cycled
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), *[os.pardir] * 2, "cpu_amd_epyc_2026-12-03_eve", "probes"))
+import common
 import torch
-from cwic_kernels import cpu
-from cwic_exp.cpu_decode import HugePageArena
-ext, arena = cpu.load(), HugePageArena()
+ext, arena = common.load()
 torch.manual_seed(0)
 S = 192
 shapes = [("qkv", 576, 960), ("o", 576, 576), ("gate", 576, 1536), ("head", 576, 49152)]
-def tc(f, copies, reps=3):
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for c in range(copies): f(c)
-        ts.append((time.perf_counter() - t0) / copies)
-    return statistics.median(ts)
+tc = common.time_cycled
 res = {}
 for name, n, m in shapes:
     k = m // S

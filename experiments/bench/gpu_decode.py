@@ -183,14 +183,19 @@ def time_step(eng, prompt, tokens: int, repeats: int) -> float:
     return statistics.median(tps)
 
 
-def kernel_breakdown(eng, n=16) -> dict:
-    """GPU time per token by kernel (torch.profiler over n graph replays) and the sum of all of them."""
-    if DRY_RUN:
-        return {}
+def kernel_breakdown(eng, prompt=None, n=16) -> dict:
+    """GPU time per token by kernel (torch.profiler over n graph replays) and the sum of all of them. With `prompt`,
+    it first starts again from the prompt's prefill: after the timed decodes the engine's position sits near its
+    max_len, where n more steps do not fit (every breakdown of bench_decode.py ended in that error before)."""
     try:
-        from torch.profiler import ProfilerActivity, profile
+        if prompt is not None:
+            eng.prefill(prompt)
         eng.decode(2)
         _sync()
+        if DRY_RUN:   # the CPU dry run takes the same steps, untimed: they must fit
+            eng.decode(n)
+            return {}
+        from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             eng.decode(n)
             _sync()
@@ -205,8 +210,10 @@ def kernel_breakdown(eng, n=16) -> dict:
                 r["calls_per_token"] += e.count / n
         rows = dict(sorted(rows.items(), key=lambda kv: -kv[1]["us_per_token"])[:14])
         return dict(kernels=rows, total_us_per_token=sum(r["us_per_token"] for r in rows.values()))
-    except Exception as ex:  # profiling is a bonus, never a failure
-        return dict(error=f"{type(ex).__name__}: {ex}"[:200])
+    except Exception as ex:  # profiling is a bonus, never a failure; but say so, not only in the JSON
+        msg = f"{type(ex).__name__}: {ex}"[:200]
+        print(f"[kernel breakdown] skipped: {msg}", flush=True)
+        return dict(error=msg)
 
 
 @torch.no_grad()
@@ -337,7 +344,7 @@ def main(argv=None):
                      weight_gbps=wb["total"] * dense_tps / 1e9))
     print(f"[dense engine] {dense_tps:.1f} tok/s, logits err vs fp32 {err_dense:.2e} (HF bf16: {err_dense_hf:.2e}), agreement {agree:.2f} "
           f"({time.time() - t_start:.0f}s)", flush=True)
-    result["breakdown_dense"] = kernel_breakdown(eng)
+    result["breakdown_dense"] = kernel_breakdown(eng, prompt)
     del eng
     if not DRY_RUN:
         torch.cuda.empty_cache()
@@ -382,7 +389,7 @@ def main(argv=None):
                          logits_rel_err_vs_fp32=err, hf_bf16_logits_rel_err_vs_fp32=err_hf,
                          logits_rel_err_vs_hf_bf16=rel(got, want16)))
         if target == 3.0:
-            result["breakdown_cwic_3x"] = kernel_breakdown(ceng)
+            result["breakdown_cwic_3x"] = kernel_breakdown(ceng, prompt)
             # exactness at real shapes: in fp32 the engine's masks are HF's masks, so logits must agree
             e32 = DecodeEngine(model32, max_len=max_len, cuda_graph=False)
             result["fp32_engine_vs_hf_fp32_at_3x"] = rel(_last_logits(e32, prompt), want32)

@@ -397,6 +397,18 @@ def _patch_forced(monkeypatch, timed=None, rounds=None):
         monkeypatch.setattr(B, "forced_rounds", rounds)
 
 
+def test_cpu_ab_imports_a_revisions_kernels(tmp_path):
+    """cpu_ab --old: a revision's CPU kernel package imports outside the tree, with its reference.py beside it (the
+    package imports ACT_KINDS from `..reference` since 72294d9; alone it failed with "attempted relative import beyond
+    top-level package"), under a name of its own at each call, from the files extracted there (not built here)."""
+    from experiments.bench import cpu_ab
+    a = cpu_ab.import_old("HEAD", str(tmp_path / "a"))
+    b = cpu_ab.import_old("HEAD", str(tmp_path / "b"))
+    assert a is not b and a.__name__ != b.__name__
+    assert a.__file__.startswith(str(tmp_path / "a")) and callable(a.load)
+    assert a.ACT_KINDS
+
+
 def test_cpu_ab_ratios_old_and_new_sides(monkeypatch):
     """cpu_ab: `{dense,cwic}_new_over_old` is the new build's speed over the old one's (old ms / new ms, per round),
     `speedup_{old,new}` CWIC over dense on each side. Fake ms a token: dense old 10, new 8, CWIC old 5, new 3.2, all

@@ -4,6 +4,7 @@
     python -m experiments.bench.cpu_ab --old HEAD~1 --apr 4 --rounds 12 --tokens 48
     python -m experiments.bench.cpu_ab --huge-pages                  # this tree: 4 KiB pages (old) vs huge (new)
     python -m experiments.bench.cpu_ab --old HEAD --model llama1b --tokens 12 --rounds 6
+    python -m experiments.bench.cpu_ab --old HEAD --context 1024 --tokens 16   # a long chat's attention
 
 Why: on a shared 2-core host the speed of separate benchmark runs swings by ±15 %, more than most kernel
 changes. Here both builds run in the same process, interleaved run by run (the four decoders' order rotates by one
@@ -22,7 +23,6 @@ does). Prints a table of ms/token by part (medians) and a last-line JSON.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import subprocess
@@ -33,19 +33,36 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PARTS = ("glue", "qkv", "attention", "o", "ffn", "head")
 
 
+def import_old(rev: str, dest: str):
+    """The CPU kernel package of git revision `rev`, extracted to dest and imported under a name of its own (not
+    built yet): kernels/cpu as the subpackage `cpu` of a package that also holds the revision's kernels/reference.py
+    (since 72294d9 the CPU package imports ACT_KINDS from `..reference`; loaded alone, that import failed)."""
+    import importlib
+    import uuid
+
+    def git(*a, **kw):
+        return subprocess.run(["git", "-C", ROOT, *a], check=True, capture_output=True, **kw).stdout
+
+    pkg = f"cwic_kernels_ab_{uuid.uuid4().hex[:12]}"
+    root = os.path.join(dest, pkg)
+    os.makedirs(os.path.join(root, "cpu"), exist_ok=True)
+    open(os.path.join(root, "__init__.py"), "w").close()
+    if "reference.py" in git("ls-tree", "--name-only", f"{rev}:kernels", text=True).split():
+        with open(os.path.join(root, "reference.py"), "wb") as fh:
+            fh.write(git("show", f"{rev}:kernels/reference.py"))
+    for f in git("ls-tree", "--name-only", f"{rev}:kernels/cpu", text=True).split():
+        with open(os.path.join(root, "cpu", f), "wb") as fh:
+            fh.write(git("show", f"{rev}:kernels/cpu/{f}"))
+    sys.path.insert(0, dest)
+    try:
+        return importlib.import_module(f"{pkg}.cpu")
+    finally:
+        sys.path.remove(dest)
+
+
 def load_old(rev: str, dest: str):
-    """The CPU kernel package of git revision `rev`, extracted to dest and loaded as its own module."""
-    os.makedirs(os.path.join(dest, "cpu"), exist_ok=True)
-    files = subprocess.run(["git", "-C", ROOT, "ls-tree", "--name-only", f"{rev}:kernels/cpu"], check=True,
-                           capture_output=True, text=True).stdout.split()
-    for f in files:
-        blob = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:kernels/cpu/{f}"], check=True,
-                              capture_output=True).stdout
-        with open(os.path.join(dest, "cpu", f), "wb") as fh:
-            fh.write(blob)
-    spec = importlib.util.spec_from_file_location("cwic_cpu_ab_old", os.path.join(dest, "cpu", "__init__.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    """`import_old`, then its extension built (cached by content like the tree's) and loaded."""
+    mod = import_old(rev, dest)
     ext = mod.load()
     if ext is None:
         raise SystemExit(f"the kernels of {rev} do not build: {mod.error()}")
@@ -64,12 +81,16 @@ def main(argv=None):
     ap.add_argument("--model", choices=("smollm2", "llama1b"), default="smollm2",
                     help="llama1b: bench_decode.py's Llama-3.2-1B-shaped random model (stripe 512)")
     ap.add_argument("--layers", type=int, default=16, help="llama1b: layers (fewer: a quicker, smaller stand-in)")
+    ap.add_argument("--context", type=int, default=0,
+                    help="the prompt repeated to this many tokens (a long chat: the attention reads more cache)")
     ap.add_argument("--fixed-order", action="store_true",
                     help="every round in the order dense-old, dense-new, cwic-old, cwic-new (the default "
                          "rotates the order by one each round)")
     args = ap.parse_args(argv)
     if args.huge_pages == (args.old is not None):
         ap.error("give either --old REV or --huge-pages")
+    if args.context < 0:
+        ap.error(f"--context: a number of tokens ≥ 0, got {args.context}")
     for p in (ROOT, os.path.join(ROOT, "src")):
         if p not in sys.path:
             sys.path.insert(0, p)
@@ -87,6 +108,8 @@ def main(argv=None):
     okw, nkw = (dict(huge_pages=False), dict(huge_pages=True)) if args.huge_pages else ({}, {})
     label = "this tree, 4 KiB pages" if args.huge_pages else args.old
     model, prompt, ids, mask, stripe, name = forced_setup(args.model, args.layers)
+    if args.context > len(prompt):
+        prompt = (prompt * (args.context // len(prompt) + 1))[:args.context]
     max_len = len(prompt) + args.tokens + 8
 
     def build(ext, **kw):   # CpuDecoder takes its extension from CD._ext()
@@ -131,7 +154,7 @@ def main(argv=None):
     out = {"bench": "cpu_ab", "old": label, "model": name, "stripe": stripe,
            "huge_pages_new": decs["cwic-new"].arena is not None and decs["cwic-new"].arena.bytes_advised > 0,
            "huge_page_mb": huge,
-           "apr_calib": st["apr"], "rounds": args.rounds, "forced_tokens": len(forced), "machine": machine(), "ms_per_token": med}
+           "apr_calib": st["apr"], "prompt_tokens": len(prompt), "rounds": args.rounds, "forced_tokens": len(forced), "machine": machine(), "ms_per_token": med}
     for side in ("old", "new"):
         d, c = res[f"dense-{side}"]["total"], res[f"cwic-{side}"]["total"]
         out[f"speedup_{side}"] = statistics.median(d) / statistics.median(c)

@@ -532,6 +532,48 @@ def test_attention_every_isa_matches_softmax(ext, T, hd):
                 assert torch.equal(ext.attention(q, kc.double(), vc.double(), hd ** -0.5, C.isa_id(isa), 0), out)
 
 
+def _attention_ref(q, kc, vc, scaling):
+    nh, nkv = q.shape[0], kc.shape[1]
+    k = kc.double().repeat_interleave(nh // nkv, 1)
+    p = torch.softmax(torch.einsum("hd,thd->ht", q.double(), k) * scaling, -1)
+    return torch.einsum("ht,thd->hd", p, vc.double().repeat_interleave(nh // nkv, 1))
+
+
+@pytest.mark.parametrize("nh,nkv", [(9, 3), (1, 1), (8, 1), (12, 2), (5, 5)])
+def test_attention_parts_merge_to_softmax(ext, nh, nkv):
+    """From 256 positions on (LONG_T) the attention takes the heads of a kv head together and, with several threads,
+    cuts the positions into parts (so that 3 kv heads share 2 threads evenly), merging each part's max, sum and value
+    sum; below, one head a unit. Every ISA and 1, 2 and 3 threads against fp64 softmax attention, on both sides of
+    256 positions; chunks of 1, 2, 3, 4 and 6 heads a kv head (12 / 2: chunks of 6; 8 / 1: of 8). Peaked scores
+    (q × 4), so each part's max differs."""
+    g = torch.Generator().manual_seed(nh * 10 + nkv)
+    hd = 64
+    for T in (1, 33, 255, 256, 300):
+        q = torch.randn(nh, hd, generator=g) * 4.0
+        kc = torch.randn(T, nkv, hd, generator=g).to(torch.bfloat16)
+        vc = torch.randn(T, nkv, hd, generator=g).to(torch.bfloat16)
+        ref = _attention_ref(q, kc, vc, hd ** -0.5)
+        for isa in C.supported_isas():
+            for threads in (1, 2, 3):
+                out = ext.attention(q, kc, vc, hd ** -0.5, C.isa_id(isa), threads)
+                torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=2e-6,
+                                           msg=f"{isa} T={T} threads={threads}")
+
+
+def test_attention_nan_in_one_part_reaches_its_heads(ext):
+    """A NaN key in the last part of a split context still makes its heads NaN after the merge (each part's
+    rescale factor e^(max - max of all) is NaN there), in every ISA, and leaves the other kv head's heads finite."""
+    T, hd = 300, 64
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(4, hd, generator=g)
+    kc, vc = torch.randn(T, 2, hd, generator=g), torch.randn(T, 2, hd, generator=g)
+    kc[290, 0, 7] = float("nan")                 # kv head 0, near the end: the last of 3 parts (3 threads), of 2 (4)
+    for isa in C.supported_isas():
+        for threads in (3, 4):
+            out = ext.attention(q, kc, vc, hd ** -0.5, C.isa_id(isa), threads)
+            assert torch.isnan(out[:2]).all() and torch.isfinite(out[2:]).all(), (isa, threads)
+
+
 def test_attention_nan_score_gives_nan_in_every_isa(ext):
     """A NaN in the keys poisons its heads in every build (the vector exp's clamp must not turn it into a
     large finite weight); the heads that do not read that key stay finite."""

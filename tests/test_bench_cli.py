@@ -203,7 +203,8 @@ def test_gpu_decode_dry_run_corrects_the_apr(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = strict_json((tmp_path / "gpu_decode.json").read_text())
     # the kernel breakdowns' steps fit the engine (they overran its max_len after the timed decodes before)
-    assert res["breakdown_dense"] == {} and res["breakdown_cwic_3x"] == {}, (res["breakdown_dense"], res["breakdown_cwic_3x"])
+    bd = (res["breakdown_dense"], res["breakdown_cwic_3x"])
+    assert bd == ({}, {}), bd
     rows = [x for x in res["rows"] if "apr_target" in x]
     assert [x["apr_target"] for x in rows] == [2.0, 3.0]
     for x in rows:

@@ -507,6 +507,14 @@ def test_decoder_refuses_bad_token_ids_and_widths(ext):
         dec._dec.set_head(lin)
 
 
+def _attention_ref(q, kc, vc, scaling):
+    """fp64 softmax attention of one position over grouped-query caches (T, n_kv, hd): (n_heads, hd)."""
+    nh, nkv = q.shape[0], kc.shape[1]
+    k = kc.double().repeat_interleave(nh // nkv, 1)
+    p = torch.softmax(torch.einsum("hd,thd->ht", q.double(), k) * scaling, -1)
+    return torch.einsum("ht,thd->hd", p, vc.double().repeat_interleave(nh // nkv, 1))
+
+
 @pytest.mark.parametrize("T", [1, 7, 16, 37, 200])
 @pytest.mark.parametrize("hd", [12, 64, 72, 80])
 def test_attention_every_isa_matches_softmax(ext, T, hd):
@@ -521,22 +529,13 @@ def test_attention_every_isa_matches_softmax(ext, T, hd):
         q = torch.randn(nh, hd, generator=g) * scale
         kc = torch.randn(T, nkv, hd, generator=g).to(kv_dtype)
         vc = torch.randn(T, nkv, hd, generator=g).to(kv_dtype)
-        k = kc.double().repeat_interleave(nh // nkv, 1)
-        p = torch.softmax(torch.einsum("hd,thd->ht", q.double(), k) * hd ** -0.5, -1)
-        ref = torch.einsum("ht,thd->hd", p, vc.double().repeat_interleave(nh // nkv, 1))
+        ref = _attention_ref(q, kc, vc, hd ** -0.5)
         for isa in C.supported_isas():
             out = ext.attention(q, kc, vc, hd ** -0.5, C.isa_id(isa), 0)
             torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=2e-6,
                                        msg=f"{isa} T={T} hd={hd} {kv_dtype}")
             if kv_dtype == torch.float32:   # other dtypes are read as fp32
                 assert torch.equal(ext.attention(q, kc.double(), vc.double(), hd ** -0.5, C.isa_id(isa), 0), out)
-
-
-def _attention_ref(q, kc, vc, scaling):
-    nh, nkv = q.shape[0], kc.shape[1]
-    k = kc.double().repeat_interleave(nh // nkv, 1)
-    p = torch.softmax(torch.einsum("hd,thd->ht", q.double(), k) * scaling, -1)
-    return torch.einsum("ht,thd->hd", p, vc.double().repeat_interleave(nh // nkv, 1))
 
 
 @pytest.mark.parametrize("nh,nkv", [(9, 3), (1, 1), (8, 1), (12, 2), (5, 5)])

@@ -154,7 +154,8 @@ def main(argv=None):
     out = {"bench": "cpu_ab", "old": label, "model": name, "stripe": stripe,
            "huge_pages_new": decs["cwic-new"].arena is not None and decs["cwic-new"].arena.bytes_advised > 0,
            "huge_page_mb": huge,
-           "apr_calib": st["apr"], "prompt_tokens": len(prompt), "rounds": args.rounds, "forced_tokens": len(forced), "machine": machine(), "ms_per_token": med}
+           "apr_calib": st["apr"], "prompt_tokens": len(prompt), "rounds": args.rounds, "forced_tokens": len(forced),
+           "machine": machine(), "ms_per_token": med}
     for side in ("old", "new"):
         d, c = res[f"dense-{side}"]["total"], res[f"cwic-{side}"]["total"]
         out[f"speedup_{side}"] = statistics.median(d) / statistics.median(c)

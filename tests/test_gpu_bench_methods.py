@@ -449,8 +449,8 @@ def test_kernel_breakdown_is_per_token_and_keeps_the_14_longest(D, monkeypatch):
     with the most time, longest first, and their sum; a kernel with no time is left out."""
     _fake_profiler(monkeypatch, [types.SimpleNamespace(key=f"k{i}", device_time_total=float(10 * i), count=2 * i)
                                  for i in range(18)])
-    eng = types.SimpleNamespace(decode=lambda k: None)
-    b = D.kernel_breakdown(eng, n=4)
+    eng = types.SimpleNamespace(prefill=lambda p: None, decode=lambda k: None)
+    b = D.kernel_breakdown(eng, [1, 2], n=4)
     assert list(b["kernels"]) == [f"k{i}" for i in range(17, 3, -1)]
     assert b["kernels"]["k17"] == dict(us_per_token=170 / 4, calls_per_token=34 / 4)
     assert math.isclose(b["total_us_per_token"], sum(10 * i for i in range(4, 18)) / 4)
@@ -604,7 +604,7 @@ def test_kernel_breakdown_adds_kernels_whose_names_share_60_characters(monkeypat
         types.SimpleNamespace(key=stem + "CUDAFunctorOnSelf_add<float>>", device_time_total=80.0, count=4),
         types.SimpleNamespace(key="_gmm_kernel", device_time_total=400.0, count=8)])
     monkeypatch.setattr(D, "DRY_RUN", False)
-    b = D.kernel_breakdown(types.SimpleNamespace(decode=lambda k: None), n=4)
+    b = D.kernel_breakdown(types.SimpleNamespace(prefill=lambda p: None, decode=lambda k: None), [1, 2], n=4)
     assert math.isclose(b["total_us_per_token"], (40 + 80 + 400) / 4)
     assert b["kernels"][stem[:60]] == dict(us_per_token=120 / 4, calls_per_token=8 / 4)
 

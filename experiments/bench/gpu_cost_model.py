@@ -150,8 +150,7 @@ def main(argv=None):
                 setup(name)
                 ceng.graph = None
                 ceng.capture()
-                ceng.prefill(prompt)
-                res[f"breakdown_{name}"] = GD.kernel_breakdown(ceng)
+                res[f"breakdown_{name}"] = GD.kernel_breakdown(ceng, prompt)
                 bd = res[f"breakdown_{name}"]
                 if "kernels" in bd:
                     how = ("PDL on: waits for the previous kernel included" if use_pdl(dev)

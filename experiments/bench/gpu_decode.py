@@ -183,13 +183,12 @@ def time_step(eng, prompt, tokens: int, repeats: int) -> float:
     return statistics.median(tps)
 
 
-def kernel_breakdown(eng, prompt=None, n=16) -> dict:
-    """GPU time per token by kernel (torch.profiler over n graph replays) and the sum of all of them. With `prompt`,
-    it first starts again from the prompt's prefill: after the timed decodes the engine's position sits near its
-    max_len, where n more steps do not fit (every breakdown of bench_decode.py ended in that error before)."""
+def kernel_breakdown(eng, prompt, n=16) -> dict:
+    """GPU time per token by kernel (torch.profiler over n graph replays) and the sum of all of them. It starts from
+    the prompt's prefill: after timed decodes the engine's position sits near its max_len, where n more steps do not
+    fit (every breakdown of bench_decode.py ended in that error before)."""
     try:
-        if prompt is not None:
-            eng.prefill(prompt)
+        eng.prefill(prompt)
         eng.decode(2)
         _sync()
         if DRY_RUN:   # the CPU dry run takes the same steps, untimed: they must fit

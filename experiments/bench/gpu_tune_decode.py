@@ -214,8 +214,7 @@ def main(argv=None):
     G.PDL = False                                   # per-kernel times without PDL's waits folded in
     eng.graph = None
     eng.capture()
-    eng.prefill(prompt)
-    breakdown = {} if DRY_RUN else kernel_breakdown(eng)
+    breakdown = {} if DRY_RUN else kernel_breakdown(eng, prompt)
     G.PDL = G_PDL
     tables.reset(eng)
 

@@ -616,3 +616,17 @@ def test_benchmark_json_is_strict(tmp_path, K):
     K.save_outputs(str(tmp_path), "b", "| x |", {"speedup": {"0.66": float("nan"), "0.5": 2.0}, "gbs": float("inf")})
     assert strict_json((tmp_path / "b.json").read_text()) == {"speedup": {"0.66": None, "0.5": 2.0}, "gbs": None}
     assert (tmp_path / "b.md").read_text() == "| x |\n"
+
+
+@pytest.mark.parametrize("size,params,name", [("1B", 1_235_814_400, "Llama-3.2-1B"),
+                                              ("3B", 3_212_749_824, "Llama-3.2-3B"),
+                                              ("8B", 8_030_261_248, "Llama-3.1-8B")])
+def test_decode_shapes_have_the_named_models_parameter_counts(size, params, name):
+    """Each decode-benchmark shape has exactly the parameter count of the model it is named after (built on the meta
+    device: no memory), so a wrong width, depth, head count or head tying fails here rather than on a GPU."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    import experiments.bench.gpu_decode as GD
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**GD.CONFIGS[size]))
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert GD.shape_name(size) == name

@@ -42,11 +42,22 @@ CONFIGS = {
                rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
                rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                  original_max_position_embeddings=8192)),
+    # Llama-3.1-8B's shape (untied head): the paper's Fig. 3 FFN (4096 x 14336) in a whole decode step
+    "8B": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+               rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
+               rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192)),
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
                  rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=1024),
 }
 DRY_RUN = False
+
+
+def shape_name(size: str) -> str:
+    """The model a CONFIGS entry has the shape of, as the tables name it."""
+    return "Llama-3.1-8B" if size == "8B" else f"Llama-3.2-{size}"
 
 
 def _sync():
@@ -249,7 +260,7 @@ def check_exact(size: str, dev, prompt_len=32, out=None) -> dict:
     if out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "gpu_exactness.json"), "w") as f:
-            f.write(dumps(dict(model=f"Llama-3.2-{size}-shaped, random weights, fp32", prompt_len=prompt_len,
+            f.write(dumps(dict(model=f"{shape_name(size)}-shaped, random weights, fp32", prompt_len=prompt_len,
                            gpu="cpu (dry run)" if DRY_RUN else torch.cuda.get_device_name(dev), **res), indent=1))
     return res
 
@@ -310,7 +321,7 @@ def main(argv=None):
     calib = torch.randint(0, V, (1, 256), generator=g).to(dev)
     max_len = args.prompt_len + args.new_tokens + 8
     rows = []
-    result = dict(gpu=gpu, model=f"Llama-3.2-{args.model}-shaped (random weights, bf16)", torch=torch.__version__,
+    result = dict(gpu=gpu, model=f"{shape_name(args.model)}-shaped (random weights, bf16)", torch=torch.__version__,
                   prompt_len=args.prompt_len, new_tokens=args.new_tokens, stripe=stripe, rows=rows, tuned_tiles=tuned)
 
     # 1) Hugging Face generate, dense

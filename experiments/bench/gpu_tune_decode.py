@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_decode import (CONFIGS, build_model, calibrate_density, collect_calibration,  # noqa: E402
-                        kernel_breakdown, measure_apr, time_step)
+                        kernel_breakdown, measure_apr, shape_name, time_step)
 from gpu_kernels import dumps, ensure_imports, save_outputs  # noqa: E402
 
 QKV, O, HEAD, FFN, FFNX, HAND = "qkv", "o", "head", "ffn", "ffnx", "hand"
@@ -219,7 +219,7 @@ def main(argv=None):
     tables.reset(eng)
 
     lines = [f"# Decode-step tile tuning — {gpu}, torch {torch.__version__}",
-             f"Llama-3.2-{args.model}-shaped, random weights, bf16, stripe 512, APR {apr['apr']:.2f} (target "
+             f"{shape_name(args.model)}-shaped, random weights, bf16, stripe 512, APR {apr['apr']:.2f} (target "
              f"{args.apr:g}); median of {args.repeats} × {args.tokens} decode steps; dense engine "
              f"{dense:.1f} tok/s.", "",
              "| variant | tok/s | vs current | × dense |", "|---|---|---|---|"]

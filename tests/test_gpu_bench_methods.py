@@ -549,6 +549,32 @@ def test_decode_main_reports_against_the_dense_engine_and_its_own_decode(D, monk
     assert stripes == {res["stripe"]} == {32}                         # the dry run's stripe, as its model has it
 
 
+
+def test_decode_main_without_room_for_fp32_copies_reports_no_fp32_errors(D, monkeypatch, capsys):
+    """Where the fp32 copies do not fit (an 8B shape on one 80 GB GPU), gpu_decode main makes none: no fp32 model, no
+    fp32 engine, the logits-error cells empty (NaN, null in the JSON) and no fp32 exactness figure, while the timing
+    rows are all there. Where they fit (the same run otherwise), the errors are finite."""
+    made = []
+    real_deepcopy = D.copy.deepcopy
+    monkeypatch.setattr(D, "copy", types.SimpleNamespace(deepcopy=lambda o: (made.append(1), real_deepcopy(o))[1]))
+    for room in (False, True):
+        made.clear()
+        monkeypatch.setattr(D, "_fp32_fits", lambda model, copies: room)
+        res = D.main(["--dry-run", "--aprs", "3"])
+        summary = capsys.readouterr().out.strip().splitlines()[-1]
+        assert json.loads(summary)["speedup_at_3x"] > 0
+        hf_row, dense_row, three, hf_cwic = res["rows"]
+        errs = [dense_row["logits_rel_err_vs_fp32"], dense_row["hf_bf16_logits_rel_err_vs_fp32"],
+                three["logits_rel_err_vs_fp32"], three["hf_bf16_logits_rel_err_vs_fp32"]]
+        if room:
+            assert len(made) == 2 and all(math.isfinite(e) for e in errs)
+            assert math.isfinite(res["fp32_engine_vs_hf_fp32_at_3x"])
+        else:
+            assert made == [] and all(math.isnan(e) for e in errs)
+            assert res["fp32_engine_vs_hf_fp32_at_3x"] is None
+        assert three["tokens_per_s"] > 0 and math.isfinite(three["logits_rel_err_vs_hf_bf16"])
+
+
 # ----------------------------------------------------------------------------- the dispatchers
 
 

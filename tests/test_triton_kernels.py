@@ -799,7 +799,7 @@ def test_engine_prefill_then_decode_keeps_the_cache():
 @pytest.mark.gpu
 @pytest.mark.skipif(DEV != "cuda", reason="needs a CUDA device")
 @pytest.mark.parametrize("n,m", [(2048, 2048), (2048, 512), (2048, 8192), (8192, 2048), (3072, 1024),
-                                 (3072, 5120), (2048, 128256)])
+                                 (3072, 5120), (4096, 6144), (2048, 128256)])
 @pytest.mark.parametrize("B", [1, 2, 16])
 def test_gemv_real_shapes_gpu(n, m, B):
     x, wt, mean, thr, bias = _inputs(B, n, m, 512, torch.bfloat16, density=0.34, seed=n + m + B)
@@ -824,11 +824,10 @@ def test_gemv_real_shapes_configs_gpu(n, m, cfg):
 @pytest.mark.gpu
 @pytest.mark.skipif(DEV != "cuda", reason="needs a CUDA device")
 @pytest.mark.parametrize("B", [1, 4])
-@pytest.mark.parametrize("d", [2048, 3072])   # the 1B and 3B FFNs, each with its tuned tiles
-def test_ffn_real_shape_and_cuda_graph_gpu(B, d):
+@pytest.mark.parametrize("d,F_", [(2048, 8192), (3072, 8192), (4096, 14336)])   # 1B, 3B, 8B: their tuned tiles
+def test_ffn_real_shape_and_cuda_graph_gpu(B, d, F_):
     from cwic_kernels.gpu import register
     register()
-    F_ = 8192
     x, gwt, gmean, gthr, gbias = _inputs(B, d, F_, 512, torch.bfloat16, density=0.34, seed=B)
     up_w = (torch.randn(F_, d, device=DEV) / d ** 0.5).bfloat16()
     down_wt = (torch.randn(F_, d, device=DEV) / F_ ** 0.5).bfloat16()

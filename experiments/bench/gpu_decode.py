@@ -1,7 +1,11 @@
-"""GPU end-to-end decode benchmark: batch-1 greedy tokens/s of a Llama-3.2-1B-shaped model.
+"""GPU end-to-end decode benchmark: batch-1 greedy tokens/s of a Llama-3.2-1B-shaped model (or 3B, or 8B).
 
     python experiments/bench_decode.py --device cuda                      # APR 2/3/4/6, 128 new tokens
     python experiments/bench_decode.py --device cuda --aprs 3 --new-tokens 64 --out experiments/results
+    python experiments/bench_decode.py --device cuda --model 8B           # Llama-3.1-8B's shape, ~16 GB of bf16
+
+The logits-error columns compare with fp32 copies of the model; where those do not fit in GPU memory (the 8B shape
+on an 80 GB GPU) they are skipped and the cells left empty.
 
 Random weights (Hugging Face init, bf16). The same model is timed four ways: plain Hugging Face
 `generate` (dense), the decode engine running the dense model (cuBLAS matrices), and the decode engine

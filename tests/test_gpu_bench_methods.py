@@ -549,7 +549,6 @@ def test_decode_main_reports_against_the_dense_engine_and_its_own_decode(D, monk
     assert stripes == {res["stripe"]} == {32}                         # the dry run's stripe, as its model has it
 
 
-
 def test_decode_main_without_room_for_fp32_copies_reports_no_fp32_errors(D, monkeypatch, capsys):
     """Where the fp32 copies do not fit (an 8B shape on one 80 GB GPU), gpu_decode main makes none: no fp32 model, no
     fp32 engine, the logits-error cells empty (NaN, null in the JSON) and no fp32 exactness figure, while the timing

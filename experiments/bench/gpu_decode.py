@@ -274,6 +274,11 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+def _errs(got, hf, ref):
+    """(rel(got, ref), rel(hf, ref)): the engine's and HF's logits against the fp32 ones; NaNs without them."""
+    return (rel(got, ref), rel(hf, ref)) if ref is not None else (float("nan"), float("nan"))
+
+
 def _fp32_fits(model, copies: int) -> bool:
     """Whether `copies` fp32 copies of the model's weights fit in the GPU's free memory (with 10 % to spare): the
     accuracy columns need an fp32 model (and at 3× an fp32 engine), which an 8B shape's 32 GB copies do not leave room
@@ -364,7 +369,7 @@ def main(argv=None):
     wb = weight_bytes(eng.w)
     dense_tps, dense_pre, dense_tokens = time_engine(eng, prompt, args.new_tokens)
     got = _last_logits(eng, prompt)
-    err_dense, err_dense_hf = (rel(got, ref32), rel(ref_logits, ref32)) if ref32 is not None else (float("nan"), float("nan"))
+    err_dense, err_dense_hf = _errs(got, ref_logits, ref32)
     n_cmp = min(args.hf_new_tokens, args.new_tokens) + args.prompt_len
     agree = float((dense_tokens[:n_cmp] == hf_out[0, :n_cmp]).float()[args.prompt_len:].mean())
     rows.append(dict(config="engine, dense", apr=1.0, tokens_per_s=dense_tps, prefill_ms=dense_pre,
@@ -418,7 +423,7 @@ def main(argv=None):
                     model32.load_state_dict(model.state_dict())
                 want32 = model32(prompt[None]).logits[0, -1].float()
         got = _last_logits(ceng, prompt)
-        err, err_hf = (rel(got, want32), rel(want16, want32)) if want32 is not None else (float("nan"), float("nan"))
+        err, err_hf = _errs(got, want16, want32)
         rows.append(dict(config=f"engine, CWIC {target:g}× target", apr_target=target, apr=apr["apr"],
                          apr_calibration=first, apr_corrections=[[round(t, 4), round(a, 4)] for t, a in tries],
                          density_by_kind=apr["density"], tokens_per_s=tps, prefill_ms=pre,

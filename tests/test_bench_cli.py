@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ["experiments/bench/gpu_ffn_balance.py", "--help"],
     ["experiments/bench/sass_stats.py", "--help"],
     ["experiments/bench/gpu_ffn_clock.py", "--help"],
+    ["experiments/bench/gpu_batch_tiles.py", "--help"],
 ])
 def test_bench_help_parses(argv):
     r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -48,6 +49,34 @@ def test_gpu_prefill_dry_run():
             assert row[f"{k}_ms"] > 0
         # the CPU computes both CWIC paths in fp32: the same logits up to summation order
         assert abs(row["gemm_err"] - row["kernels_err"]) <= 0.05 * row["kernels_err"] + 1e-4, row
+
+
+def test_gpu_batch_tiles_dry_run(tmp_path):
+    """The small-batch tile sweep on tiny shapes on the CPU (Triton interpreter): every config timed at every batch
+    size against dense and the prefill GEMMs; the least-total config is the one whose times sum the least."""
+    r = subprocess.run([sys.executable, "experiments/bench/gpu_batch_tiles.py", "--dry-run", "--shapes", "64x96",
+                        "--batches", "2,5", "--configs", "current,nopipe,w8", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = strict_json(r.stdout.strip().splitlines()[-1])
+    sh = res["shapes"]["64x96"]
+    assert set(sh["speedup_current"]) == {"2", "5"} and all(v > 0 for v in sh["speedup_current"].values())
+    full = strict_json((tmp_path / "gpu_batch_tiles.json").read_text())["shapes"]["64x96"]
+    totals = {c: sum(t.values()) for c, t in full["configs"].items()}
+    assert set(totals) == {"current", "nopipe", "w8"} and sh["best_total"] == min(totals, key=totals.get)
+    assert 0 < full["union"]["2"] <= full["union"]["5"] <= 1                 # more tokens: a larger union
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--batches", "1,4"], "--batches"), (["--batches", "x"], "--batches"),
+    (["--configs", "current,bogus"], "--configs"), (["--shapes", "64by96"], "--shapes"),
+])
+def test_gpu_batch_tiles_checks_its_arguments_first(argv, needle):
+    r = subprocess.run([sys.executable, "experiments/bench/gpu_batch_tiles.py", *argv], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(needle) and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
 def test_gpu_ffn_balance_dry_run():

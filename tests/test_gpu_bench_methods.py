@@ -333,6 +333,14 @@ def test_kernel_main_aggregates_the_layer_and_writes_the_summary(K, monkeypatch,
         n, m = [(n, m) for name, n, m, _ in mats if name == "head"][0]
         assert summary[f"{model}_head_speedup_at_66"] == round(shape_figures(n, m, 0.66)["speedup"], 3)
     assert summary["bench"] == "gpu_kernels" and summary["gpu"] == "fake GPU"
+    # --sweep 3B: the 3B shapes on their sweep's best tiles, the 1B shapes on the current ones
+    seen.clear()
+    res = K.main(["--sweep", "3B"])
+    assert seen == [(nm, None) for nm in one_b] + [(nm, best) for nm in [(96, 96), (96, 512), (64, 1500)]]
+    assert [(t["n"], t["m"]) for t in res["tuned"]] == [(96, 96), (96, 512), (64, 1500)]
+    seen.clear()
+    K.main(["--no-sweep", "--sweep", "1B,3B"])                     # --no-sweep wins: nothing swept
+    assert all(c is None for _, c in seen) and len(seen) == 8
 
 
 # ----------------------------------------------------------------------------- gpu_decode.py
@@ -604,6 +612,7 @@ def test_dispatchers_send_each_device_to_its_script_without_the_device(script, a
 
 @pytest.mark.parametrize("argv,needle", [
     (["experiments/bench_kernels.py", "--device", "cuda", "--models", "3B,bogus"], "--models"),
+    (["experiments/bench_kernels.py", "--device", "cuda", "--sweep", "1B,bogus"], "--sweep"),
     (["experiments/bench_decode.py", "--device", "cuda", "--aprs", "abc"], "--aprs"),
     (["experiments/bench_decode.py", "--device", "cuda", "--aprs", "0.5"], "--aprs"),
 ])

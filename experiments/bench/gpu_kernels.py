@@ -199,7 +199,9 @@ def sweep_configs(S: Shape, dev, sparsity=0.66):
     out = []
     for c in [dict(), dict(num_warps=8), dict(pipe=True), dict(pipe=True, waves=1), dict(pipe=True, num_warps=8),
               dict(block_n=128, waves=4), dict(block_n=128, pipe=True),
-              dict(waves=8, max_split=128), dict(block_m=128, block_n=128, waves=8, max_split=128)]:
+              dict(waves=8, max_split=128), dict(block_m=128, block_n=128, waves=8, max_split=128),
+              # more programs, fewer blocks each (the large shapes gained most from waves 8 over 2)
+              dict(waves=16, max_split=256), dict(waves=32, max_split=256), dict(block_n=128, waves=16, max_split=256)]:
         cfg = G.gemv_config(1, S.n, S.m, STRIPE, x.device, **c)
         try:
             us = time_graph([lambda i=i: G.gemv_ex(xs[i], S.WT[i], mean, thr, S.bias, STRIPE, config=cfg,
@@ -233,7 +235,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1B shapes, sparsities 0/50/66/90%%")
     ap.add_argument("--models", default=None, help="comma list of " + ",".join(SHAPES))
-    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--no-sweep", action="store_true", help="no tile sweep (every shape on the current tiles)")
+    ap.add_argument("--sweep", default="1B", help="comma list of the models whose shapes are timed on the best "
+                    "tiles of a sweep at 66%% sparsity (default 1B); the others run the current tiles")
     ap.add_argument("--out", default=None, help="folder for gpu_kernels.json / gpu_kernels.md")
     ap.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -245,6 +249,9 @@ def main(argv=None):
     models = args.models.split(",") if args.models else (["1B"] if args.quick else list(SHAPES))
     if not models or any(m not in SHAPES for m in models):   # before any work, as the CPU benchmarks do
         raise SystemExit(f"--models: a comma-separated list of {', '.join(SHAPES)}; got {args.models!r}")
+    swept = set() if args.no_sweep else {m for m in args.sweep.split(",") if m}
+    if any(m not in SHAPES for m in swept):
+        raise SystemExit(f"--sweep: a comma-separated list of {', '.join(SHAPES)}; got {args.sweep!r}")
     ensure_imports()
     if not (DRY_RUN or torch.cuda.is_available()):
         raise SystemExit("no CUDA device visible: pass --device cpu for the CPU benchmark")
@@ -266,8 +273,10 @@ def main(argv=None):
     lines = [f"# GPU granular GEMV vs cuBLAS F.linear — {gpu}, torch {torch.__version__}, "
              f"triton {triton.__version__}, bf16, stripe {STRIPE}, batch 1", "",
              "Times per call with weights streamed from HBM (copies cycled inside one CUDA graph); density = "
-             "fraction of the weights actually read; % of ideal = speedup × density. 1B shapes use the best "
-             "tiles of the sweep below, the others the default heuristic. " + pdl_note(pdl), ""]
+             "fraction of the weights actually read; % of ideal = speedup × density. "
+             + (f"The shapes of {', '.join(sorted(swept))} use the best tiles of the sweep below, the others "
+                if swept else "Every shape uses ")
+             + "the current tiles (`gemv.TUNED`, else the default heuristic). " + pdl_note(pdl), ""]
     cache = {}
     for model in models:
         result["models"][model] = {}
@@ -277,7 +286,7 @@ def main(argv=None):
                 S = Shape(n, m, dev, l2)
                 t0 = time.time()
                 best = None
-                if model == "1B" and not args.no_sweep:
+                if model in swept:
                     sw = sweep_configs(S, dev)
                     result["sweep"][f"{n}x{m}"] = [dict(config=c, grid=list(gr), us=u) for c, gr, u in sw]
                     best = sw[0][0] if sw else None
@@ -336,8 +345,8 @@ def main(argv=None):
                              f"{r['speedup']:.2f}× | {r['ideal']:.2f}× |")
         lines.append("")
     if result["sweep"]:
-        lines += ["## Tile / split-K sweep at 66% sparsity (1B shapes; first = default heuristic)", "",
-                  "| n×m | best config | grid | µs | default µs |", "|---|---|---|---|---|"]
+        lines += [f"## Tile / split-K sweep at 66% sparsity ({', '.join(sorted(swept))} shapes; {{}} = the current tiles)",
+                  "", "| n×m | best config | grid | µs | current µs |", "|---|---|---|---|---|"]
         for key, rows in result["sweep"].items():
             dflt = [r for r in rows if r["config"] == {}]
             lines.append(f"| {key} | {rows[0]['config']} | {rows[0]['grid']} | {rows[0]['us']:.2f} | "

@@ -263,3 +263,21 @@ def test_one_stripe_of_a_width_that_is_not_a_power_of_two(B):
     assert G._block_m(48, 48, 64) == 64
     y = G.gemv_ex(x, wt, mean, thr, bias, 48, compact=False)
     torch.testing.assert_close(y, ref.gemv_reference(x, wt, mean, thr, bias, 48), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("key", sorted(G.TUNED), ids=str)
+def test_every_tuned_tile_entry_gives_a_valid_config_for_its_shape(key):
+    """Each `gemv.TUNED[(n, m, BLOCK_B)]` entry names only known tiles and, for its shape at stripe 512 and a batch
+    that picks that BLOCK_B, gives output blocks inside a stripe, split-K chunks that cover every input exactly, and
+    a grid within the arrival counters; the batch entries run pipelined unless they say otherwise."""
+    n, m, bb = key
+    assert set(G.TUNED[key]) <= {"block_m", "block_n", "waves", "max_split", "num_warps", "num_stages", "pipe"}
+    for B in ((1,) if bb == 1 else (2, 16)):
+        cfg = G.gemv_config(B, n, m, 512, torch.device("cpu"))
+        assert cfg["BLOCK_B"] == bb and 512 % cfg["BLOCK_M"] == 0
+        assert cfg["CHUNK_N"] % cfg["BLOCK_N"] == 0
+        assert (cfg["SPLIT"] - 1) * cfg["CHUNK_N"] < n <= cfg["SPLIT"] * cfg["CHUNK_N"]
+        assert cfg["grid"] == (-(-m // cfg["BLOCK_M"]), cfg["SPLIT"], 1) and cfg["grid"][0] <= G.COUNTER_SLOTS
+        if "block_n" in G.TUNED[key]:
+            assert cfg["BLOCK_N"] == G.TUNED[key]["block_n"]
+        assert cfg["pipe"] == G.TUNED[key].get("pipe", bb != 1)

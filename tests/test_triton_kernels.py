@@ -48,12 +48,13 @@ def test_gemv_matches_reference(B, n, m, stripe, dtype):
            f"B={B} n={n} m={m} s={stripe} {dtype}")
 
 
-@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("B", [1, 3, 20])
 @pytest.mark.parametrize("cfg", [dict(block_m=16, block_n=16, max_split=2), dict(block_m=32, block_n=32, pipe=True),
                                  dict(block_m=16, block_n=16, max_split=1, pipe=True), dict(block_n=64, waves=64)],
                          ids=["multi-iter", "pipe", "pipe-nosplit", "one-shot"])
 def test_gemv_tile_configs(cfg, B):
-    """Loops of several blocks per program, the pipelined loop, one-shot tiles: same results."""
+    """Loops of several blocks per program, the pipelined loop (one token, and batch blocks: B = 20 is a full and a
+    partial block of 16), one-shot tiles: same results."""
     n, m, stripe = 200, 96, 32
     x, wt, mean, thr, bias = _inputs(B, n, m, stripe, torch.bfloat16, seed=17 + B)
     c = G.gemv_config(B, n, m, stripe, x.device, **cfg)

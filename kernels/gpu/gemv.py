@@ -14,7 +14,9 @@ epilogue: + folded bias, optional activation and unit mask (the FFN gate), optio
 
 Batches: BLOCK_B = 1 for one token (fp32 FMA reduction), 16 otherwise (tensor-core dot; x - x̄ is split
 into bf16 hi + lo parts so the product keeps fp32-level accuracy). Any batch size is correct: the
-grid has one batch block per 16 tokens and each block takes the union of its own tokens' masks.
+grid has one batch block per 16 tokens and each block takes the union of its own tokens' masks. Both loops can
+run software-pipelined (config `pipe`: the next block's masks and weight rows in flight while the current one is
+reduced); a batch block's loop is by default.
 """
 from __future__ import annotations
 
@@ -236,6 +238,54 @@ def _load_rows(WT, rows, cols, M, on, cmask, EVEN_M: tl.constexpr):
 
 
 @triton.jit
+def _batch_block(X, WT, MEANR, THRR, bs, bmask, n0, n_hi, cols, cmask, M, stride_xb, BLOCK_N: tl.constexpr,
+                 MASK_MODE: tl.constexpr, EVEN_M: tl.constexpr):
+    """One block of BLOCK_N inputs of a batch block: (the tokens' x - x̄ where their pair is on, else 0;
+    the weight rows on for some token of the block, the union: a row no token uses is never loaded)."""
+    rows = n0 + tl.arange(0, BLOCK_N)
+    nmask = rows < n_hi
+    xm = bmask[:, None] & nmask[None, :]
+    x = tl.load(X + bs[:, None] * stride_xb + rows[None, :], mask=xm, other=0.0).to(tl.float32)
+    if MASK_MODE == 0:
+        mu = tl.load(MEANR + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
+        t = tl.load(THRR + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
+        xc = x - mu[None, :]
+        g = ((tl.abs(xc) >= t[None, :]) | (xc != xc)) & xm
+    elif MASK_MODE == 1:
+        xc = x
+        g = x != 0.0
+    else:
+        xc = x
+        g = xm
+    xc = tl.where(g, xc, 0.0)
+    on = tl.max(g.to(tl.int32), axis=0) > 0      # union over this block's tokens
+    wmask = on[:, None]
+    if not EVEN_M:
+        wmask = wmask & cmask[None, :]
+    w = tl.load(WT + rows.to(tl.int64)[:, None] * M + cols[None, :], mask=wmask, other=0.0,
+                eviction_policy=EVICT_W)
+    return xc, w
+
+
+@triton.jit
+def _batch_dot(xc, w, acc, DOT_F32: tl.constexpr):
+    """acc + xc @ w with fp32-level accuracy: x - x̄ split into hi + lo parts in w's dtype (tensor cores), or
+    fp32 products (fp32 weights, or the CPU interpreter, whose bf16 dot is unusable)."""
+    if DOT_F32:
+        hi = xc.to(w.dtype).to(tl.float32)
+        lo = (xc - hi).to(w.dtype).to(tl.float32)
+        wf = w.to(tl.float32)
+        acc += tl.dot(hi, wf, input_precision="ieee")
+        acc += tl.dot(lo, wf, input_precision="ieee")
+    else:
+        hi = xc.to(w.dtype)
+        lo = (xc - hi.to(tl.float32)).to(w.dtype)
+        acc = tl.dot(hi, w, acc)
+        acc = tl.dot(lo, w, acc)
+    return acc
+
+
+@triton.jit
 def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
                 B, N, M, STRIPE, CHUNK_N,
                 stride_xb, stride_mk, stride_rb, stride_yb, eps,
@@ -280,7 +330,7 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
                 tl.store(XOUT + offs, xf, mask=offs < N)
     elif NORM:                                           # (one token only) fused RMSNorm of x
         rstd = _rstd(X, N, eps, NB)
-    if PIPE:                                             # (one token only)
+    if PIPE and BLOCK_B == 1:
         # two-stage software pipeline: the next block's mask and weight loads are in flight while the
         # current block is multiplied, so a program waits about one memory round trip per block, not two
         xc, on = _mask_x(x0, rows, n_hi, mu, t, nw, rstd, MASK_MODE, NORM)
@@ -313,41 +363,22 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
                 nact += tl.sum(on.to(tl.int32), axis=0)
             mu, t, nw = _mask_pre(MEAN + r * stride_mk, THR + r * N, rows + BLOCK_N, n_hi, MASK_MODE, NW, NORM)
             acc += tl.sum(xc[:, None] * w.to(tl.float32), axis=0)[None, :]
+    elif PIPE:   # a batch block, pipelined as above: the next block's x, masks and weight rows are in flight while
+        # the current block goes through the tensor cores
+        xc, w = _batch_block(X, WT, MEAN + r * stride_mk, THR + r * N, bs, bmask, n_lo, n_hi, cols, cmask, M,
+                             stride_xb, BLOCK_N, MASK_MODE, EVEN_M)
+        for n0 in range(n_lo + BLOCK_N, n_hi, BLOCK_N):
+            xc2, w2 = _batch_block(X, WT, MEAN + r * stride_mk, THR + r * N, bs, bmask, n0, n_hi, cols, cmask, M,
+                                   stride_xb, BLOCK_N, MASK_MODE, EVEN_M)
+            acc = _batch_dot(xc, w, acc, DOT_F32)
+            xc = xc2
+            w = w2
+        acc = _batch_dot(xc, w, acc, DOT_F32)
     else:
         for n0 in range(n_lo, n_hi, BLOCK_N):
-            rows = n0 + tl.arange(0, BLOCK_N)
-            nmask = rows < n_hi
-            xm = bmask[:, None] & nmask[None, :]
-            x = tl.load(X + bs[:, None] * stride_xb + rows[None, :], mask=xm, other=0.0).to(tl.float32)
-            if MASK_MODE == 0:
-                mu = tl.load(MEAN + r * stride_mk + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
-                t = tl.load(THR + r * N + rows, mask=nmask, other=0.0, eviction_policy="evict_last")
-                xc = x - mu[None, :]
-                g = ((tl.abs(xc) >= t[None, :]) | (xc != xc)) & xm
-            elif MASK_MODE == 1:
-                xc = x
-                g = x != 0.0
-            else:
-                xc = x
-                g = xm
-            xc = tl.where(g, xc, 0.0)
-            on = tl.max(g.to(tl.int32), axis=0) > 0      # union over this block's tokens
-            wmask = on[:, None]
-            if not EVEN_M:
-                wmask = wmask & cmask[None, :]
-            w = tl.load(WT + rows.to(tl.int64)[:, None] * M + cols[None, :], mask=wmask, other=0.0,
-                        eviction_policy=EVICT_W)
-            if DOT_F32:   # fp32 weights, or the CPU interpreter (whose bf16 dot is unusable)
-                hi = xc.to(w.dtype).to(tl.float32)
-                lo = (xc - hi).to(w.dtype).to(tl.float32)
-                wf = w.to(tl.float32)
-                acc += tl.dot(hi, wf, input_precision="ieee")
-                acc += tl.dot(lo, wf, input_precision="ieee")
-            else:
-                hi = xc.to(w.dtype)
-                lo = (xc - hi.to(tl.float32)).to(w.dtype)
-                acc = tl.dot(hi, w, acc)
-                acc = tl.dot(lo, w, acc)
+            xc, w = _batch_block(X, WT, MEAN + r * stride_mk, THR + r * N, bs, bmask, n0, n_hi, cols, cmask, M,
+                                 stride_xb, BLOCK_N, MASK_MODE, EVEN_M)
+            acc = _batch_dot(xc, w, acc, DOT_F32)
 
     if COUNT:   # (one token) weights read: this chunk's active inputs x this block's columns (every block of the
         # stripe has the same mask, so the blocks of a stripe add up to its rows)
@@ -526,17 +557,30 @@ TUNED: dict = {
     (2048, 3072, 1): dict(waves=8, max_split=128),
     (3072, 5120, 1): dict(waves=4, max_split=128),   # Llama-3.2-3B q/k/v: decode step +2.7 % on an H100
     (4096, 6144, 1): dict(waves=4, max_split=128),   # Llama-3.1-8B q/k/v: +5.5 % (H100)
+    # shapes off the decode engine's one-token paths (its FFNs run in one launch), from the kernel table's sweep
+    # on an H100 (experiments/results/gpu_h100_2026-12-05_night/kernels/): at least 5 % faster than the defaults
+    (2048, 8192, 1): dict(waves=8, max_split=128),   # 1B gate/up: -9.4 %
+    (8192, 3072, 1): dict(waves=8, max_split=128),   # 3B down: -7.9 %
+    (14336, 4096, 1): dict(waves=8, max_split=128),  # 8B down: -21.6 %
+    # batch tiles (2-16 tokens, BLOCK_B 16): the least total time over 2/4/8/16 tokens in the H100 sweep of
+    # experiments/bench/gpu_batch_tiles.py (experiments/results/gpu_h100_2026-12-05_night/). Against the pipelined
+    # default tiles: 2048x2048 -11 to -12 %, 2048x3072 -17 to -22 %, 2048x8192 -10 to -19 %, 8192x2048 -24 to -31 %
+    (2048, 2048, 16): dict(block_n=64),
+    (2048, 3072, 16): dict(block_n=64, waves=4, max_split=128),
+    (2048, 8192, 16): dict(block_m=128, waves=8, max_split=128),
+    (8192, 2048, 16): dict(waves=8, max_split=128),
 }
 
 
 def gemv_config(B: int, n: int, m: int, stripe: int, device: torch.device, **overrides) -> dict:
     """Tile sizes and split-K: enough one-shot tiles to fill the GPU `waves` times (memory-bound),
     each program reading at most CHUNK_N inputs. Overrides: block_m, block_n, waves, max_split,
-    num_warps, num_stages; `TUNED[(n, m, BLOCK_B)]` supplies them when the caller gives none."""
+    num_warps, num_stages, pipe; `TUNED[(n, m, BLOCK_B)]` supplies them when the caller gives none."""
     bb = 1 if B == 1 else 16
-    # defaults: the best tiles of the H100 sweep (experiments/results/gpu_kernels.md)
+    # defaults: the best tiles of the H100 sweep (experiments/results/gpu_kernels.md); a batch block's loop is
+    # pipelined (on every 1B shape of the batch sweep, 2-16 tokens, 5-19 % faster than without)
     p = dict(block_m=64, block_n=256 if bb == 1 else 32, waves=2.0, max_split=64, num_warps=4, num_stages=2,
-             pipe=False)
+             pipe=bb != 1)
     p.update(TUNED.get((n, m, bb), {}) if not overrides else {})
     p.update(overrides)
     bm = _block_m(stripe, m, p["block_m"])
@@ -548,7 +592,7 @@ def gemv_config(B: int, n: int, m: int, stripe: int, device: torch.device, **ove
     chunk = triton.cdiv(triton.cdiv(n, split), bn) * bn
     split = triton.cdiv(n, chunk)
     return dict(BLOCK_B=bb, BLOCK_M=bm, BLOCK_N=bn, SPLIT=split, CHUNK_N=chunk, grid=(grid_m, split, nb),
-                num_warps=p["num_warps"], num_stages=p["num_stages"], pipe=bool(p["pipe"]) and bb == 1)
+                num_warps=p["num_warps"], num_stages=p["num_stages"], pipe=bool(p["pipe"]))
 
 
 def check_args(x, wt, mean, thr, stripe: int, mask_mode: int, act, out_dtype, bias=None, unit_thr=None):

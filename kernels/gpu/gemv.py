@@ -558,7 +558,9 @@ TUNED: dict = {
     (3072, 5120, 1): dict(waves=4, max_split=128),   # Llama-3.2-3B q/k/v: decode step +2.7 % on an H100
     (4096, 6144, 1): dict(waves=4, max_split=128),   # Llama-3.1-8B q/k/v: +5.5 % (H100)
     # shapes off the decode engine's one-token paths (its FFNs run in one launch), from the kernel table's sweep
-    # on an H100 (experiments/results/gpu_h100_2026-12-05_night/kernels/): at least 5 % faster than the defaults
+    # on an H100 (experiments/results/gpu_h100_2026-12-05_night/kernels/): at least 5 % faster than the defaults.
+    # One token of these shapes runs the compacted kernel by default (gemv_compact.TUNED_COMPACT); the entries serve
+    # this kernel where it runs instead (compact=False, CWIC_GEMV_COMPACT=0, the kernel table's rows)
     (2048, 8192, 1): dict(waves=8, max_split=128),   # 1B gate/up: -9.4 %
     (8192, 3072, 1): dict(waves=8, max_split=128),   # 3B down: -7.9 %
     (14336, 4096, 1): dict(waves=8, max_split=128),  # 8B down: -21.6 %

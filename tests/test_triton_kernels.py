@@ -50,16 +50,42 @@ def test_gemv_matches_reference(B, n, m, stripe, dtype):
 
 @pytest.mark.parametrize("B", [1, 3, 20])
 @pytest.mark.parametrize("cfg", [dict(block_m=16, block_n=16, max_split=2), dict(block_m=32, block_n=32, pipe=True),
-                                 dict(block_m=16, block_n=16, max_split=1, pipe=True), dict(block_n=64, waves=64)],
-                         ids=["multi-iter", "pipe", "pipe-nosplit", "one-shot"])
+                                 dict(block_m=16, block_n=16, max_split=1, pipe=True), dict(block_n=64, waves=64),
+                                 dict(block_m=32, block_n=32, pipe=True, dense_w=False),
+                                 dict(block_m=16, block_n=16, num_stages=3, pipe=False, dense_w=True)],
+                         ids=["multi-iter", "pipe", "pipe-nosplit", "one-shot", "pipe-union", "dense-stages3"])
 def test_gemv_tile_configs(cfg, B):
     """Loops of several blocks per program, the pipelined loop (one token, and batch blocks: B = 20 is a full and a
-    partial block of 16), one-shot tiles: same results."""
+    partial block of 16, read densely by default, or their union), one-shot tiles: same results."""
     n, m, stripe = 200, 96, 32
     x, wt, mean, thr, bias = _inputs(B, n, m, stripe, torch.bfloat16, seed=17 + B)
     c = G.gemv_config(B, n, m, stripe, x.device, **cfg)
     y = G.gemv_ex(x, wt, mean, thr, bias, stripe, config=c)
     _check(y, _gold(x, wt, mean, thr, bias, stripe), ref.gemv_reference(x, wt, mean, thr, bias, stripe), str(cfg))
+
+
+@pytest.mark.parametrize("B", [3, 20])
+@pytest.mark.parametrize("pipe", [True, False])
+def test_gemv_batch_dense_weight_reads_give_the_same_product(pipe, B):
+    """dense_w (a batch block reads every weight row, the masks applied to x alone) gives the bits of the union-masked
+    reads for finite weights, pipelined or not, in a full and a partial 16-token block, bf16 and fp32."""
+    n, m, stripe = 200, 96, 32
+    for dtype in (torch.bfloat16, torch.float32):
+        x, wt, mean, thr, bias = _inputs(B, n, m, stripe, dtype, density=0.3, seed=23 + B)
+        cfg = dict(block_m=32, block_n=32, max_split=2, pipe=pipe)
+        u = G.gemv_config(B, n, m, stripe, x.device, dense_w=False, **cfg)
+        assert not u["dense_w"]
+        want = G.gemv_ex(x, wt, mean, thr, bias, stripe, config=u)
+        c = G.gemv_config(B, n, m, stripe, x.device, dense_w=True, **cfg)
+        assert c["dense_w"]
+        y = G.gemv_ex(x, wt, mean, thr, bias, stripe, config=c)
+        assert torch.equal(y, want), (dtype, pipe, B)
+        _check(y, _gold(x, wt, mean, thr, bias, stripe), ref.gemv_reference(x, wt, mean, thr, bias, stripe),
+               f"dense_w {dtype}")
+    assert not G.gemv_config(1, n, m, stripe, x.device, dense_w=True)["dense_w"]   # one token: never
+    # the default: union reads below DENSE_W_FROM tokens, dense reads from there on
+    sizes = (1, 2, G.DENSE_W_FROM - 1, G.DENSE_W_FROM, 16, 40)
+    assert [G.gemv_config(b, n, m, stripe, x.device)["dense_w"] for b in sizes] == [False] * 3 + [True] * 3
 
 
 @pytest.mark.parametrize("B", [1, 5])

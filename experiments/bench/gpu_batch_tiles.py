@@ -9,7 +9,8 @@ BLOCK_B = 16) is timed against dense `F.linear` (cuBLAS) and against the per-str
 call reading its weights from HBM (copies cycled inside one CUDA graph). A (stripe, input) row is read when some
 token of the batch uses it, so the "union density" is what the kernel must read.
 
-"current" is what `gemv_ex` runs now (the shape's `gemv.TUNED` entry, else the defaults); the others override it.
+"current" is what `gemv_ex` runs now: below `gemv.DENSE_W_FROM` tokens the union reads (the shape's `gemv.TUNED`
+entry, else the defaults), from there on every weight row read (`dense_w`); the others override it.
 It prints, per shape, one row a configuration (µs at each batch size), the best configuration of each batch size,
 and the configuration with the least total time over the batch sizes (the one a `gemv.TUNED[(n, m, 16)]` entry can
 name, since the entry covers every batch of 2–16 tokens). The LAST line is one JSON object.
@@ -27,21 +28,31 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from experiments.bench import gpu_kernels as K  # noqa: E402
 
-CONFIGS = {  # name -> gemv_config overrides (the batch kernel's tiles); "current": none, i.e. what gemv_ex runs (the
-    # `gemv.TUNED` entry of the shape, else the defaults)
+CONFIGS = {  # name -> gemv_config overrides (the batch kernel's tiles); "current": none, i.e. what gemv_ex runs (below
+    # gemv.DENSE_W_FROM tokens the union reads with the shape's `gemv.TUNED` entry, else the defaults; from there on the
+    # dense reads); the others name their mode (dense_w)
     "current": {},
-    "nopipe": dict(pipe=False),
-    "pipe": dict(pipe=True),
-    "bn64": dict(block_n=64),
-    "bn64_pipe": dict(block_n=64, pipe=True),
-    "w8": dict(waves=8, max_split=128),
-    "w8_pipe": dict(waves=8, max_split=128, pipe=True),
-    "w8_bn64_pipe": dict(waves=8, max_split=128, block_n=64, pipe=True),
-    "w4_bn64_pipe": dict(waves=4, max_split=128, block_n=64, pipe=True),
-    "bm128_w8_pipe": dict(block_m=128, waves=8, max_split=128, pipe=True),
-    "w8_pipe_nw8": dict(waves=8, max_split=128, pipe=True, num_warps=8),
-    "w16_pipe": dict(waves=16, max_split=128, pipe=True),
-    "bm32_w8_pipe": dict(block_m=32, waves=8, max_split=128, pipe=True),
+    "nopipe": dict(pipe=False, dense_w=False),
+    "pipe": dict(pipe=True, dense_w=False),
+    "bn64": dict(block_n=64, dense_w=False),
+    "bn64_pipe": dict(block_n=64, pipe=True, dense_w=False),
+    "w8": dict(waves=8, max_split=128, dense_w=False),
+    "w8_pipe": dict(waves=8, max_split=128, pipe=True, dense_w=False),
+    "w8_bn64_pipe": dict(waves=8, max_split=128, block_n=64, pipe=True, dense_w=False),
+    "w4_bn64_pipe": dict(waves=4, max_split=128, block_n=64, pipe=True, dense_w=False),
+    "bm128_w8_pipe": dict(block_m=128, waves=8, max_split=128, pipe=True, dense_w=False),
+    "w8_pipe_nw8": dict(waves=8, max_split=128, pipe=True, num_warps=8, dense_w=False),
+    "w16_pipe": dict(waves=16, max_split=128, pipe=True, dense_w=False),
+    "bm32_w8_pipe": dict(block_m=32, waves=8, max_split=128, pipe=True, dense_w=False),
+    # every weight row read (`dense_w`: the masks on x alone), so the compiler can pipeline the weight loads
+    # (dense_bn64_s3: the defaults of the dense reads)
+    "dense": dict(dense_w=True, pipe=False, block_n=32, num_stages=2),
+    "dense_s3": dict(dense_w=True, pipe=False, block_n=32, num_stages=3),
+    "dense_pipe": dict(dense_w=True, pipe=True, block_n=32, num_stages=2),
+    "dense_w8_s3": dict(dense_w=True, pipe=False, block_n=32, num_stages=3, waves=8, max_split=128),
+    "dense_bn64_s3": dict(dense_w=True, pipe=False, block_n=64, num_stages=3),
+    "dense_bm128_w8_s3": dict(dense_w=True, pipe=False, block_n=32, num_stages=3, block_m=128, waves=8,
+                              max_split=128),
 }
 SHAPES = ["2048x2048", "2048x512", "2048x3072", "2048x8192", "8192x2048"]
 BATCHES = [2, 4, 8, 16]

@@ -16,7 +16,10 @@ Batches: BLOCK_B = 1 for one token (fp32 FMA reduction), 16 otherwise (tensor-co
 into bf16 hi + lo parts so the product keeps fp32-level accuracy). Any batch size is correct: the
 grid has one batch block per 16 tokens and each block takes the union of its own tokens' masks. Both loops can
 run software-pipelined (config `pipe`: the next block's masks and weight rows in flight while the current one is
-reduced); a batch block's loop is by default.
+reduced); a batch block's loop is by default. From `DENSE_W_FROM` tokens on (config `dense_w`), a batch block reads
+every weight row instead and applies the masks to x alone: the same product, with weight loads that do not wait
+for the masks, which the compiler pipelines; at 3x APR such a union reads most rows anyway, and the dense reads
+were faster on an H100.
 """
 from __future__ import annotations
 
@@ -239,9 +242,12 @@ def _load_rows(WT, rows, cols, M, on, cmask, EVEN_M: tl.constexpr):
 
 @triton.jit
 def _batch_block(X, WT, MEANR, THRR, bs, bmask, n0, n_hi, cols, cmask, M, stride_xb, BLOCK_N: tl.constexpr,
-                 MASK_MODE: tl.constexpr, EVEN_M: tl.constexpr):
+                 MASK_MODE: tl.constexpr, EVEN_M: tl.constexpr, DENSE_W: tl.constexpr = False):
     """One block of BLOCK_N inputs of a batch block: (the tokens' x - x̄ where their pair is on, else 0;
-    the weight rows on for some token of the block, the union: a row no token uses is never loaded)."""
+    the weight rows on for some token of the block, the union: a row no token uses is never loaded).
+    DENSE_W: every row of the block is loaded, so the weight loads do not wait for the masks and the compiler can
+    pipeline them; for batches whose union reads nearly every row anyway. The product is the same for finite
+    weights (an off pair's x is 0); a non-finite weight in a row no token uses then reaches the output as NaN."""
     rows = n0 + tl.arange(0, BLOCK_N)
     nmask = rows < n_hi
     xm = bmask[:, None] & nmask[None, :]
@@ -258,10 +264,13 @@ def _batch_block(X, WT, MEANR, THRR, bs, bmask, n0, n_hi, cols, cmask, M, stride
         xc = x
         g = xm
     xc = tl.where(g, xc, 0.0)
-    on = tl.max(g.to(tl.int32), axis=0) > 0      # union over this block's tokens
-    wmask = on[:, None]
-    if not EVEN_M:
-        wmask = wmask & cmask[None, :]
+    if DENSE_W:
+        wmask = nmask[:, None] & cmask[None, :]
+    else:
+        on = tl.max(g.to(tl.int32), axis=0) > 0      # union over this block's tokens
+        wmask = on[:, None]
+        if not EVEN_M:
+            wmask = wmask & cmask[None, :]
     w = tl.load(WT + rows.to(tl.int64)[:, None] * M + cols[None, :], mask=wmask, other=0.0,
                 eviction_policy=EVICT_W)
     return xc, w
@@ -294,6 +303,7 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
                 SPLIT: tl.constexpr, MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_RES: tl.constexpr, ACT: tl.constexpr, EVEN_M: tl.constexpr,
                 DOT_F32: tl.constexpr, PIPE: tl.constexpr, NORM: tl.constexpr, NB: tl.constexpr,
+                DENSE_W: tl.constexpr = False,
                 USE_PDL: tl.constexpr = False, ROPE: tl.constexpr = False, ACC_OUT: tl.constexpr = False,
                 XACC=None, XOUT=None, X_ACC: tl.constexpr = False, X_OUT: tl.constexpr = False,
                 NREAD=None, COUNT: tl.constexpr = False):
@@ -366,10 +376,10 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
     elif PIPE:   # a batch block, pipelined as above: the next block's x, masks and weight rows are in flight while
         # the current block goes through the tensor cores
         xc, w = _batch_block(X, WT, MEAN + r * stride_mk, THR + r * N, bs, bmask, n_lo, n_hi, cols, cmask, M,
-                             stride_xb, BLOCK_N, MASK_MODE, EVEN_M)
+                             stride_xb, BLOCK_N, MASK_MODE, EVEN_M, DENSE_W)
         for n0 in range(n_lo + BLOCK_N, n_hi, BLOCK_N):
             xc2, w2 = _batch_block(X, WT, MEAN + r * stride_mk, THR + r * N, bs, bmask, n0, n_hi, cols, cmask, M,
-                                   stride_xb, BLOCK_N, MASK_MODE, EVEN_M)
+                                   stride_xb, BLOCK_N, MASK_MODE, EVEN_M, DENSE_W)
             acc = _batch_dot(xc, w, acc, DOT_F32)
             xc = xc2
             w = w2
@@ -377,7 +387,7 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
     else:
         for n0 in range(n_lo, n_hi, BLOCK_N):
             xc, w = _batch_block(X, WT, MEAN + r * stride_mk, THR + r * N, bs, bmask, n0, n_hi, cols, cmask, M,
-                                 stride_xb, BLOCK_N, MASK_MODE, EVEN_M)
+                                 stride_xb, BLOCK_N, MASK_MODE, EVEN_M, DENSE_W)
             acc = _batch_dot(xc, w, acc, DOT_F32)
 
     if COUNT:   # (one token) weights read: this chunk's active inputs x this block's columns (every block of the
@@ -564,9 +574,10 @@ TUNED: dict = {
     (2048, 8192, 1): dict(waves=8, max_split=128),   # 1B gate/up: -9.4 %
     (8192, 3072, 1): dict(waves=8, max_split=128),   # 3B down: -7.9 %
     (14336, 4096, 1): dict(waves=8, max_split=128),  # 8B down: -21.6 %
-    # batch tiles (2-16 tokens, BLOCK_B 16): the least total time over 2/4/8/16 tokens in the H100 sweep of
-    # experiments/bench/gpu_batch_tiles.py (experiments/results/gpu_h100_2026-12-05_night/). Against the pipelined
-    # default tiles: 2048x2048 -11 to -12 %, 2048x3072 -17 to -22 %, 2048x8192 -10 to -19 %, 8192x2048 -24 to -31 %
+    # batch tiles of the union-skipping reads (BLOCK_B 16; by default 2-3 tokens, `DENSE_W_FROM`): the least total
+    # time over 2/4/8/16 tokens in the H100 sweep of experiments/bench/gpu_batch_tiles.py
+    # (experiments/results/gpu_h100_2026-12-05_night/batch_tiles/). Against the pipelined default tiles: 2048x2048
+    # -11 to -12 %, 2048x3072 -17 to -22 %, 2048x8192 -10 to -19 %, 8192x2048 -24 to -31 %
     (2048, 2048, 16): dict(block_n=64),
     (2048, 3072, 16): dict(block_n=64, waves=4, max_split=128),
     (2048, 8192, 16): dict(block_m=128, waves=8, max_split=128),
@@ -574,17 +585,33 @@ TUNED: dict = {
 }
 
 
+# From this many tokens on, a batch block reads every weight row (`dense_w`) instead of the union of its tokens' rows.
+# On an H100 (1B shapes, 66 % per-token sparsity, independent tokens) the dense reads, pipelined by the compiler,
+# took 0.61-0.94 of the union reads' time at 4-16 tokens, where the union already reads 78-99 % of the rows
+# (experiments/results/gpu_h100_2026-12-05_night/batch_dense/). Fewer tokens keep skipping what all of them skip:
+# they were faster read densely in that sweep too (0.71-0.97 of the time at 2 tokens), but their union is smaller
+# where the tokens share their sparsity (higher APR, real text), and skipping is what this path is for
+DENSE_W_FROM = 4
+
+
 def gemv_config(B: int, n: int, m: int, stripe: int, device: torch.device, **overrides) -> dict:
     """Tile sizes and split-K: enough one-shot tiles to fill the GPU `waves` times (memory-bound),
     each program reading at most CHUNK_N inputs. Overrides: block_m, block_n, waves, max_split,
-    num_warps, num_stages, pipe; `TUNED[(n, m, BLOCK_B)]` supplies them when the caller gives none."""
+    num_warps, num_stages, pipe, dense_w (batch blocks: read every weight row, `_batch_block`; default from
+    `DENSE_W_FROM` tokens on); `TUNED[(n, m, BLOCK_B)]` supplies them when the caller gives none (one token, or a
+    batch that skips its union)."""
     bb = 1 if B == 1 else 16
-    # defaults: the best tiles of the H100 sweep (experiments/results/gpu_kernels.md); a batch block's loop is
-    # pipelined (on every 1B shape of the batch sweep, 2-16 tokens, 5-19 % faster than without)
-    p = dict(block_m=64, block_n=256 if bb == 1 else 32, waves=2.0, max_split=64, num_warps=4, num_stages=2,
-             pipe=bb != 1)
-    p.update(TUNED.get((n, m, bb), {}) if not overrides else {})
+    dense_w = bb != 1 and bool(overrides.get("dense_w", B >= DENSE_W_FROM))
+    if dense_w:   # the best tiles of the H100 sweep on every 1B shape but 2048x512 (there 1-2 % behind the best)
+        p = dict(block_m=64, block_n=64, waves=2.0, max_split=64, num_warps=4, num_stages=3, pipe=False)
+    else:
+        # defaults: the best tiles of the H100 sweep (experiments/results/gpu_kernels.md); a batch block's loop is
+        # pipelined (on every 1B shape of the batch sweep, 2-16 tokens, 5-19 % faster than without)
+        p = dict(block_m=64, block_n=256 if bb == 1 else 32, waves=2.0, max_split=64, num_warps=4, num_stages=2,
+                 pipe=bb != 1)
+        p.update(TUNED.get((n, m, bb), {}) if not overrides else {})
     p.update(overrides)
+    p["dense_w"] = dense_w
     bm = _block_m(stripe, m, p["block_m"])
     bn = p["block_n"]
     grid_m = triton.cdiv(m, bm)
@@ -594,7 +621,7 @@ def gemv_config(B: int, n: int, m: int, stripe: int, device: torch.device, **ove
     chunk = triton.cdiv(triton.cdiv(n, split), bn) * bn
     split = triton.cdiv(n, chunk)
     return dict(BLOCK_B=bb, BLOCK_M=bm, BLOCK_N=bn, SPLIT=split, CHUNK_N=chunk, grid=(grid_m, split, nb),
-                num_warps=p["num_warps"], num_stages=p["num_stages"], pipe=bool(p["pipe"]))
+                num_warps=p["num_warps"], num_stages=p["num_stages"], pipe=bool(p["pipe"]), dense_w=dense_w)
 
 
 def check_args(x, wt, mean, thr, stripe: int, mask_mode: int, act, out_dtype, bias=None, unit_thr=None):
@@ -746,6 +773,7 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
         MASK_MODE=mask_mode, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         ACT=act_code(act, x.dtype), EVEN_M=(m % cfg["BLOCK_M"] == 0),
         DOT_F32=(INTERPRET or wt.dtype == torch.float32), PIPE=cfg.get("pipe", False),
+        DENSE_W=cfg.get("dense_w", False) and cfg["BLOCK_B"] != 1,
         NORM=norm_w is not None, NB=triton.next_power_of_2(n), ROPE=rope is not None, ACC_OUT=acc_out is not None,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **pdl_args(x.device),
         XACC=x_acc if x_acc is not None else x, XOUT=x_out if x_out is not None else x,

@@ -9,7 +9,7 @@ ARGS     ?=
 NO_ARGS   = @if [ -n "$(ARGS)" ]; then echo "$@: pass KERNEL_ARGS= and DECODE_ARGS=, not ARGS="; exit 2; fi
 
 .PHONY: setup test test-slow test-triton test-asan train smoke sweep-apr eval teal reproduce-mini \
-        bench-cpu bench-gpu tune-gpu cost-model-cpu cost-model-gpu chat analyses gpu-bundle clean
+        bench-cpu bench-gpu tune-gpu tune-batch-gpu cost-model-cpu cost-model-gpu chat analyses gpu-bundle clean
 
 setup: $(STAMP)
 
@@ -72,6 +72,9 @@ bench-gpu:                      ## on a CUDA machine with torch + triton install
 
 tune-gpu:                       ## on a CUDA machine: tile variants timed as the whole decode step (ARGS="--groups ffn")
 	$(PY) experiments/bench/gpu_tune_decode.py $(ARGS)
+
+tune-batch-gpu:                 ## on a CUDA machine: the small-batch GEMV's tiles and read modes at 2-16 tokens (ARGS=)
+	$(PY) experiments/bench/gpu_batch_tiles.py $(ARGS)
 
 cost-model-cpu: setup           ## CPU decode time = fixed part + bytes / rate, by part (ARGS="--model llama1b ...")
 	$(BIN)/python -m experiments.bench.cpu_cost_model $(ARGS)

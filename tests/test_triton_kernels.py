@@ -66,7 +66,7 @@ def test_gemv_tile_configs(cfg, B):
 
 @pytest.mark.parametrize("B", [3, 20])
 @pytest.mark.parametrize("pipe", [True, False])
-def test_gemv_batch_dense_weight_reads_give_the_same_product(pipe, B):
+def test_gemv_batch_dense_weight_reads_give_the_same_product(pipe, B, monkeypatch):
     """dense_w (a batch block reads every weight row, the masks applied to x alone) gives the bits of the union-masked
     reads for finite weights, pipelined or not, in a full and a partial 16-token block, bf16 and fp32."""
     n, m, stripe = 200, 96, 32
@@ -83,9 +83,12 @@ def test_gemv_batch_dense_weight_reads_give_the_same_product(pipe, B):
         _check(y, _gold(x, wt, mean, thr, bias, stripe), ref.gemv_reference(x, wt, mean, thr, bias, stripe),
                f"dense_w {dtype}")
     assert not G.gemv_config(1, n, m, stripe, x.device, dense_w=True)["dense_w"]   # one token: never
-    # the default: union reads below DENSE_W_FROM tokens, dense reads from there on
-    sizes = (1, 2, G.DENSE_W_FROM - 1, G.DENSE_W_FROM, 16, 40)
+    # the default: union reads below DENSE_W_FROM tokens, dense reads from there on; 0: never
+    monkeypatch.setattr(G, "DENSE_W_FROM", 4)
+    sizes = (1, 2, 3, 4, 16, 40)
     assert [G.gemv_config(b, n, m, stripe, x.device)["dense_w"] for b in sizes] == [False] * 3 + [True] * 3
+    monkeypatch.setattr(G, "DENSE_W_FROM", 0)
+    assert not any(G.gemv_config(b, n, m, stripe, x.device)["dense_w"] for b in sizes)
 
 
 @pytest.mark.parametrize("B", [1, 5])

@@ -585,13 +585,14 @@ TUNED: dict = {
 }
 
 
-# From this many tokens on, a batch block reads every weight row (`dense_w`) instead of the union of its tokens' rows.
-# On an H100 (1B shapes, 66 % per-token sparsity, independent tokens) the dense reads, pipelined by the compiler,
-# took 0.61-0.94 of the union reads' time at 4-16 tokens, where the union already reads 78-99 % of the rows
-# (experiments/results/gpu_h100_2026-12-05_night/batch_dense/). Fewer tokens keep skipping what all of them skip:
-# they were faster read densely in that sweep too (0.71-0.97 of the time at 2 tokens), but their union is smaller
-# where the tokens share their sparsity (higher APR, real text), and skipping is what this path is for
-DENSE_W_FROM = 4
+# From this many tokens on, a batch block reads every weight row (`dense_w`) instead of the union of its tokens' rows
+# (CWIC_DENSE_W_FROM=T; 0: never). On an H100 (1B shapes, 66 % per-token sparsity, independent random tokens) the
+# dense reads, pipelined by the compiler, took 0.61-0.94 of the union reads' time at 4-16 tokens, where that union
+# reads 78-99 % of the rows (experiments/results/gpu_h100_2026-12-05_night/batch_dense/). Real tokens share more of
+# their sparsity: on SmolLM2 at 3x APR, 4 consecutive tokens' union reads 64 % and 16 tokens' 87 %; at 6x APR 30 % and
+# 48 % (experiments/analyses/union_density.py, experiments/results/union_density_smollm2_2026-12-05/). So the default
+# suits about 3x APR; a sparser model gains from a larger value (or 0)
+DENSE_W_FROM = int(os.environ.get("CWIC_DENSE_W_FROM", "4"))
 
 
 def gemv_config(B: int, n: int, m: int, stripe: int, device: torch.device, **overrides) -> dict:
@@ -601,7 +602,7 @@ def gemv_config(B: int, n: int, m: int, stripe: int, device: torch.device, **ove
     `DENSE_W_FROM` tokens on); `TUNED[(n, m, BLOCK_B)]` supplies them when the caller gives none (one token, or a
     batch that skips its union)."""
     bb = 1 if B == 1 else 16
-    dense_w = bb != 1 and bool(overrides.get("dense_w", B >= DENSE_W_FROM))
+    dense_w = bb != 1 and bool(overrides.get("dense_w", 0 < DENSE_W_FROM <= B))
     if dense_w:   # the best tiles of the H100 sweep on every 1B shape but 2048x512 (there 1-2 % behind the best)
         p = dict(block_m=64, block_n=64, waves=2.0, max_split=64, num_warps=4, num_stages=3, pipe=False)
     else:

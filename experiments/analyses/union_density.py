@@ -37,18 +37,10 @@ for p in (ROOT, os.path.join(ROOT, "src"), os.path.dirname(os.path.abspath(__fil
     if p not in sys.path:
         sys.path.insert(0, p)
 
-
-def parse_list(s: str, conv, what: str) -> list:
-    try:
-        out = [conv(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        out = []
-    if not out:
-        raise SystemExit(f"{what}: a comma-separated list, got {s!r}")
-    return out
+from experiments.cli import parse_list  # noqa: E402
 
 
-class MaskRecorder:
+class TokenMasks:
     """Forward hooks that keep, for every CWIC matrix, each token's mask as a (tokens, pairs) bool matrix and the
     weights each pair stands for: (stripe, input) pairs of a CwicLinear (its stripe's rows), units of a gated FFN
     (its up row and down column). `take(keep)` collects the tokens where keep (T,) is true since the last call."""
@@ -162,7 +154,7 @@ def main(argv=None):
              "Share of the CWIC matrices' weights that B tokens read together.", ""]
     for apr in aprs:
         stats = calibrate_apr(model, calib_ids, apr, attention_mask=calib_mask) if apr is not None else None
-        rec = MaskRecorder(model)
+        rec = TokenMasks(model)
         with torch.no_grad():
             for ids in eval_seqs:
                 t = torch.tensor(ids)[None]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from experiments.bench import gpu_kernels as K  # noqa: E402
+from experiments.cli import parse_list  # noqa: E402
 
 CONFIGS = {  # name -> gemv_config overrides (the batch kernel's tiles); "current": none, i.e. what gemv_ex runs (below
     # gemv.DENSE_W_FROM tokens the union reads with the shape's `gemv.TUNED` entry, else the defaults; from there on the
@@ -56,16 +57,6 @@ CONFIGS = {  # name -> gemv_config overrides (the batch kernel's tiles); "curren
 }
 SHAPES = ["2048x2048", "2048x512", "2048x3072", "2048x8192", "8192x2048"]
 BATCHES = [2, 4, 8, 16]
-
-
-def parse_list(s: str, conv, what: str) -> list:
-    try:
-        out = [conv(v) for v in s.split(",") if v]
-    except ValueError:
-        out = []
-    if not out:
-        raise SystemExit(f"{what}: a comma-separated list, got {s!r}")
-    return out
 
 
 def shape_of(s: str) -> tuple:

@@ -53,6 +53,7 @@ def test_one_token_is_the_accountings_density_and_unions_grow_with_the_batch(tmp
     monkeypatch.setattr(D, "heldout_conversations", lambda *a, **k: convs)
     res = U.main(["--checkpoint", str(ckpt), "--batches", "1,2,4", "--max-len", "64", "--out", str(tmp_path / "o")])
     rows = res["aprs"]["trained"]["rows"]
+    assert res["stripe"] == 16                                   # the checkpoint's own, not the --stripe default
     model, tok = load_cwic(ckpt)
     act = tokens = 0.0
     for c in convs:

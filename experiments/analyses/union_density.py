@@ -142,6 +142,8 @@ def main(argv=None):
     model, calib_ids, calib_mask, eval_seqs, label = load(args)
     if args.checkpoint:
         aprs = [None]
+        args.stripe = next(m.stripe_size for m in cwic_exp.iter_cwic_modules(model)
+                           if isinstance(m, cwic_exp.CwicLinear) and m.kind != "head")   # its own (q's) stripe
     else:
         cwic_exp.to_cwic(model, stripe_size=args.stripe)
     model.eval()

@@ -46,15 +46,14 @@ class TokenMasks:
     (its up row and down column). `take(keep)` collects the tokens where keep (T,) is true since the last call."""
 
     def __init__(self, model):
+        from cwic_exp.modeling.functional import stripe_rows
         from cwic_exp.modeling.layers import CwicGatedMLP, CwicLinear
         from cwic_kernels.reference import granular_mask
         self.masks, self.weights, self._pending, self._hooks = {}, {}, {}, []
         for name, m in model.named_modules():
             if isinstance(m, CwicLinear):
-                k = m.num_stripes
-                rows = torch.full((k,), float(m.stripe_size))
-                rows[-1] = m.out_features - m.stripe_size * (k - 1)
-                self.weights[name] = rows[:, None].expand(k, m.in_features).reshape(-1)
+                rows = stripe_rows(m.out_features, m.stripe_size)
+                self.weights[name] = rows[:, None].expand(len(rows), m.in_features).reshape(-1)
 
                 def pre(mod, args, name=name):
                     x = args[0].reshape(-1, mod.in_features)

@@ -214,14 +214,21 @@ def sweep_configs(S: Shape, dev, sparsity=0.66):
     return sorted(out, key=lambda t: t[2])
 
 
+def batch_inputs(S: Shape, B: int, density: float, dev):
+    """One batch of B heavy-tailed tokens per weight copy (`make_inputs` at this per-token density), and the union
+    density: the share of the (stripe, input) pairs that some token of its batch uses, the rows a batched kernel
+    must read."""
+    x, mean, thr = make_inputs(S.n, S.m, S.copies * B, density, dev, 2)
+    xs = [x[i * B:(i + 1) * B] for i in range(S.copies)]
+    g = ((x.float() - mean).abs()[:, None, :] >= thr[None]).view(S.copies, B, thr.shape[0], S.n)
+    return xs, mean, thr, float(g.any(1).float().mean())
+
+
 def bench_batches(S: Shape, dev, sparsity=0.66, batches=(1, 2, 4, 8, 16)):
     from cwic_kernels.gpu import gemv as G
     rows = []
     for B in batches:
-        x, mean, thr = make_inputs(S.n, S.m, S.copies * B, 1.0 - sparsity, dev, 2)
-        xs = [x[i * B:(i + 1) * B] for i in range(S.copies)]
-        g = ((x.float() - mean).abs()[:, None, :] >= thr[None]).view(S.copies, B, thr.shape[0], S.n)
-        union = float(g.any(1).float().mean())
+        xs, mean, thr, union = batch_inputs(S, B, 1.0 - sparsity, dev)
         dense_us = time_graph([lambda i=i: F.linear(xs[i], S.W[i]) for i in range(S.copies)], 10, 3)
         us = time_graph([lambda i=i: G.gemv_ex(xs[i], S.WT[i], mean, thr, S.bias, STRIPE, compact=False)
                          for i in range(S.copies)], 10, 3)

@@ -774,7 +774,7 @@ def gemv_ex(x: torch.Tensor, wt: torch.Tensor, mean: torch.Tensor | None, thr: t
         MASK_MODE=mask_mode, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         ACT=act_code(act, x.dtype), EVEN_M=(m % cfg["BLOCK_M"] == 0),
         DOT_F32=(INTERPRET or wt.dtype == torch.float32), PIPE=cfg.get("pipe", False),
-        DENSE_W=cfg.get("dense_w", False) and cfg["BLOCK_B"] != 1,
+        DENSE_W=cfg.get("dense_w", False),
         NORM=norm_w is not None, NB=triton.next_power_of_2(n), ROPE=rope is not None, ACC_OUT=acc_out is not None,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **pdl_args(x.device),
         XACC=x_acc if x_acc is not None else x, XOUT=x_out if x_out is not None else x,

@@ -55,7 +55,7 @@ def test_gpu_batch_tiles_dry_run(tmp_path):
     """The small-batch tile sweep on tiny shapes on the CPU (Triton interpreter): every config timed at every batch
     size against dense and the prefill GEMMs; the least-total config is the one whose times sum the least."""
     r = subprocess.run([sys.executable, "experiments/bench/gpu_batch_tiles.py", "--dry-run", "--shapes", "64x96",
-                        "--batches", "2,5", "--configs", "current,nopipe,w8", "--out", str(tmp_path)],
+                        "--batches", "2,5", "--configs", "current,nopipe,w8", "--share", "0.5", "--out", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     res = strict_json(r.stdout.strip().splitlines()[-1])
@@ -69,7 +69,7 @@ def test_gpu_batch_tiles_dry_run(tmp_path):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--batches", "1,4"], "--batches"), (["--batches", "x"], "--batches"),
-    (["--configs", "current,bogus"], "--configs"), (["--shapes", "64by96"], "--shapes"),
+    (["--configs", "current,bogus"], "--configs"), (["--shapes", "64by96"], "--shapes"), (["--share", "2"], "--share"),
 ])
 def test_gpu_batch_tiles_checks_its_arguments_first(argv, needle):
     r = subprocess.run([sys.executable, "experiments/bench/gpu_batch_tiles.py", *argv], cwd=ROOT,
@@ -77,6 +77,34 @@ def test_gpu_batch_tiles_checks_its_arguments_first(argv, needle):
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(needle) and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_gpu_persistent_probe_checks_its_kernel_against_its_reference(monkeypatch):
+    """The persistent-kernel probe on a tiny model, CPU interpreter: one program runs every phase of two layers with
+    its grid-wide hand-offs, and each phase as its own launch over three programs; both match the probe's PyTorch
+    reference (which a wrong o bias misses by far), at density 0.5, nothing on and everything on, and write the
+    cache at pos."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    sys.path.insert(0, str(ROOT / "experiments" / "bench"))
+    try:
+        import gpu_persistent as P
+    finally:
+        sys.path.pop(0)
+    import torch
+    m = P.make_model("tiny", 2, 48, torch.device("cpu"))
+    for dens in (0.5, None, 1.0):
+        P.set_density(m, dens)
+        assert P.check(m, 40, phased=False, nprog=1) < 1e-5
+        assert P.check(m, 40, phased=True, nprog=3) < 1e-5
+    P.set_density(m, 0.5)
+    m["bo"] += 0.05                      # the reference sees another o bias than the kernel: caught
+    h = torch.randn(m["d"], generator=torch.Generator().manual_seed(7))
+    ref = P.reference(m, h, 40)
+    m["bo"] -= 0.05
+    st = P.Step(m, 40, nprog=1)
+    st.set_input(h)
+    st.run()
+    assert ((st.output() - ref).abs().max() / ref.abs().max()).item() > 1e-3
 
 
 def test_gpu_ffn_balance_dry_run():

@@ -77,6 +77,32 @@ def test_gpu_kernel_inputs_hit_the_target_density_in_every_stripe(K):
         assert (per_stripe - density).abs().max().item() < 0.02, (density, per_stripe)
 
 
+def test_tokens_sharing_their_sparsity_keep_a_tokens_density_and_shrink_the_union(K):
+    """make_inputs(share, group): a group's tokens take their common value for each input with probability `share`, so
+    one token still reads the target density while B tokens together read less than B independent ones (share 0); at
+    share 1 a group's tokens are the same token. A share outside [0, 1] or tokens that are not whole groups are
+    refused."""
+    from cwic_kernels.reference import granular_mask
+    n, m, B = 256, 2 * K.STRIPE, 4
+
+    def densities(share):
+        torch.manual_seed(0)
+        x, mean, thr = K.make_inputs(n, m, 64 * B, 0.34, CPU, seed=1, share=share, group=B)
+        g = granular_mask(x, mean, thr).view(64, B, -1, n)
+        return g.float().mean().item(), g.any(1).float().mean().item(), x
+
+    tok0, union0, _ = densities(0.0)
+    tok, union, _ = densities(0.55)
+    tok1, union1, x1 = densities(1.0)
+    assert abs(tok0 - 0.34) < 0.02 and abs(tok - 0.34) < 0.02 and abs(tok1 - 0.34) < 0.03
+    assert union1 == pytest.approx(tok1) and tok1 < union < union0 - 0.05     # independent tokens: 1 - 0.66^4 ≈ 0.81
+    assert torch.equal(x1.view(64, B, n)[:, 0], x1.view(64, B, n)[:, 3])
+    with pytest.raises(ValueError, match="share"):
+        K.make_inputs(n, m, 8, 0.34, CPU, share=1.5)
+    with pytest.raises(ValueError, match="groups"):
+        K.make_inputs(n, m, 6, 0.34, CPU, share=0.5, group=4)
+
+
 def test_measured_density_weights_each_stripe_by_its_rows_and_reads_ties_as_the_kernel_does(K):
     """measured_density is the fraction of the weights the kernel reads: a partial last stripe counts its own rows
     (not a full stripe's), and an input exactly at its threshold is read (granular_mask's rule, `not below`)."""

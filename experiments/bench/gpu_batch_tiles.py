@@ -64,14 +64,14 @@ def shape_of(s: str) -> tuple:
     return int(n), int(m)
 
 
-def bench(n: int, m: int, batches: list, configs: dict, dev, l2: int) -> dict:
+def bench(n: int, m: int, batches: list, configs: dict, dev, l2: int, share: float = 0.0) -> dict:
     """Times (µs a call) of dense, the prefill GEMMs and each config at each batch size, and the union densities."""
     from cwic_kernels.gpu import gemv as G
     from cwic_kernels.gpu.prefill import masked_gemm
     S = K.Shape(n, m, dev, l2)
     res = {"union": {}, "dense": {}, "gemm": {}, "configs": {c: {} for c in configs}, "grid": {}}
     for B in batches:
-        xs, mean, thr, res["union"][B] = K.batch_inputs(S, B, 0.34, dev)
+        xs, mean, thr, res["union"][B] = K.batch_inputs(S, B, 0.34, dev, share)
         res["dense"][B] = K.time_graph([lambda i=i: F.linear(xs[i], S.W[i]) for i in range(S.copies)], 10, 3)
         res["gemm"][B] = K.time_graph([lambda i=i: masked_gemm(xs[i], S.WT[i], mean, thr, S.bias, K.STRIPE)
                                        for i in range(S.copies)], 10, 3)
@@ -101,6 +101,10 @@ def main(argv=None):
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma list of NxM (inputs x outputs)")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma list of " + ",".join(CONFIGS))
+    ap.add_argument("--share", type=float, default=0.0,
+                    help="how much a batch's tokens share their sparsity: each input takes the batch's common value "
+                    "with this probability (0: independent tokens; real neighbouring tokens: see "
+                    "experiments/analyses/union_density.py)")
     ap.add_argument("--out", default=None, help="folder for gpu_batch_tiles.md / .json")
     ap.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -108,6 +112,8 @@ def main(argv=None):
     batches = parse_list(args.batches, int, "--batches")
     if any(not 2 <= B <= 16 for B in batches):
         raise SystemExit(f"--batches: sizes of 2..16 (one batch block of the kernel), got {batches}")
+    if not 0.0 <= args.share <= 1.0:
+        raise SystemExit(f"--share: a probability in [0, 1], got {args.share}")
     names = parse_list(args.configs, str, "--configs")
     unknown = [c for c in names if c not in CONFIGS]
     if unknown:
@@ -127,14 +133,16 @@ def main(argv=None):
         gpu = torch.cuda.get_device_name(dev)
     import triton
     result = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, stripe=K.STRIPE, sparsity=0.66,
+                  share=args.share,
                   batches=batches, configs=configs, shapes={})
     lines = [f"# Small-batch tiles of the granular GEMV — {gpu}, torch {torch.__version__}, "
-             f"triton {triton.__version__}, bf16, stripe {K.STRIPE}, 66 % per-token sparsity", "",
+             f"triton {triton.__version__}, bf16, stripe {K.STRIPE}, 66 % per-token sparsity"
+             + (f", tokens sharing {args.share:g} of their inputs" if args.share else ""), "",
              "µs a call, weights streamed from HBM (copies cycled in one CUDA graph). Prefill GEMMs: the per-stripe "
              "GEMMs of long prefill (`prefill.masked_gemm`). Speedups are over dense `F.linear`.", ""]
     for n, m in shapes:
         t0 = time.time()
-        res = bench(n, m, batches, configs, dev, l2)
+        res = bench(n, m, batches, configs, dev, l2, args.share)
         if dev.type == "cuda":   # the shape's weight copies are gone with bench's frame
             torch.cuda.empty_cache()
         res.update(summarise(res, batches))

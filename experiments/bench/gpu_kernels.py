@@ -73,8 +73,14 @@ def ensure_imports():
         sys.path.insert(0, os.path.join(ROOT, "src"))
 
 
-def make_inputs(n: int, m: int, copies: int, density: float, dev, seed: int = 0):
-    """Heavy-tailed tokens (one per copy), their mean, and thresholds hitting `density` per stripe."""
+def make_inputs(n: int, m: int, copies: int, density: float, dev, seed: int = 0, share: float = 0.0,
+                group: int = 1):
+    """Heavy-tailed tokens (one per copy), their mean, and thresholds hitting `density` per stripe.
+    share, group: consecutive groups of `group` tokens share their sparsity as real neighbouring tokens do: each
+    input of a token takes its group's common value with probability `share`, else its own (the same marginal
+    distribution, so the same density a token; 0: independent tokens)."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share: a probability in [0, 1], got {share}")
     g = torch.Generator(device=dev).manual_seed(seed)
     k = math.ceil(m / STRIPE)
     mean = torch.randn(n, device=dev, generator=g) * 0.1
@@ -85,6 +91,13 @@ def make_inputs(n: int, m: int, copies: int, density: float, dev, seed: int = 0)
         z = t3.sample((T, n)).to(dev) / math.sqrt(3.0)        # unit variance
         return mean + sigma * z, z
     x, _ = tokens(copies)
+    if share > 0.0:
+        if copies % group:
+            raise ValueError(f"share: {copies} tokens are not whole groups of {group}")
+        _, z = tokens(copies)
+        _, zg = tokens(copies // group)
+        z = torch.where(torch.rand(copies, n, device=dev, generator=g) < share, zg.repeat_interleave(group, 0), z)
+        x = mean + sigma * z
     if density >= 1.0:
         return x.bfloat16(), mean, torch.zeros(k, n, device=dev)
     jitter = torch.exp(torch.randn(k, n, device=dev, generator=g) * 0.3)
@@ -214,11 +227,11 @@ def sweep_configs(S: Shape, dev, sparsity=0.66):
     return sorted(out, key=lambda t: t[2])
 
 
-def batch_inputs(S: Shape, B: int, density: float, dev):
-    """One batch of B heavy-tailed tokens per weight copy (`make_inputs` at this per-token density), and the union
-    density: the share of the (stripe, input) pairs that some token of its batch uses, the rows a batched kernel
-    must read."""
-    x, mean, thr = make_inputs(S.n, S.m, S.copies * B, density, dev, 2)
+def batch_inputs(S: Shape, B: int, density: float, dev, share: float = 0.0):
+    """One batch of B heavy-tailed tokens per weight copy (`make_inputs` at this per-token density; `share`: how
+    much a batch's tokens share their sparsity), and the union density: the share of the (stripe, input) pairs that
+    some token of its batch uses, the rows a batched kernel must read."""
+    x, mean, thr = make_inputs(S.n, S.m, S.copies * B, density, dev, 2, share=share, group=B)
     xs = [x[i * B:(i + 1) * B] for i in range(S.copies)]
     g = ((x.float() - mean).abs()[:, None, :] >= thr[None]).view(S.copies, B, thr.shape[0], S.n)
     return xs, mean, thr, float(g.any(1).float().mean())

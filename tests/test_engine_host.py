@@ -269,10 +269,12 @@ def test_one_stripe_of_a_width_that_is_not_a_power_of_two(B):
 def test_every_tuned_tile_entry_gives_a_valid_config_for_its_shape(key, monkeypatch):
     """Each `gemv.TUNED[(n, m, BLOCK_B)]` entry names only known tiles and, for its shape at stripe 512 and a batch
     that picks that BLOCK_B, gives output blocks inside a stripe, split-K chunks that cover every input exactly, and
-    a grid within the arrival counters; the batch entries (union reads, below `DENSE_W_FROM` tokens) run pipelined
-    unless they say otherwise, and from DENSE_W_FROM tokens on the dense reads' own tiles apply."""
+    a grid within the arrival counters; the batch entries (16-token blocks' union reads: below `DENSE_W_FROM` tokens,
+    where no small block applies, e.g. with CWIC_GEMV_SMALL_B=0) run pipelined unless they say otherwise, and from
+    DENSE_W_FROM tokens on the dense reads' own tiles apply."""
     n, m, bb = key
     monkeypatch.setattr(G, "DENSE_W_FROM", 4)
+    monkeypatch.setattr(G, "SMALL_B", False)
     assert set(G.TUNED[key]) <= {"block_m", "block_n", "waves", "max_split", "num_warps", "num_stages", "pipe"}
     if bb != 1:
         dense = G.gemv_config(16, n, m, 512, torch.device("cpu"))

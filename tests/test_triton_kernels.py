@@ -91,6 +91,39 @@ def test_gemv_batch_dense_weight_reads_give_the_same_product(pipe, B, monkeypatc
     assert not any(G.gemv_config(b, n, m, stripe, x.device)["dense_w"] for b in sizes)
 
 
+@pytest.mark.parametrize("B,bb", [(2, 2), (3, 4), (4, 4), (7, 4), (5, 8)])
+@pytest.mark.parametrize("pipe", [True, False])
+def test_gemv_small_batch_blocks_equal_the_reference(B, bb, pipe, monkeypatch):
+    """Batch blocks of 2, 4 or 8 tokens (fp32 products instead of 16-token tensor-core dots): full and partial blocks,
+    several blocks (B = 7 in blocks of 4), pipelined or not, union or dense reads, bf16 and fp32, each token its own
+    product; union and dense reads give the same bits. The default block by batch size and shape; a block that is not
+    2, 4, 8 or 16 tokens is refused."""
+    n, m, stripe = 200, 96, 32
+    for dtype in (torch.bfloat16, torch.float32):
+        x, wt, mean, thr, bias = _inputs(B, n, m, stripe, dtype, density=0.3, seed=31 + B)
+        outs = []
+        for dense_w in (False, True):
+            c = G.gemv_config(B, n, m, stripe, x.device, block_b=bb, block_m=32, block_n=32, max_split=2, pipe=pipe,
+                              dense_w=dense_w)
+            assert c["BLOCK_B"] == bb and c["grid"][2] == -(-B // bb) and c["dense_w"] == dense_w
+            outs.append(G.gemv_ex(x, wt, mean, thr, bias, stripe, config=c))
+            _check(outs[-1], _gold(x, wt, mean, thr, bias, stripe), ref.gemv_reference(x, wt, mean, thr, bias, stripe),
+                   f"B={B} block {bb} {dtype} dense_w={dense_w}")
+        assert torch.equal(outs[0], outs[1])
+    # the defaults: 2 tokens in a block of 2, 3-4 tokens in blocks of 4 up to the shape's SMALL_B_UPTO, union reads;
+    # CWIC_GEMV_SMALL_B=0: 16-token blocks; any override: 16-token blocks unless it names block_b
+    monkeypatch.setattr(G, "SMALL_B_UPTO", {(n, m): 4})
+    sizes = (1, 2, 3, 4, 5, 16)
+    cs = [G.gemv_config(b, n, m, stripe, x.device) for b in sizes]
+    assert [c["BLOCK_B"] for c in cs] == [1, 2, 4, 4, 16, 16] and [c["dense_w"] for c in cs[:4]] == [False] * 4
+    assert [G.gemv_config(b, n, 64, stripe, x.device)["BLOCK_B"] for b in sizes] == [1, 2, 16, 16, 16, 16]
+    assert G.gemv_config(2, n, m, stripe, x.device, block_n=32)["BLOCK_B"] == 16
+    monkeypatch.setattr(G, "SMALL_B", False)
+    assert [G.gemv_config(b, n, m, stripe, x.device)["BLOCK_B"] for b in sizes] == [1] + [16] * 5
+    with pytest.raises(ValueError, match="block_b"):
+        G.gemv_config(3, n, m, stripe, x.device, block_b=3)
+
+
 @pytest.mark.parametrize("B", [1, 5])
 def test_gemv_dense_and_empty_extremes(B):
     n, m, stripe = 80, 64, 32

@@ -54,6 +54,15 @@ CONFIGS = {  # name -> gemv_config overrides (the batch kernel's tiles); "curren
     "dense_bn64_s3": dict(dense_w=True, pipe=False, block_n=64, num_stages=3),
     "dense_bm128_w8_s3": dict(dense_w=True, pipe=False, block_n=32, num_stages=3, block_m=128, waves=8,
                               max_split=128),
+    # blocks of 2 or 4 tokens with fp32 products (`gemv._batch_mac`) instead of 16-token tensor-core dots; union
+    # reads unless named dense
+    "b2_bn64": dict(block_b=2, block_n=64, dense_w=False),
+    "b2_bn128_w8": dict(block_b=2, block_n=128, num_warps=8, dense_w=False),
+    "b4": dict(block_b=4, dense_w=False),
+    "b4_bn64": dict(block_b=4, block_n=64, dense_w=False),
+    "b4_bn64_w8": dict(block_b=4, block_n=64, num_warps=8, dense_w=False),
+    "b4_bn128_w8": dict(block_b=4, block_n=128, num_warps=8, dense_w=False),
+    "b4_dense": dict(block_b=4, dense_w=True, pipe=False, block_n=64, num_stages=3),
 }
 SHAPES = ["2048x2048", "2048x512", "2048x3072", "2048x8192", "8192x2048"]
 BATCHES = [2, 4, 8, 16]

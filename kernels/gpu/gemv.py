@@ -295,6 +295,18 @@ def _batch_dot(xc, w, acc, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _batch_mac(xc, w, acc, DOT_F32: tl.constexpr, BLOCK_B: tl.constexpr):
+    """acc + xc @ w for a batch block: tensor-core dots (`_batch_dot`) for blocks of 16 tokens; fp32 products
+    summed over the block's inputs for the small blocks of 2 or 4 tokens (`gemv_config(block_b=...)`), which
+    tl.dot cannot take (it needs 16 rows) and which then need not pad to 16."""
+    if BLOCK_B >= 16:
+        acc = _batch_dot(xc, w, acc, DOT_F32)
+    else:
+        acc += tl.sum(xc[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    return acc
+
+
+@triton.jit
 def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
                 B, N, M, STRIPE, CHUNK_N,
                 stride_xb, stride_mk, stride_rb, stride_yb, eps,
@@ -380,15 +392,15 @@ def _gmm_kernel(X, WT, MEAN, THR, BIAS, RES, UTHR, Y, WS, CNT, NW,
         for n0 in range(n_lo + BLOCK_N, n_hi, BLOCK_N):
             xc2, w2 = _batch_block(X, WT, MEAN + r * stride_mk, THR + r * N, bs, bmask, n0, n_hi, cols, cmask, M,
                                    stride_xb, BLOCK_N, MASK_MODE, EVEN_M, DENSE_W)
-            acc = _batch_dot(xc, w, acc, DOT_F32)
+            acc = _batch_mac(xc, w, acc, DOT_F32, BLOCK_B)
             xc = xc2
             w = w2
-        acc = _batch_dot(xc, w, acc, DOT_F32)
+        acc = _batch_mac(xc, w, acc, DOT_F32, BLOCK_B)
     else:
         for n0 in range(n_lo, n_hi, BLOCK_N):
             xc, w = _batch_block(X, WT, MEAN + r * stride_mk, THR + r * N, bs, bmask, n0, n_hi, cols, cmask, M,
                                  stride_xb, BLOCK_N, MASK_MODE, EVEN_M, DENSE_W)
-            acc = _batch_dot(xc, w, acc, DOT_F32)
+            acc = _batch_mac(xc, w, acc, DOT_F32, BLOCK_B)
 
     if COUNT:   # (one token) weights read: this chunk's active inputs x this block's columns (every block of the
         # stripe has the same mask, so the blocks of a stripe add up to its rows)
@@ -593,16 +605,37 @@ TUNED: dict = {
 # 48 % (experiments/analyses/union_density.py, experiments/results/union_density_smollm2_2026-12-05/). So the default
 # suits about 3x APR; a sparser model gains from a larger value (or 0)
 DENSE_W_FROM = int(os.environ.get("CWIC_DENSE_W_FROM", "4"))
+# Small batch blocks: 2 tokens (and 3-4 tokens of the shapes below) run in blocks of 2 (4) tokens with fp32 products
+# and union reads, instead of 16-token tensor-core blocks (CWIC_GEMV_SMALL_B=0: never). On an H100 (1B shapes, 66 %
+# per-token sparsity, tokens sharing their sparsity as SmolLM2's do at 3x APR, union 0.49 of the rows at 2 tokens),
+# 2 tokens took 0.66-0.85 of the 16-token union reads' time on every shape, and 0.80-1.06 of the dense reads'; 3-4
+# tokens gained on the shapes listed (2048x512: 1.11-1.16x over cuBLAS, where every other mode trails it) and lost
+# on the FFN shapes (experiments/results/gpu_h100_2026-12-05_eve2/small_blocks/)
+SMALL_B = os.environ.get("CWIC_GEMV_SMALL_B", "1") != "0"
+SMALL_B_UPTO = {(2048, 512): 4, (2048, 2048): 3, (2048, 3072): 3}   # (n, m) -> the largest batch in blocks of 4
+SMALL_B_TILES = dict(block_n=64, num_warps=4)
+
+
+def small_block(B: int, n: int, m: int) -> int | None:
+    """The default small batch block for B tokens of an (n, m) matrix (2 or 4 tokens), or None (16-token blocks)."""
+    if not SMALL_B or B < 2:
+        return None
+    if B == 2:
+        return 2
+    return 4 if B <= SMALL_B_UPTO.get((n, m), 2) else None
 
 
 def gemv_config(B: int, n: int, m: int, stripe: int, device: torch.device, **overrides) -> dict:
     """Tile sizes and split-K: enough one-shot tiles to fill the GPU `waves` times (memory-bound),
-    each program reading at most CHUNK_N inputs. Overrides: block_m, block_n, waves, max_split,
-    num_warps, num_stages, pipe, dense_w (batch blocks: read every weight row, `_batch_block`; default from
-    `DENSE_W_FROM` tokens on); `TUNED[(n, m, BLOCK_B)]` supplies them when the caller gives none (one token, or a
-    batch that skips its union)."""
-    bb = 1 if B == 1 else 16
-    dense_w = bb != 1 and bool(overrides.get("dense_w", 0 < DENSE_W_FROM <= B))
+    each program reading at most CHUNK_N inputs. Overrides: block_b (tokens a batch block: 2, 4, 8 or 16; default
+    `small_block`, else 16), block_m, block_n, waves, max_split, num_warps, num_stages, pipe, dense_w (batch blocks
+    of 16: read every weight row, `_batch_block`; default from `DENSE_W_FROM` tokens on); `TUNED[(n, m, BLOCK_B)]`
+    supplies them when the caller gives none (one token, or a batch that skips its union)."""
+    small = None if overrides else small_block(B, n, m)   # the default small block reads its union
+    bb = 1 if B == 1 else int(overrides.pop("block_b", None) or small or 16)
+    if B > 1 and bb not in (2, 4, 8, 16):
+        raise ValueError(f"block_b: 2, 4, 8 or 16 tokens a batch block, got {bb}")
+    dense_w = bb != 1 and small is None and bool(overrides.get("dense_w", 0 < DENSE_W_FROM <= B))
     if dense_w:   # the best tiles of the H100 sweep on every 1B shape but 2048x512 (there 1-2 % behind the best)
         p = dict(block_m=64, block_n=64, waves=2.0, max_split=64, num_warps=4, num_stages=3, pipe=False)
     else:
@@ -610,6 +643,8 @@ def gemv_config(B: int, n: int, m: int, stripe: int, device: torch.device, **ove
         # pipelined (on every 1B shape of the batch sweep, 2-16 tokens, 5-19 % faster than without)
         p = dict(block_m=64, block_n=256 if bb == 1 else 32, waves=2.0, max_split=64, num_warps=4, num_stages=2,
                  pipe=bb != 1)
+        if 1 < bb < 16:   # small blocks (fp32 products, `_batch_mac`)
+            p.update(SMALL_B_TILES)
         p.update(TUNED.get((n, m, bb), {}) if not overrides else {})
     p.update(overrides)
     p["dense_w"] = dense_w

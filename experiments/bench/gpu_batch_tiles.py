@@ -63,6 +63,12 @@ CONFIGS = {  # name -> gemv_config overrides (the batch kernel's tiles); "curren
     "b4_bn64_w8": dict(block_b=4, block_n=64, num_warps=8, dense_w=False),
     "b4_bn128_w8": dict(block_b=4, block_n=128, num_warps=8, dense_w=False),
     "b4_dense": dict(block_b=4, dense_w=True, pipe=False, block_n=64, num_stages=3),
+    # ... with more programs (split-K over more, shorter chunks)
+    "b2_bn64_v4": dict(block_b=2, block_n=64, waves=4, max_split=128, dense_w=False),
+    "b2_bn64_v8": dict(block_b=2, block_n=64, waves=8, max_split=128, dense_w=False),
+    "b4_bn64_v4": dict(block_b=4, block_n=64, waves=4, max_split=128, dense_w=False),
+    "b4_bn64_v8": dict(block_b=4, block_n=64, waves=8, max_split=128, dense_w=False),
+    "b4_bn32_v8": dict(block_b=4, block_n=32, waves=8, max_split=128, dense_w=False),
 }
 SHAPES = ["2048x2048", "2048x512", "2048x3072", "2048x8192", "8192x2048"]
 BATCHES = [2, 4, 8, 16]

@@ -297,8 +297,8 @@ def _batch_dot(xc, w, acc, DOT_F32: tl.constexpr):
 @triton.jit
 def _batch_mac(xc, w, acc, DOT_F32: tl.constexpr, BLOCK_B: tl.constexpr):
     """acc + xc @ w for a batch block: tensor-core dots (`_batch_dot`) for blocks of 16 tokens; fp32 products
-    summed over the block's inputs for the small blocks of 2 or 4 tokens (`gemv_config(block_b=...)`), which
-    tl.dot cannot take (it needs 16 rows) and which then need not pad to 16."""
+    summed over the block's inputs for the small blocks of 2, 4 or 8 tokens (`gemv_config(block_b=...)`), which
+    then need not pad to the 16 rows tl.dot takes."""
     if BLOCK_B >= 16:
         acc = _batch_dot(xc, w, acc, DOT_F32)
     else:
@@ -608,8 +608,8 @@ DENSE_W_FROM = int(os.environ.get("CWIC_DENSE_W_FROM", "4"))
 # Small batch blocks: 2 tokens (and 3-4 tokens of the shapes below) run in blocks of 2 (4) tokens with fp32 products
 # and union reads, instead of 16-token tensor-core blocks (CWIC_GEMV_SMALL_B=0: never). On an H100 (1B shapes, 66 %
 # per-token sparsity, tokens sharing their sparsity as SmolLM2's do at 3x APR, union 0.49 of the rows at 2 tokens),
-# 2 tokens took 0.66-0.85 of the 16-token union reads' time on every shape, and 0.80-1.06 of the dense reads'; 3-4
-# tokens gained on the shapes listed (2048x512: 1.11-1.16x over cuBLAS, where every other mode trails it) and lost
+# 2 tokens took 0.76-0.87 of the 16-token union reads' time on every shape, and 0.80-1.15 of the dense reads'; 3-4
+# tokens gained on the shapes listed (2048x512: 1.12-1.15x over cuBLAS, where every other mode trails it) and lost
 # on the FFN shapes (experiments/results/gpu_h100_2026-12-05_eve2/small_blocks/)
 SMALL_B = os.environ.get("CWIC_GEMV_SMALL_B", "1") != "0"
 SMALL_B_UPTO = {(2048, 512): 4, (2048, 2048): 3, (2048, 3072): 3}   # (n, m) -> the largest batch in blocks of 4
@@ -628,9 +628,9 @@ def small_block(B: int, n: int, m: int) -> int | None:
 def gemv_config(B: int, n: int, m: int, stripe: int, device: torch.device, **overrides) -> dict:
     """Tile sizes and split-K: enough one-shot tiles to fill the GPU `waves` times (memory-bound),
     each program reading at most CHUNK_N inputs. Overrides: block_b (tokens a batch block: 2, 4, 8 or 16; default
-    `small_block`, else 16), block_m, block_n, waves, max_split, num_warps, num_stages, pipe, dense_w (batch blocks
-    of 16: read every weight row, `_batch_block`; default from `DENSE_W_FROM` tokens on); `TUNED[(n, m, BLOCK_B)]`
-    supplies them when the caller gives none (one token, or a batch that skips its union)."""
+    `small_block`, else 16), block_m, block_n, waves, max_split, num_warps, num_stages, pipe, dense_w (batch blocks:
+    read every weight row, `_batch_block`; default from `DENSE_W_FROM` tokens on, where no small block applies);
+    `TUNED[(n, m, BLOCK_B)]` supplies them when the caller gives none (one token, or a batch that skips its union)."""
     small = None if overrides else small_block(B, n, m)   # the default small block reads its union
     bb = 1 if B == 1 else int(overrides.pop("block_b", None) or small or 16)
     if B > 1 and bb not in (2, 4, 8, 16):

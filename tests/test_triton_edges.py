@@ -39,7 +39,7 @@ def test_a_pair_exactly_at_its_threshold_is_on(path):
     x, wt, mean, _, bias = _inputs(1, n, m, stripe, torch.float32, seed=101)
     k = -(-m // stripe)
     thr = _thr_at_the_boundary(x, mean, k)
-    if path == "batch":   # two tokens, the same row twice: the (BLOCK_B = 16) batch tile
+    if path == "batch":   # two tokens, the same row twice: a batch tile (a block of 2 by default)
         x = torch.cat([x, x])
     want = ref.gemv_reference(x, wt, mean, thr, bias, stripe)
     on = torch.ones(x.shape[0], k, n, dtype=torch.bool, device=x.device)   # on x's device (the GPU run: cuda)

@@ -3,17 +3,20 @@
     python experiments/bench/gpu_batch_tiles.py --out experiments/results/<folder>
     python experiments/bench/gpu_batch_tiles.py --shapes 2048x8192 --batches 2,16 --configs current,nopipe
 
-For each matrix shape and batch size, every tile configuration of the batch kernel (`gemv.gemv_config` overrides,
-BLOCK_B = 16) is timed against dense `F.linear` (cuBLAS) and against the per-stripe GEMMs of long prefill
+For each matrix shape and batch size, every tile configuration of the batch kernel (`gemv.gemv_config` overrides:
+16-token blocks unless a config names its `block_b`) is timed against dense `F.linear` (cuBLAS) and against the
+per-stripe GEMMs of long prefill
 (`prefill.masked_gemm`), with the protocol of `gpu_kernels.py`: 66 % per-token sparsity, heavy-tailed tokens, each
 call reading its weights from HBM (copies cycled inside one CUDA graph). A (stripe, input) row is read when some
 token of the batch uses it, so the "union density" is what the kernel must read.
 
-"current" is what `gemv_ex` runs now: below `gemv.DENSE_W_FROM` tokens the union reads (the shape's `gemv.TUNED`
-entry, else the defaults), from there on every weight row read (`dense_w`); the others override it.
+"current" is what `gemv_ex` runs now: the small blocks of `gemv.small_block` where they apply (2 tokens; 3-4 tokens
+of some shapes), else below `gemv.DENSE_W_FROM` tokens the 16-token union reads (the shape's `gemv.TUNED` entry,
+else the defaults), from there on every weight row read (`dense_w`); the others override it. `--share` makes a
+batch's tokens share their sparsity, as real neighbouring tokens do.
 It prints, per shape, one row a configuration (µs at each batch size), the best configuration of each batch size,
-and the configuration with the least total time over the batch sizes (the one a `gemv.TUNED[(n, m, 16)]` entry can
-name, since the entry covers every batch of 2–16 tokens). The LAST line is one JSON object.
+and the configuration with the least total time over the batch sizes (for the 16-token configs, the one a
+`gemv.TUNED[(n, m, 16)]` entry can name). The LAST line is one JSON object.
 """
 from __future__ import annotations
 
@@ -58,7 +61,7 @@ CONFIGS = {  # name -> gemv_config overrides (the batch kernel's tiles); "curren
     # reads unless named dense
     "b2_bn64": dict(block_b=2, block_n=64, dense_w=False),
     "b2_bn128_w8": dict(block_b=2, block_n=128, num_warps=8, dense_w=False),
-    "b4": dict(block_b=4, dense_w=False),
+    "b4": dict(block_b=4, block_n=32, dense_w=False),
     "b4_bn64": dict(block_b=4, block_n=64, dense_w=False),
     "b4_bn64_w8": dict(block_b=4, block_n=64, num_warps=8, dense_w=False),
     "b4_bn128_w8": dict(block_b=4, block_n=128, num_warps=8, dense_w=False),

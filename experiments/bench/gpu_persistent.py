@@ -473,7 +473,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tiny", action="store_true", help="a small model (CPU interpreter checks)")
     ap.add_argument("--check-only", action="store_true")
-    ap.add_argument("--programs", type=int, default=None, help="persistent grid (default: one a SM)")
+    ap.add_argument("--programs", type=int, default=None, help="persistent grid (default and at most: one a SM)")
     ap.add_argument("--tiles", default="", help="Step tile overrides, e.g. ch=128,bk=128,bu=32,num_warps=4")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time each phase alone (its launches for every layer, one CUDA graph)")
@@ -484,6 +484,10 @@ def main(argv=None) -> int:
     dev = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
     if dev.type == "cpu" and not INTERPRET:
         ap.error("no GPU: run the checks under TRITON_INTERPRET=1 (with --tiny --check-only)")
+    if a.programs is not None and not 1 <= a.programs <= (
+            torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1):
+        # the grid-wide hand-offs need every program resident at once: at most one a SM is sure to be
+        ap.error(f"--programs: 1 to the number of SMs (1 on the CPU interpreter), got {a.programs}")
     shape = "tiny" if a.tiny else "1B"
     tiles = {}
     for kv in filter(None, a.tiles.split(",")):

@@ -12,9 +12,10 @@ accumulates in fp32. Split-K partials go to a workspace; the last program of an 
 per-block arrival counter, reset by that program: no memset, CUDA-graph safe) sums them and runs the
 epilogue: + folded bias, optional activation and unit mask (the FFN gate), optional residual.
 
-Batches: BLOCK_B = 1 for one token (fp32 FMA reduction), 16 otherwise (tensor-core dot; x - x̄ is split
-into bf16 hi + lo parts so the product keeps fp32-level accuracy). Any batch size is correct: the
-grid has one batch block per 16 tokens and each block takes the union of its own tokens' masks. Both loops can
+Batches: BLOCK_B = 1 for one token (fp32 FMA reduction); 2 or 4 for the small blocks of `small_block` (2 tokens,
+and 3-4 tokens of some shapes: fp32 products); 16 otherwise (tensor-core dot; x - x̄ is split into bf16 hi + lo
+parts so the product keeps fp32-level accuracy). Any batch size is correct: the grid has one batch block per
+BLOCK_B tokens and each block takes the union of its own tokens' masks. Both loops can
 run software-pipelined (config `pipe`: the next block's masks and weight rows in flight while the current one is
 reduced); a batch block's loop is by default. From `DENSE_W_FROM` tokens on (config `dense_w`), a batch block reads
 every weight row instead and applies the masks to x alone: the same product, with weight loads that do not wait
@@ -297,8 +298,9 @@ def _batch_dot(xc, w, acc, DOT_F32: tl.constexpr):
 @triton.jit
 def _batch_mac(xc, w, acc, DOT_F32: tl.constexpr, BLOCK_B: tl.constexpr):
     """acc + xc @ w for a batch block: tensor-core dots (`_batch_dot`) for blocks of 16 tokens; fp32 products
-    summed over the block's inputs for the small blocks of 2, 4 or 8 tokens (`gemv_config(block_b=...)`), which
-    then need not pad to the 16 rows tl.dot takes."""
+    summed over the block's inputs for the small blocks of 2 or 4 tokens (`gemv_config(block_b=...)`), which
+    then need not pad to the 16 rows tl.dot takes. The product is a (BLOCK_B, BLOCK_N, BLOCK_M) tensor in registers:
+    a block of 8 spilled on the H100, so 8 is not offered."""
     if BLOCK_B >= 16:
         acc = _batch_dot(xc, w, acc, DOT_F32)
     else:
@@ -627,15 +629,17 @@ def small_block(B: int, n: int, m: int) -> int | None:
 
 def gemv_config(B: int, n: int, m: int, stripe: int, device: torch.device, **overrides) -> dict:
     """Tile sizes and split-K: enough one-shot tiles to fill the GPU `waves` times (memory-bound),
-    each program reading at most CHUNK_N inputs. Overrides: block_b (tokens a batch block: 2, 4, 8 or 16; default
-    `small_block`, else 16), block_m, block_n, waves, max_split, num_warps, num_stages, pipe, dense_w (batch blocks:
-    read every weight row, `_batch_block`; default from `DENSE_W_FROM` tokens on, where no small block applies);
-    `TUNED[(n, m, BLOCK_B)]` supplies them when the caller gives none (one token, or a batch that skips its union)."""
-    small = None if overrides else small_block(B, n, m)   # the default small block reads its union
+    each program reading at most CHUNK_N inputs. Overrides: block_b (tokens a batch block: 2, 4 or 16; without
+    overrides `small_block` picks it, else 16: any other override alone means a 16-token block), block_m, block_n,
+    waves, max_split, num_warps, num_stages, pipe, dense_w (batch blocks: read every weight row, `_batch_block`;
+    default: blocks of 16 from `DENSE_W_FROM` tokens on; small blocks read their union); `TUNED[(n, m, BLOCK_B)]`
+    supplies them when the caller gives none (one token, or a batch that skips its union); small blocks take
+    `SMALL_B_TILES` when the caller gives none."""
+    small = None if overrides else small_block(B, n, m)
     bb = 1 if B == 1 else int(overrides.pop("block_b", None) or small or 16)
-    if B > 1 and bb not in (2, 4, 8, 16):
-        raise ValueError(f"block_b: 2, 4, 8 or 16 tokens a batch block, got {bb}")
-    dense_w = bb != 1 and small is None and bool(overrides.get("dense_w", 0 < DENSE_W_FROM <= B))
+    if B > 1 and bb not in (2, 4, 16):
+        raise ValueError(f"block_b: 2, 4 or 16 tokens a batch block, got {bb}")
+    dense_w = bb != 1 and bool(overrides.get("dense_w", bb == 16 and 0 < DENSE_W_FROM <= B))
     if dense_w:   # the best tiles of the H100 sweep on every 1B shape but 2048x512 (there 1-2 % behind the best)
         p = dict(block_m=64, block_n=64, waves=2.0, max_split=64, num_warps=4, num_stages=3, pipe=False)
     else:
@@ -643,7 +647,7 @@ def gemv_config(B: int, n: int, m: int, stripe: int, device: torch.device, **ove
         # pipelined (on every 1B shape of the batch sweep, 2-16 tokens, 5-19 % faster than without)
         p = dict(block_m=64, block_n=256 if bb == 1 else 32, waves=2.0, max_split=64, num_warps=4, num_stages=2,
                  pipe=bb != 1)
-        if 1 < bb < 16:   # small blocks (fp32 products, `_batch_mac`)
+        if 1 < bb < 16 and not overrides:   # small blocks (fp32 products, `_batch_mac`)
             p.update(SMALL_B_TILES)
         p.update(TUNED.get((n, m, bb), {}) if not overrides else {})
     p.update(overrides)

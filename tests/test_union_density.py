@@ -30,6 +30,20 @@ def test_union_reads_counts_each_pair_once_per_group_weighted_by_its_rows():
     assert U.union_reads(masks, weights, [torch.tensor([1]), torch.tensor([2])]) == pytest.approx((2 + 3) / 28)
 
 
+def test_union_reads_of_packed_masks_equal_the_bool_masks():
+    """TokenMasks keeps 8 pairs a byte: the union of packed masks (OR of the bytes, unpacked for the weights) gives
+    the bool masks' figure, with a pair count that is not a multiple of 8 and groups of 1, 3 and 5 tokens."""
+    import numpy as np
+    g = torch.Generator().manual_seed(0)
+    masks = {"a": torch.rand(40, 21, generator=g) < 0.3, "b": torch.rand(40, 8, generator=g) < 0.5}
+    weights = {"a": torch.rand(21, generator=g) + 0.5, "b": torch.full((8,), 3.0)}
+    packed = {k: torch.from_numpy(np.packbits(v.numpy(), axis=1)) for k, v in masks.items()}
+    assert packed["a"].shape == (40, 3) and packed["a"].dtype == torch.uint8
+    for B in (1, 3, 5):
+        groups = U.independent_groups(40, B, 7, seed=B)
+        assert U.union_reads(packed, weights, groups) == pytest.approx(U.union_reads(masks, weights, groups), abs=1e-12)
+
+
 def test_consecutive_windows_stay_inside_a_conversation_and_independent_groups_are_distinct_tokens():
     assert [g.tolist() for g in U.consecutive_groups([3, 5], 2)] == [[0, 1], [3, 4], [5, 6]]
     assert [g.tolist() for g in U.consecutive_groups([3, 5], 1)] == [[i] for i in range(8)]

@@ -22,7 +22,9 @@ For each batch size B it reports the weights read, as a share of the CWIC matric
   benchmark's random tokens are).
 
 B = 1 is the per-token density: 1/APR of the CWIC weights on these tokens. Prints a table per APR, writes a plot
-(`--out`), and the LAST line is one JSON object.
+(`--out`), and the LAST line is one JSON object. Every token's masks stay in memory, 8 pairs a byte: about
+pairs / 8 bytes a token (SmolLM2 with its CWIC head: ~59 kB, so ~170 MB for the default 2894 tokens; a 1B Llama
+~190 kB a token). A larger model or more tokens want a smaller `--eval` or `--max-len`.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import argparse
 import os
 import sys
 
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,9 +44,10 @@ from experiments.cli import parse_list  # noqa: E402
 
 
 class TokenMasks:
-    """Forward hooks that keep, for every CWIC matrix, each token's mask as a (tokens, pairs) bool matrix and the
-    weights each pair stands for: (stripe, input) pairs of a CwicLinear (its stripe's rows), units of a gated FFN
-    (its up row and down column). `take(keep)` collects the tokens where keep (T,) is true since the last call."""
+    """Forward hooks that keep, for every CWIC matrix, each token's mask, 8 pairs a byte ((tokens, ceil(pairs / 8))
+    uint8, `np.packbits` order), and the weights each pair stands for: (stripe, input) pairs of a CwicLinear (its
+    stripe's rows), units of a gated FFN (its up row and down column). `take(keep)` collects the tokens where keep
+    (T,) is true since the last call."""
 
     def __init__(self, model):
         from cwic_exp.modeling.functional import stripe_rows
@@ -71,7 +75,7 @@ class TokenMasks:
 
     def take(self, keep: torch.Tensor) -> None:
         for k, g in self._pending.items():
-            self.masks.setdefault(k, []).append(g[keep.reshape(-1)].cpu())
+            self.masks.setdefault(k, []).append(torch.from_numpy(np.packbits(g[keep.reshape(-1)].cpu().numpy(), axis=1)))
         self._pending = {}
 
     def close(self) -> None:
@@ -84,16 +88,22 @@ class TokenMasks:
 
 def union_reads(masks: dict, weights: dict, groups: list[torch.Tensor]) -> float:
     """The share of all the matrices' weights read by the union of each group's tokens, averaged over the groups:
-    masks {matrix: (T, pairs) bool}, weights {matrix: (pairs,) weights a pair stands for}, groups: index tensors
-    into the T tokens."""
+    masks {matrix: (T, pairs) bool, or (T, ceil(pairs / 8)) uint8 packed as `TokenMasks` keeps them}, weights
+    {matrix: (pairs,) weights a pair stands for}, groups: index tensors into the T tokens."""
     total = sum(float(w.sum()) for w in weights.values())
     idx = torch.stack(groups)                                   # (groups, B): every group has B tokens
     read = 0.0
     for k, g in masks.items():
         w = weights[k].double()
-        step = max(1, (1 << 24) // (idx.shape[1] * g.shape[1]))   # groups at a time: ≤ 16 M mask elements
+        step = max(1, (1 << 24) // (idx.shape[1] * g.shape[1]))   # groups at a time: ≤ 16 M mask bytes
         for i in range(0, idx.shape[0], step):
-            read += float((g[idx[i:i + step]].any(1).double() @ w).sum())
+            sel = g[idx[i:i + step]]                            # (groups, B, columns)
+            u = sel[:, 0].clone()
+            for j in range(1, sel.shape[1]):                    # the union: OR, on packed bytes too
+                u |= sel[:, j]
+            if u.dtype == torch.uint8:
+                u = torch.from_numpy(np.unpackbits(u.numpy(), axis=1, count=w.numel()))
+            read += float((u.double() @ w).sum())
     return read / (total * len(groups))
 
 

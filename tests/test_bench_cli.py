@@ -3,6 +3,7 @@ definition would otherwise only show on the GPU box. Nothing is timed here."""
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,7 +84,7 @@ def test_gpu_persistent_probe_checks_its_kernel_against_its_reference(monkeypatc
     """The persistent-kernel probe on a tiny model, CPU interpreter: one program runs every phase of two layers with
     its grid-wide hand-offs, and each phase as its own launch over three programs; both match the probe's PyTorch
     reference (which a wrong o bias misses by far), at density 0.5, nothing on and everything on, and write the
-    cache at pos."""
+    cache at pos. A density out of (0, 1] and more programs than can be resident are refused by name."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     sys.path.insert(0, str(ROOT / "experiments" / "bench"))
     try:
@@ -105,6 +106,10 @@ def test_gpu_persistent_probe_checks_its_kernel_against_its_reference(monkeypatc
     st.set_input(h)
     st.run()
     assert ((st.output() - ref).abs().max() / ref.abs().max()).item() > 1e-3
+    for argv, needle in ((["--densities", "off,2"], "--densities"), (["--programs", "9"], "--programs")):
+        r = subprocess.run([sys.executable, "experiments/bench/gpu_persistent.py", "--tiny", "--check-only", *argv],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "TRITON_INTERPRET": "1"})
+        assert r.returncode != 0 and needle in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
 
 
 def test_gpu_ffn_balance_dry_run():

@@ -39,6 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from experiments.cli import parse_list  # noqa: E402
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -450,25 +453,21 @@ def timed(step: Step, reps: int, rounds: int) -> float:
     return statistics.median(ts)
 
 
-def parse_densities(s: str) -> list:
-    out = []
-    for tok in s.split(","):
-        tok = tok.strip()
-        if tok == "off":
-            out.append(None)
-        else:
-            v = float(tok)
-            if not 0.0 < v <= 1.0:
-                raise argparse.ArgumentTypeError(f"density {v}: in (0, 1], or 'off'")
-            out.append(v)
-    return out
+def density(tok: str) -> float | None:
+    """One item of --densities: 'off' (None: nothing read) or a density in (0, 1]."""
+    if tok.strip() == "off":
+        return None
+    v = float(tok)
+    if not 0.0 < v <= 1.0:
+        raise ValueError(f"density {v}: in (0, 1], or 'off'")
+    return v
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--pos", type=int, default=192)
-    ap.add_argument("--densities", type=parse_densities, default=parse_densities("off,0.3333,1"))
+    ap.add_argument("--densities", default="off,0.3333,1", help="comma list of densities in (0, 1] or 'off'")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tiny", action="store_true", help="a small model (CPU interpreter checks)")
@@ -479,6 +478,7 @@ def main(argv=None) -> int:
                     help="also time each phase alone (its launches for every layer, one CUDA graph)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    a.densities = parse_list(a.densities, density, "--densities")
     if a.layers < 1 or a.pos < 0:
         ap.error("--layers >= 1 and --pos >= 0")
     dev = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")

@@ -153,8 +153,10 @@ def test_gemv_batch_equals_per_token(dtype):
 
 
 def test_gemv_epilogues_and_modes():
+    """Residual, activations with the unit mask, per-stripe means, and the non-threshold mask modes against the PyTorch
+    twin: one token, 2 tokens (a small block) and 3 (a 16-token block)."""
     B, n, m, stripe = 3, 64, 96, 32
-    for Bx in (1, B):
+    for Bx in (1, 2, B):
         x, wt, mean, thr, bias = _inputs(Bx, n, m, stripe, torch.float32, seed=11, mean2d=True)
         res = torch.randn(Bx, m, device=DEV)
         uthr = torch.rand(m, device=DEV) * 0.5
@@ -182,7 +184,7 @@ def test_gemv_repeated_launches_are_deterministic():
 # ------------------------------------------------------------------------------------ FFN
 
 @pytest.mark.parametrize("fused", [False, None], ids=["three_launches", "default"])
-@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("B", [1, 2, 3])
 def test_ffn_unit_mask_sees_act_in_x_dtype(B, fused):
     """The unit mask is decided on act(g) as the model computes it in x's dtype (`reference.act_in_dtype`): g rounded
     to bf16, and act(g) rounded to bf16. A unit whose threshold lies between that |a| and |act(g)| (nothing rounded),

@@ -24,14 +24,15 @@ step reads d of the layer weights whatever the token; "off" reads none.
     python experiments/bench/gpu_persistent.py [--layers 16] [--pos 192] [--densities off,0.3333,1] [--out DIR]
     TRITON_INTERPRET=1 python experiments/bench/gpu_persistent.py --check-only --tiny   # CPU: correctness only
 
-Prints a table and a last-line JSON.
+Each step (the memset and its launches) is timed as the other GPU benchmarks time their calls: one CUDA graph,
+replayed about --target-ms a timing, the median of --rounds timings (`gpu_kernels.time_graph`). Prints a table and a
+last-line JSON.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -40,6 +41,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from experiments.bench.gpu_kernels import time_graph  # noqa: E402
 from experiments.cli import parse_list  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -349,7 +351,7 @@ def reference(m: dict, h: torch.Tensor, pos: int, eps: float = 1e-5) -> torch.Te
 
 
 class Step:
-    """One decode step of the probe: buffers, and the persistent or phased launches (CUDA graph on CUDA)."""
+    """One decode step of the probe: buffers, and the persistent or phased launches (capturable in a CUDA graph)."""
 
     def __init__(self, m: dict, pos: int, nprog: int | None = None, phased: bool = False, eps: float = 1e-5,
                  only: int | None = None,
@@ -374,7 +376,6 @@ class Step:
                        BU=bu, BK=bk, BLOCK_T=block_t, num_warps=num_warps)
         for n_, blk in (("d", ch), ("qkv_m", bm), ("d", bm), ("F", bu), ("d", bk), ("stripe", bm), ("stripe", bu)):
             assert m[n_] % blk == 0, (n_, blk)
-        self.graph = None
 
     def set_input(self, h: torch.Tensor) -> None:
         self.resm[: self.m["d"]].copy_(h.float().reshape(-1))
@@ -390,9 +391,6 @@ class Step:
             m["L"], m["d"], m["qkv_m"], m["F"], m["hq"], m["hkv"], m["stripe"], layer, PHASE=phase, **self.kw)
 
     def run(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-            return
         self.flat.zero_()
         self.bar.zero_()
         if self.phased or self.only is not None:
@@ -405,18 +403,6 @@ class Step:
     def output(self) -> torch.Tensor:
         d, L = self.m["d"], self.m["L"]
         return self.resm[L * d:(L + 1) * d] + self.b["yacc"][L * d:(L + 1) * d]
-
-    def capture(self) -> None:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            self.run()
-        torch.cuda.current_stream().wait_stream(s)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            self.run()
-        self.graph = g
 
 
 def check(m: dict, pos: int, phased: bool, nprog: int | None = None, **kw) -> float:
@@ -440,19 +426,6 @@ def check(m: dict, pos: int, phased: bool, nprog: int | None = None, **kw) -> fl
     return err
 
 
-def timed(step: Step, reps: int, rounds: int) -> float:
-    ts = []
-    for _ in range(rounds):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            step.run()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / reps)
-    return statistics.median(ts)
-
-
 def density(tok: str) -> float | None:
     """One item of --densities: 'off' (None: nothing read) or a density in (0, 1]."""
     if tok.strip() == "off":
@@ -468,8 +441,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--pos", type=int, default=192)
     ap.add_argument("--densities", default="off,0.3333,1", help="comma list of densities in (0, 1] or 'off'")
-    ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--target-ms", type=float, default=50.0, help="replays a timing: about this many ms")
+    ap.add_argument("--rounds", type=int, default=5, help="timings a figure (their median)")
     ap.add_argument("--tiny", action="store_true", help="a small model (CPU interpreter checks)")
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--programs", type=int, default=None, help="persistent grid (default and at most: one a SM)")
@@ -526,15 +499,11 @@ def main(argv=None) -> int:
         for phased in (False, True):
             st = Step(m, a.pos, nprog=a.programs, phased=phased, **tiles)
             st.set_input(torch.randn(d, device=dev))
-            st.capture()
-            timed(st, 5, 1)
-            out["phased" if phased else "persistent"] = timed(st, a.reps, a.rounds)
+            out["phased" if phased else "persistent"] = time_graph([st.run], a.target_ms, a.rounds)
         if a.breakdown:
             for p, pname in enumerate(PHASES):
-                st = Step(m, a.pos, nprog=a.programs, only=p, **tiles)
-                st.capture()
-                timed(st, 5, 1)
-                out[pname] = timed(st, a.reps, a.rounds)
+                out[pname] = time_graph([Step(m, a.pos, nprog=a.programs, only=p, **tiles).run], a.target_ms,
+                                        a.rounds)
         gb = (dens or 0.0) * per_layer_params * 2 * L / 1e9
         tbs = gb / (out["persistent"] * 1e-6) / 1e3 if dens else None
         name = "off" if dens is None else f"{dens:g}"

@@ -647,9 +647,8 @@ def gemv_config(B: int, n: int, m: int, stripe: int, device: torch.device, **ove
         # pipelined (on every 1B shape of the batch sweep, 2-16 tokens, 5-19 % faster than without)
         p = dict(block_m=64, block_n=256 if bb == 1 else 32, waves=2.0, max_split=64, num_warps=4, num_stages=2,
                  pipe=bb != 1)
-        if 1 < bb < 16 and not overrides:   # small blocks (fp32 products, `_batch_mac`)
-            p.update(SMALL_B_TILES)
-        p.update(TUNED.get((n, m, bb), {}) if not overrides else {})
+        if not overrides:   # small blocks (fp32 products, `_batch_mac`) have their own tiles
+            p.update(SMALL_B_TILES if 1 < bb < 16 else TUNED.get((n, m, bb), {}))
     p.update(overrides)
     p["dense_w"] = dense_w
     bm = _block_m(stripe, m, p["block_m"])

@@ -35,8 +35,9 @@ decode, generate, refresh) while another thread's call runs is refused by name, 
 interleaving the two threads' kernels on the shared buffers. Give each thread its own engine.
 
 Prefill runs eagerly over all prompt tokens: up to `gemm_from - 1` tokens (default 511) with the same kernels
-(the small-batch GEMV path: 2-3 tokens skip what all of them skip; from `gemv.DENSE_W_FROM` tokens on, a 16-token
-tile reads every weight row, its tokens' masks applied to x), from `gemm_from` tokens on
+(the small-batch GEMV path: below `gemv.DENSE_W_FROM` tokens a tile skips what all its tokens skip, 2 tokens and
+3-4 of some shapes in the small blocks of `gemv.small_block`; from there on a 16-token tile reads every weight row,
+its tokens' masks applied to x), from `gemm_from` tokens on
 (CWIC_PREFILL_GEMM=T; 0: never) with per-stripe GEMMs on masked, centred inputs (`cwic_kernels.gpu.prefill`:
 cuBLAS, the weights read once, the same product up to fp32 rounding). On the H200 (1B-shaped, 3x APR,
 experiments/bench/gpu_prefill.py) the GEMM path was slower than the kernels up to 256 tokens (about 15 torch ops

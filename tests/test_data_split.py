@@ -49,8 +49,11 @@ def _fake_paper_mix(monkeypatch, tmp_path, heldout=(99,)):
     conversations `heldout` only (all of them its held-out tail)."""
     def load_dataset(name, cfg, split, streaming):
         k = [i for i, (n, c, *_) in enumerate(D.PAPER_MIX) if n == name and c == cfg][0]
-        return [{"messages": [{"role": "user", "content": f"q{1000 * (k + 1) + j}"},
+        rows = [{"messages": [{"role": "user", "content": f"q{1000 * (k + 1) + j}"},
                               {"role": "assistant", "content": "a"}]} for j in range(50)]
+        if split is None:   # every split (AgentInstruct): two of unequal length, the hub's order not sorted
+            return {"zz": rows[:10], "aa": rows[10:]}
+        return rows
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     sg = tmp_path / "packaged"
     sg.mkdir(exist_ok=True)
@@ -69,6 +72,20 @@ def test_paper_mix_cap_reaches_every_source_and_repeats_do_not_leak(monkeypatch,
     train, val = D.build_packed(Tok(), source="paper_mix", seq_len=12, val_fraction=0.1, cache=False, progress=False)
     assert not set(_convs(train)) & set(_convs(val))
     assert len(_convs(val)) == len(set(_convs(val)))
+
+
+def test_a_source_of_several_splits_gives_every_split_in_turn(monkeypatch, tmp_path):
+    """AgentInstruct-1M has 15 task splits and no "train": the mix takes them all, one row of each in turn, so a
+    capped run samples every split (it took only "creative_content", 5 % of the dataset, before)."""
+    k = [i for i, (n, *_) in enumerate(D.PAPER_MIX) if n == "microsoft/orca-agentinstruct-1M-v1"]
+    assert len(k) == 1 and D.PAPER_MIX[k[0]][2] is None
+    assert list(D._round_robin([[1, 2, 3, 4], [], [10, 20]])) == [1, 10, 2, 20, 3, 4]
+    _fake_paper_mix(monkeypatch, tmp_path)
+    monkeypatch.setattr(D, "PAPER_MIX", [D.PAPER_MIX[k[0]]])     # source 1: rows "q1000" .. "q1049"
+    firsts = [int(m[0]["content"][1:]) - 1000 for m in D.paper_mix_conversations(6)]
+    assert firsts == [10, 0, 11, 1, 12, 2]                    # "aa" (rows 10..49), then "zz" (0..9), in turn
+    every = [int(m[0]["content"][1:]) - 1000 for m in D.paper_mix_conversations()]
+    assert sorted(every) == list(range(50))                    # uncapped: every row of every split, once
 
 
 def test_the_paper_mix_leaves_out_the_evaluations_heldout_sharegpt_chats(monkeypatch, tmp_path):

@@ -766,7 +766,8 @@ def test_paper_mix_rows_map_to_conversations(monkeypatch):
     class FakeDatasets:   # a source whose schema nothing maps must stop the run, not vanish from the mix
         @staticmethod
         def load_dataset(name, cfg, split, streaming):
-            return [{"unknown": 1}, {"unknown": 2}] if "arc" in name else [arc]
+            rows = [{"unknown": 1}, {"unknown": 2}] if "arc" in name else [arc]
+            return rows if split else {"all": rows}     # split None: every split, {split: rows}
     monkeypatch.setitem(sys.modules, "datasets", FakeDatasets)
     with pytest.raises(RuntimeError, match="ai2_arc.*row keys \\['unknown'\\]"):
         list(data.paper_mix_conversations())

@@ -103,11 +103,12 @@ def sharegpt_conversations(path=None, stats: dict | None = None):
         stats["skipped_no_reply"] = skipped + seen - with_turns
 
 
-PAPER_MIX = [  # (hub dataset, config, split, repeat) — METHOD.md §8; the evaluation splits are never used
+PAPER_MIX = [  # (hub dataset, config, split, repeat) — METHOD.md §8; the evaluation splits are never used;
+    # split None: every split of the dataset, in turn (AgentInstruct-1M has no "train", 15 task splits instead)
     ("teknium/OpenHermes-2.5", None, "train", 1),
     ("facebook/natural_reasoning", None, "train", 1),
     ("HuggingFaceTB/smoltalk", "all", "train", 1),
-    ("microsoft/orca-agentinstruct-1M-v1", None, "creative_content", 1),
+    ("microsoft/orca-agentinstruct-1M-v1", None, None, 1),
     ("lmsys/lmsys-chat-1m", None, "train", 1),
     ("cais/mmlu", "auxiliary_train", "train", 5),
     ("allenai/ai2_arc", "ARC-Challenge", "train", 5),
@@ -155,6 +156,20 @@ def _to_messages(row: dict) -> list[dict] | None:
     return None
 
 
+def _round_robin(sources):
+    """The rows of several iterables interleaved, one from each in turn; an exhausted one drops out."""
+    its = [iter(s) for s in sources]
+    while its:
+        alive = []
+        for it in its:
+            try:
+                yield next(it)
+            except StopIteration:
+                continue
+            alive.append(it)
+        its = alive
+
+
 def paper_mix_conversations(max_conversations: int | None = None):
     """The paper's mix (METHOD.md §8), source by source, each source's rows repeated as PAPER_MIX says.
     max_conversations: at most that many distinct rows, shared out over the sources (floor, and one more for the
@@ -172,6 +187,8 @@ def paper_mix_conversations(max_conversations: int | None = None):
         except Exception as e:  # noqa: BLE001 - network/gated datasets: say which and go on
             raise RuntimeError(f"data=paper_mix needs the Hugging Face hub: loading {name} failed ({e}). "
                                f"Offline, use data=sharegpt") from e
+        if split is None:   # {split: rows}: one row of each split in turn, so that a cap samples them all
+            ds = _round_robin([ds[k] for k in sorted(ds)])
         rows, seen, keys = [], 0, None
         for j, row in enumerate(ds):
             if cap is not None and j >= cap:
@@ -347,7 +364,7 @@ def build_packed(tok, source: str = "sharegpt", seq_len: int = 1024, max_len: in
                 raise
     stamp = fingerprint(src_file) if src_file is not None and os.path.exists(src_file) else None
     key = json.dumps([source, str(path), stamp, seq_len, max_len, max_conversations, val_fraction, seed,
-                      _tokenizer_fingerprint(tok), 5, HELDOUT_TAIL])
+                      _tokenizer_fingerprint(tok), 5, HELDOUT_TAIL] + ([PAPER_MIX] if source == "paper_mix" else []))
     fname = _cache_root() / f"{source}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     if cache and fname.exists():
         blob = torch.load(fname)

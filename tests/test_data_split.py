@@ -99,6 +99,14 @@ def test_the_paper_mix_leaves_out_the_evaluations_heldout_sharegpt_chats(monkeyp
     assert train.info["heldout_copies_dropped"] == 1 + 5 and train.info["distinct"] == 50 * len(D.PAPER_MIX) - 2
 
 
+def test_a_tokenizer_without_a_chat_template_is_refused_by_name(tmp_path):
+    class Base(Tok):   # a base model's tokenizer: the data could not be rendered in the chat format
+        chat_template, name_or_path = None, "meta-llama/Llama-3.2-1B"
+    with pytest.raises(ValueError, match="'meta-llama/Llama-3.2-1B' has no chat template"):
+        D.build_packed(Base(), source="sharegpt", seq_len=12, path=_sharegpt(tmp_path, [1000]), cache=False,
+                       progress=False)
+
+
 def test_a_source_too_small_for_a_training_split_says_so(tmp_path):
     path = _sharegpt(tmp_path, [1000] + [5000 + i for i in range(D.HELDOUT_TAIL)])
     with pytest.raises(RuntimeError, match="no training data"):

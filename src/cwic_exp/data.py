@@ -354,6 +354,10 @@ def build_packed(tok, source: str = "sharegpt", seq_len: int = 1024, max_len: in
                  ) -> tuple[PackedData, PackedData]:
     """Render, tokenise, filter, split (by conversation) and pack; cached on disk."""
     max_len = min(max_len or seq_len, seq_len)
+    if getattr(tok, "chat_template", None) is None:   # else every conversation fails to render: "no training data"
+        raise ValueError(f"the tokenizer {getattr(tok, 'name_or_path', '')!r} has no chat template, and the data is "
+                         f"rendered in the teacher's chat format (METHOD.md §8): use a chat model (the -Instruct one, "
+                         f"e.g. meta-llama/Llama-3.2-1B-Instruct) or give its tokenizer a template")
     from .files import fingerprint
     src_file = path   # the packaged ShareGPT file too: sharegpt's data, and the paper mix's held-out filter
     if path is None:

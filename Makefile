@@ -8,7 +8,7 @@ ARGS     ?=
 # the benchmark targets run two scripts with different options: KERNEL_ARGS= and DECODE_ARGS=, never one ARGS=
 NO_ARGS   = @if [ -n "$(ARGS)" ]; then echo "$@: pass KERNEL_ARGS= and DECODE_ARGS=, not ARGS="; exit 2; fi
 
-.PHONY: setup test test-slow test-triton test-asan train smoke sweep-apr eval teal reproduce-mini \
+.PHONY: setup test test-slow test-triton test-asan train smoke sweep-apr eval teal reproduce-mini reproduce-paper \
         bench-cpu bench-gpu tune-gpu tune-batch-gpu cost-model-cpu cost-model-gpu chat analyses gpu-bundle clean
 
 setup: $(STAMP)
@@ -91,6 +91,14 @@ reproduce-mini: setup           ## the paper's claims at small scale: train, abl
 	PYTHONPATH=$(CURDIR)/src:$(CURDIR):$$PYTHONPATH CWIC_DATA=$(CURDIR)/.gpu/data/sharegpt-1024.pt \
 	  $(PY) experiments/reproduce_mini.py gpu --group all --minutes 30 --out $(MINI_OUT) $(ARGS)
 	$(BIN)/python experiments/reproduce_mini.py finish --scores $(MINI_OUT)
+
+# the paper at full scale (the hub and GPUs; its 1B run took 52 H100-hours): the 1B run to 18k steps, its ablations
+# (no stripes, MSE), the 3B run, then the seven tasks on every export, the teachers and TEAL, and the tables. PY=
+# names the python that trains and evaluates (with the CUDA torch); each stage skips what is done
+reproduce-paper: setup          ## Tables 3-4 at full scale (hub + GPUs); ARGS="--dry-run" lists the commands
+	PYTHONPATH=$(CURDIR)/src:$(CURDIR):$$PYTHONPATH $(PY) experiments/reproduce_paper.py train $(ARGS)
+	PYTHONPATH=$(CURDIR)/src:$(CURDIR):$$PYTHONPATH $(PY) experiments/reproduce_paper.py eval $(ARGS)
+	$(BIN)/python experiments/reproduce_paper.py table $(ARGS)
 
 gpu-bundle: setup             ## .gpu/: everything an offline GPU box needs (teacher parts, data, wheels)
 	$(BIN)/python experiments/gpu_bundle.py $(ARGS)

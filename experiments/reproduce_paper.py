@@ -34,7 +34,7 @@ RUNS = {
     "1b": (["+experiment=paper_1b", "trainer.max_steps=18000"], "paper_1b", "1b", "CWIC"),   # Table 3's 18k row
     "1b_nostripes": (["+experiment=paper_1b", "cwic=nostripes", "run_name=paper_1b_nostripes"],
                      "paper_1b_nostripes", "1b", "No Stripes"),
-    "1b_mse": (["+experiment=paper_1b", "cwic=mse", "run_name=paper_1b_mse"], "paper_1b_mse", "1b", "No MSE"),
+    "1b_mse": (["+experiment=paper_1b", "cwic=mse", "run_name=paper_1b_mse"], "paper_1b_mse", "1b", "MSE"),
     "1b_noste": (["+experiment=paper_1b", "cwic=noste", "run_name=paper_1b_noste"], "paper_1b_noste", "1b",
                  "No STE"),
     "3b": (["+experiment=paper_3b"], "paper_3b", "3b", "CWIC"),
@@ -44,7 +44,8 @@ SIZES = {"1b": ("llama-3.2-1B", "llama3_2_1b"), "3b": ("llama-3.2-3B", "llama3_2
 COLS = ("all", "mmlu", "winogrande", "arc_challenge", "hellaswag", "arc_easy", "openbookqa", "piqa")
 
 # The paper's Tables 3 and 4 (acc_norm, WinoGrande acc; in COLS' order): (model, technique, step, APR) -> scores.
-# Its "No MSE" rows are the ablation that adds the MSE term (§4.4: "including MSE on the last hidden states").
+# Its "No MSE" rows are the ablation that adds the MSE term (§4.2.3: "including MSE on the last hidden states"), which
+# the tables here call "MSE".
 _PAPER = """
 llama-3.2-1B|dense|_|1.00|53.1 38.6 57.9 36.9 64.2 61.7 37.2 74.9
 llama-3.2-1B|CWIC|3000|2.05|49.2 27.7 56.0 33.5 58.4 60.2 35.8 72.9
@@ -80,7 +81,8 @@ llama-3.2-1B|No MSE|9000|4.05|45.6 25.8 53.5 29.8 48.9 57.2 35.8 68.1
 llama-3.2-1B|No MSE|12000|5.05|45.0 26.3 56.3 29.2 46.6 53.8 34.0 68.8
 llama-3.2-1B|No MSE|15000|6.05|44.4 24.9 53.2 29.7 46.5 55.1 33.4 68.2
 """
-PAPER = [dict(model=m, technique=t, step=s, apr=float(a), **dict(zip(COLS, map(float, v.split()))))
+PAPER = [dict(model=m, technique="MSE" if t == "No MSE" else t, step=s, apr=float(a),
+              **dict(zip(COLS, map(float, v.split()))))
          for m, t, s, a, v in (line.split("|") for line in _PAPER.strip().splitlines())]
 
 
@@ -219,7 +221,7 @@ def table_md(rows: list[dict]) -> str:
 
 
 def _order(r: dict):
-    return (r["model"], ["dense", "CWIC", "TEAL", "No Stripes", "No MSE", "No STE"].index(r["technique"]),
+    return (r["model"], ["dense", "CWIC", "TEAL", "No Stripes", "MSE", "No STE"].index(r["technique"]),
             r["apr"], str(r["step"]))
 
 
@@ -230,12 +232,12 @@ def plot(rows: list[dict], path: Path) -> None:
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
-        for technique in ("CWIC", "TEAL", "No Stripes", "No MSE", "No STE"):
-            for src, data, style in (("ours", rows, "-o"), ("paper", PAPER, ":x")):
+        for k, technique in enumerate(("CWIC", "TEAL", "No Stripes", "MSE", "No STE")):
+            for src, data, style in (("ours", rows, "-o"), ("paper", PAPER, ":x")):   # a colour a technique
                 pts = sorted((r["apr"], r["all"]) for r in data if r["model"] == model
                              and r["technique"] == technique and r.get("all") is not None)
                 if pts:
-                    ax.plot(*zip(*pts), style, label=f"{technique} ({src})")
+                    ax.plot(*zip(*pts), style, color=f"C{k}", label=f"{technique} ({src})")
         for src, data, ls in (("ours", rows, "-"), ("paper", PAPER, ":")):
             dense = [r["all"] for r in data if r["model"] == model and r["technique"] == "dense"]
             if dense:

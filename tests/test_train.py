@@ -826,6 +826,31 @@ def test_time_limit_stop_saves_and_resumes_the_same_trajectory(tmp_path):
     assert b["train_apr"] == pytest.approx(a["train_apr"], rel=1e-4)
 
 
+def test_a_wandb_run_ends_cleanly_offline(tmp_path, monkeypatch):
+    """logger=wandb without credentials: offline, and the run ends with its summary (wandb 0.31's finish() has no
+    `quiet`: the call that passed it raised after the export, without the summary line)."""
+    pytest.importorskip("wandb")
+    from cwic_exp import train as T
+    import pandas  # noqa: F401
+    monkeypatch.setattr(T, "_wandb_credentials", lambda: False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    s = T.run(_smoke_cfg(tmp_path, 2, ["logger=wandb"]), tmp_path / "t")
+    assert s["finished"] and s["steps"] == 2
+    assert list((tmp_path / "t" / "wandb").glob("offline-run-*"))              # `wandb sync` uploads it later
+
+
+def test_an_interrupted_run_exits_non_zero(monkeypatch):
+    from cwic_exp import train as T
+    for summary, code in (({"interrupted": "SIGINT", "finished": False}, 130), ({"finished": True}, None)):
+        monkeypatch.setattr(T, "run", lambda cfg, out, sweep_member=None, s=summary: s)
+        if code is None:
+            T.main_from_hydra(None)
+        else:
+            with pytest.raises(SystemExit) as e:
+                T.main_from_hydra(None)
+            assert e.value.code == code
+
+
 def test_ctrl_c_stops_after_the_step_and_the_rerun_loses_nothing(tmp_path, monkeypatch):
     """Ctrl-C during a run: the step finishes, last.ckpt holds it (it used to keep only the last periodic one), no
     export; the same command resumes there, finishes at a max_steps that is no multiple of ckpt_every with a

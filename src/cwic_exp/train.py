@@ -243,6 +243,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
         summary = {"steps": steps, "tokens": int(module.tokens_seen), "interrupted": by, "finished": False,
                    "checkpoint": str(last) if last.exists() else None, "run_dir": str(run_dir),
                    "wall_s": round(time.time() - t_start, 1)}
+        _finish_wandb(loggers)
         if trainer.global_rank == 0:
             write_text_atomic(summary_file, json_dumps(summary, indent=1))
             print(f"\ninterrupted ({by}) at step {steps}: saved {last}; the same command resumes there",
@@ -282,10 +283,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
         summary["checkpoint"] = str(path) if path else None
         write_text_atomic(summary_file, json_dumps(summary, indent=1))
     summary.setdefault("checkpoint", None)
-    for lg in loggers:
-        if type(lg).__name__ == "WandbLogger":
-            import wandb
-            wandb.finish(quiet=True)
+    _finish_wandb(loggers)
     if trainer.global_rank == 0:
         print("\n" + "=" * 60)
         print(f"CWIC distillation: {cfg.model.name} → {run_dir}")
@@ -308,6 +306,14 @@ def earlier_sweep_folder(sweep_dir, override_dirname: str, out) -> Path | None:
     if raw.resolve() == Path(out).resolve() or not (raw / "checkpoints").is_dir():
         return None
     return None if (Path(out) / "checkpoints").exists() else raw
+
+
+def _finish_wandb(loggers) -> None:
+    """Close the wandb run (flushes it; offline, the folder `wandb sync` uploads). `wandb.finish()` with no argument:
+    its keyword arguments differ between versions (0.31 has no `quiet`)."""
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+        wandb.finish()
 
 
 def main_from_hydra(cfg) -> None:
@@ -340,7 +346,9 @@ def main_from_hydra(cfg) -> None:
         if member and earlier:
             raise ConfigError(f"this sweep member's earlier run is in {earlier}, named before a sweep folder became "
                               f"one folder name: move it to {out} to resume it, or remove it to start over")
-        run(cfg, out, sweep_member=member)
+        summary = run(cfg, out, sweep_member=member)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    if summary.get("interrupted") == "SIGINT":   # as SIGTERM's 143: `train && eval` must not take it for done
+        sys.exit(128 + signal.SIGINT)

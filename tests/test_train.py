@@ -569,6 +569,14 @@ def test_thresholds_are_clamped_at_zero_after_each_step():
     ("cwic.beta_dist=1", "beta_dist"),
     ("cwic.alpha_eps=0", "alpha_eps"),
     ("data.source=packed", "data.path"),
+    ("cwic.apr_final=1e9", r"apr_final must be in \[1, 100\], got 1000000000.0: the run exports"),   # OOM before
+    ("optim.beta1=1.5", r"optim.beta1 must be in \[0, 1\) \(AdamW\), got 1.5"),   # torch's error after loading
+    ("optim.beta2=-0.1", "optim.beta2"),
+    ("optim.schedule_steps=0", "schedule_steps must be ≥ 1"),                  # was clamped to 1 silently
+    ("data.max_len=-1", "data.max_len must be ≥ 1 or null"),
+    ("data.num_workers=-1", "data.num_workers must be ≥ 0"),
+    ("trainer.max_steps=-1", "must be ≥ 1, got -1, "),
+    (f"out_dir={__file__}", "out_dir must be a folder, and .*test_train.py is a file"),
 ])
 def test_config_errors_are_one_line_and_early(override, needle):
     from cwic_exp.config import ConfigError, validate
@@ -576,6 +584,16 @@ def test_config_errors_are_one_line_and_early(override, needle):
     with pytest.raises(ConfigError, match=needle) as e:
         validate(cfg)
     assert "\n" not in str(e.value)
+
+
+def test_a_gpu_trainer_without_a_gpu_is_a_config_error_naming_the_accelerator(monkeypatch):
+    """trainer=ddp on a CPU machine said "trainer=gpu ..." (ddp builds on gpu) and exited 1, not a config error's 2."""
+    from cwic_exp import train as T
+    from cwic_exp.config import ConfigError
+    monkeypatch.setattr(T.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"trainer.accelerator=gpu \(trainer=gpu, trainer=ddp\) but no CUDA"):
+        T._accelerator(_compose(["trainer=ddp"]))
+    assert T._accelerator(_compose(["trainer.accelerator=auto"])) == "cpu"
 
 
 def test_devices_are_checked_as_the_cpu_takes_them_under_accelerator_auto(monkeypatch):

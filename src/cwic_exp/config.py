@@ -135,6 +135,7 @@ UNSUPPORTED_STRATEGIES = {
     "ddp_spawn": "it pickles the student, whose CWIC class is built at run time (PicklingError)",
 }
 
+APR_FINAL_MAX = 100    # an HF export at each whole APR up to it; far past the paper's 6.05
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
@@ -220,14 +221,26 @@ def validate(cfg) -> None:
             raise ConfigError(f"optim.{name} must be a finite number, got {o[name]}")
     if c.apr_start < 1:
         raise ConfigError(f"cwic.apr_start must be ≥ 1 (an APR below 1 is denser than dense), got {c.apr_start}")
-    if c.apr_final < 1:
-        raise ConfigError(f"cwic.apr_final must be ≥ 1, got {c.apr_final}")
+    if not 1 <= c.apr_final <= APR_FINAL_MAX:
+        raise ConfigError(f"cwic.apr_final must be in [1, {APR_FINAL_MAX}], got {c.apr_final}: the run exports an HF "
+                          f"model at each whole APR on the way (2.05×, 3.05×, ...; the paper stops at 6.05×)")
     if c.apr_start > c.apr_final + 0.05:
         raise ConfigError(f"cwic.apr_start ({c.apr_start}) must be ≤ cwic.apr_final + 0.05 ({c.apr_final + 0.05}): "
                           f"the target rises from start to final + 0.05 over the warm-up")
     if c.head_max_reduction is not None and not c.head_max_reduction >= 1:
         raise ConfigError(f"cwic.head_max_reduction must be ≥ 1 (the head's largest APR) or null, got "
                           f"{c.head_max_reduction}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= o[name] < 1:
+            raise ConfigError(f"optim.{name} must be in [0, 1) (AdamW), got {o[name]}")
+    if o.schedule_steps < 1:
+        raise ConfigError(f"optim.schedule_steps must be ≥ 1 (the cosine decay's length), got {o.schedule_steps}")
+    if d.max_len is not None and d.max_len < 1:
+        raise ConfigError(f"data.max_len must be ≥ 1 or null (data.seq_len), got {d.max_len}")
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be ≥ 0 (0: load in the main process), got {d.num_workers}")
+    if os.path.exists(str(cfg.out_dir)) and not os.path.isdir(str(cfg.out_dir)):
+        raise ConfigError(f"out_dir must be a folder, and {cfg.out_dir} is a file")
     if o.warmup_steps < 0 or o.weight_decay < 0:
         raise ConfigError(f"optim.warmup_steps and optim.weight_decay must be ≥ 0, got {o.warmup_steps}, "
                           f"{o.weight_decay}")
@@ -247,11 +260,13 @@ def validate(cfg) -> None:
     if not 0 <= c.beta_dist < 1:
         raise ConfigError(f"cwic.beta_dist must be in [0, 1), got {c.beta_dist}")
     if c.lambda_ap < 0 or c.mse_weight < 0 or c.eta_theta <= 0:
-        raise ConfigError("cwic.lambda_ap and cwic.mse_weight must be ≥ 0 and cwic.eta_theta > 0")
+        raise ConfigError(f"cwic.lambda_ap and cwic.mse_weight must be ≥ 0 and cwic.eta_theta > 0, got "
+                          f"{c.lambda_ap}, {c.mse_weight}, {c.eta_theta}")
     if o.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
     if t.max_steps < 1 or t.sequences_per_step < 1 or t.micro_batch_size < 1:
-        raise ConfigError("trainer.max_steps, sequences_per_step and micro_batch_size must be ≥ 1")
+        raise ConfigError(f"trainer.max_steps, sequences_per_step and micro_batch_size must be ≥ 1, got "
+                          f"{t.max_steps}, {t.sequences_per_step}, {t.micro_batch_size}")
     if t.sequences_per_step % t.micro_batch_size:
         raise ConfigError(f"trainer.sequences_per_step ({t.sequences_per_step}) must be a multiple of "
                           f"trainer.micro_batch_size ({t.micro_batch_size})")

@@ -36,7 +36,9 @@ def _accelerator(cfg) -> str:
     if acc in ("gpu", "cuda", "auto") and not torch.cuda.is_available():
         if acc == "auto":
             return "cpu"
-        raise SystemExit("config error: trainer=gpu but no CUDA device is visible; use trainer=cpu")
+        from .config import ConfigError
+        raise ConfigError(f"trainer.accelerator={acc} (trainer=gpu, trainer=ddp) but no CUDA device is visible; "
+                          f"use trainer=cpu")
     return "gpu" if acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available()) else acc
 
 

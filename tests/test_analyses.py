@@ -467,3 +467,33 @@ def test_analysis_json_is_strict(tmp_path):
     from conftest import strict_json
     save_json(tmp_path / "r.json", {"kl": float("nan"), "apr": torch.tensor(3.0).item(), "rows": [float("inf"), 1]})
     assert strict_json((tmp_path / "r.json").read_text()) == {"kl": None, "apr": 3.0, "rows": [None, 1]}
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("arc_compute", ["--limit", "-1"]),            # sliced off the last question ([:-1]) instead
+    ("arc_compute", ["--batch-size", "0"]),
+    ("run_all", ["--arc-limit", "0"]),
+    ("kl_vs_apr", ["--rows", "x"]),
+    ("activation_frequency", ["--threads", "-2"]),
+])
+def test_analysis_counts_below_one_are_refused(script, argv, capsys):
+    import importlib
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(script).main(argv)
+    assert e.value.code == 2 and "expected a whole number ≥ 1" in capsys.readouterr().err
+
+
+def test_analyses_write_outside_the_tracked_results_by_default(tmp_path, monkeypatch):
+    """The default --out overwrote committed files under experiments/results/analyses/; it is runs/analyses/ now
+    (ignored by git). With no runs/LATEST, the message names the script's own option."""
+    import argparse
+    import subprocess
+    import common
+    args = common.add_common_args(argparse.ArgumentParser()).parse_args([])
+    root = Path(__file__).resolve().parents[1]
+    assert Path(args.out) == root / "runs" / "analyses"
+    assert subprocess.run(["git", "check-ignore", "-q", str(Path(args.out) / "x.png")], cwd=root).returncode == 0
+    from cwic_exp.chat import default_model
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="or pass --checkpoint PATH"):
+        default_model(search=[tmp_path], option="--checkpoint")

@@ -24,7 +24,7 @@ import csv
 import torch
 
 from common import (NOTE, add_common_args, describe, dumps, heldout_rows, load_cwic, log, MaskRecorder,
-                    packed_batches, plt, save_json, setup)
+                    packed_batches, plt, positive_int, save_json, setup)
 
 KIND_ORDER = ["q", "k", "v", "o", "gate", "up+down"]
 KIND_COLOURS = {"q": "#1f77b4", "k": "#ff7f0e", "v": "#2ca02c", "o": "#d62728", "gate": "#9467bd",
@@ -165,8 +165,8 @@ def fig8(model, rec, label, out):
 def main(argv=None):
     p = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     p.add_argument("--compare", nargs="*", default=[], help="more checkpoints for Fig. 7 (e.g. a milestone)")
-    p.add_argument("--rows", type=int, default=8, help="held-out rows (of 512 tokens: common.heldout_rows)")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--rows", type=positive_int, default=8, help="held-out rows (of 512 tokens: common.heldout_rows)")
+    p.add_argument("--batch-size", type=positive_int, default=2)
     args = p.parse_args(argv)
     out = setup(args)
     model, rec, data_kw = record(args.checkpoint, args.rows, args.batch_size, args.device)

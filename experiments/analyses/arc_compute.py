@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from common import NOTE, add_common_args, describe, dumps, load_cwic, log, plt, save_json, setup
+from common import NOTE, add_common_args, describe, dumps, load_cwic, log, plt, positive_int, save_json, setup
 
 SETS = ["ARC-Easy", "ARC-Challenge"]
 COLOURS = {"ARC-Easy": "#2ca02c", "ARC-Challenge": "#d62728"}
@@ -88,8 +88,8 @@ def measure(model, tok, questions, batch_size, device, name):
 
 def main(argv=None):
     p = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    p.add_argument("--limit", type=int, default=None, help="first N questions of each set (default: all)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=positive_int, default=None, help="first N questions of each set (default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
     args = p.parse_args(argv)
     out = setup(args)
     model, tok = load_cwic(args.checkpoint, args.device)

@@ -1,6 +1,7 @@
 """Shared helpers of the analysis scripts: checkpoints, held-out chat rows, mask recording, output files.
 
-Every script writes under experiments/results/analyses/ (or --out): a PNG and the data behind it.
+Every script writes under runs/analyses/ (or --out): a PNG and the data behind it. The committed results under
+experiments/results/ were written with --out naming their folder; the default stays out of the tracked tree.
 """
 from __future__ import annotations
 
@@ -12,18 +13,30 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-OUT = ROOT / "experiments" / "results" / "analyses"
+OUT = ROOT / "runs" / "analyses"
 NOTE = "active parameters count q,k,v,o,gate,up+down,head; not embeddings or attention scores"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a count ≥ 1 (a negative --limit sliced off the last question instead)."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        import argparse
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}")
+    return v
+
+
 def add_common_args(p, checkpoint: bool = True):
     if checkpoint:
         p.add_argument("--checkpoint", default=None, help="CWIC checkpoint folder (default: runs/LATEST)")
-    p.add_argument("--out", default=str(OUT))
+    p.add_argument("--out", default=str(OUT), help=f"output folder (default: {OUT.relative_to(ROOT)})")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (the CPU may be shared)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (the CPU may be shared)")
     return p
 
 
@@ -32,7 +45,7 @@ def setup(args):
         torch.set_num_threads(args.threads)
     if getattr(args, "checkpoint", "x") is None:
         from cwic_exp.chat import default_model
-        args.checkpoint = default_model()
+        args.checkpoint = default_model(option="--checkpoint")
     if getattr(args, "checkpoint", None) and not getattr(args, "transcript", None):
         from cwic_exp.teacher import check_checkpoint
         try:

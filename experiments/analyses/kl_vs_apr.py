@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from common import NOTE, add_common_args, dumps, heldout_rows, load_cwic, log, packed_batches, plt, run_config, run_dir, save_json, setup
+from common import NOTE, add_common_args, dumps, heldout_rows, load_cwic, log, packed_batches, plt, positive_int, run_config, run_dir, save_json, setup
 
 
 def milestones(final) -> list[Path]:
@@ -66,8 +66,8 @@ def main(argv=None):
     p = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     p.add_argument("--checkpoints", nargs="*", default=None, help="explicit list instead of the run's milestones")
     p.add_argument("--teacher", default=None, help="default: the run config's model.name, else SmolLM2")
-    p.add_argument("--rows", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--rows", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=2)
     args = p.parse_args(argv)
     if args.checkpoints:
         args.checkpoint = args.checkpoint or args.checkpoints[-1]

@@ -7,7 +7,7 @@
 Runs, in order: activation_frequency (Fig. 4, 7, 8; Fig. 7 also at the run's first APR milestone when it
 exists), token_compute (Fig. 5/9 and chat_capture.png), arc_compute (Fig. 6), kl_vs_apr (over the run's
 milestones) and chat_capture (a tmux capture of the interactive chat). Everything lands in --out
-(default experiments/results/analyses/) with run_all.json: the checkpoint, each step's wall time and
+(default runs/analyses/) with run_all.json: the checkpoint, each step's wall time and
 the headline numbers.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import arc_compute  # noqa: E402
 import chat_capture  # noqa: E402
 import kl_vs_apr  # noqa: E402
 import token_compute  # noqa: E402
-from common import add_common_args, describe, log, setup  # noqa: E402
+from common import add_common_args, describe, log, positive_int, setup  # noqa: E402
 
 STEPS = ["frequency", "tokens", "arc", "kl", "tmux"]
 
@@ -32,8 +32,8 @@ STEPS = ["frequency", "tokens", "arc", "kl", "tmux"]
 def main(argv=None):
     p = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     p.add_argument("--skip", nargs="*", default=[], choices=STEPS)
-    p.add_argument("--rows", type=int, default=8, help="held-out rows for frequencies and KL")
-    p.add_argument("--arc-limit", type=int, default=None, help="questions per ARC set (default: all)")
+    p.add_argument("--rows", type=positive_int, default=8, help="held-out rows for frequencies and KL")
+    p.add_argument("--arc-limit", type=positive_int, default=None, help="questions per ARC set (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     args = p.parse_args(argv)
     out = setup(args)

@@ -356,7 +356,7 @@ def test_cli_writes_results_and_ends_with_json(tmp_path, method, capsys, monkeyp
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == pytest.approx(summary)
     assert set(summary) >= {"arc_easy", "piqa", "all", "apr", "kl", "ppl"}
-    name = "dense" if method == "dense" else "teal-greedy-40"
+    name = "dense-tiny-limit2" if method == "dense" else "teal-greedy-40-tiny-limit2"
     res = json.loads((tmp_path / "out" / f"{name}.json").read_text())
     assert (tmp_path / "out" / f"{name}.md").read_text().count("| ") > 10
     assert summary["winogrande"] == res["tasks"]["winogrande"]["acc"]            # its column reads acc
@@ -544,7 +544,7 @@ def test_cli_cwic_measures_kl_against_the_checkpoints_own_teacher(tmp_path, caps
         cfg = compose(config_name="config", overrides=over)          # model= left at its default, SmolLM2
     summary = main(cfg)
     assert summary["apr"] == pytest.approx(1.0) and summary["kl"] == pytest.approx(0.0, abs=1e-6)
-    assert json.loads((tmp_path / "out" / "cwic.json").read_text())["teacher"] == str(folder)
+    assert json.loads((tmp_path / "out" / "cwic-cwic-limit2.json").read_text())["teacher"] == str(folder)
     # a checkpoint carried from another machine names a teacher path that is not here: model= stands in
     student.config.cwic_teacher = "/training/box/teacher"
     student.save_pretrained(tmp_path / "cwic")
@@ -662,3 +662,53 @@ def test_a_tasks_compute_is_weighted_by_tokens():
     assert t["active"] == pytest.approx(190.0) and t["apr"] == pytest.approx(400 / 190)
     assert t["per_question"] == {0: 100.0, 1: 200.0} and t["tokens"] == 10 and t["questions"] == 2
 
+
+
+def _eval_cfg(over):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from cwic_exp.eval.__main__ import CONF
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return OmegaConf.to_container(compose(config_name="config", overrides=over), resolve=True)
+
+
+@pytest.mark.parametrize("over, needle", [
+    (["+foo=1"], r"unknown key\(s\) foo: not in conf/eval/config.yaml"),      # ran the whole 7-task evaluation
+    (["+teal.foo=1"], r"unknown key\(s\) teal.foo"),
+    (["limit=-1"], "limit must be a number of questions ≥ 1"),                # islice()'s error
+    (["limit=0"], "limit must be"),                                           # "did not find any docs"
+    (["dtype=float8"], "dtype must be float32, bfloat16 or float16, got 'float8'"),   # an AttributeError
+    (["device=gpu"], "device must be auto, cpu, cuda or cuda:N"),
+    (["tasks=[arc_easy,foo]"], "unknown task 'foo'"),
+    (["method=cwic"], "method=cwic needs checkpoint="),
+    (["method=cwic", "checkpoint=/no/such/run"], "/no/such/run"),
+    (["method=teal", "sparsity=1.5"], "sparsity must be in"),
+])
+def test_eval_config_errors_are_one_line_before_any_load(over, needle):
+    from cwic_exp.config import ConfigError
+    from cwic_exp.eval.__main__ import check_config
+    with pytest.raises(ConfigError, match=needle) as e:
+        check_config(_eval_cfg(over))
+    assert "\n" not in str(e.value)
+
+
+def test_eval_config_error_from_the_command_line():
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "cwic_exp.eval", "limit=-1"], cwd=root, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("config error: limit must be")
+
+
+def test_eval_output_names_say_what_ran():
+    """Every CWIC checkpoint wrote cwic.json and every dense model dense.json, the last run replacing the one before."""
+    from cwic_exp.eval.__main__ import default_name
+    a = default_name(_eval_cfg(["method=cwic", "checkpoint=runs/a/hf/apr_3.05x"]))
+    b = default_name(_eval_cfg(["method=cwic", "checkpoint=runs/b/hf/apr_3.05x"]))
+    assert (a, b) == ("cwic-a-apr_3.05x", "cwic-b-apr_3.05x")
+    assert default_name(_eval_cfg(["model=meta-llama/Llama-3.2-1B-Instruct", "limit=50"])) == \
+        "dense-Llama-3.2-1B-Instruct-limit50"
+    assert default_name(_eval_cfg(["method=teal", "sparsity=0.5", "teal.mode=uniform"])) == \
+        "teal-uniform-50-smollm2-135m-instruct"

@@ -11,15 +11,64 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ..files import dumps as json_dumps
+from ..files import dumps as json_dumps, write_text_atomic
 
 CONF = Path(__file__).resolve().parents[3] / "conf" / "eval"
 log = logging.getLogger("cwic_exp.eval")
+
+
+def check_config(c: dict) -> None:
+    """ConfigError (one line) for what would fail late or run something else than asked, before anything loads."""
+    import re
+    import torch
+    from ..config import ConfigError
+    from ..teacher import check_checkpoint
+    from .lm import resolve_tasks
+    from .run import check_method
+    defaults = OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml"))
+    extra = sorted(set(c) - set(defaults)) + sorted(f"{g}.{k}" for g in ("teal", "chat") if isinstance(c.get(g), dict)
+                                                   for k in set(c[g]) - set(defaults[g]))
+    if extra:
+        raise ConfigError(f"unknown key(s) {', '.join(extra)}: not in conf/eval/config.yaml, so nothing would read "
+                          f"them")
+    try:
+        check_method(c["method"], c["sparsity"], c["teal"], c["checkpoint"])
+        resolve_tasks(c["tasks"])
+        if c["method"] == "cwic":
+            check_checkpoint(c["checkpoint"], "checkpoint=")
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
+    if c["limit"] is not None and (isinstance(c["limit"], bool) or not isinstance(c["limit"], int) or c["limit"] < 1):
+        raise ConfigError(f"limit must be a number of questions ≥ 1, or null (the full sets), got {c['limit']!r}")
+    if c["dtype"] not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {c['dtype']!r}")
+    dev = str(c["device"])
+    if not (dev in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", dev)):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={dev} but no CUDA device is visible; use device=cpu (or auto)")
+
+
+def default_name(c: dict) -> str:
+    """The output files' stem: the method, what it ran on and any limit, so that two evaluations do not share one
+    (every CWIC checkpoint wrote cwic.json, every dense model dense.json)."""
+    from ..config import folder_name
+    head = {"dense": "dense", "cwic": "cwic", "teal": f"teal-{c['teal']['mode']}-{int(round(c['sparsity'] * 100))}"}
+    return folder_name(f"{head[c['method']]}-{model_label(c)}" + (f"-limit{c['limit']}" if c["limit"] else ""))
+
+
+def model_label(c: dict) -> str:
+    """What was evaluated: the model's folder or hub name; a training export runs/<run>/hf/<name> as <run>-<name>."""
+    if c["method"] != "cwic":
+        return Path(str(c["model"])).name
+    p = Path(str(c["checkpoint"]))
+    return f"{p.parent.parent.name}-{p.name}" if p.parent.name == "hf" else p.name
 
 
 def main(cfg: DictConfig) -> dict:
@@ -28,6 +77,7 @@ def main(cfg: DictConfig) -> dict:
     from .run import build_model, evaluate_model
     from .table import compute_table, table3
     c = OmegaConf.to_container(cfg, resolve=True)
+    check_config(c)
     torch.manual_seed(0)
     model, tok, info = build_model(c["model"], c["method"], c["sparsity"], c["checkpoint"],
                                    c["teal"],
@@ -62,18 +112,18 @@ def main(cfg: DictConfig) -> dict:
     res.update(info)
     res["config"] = c
     technique = {"dense": "", "teal": f"TEAL ({c['teal']['mode']})", "cwic": "CWIC"}[c["method"]]
-    row = {"model": Path(str(c["model"])).name, "technique": technique, "step": "_", **res}
+    row = {"model": model_label(c), "technique": technique, "step": "_", **res}
     if c["method"] == "teal":
         row["target_sparsity"] = c["sparsity"]
-    name = c["name"] or (c["method"] if c["method"] != "teal"
-                         else f"teal-{c['teal']['mode']}-{int(round(c['sparsity'] * 100))}")
+    name = c["name"] or default_name(c)
     out = Path(c["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json_dumps(res, indent=1, default=str))
+    write_text_atomic(out / f"{name}.json", json_dumps(res, indent=1, default=str))
     md = [f"# {name}", "", f"limit: {c['limit'] or 'full sets'}; device {info['device']}, {info['dtype']}", "",
           table3([row]), "", compute_table([row]), ""]
-    (out / f"{name}.md").write_text("\n".join(md))
+    write_text_atomic(out / f"{name}.md", "\n".join(md))
     print(table3([row]))
+    print(f"wrote {out / name}.json and .md", file=sys.stderr)
     summary = cli_summary(res)
     print(json_dumps(summary))
     return summary
@@ -91,7 +141,12 @@ def cli_summary(res: dict) -> dict:
 
 @hydra.main(config_path=str(CONF), config_name="config", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
-    main(cfg)
+    from ..config import ConfigError
+    try:
+        main(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -74,24 +74,30 @@ def teal_calibration(model, tok, model_name: str, calib_rows: int = 64, calib_se
     return calib, rows
 
 
+def check_method(method: str, sparsity: float, teal: dict | None, checkpoint: str | None) -> None:
+    """ValueError for a method, TEAL setting or missing checkpoint that cannot run, before anything loads (they used
+    to raise after the teacher's load, the TEAL mode after a whole calibration)."""
+    if method not in ("dense", "teal", "cwic"):
+        raise ValueError(f"unknown method {method!r}: expected dense, teal or cwic")
+    if method == "teal":
+        mode = (teal or {}).get("mode", "greedy")
+        if mode not in ("greedy", "uniform"):
+            raise ValueError(f"unknown teal.mode {mode!r}: expected greedy or uniform")
+        if not 0 <= sparsity < 1:
+            raise ValueError(f"sparsity must be in [0, 1) for method=teal, got {sparsity}")
+    if method == "cwic" and not checkpoint:
+        raise ValueError("method=cwic needs checkpoint=<folder saved by training>")
+
+
 def build_model(model: str = "smollm2-135m-instruct", method: str = "dense", sparsity: float = 0.5,
                 checkpoint: str | None = None, teal: dict | None = None, device: str = "auto",
                 dtype: str = "float32"):
     """-> (model, tokenizer, info). method: dense | teal | cwic (a CWIC checkpoint folder)."""
     from .. import load_teacher
-    if method not in ("dense", "teal", "cwic"):     # before loading anything (it used to raise after the teacher's load)
-        raise ValueError(f"unknown method {method!r}: expected dense, teal or cwic")
-    if method == "teal":
-        mode = (teal or {}).get("mode", "greedy")
-        if mode not in ("greedy", "uniform"):        # (it used to raise after the TEAL calibration)
-            raise ValueError(f"unknown teal.mode {mode!r}: expected greedy or uniform")
-        if not 0 <= sparsity < 1:
-            raise ValueError(f"sparsity must be in [0, 1) for method=teal, got {sparsity}")
+    check_method(method, sparsity, teal, checkpoint)
     device, dt = pick_device(device), _dtype(dtype)
     info = {"method": method, "model": model, "device": device, "dtype": str(dt).replace("torch.", "")}
     if method == "cwic":
-        if not checkpoint:
-            raise ValueError("method=cwic needs checkpoint=<folder saved by training>")
         from ..teacher import check_checkpoint
         check_checkpoint(checkpoint, "checkpoint=")
         from transformers import AutoModelForCausalLM, AutoTokenizer

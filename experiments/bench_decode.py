@@ -20,7 +20,11 @@ def main(argv=None):
     for p in (ROOT, os.path.join(ROOT, "src")):
         if p not in sys.path:
             sys.path.insert(0, p)
-    mod = importlib.import_module(f"experiments.bench.{'gpu' if args.device == 'cuda' else 'cpu'}_decode")
+    name = f"{'gpu' if args.device == 'cuda' else 'cpu'}_decode"
+    if {"-h", "--help"} & set(rest):   # the script's help alone never named --device
+        print(f"bench_decode.py --device cuda|cpu (default cuda): --device {args.device} runs "
+              f"experiments/bench/{name}.py, whose options follow\n")
+    mod = importlib.import_module(f"experiments.bench.{name}")
     return mod.main(rest)
 
 

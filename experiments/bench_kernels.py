@@ -26,6 +26,9 @@ def main(argv=None):
     if args.compact and args.device != "cuda":
         raise SystemExit("--compact is a GPU benchmark (--device cuda)")
     name = "gpu_compact" if args.compact else f"{'gpu' if args.device == 'cuda' else 'cpu'}_kernels"
+    if {"-h", "--help"} & set(rest):   # the script's help alone never named --device
+        print(f"bench_kernels.py --device cuda|cpu (default cuda) [--compact, cuda]: --device {args.device} runs "
+              f"experiments/bench/{name}.py, whose options follow\n")
     mod = importlib.import_module(f"experiments.bench.{name}")
     return mod.main(rest)
 

@@ -11,3 +11,18 @@ def parse_list(s: str, conv, what: str) -> list:
     if not out:
         raise SystemExit(f"{what}: a comma-separated list, got {s!r}")
     return out
+
+
+def at_least(lo: int):
+    """An argparse type: a whole number ≥ lo, else argparse's one-line error (exit 2) naming the option."""
+    def whole(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = lo - 1
+        if v < lo:
+            import argparse
+            raise argparse.ArgumentTypeError(f"expected a whole number ≥ {lo}, got {text!r}")
+        return v
+    whole.__name__ = f"whole number ≥ {lo}"
+    return whole

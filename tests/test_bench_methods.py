@@ -512,3 +512,34 @@ def test_calibrate_apr_weights_a_partial_stripe_by_its_rows():
             reads = gemv_active_params(xs[n], mean, mod.thresholds(), mod.out_features, mod.stripe_size)
             assert abs(reads.mean().item() / (mod.in_features * mod.out_features) - 1 / 3.0) < 0.003, n
     assert partial > 0
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("cpu_decode", ["--new-tokens", "-5"]),       # "KV cache full" after the calibration
+    ("cpu_decode", ["--rounds", "0"]),            # taken as the default 9
+    ("cpu_decode", ["--threads", "-1"]),
+    ("cpu_kernels", ["--reps", "0"]),             # "no median for empty data" after the first table
+    ("cpu_kernels", ["--repeat", "0"]),
+    ("cpu_kernels", ["--tokens", "x"]),
+])
+def test_cpu_bench_counts_are_refused_by_argparse(module, argv, capsys):
+    import importlib
+    mod = importlib.import_module(f"experiments.bench.{module}")
+    with pytest.raises(SystemExit) as e:
+        mod.main(argv)
+    assert e.value.code == 2 and f"argument {argv[0]}: expected a whole number ≥" in capsys.readouterr().err
+
+
+def test_kernel_bench_quick_does_not_drop_given_sparsities():
+    from experiments.bench import cpu_kernels
+    with pytest.raises(SystemExit, match="--quick times its own sparsities .*drop --quick to time --sparsities 0.9"):
+        cpu_kernels.main(["--quick", "--sparsities", "0.9"])
+
+
+@pytest.mark.parametrize("script", ["bench_kernels", "bench_decode"])
+def test_bench_dispatcher_help_names_the_device_option(script, capsys):
+    import importlib
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(f"experiments.{script}").main(["--device", "cpu", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(f"{script}.py --device cuda|cpu (default cuda)") and "usage:" in out

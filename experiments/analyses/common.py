@@ -13,22 +13,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from experiments.cli import at_least  # noqa: E402
+
+positive_int = at_least(1)   # a count (a negative --limit sliced off the last question instead)
 OUT = ROOT / "runs" / "analyses"
 NOTE = "active parameters count q,k,v,o,gate,up+down,head; not embeddings or attention scores"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a count ≥ 1 (a negative --limit sliced off the last question instead)."""
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        import argparse
-        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}")
-    return v
 
 
 def add_common_args(p, checkpoint: bool = True):

@@ -387,13 +387,16 @@ def table(res: dict) -> str:
 
 
 def main(argv=None):
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from experiments.cli import at_least
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="smollm2,llama1b", help="comma list of smollm2, llama1b")
     ap.add_argument("--aprs", default="2,3,4")
-    ap.add_argument("--new-tokens", type=int, default=0, help="timed tokens (default 64 SmolLM2, 24 1B)")
-    ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 9)")
+    ap.add_argument("--new-tokens", type=at_least(1), default=None, help="timed tokens (default 64 SmolLM2, 24 1B)")
+    ap.add_argument("--rounds", type=at_least(1), default=None, help="interleaved rounds (default 9)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=at_least(0), default=0, help="threads (0: torch's default)")
     ap.add_argument("--stripe-smollm2", type=int, default=192)
     ap.add_argument("--stripe-llama1b", type=int, default=512)
     ap.add_argument("--llama1b-layers", type=int, default=16, help="fewer: a quicker, smaller stand-in")

@@ -298,18 +298,24 @@ def table(name: str, res: dict, sparsities) -> str:
 
 
 def main(argv=None):
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from experiments.cli import at_least
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtypes", default="bf16,fp32", help="comma list of bf16, fp32 (first: headline)")
     ap.add_argument("--sparsities", default=None, help="comma list (default 0,0.25,0.5,0.66,0.75,0.8,0.9)")
-    ap.add_argument("--reps", type=int, default=21, help="rounds (median)")
-    ap.add_argument("--tokens", type=int, default=8, help="distinct tokens cycled through")
-    ap.add_argument("--threads", type=int, default=0, help="threads (0: torch.get_num_threads())")
+    ap.add_argument("--reps", type=at_least(1), default=None, help="rounds (median; default 21, --quick 9)")
+    ap.add_argument("--tokens", type=at_least(1), default=8, help="distinct tokens cycled through")
+    ap.add_argument("--threads", type=at_least(0), default=0, help="threads (0: torch.get_num_threads())")
     ap.add_argument("--evict-mib", type=int, default=None,
                     help="eviction buffer before each timed call (default: twice the L3, at least 128 MiB)")
     ap.add_argument("--quick", action="store_true", help="bf16 only, sparsities 0.5/0.66/0.8, 9 rounds")
-    ap.add_argument("--repeat", type=int, default=1, help="whole measurements; headline = median over them")
+    ap.add_argument("--repeat", type=at_least(1), default=1, help="whole measurements; headline = median over them")
     ap.add_argument("--out", default=None, help="folder for cpu_kernels.json and cpu_kernels.md")
     args = ap.parse_args(argv)
+    if args.quick and args.sparsities:   # --quick used to replace them without a word
+        raise SystemExit(f"--quick times its own sparsities ({', '.join(map(str, QUICK_SPARSITIES))}): drop "
+                         f"--quick to time --sparsities {args.sparsities}")
     dtypes = ["bf16"] if args.quick else [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not dtypes or any(d not in DTYPES for d in dtypes):   # before any work, not after the first dtype's table
         raise SystemExit(f"--dtypes: a comma-separated list of {', '.join(DTYPES)}; got {args.dtypes!r}")
@@ -333,7 +339,7 @@ def main(argv=None):
         if must not in sparsities:
             sparsities.append(must)
     sparsities = sorted(set(sparsities))
-    reps = 9 if args.quick and args.reps == 21 else args.reps
+    reps = args.reps or (9 if args.quick else 21)
     info = machine()
     info.update({"isa": C.best_isa(), "kernel_threads": threads})
     print(f"CPU kernels: {info.get('cpu', '?')}, {info['cpus']} CPUs, torch {torch.__version__} "

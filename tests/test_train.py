@@ -824,7 +824,7 @@ def test_smoke_run_and_resume_continue_the_same_trajectory(tmp_path, capsys):
         torch.testing.assert_close(sa[k], sb[k], atol=1e-5, rtol=1e-4)
 
 
-def test_time_limit_stop_saves_and_resumes_the_same_trajectory(tmp_path):
+def test_time_limit_stop_saves_and_resumes_the_same_trajectory(tmp_path, capsys):
     from cwic_exp.train import run
     import pandas  # noqa: F401
     a = run(_smoke_cfg(tmp_path / "a", 5, ["trainer.ckpt_every=100"]), tmp_path / "a" / "t")
@@ -832,6 +832,7 @@ def test_time_limit_stop_saves_and_resumes_the_same_trajectory(tmp_path):
     s = run(_smoke_cfg(tmp_path / "b", 5, ["trainer.ckpt_every=100", "trainer.max_minutes=0.0001"]),
             tmp_path / "b" / "t")
     assert 0 < s["steps"] < 5 and not s["finished"]
+    assert f"NOT FINISHED: stopped by trainer.max_minutes at step {s['steps']} of 5" in capsys.readouterr().out
     assert (tmp_path / "b" / "t" / "checkpoints" / "last.ckpt").exists()
     # the same command again makes progress: the limit counts from each start (Lightning's own timer restored the
     # time already spent, and the rerun stopped at once)
@@ -869,7 +870,7 @@ def test_an_interrupted_run_exits_non_zero(monkeypatch):
             assert e.value.code == code
 
 
-def test_ctrl_c_stops_after_the_step_and_the_rerun_loses_nothing(tmp_path, monkeypatch):
+def test_ctrl_c_stops_after_the_step_and_the_rerun_loses_nothing(tmp_path, monkeypatch, capsys):
     """Ctrl-C during a run: the step finishes, last.ckpt holds it (it used to keep only the last periodic one), no
     export; the same command resumes there, finishes at a max_steps that is no multiple of ckpt_every with a
     checkpoint of that very step, and metrics.csv keeps the rows from before the resume. A different command on the
@@ -920,8 +921,10 @@ def test_ctrl_c_stops_after_the_step_and_the_rerun_loses_nothing(tmp_path, monke
     load = T.load_teacher
     monkeypatch.setattr(T, "load_teacher", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stopped here")))
     (tmp_path / "t" / "wandb_id").write_text("old-run")
+    capsys.readouterr()
     with pytest.raises(RuntimeError, match="stopped here"):
         run(_smoke_cfg(tmp_path, 2, ["cwic.lambda_ap=1", "resume=false"]), tmp_path / "t")
+    assert "resume=false: removed the earlier run's checkpoints, exports and summary" in capsys.readouterr().err
     assert not (tmp_path / "LATEST").exists() and not (tmp_path / "t" / "hf").exists()
     # nor its checkpoints (the new run would resume them) or its wandb run
     assert not (tmp_path / "t" / "checkpoints").exists() and not (tmp_path / "t" / "wandb_id").exists()

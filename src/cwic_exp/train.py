@@ -155,6 +155,9 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         (run_dir / "wandb_id").unlink(missing_ok=True)
         if not cfg.resume:
+            if (run_dir / "hf").exists() or summary_file.exists():
+                print(f"resume=false: removed the earlier run's checkpoints, exports and summary in {run_dir}",
+                      file=sys.stderr)
             hf = (run_dir / "hf").resolve()
             if latest.exists() and hf in Path(latest.read_text().strip()).resolve().parents:
                 latest.unlink()
@@ -294,6 +297,9 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
               f"(counts q,k,v,o,gate,up+down,head; not embeddings/attention scores)")
         print(f"  KL to teacher ½(FKL+RKL) per token: {summary['kl']}")
         print(f"  HF export: {summary['checkpoint']}")
+        if not summary["finished"]:   # trainer.max_minutes: a summary that looked like the end of the run
+            print(f"  NOT FINISHED: stopped by trainer.max_minutes at step {steps} of {t.max_steps}; the same "
+                  f"command continues")
         print("=" * 60)
         print(json_dumps(summary), flush=True)
     return summary

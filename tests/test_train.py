@@ -619,6 +619,15 @@ def test_run_name_cannot_point_at_out_dir_or_above(name):
         validate(_compose([f"run_name={name}"]))
 
 
+def test_the_paper_mix_offline_is_a_config_error(monkeypatch):
+    """It streamed from the hub and stopped with a traceback once the data module started."""
+    from cwic_exp.config import ConfigError, validate
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="data=paper_mix streams its datasets from the Hugging Face hub, which is "
+                                          "not reachable here .*HF_HUB_OFFLINE is set.*offline, use data=sharegpt"):
+        validate(_compose(["+experiment=paper_1b"]))
+
+
 def test_paper_recipes_get_table_5_where_they_do_not_say(tmp_path):
     """What the paper recipes leave to the defaults is Table 5's: λ_AP 10, β 0.99, α_ε 0.1, AdamW (0.9, 0.95)."""
     cfg = _compose(["+experiment=paper_1b"])

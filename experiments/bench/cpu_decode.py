@@ -391,8 +391,8 @@ def main(argv=None):
         sys.path.insert(0, ROOT)
     from experiments.cli import at_least
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="smollm2,llama1b", help="comma list of smollm2, llama1b")
-    ap.add_argument("--aprs", default="2,3,4")
+    ap.add_argument("--models", default=None, help="comma list of smollm2, llama1b (default both)")
+    ap.add_argument("--aprs", default=None, help="comma list of APRs (default 2,3,4)")
     ap.add_argument("--new-tokens", type=at_least(1), default=None, help="timed tokens (default 64 SmolLM2, 24 1B)")
     ap.add_argument("--rounds", type=at_least(1), default=None, help="interleaved rounds (default 9)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
@@ -423,6 +423,11 @@ def main(argv=None):
         if args.merge:
             raise SystemExit("--checkpoint writes its own table: give it its own --out, without --merge")
         args.forced = True   # trained and calibrated rows must read the same text to differ only in their thresholds
+    given = [f"--{k}" for k in ("models", "aprs", "new_tokens", "rounds") if getattr(args, k) is not None]
+    if args.quick and given:   # --quick used to replace them without a word
+        raise SystemExit(f"--quick sets its own models, APRs, tokens and rounds (SmolLM2, 3×, 32, 3): drop --quick "
+                         f"or {', '.join(g.replace('_', '-') for g in given)}")
+    args.models, args.aprs = args.models or "smollm2,llama1b", args.aprs or "2,3,4"
     models = ["smollm2"] if args.quick else [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in models if m not in ("smollm2", "llama1b")]
     if bad or not models:      # before any work: a bad name used to end the run after the first model's timings

@@ -293,6 +293,7 @@ def test_default_model_message(tmp_path, monkeypatch):
     (["--model", "x", "--temperature", "1", "--top-p", "0"], "--top-p"),
     (["--model", "x", "--temperature", "-1"], "--temperature"),
     (["--model", "x", "--threads", "-1"], "--threads"),
+    (["--model", "x", "--max-new-tokens", "-1"], "--max-new-tokens must be ≥ 0 and --max-context ≥ 1, got -1 and"),
     (["--model", "x", "--json", "/no/such/dir/t.json"], "--json /no/such/dir/t.json: its folder"),
 ])
 def test_chat_names_bad_arguments_before_loading(argv, needle):

@@ -777,7 +777,8 @@ def check_args(args) -> None:
     if not 0 < args.top_p <= 1:
         raise SystemExit(f"--top-p must lie in (0, 1], got {args.top_p}")
     if args.max_new_tokens < 0 or (args.max_context is not None and args.max_context < 1):
-        raise SystemExit("--max-new-tokens must be ≥ 0 and --max-context ≥ 1")
+        raise SystemExit(f"--max-new-tokens must be ≥ 0 and --max-context ≥ 1, got {args.max_new_tokens} and "
+                         f"{args.max_context}")
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads must be ≥ 1, got {args.threads}")
     for flag, path in (("--json", args.json), ("--html", args.html)):

@@ -27,7 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
 from cwic_exp.files import dumps as json_dumps, write_text_atomic  # noqa: E402
+from experiments.cli import at_least, parse_list  # noqa: E402
 
 # run -> (Hydra overrides, run_name, size, technique as the paper's tables name it)
 RUNS = {
@@ -91,24 +93,6 @@ def teacher_of(size: str) -> str:
     return OmegaConf.load(ROOT / "conf" / "model" / f"{SIZES[size][1]}.yaml").model.name
 
 
-def parse_runs(text: str) -> list[str]:
-    runs = [r.strip() for r in text.split(",") if r.strip()]
-    bad = [r for r in runs if r not in RUNS]
-    if bad or not runs:
-        raise SystemExit(f"--runs: unknown run(s) {bad or text!r}; expected some of {', '.join(RUNS)}")
-    return runs
-
-
-def parse_sparsities(text: str) -> list[float]:
-    try:
-        out = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise SystemExit(f"--teal: expected comma-separated sparsities in (0, 1), got {text!r}") from None
-    if any(not 0 < s < 1 for s in out):
-        raise SystemExit(f"--teal: every sparsity must lie in (0, 1), got {text!r}")
-    return out
-
-
 def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)] + ([env["PYTHONPATH"]] if env.get(
@@ -143,14 +127,19 @@ def eval_jobs(args) -> list[tuple[str, list[str], dict]]:
     for run in args.runs:
         _, run_name, size, technique = RUNS[run]
         hf = Path(args.out) / run_name / "hf"
-        for export in sorted(hf.glob("apr_*x")) + ([hf / "final"] if (hf / "final").is_dir() else []):
-            meta = export / "cwic_train_meta.json"
-            if not meta.exists():      # an export is renamed into place with its meta: this one is incomplete
+        steps = set()
+        for export in sorted(hf.glob("apr_*x")) + [hf / "final"]:
+            meta_file = export / "cwic_train_meta.json"
+            if not meta_file.exists():   # an export is renamed into place with its meta: absent, or incomplete
                 continue
-            step = json.loads(meta.read_text()).get("step", "_")
+            meta = json.loads(meta_file.read_text())
+            step = meta.get("step", meta.get("steps"))     # a milestone's meta says step, final's (the summary) steps
+            if export.name == "final" and (step in steps or not meta.get("finished")):
+                continue   # final is a milestone's weights again (the 15k-step runs), or a run stopped early
+            steps.add(step)
             jobs.append((f"{run}-{export.name}", ["method=cwic", f"checkpoint={export}", f"model={teacher_of(size)}"],
                          dict(model=SIZES[size][0], technique=technique, step=step, run=run, export=export.name)))
-    return jobs
+    return [(name + (f"-limit{args.limit}" if args.limit else ""), over, row) for name, over, row in jobs]
 
 
 def _done(path: Path) -> bool:
@@ -176,8 +165,8 @@ def evaluate(args) -> None:
             write_text_atomic(index_file, json_dumps(index, indent=1))
 
 
-def our_rows(eval_dir: Path) -> list[dict]:
-    """The evaluations of index.json as flat rows: model, technique, step, apr and COLS (percent)."""
+def our_rows(eval_dir: Path, limit: int | None = None) -> list[dict]:
+    """The evaluations of index.json run with `limit` as flat rows: model, technique, step, apr and COLS (percent)."""
     from cwic_exp.eval.table import metric_of
     index_file = eval_dir / "index.json"
     if not index_file.exists():
@@ -188,6 +177,8 @@ def our_rows(eval_dir: Path) -> list[dict]:
         if not _done(f):
             continue
         res = json.loads(f.read_text())
+        if (res.get("config") or {}).get("limit") != limit:   # a quicker --limit run's rows stay out of a full table
+            continue
         scores = {t: 100 * v[metric_of(t, "acc_norm")] for t, v in res["tasks"].items()
                   if v.get(metric_of(t, "acc_norm")) is not None}
         rows.append(dict(row, name=name, apr=res.get("apr") or 1.0, all=100 * res["all"] if res.get("all")
@@ -251,9 +242,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def table(args) -> None:
-    rows = sorted(our_rows(Path(args.out) / "eval"), key=_order)
+    rows = sorted(our_rows(Path(args.out) / "eval", args.limit), key=_order)
     if not rows:
-        raise SystemExit("table: no finished evaluation yet")
+        raise SystemExit(f"table: no finished evaluation yet{f' with --limit {args.limit}' if args.limit else ''}")
     res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
     limit = "full sets" if not args.limit else f"first {args.limit} questions a task"
@@ -275,13 +266,15 @@ def main(argv=None) -> int:
     p.add_argument("--teal", default="0.4,0.5,0.6,0.65,0.7", help="TEAL sparsities to evaluate (greedy)")
     p.add_argument("--out", default=str(ROOT / "runs" / "paper"), help="runs and evaluations")
     p.add_argument("--results", default=str(ROOT / "experiments" / "results" / "paper"))
-    p.add_argument("--limit", type=int, default=None, help="questions a task (default: the full sets)")
+    p.add_argument("--limit", type=at_least(1), default=None, help="questions a task (default: the full sets)")
     p.add_argument("--extra", nargs="*", default=[], help="extra Hydra overrides for every training run")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args(argv)
-    args.runs, args.teal = parse_runs(args.runs), parse_sparsities(args.teal)
-    if args.limit is not None and args.limit <= 0:
-        p.error(f"--limit must be a positive number of questions, got {args.limit}")
+    args.runs, args.teal = parse_list(args.runs, str, "--runs"), parse_list(args.teal, float, "--teal")
+    if any(r not in RUNS for r in args.runs):
+        raise SystemExit(f"--runs: unknown run(s) in {','.join(args.runs)!r}; expected some of {', '.join(RUNS)}")
+    if any(not 0 < s < 1 for s in args.teal):
+        raise SystemExit(f"--teal: every sparsity must lie in (0, 1), got {args.teal}")
     if args.stage in ("train", "all"):
         train(args)
     if args.stage in ("eval", "all"):

@@ -62,18 +62,19 @@ def _fake_eval(out_all: dict):
             return 1
         a = out_all.get(kw["name"], 0.40)
         res = {"tasks": {t: {"acc" if t == "winogrande" else "acc_norm": a} for t in R.COLS[1:]}, "all": a,
-               "apr": out_all.get("apr", 2.07)}
+               "apr": out_all.get("apr", 2.07), "config": {"limit": int(kw["limit"]) if "limit" in kw else None}}
         Path(kw["out_dir"]).mkdir(parents=True, exist_ok=True)
         (Path(kw["out_dir"]) / f"{kw['name']}.json").write_text(json.dumps(res))
         return 0
     return call, calls
 
 
-def _export(run_dir: Path, name: str, step: int | None):
+def _export(run_dir: Path, name: str, step: int | None, **meta):
+    """An export as training writes it: a milestone's meta says "step", final's (the run summary) "steps"."""
     d = run_dir / "hf" / name
     d.mkdir(parents=True)
     if step is not None:
-        (d / "cwic_train_meta.json").write_text(json.dumps({"step": step}))
+        (d / "cwic_train_meta.json").write_text(json.dumps({"steps" if name == "final" else "step": step, **meta}))
 
 
 def test_eval_takes_complete_exports_continues_and_the_table_compares(tmp_path, monkeypatch, capsys):
@@ -106,10 +107,42 @@ def test_eval_takes_complete_exports_continues_and_the_table_compares(tmp_path, 
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["train", "--runs", "1b,2b"], "unknown run.*'2b'"),
+    (["train", "--runs", "1b,2b"], "unknown run.*2b"),
+    (["eval", "--teal", ""], "--teal: a comma-separated list"),
     (["eval", "--teal", "0.5,1.5"], "sparsity must lie in"),
     (["table", "--out", "/nonexistent/x"], "run the eval stage first"),
 ])
 def test_bad_arguments_are_refused_by_name(argv, match):
     with pytest.raises(SystemExit, match=match):
         R.main(argv)
+
+
+def test_final_is_evaluated_once_and_only_when_the_run_finished(tmp_path):
+    """hf/final is the 15k-step runs' apr_6.05x again (linked): not evaluated twice; the 1B run's 18k-step final is
+    (Table 3's last row); a run stopped early by a time limit has a final that is not the run's."""
+    import argparse
+    args = argparse.Namespace(out=str(tmp_path), runs=["1b", "3b", "1b_mse"], teal=[], limit=None)
+    _export(tmp_path / "paper_1b", "apr_6.05x", 15000)
+    _export(tmp_path / "paper_1b", "final", 18000, finished=True)
+    _export(tmp_path / "paper_3b", "apr_6.05x", 15000)
+    _export(tmp_path / "paper_3b", "final", 15000, finished=True)
+    _export(tmp_path / "paper_1b_mse", "final", 7000, finished=False)
+    rows = {name: row for name, _, row in R.eval_jobs(args) if "run" in row}
+    assert sorted(rows) == ["1b-apr_6.05x", "1b-final", "3b-apr_6.05x"]
+    assert rows["1b-final"]["step"] == 18000
+    assert R.paper_match(dict(rows["1b-final"], apr=6.05))["all"] == 44.5
+    args.limit = 200                                   # a quicker run's files are its own
+    assert {n for n, *_ in R.eval_jobs(args)} == {"1b-apr_6.05x-limit200", "1b-final-limit200", "3b-apr_6.05x-limit200",
+                                                 "1b-dense-limit200", "3b-dense-limit200"}
+
+
+def test_a_limited_evaluation_is_not_taken_for_the_full_one(tmp_path, monkeypatch):
+    args = ["--out", str(tmp_path), "--runs", "1b", "--teal", "0.5", "--results", str(tmp_path / "res")]
+    call, calls = _fake_eval({})
+    monkeypatch.setattr(R.subprocess, "call", call)
+    R.main(["eval", *args, "--limit", "20"])
+    R.main(["eval", *args])
+    assert calls == ["1b-dense-limit20", "1b-teal-50-limit20", "1b-dense", "1b-teal-50"]
+    R.main(["table", *args, "--limit", "20"])       # each table from its own evaluations, headed by their limit
+    assert "first 20 questions a task" in (tmp_path / "res" / "README.md").read_text()
+    assert len(json.loads((tmp_path / "res" / "results.json").read_text())["rows"]) == 2

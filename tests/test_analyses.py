@@ -474,13 +474,13 @@ def test_analysis_json_is_strict(tmp_path):
     ("arc_compute", ["--batch-size", "0"]),
     ("run_all", ["--arc-limit", "0"]),
     ("kl_vs_apr", ["--rows", "x"]),
-    ("activation_frequency", ["--threads", "-2"]),
+    ("activation_frequency", ["--threads", "-2"]),   # 0 is torch's default
 ])
 def test_analysis_counts_below_one_are_refused(script, argv, capsys):
     import importlib
     with pytest.raises(SystemExit) as e:
         importlib.import_module(script).main(argv)
-    assert e.value.code == 2 and "expected a whole number ≥ 1" in capsys.readouterr().err
+    assert e.value.code == 2 and "expected a whole number ≥" in capsys.readouterr().err
 
 
 def test_analyses_write_outside_the_tracked_results_by_default(tmp_path, monkeypatch):
@@ -496,4 +496,4 @@ def test_analyses_write_outside_the_tracked_results_by_default(tmp_path, monkeyp
     from cwic_exp.chat import default_model
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="or pass --checkpoint PATH"):
-        default_model(search=[tmp_path], option="--checkpoint")
+        default_model(search=[tmp_path], option="--checkpoint PATH")

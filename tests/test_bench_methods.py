@@ -535,8 +535,8 @@ def test_kernel_bench_quick_does_not_drop_given_sparsities():
     with pytest.raises(SystemExit, match="--quick times its own sparsities .*drop --quick to time --sparsities 0.9"):
         cpu_kernels.main(["--quick", "--sparsities", "0.9"])
     from experiments.bench import cpu_decode
-    with pytest.raises(SystemExit, match="--quick sets its own models.*drop --quick or --aprs, --rounds$"):
-        cpu_decode.main(["--quick", "--aprs", "2", "--rounds", "5"])
+    with pytest.raises(SystemExit, match="--quick times SmolLM2 at 3× APR: drop --quick or --aprs$"):
+        cpu_decode.main(["--quick", "--aprs", "2", "--rounds", "5"])      # --rounds goes with --quick
 
 
 @pytest.mark.parametrize("script", ["bench_kernels", "bench_decode"])

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -619,13 +620,18 @@ def test_run_name_cannot_point_at_out_dir_or_above(name):
         validate(_compose([f"run_name={name}"]))
 
 
-def test_the_paper_mix_offline_is_a_config_error(monkeypatch):
-    """It streamed from the hub and stopped with a traceback once the data module started."""
-    from cwic_exp.config import ConfigError, validate
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError, match="data=paper_mix streams its datasets from the Hugging Face hub, which is "
-                                          "not reachable here .*HF_HUB_OFFLINE is set.*offline, use data=sharegpt"):
-        validate(_compose(["+experiment=paper_1b"]))
+def test_the_paper_mix_without_the_hub_is_a_config_error(monkeypatch):
+    """It stopped with a traceback once the data module started; a config error is one line (train.py). Checked
+    where the mix loads, not up front: a cached mix needs no hub."""
+    from cwic_exp import data
+    from cwic_exp.config import ConfigError
+
+    def load_dataset(*a, **k):
+        raise ConnectionError("Couldn't reach 'teknium/OpenHermes-2.5' on the Hub (LocalEntryNotFoundError)\nmore")
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(ConfigError, match=r"needs the Hugging Face hub: loading teknium/OpenHermes-2.5 failed "
+                                          r"\(Couldn't reach .*LocalEntryNotFoundError\)\)\. Offline, use data=sharegpt$"):
+        next(data.paper_mix_conversations())
 
 
 def test_paper_recipes_get_table_5_where_they_do_not_say(tmp_path):
@@ -933,7 +939,7 @@ def test_ctrl_c_stops_after_the_step_and_the_rerun_loses_nothing(tmp_path, monke
     capsys.readouterr()
     with pytest.raises(RuntimeError, match="stopped here"):
         run(_smoke_cfg(tmp_path, 2, ["cwic.lambda_ap=1", "resume=false"]), tmp_path / "t")
-    assert "resume=false: removed the earlier run's checkpoints, exports and summary" in capsys.readouterr().err
+    assert "resume=false: removed the earlier run's checkpoints, hf, summary.json in" in capsys.readouterr().err
     assert not (tmp_path / "LATEST").exists() and not (tmp_path / "t" / "hf").exists()
     # nor its checkpoints (the new run would resume them) or its wandb run
     assert not (tmp_path / "t" / "checkpoints").exists() and not (tmp_path / "t" / "wandb_id").exists()

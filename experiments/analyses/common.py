@@ -29,7 +29,8 @@ def add_common_args(p, checkpoint: bool = True):
         p.add_argument("--checkpoint", default=None, help="CWIC checkpoint folder (default: runs/LATEST)")
     p.add_argument("--out", default=str(OUT), help=f"output folder (default: {OUT.relative_to(ROOT)})")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (the CPU may be shared)")
+    p.add_argument("--threads", type=at_least(0), default=None,
+                   help="torch CPU threads (the CPU may be shared; 0: torch's default)")
     return p
 
 
@@ -38,7 +39,7 @@ def setup(args):
         torch.set_num_threads(args.threads)
     if getattr(args, "checkpoint", "x") is None:
         from cwic_exp.chat import default_model
-        args.checkpoint = default_model(option="--checkpoint")
+        args.checkpoint = default_model(option="--checkpoint PATH")
     if getattr(args, "checkpoint", None) and not getattr(args, "transcript", None):
         from cwic_exp.teacher import check_checkpoint
         try:

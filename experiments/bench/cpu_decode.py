@@ -423,10 +423,9 @@ def main(argv=None):
         if args.merge:
             raise SystemExit("--checkpoint writes its own table: give it its own --out, without --merge")
         args.forced = True   # trained and calibrated rows must read the same text to differ only in their thresholds
-    given = [f"--{k}" for k in ("models", "aprs", "new_tokens", "rounds") if getattr(args, k) is not None]
-    if args.quick and given:   # --quick used to replace them without a word
-        raise SystemExit(f"--quick sets its own models, APRs, tokens and rounds (SmolLM2, 3×, 32, 3): drop --quick "
-                         f"or {', '.join(g.replace('_', '-') for g in given)}")
+    given = [f"--{k}" for k in ("models", "aprs") if getattr(args, k) is not None]
+    if args.quick and given:   # --quick used to replace them without a word (it takes --new-tokens and --rounds)
+        raise SystemExit(f"--quick times SmolLM2 at 3× APR: drop --quick or {' and '.join(given)}")
     args.models, args.aprs = args.models or "smollm2,llama1b", args.aprs or "2,3,4"
     models = ["smollm2"] if args.quick else [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in models if m not in ("smollm2", "llama1b")]

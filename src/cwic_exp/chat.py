@@ -713,7 +713,7 @@ def busy_cpu_notice(threads: int, cores: int | None = None, others: float | None
             f"slower than on a quiet machine; --threads {fewer} may be faster while it stays busy")
 
 
-def default_model(search: list[Path] | None = None, option: str = "--model") -> str:
+def default_model(search: list[Path] | None = None, option: str = "--model PATH_OR_HUB_ID") -> str:
     """The path in runs/LATEST (written by training), from the working directory or the repository; `option` names
     the caller's option for another checkpoint."""
     for base in search or (Path.cwd(), Path(__file__).resolve().parents[2]):
@@ -723,9 +723,9 @@ def default_model(search: list[Path] | None = None, option: str = "--model") -> 
             if path and Path(path).is_dir():
                 return path
             raise SystemExit(f"{latest} points to {path!r}, which does not exist: retrain with `make train` "
-                             f"or pass {option} PATH")
+                             f"or pass {option}")
     raise SystemExit("no CWIC checkpoint found: runs/LATEST does not exist. Train one with `make train` "
-                     f"(or `make smoke` for a tiny test model), or pass {option} PATH")
+                     f"(or `make smoke` for a tiny test model), or pass {option}")
 
 
 def load(model: str, device: str = "cpu", dtype: str = "float32"):

@@ -300,12 +300,6 @@ def validate(cfg) -> None:
         raise ConfigError("data.source=packed needs data.path (a file from `make gpu-bundle` / save_packed)")
     if d.path is not None and not os.path.exists(d.path):
         raise ConfigError(f"data.path does not exist: {d.path}")
-    if d.source == "paper_mix":   # it streams nine hub datasets; offline it stopped with a traceback at the data
-        from .teacher import hub_unreachable_reason
-        why = hub_unreachable_reason("datasets")
-        if why:
-            raise ConfigError(f"data=paper_mix streams its datasets from the Hugging Face hub, which is not "
-                              f"reachable here ({why}); offline, use data=sharegpt")
     if d.source == "sharegpt" and d.path is None:
         from .data import sharegpt_path
         try:

@@ -185,8 +185,10 @@ def paper_mix_conversations(max_conversations: int | None = None):
         try:
             ds = datasets.load_dataset(name, cfg, split=split, streaming=True)
         except Exception as e:  # noqa: BLE001 - network/gated datasets: say which and go on
-            raise RuntimeError(f"data=paper_mix needs the Hugging Face hub: loading {name} failed ({e}). "
-                               f"Offline, use data=sharegpt") from e
+            from .config import ConfigError   # train.py prints it as one line (a cached mix needs no hub: no check
+            raise ConfigError(f"data=paper_mix needs the Hugging Face hub: loading {name} failed "   # before)
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__}). Offline, use "
+                              f"data=sharegpt") from e
         if split is None:   # {split: rows}: one row of each split in turn, so that a cap samples them all
             ds = _round_robin([ds[k] for k in sorted(ds)])
         rows, seen, keys = [], 0, None

@@ -151,18 +151,18 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
         # a fresh start in a used folder: the old run's log and checkpoints go, not mixed in; with resume=false (a
         # run started over on purpose) its exports and summary too, which would pass for the new run's. Without
         # a checkpoint to resume (deleted to free disk, say) a finished run's exports stay.
+        old = [p.name for p in (run_dir / "checkpoints", run_dir / "hf", summary_file) if p.exists()]
         (run_dir / "logs" / "metrics.csv").unlink(missing_ok=True)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         (run_dir / "wandb_id").unlink(missing_ok=True)
         if not cfg.resume:
-            if (run_dir / "hf").exists() or summary_file.exists():
-                print(f"resume=false: removed the earlier run's checkpoints, exports and summary in {run_dir}",
-                      file=sys.stderr)
             hf = (run_dir / "hf").resolve()
             if latest.exists() and hf in Path(latest.read_text().strip()).resolve().parents:
                 latest.unlink()
             shutil.rmtree(run_dir / "hf", ignore_errors=True)
             summary_file.unlink(missing_ok=True)
+            if old:
+                print(f"resume=false: removed the earlier run's {', '.join(old)} in {run_dir}", file=sys.stderr)
     if resume_step is not None and resume_step >= cfg.trainer.max_steps and summary_file.exists():
         summary = json.loads(summary_file.read_text())
         if summary.get("finished") and summary.get("steps") == resume_step:

@@ -25,7 +25,6 @@ log = logging.getLogger("cwic_exp.eval")
 
 def check_config(c: dict) -> None:
     """ConfigError (one line) for what would fail late or run something else than asked, before anything loads."""
-    import re
     import torch
     from ..config import ConfigError
     from ..teacher import check_checkpoint
@@ -44,15 +43,23 @@ def check_config(c: dict) -> None:
             check_checkpoint(c["checkpoint"], "checkpoint=")
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
-    if c["limit"] is not None and (isinstance(c["limit"], bool) or not isinstance(c["limit"], int) or c["limit"] < 1):
-        raise ConfigError(f"limit must be a number of questions ≥ 1, or null (the full sets), got {c['limit']!r}")
-    if c["dtype"] not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {c['dtype']!r}")
+    lim = c["limit"]   # lm-eval's own meaning: a count of questions, or below 1 a fraction of each task
+    if lim is not None and (isinstance(lim, bool) or not isinstance(lim, (int, float)) or not lim > 0
+                            or (isinstance(lim, float) and lim >= 1 and not lim.is_integer())):
+        raise ConfigError(f"limit must be a number of questions ≥ 1, a fraction of each task in (0, 1), or null "
+                          f"(the full sets), got {lim!r}")
+    if not isinstance(getattr(torch, str(c["dtype"]), None), torch.dtype) \
+            or not getattr(torch, str(c["dtype"])).is_floating_point:
+        raise ConfigError(f"dtype must name a torch floating-point type (float32, bfloat16, float16, ...), got "
+                          f"{c['dtype']!r}")
     dev = str(c["device"])
-    if not (dev in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", dev)):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {dev!r}")
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={dev} but no CUDA device is visible; use device=cpu (or auto)")
+    if dev != "auto":
+        try:
+            kind = torch.device(dev).type
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"device must be auto or a torch device (cpu, cuda, cuda:N, mps), got {dev!r}") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device={dev} but no CUDA device is visible; use device=cpu (or auto)")
 
 
 def default_name(c: dict) -> str:
@@ -67,7 +74,7 @@ def model_label(c: dict) -> str:
     """What was evaluated: the model's folder or hub name; a training export runs/<run>/hf/<name> as <run>-<name>."""
     if c["method"] != "cwic":
         return Path(str(c["model"])).name
-    p = Path(str(c["checkpoint"]))
+    p = Path(str(c["checkpoint"])).resolve()    # hf/final from inside the run's folder names the run too
     return f"{p.parent.parent.name}-{p.name}" if p.parent.name == "hf" else p.name
 
 

@@ -44,12 +44,12 @@ def check_config(c: dict) -> None:
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
     lim = c["limit"]   # lm-eval's own meaning: a count of questions, or below 1 a fraction of each task
-    if lim is not None and (isinstance(lim, bool) or not isinstance(lim, (int, float)) or not lim > 0
-                            or (isinstance(lim, float) and lim >= 1 and not lim.is_integer())):
+    number = isinstance(lim, (int, float)) and not isinstance(lim, bool)
+    if lim is not None and not (number and (0 < lim < 1 or (lim >= 1 and float(lim).is_integer()))):
         raise ConfigError(f"limit must be a number of questions ≥ 1, a fraction of each task in (0, 1), or null "
                           f"(the full sets), got {lim!r}")
-    if not isinstance(getattr(torch, str(c["dtype"]), None), torch.dtype) \
-            or not getattr(torch, str(c["dtype"])).is_floating_point:
+    dt = getattr(torch, str(c["dtype"]), None)
+    if not (isinstance(dt, torch.dtype) and dt.is_floating_point):
         raise ConfigError(f"dtype must name a torch floating-point type (float32, bfloat16, float16, ...), got "
                           f"{c['dtype']!r}")
     dev = str(c["device"])

@@ -849,11 +849,14 @@ def test_time_limit_stop_saves_and_resumes_the_same_trajectory(tmp_path, capsys)
     assert 0 < s["steps"] < 5 and not s["finished"]
     assert f"NOT FINISHED: stopped by trainer.max_minutes at step {s['steps']} of 5" in capsys.readouterr().out
     assert (tmp_path / "b" / "t" / "checkpoints" / "last.ckpt").exists()
+    wall = torch.load(tmp_path / "b" / "t" / "checkpoints" / "last.ckpt", weights_only=False)["cwic_wall_s"]
+    assert 0 < wall <= s["wall_s_total"] + 0.1 and s["wall_s_total"] == pytest.approx(s["wall_s"], abs=0.2)
     # the same command again makes progress: the limit counts from each start (Lightning's own timer restored the
     # time already spent, and the rerun stopped at once)
     s2 = run(_smoke_cfg(tmp_path / "b", 5, ["trainer.ckpt_every=100", "trainer.max_minutes=0.0001"]),
              tmp_path / "b" / "t")
     assert s2["steps"] > s["steps"]
+    assert s2["wall_s_total"] == pytest.approx(wall + s2["wall_s"], abs=0.3)   # the earlier start counts too
     b = run(_smoke_cfg(tmp_path / "b", 5, ["trainer.ckpt_every=100"]), tmp_path / "b" / "t")
     assert b["steps"] == 5 and b["finished"] and b["tokens"] == a["tokens"]
     assert b["train_kl"] == pytest.approx(a["train_kl"], rel=1e-3, abs=1e-6)

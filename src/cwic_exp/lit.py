@@ -105,6 +105,8 @@ class CwicDistillModule(L.LightningModule):
         self.update_stats = True           # set by StatisticsMode
         self.last_metrics: dict = {}
         self.tokens_seen = 0
+        self.wall_before = 0.0             # wall seconds of the earlier starts, up to their last checkpoint
+        self.wall_t0 = time.time()         # this start (train.run sets its own)
         self.val_sums = ValidationSums()
 
     # ------------------------------------------------------------------ plumbing
@@ -117,6 +119,7 @@ class CwicDistillModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                     if not k.startswith("teacher.")}
         checkpoint["cwic_tokens_seen"] = self.tokens_seen
+        checkpoint["cwic_wall_s"] = self.wall_s_total()
 
     def on_load_checkpoint(self, checkpoint):
         # strict_loading is off for the teacher's sake only: every student tensor must be there, and nothing else
@@ -129,6 +132,11 @@ class CwicDistillModule(L.LightningModule):
             raise RuntimeError(f"checkpoint does not match the student: missing {few(want - have)}, "
                                f"unexpected {few(have - want)}")
         self.tokens_seen = int(checkpoint.get("cwic_tokens_seen", 0))
+        self.wall_before = float(checkpoint.get("cwic_wall_s", 0.0))
+
+    def wall_s_total(self) -> float:
+        """Wall seconds of the whole run: this start and the earlier ones (a resumed run's own wall_s is its start's)."""
+        return self.wall_before + time.time() - self.wall_t0
 
     def configure_optimizers(self):
         o, c = self.cfg["optim"], self.cfg["cwic"]

@@ -2,7 +2,8 @@
 
 Run folder: `<out_dir>/<run_name>` (Hydra's output dir). Running the same command again resumes from
 `checkpoints/last.ckpt` with θ, statistics, optimizer, schedule and data position intact. At the end a
-summary, then one JSON line: apr, apr_target, kl, steps, tokens, checkpoint (the HF export), ...
+summary, then one JSON line: apr, apr_target, kl, steps, tokens, wall_s (this start), wall_s_total (every start),
+checkpoint (the HF export), ...
 """
 from __future__ import annotations
 
@@ -200,6 +201,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
     log.info("data: %s", dm.describe())
 
     module = CwicDistillModule(student, teacher, OmegaConf.to_container(cfg, resolve=True))
+    module.wall_t0 = t_start
     exporter = MilestoneExport(run_dir, tok, c.apr_start, c.apr_final, c.apr_warmup_steps, latest,
                                enabled=cfg.export_milestones)
     ckpt_dir = run_dir / "checkpoints"
@@ -247,7 +249,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
         steps = trainer.global_step
         summary = {"steps": steps, "tokens": int(module.tokens_seen), "interrupted": by, "finished": False,
                    "checkpoint": str(last) if last.exists() else None, "run_dir": str(run_dir),
-                   "wall_s": round(time.time() - t_start, 1)}
+                   "wall_s": round(time.time() - t_start, 1), "wall_s_total": round(module.wall_s_total(), 1)}
         _finish_wandb(loggers)
         if trainer.global_rank == 0:
             write_text_atomic(summary_file, json_dumps(summary, indent=1))
@@ -281,6 +283,7 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
                "train_apr": round(module.last_metrics.get("train/apr", float("nan")), 4),
                "train_kl": round(module.last_metrics.get("train/kl", float("nan")), 5),
                "steps": steps, "tokens": int(module.tokens_seen), "wall_s": round(time.time() - t_start, 1),
+               "wall_s_total": round(module.wall_s_total(), 1),
                "max_steps": int(t.max_steps), "finished": steps >= t.max_steps, "run_dir": str(run_dir)}
     if trainer.global_rank == 0:
         path = exporter.export_final(module, {**summary, "note": "APR counts q,k,v,o,gate,up+down,head; "
@@ -292,7 +295,8 @@ def run(cfg, run_dir: str | Path | None = None, sweep_member: str | None = None)
     if trainer.global_rank == 0:
         print("\n" + "=" * 60)
         print(f"CWIC distillation: {cfg.model.name} → {run_dir}")
-        print(f"  steps {steps}, tokens {summary['tokens']:,}, wall {summary['wall_s']} s")
+        print(f"  steps {steps}, tokens {summary['tokens']:,}, wall {summary['wall_s']} s (this start), "
+              f"{summary['wall_s_total']} s (the whole run)")
         print(f"  APR (validation) {summary['apr']}×  target {summary['apr_target']}×   "
               f"(counts q,k,v,o,gate,up+down,head; not embeddings/attention scores)")
         print(f"  KL to teacher ½(FKL+RKL) per token: {summary['kl']}")

@@ -655,6 +655,12 @@ def test_teacher_dtype_auto_and_resume_changes(monkeypatch):
     assert [c for c in T.config_changes(as_dict(old), as_dict(new)) if c.startswith("data.")] == ["data.seq_len: 64 → 128"]
 
 
+def test_train_help_says_what_it_does_and_sets_eval_apart():
+    r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("train.py: distil a CWIC student from its dense teacher")
+    assert "experiment: ablation_mse" in r.stdout and 'The group "eval" is the config of' in r.stdout
+
+
 def test_config_error_from_the_command_line():
     r = subprocess.run([sys.executable, "train.py", "cwic.stripe_size=-4"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)

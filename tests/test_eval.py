@@ -702,6 +702,16 @@ def test_eval_config_keeps_what_worked(over):
     check_config(_eval_cfg(over))
 
 
+def test_eval_help_says_what_it_does():
+    import subprocess
+    import sys
+    from pathlib import Path
+    r = subprocess.run([sys.executable, "-m", "cwic_exp.eval", "--help"], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("python -m cwic_exp.eval: one model on the seven tasks")
+    assert "method: dense" in r.stdout
+
+
 def test_eval_config_error_from_the_command_line():
     import subprocess
     import sys

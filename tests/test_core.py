@@ -19,7 +19,7 @@ def _gather_stats(model, ids, mask, n=3):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("stripe", [None, 7, 512])
+@pytest.mark.parametrize("stripe", [None, 7, 16])   # 16: several full stripes (512 was one stripe, = None, here)
 def test_theta_zero_equals_dense(family, stripe):
     dense = tiny_model(family)
     ids, mask = rand_batch()
@@ -44,8 +44,10 @@ def test_a_nan_input_is_on_and_reaches_its_tokens_outputs():
     """A NaN input is on for every threshold (as in the reference and the kernels): its token's outputs are NaN,
     in eval and in training, even where every finite input is off. The mask |xc| >= t failed for a NaN, so the
     layer multiplied x̄ there instead and hid it; the batch's other tokens are unaffected."""
+    torch.manual_seed(0)
     layer = CwicLinear(8, 6, stripe_size=3)
     with torch.no_grad():
+        layer.weight.normal_(0, 0.1)                             # torch.empty: whatever memory held, NaN included
         layer.theta.fill_(1e3)                                   # every finite input off
     x = torch.randn(3, 8)
     x[1, 4] = float("nan")
@@ -463,6 +465,7 @@ def test_a_constant_feature_gives_finite_gradients():
     x = torch.randn(8, 4)
     x[:, 0] = 1.0
     with torch.no_grad():
+        layer.weight.normal_(0, 0.1)                             # torch.empty: whatever memory held, NaN included
         layer.theta.fill_(0.5)
         for b in range(2):
             layer._update_stats(torch.randn(32, 4), b)
@@ -503,6 +506,60 @@ def test_ap_loss_trains_thresholds_up_and_layer_routes():
     assert q.theta.grad is not None and (q.theta.grad <= 0).all() and q.theta.grad.sum() < 0
     assert mlp.phi.grad is not None and (mlp.phi.grad <= 0).all()
     assert cwic_exp.ap_loss(torch.tensor(3.0), 2.0) == 0
+
+
+def test_ap_loss_is_the_squared_shortfall_below_the_target():
+    """L_AP = min(APR − target, 0)²: values and derivative against the closed form (at a gap of 1, x² = |x| and the
+    tests above could not tell them apart)."""
+    for apr, target, want, slope in ((1.5, 2.0, 0.25, -1.0), (1.0, 3.0, 4.0, -4.0), (2.5, 2.0, 0.0, 0.0)):
+        a = torch.tensor(apr, dtype=torch.float64, requires_grad=True)
+        loss = cwic_exp.ap_loss(a, target)
+        loss.backward()
+        assert float(loss) == pytest.approx(want) and float(a.grad) == pytest.approx(slope)   # 2·min(APR − t, 0)
+
+
+def test_a_training_forward_uses_the_statistics_it_has_just_updated():
+    """METHOD.md §2: the batch updates the running x̄ and σ first, then the layer uses them. A forward that read the
+    statistics before its own update would use the previous batch's (logits off by ~0.15 here)."""
+    model = to_cwic(tiny_model(), stripe_size=16)
+    ids, mask = rand_batch()
+    _gather_stats(model, ids, mask, 1)
+    with torch.no_grad():
+        for mod in cwic_exp.iter_cwic_modules(model):
+            (mod.theta if hasattr(mod, "theta") else mod.phi).fill_(0.5)
+    ids2, mask2 = rand_batch(seed=5)
+    model.train()
+    with cwic_context(model, token_mask=mask2, update_stats=True):
+        out = model(input_ids=ids2, attention_mask=mask2).logits
+    with torch.no_grad():
+        after = model(input_ids=ids2, attention_mask=mask2).logits        # the statistics now include batch 2
+    real = mask2.bool()
+    assert (out - after)[real].abs().max() < 1e-5
+    with torch.no_grad(), cwic_context(model, token_mask=mask2, update_stats=True):
+        moved = model(input_ids=ids, attention_mask=mask).logits - model(input_ids=ids, attention_mask=mask).logits
+    assert moved.abs().max() == 0   # (one context: the statistics move once, so the check above is not trivial)
+    _gather_stats(model, ids, mask, 1)
+    with torch.no_grad():
+        other = model(input_ids=ids2, attention_mask=mask2).logits
+    assert (other - after)[real].abs().max() > 1e-3      # other statistics give other logits: the check can fail
+
+
+def test_the_ffn_ap_count_reaches_the_activations():
+    """METHOD.md §3: on the AP path the mask's gradient flows to BOTH the thresholds and the inputs. For the FFN's
+    unit mask the input is the gate's activation, so the up+down count alone must reach W_gate."""
+    model = to_cwic(tiny_model(), stripe_size=16)
+    ids, mask = rand_batch()
+    _gather_stats(model, ids, mask, 1)
+    with torch.no_grad():
+        for mod in cwic_exp.iter_cwic_modules(model):
+            (mod.theta if hasattr(mod, "theta") else mod.phi).fill_(0.3)
+    model.train()
+    with cwic_context(model, token_mask=mask, track_ap=True):
+        model(input_ids=ids, attention_mask=mask)
+    cwic_exp.gather_active(model, mask).by_kind["up+down"].backward()     # the FFN units' count only
+    mlp = model.model.layers[1].mlp
+    assert mlp.phi.grad is not None and float(mlp.phi.grad.abs().sum()) > 0
+    assert mlp.gate_proj.weight.grad is not None and float(mlp.gate_proj.weight.grad.abs().sum()) > 0
 
 
 def test_ffn_accounting_and_kinds():

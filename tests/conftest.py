@@ -140,3 +140,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def cpu_kernels_or_skip():
+    """The C++ kernels' extension, else a skip; with CWIC_REQUIRE_CPU_KERNELS=1 (CI sets it) a failure, so that a
+    build that broke cannot pass as some 200 skipped tests."""
+    from cwic_kernels import cpu
+    ext = cpu.load()
+    if ext is None:
+        why = f"C++ kernels unavailable: {cpu.error()}"
+        if os.environ.get("CWIC_REQUIRE_CPU_KERNELS") == "1":
+            pytest.fail(why + " (CWIC_REQUIRE_CPU_KERNELS=1)")
+        pytest.skip(why)
+    return ext

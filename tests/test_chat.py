@@ -365,9 +365,8 @@ def _two_turn_figures(backend: str, ckpt, tmp_path):
 
 
 def _cpu_kernels_or_skip():
-    from cwic_kernels import cpu
-    if cpu.load() is None:
-        pytest.skip(f"C++ kernels unavailable: {cpu.error()}")
+    from conftest import cpu_kernels_or_skip
+    cpu_kernels_or_skip()
 
 
 def test_cpu_backend_figures_are_the_kernels_reads_and_equal_recount(ckpt, tmp_path):

@@ -13,17 +13,14 @@ import torch.nn.functional as F
 
 from cwic_kernels import cpu as C
 from cwic_kernels import reference as R
-from conftest import rand_batch, tiny_model
+from conftest import cpu_kernels_or_skip, rand_batch, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 @pytest.fixture(scope="module")
 def ext():
-    e = C.load()
-    if e is None:
-        pytest.skip(f"C++ kernels unavailable: {C.error()}")
-    return e
+    return cpu_kernels_or_skip()
 
 
 def _inputs(B, n, m, stripe, dtype, density=0.4, seed=0, mean2d=False):
@@ -1641,3 +1638,14 @@ def test_relu_keeps_a_nan(ext):
     assert torch.isnan(R.ffn_reference(x, gw, gm, gt, gb, s, up, dn, ut, act="relu")).all()
     for isa in C.supported_isas():
         assert torch.isnan(C.ffn(x, gw, gm, gt, gb, s, up, dn, ut, act="relu", isa=isa)).all(), isa
+
+
+def test_missing_kernels_fail_where_they_are_required(monkeypatch):
+    """CI sets CWIC_REQUIRE_CPU_KERNELS=1: without the extension every C++ test would otherwise be skipped, green."""
+    monkeypatch.setattr(C, "load", lambda: None)
+    monkeypatch.setenv("CWIC_REQUIRE_CPU_KERNELS", "1")
+    with pytest.raises(pytest.fail.Exception, match="C\\+\\+ kernels unavailable"):
+        cpu_kernels_or_skip()
+    monkeypatch.delenv("CWIC_REQUIRE_CPU_KERNELS")
+    with pytest.raises(pytest.skip.Exception):
+        cpu_kernels_or_skip()

@@ -518,15 +518,21 @@ def test_ap_loss_is_the_squared_shortfall_below_the_target():
         assert float(loss) == pytest.approx(want) and float(a.grad) == pytest.approx(slope)   # 2·min(APR − t, 0)
 
 
-def test_a_training_forward_uses_the_statistics_it_has_just_updated():
-    """METHOD.md §2: the batch updates the running x̄ and σ first, then the layer uses them. A forward that read the
-    statistics before its own update would use the previous batch's (logits off by ~0.15 here)."""
+def _thresholded(value: float):
+    """The tiny model, statistics from one batch, every θ and φ at `value`; and that batch."""
     model = to_cwic(tiny_model(), stripe_size=16)
     ids, mask = rand_batch()
     _gather_stats(model, ids, mask, 1)
     with torch.no_grad():
         for mod in cwic_exp.iter_cwic_modules(model):
-            (mod.theta if hasattr(mod, "theta") else mod.phi).fill_(0.5)
+            (mod.theta if hasattr(mod, "theta") else mod.phi).fill_(value)
+    return model, ids, mask
+
+
+def test_a_training_forward_uses_the_statistics_it_has_just_updated():
+    """METHOD.md §2: the batch updates the running x̄ and σ first, then the layer uses them. A forward that read the
+    statistics before its own update would use the previous batch's (logits off by ~0.15 here)."""
+    model, ids, mask = _thresholded(0.5)
     ids2, mask2 = rand_batch(seed=5)
     model.train()
     with cwic_context(model, token_mask=mask2, update_stats=True):
@@ -535,9 +541,6 @@ def test_a_training_forward_uses_the_statistics_it_has_just_updated():
         after = model(input_ids=ids2, attention_mask=mask2).logits        # the statistics now include batch 2
     real = mask2.bool()
     assert (out - after)[real].abs().max() < 1e-5
-    with torch.no_grad(), cwic_context(model, token_mask=mask2, update_stats=True):
-        moved = model(input_ids=ids, attention_mask=mask).logits - model(input_ids=ids, attention_mask=mask).logits
-    assert moved.abs().max() == 0   # (one context: the statistics move once, so the check above is not trivial)
     _gather_stats(model, ids, mask, 1)
     with torch.no_grad():
         other = model(input_ids=ids2, attention_mask=mask2).logits
@@ -547,12 +550,7 @@ def test_a_training_forward_uses_the_statistics_it_has_just_updated():
 def test_the_ffn_ap_count_reaches_the_activations():
     """METHOD.md §3: on the AP path the mask's gradient flows to BOTH the thresholds and the inputs. For the FFN's
     unit mask the input is the gate's activation, so the up+down count alone must reach W_gate."""
-    model = to_cwic(tiny_model(), stripe_size=16)
-    ids, mask = rand_batch()
-    _gather_stats(model, ids, mask, 1)
-    with torch.no_grad():
-        for mod in cwic_exp.iter_cwic_modules(model):
-            (mod.theta if hasattr(mod, "theta") else mod.phi).fill_(0.3)
+    model, ids, mask = _thresholded(0.3)
     model.train()
     with cwic_context(model, token_mask=mask, track_ap=True):
         model(input_ids=ids, attention_mask=mask)

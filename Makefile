@@ -96,8 +96,8 @@ reproduce-mini: setup           ## the paper's claims at small scale: train, abl
 # (no stripes, MSE), the 3B run, then the seven tasks on every export, the teachers and TEAL, and the tables. PY=
 # names the python that trains and evaluates (with the CUDA torch); each stage skips what is done
 reproduce-paper: setup          ## Tables 3-4 at full scale (hub + GPUs); ARGS="--dry-run" lists the commands
-	PYTHONPATH=$(CURDIR)/src:$(CURDIR):$$PYTHONPATH $(PY) experiments/reproduce_paper.py train $(ARGS)
-	PYTHONPATH=$(CURDIR)/src:$(CURDIR):$$PYTHONPATH $(PY) experiments/reproduce_paper.py eval $(ARGS)
+	$(PY) experiments/reproduce_paper.py train $(ARGS)
+	$(PY) experiments/reproduce_paper.py eval $(ARGS)
 	$(BIN)/python experiments/reproduce_paper.py table $(ARGS)
 
 gpu-bundle: setup             ## .gpu/: everything an offline GPU box needs (teacher parts, data, wheels)

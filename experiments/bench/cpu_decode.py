@@ -387,8 +387,7 @@ def table(res: dict) -> str:
 
 
 def main(argv=None):
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
+    ensure_imports()
     from experiments.cli import at_least
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=None, help="comma list of smollm2, llama1b (default both)")
@@ -437,7 +436,6 @@ def main(argv=None):
         raise SystemExit(f"--aprs: comma-separated APRs such as 2,3,4; got {args.aprs!r}") from None
     if (not aprs and not args.checkpoint) or not all(1 <= a < float("inf") for a in aprs):
         raise SystemExit(f"--aprs: every APR must be a finite number ≥ 1; got {args.aprs!r}")
-    ensure_imports()
     from experiments.bench.cpu_kernels import Quiet, machine
     from cwic_kernels import cpu as C
     if C.load() is None:
